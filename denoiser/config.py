@@ -1,0 +1,118 @@
+"""Typed, validated configuration, one model per pipeline stage.
+
+These pydantic models are the flows' parameters: Prefect builds its UI form and
+its parameter schema from them, and a bad value is refused before any work with
+a message naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NoiseKind = Literal["gaussian", "salt_and_pepper", "speckle", "poisson"]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Config):
+    """Which dataset to fetch and from where."""
+
+    dataset: str = Field("mnist", description="Name of a dataset in the registry.")
+    source: str | None = Field(
+        None,
+        description="Mirror to download from: http(s) URL, file:// URL or folder path. "
+        "Defaults to $DENOISE_DATA_SOURCE, then to the dataset's origin.",
+    )
+    train_limit: int | None = Field(
+        None, ge=10, description="Use only the first N training images (quick runs)."
+    )
+    test_limit: int | None = Field(
+        None, ge=1, description="Use only the first N test images (quick runs)."
+    )
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        from denoiser.datasets import DATASETS
+
+        if value not in DATASETS:
+            raise ValueError(f"unknown dataset {value!r}; known: {', '.join(sorted(DATASETS))}")
+        return value
+
+
+class NoiseConfig(_Config):
+    """How clean images are corrupted into training pairs."""
+
+    kind: NoiseKind = Field("gaussian", description="Noise model.")
+    level: float | tuple[float, float] = Field(
+        0.5,
+        description="Noise level, or a range [lo, hi] drawn per image (blind training). "
+        "gaussian: std factor; salt_and_pepper: fraction of pixels; speckle: std; "
+        "poisson: 1/peak photon count.",
+    )
+    copies: int = Field(1, ge=1, le=64, description="Noisy draws per clean image.")
+    seed: int = Field(0, ge=0, description="Run seed; every shard's seed is spawned from it.")
+    shard_rows: int = Field(10_000, ge=1, description="Rows per Parquet shard.")
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Deterministic share of the training set held out."
+    )
+
+    @field_validator("level")
+    @classmethod
+    def _valid_level(cls, value: float | tuple[float, float]):
+        levels = value if isinstance(value, tuple) else (value,)
+        for v in levels:
+            if v < 0:
+                raise ValueError("noise level must be >= 0")
+        if isinstance(value, tuple) and value[0] > value[1]:
+            raise ValueError("noise level range must be [lo, hi] with lo <= hi")
+        return value
+
+    @model_validator(mode="after")
+    def _level_fits_kind(self):
+        hi = self.level[1] if isinstance(self.level, tuple) else self.level
+        if self.kind == "salt_and_pepper" and hi > 1:
+            raise ValueError("salt_and_pepper level is a fraction of pixels, at most 1")
+        return self
+
+
+class TrainConfig(_Config):
+    """Model and training recipe."""
+
+    architecture: str = Field("unet", description="Architecture name (see build_model).")
+    epochs: int = Field(35, ge=1, description="Maximum number of epochs.")
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    loss: Literal["auto", "bce", "mse", "l1"] = Field(
+        "auto", description="auto: the architecture's own recipe (seed: bce)."
+    )
+    patience: int = Field(5, ge=1, description="Early stopping patience in epochs.")
+    shuffle_buffer: int = Field(10_000, ge=1)
+    seed: int = Field(0, ge=0)
+    mixed_precision: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: on when training on a GPU."
+    )
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, value: str) -> str:
+        from denoiser.models import available_architectures
+
+        names = available_architectures()
+        if value not in names:
+            raise ValueError(f"unknown architecture {value!r}; known: {', '.join(names)}")
+        return value
+
+
+class EvalConfig(_Config):
+    """How a trained model is judged."""
+
+    min_psnr_gain: float = Field(
+        5.0, description="Quality gate: minimum PSNR gain (dB) over the noisy input."
+    )
+    sample_count: int = Field(8, ge=1, le=32, description="Columns in the sample grid.")
+    batch_size: int = Field(256, ge=1)

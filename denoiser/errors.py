@@ -1,0 +1,38 @@
+"""Specific exceptions, so callers (the CLI above all) can turn any failure into
+one clear line and an exit code instead of a traceback."""
+
+
+class DenoiseError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(DenoiseError, ValueError):
+    """A parameter is invalid; raised before any work starts."""
+
+    exit_code = 2
+
+
+class DownloadError(DenoiseError):
+    """A file could not be fetched (HTTP error, missing mirror file, network)."""
+
+
+class ChecksumError(DownloadError):
+    """A fetched file does not match its expected checksum."""
+
+
+class IDXFormatError(DenoiseError):
+    """An IDX file is malformed (magic, dimensions, size, counts)."""
+
+
+class ShardError(DenoiseError):
+    """A Parquet shard set is missing, incomplete or inconsistent."""
+
+
+class ModelError(DenoiseError):
+    """A model cannot be built, loaded or found."""
+
+
+class ImageError(DenoiseError):
+    """An image cannot be read, decoded or written."""

@@ -1,0 +1,2 @@
+"""Prefect tasks: thin wrappers over ``denoiser`` with retries, caching,
+result persistence and artifacts. One module per pipeline step."""
