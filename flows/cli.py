@@ -1,0 +1,194 @@
+"""The ``denoise`` command line: ``train``, ``folder``, ``models``, ``serve``.
+
+Every expected failure (bad option, missing file, checksum mismatch...) ends as
+one line on stderr and an exit code: 0 success, 1 the work failed, 2 a usage
+error. ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+QUICK = {"train_limit": 6000, "test_limit": 1000, "epochs": 3}
+
+
+def _quiet_environment() -> None:
+    """Set before Prefect is imported: Prefect reads its settings once."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _noise_level(text: str) -> float | tuple[float, float]:
+    try:
+        parts = [float(p) for p in text.replace(":", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or a LO,HI range: {text!r}") from None
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+    raise argparse.ArgumentTypeError(f"give one level or a LO,HI range, not {text!r}")
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help=f"small subset and few epochs ({QUICK}); a few minutes on 2 CPU cores")
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--source", help="mirror: http(s) URL, file:// URL or folder "
+                   "(default: $DENOISE_DATA_SOURCE, then the dataset's origin)")
+    p.add_argument("--train-limit", type=int, help="use only the first N training images")
+    p.add_argument("--test-limit", type=int, help="use only the first N test images")
+    p.add_argument("--noise-kind", default="gaussian",
+                   help="gaussian, salt_and_pepper, speckle or poisson")
+    p.add_argument("--noise-level", type=_noise_level, default=0.5,
+                   help="a level (0.5) or a range drawn per image (0.1,0.7)")
+    p.add_argument("--copies", type=int, default=1, help="noisy draws per clean image")
+    p.add_argument("--architecture", help="model architecture (default: the best one)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--loss", choices=["auto", "bce", "mse", "l1"])
+    p.add_argument("--seed", type=int, default=0, help="seed for noise and training")
+    p.add_argument("--min-psnr-gain", type=float, help="quality gate in dB over the noisy input")
+
+
+def _train_configs(args: argparse.Namespace) -> dict:
+    from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
+
+    quick = QUICK if args.quick else {}
+    train_limit = args.train_limit if args.train_limit is not None else quick.get("train_limit")
+    test_limit = args.test_limit if args.test_limit is not None else quick.get("test_limit")
+    epochs = args.epochs if args.epochs is not None else quick.get("epochs")
+    training = {k: v for k, v in {
+        "architecture": args.architecture, "epochs": epochs, "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate, "loss": args.loss, "seed": args.seed,
+    }.items() if v is not None}
+    evaluation = {} if args.min_psnr_gain is None else {"min_psnr_gain": args.min_psnr_gain}
+    return {
+        "data": DataConfig(dataset=args.dataset, source=args.source,
+                           train_limit=train_limit, test_limit=test_limit),
+        "noise": NoiseConfig(kind=args.noise_kind, level=args.noise_level,
+                             copies=args.copies, seed=args.seed),
+        "training": TrainConfig(**training),
+        "evaluation": EvalConfig(**evaluation),
+    }
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    configs = _train_configs(args)
+    from flows.training import train_pipeline
+
+    result = train_pipeline(**configs, store=args.store)
+    _print_train_summary(result)
+    return 0 if result["metrics"]["passed"] else 1
+
+
+def _print_train_summary(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m, model = result["metrics"], result["model"]
+    table = Table(title=f"model {model['version']} ({model['architecture']}, "
+                  f"{model['params']:,} parameters, trained on {model['device']})")
+    for col in ("", "PSNR (dB)", "SSIM"):
+        table.add_column(col)
+    table.add_row("noisy input", f"{m['psnr_noisy']:.2f}", f"{m['ssim_noisy']:.3f}")
+    table.add_row("denoised", f"{m['psnr_denoised']:.2f}", f"{m['ssim_denoised']:.3f}")
+    console = Console()
+    console.print(table)
+    verdict = "[green]PASSED[/]" if m["passed"] else "[red]FAILED[/]"
+    console.print(f"quality gate {verdict}: PSNR gain {m['psnr_gain']:.2f} dB")
+    console.print(f"model:  {model['dir']}")
+    console.print(f"shards: {result['shards']}")
+    console.print(f"store:  {result['store']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="denoise", description="Learn to remove noise from images, then clean folders of them.")
+    parser.add_argument("--store", help="output store root (default: $DENOISE_STORE, then ./store)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = sub.add_parser("train", help="download, corrupt, train and evaluate a denoiser")
+    _add_train_arguments(train)
+    train.set_defaults(handler=_run_train)
+
+    try:
+        from flows.denoising import add_folder_arguments, run_folder_command
+    except ImportError:  # pragma: no cover - during development only
+        pass
+    else:
+        folder = sub.add_parser("folder", help="denoise every image in a folder")
+        add_folder_arguments(folder)
+        folder.set_defaults(handler=run_folder_command)
+
+    try:
+        from artifacts.registry import add_models_arguments, run_models_command
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        models = sub.add_parser("models", help="list model versions; promote one")
+        add_models_arguments(models)
+        models.set_defaults(handler=run_models_command)
+
+    try:
+        from flows.serve import add_serve_arguments, run_serve_command
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        serve = sub.add_parser("serve", help="serve the scheduled deployments from this process")
+        add_serve_arguments(serve)
+        serve.set_defaults(handler=run_serve_command)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or exc.title
+        return f"invalid {exc.title} parameter {field}: {err['msg']}"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_environment()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.store:
+        os.environ["DENOISE_STORE"] = args.store
+    from pydantic import ValidationError
+
+    from denoiser.errors import DenoiseError
+
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("denoise: interrupted", file=sys.stderr)
+        return 130
+    except ValidationError as exc:
+        if args.debug:
+            raise
+        print(f"denoise: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except DenoiseError as exc:
+        if args.debug:
+            raise
+        print(f"denoise: error: {_one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if args.debug:
+            raise
+        print(f"denoise: unexpected error: {type(exc).__name__}: {_one_line(exc)} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
