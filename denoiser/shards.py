@@ -1,0 +1,261 @@
+"""Noisy/clean image pairs as zstd Parquet shards, and fast readers for them.
+
+A shard set is a folder ``<dataset>-<key>`` whose key hashes everything that
+determines its bytes (source checksums, noise config, limits, format), so the
+same request finds the finished folder again. Each shard gets its own seed,
+spawned from the run seed with ``SeedSequence`` in a fixed plan order, so the
+bytes do not depend on the order or parallelism of writing. ``manifest.json``
+is written last: a folder without it is unfinished, and a shard only gets its
+final name once complete, so a crash never leaves a truncated shard that looks
+done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from denoiser.errors import ShardError
+from denoiser.noise import add_noise, draw_levels, quantize
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "validation", "test")
+IMAGE_COLUMNS = ("clean", "noisy")
+SHAPE_KEY = b"denoise.image_shape"
+
+
+@dataclass(frozen=True)
+class SplitArrays:
+    """Clean images (N, H, W, C) uint8, labels (N,), source indices (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    index: np.ndarray
+    copies: int = 1
+
+
+@dataclass(frozen=True)
+class _ShardPlan:
+    split: str
+    number: int
+    start: int  # first row (rows are image-major: row r is image r // copies)
+    stop: int
+
+    @property
+    def filename(self) -> str:
+        return f"{self.split}-{self.number:05d}.parquet"
+
+
+def shard_set_key(dataset: dict, noise: dict, train_limit: int | None, test_limit: int | None) -> str:
+    """16 hex digits over everything that decides the shards' bytes."""
+    sources = {role: rec.get("payload_sha256") for role, rec in sorted(dataset["files"].items())}
+    payload = json.dumps({"format": FORMAT_VERSION, "dataset": dataset["dataset"], "sources": sources,
+                          "noise": noise, "train_limit": train_limit, "test_limit": test_limit},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def split_train_validation(n: int, validation_fraction: float) -> int:
+    """Where validation starts: Keras' ``validation_split`` holds out the last share."""
+    split_at = int(n * (1.0 - validation_fraction))
+    if split_at < 1 or split_at >= n:
+        raise ShardError(f"{n} training images cannot be split with validation_fraction={validation_fraction}")
+    return split_at
+
+
+def _plan(splits: dict[str, SplitArrays], shard_rows: int) -> list[_ShardPlan]:
+    plans = []
+    for split in SPLITS:
+        if split not in splits:
+            continue
+        rows = len(splits[split].images) * splits[split].copies
+        for number, start in enumerate(range(0, rows, shard_rows)):
+            plans.append(_ShardPlan(split, number, start, min(start + shard_rows, rows)))
+    return plans
+
+
+def _binary_column(pixels: np.ndarray):
+    import pyarrow as pa
+
+    flat = np.ascontiguousarray(pixels.reshape(len(pixels), -1))
+    size = flat.shape[1]
+    offsets = np.arange(0, (len(flat) + 1) * size, size, dtype=np.int32)
+    return pa.Array.from_buffers(pa.binary(), len(flat), [None, pa.py_buffer(offsets), pa.py_buffer(flat)])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_shard(out_dir: Path, plan: _ShardPlan, arrays: SplitArrays, noise: dict,
+                 seed: np.random.SeedSequence) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    final = out_dir / plan.filename
+    rows = plan.stop - plan.start
+    if not final.exists():
+        rng = np.random.default_rng(seed)
+        img_idx = np.arange(plan.start, plan.stop) // arrays.copies
+        clean = arrays.images[img_idx]
+        levels = draw_levels(noise["level"], rows, rng)
+        noisy = quantize(add_noise(clean.astype(np.float32) / 255.0, noise["kind"], levels, rng))
+        shape = list(clean.shape[1:])
+        table = pa.table({
+            "clean": _binary_column(clean),
+            "noisy": _binary_column(noisy),
+            "label": pa.array(arrays.labels[img_idx].astype(np.uint8)),
+            "index": pa.array(arrays.index[img_idx].astype(np.int64)),
+            "noise_kind": pa.array([noise["kind"]] * rows, type=pa.string()),
+            "noise_level": pa.array(levels.astype(np.float32)),
+        }).replace_schema_metadata({SHAPE_KEY: json.dumps(shape).encode()})
+        tmp = out_dir / f".{plan.filename}.{os.getpid()}.{id(plan)}.tmp"
+        try:
+            pq.write_table(table, tmp, compression="zstd", row_group_size=2048)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return {"file": plan.filename, "split": plan.split, "rows": rows, "sha256": _sha256(final)}
+
+
+def write_shard_set(out_dir: str | os.PathLike, splits: dict[str, SplitArrays], noise: dict,
+                    shard_rows: int, seed: int, meta: dict[str, Any] | None = None,
+                    workers: int = 2) -> Path:
+    """Write (or finish) a shard set and its manifest; returns the folder.
+
+    ``noise`` is ``{"kind", "level"}`` (level a float or [lo, hi]).
+    """
+    out = Path(out_dir)
+    if (out / "manifest.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    plans = _plan(splits, shard_rows)
+    seeds = np.random.SeedSequence(seed).spawn(len(plans))
+    if workers > 1 and len(plans) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            records = list(pool.map(lambda ps: _write_shard(out, ps[0], splits[ps[0].split], noise, ps[1]),
+                                    zip(plans, seeds, strict=True)))
+    else:
+        records = [_write_shard(out, p, splits[p.split], noise, s) for p, s in zip(plans, seeds, strict=True)]
+    image_shape = list(next(iter(splits.values())).images.shape[1:])
+    manifest = {
+        **(meta or {}),
+        "format": FORMAT_VERSION,
+        "noise": noise,
+        "seed": seed,
+        "shard_rows": shard_rows,
+        "image_shape": image_shape,
+        "splits": {s: {"images": len(a.images), "copies": a.copies, "rows": len(a.images) * a.copies}
+                   for s, a in splits.items()},
+        "shards": records,
+    }
+    tmp = out / f".manifest.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, out / "manifest.json")
+    logger.info("wrote %d shards to %s", len(records), out)
+    return out
+
+
+# --------------------------------------------------------------------------- readers
+
+def read_manifest(shards_dir: str | os.PathLike) -> dict:
+    path = Path(shards_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardError(f"{shards_dir}: not a finished shard set (no manifest.json)") from None
+    except ValueError as exc:
+        raise ShardError(f"{path}: unreadable manifest ({exc})") from None
+    for rec in manifest.get("shards", []):
+        if not (Path(shards_dir) / rec["file"]).is_file():
+            raise ShardError(f"{shards_dir}: shard {rec['file']} listed in the manifest is missing")
+    return manifest
+
+
+def shard_paths(shards_dir: str | os.PathLike, split: str) -> list[Path]:
+    manifest = read_manifest(shards_dir)
+    if split not in manifest["splits"]:
+        raise ShardError(f"{shards_dir}: no {split!r} split (has {', '.join(manifest['splits'])})")
+    return [Path(shards_dir) / r["file"] for r in manifest["shards"] if r["split"] == split]
+
+
+def split_rows(shards_dir: str | os.PathLike, split: str) -> int:
+    manifest = read_manifest(shards_dir)
+    return sum(r["rows"] for r in manifest["shards"] if r["split"] == split)
+
+
+def _decode_images(column, shape: Sequence[int]) -> np.ndarray:
+    """Binary column of fixed-size pixel blobs to (N, *shape) uint8 without a Python loop."""
+    import pyarrow as pa
+
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    size = int(np.prod(shape))
+    parts = []
+    for chunk in chunks:
+        n = len(chunk)
+        _, off_buf, data_buf = chunk.buffers()
+        offsets = np.frombuffer(off_buf, dtype=np.int32)[chunk.offset : chunk.offset + n + 1]
+        if n and (offsets[-1] - offsets[0] != n * size or chunk.null_count):
+            raise ShardError(f"image column holds blobs of the wrong size (expected {size} bytes each)")
+        data = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[0] + n * size]
+        parts.append(data.reshape((n, *shape)))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _batch_to_arrays(batch, shape: Sequence[int]) -> dict[str, np.ndarray]:
+    out = {}
+    for name in batch.schema.names:
+        col = batch.column(name)
+        out[name] = _decode_images(col, shape) if name in IMAGE_COLUMNS else col.to_numpy(zero_copy_only=False)
+    return out
+
+
+def iter_batches(shards_dir: str | os.PathLike, split: str, batch_rows: int = 1024,
+                 columns: Sequence[str] = ("noisy", "clean"),
+                 file_order_seed: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Stream a split a record batch at a time: memory stays bounded by the batch."""
+    import pyarrow.parquet as pq
+
+    shape = read_manifest(shards_dir)["image_shape"]
+    paths = shard_paths(shards_dir, split)
+    if file_order_seed is not None:
+        paths = [paths[i] for i in np.random.default_rng(file_order_seed).permutation(len(paths))]
+    for path in paths:
+        with pq.ParquetFile(path) as pf:
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=list(columns)):
+                yield _batch_to_arrays(batch, shape)
+
+
+def load_split(shards_dir: str | os.PathLike, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
+    """A whole split in memory (fine for validation and test)."""
+    import pyarrow.parquet as pq
+
+    shape = read_manifest(shards_dir)["image_shape"]
+    parts: list[dict[str, np.ndarray]] = []
+    have = 0
+    for path in shard_paths(shards_dir, split):
+        table = pq.read_table(path)
+        parts.append(_batch_to_arrays(table, shape))
+        have += table.num_rows
+        if limit is not None and have >= limit:
+            break
+    if not parts:
+        raise ShardError(f"{shards_dir}: the {split!r} split is empty")
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return {k: v[:limit] for k, v in merged.items()} if limit is not None else merged

@@ -1,0 +1,58 @@
+"""Task: make a dataset's raw files present, verified and cached in the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.logging import get_run_logger
+
+from artifacts.render import artifact_key, table_rows
+from artifacts.store import Store
+from denoiser.config import DataConfig
+from denoiser.datasets import TransientDownloadError, fetch_dataset
+from tasks.common import cache_across_runs
+
+
+def _manifest_path(inputs: dict[str, Any]) -> Path:
+    data = inputs["data"]
+    name = data["dataset"] if isinstance(data, dict) else data.dataset
+    return Store.at(inputs["store_root"]).downloads(name) / "manifest.json"
+
+
+def _retry_network_errors(task, task_run, state) -> bool:
+    """Retry a dropped connection, never a checksum mismatch or a 404."""
+    try:
+        state.result()
+    except TransientDownloadError:
+        return True
+    except Exception:  # noqa: BLE001 - anything else is permanent
+        return False
+    return False
+
+
+@task(
+    name="download_dataset",
+    retries=3,
+    retry_delay_seconds=[2, 8, 30],
+    retry_condition_fn=_retry_network_errors,
+    cache_policy=cache_across_runs(_manifest_path),
+    persist_result=True,
+)
+def download_dataset(data: DataConfig, store_root: str) -> dict:
+    """Fetch (or find cached) the dataset's files; returns the dataset manifest."""
+    logger = get_run_logger()
+    data = DataConfig.model_validate(data)
+    manifest = fetch_dataset(data.dataset, data.source, Store.at(store_root).downloads(data.dataset))
+    rows = []
+    for role, rec in manifest["files"].items():
+        logger.info("%s %s (%s bytes) from %s", rec["status"], rec["name"], f"{rec['bytes']:,}", rec["source"])
+        rows.append({"role": role, "file": rec["name"], "bytes": rec["bytes"], "sha256": rec["sha256"],
+                     "payload_sha256": rec["payload_sha256"], "source": rec["source"], "status": rec["status"]})
+    create_table_artifact(
+        key=artifact_key("dataset", data.dataset), table=table_rows(rows),
+        description=f"Raw files of {data.dataset}, verified and cached in {manifest['dir']}",
+    )
+    return manifest
