@@ -1,0 +1,104 @@
+"""Model architectures, one entry each in :data:`ARCHITECTURES`.
+
+Builders take an input shape and return an uncompiled ``keras.Model``. Keras is
+imported inside the builders so that importing this module stays cheap. No
+``Lambda`` layers: models must load with Keras' safe mode on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    builder: Callable[..., Any]
+    recipe: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+def _conv_bn_relu(x, filters: int, name: str):
+    from keras import layers
+
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x)
+
+
+def build_seed(input_shape=(28, 28, 1)):
+    """The reference blog post's conv autoencoder, layer for layer: 440,865 parameters.
+
+    Conv2D 16/32/32 with BatchNorm and two MaxPoolings (28 -> 7), a Dense 128
+    sigmoid bottleneck, Dense 7*7*32, Conv2DTranspose 32/32/16 with BatchNorm
+    and two UpSamplings, a sigmoid Conv2D output. BatchNorm follows every
+    convolution except the one feeding the bottleneck and the one feeding the
+    output (with BatchNorm everywhere the count would be 441,057, 192 more).
+    The dense bottleneck is what gives it digit-level context, and also what
+    ties it to 28x28 inputs.
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=tuple(input_shape), name="noisy")
+    x = layers.Conv2D(16, 3, activation="relu", padding="same", name="enc_conv1")(inputs)
+    x = layers.BatchNormalization(name="enc_bn1")(x)
+    x = layers.MaxPooling2D(2, padding="same", name="enc_pool1")(x)
+    x = layers.Conv2D(32, 3, activation="relu", padding="same", name="enc_conv2")(x)
+    x = layers.BatchNormalization(name="enc_bn2")(x)
+    x = layers.MaxPooling2D(2, padding="same", name="enc_pool2")(x)
+    x = layers.Conv2D(32, 3, activation="relu", padding="same", name="enc_conv3")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(128, activation="sigmoid", name="bottleneck")(x)
+    x = layers.Dense(7 * 7 * 32, activation="relu", name="dec_dense")(x)
+    x = layers.Reshape((7, 7, 32), name="dec_reshape")(x)
+    x = layers.Conv2DTranspose(32, 3, activation="relu", padding="same", name="dec_convt1")(x)
+    x = layers.BatchNormalization(name="dec_bn1")(x)
+    x = layers.UpSampling2D(2, name="dec_up1")(x)
+    x = layers.Conv2DTranspose(32, 3, activation="relu", padding="same", name="dec_convt2")(x)
+    x = layers.BatchNormalization(name="dec_bn2")(x)
+    x = layers.UpSampling2D(2, name="dec_up2")(x)
+    x = layers.Conv2DTranspose(16, 3, activation="relu", padding="same", name="dec_convt3")(x)
+    x = layers.Conv2D(1, 3, padding="same", name="out_conv")(x)
+    outputs = layers.Activation("sigmoid", dtype="float32", name="denoised")(x)
+    return keras.Model(inputs, outputs, name="seed")
+
+
+def build_unet(input_shape=(None, None, 1), filters=(16, 32, 64)):
+    """A small U-Net: the skips keep stroke detail, the 1/4-resolution level
+    sees most of a digit. Fully convolutional: any size that is a multiple of 4."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=tuple(input_shape), name="noisy")
+    skips, x = [], inputs
+    for i, f in enumerate(filters[:-1]):
+        x = _conv_bn_relu(x, f, f"enc{i}a")
+        x = _conv_bn_relu(x, f, f"enc{i}b")
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"enc{i}_pool")(x)
+    x = _conv_bn_relu(x, filters[-1], "mid_a")
+    x = _conv_bn_relu(x, filters[-1], "mid_b")
+    for i, f in reversed(list(enumerate(filters[:-1]))):
+        x = layers.UpSampling2D(2, name=f"dec{i}_up")(x)
+        x = layers.Concatenate(name=f"dec{i}_cat")([x, skips[i]])
+        x = _conv_bn_relu(x, f, f"dec{i}a")
+        x = _conv_bn_relu(x, f, f"dec{i}b")
+    x = layers.Conv2D(1, 1, name="out_conv")(x)
+    outputs = layers.Activation("sigmoid", dtype="float32", name="denoised")(x)
+    return keras.Model(inputs, outputs, name="unet")
+
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "seed": ArchitectureSpec(
+        build_seed,
+        {"loss": "bce", "fully_convolutional": False, "input_shape": (28, 28, 1), "size_multiple": 28},
+        "the reference conv autoencoder (Keras blog), 28x28 only",
+    ),
+    "unet": ArchitectureSpec(
+        build_unet,
+        {"loss": "mse", "fully_convolutional": True, "input_shape": (None, None, 1), "size_multiple": 4},
+        "two-level U-Net, fully convolutional",
+    ),
+}

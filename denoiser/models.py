@@ -1,0 +1,59 @@
+"""The model factory: ``build_model(name)`` and safe loading of saved models."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from denoiser.architectures import ARCHITECTURES
+from denoiser.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ARCHITECTURE = "unet"
+
+
+def available_architectures() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def _spec(name: str):
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ModelError(
+            f"unknown architecture {name!r}; known: {', '.join(available_architectures())}") from None
+
+
+def architecture_recipe(name: str) -> dict[str, Any]:
+    """Loss and shape facts that callers (training, tiling) need."""
+    return dict(_spec(name).recipe)
+
+
+def build_model(name: str = DEFAULT_ARCHITECTURE, input_shape: tuple | None = None):
+    spec = _spec(name)
+    shape = input_shape or spec.recipe.get("input_shape")
+    return spec.builder(shape)
+
+
+def count_params(model) -> int:
+    return int(model.count_params())
+
+
+def load_model(path: str | os.PathLike):
+    """Load a ``.keras`` file with safe mode on: a model file never runs code."""
+    import keras
+
+    import denoiser.architectures  # noqa: F401 - registers custom objects, if any
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.keras"
+    if not path.is_file():
+        raise ModelError(f"model file {path} not found")
+    try:
+        return keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as exc:  # noqa: BLE001 - Keras raises many kinds
+        raise ModelError(f"cannot load model {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
