@@ -1,0 +1,257 @@
+"""Training: device choice, a streamed tf.data input from the shards, and a
+resumable ``fit`` that leaves ``model.keras`` and its card in a folder."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from denoiser.config import TrainConfig
+from denoiser.models import architecture_recipe, build_model, count_params
+from denoiser.shards import iter_batches, read_manifest, split_rows
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DeviceInfo:
+    kind: str  # "gpu" or "cpu"
+    names: list[str]
+    replicas: int
+    mixed_precision: bool
+    strategy_name: str
+    strategy: Any = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        if self.kind == "cpu":
+            return "CPU"
+        return f"{self.replicas} GPU{'s' if self.replicas > 1 else ''} ({', '.join(self.names)})" + (
+            ", mixed precision" if self.mixed_precision else "")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("strategy")
+        d["description"] = self.describe()
+        return d
+
+
+def plan_device(gpus: list[str], mixed_precision: str = "auto") -> dict:
+    """Pure decision: which strategy and precision for the GPUs TensorFlow sees."""
+    if mixed_precision not in ("auto", "on", "off"):
+        raise ValueError(f"mixed_precision must be auto, on or off, not {mixed_precision!r}")
+    if not gpus:
+        # float16 on a CPU is slower and less accurate; "on" is honoured only on GPUs
+        return {"kind": "cpu", "names": ["CPU"], "replicas": 1, "mixed_precision": False,
+                "strategy_name": "default"}
+    return {"kind": "gpu", "names": list(gpus), "replicas": len(gpus),
+            "mixed_precision": mixed_precision in ("auto", "on"),
+            "strategy_name": "mirrored" if len(gpus) > 1 else "one_device"}
+
+
+def select_device(mixed_precision: str = "auto") -> DeviceInfo:
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised
+            pass
+    plan = plan_device([g.name for g in gpus], mixed_precision)
+    keras.mixed_precision.set_global_policy("mixed_float16" if plan["mixed_precision"] else "float32")
+    if plan["strategy_name"] == "mirrored":
+        strategy = tf.distribute.MirroredStrategy()
+    elif plan["strategy_name"] == "one_device":
+        strategy = tf.distribute.OneDeviceStrategy("/gpu:0")
+    else:
+        strategy = tf.distribute.get_strategy()
+    info = DeviceInfo(**plan, strategy=strategy)
+    logger.info("training on %s", info.describe())
+    return info
+
+
+def make_dataset(shards_dir: str | os.PathLike, split: str, batch_size: int, shuffle_buffer: int = 10_000,
+                 seed: int = 0, training: bool = True, read_rows: int = 2048):
+    """(noisy, clean) float32 batches streamed a record batch at a time.
+
+    Memory is bounded by the shuffle buffer and a few record batches whatever
+    the number of shards; uint8 -> float32 happens inside the graph.
+    """
+    import tensorflow as tf
+
+    manifest = read_manifest(shards_dir)
+    shape = tuple(manifest["image_shape"])
+    rows = split_rows(shards_dir, split)
+    epoch = {"n": 0}
+
+    def generate():
+        order_seed = seed + epoch["n"] if training else None
+        epoch["n"] += 1
+        for batch in iter_batches(shards_dir, split, batch_rows=read_rows, file_order_seed=order_seed):
+            yield batch["noisy"], batch["clean"]
+
+    spec = tf.TensorSpec(shape=(None, *shape), dtype=tf.uint8)
+    ds = tf.data.Dataset.from_generator(generate, output_signature=(spec, spec))
+    ds = ds.unbatch()
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+
+    def to_float(noisy, clean):
+        return tf.cast(noisy, tf.float32) / 255.0, tf.cast(clean, tf.float32) / 255.0
+
+    ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(rows / batch_size)))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def make_loss(name: str):
+    import keras
+
+    losses = {"bce": keras.losses.BinaryCrossentropy, "mse": keras.losses.MeanSquaredError,
+              "l1": keras.losses.MeanAbsoluteError}
+    return losses[name]()
+
+
+def _epoch_log_callback(path: Path, on_epoch_end: Callable | None, epochs: int):
+    """Appends each finished epoch to a JSON-lines file that survives restarts,
+    so a resumed run's history still starts at epoch 1."""
+    import keras
+
+    class EpochLog(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            rec = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - self._t0, 3),
+                   **{k: float(v) for k, v in (logs or {}).items()}}
+            with open(path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, epochs, rec)
+
+    return EpochLog()
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    by_epoch = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_epoch[rec["epoch"]] = rec
+    return [by_epoch[k] for k in sorted(by_epoch)]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def manifest_hash(shards_dir: str | os.PathLike) -> str:
+    return hashlib.sha256((Path(shards_dir) / "manifest.json").read_bytes()).hexdigest()
+
+
+def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: str | os.PathLike,
+                backup_dir: str | os.PathLike, version: str | None = None,
+                on_epoch_end: Callable[[int, int, dict], None] | None = None) -> dict:
+    """Train, keeping a backup each epoch so a killed run resumes where it stopped.
+
+    Writes ``model.keras`` (best validation weights), ``model.json`` (the card's
+    data) and ``history.csv`` into ``out_dir``.
+    """
+    import keras
+    import tensorflow as tf
+
+    training = TrainConfig.model_validate(training)
+    out, backup = Path(out_dir), Path(backup_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    backup.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(training.seed)
+    device = select_device(training.mixed_precision)
+    recipe = architecture_recipe(training.architecture)
+    loss_name = recipe.get("loss", "mse") if training.loss == "auto" else training.loss
+
+    manifest = read_manifest(shards_dir)
+    shape = tuple(manifest["image_shape"])
+    fixed = recipe.get("input_shape")
+    if not recipe.get("fully_convolutional") and fixed and tuple(fixed) != shape:
+        from denoiser.errors import ModelError
+
+        raise ModelError(f"architecture {training.architecture} takes {tuple(fixed)} images, "
+                         f"the shards hold {shape}")
+    global_batch = training.batch_size * device.replicas
+    train_ds = make_dataset(shards_dir, "train", global_batch, training.shuffle_buffer, training.seed, True)
+    val_ds = make_dataset(shards_dir, "validation", global_batch, training=False)
+
+    with device.strategy.scope():
+        model = build_model(training.architecture, shape if not recipe.get("fully_convolutional") else None)
+        model.compile(optimizer=keras.optimizers.Adam(training.learning_rate), loss=make_loss(loss_name))
+
+    history_path = backup / "history.jsonl"
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(backup / "state"), save_freq="epoch", delete_checkpoint=False),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=training.patience,
+                                      restore_best_weights=True),
+        keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), write_graph=False),
+        _epoch_log_callback(history_path, on_epoch_end, training.epochs),
+    ]
+    start = time.perf_counter()
+    logger.info("training %s (%s parameters, loss %s) on %s", training.architecture,
+                f"{count_params(model):,}", loss_name, device.describe())
+    model.fit(train_ds, validation_data=val_ds, epochs=training.epochs, callbacks=callbacks, verbose=0)
+    seconds = time.perf_counter() - start
+
+    history = _read_history(history_path)
+    best = min((h["val_loss"] for h in history if "val_loss" in h), default=float("nan"))
+    tmp_model = out / f".model.{os.getpid()}.tmp.keras"
+    model.save(tmp_model)
+    os.replace(tmp_model, out / "model.keras")
+    if history:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(history[0].keys()), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+        _write_atomic(out / "history.csv", buf.getvalue())
+
+    version = version or out.name
+    card = {
+        "version": version,
+        "architecture": training.architecture,
+        "params": count_params(model),
+        "recipe": {**recipe, "loss": loss_name, "input_shape": list(recipe["input_shape"])},
+        "training": training.model_dump(mode="json"),
+        "data": {"shards_dir": str(Path(shards_dir).resolve()), "manifest_sha256": manifest_hash(shards_dir),
+                 "dataset": manifest.get("dataset"), "noise": manifest.get("noise"),
+                 "rows": manifest.get("splits")},
+        "image_shape": list(shape),
+        "device": device.as_dict(),
+        "seconds": round(seconds, 2),
+        "epochs_run": len(history),
+        "best_val_loss": best,
+        "history": history,
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                     "python": platform.python_version()},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    _write_atomic(out / "model.json", json.dumps(card, indent=2))
+    keras.mixed_precision.set_global_policy("float32")
+    return {"version": version, "dir": str(out), "model_path": str(out / "model.keras"),
+            "architecture": training.architecture, "params": card["params"],
+            "device": device.describe(), "seconds": card["seconds"], "epochs_run": len(history),
+            "best_val_loss": best}
