@@ -3,6 +3,7 @@ resumable ``fit`` that leaves ``model.keras`` and its card in a folder."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -77,7 +78,7 @@ def select_device(mixed_precision: str = "auto") -> DeviceInfo:
     elif plan["strategy_name"] == "one_device":
         strategy = tf.distribute.OneDeviceStrategy("/gpu:0")
     else:
-        strategy = tf.distribute.get_strategy()
+        strategy = None  # the default; tf.distribute.get_strategy() breaks in worker threads
     info = DeviceInfo(**plan, strategy=strategy)
     logger.info("training on %s", info.describe())
     return info
@@ -199,7 +200,7 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
     train_ds = make_dataset(shards_dir, "train", global_batch, training.shuffle_buffer, training.seed, True)
     val_ds = make_dataset(shards_dir, "validation", global_batch, training=False)
 
-    with device.strategy.scope():
+    with device.strategy.scope() if device.strategy is not None else contextlib.nullcontext():
         model = build_model(training.architecture, shape if not recipe.get("fully_convolutional") else None)
         model.compile(optimizer=keras.optimizers.Adam(training.learning_rate), loss=make_loss(loss_name))
 

@@ -9,8 +9,9 @@ from prefect import flow, get_run_logger
 
 from artifacts.store import resolve_store_root
 from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
-from tasks.corrupt import write_noisy_shards
-from tasks.download import download_dataset
+from tasks.common import unless_output_missing
+from tasks.corrupt import shards_marker, write_noisy_shards
+from tasks.download import download_dataset, download_marker
 from tasks.evaluate import evaluate_denoiser
 from tasks.train import train_autoencoder
 
@@ -27,8 +28,11 @@ def train_pipeline(
     and an artifact in the UI. Returns a small summary for the caller."""
     logger = get_run_logger()
     store_root = str(resolve_store_root(store))
-    dataset = download_dataset(data, store_root)
-    shards_dir = write_noisy_shards(dataset, noise, store_root, data.train_limit, data.test_limit)
+    # cached across runs, unless the files a cached result names were deleted
+    dataset = unless_output_missing(download_dataset, download_marker(data, store_root))(data, store_root)
+    limits = (data.train_limit, data.test_limit)
+    write = unless_output_missing(write_noisy_shards, shards_marker(dataset, noise, store_root, *limits))
+    shards_dir = write(dataset, noise, store_root, *limits)
     model = train_autoencoder(shards_dir, training, store_root)
     metrics = evaluate_denoiser(model["dir"], shards_dir, evaluation)
     if not metrics["passed"]:

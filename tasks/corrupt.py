@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from prefect import task
@@ -22,7 +21,7 @@ from denoiser.shards import (
     split_train_validation,
     write_shard_set,
 )
-from tasks.common import cache_across_runs
+from tasks.common import CACHE_ACROSS_RUNS
 
 
 def shard_dir_for(dataset: dict, noise: NoiseConfig, store_root: str,
@@ -32,12 +31,13 @@ def shard_dir_for(dataset: dict, noise: NoiseConfig, store_root: str,
     return Store.at(store_root).shards_root / f"{dataset['dataset']}-{key}"
 
 
-def _manifest_path(inputs: dict[str, Any]) -> Path:
-    return shard_dir_for(inputs["dataset"], inputs["noise"], inputs["store_root"],
-                         inputs.get("train_limit"), inputs.get("test_limit")) / "manifest.json"
+def shards_marker(dataset: dict, noise: NoiseConfig, store_root: str,
+                  train_limit: int | None = None, test_limit: int | None = None) -> Path:
+    """The file whose presence means the cached shard set is still on disk."""
+    return shard_dir_for(dataset, noise, store_root, train_limit, test_limit) / "manifest.json"
 
 
-@task(name="write_noisy_shards", cache_policy=cache_across_runs(_manifest_path), persist_result=True)
+@task(name="write_noisy_shards", cache_policy=CACHE_ACROSS_RUNS, persist_result=True)
 def write_noisy_shards(dataset: dict, noise: NoiseConfig, store_root: str,
                        train_limit: int | None = None, test_limit: int | None = None) -> str:
     """Returns the shard folder; the same request reuses a finished folder."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
@@ -13,13 +12,12 @@ from artifacts.render import artifact_key, table_rows
 from artifacts.store import Store
 from denoiser.config import DataConfig
 from denoiser.datasets import TransientDownloadError, fetch_dataset
-from tasks.common import cache_across_runs
+from tasks.common import CACHE_ACROSS_RUNS
 
 
-def _manifest_path(inputs: dict[str, Any]) -> Path:
-    data = inputs["data"]
-    name = data["dataset"] if isinstance(data, dict) else data.dataset
-    return Store.at(inputs["store_root"]).downloads(name) / "manifest.json"
+def download_marker(data: DataConfig, store_root: str) -> Path:
+    """The file whose presence means the cached download is still on disk."""
+    return Store.at(store_root).downloads(DataConfig.model_validate(data).dataset) / "manifest.json"
 
 
 def _retry_network_errors(task, task_run, state) -> bool:
@@ -38,7 +36,7 @@ def _retry_network_errors(task, task_run, state) -> bool:
     retries=3,
     retry_delay_seconds=[2, 8, 30],
     retry_condition_fn=_retry_network_errors,
-    cache_policy=cache_across_runs(_manifest_path),
+    cache_policy=CACHE_ACROSS_RUNS,
     persist_result=True,
 )
 def download_dataset(data: DataConfig, store_root: str) -> dict:

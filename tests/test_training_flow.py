@@ -1,0 +1,115 @@
+"""The training flow end to end under a real (temporary) Prefect server: MNIST
+served over real HTTP on 127.0.0.1, tiny limits so it runs in seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
+
+
+@pytest.fixture(scope="module")
+def http_mirror(mnist_mirror: Path):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mnist_mirror))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _params(source: str, store: Path) -> dict:
+    return {
+        "data": DataConfig(source=source, train_limit=400, test_limit=200),
+        "noise": NoiseConfig(level=0.5, seed=7, shard_rows=150),
+        "training": TrainConfig(epochs=1, batch_size=32),
+        # a one-epoch model on 360 images is judged, not expected to be good
+        "evaluation": EvalConfig(min_psnr_gain=-100.0),
+        "store": str(store),
+    }
+
+
+async def _task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+async def _artifact_keys(keys: list[str]) -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async with get_client() as client:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys))
+        )
+    return {a.key for a in found}
+
+
+def test_invalid_parameters_are_refused_with_the_field_named():
+    with pytest.raises(ValidationError, match="level"):
+        NoiseConfig(level=-0.5)
+    with pytest.raises(ValidationError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValidationError, match="unknown architecture"):
+        TrainConfig(architecture="resnet-9000")
+    with pytest.raises(ValidationError, match="unknown dataset"):
+        DataConfig(dataset="cifar-1000")
+
+
+def test_flow_rejects_bad_parameters_before_any_work(prefect_harness, tmp_path):
+    from flows.training import train_pipeline
+
+    state = train_pipeline(
+        noise={"level": -1.0}, store=str(tmp_path), return_state=True
+    )
+    assert state.is_failed()
+    assert "level" in str(state.message)
+    assert not (tmp_path / "downloads").exists()
+
+
+def test_flow_downloads_over_http_trains_and_reuses_cache(prefect_harness, http_mirror, tmp_path):
+    from flows.training import train_pipeline
+
+    first = train_pipeline(**_params(http_mirror, tmp_path), return_state=True)
+    assert first.is_completed(), first.message
+    result = first.result()
+    model_dir = Path(result["model"]["dir"])
+    assert (model_dir / "model.keras").is_file()
+    card = json.loads((model_dir / "model.json").read_text())
+    assert card["quality_gate"]["passed"] is True
+    assert result["metrics"]["psnr_noisy"] < 12  # noise 0.5 on MNIST is about 9.4 dB
+    assert (Path(result["shards"]) / "manifest.json").is_file()
+
+    keys = ["dataset-mnist", "shards-mnist", "training-losses", "model-card",
+            "evaluation-metrics", "evaluation-report"]
+    assert set(keys) <= asyncio.run(_artifact_keys(keys))
+
+    states = asyncio.run(_task_states(first.state_details.flow_run_id))
+    assert states["download_dataset"] == "Completed"
+    assert states["write_noisy_shards"] == "Completed"
+
+    # The same request again: download and shards come from the cache.
+    second = train_pipeline(**_params(http_mirror, tmp_path), return_state=True)
+    assert second.is_completed(), second.message
+    states = asyncio.run(_task_states(second.state_details.flow_run_id))
+    assert states["download_dataset"] == "Cached"
+    assert states["write_noisy_shards"] == "Cached"
+    assert second.result()["shards"] == result["shards"]
