@@ -23,7 +23,9 @@ def _conv_bn_relu(x, filters: int, name: str):
     from keras import layers
 
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    # momentum 0.9, not Keras' 0.99: the moving statistics must settle within a
+    # short (quick-mode) run, or inference sees different activations than training
+    x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
 
 

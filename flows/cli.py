@@ -91,13 +91,14 @@ def _print_train_summary(result: dict) -> None:
     from rich.table import Table
 
     m, model = result["metrics"], result["model"]
-    table = Table(title=f"model {model['version']} ({model['architecture']}, "
-                  f"{model['params']:,} parameters, trained on {model['device']})")
+    console = Console()
+    console.print(f"model [bold]{model['version']}[/] ({model['architecture']}, "
+                  f"{model['params']:,} parameters, trained on {model['device']} in {model['seconds']:.0f} s)")
+    table = Table()
     for col in ("", "PSNR (dB)", "SSIM"):
         table.add_column(col)
     table.add_row("noisy input", f"{m['psnr_noisy']:.2f}", f"{m['ssim_noisy']:.3f}")
     table.add_row("denoised", f"{m['psnr_denoised']:.2f}", f"{m['ssim_denoised']:.3f}")
-    console = Console()
     console.print(table)
     verdict = "[green]PASSED[/]" if m["passed"] else "[red]FAILED[/]"
     console.print(f"quality gate {verdict}: PSNR gain {m['psnr_gain']:.2f} dB")
