@@ -21,6 +21,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,7 @@ def _read_payload(path: Path) -> bytes:
             with gzip.open(path, "rb") as fh:
                 return fh.read()
         return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise IDXFormatError(f"{path.name}: corrupt gzip data ({exc})") from None
 
 
@@ -242,7 +243,7 @@ def _payload_digest(path: Path) -> tuple[str, int]:
             for chunk in iter(lambda: fh.read(_CHUNK), b""):
                 h.update(chunk)
                 size += len(chunk)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise IDXFormatError(f"{path.name}: corrupt gzip data ({exc})") from None
     return h.hexdigest(), size
 
@@ -277,13 +278,13 @@ def _fetch_one(source: str, fspec: FileSpec, cache_dir: Path, sums: dict[str, st
             except (OSError, TimeoutError) as exc:
                 raise TransientDownloadError(f"{name}: download interrupted: {exc}") from None
         digest = sha.hexdigest()
-        payload_sha, payload_bytes = _payload_digest(tmp)
         if sums is not None:
             if name not in sums:
                 raise ChecksumError(f"{name}: not listed in the mirror's SHA256SUMS ({source})")
             if sums[name] != digest:
                 raise ChecksumError(f"{name}: sha256 {digest} does not match SHA256SUMS ({sums[name]})")
-        elif fspec.md5 and md5.hexdigest() != fspec.md5 and payload_sha != fspec.payload_sha256:
+        payload_sha, payload_bytes = _payload_digest(tmp)
+        if sums is None and fspec.md5 and md5.hexdigest() != fspec.md5 and payload_sha != fspec.payload_sha256:
             raise ChecksumError(f"{name}: md5 {md5.hexdigest()} does not match the origin's {fspec.md5}")
         if fspec.payload_sha256 and payload_sha != fspec.payload_sha256:
             raise ChecksumError(
