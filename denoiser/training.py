@@ -215,7 +215,8 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
     start = time.perf_counter()
     logger.info("training %s (%s parameters, loss %s) on %s", training.architecture,
                 f"{count_params(model):,}", loss_name, device.describe())
-    model.fit(train_ds, validation_data=val_ds, epochs=training.epochs, callbacks=callbacks, verbose=0)
+    model.fit(train_ds, validation_data=val_ds, epochs=training.epochs, callbacks=callbacks,
+              shuffle=False, verbose=0)  # the dataset shuffles itself
     seconds = time.perf_counter() - start
 
     history = _read_history(history_path)

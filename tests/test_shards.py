@@ -1,0 +1,168 @@
+"""Noise models and Parquet shard sets, on tiny synthetic images."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from denoiser.errors import ShardError
+from denoiser.noise import add_noise, draw_levels, quantize
+from denoiser.shards import (
+    SplitArrays,
+    iter_batches,
+    load_split,
+    read_manifest,
+    shard_set_key,
+    split_rows,
+    split_train_validation,
+    write_shard_set,
+)
+
+RNG = np.random.default_rng(42)
+IMAGES = RNG.integers(0, 256, (50, 8, 8, 1), dtype=np.uint8)
+LABELS = RNG.integers(0, 10, 50).astype(np.uint8)
+
+
+def splits(copies: int = 1) -> dict[str, SplitArrays]:
+    cut = split_train_validation(40, 0.1)
+    idx = np.arange(50)
+    return {"train": SplitArrays(IMAGES[:cut], LABELS[:cut], idx[:cut], copies),
+            "validation": SplitArrays(IMAGES[cut:40], LABELS[cut:40], idx[cut:40]),
+            "test": SplitArrays(IMAGES[40:], LABELS[40:], idx[40:])}
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))}
+
+
+def test_gaussian_is_the_reference_formula():
+    x = np.full((4, 16, 16, 1), 0.5)
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    noisy = add_noise(x, "gaussian", 0.2, rng_a)
+    expected = np.clip(x + 0.2 * rng_b.standard_normal(x.shape), 0, 1)
+    np.testing.assert_allclose(noisy, expected, atol=1e-6)
+    assert 0.18 < (noisy - x).std() < 0.22
+
+
+def test_other_noise_models_behave():
+    rng = np.random.default_rng(0)
+    grey = np.full((8, 32, 32, 1), 0.5)
+    sp = add_noise(grey, "salt_and_pepper", 0.3, rng)
+    changed = sp != 0.5
+    assert 0.27 < changed.mean() < 0.33 and set(np.unique(sp[changed])) == {0.0, 1.0}
+    assert not add_noise(np.zeros_like(grey), "speckle", 0.5, rng).any()  # multiplicative
+    np.testing.assert_array_equal(add_noise(grey, "poisson", 0.0, rng), grey.astype(np.float32))
+    assert add_noise(grey, "poisson", 0.1, rng).std() > 0.05
+    with pytest.raises(ValueError, match="unknown noise kind"):
+        add_noise(grey, "pink", 0.1, rng)
+
+
+def test_level_ranges_are_drawn_per_image():
+    levels = draw_levels((0.1, 0.7), 1000, np.random.default_rng(1))
+    assert levels.min() >= 0.1 and levels.max() <= 0.7 and levels.std() > 0.1
+    assert set(draw_levels(0.5, 5, np.random.default_rng(1))) == {0.5}
+    assert quantize(np.array([0.0, 0.5, 1.0])).tolist() == [0, 128, 255]
+
+
+def test_validation_is_the_last_tenth():
+    assert split_train_validation(60000, 0.1) == 54000
+    assert split_train_validation(40, 0.1) == 36
+    with pytest.raises(ShardError):
+        split_train_validation(1, 0.1)
+
+
+def test_shards_are_byte_identical_whatever_the_parallelism(tmp_path):
+    noise = {"kind": "gaussian", "level": [0.1, 0.7]}
+    a = write_shard_set(tmp_path / "a", splits(copies=2), noise, shard_rows=16, seed=5, workers=1)
+    b = write_shard_set(tmp_path / "b", splits(copies=2), noise, shard_rows=16, seed=5, workers=4)
+    c = write_shard_set(tmp_path / "c", splits(copies=2), noise, shard_rows=16, seed=6, workers=2)
+    assert digests(a) == digests(b)
+    assert digests(a) != digests(c)
+    manifest = read_manifest(a)
+    assert manifest["splits"]["train"] == {"images": 36, "copies": 2, "rows": 72}
+    assert [r["file"] for r in manifest["shards"] if r["split"] == "train"] == [
+        "train-00000.parquet", "train-00001.parquet", "train-00002.parquet", "train-00003.parquet",
+        "train-00004.parquet"]
+    assert all(r["sha256"] == digests(a)[r["file"]] for r in manifest["shards"])
+
+
+def test_readers_return_pixels_and_columns(tmp_path):
+    out = write_shard_set(tmp_path / "s", splits(), {"kind": "gaussian", "level": 0.5}, 7, seed=1)
+    test = load_split(out, "test")
+    np.testing.assert_array_equal(test["clean"], IMAGES[40:])
+    np.testing.assert_array_equal(test["label"], LABELS[40:])
+    assert test["noisy"].shape == (10, 8, 8, 1) and (test["noisy"] != test["clean"]).mean() > 0.5
+    assert np.allclose(test["noise_level"], 0.5)
+    rows = sum(len(b["noisy"]) for b in iter_batches(out, "train", batch_rows=5))
+    assert rows == split_rows(out, "train") == 36
+    assert load_split(out, "validation", limit=2)["index"].tolist() == [36, 37]
+
+
+def test_readable_without_this_project(tmp_path):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    out = write_shard_set(tmp_path / "s", splits(), {"kind": "speckle", "level": 0.3}, 100, seed=1)
+    path = out / "train-00000.parquet"
+    frame = pd.read_parquet(path)
+    assert len(frame) == 36 and len(frame["clean"][0]) == 64
+    assert pl.read_parquet(path)["noise_kind"].unique().to_list() == ["speckle"]
+    assert duckdb.sql(f"select count(*), min(octet_length(noisy)) from '{out}/*.parquet'").fetchall() == [(50, 64)]
+    meta = pq.read_schema(path).metadata
+    assert json.loads(meta[b"denoise.image_shape"]) == [8, 8, 1]
+    assert pq.ParquetFile(path).metadata.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_an_interrupted_set_is_finished_by_a_rerun(tmp_path):
+    noise = {"kind": "gaussian", "level": 0.5}
+    full = write_shard_set(tmp_path / "full", splits(), noise, 10, seed=2)
+    part = write_shard_set(tmp_path / "part", splits(), noise, 10, seed=2)
+    (part / "manifest.json").unlink()  # as if the run died before finishing
+    (part / "train-00002.parquet").unlink()
+    (part / ".train-00003.parquet.123.tmp").write_bytes(b"half a shard")  # a crashed write
+    with pytest.raises(ShardError, match="no manifest.json"):
+        read_manifest(part)
+    write_shard_set(part, splits(), noise, 10, seed=2)
+    assert digests(part) == digests(full)
+    assert [r["file"] for r in read_manifest(part)["shards"]] == [r["file"] for r in read_manifest(full)["shards"]]
+
+
+def test_the_folder_key_follows_every_input():
+    dataset = {"dataset": "mnist", "files": {"train_images": {"payload_sha256": "ab"}}}
+    base = shard_set_key(dataset, {"kind": "gaussian", "level": 0.5, "seed": 0}, None, None)
+    assert base == shard_set_key(dataset, {"level": 0.5, "kind": "gaussian", "seed": 0}, None, None)
+    assert base != shard_set_key(dataset, {"kind": "gaussian", "level": 0.5, "seed": 1}, None, None)
+    assert base != shard_set_key(dataset, {"kind": "gaussian", "level": 0.5, "seed": 0}, 100, None)
+    other = {"dataset": "mnist", "files": {"train_images": {"payload_sha256": "cd"}}}
+    assert base != shard_set_key(other, {"kind": "gaussian", "level": 0.5, "seed": 0}, None, None)
+
+
+def test_corrupt_task_on_real_mnist(prefect_harness, mnist_mirror, tmp_path):
+    from prefect import flow
+
+    from denoiser.config import NoiseConfig
+    from denoiser.datasets import fetch_dataset
+    from tasks.corrupt import write_noisy_shards
+
+    dataset = fetch_dataset("mnist", str(mnist_mirror), tmp_path / "downloads" / "mnist")
+
+    @flow
+    def corrupt() -> str:
+        return write_noisy_shards(dataset, NoiseConfig(kind="salt_and_pepper", level=0.2, shard_rows=100),
+                                  str(tmp_path), 300, 50)
+
+    out = Path(corrupt())
+    manifest = read_manifest(out)
+    assert out.parent == tmp_path / "shards" and out.name.startswith("mnist-")
+    assert manifest["splits"]["train"]["rows"] == 270 and manifest["splits"]["validation"]["rows"] == 30
+    assert manifest["sources"]["train_images"].startswith("ba891046")
+    test = load_split(out, "test")
+    assert test["clean"].shape == (50, 28, 28, 1)
+    flipped = (test["noisy"] != test["clean"]).mean()
+    assert 0.05 < flipped < 0.2  # about 20% of pixels set to 0/255, many already were
