@@ -1,0 +1,129 @@
+"""Architectures, device choice and resumable training on tiny shard sets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from denoiser.config import TrainConfig
+from denoiser.errors import ModelError
+from denoiser.models import architecture_recipe, available_architectures, build_model, load_model
+from denoiser.shards import SplitArrays, write_shard_set
+from denoiser.training import make_dataset, plan_device, train_model
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    images = (rng.random((80, 28, 28, 1)) < 0.2).astype(np.uint8) * 255
+    labels = rng.integers(0, 10, 80).astype(np.uint8)
+    idx = np.arange(80)
+    splits = {"train": SplitArrays(images[:56], labels[:56], idx[:56]),
+              "validation": SplitArrays(images[56:64], labels[56:64], idx[56:64]),
+              "test": SplitArrays(images[64:], labels[64:], idx[64:])}
+    return write_shard_set(tmp_path_factory.mktemp("shards") / "tiny", splits,
+                           {"kind": "gaussian", "level": 0.5}, shard_rows=20, seed=0)
+
+
+def test_seed_is_the_reference_architecture():
+    model = build_model("seed")
+    assert model.count_params() == 440_865
+    assert model(np.zeros((2, 28, 28, 1), np.float32)).shape == (2, 28, 28, 1)
+    assert architecture_recipe("seed")["loss"] == "bce"
+    names = [layer.__class__.__name__ for layer in model.layers]
+    assert names.count("Conv2DTranspose") == 3 and names.count("Dense") == 2
+    assert names.count("MaxPooling2D") == 2 and names.count("UpSampling2D") == 2
+
+
+@pytest.mark.parametrize("name", [n for n in available_architectures() if n != "seed"])
+def test_fully_convolutional_models_keep_the_input_shape(name):
+    recipe = architecture_recipe(name)
+    assert recipe["fully_convolutional"]
+    model = build_model(name)
+    assert model.count_params() <= 440_865
+    m = recipe["size_multiple"]
+    for h, w in [(28, 28), (8 * m, 3 * m), (64, 96)]:
+        out = model(np.random.default_rng(0).random((1, h, w, 1)).astype(np.float32))
+        assert out.shape == (1, h, w, 1)
+        assert float(np.min(out)) >= 0.0 and float(np.max(out)) <= 1.0
+
+
+def test_unknown_architecture_is_a_model_error():
+    with pytest.raises(ModelError, match="unknown architecture 'resnet'"):
+        build_model("resnet")
+
+
+def test_models_round_trip_with_safe_mode(tmp_path):
+    for name in available_architectures():
+        model = build_model(name)
+        model.save(tmp_path / f"{name}.keras")
+        loaded = load_model(tmp_path / f"{name}.keras")
+        x = np.random.default_rng(1).random((1, 28, 28, 1)).astype(np.float32)
+        np.testing.assert_allclose(model(x), loaded(x), atol=1e-6)
+    (tmp_path / "junk.keras").write_text("not a model")
+    with pytest.raises(ModelError, match="junk.keras"):
+        load_model(tmp_path / "junk.keras")
+    with pytest.raises(ModelError, match="not found"):
+        load_model(tmp_path / "missing.keras")
+
+
+def test_device_plan_for_zero_one_and_many_gpus():
+    cpu = plan_device([], "auto")
+    assert cpu["kind"] == "cpu" and not cpu["mixed_precision"] and cpu["strategy_name"] == "default"
+    assert not plan_device([], "on")["mixed_precision"]  # float16 only where it pays: GPUs
+    one = plan_device(["/physical_device:GPU:0"], "auto")
+    assert one["kind"] == "gpu" and one["mixed_precision"] and one["strategy_name"] == "one_device"
+    assert not plan_device(["/physical_device:GPU:0"], "off")["mixed_precision"]
+    many = plan_device(["/physical_device:GPU:0", "/physical_device:GPU:1"], "auto")
+    assert many["replicas"] == 2 and many["strategy_name"] == "mirrored"
+    with pytest.raises(ValueError):
+        plan_device([], "maybe")
+
+
+def test_dataset_streams_float_pairs(tiny_shards):
+    ds = make_dataset(tiny_shards, "train", batch_size=16, shuffle_buffer=32, seed=0, training=True)
+    batches = list(ds)
+    assert len(batches) == ds.cardinality().numpy() == 4
+    noisy, clean = batches[0]
+    assert noisy.dtype.name == "float32" and noisy.shape == (16, 28, 28, 1)
+    assert 0.0 <= float(np.min(noisy)) and float(np.max(clean)) <= 1.0
+    assert sum(len(b[0]) for b in batches) == 56
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_training_resumes_after_an_interruption(tiny_shards, tmp_path):
+    config = TrainConfig(architecture="unet", epochs=3, batch_size=16, patience=10)
+    seen: list[int] = []
+
+    def die_after_first(epoch, epochs, logs):
+        seen.append(epoch)
+        if epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_model(tiny_shards, config, tmp_path / "m1", tmp_path / "backup", on_epoch_end=die_after_first)
+    assert not (tmp_path / "m1" / "model.keras").exists()
+
+    result = train_model(tiny_shards, config, tmp_path / "m1", tmp_path / "backup",
+                         on_epoch_end=lambda e, n, logs: seen.append(e))
+    assert seen == [1, 2, 3]  # the rerun started at epoch 2
+    card = json.loads((tmp_path / "m1" / "model.json").read_text())
+    assert [h["epoch"] for h in card["history"]] == [1, 2, 3]
+    assert result["epochs_run"] == 3 and result["device"] == "CPU"
+    assert (tmp_path / "m1" / "history.csv").read_text().startswith("epoch,")
+    assert card["data"]["manifest_sha256"] and card["versions"]["tensorflow"]
+    assert any((tmp_path / "m1" / "tensorboard").rglob("*tfevents*"))
+
+
+def test_seed_trains_with_bce(tiny_shards, tmp_path):
+    result = train_model(tiny_shards, TrainConfig(architecture="seed", epochs=1, batch_size=16),
+                         tmp_path / "seed", tmp_path / "b2")
+    card = json.loads((tmp_path / "seed" / "model.json").read_text())
+    assert card["recipe"]["loss"] == "bce" and result["params"] == 440_865
+    assert load_model(result["model_path"]).count_params() == 440_865
