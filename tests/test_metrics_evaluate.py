@@ -1,0 +1,119 @@
+"""Metrics against known values and scikit-image; the evaluation task end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage.metrics import structural_similarity
+
+from denoiser.metrics import bce, evaluate_arrays, mse, psnr, ssim
+
+
+def test_psnr_known_values():
+    clean = np.random.default_rng(0).random((3, 28, 28, 1)) * 0.5
+    assert np.allclose(psnr(clean, clean + 0.1), 20.0)
+    assert np.allclose(psnr(clean, clean), 100.0)  # capped, not infinite
+    assert np.allclose(mse(clean, clean + 0.1), 0.01)
+
+
+def test_bce_known_values():
+    y = np.array([[1.0, 0.0]]).reshape(1, 2)
+    assert np.allclose(bce(y, np.array([[0.5, 0.5]])), np.log(2))
+    assert bce(y, y)[0] < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(4, 28, 28), (2, 40, 33, 1), (2, 16, 16, 3)])
+def test_ssim_equals_scikit_image(shape):
+    rng = np.random.default_rng(1)
+    a = rng.random(shape)
+    b = np.clip(a + 0.3 * rng.standard_normal(shape), 0, 1)
+    ours = ssim(a, b)
+    for i in range(shape[0]):
+        kwargs = {"channel_axis": -1} if len(shape) == 4 and shape[-1] > 1 else {}
+        ref = structural_similarity(a[i].squeeze() if not kwargs else a[i], b[i].squeeze() if not kwargs else b[i],
+                                    data_range=1.0, **kwargs)
+        assert abs(ours[i] - ref) < 1e-6
+
+
+def test_ssim_on_real_digits(mnist_mirror):
+    from denoiser.datasets import read_idx
+
+    x = read_idx(mnist_mirror / "t10k-images-idx3-ubyte.gz")[:20] / 255.0
+    y = np.clip(x + 0.5 * np.random.default_rng(12345).normal(size=x.shape), 0, 1)
+    ref = [structural_similarity(x[i], y[i], data_range=1.0) for i in range(20)]
+    np.testing.assert_allclose(ssim(x, y), ref, atol=1e-6)
+
+
+def test_evaluate_arrays_groups_by_level_and_class():
+    rng = np.random.default_rng(2)
+    clean = rng.random((6, 8, 8, 1))
+    noisy = np.clip(clean + 0.2, 0, 1)
+    denoised = clean.copy()
+    levels = np.array([0.3, 0.3, 0.5, 0.5, 0.5, 0.7], np.float32)
+    labels = np.array([1, 2, 1, 2, 1, 2])
+    result = evaluate_arrays(clean, noisy, denoised, levels, labels)
+    assert result["overall"]["count"] == 6 and result["overall"]["psnr_denoised"] == 100.0
+    assert [(r["level"], r["count"]) for r in result["per_level"]] == [("0.3", 2), ("0.5", 3), ("0.7", 1)]
+    assert [(r["label"], r["count"]) for r in result["per_class"]] == [(1, 3), (2, 3)]
+    ranged = evaluate_arrays(clean, noisy, denoised, np.linspace(0.1, 0.7, 6), level_bins=3)
+    assert [r["count"] for r in ranged["per_level"]] == [2, 2, 2]
+
+
+def test_evaluation_task_writes_metrics_card_and_artifacts(prefect_harness, tmp_path):
+    import asyncio
+
+    import keras
+    from PIL import Image
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from denoiser.config import EvalConfig
+    from denoiser.shards import SplitArrays, write_shard_set
+    from tasks.evaluate import evaluate_denoiser
+
+    rng = np.random.default_rng(0)
+    blocks = (rng.random((30, 4, 4)) < 0.3).astype(np.uint8) * 255  # smooth shapes: a mean filter helps
+    images = np.kron(blocks, np.ones((7, 7), np.uint8))[..., None]
+    arr = SplitArrays(images, np.arange(30) % 10, np.arange(30))
+    shards = write_shard_set(tmp_path / "shards", {"train": arr, "validation": arr, "test": arr},
+                             {"kind": "gaussian", "level": 0.5}, 100, seed=0)
+    model_dir = tmp_path / "models" / "v1"
+    model_dir.mkdir(parents=True)
+    # a 3x3 mean filter: a real (if weak) denoiser with known behaviour
+    inputs = keras.Input((None, None, 1))
+    conv = keras.layers.Conv2D(1, 3, padding="same", use_bias=False, kernel_initializer="ones")
+    model = keras.Model(inputs, keras.layers.Rescaling(1 / 9)(conv(inputs)))
+    model.save(model_dir / "model.keras")
+    (model_dir / "model.json").write_text(json.dumps(
+        {"version": "v1", "architecture": "unet", "params": model.count_params()}))
+
+    @flow
+    def judge(min_gain: float) -> dict:
+        return evaluate_denoiser(str(model_dir), str(shards), EvalConfig(min_psnr_gain=min_gain, sample_count=5))
+
+    result = judge(1.0)
+    assert result["passed"] and result["psnr_denoised"] > result["psnr_noisy"] + 1.0
+    card = json.loads((model_dir / "model.json").read_text())
+    assert card["quality_gate"]["passed"] is True and card["metrics"]["count"] == 30
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert len(metrics["per_class"]) == 10 and metrics["per_level"][0]["level"] == "0.5"
+    with Image.open(model_dir / "samples.png") as img:
+        assert img.format == "PNG" and img.size[0] > 5 * 28 and img.size[1] > 3 * 28
+    assert "Quality gate **PASSED**" in Path(result["report"]).read_text()
+
+    failed = judge(50.0)
+    assert not failed["passed"]
+    assert json.loads((model_dir / "model.json").read_text())["quality_gate"]["passed"] is False
+
+    async def keys():
+        async with get_client() as client:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["evaluation-metrics", "evaluation-report"])))
+        return {a.key: a for a in found}
+
+    artifacts = asyncio.run(keys())
+    assert "data:image/png;base64," in artifacts["evaluation-report"].data
