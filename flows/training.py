@@ -13,6 +13,7 @@ from tasks.common import unless_output_missing
 from tasks.corrupt import shards_marker, write_noisy_shards
 from tasks.download import download_dataset, download_marker
 from tasks.evaluate import evaluate_denoiser
+from tasks.register import register_model_version
 from tasks.train import train_autoencoder
 
 
@@ -40,4 +41,6 @@ def train_pipeline(
             "Model %s FAILED the quality gate: PSNR gain %.2f dB < %.2f dB required",
             model["version"], metrics["psnr_gain"], evaluation.min_psnr_gain,
         )
-    return {"store": store_root, "shards": shards_dir, "model": model, "metrics": metrics}
+    registry = register_model_version(model["dir"], metrics, store_root)
+    return {"store": store_root, "shards": shards_dir, "model": model, "metrics": metrics,
+            "registry": registry}
