@@ -30,3 +30,17 @@ def predict_array(model, images: np.ndarray, batch_size: int = 256, size_multipl
             chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)])
         out[start:start + n] = np.asarray(model(chunk, training=False))[:n]
     return out[:, :h, :w]
+
+
+def tile_spec_for_model(model, architecture: str | None = None):
+    """Tiling for a loaded model: from its architecture's recipe when known,
+    else from its input shape (fixed size -> tiles of that size)."""
+    from denoiser.architectures import ARCHITECTURES
+    from denoiser.tiling import tile_spec_for
+
+    if architecture in ARCHITECTURES:
+        return tile_spec_for(ARCHITECTURES[architecture].recipe)
+    shape = tuple(model.input_shape[1:3])
+    if None in shape:
+        return tile_spec_for({"fully_convolutional": True, "size_multiple": 8})
+    return tile_spec_for({"fully_convolutional": False, "input_shape": shape})

@@ -1,0 +1,190 @@
+"""Reading images of any kind users keep into one grey plane for the model,
+and writing the result back in the image's own mode, depth and format.
+
+Colour goes through luminance: the model was trained on grey images, and
+denoising Y (BT.601) while keeping the chroma planes keeps hues exactly and
+costs one model pass instead of three; per-channel denoising would shift
+colours where the channels' errors differ. Alpha is carried through untouched,
+16-bit stays 16-bit, EXIF orientation is applied so the output is upright.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from denoiser.errors import ImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
+_FORMAT_BY_SUFFIX = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF",
+                     ".bmp": "BMP", ".webp": "WEBP", ".gif": "GIF"}
+
+
+@dataclass
+class LoadedImage:
+    """One decoded image: the plane to denoise plus what is needed to rebuild it."""
+
+    mode: str
+    size: tuple[int, int]  # (width, height)
+    format: str | None
+    luma: np.ndarray  # float32 (H, W) in [0, 1]
+    chroma: np.ndarray | None = None  # float32 (H, W, 2): Cb, Cr offsets, for colour images
+    alpha: np.ndarray | None = None  # the original alpha plane, untouched
+    palette_image: object | None = None  # for "P" images: the original, to reuse its palette
+    max_value: int = 255
+
+    @property
+    def pixels(self) -> int:
+        return self.size[0] * self.size[1]
+
+
+def _rgb_to_ycc(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    return y, np.stack([b - y, r - y], axis=-1)
+
+
+def _ycc_to_rgb(y: np.ndarray, chroma: np.ndarray) -> np.ndarray:
+    b = y + chroma[..., 0]
+    r = y + chroma[..., 1]
+    g = (y - 0.299 * r - 0.114 * b) / 0.587
+    return np.stack([r, g, b], axis=-1)
+
+
+def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> LoadedImage:
+    """Decode one file; every failure is an ImageError naming what is wrong."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError("empty file (0 bytes)")
+        with Image.open(path) as img:
+            fmt = img.format
+            w, h = img.size
+            if limit and w * h > limit:
+                raise ImageError(f"{w}x{h} image is over the decompression-bomb limit of {limit:,} pixels")
+            img.seek(0)  # GIF and multi-page TIFF: the first frame
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return _to_planes(img, fmt)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"over the decompression-bomb limit ({exc})") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image Pillow can read") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        text = str(exc) or type(exc).__name__
+        raise ImageError(f"cannot decode: {text}") from None
+
+
+def _to_planes(img, fmt: str | None) -> LoadedImage:
+    mode = img.mode
+    size = img.size
+    if mode in ("L", "1"):
+        arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+        return LoadedImage(mode, size, fmt, arr)
+    if mode == "LA":
+        arr = np.asarray(img, dtype=np.float32)
+        return LoadedImage(mode, size, fmt, arr[..., 0] / 255.0, alpha=np.asarray(img)[..., 1].copy())
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img).astype(np.float32) / 65535.0
+        return LoadedImage(mode, size, fmt, arr, max_value=65535)
+    if mode == "I":  # 16-bit PNGs often open as 32-bit "I" holding 0..65535
+        raw = np.asarray(img)
+        top = 65535 if raw.max(initial=0) > 255 or fmt == "PNG" else 255
+        return LoadedImage(mode, size, fmt, np.clip(raw, 0, top).astype(np.float32) / top, max_value=top)
+    if mode == "F":
+        raw = np.asarray(img, dtype=np.float32)
+        return LoadedImage(mode, size, fmt, np.clip(raw, 0, 1), max_value=1)
+    if mode in ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        alpha = None
+        palette_image = None
+        if mode == "P":
+            palette_image = img.copy()
+            if "transparency" in img.info:
+                rgba = img.convert("RGBA")
+                alpha = np.asarray(rgba)[..., 3].copy()
+                rgb = np.asarray(rgba)[..., :3]
+            else:
+                rgb = np.asarray(img.convert("RGB"))
+        elif mode in ("RGBA", "PA"):
+            rgba = np.asarray(img.convert("RGBA"))
+            rgb, alpha = rgba[..., :3], rgba[..., 3].copy()
+        else:
+            rgb = np.asarray(img.convert("RGB"))
+        y, chroma = _rgb_to_ycc(rgb.astype(np.float32) / 255.0)
+        return LoadedImage(mode, size, fmt, y.astype(np.float32), chroma.astype(np.float32), alpha,
+                           palette_image)
+    raise ImageError(f"unsupported image mode {mode!r}")
+
+
+def rebuild_image(loaded: LoadedImage, luma: np.ndarray):
+    """A PIL image in the input's mode from the denoised luminance."""
+    from PIL import Image
+
+    luma = np.clip(np.asarray(luma, dtype=np.float32), 0.0, 1.0)
+    mode = loaded.mode
+    if mode in ("L", "1"):
+        img = Image.fromarray(np.rint(luma * 255).astype(np.uint8))
+        return img.convert("1") if mode == "1" else img
+    if mode == "LA":
+        return Image.merge("LA", [Image.fromarray(np.rint(luma * 255).astype(np.uint8)),
+                                  Image.fromarray(loaded.alpha)])
+    if mode.startswith("I;16"):
+        return Image.fromarray(np.rint(luma * 65535).astype(np.uint16))  # mode I;16
+    if mode == "I":
+        return Image.fromarray(np.rint(luma * loaded.max_value).astype(np.int32))
+    if mode == "F":
+        return Image.fromarray(luma.astype(np.float32))
+    rgb8 = np.rint(np.clip(_ycc_to_rgb(luma, loaded.chroma), 0.0, 1.0) * 255).astype(np.uint8)
+    if mode == "P":
+        if loaded.alpha is not None:  # a transparent palette image: octree keeps the alpha
+            rgba = Image.fromarray(np.dstack([rgb8, loaded.alpha]))
+            return rgba.quantize(method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+        return Image.fromarray(rgb8).quantize(palette=loaded.palette_image, dither=Image.Dither.NONE)
+    if loaded.alpha is not None:
+        rgba = Image.fromarray(np.dstack([rgb8, loaded.alpha]))
+        return rgba if mode == "RGBA" else rgba.convert(mode)
+    img = Image.fromarray(rgb8)
+    return img if mode == "RGB" else img.convert(mode)
+
+
+def output_format(source: Path, loaded_format: str | None, fmt: str) -> str:
+    if fmt == "png":
+        return "PNG"
+    return loaded_format or _FORMAT_BY_SUFFIX.get(source.suffix.lower(), "PNG")
+
+
+def encode_image(img, fmt: str) -> bytes:
+    """Encoded bytes; JPEG/WebP at high quality since the point is fidelity."""
+    buf = io.BytesIO()
+    options = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {"optimize": False},
+               "TIFF": {"compression": "tiff_deflate"}}.get(fmt, {})
+    if fmt == "JPEG" and img.mode not in ("L", "RGB", "CMYK"):
+        img = img.convert("RGB")
+    img.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temporary name in the same folder, then rename: never a half-written image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

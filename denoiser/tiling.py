@@ -1,0 +1,128 @@
+"""Cutting images into overlapping tiles and blending the results back.
+
+Tiles are weighted by a squared-sine window that is positive everywhere and
+falls smoothly to the tile edges; dividing by the summed weights makes the
+blend exact for any overlap, so a constant image stays constant and no seams
+appear. A fixed-size model (the 28x28 ``seed``) sees every image as tiles; a
+fully convolutional one sees small images whole (padded to its size
+multiple) and large ones as big tiles, which bounds memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """How a model wants its input: ``tile`` x ``tile`` pieces overlapping by
+    ``overlap``, or (``whole_max`` > 0) whole images up to that side, padded
+    to a multiple of ``multiple``."""
+
+    tile: int
+    overlap: int
+    multiple: int = 1
+    whole_max: int = 0
+
+    def __post_init__(self):
+        if self.tile < 1 or not 0 <= self.overlap < self.tile:
+            raise ValueError(f"bad tiling: tile {self.tile}, overlap {self.overlap}")
+
+
+def tile_spec_for(recipe: dict) -> TileSpec:
+    if recipe.get("fully_convolutional"):
+        m = int(recipe.get("size_multiple", 1))
+        return TileSpec(tile=256, overlap=32, multiple=m, whole_max=512)
+    h = int(recipe["input_shape"][0])
+    return TileSpec(tile=h, overlap=h // 2)
+
+
+def window(size: int) -> np.ndarray:
+    i = np.arange(size, dtype=np.float64)
+    return (np.sin(np.pi * (i + 0.5) / size) ** 2).astype(np.float32)
+
+
+def starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins covering [0, length); the last tile is flush with the end."""
+    if length <= tile:
+        return [0]
+    step = tile - overlap
+    out = list(range(0, length - tile, step))
+    out.append(length - tile)
+    return out
+
+
+def _pad(plane: np.ndarray, ph: int, pw: int) -> np.ndarray:
+    if ph == 0 and pw == 0:
+        return plane
+    h, w = plane.shape
+    mode = "reflect" if ph < h and pw < w else "symmetric" if ph <= h and pw <= w else "edge"
+    return np.pad(plane, ((0, ph), (0, pw)), mode=mode)
+
+
+@dataclass
+class TiledImage:
+    """The tiles of one plane and what is needed to put their outputs back."""
+
+    shape: tuple[int, int]  # the original plane
+    padded: tuple[int, int]
+    tile_shape: tuple[int, int]
+    positions: list[tuple[int, int]]
+    tiles: np.ndarray  # (n, th, tw) float32
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+def split(plane: np.ndarray, spec: TileSpec) -> TiledImage:
+    plane = np.asarray(plane, dtype=np.float32)
+    h, w = plane.shape
+    m = spec.multiple
+    if spec.whole_max and h <= spec.whole_max and w <= spec.whole_max:
+        ph, pw = (-h) % m, (-w) % m
+        padded = _pad(plane, ph, pw)
+        return TiledImage((h, w), padded.shape, padded.shape, [(0, 0)], padded[None])
+    th = tw = spec.tile
+    ph, pw = max(th - h, 0), max(tw - w, 0)
+    padded = _pad(plane, ph, pw)
+    H, W = padded.shape
+    positions = [(y, x) for y in starts(H, th, spec.overlap) for x in starts(W, tw, spec.overlap)]
+    tiles = np.stack([padded[y:y + th, x:x + tw] for y, x in positions])
+    return TiledImage((h, w), (H, W), (th, tw), positions, tiles)
+
+
+class Blender:
+    """Accumulates weighted tile outputs of one image."""
+
+    def __init__(self, tiled: TiledImage):
+        self.tiled = tiled
+        self.acc = np.zeros(tiled.padded, dtype=np.float32)
+        self.weight = np.zeros(tiled.padded, dtype=np.float32)
+        th, tw = tiled.tile_shape
+        self.win = np.outer(window(th), window(tw)) if len(tiled) > 1 else np.ones((th, tw), np.float32)
+        self.remaining = len(tiled)
+
+    def add(self, index: int, output: np.ndarray) -> bool:
+        """Blend tile ``index``'s output; True when the image is complete."""
+        y, x = self.tiled.positions[index]
+        th, tw = self.tiled.tile_shape
+        self.acc[y:y + th, x:x + tw] += output * self.win
+        self.weight[y:y + th, x:x + tw] += self.win
+        self.remaining -= 1
+        return self.remaining == 0
+
+    def result(self) -> np.ndarray:
+        h, w = self.tiled.shape
+        return (self.acc / self.weight)[:h, :w]
+
+
+def denoise_plane(plane: np.ndarray, spec: TileSpec, predict) -> np.ndarray:
+    """One plane through ``predict`` ((n, th, tw, 1) -> same), for small jobs and tests."""
+    tiled = split(plane, spec)
+    outputs = np.asarray(predict(tiled.tiles[..., None]))[..., 0]
+    blender = Blender(tiled)
+    for i, out in enumerate(outputs):
+        blender.add(i, out)
+    return blender.result()

@@ -1,0 +1,142 @@
+"""Tasks: pick the model, then denoise a folder with it, reporting every file."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+
+from artifacts.registry import resolve_model
+from artifacts.render import markdown_image, markdown_table, table_rows
+from artifacts.store import Store
+from denoiser.folder import BatchPredictor, FileResult, count, denoise_tree, write_report
+from denoiser.inference import tile_spec_for_model
+from denoiser.models import load_model
+from denoiser.plots import grid_png
+
+REPORT_ROWS_IN_UI = 500
+
+
+@task(name="resolve_denoiser", cache_policy=NO_CACHE)
+def resolve_denoiser(model: str | None, store_root: str) -> dict:
+    """The model to use, traceable: version, card facts and data manifest hash."""
+    ref = resolve_model(store_root, model)
+    get_run_logger().info("using model %s (%s) from %s", ref.version, ref.status, ref.model_path)
+    return ref.summary()
+
+
+class _Progress:
+    """Progress artifact (throttled: one update a second) and, on a terminal, a rich bar."""
+
+    def __init__(self, total: int):
+        self.artifact = create_progress_artifact(progress=0.0, key="denoise-progress",
+                                                 description="Files processed")
+        self.last = 0.0
+        self.bar = None
+        if sys.stderr.isatty() and total:
+            from rich.progress import Progress
+
+            self.bar = Progress(transient=False)
+            self.bar.start()
+            self.task_id = self.bar.add_task("denoising", total=total)
+
+    def __call__(self, result: FileResult, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task_id, completed=done)
+        now = time.monotonic()
+        if now - self.last > 1.0 or done == total:
+            self.last = now
+            update_progress_artifact(self.artifact, progress=100.0 * done / max(total, 1))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _thumbnails(results: list[FileResult], input_dir: Path, k: int = 4) -> str:
+    from PIL import Image
+
+    before, after = [], []
+    for r in results:
+        if r.status != "denoised" or len(before) == k:
+            continue
+        try:
+            with Image.open(input_dir / r.path) as a, Image.open(r.output) as b:
+                before.append(np.asarray(a.convert("L").resize((64, 64))))
+                after.append(np.asarray(b.convert("L").resize((64, 64))))
+        except (OSError, ValueError):
+            continue
+    if not before:
+        return ""
+    return "Top: input, bottom: denoised.\n\n" + markdown_image(grid_png([np.stack(before), np.stack(after)]),
+                                                              "before and after")
+
+
+@task(name="denoise_images", cache_policy=NO_CACHE)
+def denoise_images(input_dir: str, output_dir: str, model: dict, overwrite: bool, pattern: str,
+                   format: str, store_root: str) -> dict:
+    logger = get_run_logger()
+    keras_model = load_model(model["model_path"])
+    spec = tile_spec_for_model(keras_model, model.get("architecture"))
+    predictor = BatchPredictor(keras_model)
+    started = time.perf_counter()
+    progress = None
+
+    def on_result(result: FileResult, done: int, total: int) -> None:
+        nonlocal progress
+        if progress is None:
+            progress = _Progress(total)
+        if result.status == "failed":
+            logger.warning("%s: %s", result.path, result.error)
+        progress(result, done, total)
+
+    try:
+        results = denoise_tree(input_dir, output_dir, predictor, spec, pattern=pattern, fmt=format,
+                               overwrite=overwrite, on_result=on_result)
+    finally:
+        if progress is not None:
+            progress.close()
+    seconds = time.perf_counter() - started
+    counts = count(results)
+    run_name = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{flow_run.name or 'local'}"
+    report_dir = Store.at(store_root).reports_root / run_name
+    report = write_report(results, report_dir / "report.csv")
+    summary = {"input_dir": str(Path(input_dir).resolve()), "output_dir": str(Path(output_dir).resolve()),
+               "counts": counts, "seconds": round(seconds, 2), "report": str(report),
+               "model": model, "flow_run_id": str(flow_run.id) if flow_run.id else None}
+    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    rows = [{"path": r.path, "bytes": r.bytes, "mode": r.mode,
+             "size": f"{r.width}x{r.height}" if r.width else "", "status": r.status, "error": r.error,
+             "ms": r.ms} for r in results]
+    create_table_artifact(key="denoise-report", table=table_rows(rows[:REPORT_ROWS_IN_UI]),
+                          description=f"Per-file report ({len(rows)} files; all in {report})")
+    facts = [{"": k, "files": v} for k, v in counts.items()]
+    model_facts = markdown_table([{"model": model["version"], "status": model["status"],
+                                   "architecture": model["architecture"], "test PSNR": model["psnr"],
+                                   "data manifest sha256": (model.get("data_manifest_sha256") or "")[:16]}])
+    create_markdown_artifact(
+        key="denoise-summary",
+        markdown=(f"# Denoised {summary['input_dir']}\n\ninto `{summary['output_dir']}` in {seconds:.1f} s\n\n"
+                  f"{markdown_table(facts)}\n\n## Model\n\n{model_facts}\n\nModel file `{model['model_path']}`"
+                  f" (its card: `model.json` beside it).\n\nFull report: `{report}`\n\n"
+                  f"{_thumbnails(results, Path(input_dir))}\n"),
+        description="Folder denoising summary",
+    )
+    logger.info("%d denoised, %d skipped, %d failed in %.1f s; report %s", counts["denoised"],
+                counts["skipped"], counts["failed"], seconds, report)
+    return summary

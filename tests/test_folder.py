@@ -1,0 +1,282 @@
+"""Folder denoising on real files of every kind, with every kind of bad file."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from denoiser.folder import BatchPredictor, denoise_tree
+from denoiser.images import read_image, rebuild_image
+from denoiser.tiling import TileSpec, denoise_plane, split
+
+RNG = np.random.default_rng(0)
+
+
+def identity_model(fixed: int | None = None):
+    """A real Keras model whose output equals its input: shape, mode and seam
+    checks become exact."""
+    import keras
+
+    inputs = keras.Input((fixed, fixed, 1))
+    out = keras.layers.Conv2D(1, 1, kernel_initializer="ones", bias_initializer="zeros")(inputs)
+    return keras.Model(inputs, out)
+
+
+def save_model(folder: Path, model, architecture: str = "custom") -> Path:
+    folder.mkdir(parents=True)
+    model.save(folder / "model.keras")
+    (folder / "model.json").write_text(json.dumps({"version": folder.name, "architecture": architecture,
+                                                   "params": model.count_params(),
+                                                   "quality_gate": {"passed": True}}))
+    return folder
+
+
+def snapshot(root: Path) -> dict[bytes, str]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
+        for name in filenames + dirnames:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                out[p] = "link:" + os.fsdecode(os.readlink(p))
+            elif os.path.isfile(p):
+                with open(p, "rb") as fh:
+                    out[p] = hashlib.sha256(fh.read()).hexdigest()
+            else:
+                out[p] = "dir"
+    return out
+
+
+def noisy_gray(h: int, w: int) -> np.ndarray:
+    return RNG.integers(0, 256, (h, w), dtype=np.uint8)
+
+
+def build_folder(root: Path) -> dict[str, str]:
+    """Good images of each mode/format/size, and every bad case. Returns the
+    expected status by relative path."""
+    root.mkdir()
+    (root / "sub" / "deeper").mkdir(parents=True)
+    expected = {}
+
+    def save(rel, img, **kw):
+        img.save(root / rel, **kw)
+        expected[rel] = "denoised"
+
+    save("gray.png", Image.fromarray(noisy_gray(28, 28)))
+    save("odd.png", Image.fromarray(noisy_gray(37, 53)))
+    save("sixteen.png", Image.fromarray(RNG.integers(0, 65536, (30, 30), dtype=np.uint16)))
+    save("rgb.jpg", Image.fromarray(RNG.integers(0, 256, (40, 60, 3), dtype=np.uint8)), quality=90)
+    rgba = RNG.integers(0, 256, (32, 32, 4), dtype=np.uint8)
+    save("sub/rgba.png", Image.fromarray(rgba))
+    save("sub/palette.gif", Image.fromarray(noisy_gray(30, 30)).convert("P"))
+    save("sub/la.png", Image.fromarray(RNG.integers(0, 256, (20, 20, 2), dtype=np.uint8), mode="LA")
+         if False else Image.merge("LA", [Image.fromarray(noisy_gray(20, 20))] * 2))
+    save("sub/deeper/pic.webp", Image.fromarray(RNG.integers(0, 256, (28, 28, 3), dtype=np.uint8)), lossless=True)
+    save("sub/deeper/pic.tiff", Image.fromarray(noisy_gray(64, 48)))
+    save("sub/deeper/pic.bmp", Image.fromarray(noisy_gray(28, 28)))
+    save("big.png", Image.fromarray(noisy_gray(700, 650)))
+    # EXIF orientation 6 (rotate 90 degrees): the output is upright, 20 wide and 10 high
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save("rotated.jpg", Image.fromarray(noisy_gray(20, 10)), exif=exif.tobytes())
+    # bad files
+    (root / "empty.png").write_bytes(b"")
+    expected["empty.png"] = "failed"
+    png = io.BytesIO()
+    Image.fromarray(noisy_gray(64, 64)).save(png, "PNG")
+    (root / "truncated.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
+    expected["truncated.png"] = "failed"
+    jpg = io.BytesIO()
+    Image.fromarray(noisy_gray(64, 64)).save(jpg, "JPEG")
+    (root / "truncated.jpg").write_bytes(jpg.getvalue()[: len(jpg.getvalue()) // 2])
+    expected["truncated.jpg"] = "failed"
+    (root / "text.png").write_text("this is not an image\n")
+    expected["text.png"] = "failed"
+    Image.new("L", (1000, 1000)).save(root / "bomb.png")  # over the lowered limit in the test
+    expected["bomb.png"] = "failed"
+    os.symlink(root / "nothing-here.png", root / "broken.png")
+    expected["broken.png"] = "failed"
+    outside = root.parent / "outside.png"
+    Image.fromarray(noisy_gray(28, 28)).save(outside)
+    os.symlink(outside, root / "escape.png")
+    expected["escape.png"] = "failed"
+    os.mkfifo(root / "pipe.png")
+    expected["pipe.png"] = "failed"
+    (root / "notes.txt").write_text("not an image type: skipped")
+    expected["notes.txt"] = "skipped"
+    with open(os.path.join(os.fsencode(root), b"caf\xe9.png"), "wb") as fh:  # not valid UTF-8
+        Image.fromarray(noisy_gray(28, 28)).save(fh, "PNG")
+    expected["caf\\xe9.png"] = "denoised"
+    return expected
+
+
+@pytest.fixture()
+def folder_case(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 800 * 800)
+    src = tmp_path / "in"
+    expected = build_folder(src)
+    return src, expected
+
+
+def run(src: Path, dst: Path, model, **kw):
+    from denoiser.inference import tile_spec_for_model
+
+    return denoise_tree(src, dst, BatchPredictor(model, batch_size=32), tile_spec_for_model(model), **kw)
+
+
+def test_every_good_file_is_denoised_and_every_bad_one_reported(folder_case, tmp_path):
+    src, expected = folder_case
+    before = snapshot(src)
+    results = run(src, tmp_path / "out", identity_model())
+    assert snapshot(src) == before  # the input is byte-identical
+    got = {r.path: r.status for r in results}
+    assert got == expected
+    errors = {r.path: r.error for r in results}
+    assert errors["empty.png"] == "empty file (0 bytes)"
+    assert "not an image" in errors["text.png"]
+    assert "decompression-bomb" in errors["bomb.png"]
+    assert errors["broken.png"] == "broken symlink"
+    assert "outside the input folder" in errors["escape.png"]
+    assert errors["pipe.png"] == "not a regular file"
+    assert errors["truncated.png"] and errors["truncated.jpg"]
+
+    out = tmp_path / "out"
+    checks = {"gray.png": ("L", (28, 28)), "odd.png": ("L", (53, 37)), "sixteen.png": ("I;16", (30, 30)),
+              "rgb.jpg": ("RGB", (60, 40)), "sub/rgba.png": ("RGBA", (32, 32)), "sub/palette.gif": ("P", (30, 30)),
+              "sub/la.png": ("LA", (20, 20)), "sub/deeper/pic.webp": ("RGB", (28, 28)),
+              "sub/deeper/pic.tiff": ("L", (48, 64)), "sub/deeper/pic.bmp": ("L", (28, 28)),
+              "big.png": ("L", (650, 700)), "rotated.jpg": ("L", (20, 10))}
+    for rel, (mode, size) in checks.items():
+        with Image.open(out / rel) as img:
+            assert (img.mode, img.size) == (mode, size), rel
+            assert img.format == Image.open(src / rel).format
+    # identity model: 8- and 16-bit grey come back exactly; alpha is untouched
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "gray.png")), np.asarray(Image.open(src / "gray.png")))
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "sixteen.png")),
+                                  np.asarray(Image.open(src / "sixteen.png")))
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "sub/rgba.png"))[..., 3],
+                                  np.asarray(Image.open(src / "sub/rgba.png"))[..., 3])
+    assert os.path.exists(os.path.join(os.fsencode(out), b"caf\xe9.png"))
+    assert not list(out.rglob("*.part"))
+
+
+def test_png_format_option_and_output_inside_input(folder_case):
+    src, expected = folder_case
+    inside = src / "cleaned"
+    results = run(src, inside, identity_model(), fmt="png", pattern="*.jpg")
+    assert {r.path for r in results} == {"rgb.jpg", "rotated.jpg", "truncated.jpg"}
+    assert (inside / "rgb.png").is_file() and not (inside / "rgb.jpg").exists()
+    again = run(src, inside, identity_model(), fmt="png", pattern="*.jpg")  # the output tree is not walked
+    assert {r.path for r in again} == {"rgb.jpg", "rotated.jpg", "truncated.jpg"}
+
+
+def test_constant_and_smooth_images_survive_tiling_without_seams():
+    model = identity_model(28)
+    predict = BatchPredictor(model, batch_size=16)
+    spec = TileSpec(tile=28, overlap=14)
+    for h, w in [(28, 28), (100, 75), (10, 13), (257, 301)]:
+        const = np.full((h, w), 0.37, np.float32)
+        np.testing.assert_allclose(denoise_plane(const, spec, predict), const, atol=1e-5)
+        ramp = np.add.outer(np.linspace(0, 0.5, h), np.linspace(0, 0.5, w)).astype(np.float32)
+        np.testing.assert_allclose(denoise_plane(ramp, spec, predict), ramp, atol=1e-5)
+    # a smoothing model across tile borders: constant in, constant out, whatever the tiling
+    fcn = TileSpec(tile=64, overlap=16, multiple=4, whole_max=32)
+    assert len(split(np.zeros((300, 200), np.float32), fcn)) > 1
+    np.testing.assert_allclose(denoise_plane(np.full((300, 200), 0.8, np.float32), fcn,
+                                             BatchPredictor(identity_model())), 0.8, atol=1e-5)
+
+
+def test_a_fixed_size_model_denoises_any_size_through_tiles(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(noisy_gray(90, 61)).save(src / "a.png")
+    results = run(src, tmp_path / "out", identity_model(28))
+    assert [r.status for r in results] == ["denoised"]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "a.png")),
+                                  np.asarray(Image.open(src / "a.png")))
+
+
+class Stop(Exception):
+    pass
+
+
+def test_an_interrupted_run_is_finished_by_a_rerun(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(40):
+        Image.fromarray(noisy_gray(28, 28)).save(src / f"{i:02d}.png")
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / ".07.png.999.part").write_bytes(b"half")  # litter of a killed run
+
+    def stop_after_ten(result, done, total):
+        if result.status == "denoised" and done >= 10:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(src, out, identity_model(), on_result=stop_after_ten)
+    finished = {p.name for p in out.glob("*.png")}
+    assert 10 <= len(finished) < 40
+    for name in finished:  # whatever exists under a final name is a whole image
+        Image.open(out / name).load()
+
+    results = run(src, out, identity_model())
+    statuses = {r.path: r.status for r in results}
+    assert sum(s == "skipped" for s in statuses.values()) == len(finished)
+    assert sum(s == "denoised" for s in statuses.values()) == 40 - len(finished)
+    assert len(list(out.glob("*.png"))) == 40 and not list(out.rglob("*.part"))
+    rerun = run(src, out, identity_model(), overwrite=True)
+    assert all(r.status == "denoised" for r in rerun)
+
+
+def test_color_goes_through_luminance_and_keeps_hue(tmp_path):
+    img = Image.new("RGB", (28, 28), (200, 40, 90))
+    img.save(tmp_path / "c.png")
+    loaded = read_image(tmp_path / "c.png")
+    assert loaded.chroma is not None
+    back = np.asarray(rebuild_image(loaded, loaded.luma))
+    assert np.abs(back.astype(int) - np.array([200, 40, 90])).max() <= 1
+
+
+def test_cli_runs_the_flow_and_reports_failures(prefect_harness, folder_case, tmp_path):
+    import csv
+
+    from flows.cli import main
+
+    src, expected = folder_case
+    model_dir = save_model(tmp_path / "store" / "models" / "20260101-000000-custom-0001", identity_model())
+    store = str(tmp_path / "store")
+    assert main(["--store", store, "folder", str(src), str(tmp_path / "out")]) == 1  # some files failed
+    report = next((tmp_path / "store" / "reports").glob("*/report.csv"))
+    rows = list(csv.DictReader(report.open()))
+    assert {r["path"]: r["status"] for r in rows} == expected
+    assert all(r["ms"] for r in rows if r["status"] == "denoised")
+    summary = json.loads((report.parent / "summary.json").read_text())
+    assert summary["counts"]["failed"] == sum(s == "failed" for s in expected.values())
+    assert summary["model"]["version"] == model_dir.name
+
+    good = tmp_path / "good"
+    good.mkdir()
+    Image.fromarray(noisy_gray(28, 28)).save(good / "x.png")
+    assert main(["--store", store, "folder", str(good), str(tmp_path / "out2"), "--model", str(model_dir)]) == 0
+    assert (tmp_path / "out2" / "x.png").is_file()
+
+
+def test_cli_usage_errors_fail_fast_with_one_line(tmp_path, capsys):
+    from flows.cli import main
+
+    good = tmp_path / "good"
+    good.mkdir()
+    assert main(["--store", str(tmp_path), "folder", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--store", str(tmp_path), "folder", str(good), str(good)]) == 2
+    assert "is the input folder" in capsys.readouterr().err
+    assert main(["--store", str(tmp_path / "empty-store"), "folder", str(good), str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "run `denoise train` first" in err and len(err.strip().splitlines()) == 1
