@@ -1,0 +1,312 @@
+"""Denoising quality: the reference autoencoder against this project's default,
+trained and evaluated side by side in one run (issue 4).
+
+Test set: MNIST's 10,000 test images as float64 in [0, 1], noise
+``clip(x + f * N(0, 1), 0, 1)`` with ``np.random.default_rng(12345)`` (the
+same normal draw scaled by f = 0.3, 0.5, 0.7). PSNR: per image
+``10 * log10(1 / mse)``, then the mean. SSIM: scikit-image's defaults
+(``denoiser.metrics.ssim`` equals it) on the first 2,000 test images.
+
+Methods: the noisy input; a 3x3 median filter; ``seed`` trained the reference
+way (numpy float64 arrays, one fixed noise draw, Adam, BCE, batch 64, 35
+epochs, 54,000 training images = validation_split 0.1); the default
+architecture with this project's recipe (fresh noise every batch, MSE, Adam
+with cosine decay) at f = 0.5, blind over f in [0.1, 0.7], and at 0.3 and 0.7
+alone. Also times how long the default takes to reach the reference's final
+PSNR (checked on 2,000 test images every half epoch).
+
+    python bench/quality.py --quick        # minutes: small subsets, 1-2 epochs
+    python bench/quality.py                # the full comparison (hours on 2 CPU cores)
+
+Writes bench/out/quality.md, quality_psnr.png and quality_examples.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DEFAULT_MIRROR = REPO.parent / "shared" / "datasets" / "mnist"
+LEVELS = (0.3, 0.5, 0.7)
+
+
+def load_mnist(mirror: Path):
+    from denoiser.datasets import read_idx
+
+    train = read_idx(mirror / "train-images-idx3-ubyte.gz")[..., None]
+    test = read_idx(mirror / "t10k-images-idx3-ubyte.gz")[..., None].astype("float64") / 255.0
+    return train, test
+
+
+def test_draws(x_test: np.ndarray) -> dict[float, np.ndarray]:
+    normal = np.random.default_rng(12345).normal(size=x_test.shape)
+    return {f: np.clip(x_test + f * normal, 0, 1) for f in LEVELS}
+
+
+def psnr_mean(clean, out) -> float:
+    from denoiser.metrics import psnr
+
+    return float(psnr(clean, out).mean())
+
+
+def ssim_mean(clean, out, n=2000) -> float:
+    from denoiser.metrics import ssim
+
+    return float(ssim(clean[:n], out[:n]).mean())
+
+
+def predict(model, x: np.ndarray, batch: int = 500) -> np.ndarray:
+    return model.predict(x.astype("float32"), batch_size=batch, verbose=0).astype("float64")
+
+
+class Timer:
+    """Training seconds only: evaluation pauses the clock."""
+
+    def __init__(self):
+        self.total = 0.0
+        self._t = None
+
+    def start(self):
+        self._t = time.perf_counter()
+
+    def stop(self):
+        if self._t is not None:
+            self.total += time.perf_counter() - self._t
+            self._t = None
+
+
+def train_reference(x_train_u8, epochs: int, probe, log) -> tuple[object, dict]:
+    """The blog post's recipe, exactly: float64 arrays, one noise draw, BCE, batch 64."""
+    import keras
+
+    from denoiser.models import build_model
+
+    x = x_train_u8.astype("float64") / 255.0
+    noisy = np.clip(x + 0.5 * np.random.normal(size=x.shape), 0, 1)
+    keras.utils.set_random_seed(0)
+    model = build_model("seed")
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    timer, curve = Timer(), []
+    for epoch in range(epochs):
+        timer.start()
+        hist = model.fit(noisy, x, epochs=1, batch_size=64, shuffle=True, validation_split=0.1, verbose=0)
+        timer.stop()
+        p = probe(model)
+        curve.append((timer.total, p))
+        log(f"  reference epoch {epoch + 1}/{epochs}: {timer.total:.0f} s, val_loss "
+            f"{hist.history['val_loss'][-1]:.4f}, PSNR(2000) {p:.2f}")
+    return model, {"seconds": timer.total, "epochs": epochs, "curve": curve}
+
+
+def train_default(x_train_u8, level, epochs: int, probe, log, arch: str, batch: int = 128,
+                  lr: float = 2e-3, target: float | None = None, label: str = "") -> tuple[object, dict]:
+    """This project's recipe: fresh noise every batch, MSE, Adam with cosine decay."""
+    import keras
+    import tensorflow as tf
+
+    from denoiser.models import build_model
+
+    n = len(x_train_u8) - len(x_train_u8) // 10  # the same 90% the reference trains on
+    keras.utils.set_random_seed(0)
+    model = build_model(arch)
+    steps = n // batch
+    schedule = keras.optimizers.schedules.CosineDecay(lr, epochs * steps, alpha=0.01)
+    model.compile(keras.optimizers.Adam(schedule), loss="mse")
+    lo, hi = (level, level) if not isinstance(level, tuple) else level
+
+    def corrupt(clean):
+        clean = tf.cast(clean, tf.float32) / 255.0
+        f = tf.random.uniform((tf.shape(clean)[0], 1, 1, 1), lo, hi)
+        return tf.clip_by_value(clean + f * tf.random.normal(tf.shape(clean)), 0.0, 1.0), clean
+
+    ds = (tf.data.Dataset.from_tensor_slices(x_train_u8[:n]).shuffle(n, seed=0)
+          .batch(batch, drop_remainder=True).map(corrupt, num_parallel_calls=tf.data.AUTOTUNE)
+          .prefetch(2).repeat())
+    timer, curve, state = Timer(), [], {"reached": None}
+    half = max(steps // 2, 1)
+
+    class Probe(keras.callbacks.Callback):
+        """Every half epoch: pause the clock, measure PSNR, resume."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            timer.start()
+
+        def on_epoch_end(self, epoch, logs=None):
+            timer.stop()
+            p = probe(self.model)
+            curve.append((timer.total, p))
+            if target is not None and state["reached"] is None and p >= target:
+                state["reached"] = timer.total
+            log(f"  {label} epoch {(epoch + 1) / 2:.1f}/{epochs}: {timer.total:.0f} s, PSNR(2000) {p:.2f}")
+
+    model.fit(ds, steps_per_epoch=half, epochs=epochs * 2, verbose=0, callbacks=[Probe()])
+    reached = state["reached"]
+    return model, {"seconds": timer.total, "epochs": epochs, "curve": curve, "reached_target_s": reached}
+
+
+def draw_plot(rows: list[dict], path: Path) -> None:
+    """PSNR against noise level, one line per method (Pillow: no matplotlib dependency)."""
+    from PIL import Image, ImageDraw
+
+    w, h, m = 640, 420, 60
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    values = [r[f"psnr@{f}"] for r in rows for f in LEVELS]
+    lo, hi = np.floor(min(values)) - 1, np.ceil(max(values)) + 1
+    x_of = {f: m + i * (w - 2 * m) / (len(LEVELS) - 1) for i, f in enumerate(LEVELS)}
+
+    def y_of(v):
+        return h - m - (v - lo) / (hi - lo) * (h - 2 * m)
+
+    d.line([(m, h - m), (w - m, h - m)], fill="black")
+    d.line([(m, m), (m, h - m)], fill="black")
+    for f in LEVELS:
+        d.text((x_of[f] - 8, h - m + 8), f"{f}", fill="black")
+    for v in range(int(lo), int(hi) + 1, 2):
+        d.text((10, y_of(v) - 6), f"{v} dB", fill="black")
+        d.line([(m - 4, y_of(v)), (m, y_of(v))], fill="black")
+    d.text((w // 2 - 60, h - 25), "noise factor f", fill="black")
+    colours = ["#999999", "#8c564b", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"]
+    for i, r in enumerate(rows):
+        pts = [(x_of[f], y_of(r[f"psnr@{f}"])) for f in LEVELS]
+        c = colours[i % len(colours)]
+        d.line(pts, fill=c, width=3)
+        for x, y in pts:
+            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=c)
+        d.text((w - m - 170, m + 14 * i), r["method"][:28], fill=c)
+    img.save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small subsets and 1-2 epochs (smoke run)")
+    parser.add_argument("--reference-epochs", type=int, default=35)
+    parser.add_argument("--epochs", type=int, default=12, help="epochs for each model of the default recipe")
+    parser.add_argument("--architecture", default="unet")
+    parser.add_argument("--skip-levels", action="store_true", help="skip the single-level 0.3 / 0.7 models")
+    parser.add_argument("--mirror", type=Path, default=Path(os.environ.get("DENOISE_DATA_SOURCE", DEFAULT_MIRROR)))
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from scipy.ndimage import median_filter
+
+    from denoiser.models import build_model
+    from denoiser.plots import grid_png
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    train, x_test = load_mnist(args.mirror)
+    if args.quick:
+        train, x_test = train[:6000], x_test[:1000]
+        args.reference_epochs, args.epochs = min(args.reference_epochs, 2), min(args.epochs, 2)
+    draws = test_draws(x_test)
+    probe_n = min(2000, len(x_test))
+
+    def log(msg):
+        print(msg, flush=True)
+
+    def probe(model):
+        return psnr_mean(x_test[:probe_n], predict(model, draws[0.5][:probe_n]))
+
+    def evaluate(name, params, epochs, seconds, fn):
+        row = {"method": name, "params": params, "epochs": epochs, "train_s": seconds}
+        for f in LEVELS:
+            out = fn(draws[f])
+            row[f"psnr@{f}"] = psnr_mean(x_test, out)
+            row[f"ssim@{f}"] = ssim_mean(x_test, out)
+        log(f"{name}: " + ", ".join(f"{f}: {row[f'psnr@{f}']:.2f} dB / {row[f'ssim@{f}']:.3f}" for f in LEVELS))
+        return row
+
+    rows, samples = [], {}
+    rows.append(evaluate("noisy input", 0, 0, 0, lambda x: x))
+    rows.append(evaluate("3x3 median filter", 0, 0, 0, lambda x: median_filter(x, size=(1, 3, 3, 1))))
+
+    log(f"training the reference ({args.reference_epochs} epochs)")
+    ref, ref_info = train_reference(train, args.reference_epochs, probe, log)
+    rows.append(evaluate("reference (seed, BCE)", ref.count_params(), args.reference_epochs,
+                         ref_info["seconds"], lambda x: predict(ref, x)))
+    samples["reference"] = predict(ref, draws[0.5][:8])
+    ref_final = rows[-1]["psnr@0.5"]
+    ref_probe_final = ref_info["curve"][-1][1]
+
+    log(f"training {args.architecture} at f=0.5 ({args.epochs} epochs)")
+    model, info = train_default(train, 0.5, args.epochs, probe, log, args.architecture, target=ref_probe_final,
+                                label=f"{args.architecture}@0.5")
+    rows.append(evaluate(f"{args.architecture} @ 0.5 (MSE)", model.count_params(), args.epochs, info["seconds"],
+                         lambda x: predict(model, x)))
+    samples["default"] = predict(model, draws[0.5][:8])
+    default_row = rows[-1]
+
+    log(f"training blind {args.architecture} over f in [0.1, 0.7]")
+    blind, blind_info = train_default(train, (0.1, 0.7), args.epochs, probe, log, args.architecture,
+                                      label="blind")
+    rows.append(evaluate(f"{args.architecture} blind 0.1-0.7", blind.count_params(), args.epochs,
+                         blind_info["seconds"], lambda x: predict(blind, x)))
+    blind_row = rows[-1]
+    single = {0.5: default_row}
+    if not args.skip_levels:
+        for f in (0.3, 0.7):
+            log(f"training {args.architecture} at f={f}")
+            m, i = train_default(train, f, args.epochs, lambda mm, f=f: psnr_mean(
+                x_test[:probe_n], predict(mm, draws[f][:probe_n])), log, args.architecture, label=f"@{f}")
+            rows.append(evaluate(f"{args.architecture} @ {f} (MSE)", m.count_params(), args.epochs, i["seconds"],
+                                 lambda x, m=m: predict(m, x)))
+            single[f] = rows[-1]
+
+    # other noise kinds through the blind model
+    from denoiser.noise import add_noise
+
+    kinds = []
+    for kind, level in (("salt_and_pepper", 0.2), ("speckle", 0.5), ("poisson", 0.1)):
+        noisy = add_noise(x_test, kind, level, np.random.default_rng(12345)).astype("float64")
+        kinds.append({"kind": f"{kind} {level}", "noisy": psnr_mean(x_test, noisy),
+                      "median": psnr_mean(x_test, median_filter(noisy, size=(1, 3, 3, 1))),
+                      "blind": psnr_mean(x_test, predict(blind, noisy))})
+
+    # report
+    cols = ["method", "params", "epochs", "train_s"] + [f"{k}@{f}" for f in LEVELS for k in ("psnr", "ssim")]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [r["method"], f"{r['params']:,}", str(r["epochs"]), f"{r['train_s']:.0f}"]
+        cells += [f"{r[f'{k}@{f}']:.2f}" if k == "psnr" else f"{r[f'{k}@{f}']:.3f}" for f in LEVELS
+                  for k in ("psnr", "ssim")]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    gain = default_row["psnr@0.5"] - ref_final
+    ssim_gain = default_row["ssim@0.5"] - rows[2]["ssim@0.5"]
+    reached = info["reached_target_s"]
+    facts = [
+        f"PSNR gain over the reference at f=0.5: {gain:+.2f} dB (goal +2.0); SSIM gain {ssim_gain:+.3f} (goal +0.05)",
+        f"parameters: {default_row['params']:,} vs the reference's {rows[2]['params']:,}",
+        f"time to the reference's final PSNR ({ref_probe_final:.2f} dB on 2,000 test images): "
+        + (f"{reached:.0f} s vs the reference's {ref_info['seconds']:.0f} s = "
+           f"1/{ref_info['seconds'] / reached:.1f} (goal 1/8)" if reached else "not reached"),
+    ]
+    for f, r in single.items():
+        facts.append(f"blind vs single-level model at f={f}: {blind_row[f'psnr@{f}'] - r[f'psnr@{f}']:+.2f} dB "
+                     "(goal within 0.3 dB)")
+    kinds_table = "\n".join(["| noise | noisy | median 3x3 | blind model |", "|---|---|---|---|"] + [
+        f"| {k['kind']} | {k['noisy']:.2f} | {k['median']:.2f} | {k['blind']:.2f} |" for k in kinds])
+    report = (f"# Denoising quality\n\n`python bench/quality.py{' --quick' if args.quick else ''}` "
+              f"({len(train):,} training images incl. validation, {len(x_test):,} test images)\n\n{table}\n\n"
+              + "\n".join(f"- {f}" for f in facts) + f"\n\nOther noise kinds (PSNR, dB):\n\n{kinds_table}\n")
+    print("\n" + report)
+    (args.out / "quality.md").write_text(report)
+    (args.out / "quality.json").write_text(json.dumps({"rows": rows, "facts": facts, "kinds": kinds,
+                                                       "reference_curve": ref_info["curve"],
+                                                       "default_curve": info["curve"]}, indent=2))
+    draw_plot(rows, args.out / "quality_psnr.png")
+    (args.out / "quality_examples.png").write_bytes(grid_png(
+        [x_test[:8], draws[0.5][:8], samples["reference"], samples["default"]], scale=3))
+    del build_model
+
+
+if __name__ == "__main__":
+    main()
