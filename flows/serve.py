@@ -1,0 +1,64 @@
+"""``denoise serve``: both scheduled deployments from one process, for users
+without a work pool. Schedules and parameters come from prefect.yaml so the
+two ways of running cannot drift apart."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+PREFECT_YAML = Path(__file__).resolve().parent.parent / "prefect.yaml"
+
+
+def deployment_specs(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
+    import yaml
+
+    return yaml.safe_load(path.read_text())["deployments"]
+
+
+def _schedules(spec: dict) -> list:
+    from prefect.schedules import Cron, Interval
+
+    out = []
+    for s in spec.get("schedules") or []:
+        if not s.get("active", True):
+            continue
+        if "cron" in s:
+            out.append(Cron(s["cron"], timezone=s.get("timezone")))
+        elif "interval" in s:
+            out.append(Interval(s["interval"]))
+    return out
+
+
+def build_deployments(path: Path = PREFECT_YAML) -> list:
+    from flows.denoising import denoise_folder
+    from flows.training import train_pipeline
+
+    flows = {"flows/training.py:train_pipeline": train_pipeline,
+             "flows/denoising.py:denoise_folder": denoise_folder}
+    deployments = []
+    for spec in deployment_specs(path):
+        flow = flows[spec["entrypoint"]]
+        deployments.append(flow.to_deployment(
+            name=spec["name"], schedules=_schedules(spec), parameters=spec.get("parameters") or {},
+            description=spec.get("description"), tags=spec.get("tags"),
+            concurrency_limit=spec.get("concurrency_limit"),
+            enforce_parameter_schema=spec.get("enforce_parameter_schema", True),
+        ))
+    return deployments
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=int, default=1,
+                        help="flow runs at a time in this process (default 1)")
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    from prefect import serve
+
+    deployments = build_deployments()
+    names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
+    print(f"serving {names}; Ctrl-C to stop")
+    serve(*deployments, limit=args.limit)
+    return 0
