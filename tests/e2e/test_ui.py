@@ -192,17 +192,26 @@ def test_deployments_run_and_the_ui_shows_their_artifacts(server, mnist_mirror, 
                 page.get_by_text(key).first.wait_for(timeout=30_000)
             page.screenshot(path=str(SCREENSHOTS / "artifacts.png"), full_page=True)
 
-            page.goto(f"{ui}/artifacts/key/evaluation-metrics", wait_until="networkidle")
+            def open_artifact(key: str) -> None:
+                page.goto(f"{ui}/artifacts", wait_until="networkidle")
+                page.get_by_text(key, exact=True).first.click()  # the key's history...
+                page.wait_for_load_state("networkidle")
+                page.locator("a[href*='/artifacts/artifact/']").first.click()  # ...its latest version
+                page.wait_for_load_state("networkidle")
+                page.wait_for_timeout(1000)
+                page.screenshot(path=str(SCREENSHOTS / f"{key}.png"), full_page=True)
+
+            open_artifact("evaluation-metrics")
             page.get_by_text("psnr_denoised").first.wait_for(timeout=30_000)
             page.screenshot(path=str(SCREENSHOTS / "evaluation-metrics.png"), full_page=True)
 
-            page.goto(f"{ui}/artifacts/key/evaluation-report", wait_until="networkidle")
+            open_artifact("evaluation-report")
             grid = page.locator("img[src^='data:image/png;base64,']").first
             grid.wait_for(timeout=30_000)
             assert grid.evaluate("img => img.naturalWidth") > 100  # the grid decoded and rendered
             page.screenshot(path=str(SCREENSHOTS / "evaluation-report.png"), full_page=True)
 
-            page.goto(f"{ui}/artifacts/key/denoise-report", wait_until="networkidle")
+            open_artifact("denoise-report")
             page.get_by_text("broken.png").first.wait_for(timeout=30_000)
             page.get_by_text("not an image Pillow can read").first.wait_for(timeout=30_000)
             page.screenshot(path=str(SCREENSHOTS / "denoise-report.png"), full_page=True)
