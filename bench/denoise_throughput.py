@@ -1,0 +1,155 @@
+"""Folder denoising throughput and memory, against bare model inference.
+
+Makes a folder of 10,000 noisy 28x28 PNGs from the MNIST test set (noise 0.5)
+and a few 2048x2048 images, then in one run measures:
+
+(a) end to end: ``denoiser.folder.denoise_tree`` (what the ``denoise-folder``
+    flow's task runs: read, tile, batch across files, infer, blend, encode,
+    write) over the small images, and over the large ones in a subprocess for
+    its peak memory;
+(b) bare inference: the same model's ``predict`` on the same small images
+    already in memory as one float32 array.
+
+Prints images per second of each and their ratio (target >= 0.7),
+megapixels per second on the large images and their peak RSS (target < 2 GB).
+
+    python bench/denoise_throughput.py [--model PATH] [--quick]
+
+Without ``--model`` it uses an untrained default ``unet`` (inference speed does
+not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DEFAULT_MIRROR = REPO.parent / "shared" / "datasets" / "mnist"
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load(model_path: Path):
+    from denoiser.inference import tile_spec_for_model
+    from denoiser.models import load_model
+
+    model = load_model(model_path)
+    arch = None
+    card = model_path.parent / "model.json"
+    if card.is_file():
+        arch = json.loads(card.read_text()).get("architecture")
+    return model, tile_spec_for_model(model, arch)
+
+
+def run_tree(src: Path, dst: Path, model_path: Path) -> dict:
+    from denoiser.folder import BatchPredictor, count, denoise_tree
+
+    model, spec = load(model_path)
+    predict = BatchPredictor(model)
+    start = time.perf_counter()
+    results = denoise_tree(src, dst, predict, spec, overwrite=True)
+    seconds = time.perf_counter() - start
+    pixels = sum((r.width or 0) * (r.height or 0) for r in results if r.status == "denoised")
+    return {"seconds": seconds, "counts": count(results), "megapixels": pixels / 1e6, "peak_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help=".keras file (default: an untrained unet)")
+    parser.add_argument("--small", type=int, default=10_000)
+    parser.add_argument("--large", type=int, default=3, help="number of 2048x2048 images")
+    parser.add_argument("--quick", action="store_true", help="1,000 small images, one large")
+    parser.add_argument("--mirror", type=Path, default=Path(os.environ.get("DENOISE_DATA_SOURCE", DEFAULT_MIRROR)))
+    parser.add_argument("--child", nargs=3, metavar=("SRC", "DST", "MODEL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.child:
+        print(json.dumps(run_tree(*(Path(a) for a in args.child))))
+        return
+
+    from PIL import Image
+
+    from denoiser.datasets import read_idx
+    from denoiser.models import build_model
+
+    if args.quick:
+        args.small, args.large = 1_000, 1
+    work = Path(tempfile.mkdtemp(prefix="denoise-bench-"))
+    try:
+        model_path = args.model
+        if model_path is None:
+            model_path = work / "model" / "model.keras"
+            model_path.parent.mkdir()
+            build_model("unet").save(model_path)
+            (model_path.parent / "model.json").write_text(json.dumps({"architecture": "unet"}))
+
+        x = read_idx(args.mirror / "t10k-images-idx3-ubyte.gz")[: args.small].astype("float64") / 255.0
+        noisy = np.clip(x + 0.5 * np.random.default_rng(12345).normal(size=x.shape), 0, 1)
+        noisy_u8 = np.rint(noisy * 255).astype(np.uint8)
+        small = work / "small"
+        for i in range(len(noisy_u8)):
+            sub = small / f"{i // 1000:02d}"
+            sub.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(noisy_u8[i]).save(sub / f"{i:05d}.png")
+        large = work / "large"
+        large.mkdir()
+        rng = np.random.default_rng(1)
+        for i in range(args.large):
+            base = np.kron(x[i % len(x)], np.ones((74, 74)))[:2048, :2048]
+            base = np.pad(base, ((0, 2048 - base.shape[0]), (0, 2048 - base.shape[1])))
+            img = np.clip(base + 0.3 * rng.normal(size=base.shape), 0, 1)
+            Image.fromarray(np.rint(img * 255).astype(np.uint8)).save(large / f"big{i}.png")
+
+        # (b) bare inference on the same images in memory
+        model, spec = load(model_path)
+        arr = (noisy_u8.astype(np.float32) / 255.0)[..., None]
+        model.predict(arr[:256], batch_size=256, verbose=0)  # trace once
+        start = time.perf_counter()
+        model.predict(arr, batch_size=256, verbose=0)
+        bare_s = time.perf_counter() - start
+
+        # (a) end to end, each in its own process (peak memory per workload)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        figures = {}
+        for name, src in (("small", small), ("large", large)):
+            proc = subprocess.run([sys.executable, __file__, "--child", str(src), str(work / f"out-{name}"),
+                                   str(model_path)], capture_output=True, text=True, env=env, check=False)
+            if proc.returncode:
+                sys.exit(f"{name} run failed:\n{proc.stderr[-3000:]}")
+            figures[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+        s, lg = figures["small"], figures["large"]
+        n = s["counts"]["denoised"]
+        e2e = n / s["seconds"]
+        bare = len(arr) / bare_s
+        print(f"model {model_path} ({model.count_params():,} parameters), {os.cpu_count()} CPU cores")
+        print(f"{'workload':<34} {'images/s':>9} {'seconds':>8}")
+        print(f"{'bare model.predict, in memory':<34} {bare:>9.0f} {bare_s:>8.1f}")
+        print(f"{'denoise folder, end to end':<34} {e2e:>9.0f} {s['seconds']:>8.1f}   ({n:,} PNGs read and written)")
+        print(f"ratio end-to-end / bare: {e2e / bare:.2f} (target >= 0.7)")
+        print(f"large images: {lg['counts']['denoised']} x 2048x2048 in {lg['seconds']:.1f} s = "
+              f"{lg['megapixels'] / lg['seconds']:.2f} megapixels/s, peak RSS {lg['peak_mb']:.0f} MB (target < 2048 MB)")
+        print(f"small images peak RSS {s['peak_mb']:.0f} MB")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
