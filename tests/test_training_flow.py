@@ -113,3 +113,16 @@ def test_flow_downloads_over_http_trains_and_reuses_cache(prefect_harness, http_
     assert states["download_dataset"] == "Cached"
     assert states["write_noisy_shards"] == "Cached"
     assert second.result()["shards"] == result["shards"]
+
+    # The shards were deleted: the cached result would point at nothing, so they are rebuilt.
+    import shutil
+
+    shutil.rmtree(result["shards"])
+    third = train_pipeline(**_params(http_mirror, tmp_path), return_state=True)
+    assert third.is_completed(), third.message
+    states = asyncio.run(_task_states(third.state_details.flow_run_id))
+    assert states["download_dataset"] == "Cached"
+    assert states["write_noisy_shards"] == "Completed"
+    assert (Path(result["shards"]) / "manifest.json").is_file()
+    registry = third.result()["registry"]
+    assert registry["status"] in ("production", "candidate") and registry["reason"]
