@@ -338,6 +338,9 @@ def fetch_dataset(name: str, source: str | None, cache_dir: str | os.PathLike) -
         for role in missing:
             logger.info("fetching %s from %s", spec.files[role].filename, resolved)
             files[role] = {**_fetch_one(resolved, spec.files[role], cache, sums), "status": "fetched"}
+            # recorded at once: a retry after a later failure does not fetch this file again
+            _write_json(manifest_path, {"dataset": name, "complete": False, "files": {
+                r: {k: v for k, v in f.items() if k != "status"} for r, f in files.items()}})
 
     counts = {split: (files[f"{split}_images"]["shape"][0], files[f"{split}_labels"]["shape"][0])
               for split in ("train", "test")}
@@ -349,7 +352,7 @@ def fetch_dataset(name: str, source: str | None, cache_dir: str | os.PathLike) -
     manifest = {"dataset": name, "dir": str(cache), "image_shape": list(spec.image_shape),
                 "classes": list(spec.classes), "files": files}
     if missing:
-        _write_json(manifest_path, {**manifest, "files": {
+        _write_json(manifest_path, {**manifest, "complete": True, "files": {
             r: {k: v for k, v in f.items() if k != "status"} for r, f in files.items()}})
     return manifest
 

@@ -84,12 +84,48 @@ def select_device(mixed_precision: str = "auto") -> DeviceInfo:
     return info
 
 
+def _shuffled_batches(shards_dir, split: str, batch_size: int, buffer_rows: int, seed: int | None,
+                      read_rows: int = 2048):
+    """Whole batches from a block shuffle: rows are mixed within a buffer of
+    ``buffer_rows`` (and shard files are visited in a seeded order). Shuffling
+    and batching in numpy costs one Python step per batch, not per image, so
+    the reader keeps up with the model on two cores."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed) if seed is not None else None
+    noisy_parts, clean_parts, held = [], [], 0
+
+    def drain(final: bool):
+        noisy = np.concatenate(noisy_parts) if len(noisy_parts) > 1 else noisy_parts[0]
+        clean = np.concatenate(clean_parts) if len(clean_parts) > 1 else clean_parts[0]
+        if rng is not None:
+            order = rng.permutation(len(noisy))
+            noisy, clean = noisy[order], clean[order]
+        cut = len(noisy) if final else (len(noisy) // batch_size) * batch_size
+        for i in range(0, cut, batch_size):
+            yield noisy[i:i + batch_size], clean[i:i + batch_size]
+        noisy_parts[:] = [noisy[cut:]] if cut < len(noisy) else []
+        clean_parts[:] = [clean[cut:]] if cut < len(clean) else []
+
+    order_seed = None if rng is None else int(rng.integers(2**31))
+    for batch in iter_batches(shards_dir, split, batch_rows=read_rows, file_order_seed=order_seed):
+        noisy_parts.append(batch["noisy"])
+        clean_parts.append(batch["clean"])
+        held += len(batch["noisy"])
+        if held >= buffer_rows:
+            yield from drain(final=False)
+            held = sum(len(p) for p in noisy_parts)
+    if held:
+        yield from drain(final=True)
+
+
 def make_dataset(shards_dir: str | os.PathLike, split: str, batch_size: int, shuffle_buffer: int = 10_000,
-                 seed: int = 0, training: bool = True, read_rows: int = 2048):
-    """(noisy, clean) float32 batches streamed a record batch at a time.
+                 seed: int = 0, training: bool = True):
+    """(noisy, clean) float32 batches streamed from the shards.
 
     Memory is bounded by the shuffle buffer and a few record batches whatever
-    the number of shards; uint8 -> float32 happens inside the graph.
+    the number of shards; uint8 -> float32 happens inside the graph. A new
+    shuffle order every epoch, reproducible from the seed.
     """
     import tensorflow as tf
 
@@ -99,17 +135,13 @@ def make_dataset(shards_dir: str | os.PathLike, split: str, batch_size: int, shu
     epoch = {"n": 0}
 
     def generate():
-        order_seed = seed + epoch["n"] if training else None
+        epoch_seed = seed * 100_003 + epoch["n"] if training else None
         epoch["n"] += 1
-        for batch in iter_batches(shards_dir, split, batch_rows=read_rows, file_order_seed=order_seed):
-            yield batch["noisy"], batch["clean"]
+        yield from _shuffled_batches(shards_dir, split, batch_size, shuffle_buffer if training else batch_size,
+                                     epoch_seed)
 
     spec = tf.TensorSpec(shape=(None, *shape), dtype=tf.uint8)
     ds = tf.data.Dataset.from_generator(generate, output_signature=(spec, spec))
-    ds = ds.unbatch()
-    if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
 
     def to_float(noisy, clean):
         return tf.cast(noisy, tf.float32) / 255.0, tf.cast(clean, tf.float32) / 255.0

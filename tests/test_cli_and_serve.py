@@ -1,0 +1,108 @@
+"""The command line's error handling, `denoise serve`'s deployments, and the
+download task's retry policy against a flaky server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+
+import pytest
+import yaml
+
+from flows.cli import main
+from flows.serve import PREFECT_YAML, build_deployments
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--noise-level", "-1"], "level"),
+    (["train", "--epochs", "0"], "epochs"),
+    (["train", "--architecture", "resnet-9000"], "unknown architecture"),
+    (["train", "--noise-kind", "pink"], "kind"),
+    (["train", "--noise-level", "a,b"], "not a number"),
+])
+def test_train_rejects_bad_options_with_one_line(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) if "a,b" in argv else _no_raise():
+        code = main(["--store", str(tmp_path), *argv])
+        assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "downloads").exists()
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_serve_builds_the_deployments_of_prefect_yaml():
+    specs = {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
+    deployments = {d.name: d for d in build_deployments()}
+    assert set(deployments) == set(specs) == {"nightly", "inbox"}
+    nightly, inbox = deployments["nightly"], deployments["inbox"]
+    assert nightly.flow_name == "train-denoiser" and inbox.flow_name == "denoise-folder"
+    assert nightly.schedules[0].schedule.cron == "0 3 * * *"
+    assert nightly.schedules[0].schedule.timezone == "UTC"
+    assert inbox.schedules[0].schedule.interval.total_seconds() == 900
+    assert nightly.concurrency_limit == 1 and nightly.enforce_parameter_schema
+    assert inbox.parameters == specs["inbox"]["parameters"]
+    # the parameter schema the UI and API enforce comes from the pydantic configs
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.training import train_pipeline
+
+    schema = parameter_schema(train_pipeline).model_dump()
+    assert {"data", "noise", "training", "evaluation", "store"} <= set(schema["properties"])
+    assert schema["definitions"]["TrainConfig"]["properties"]["epochs"]["minimum"] == 1
+
+
+@pytest.fixture()
+def flaky_mirror(mnist_mirror):
+    """Serves the MNIST mirror; the first request for a .gz answers 503."""
+    seen: dict[str, int] = {}
+    failed: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen[self.path] = seen.get(self.path, 0) + 1
+            if self.path.endswith(".gz") and not failed:
+                failed.append(self.path)
+                self.send_error(503, "try again")
+                return
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Handler, directory=str(mnist_mirror)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_task_retries_transient_errors_only(prefect_harness, flaky_mirror, tmp_path):
+    from prefect import flow
+
+    from denoiser.config import DataConfig
+    from tasks.download import download_dataset
+
+    url, seen = flaky_mirror
+    fast = download_dataset.with_options(retry_delay_seconds=0, cache_policy=None, persist_result=False)
+
+    @flow
+    def fetch(source: str, store: str) -> dict:
+        return fast(DataConfig(source=source), store)
+
+    manifest = fetch(url, str(tmp_path / "a"))
+    assert {f["status"] for f in manifest["files"].values()} == {"fetched"}
+    assert seen["/train-images-idx3-ubyte.gz"] == 2  # a 503, then the retry
+
+    seen.clear()
+    with pytest.raises(Exception, match="HTTP 404"):
+        fetch(url + "missing/", str(tmp_path / "b"))
+    assert sum(seen.values()) == 2  # SHA256SUMS + one file: a 404 is not retried
