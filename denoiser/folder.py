@@ -192,23 +192,12 @@ def _save(job: Job, fmt: str) -> FileResult:
     loaded = job.loaded
     img = rebuild_image(loaded, job.blender.result())
     data = encode_image(img, output_format(job.source, loaded.format, fmt))
-    write_atomic_part(job.target, data)
+    write_atomic(job.target, data, PART_SUFFIX)
     w, h = loaded.size
     result = FileResult(display_path(job.rel), "denoised", "", job.bytes, loaded.mode, w, h,
                         round((time.perf_counter() - job.started) * 1000, 1), display_path(str(job.target)))
     job.loaded = job.tiled = job.blender = None  # free the pixels now
     return result
-
-
-def write_atomic_part(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{PART_SUFFIX}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def denoise_tree(input_dir: str | os.PathLike, output_dir: str | os.PathLike, predict: BatchPredictor,

@@ -178,10 +178,10 @@ def encode_image(img, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, suffix: str = ".part") -> None:
     """Temporary name in the same folder, then rename: never a half-written image."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{suffix}")
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)

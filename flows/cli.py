@@ -118,32 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(train)
     train.set_defaults(handler=_run_train)
 
-    try:
-        from flows.denoising import add_folder_arguments, run_folder_command
-    except ImportError:  # pragma: no cover - during development only
-        pass
-    else:
-        folder = sub.add_parser("folder", help="denoise every image in a folder")
-        add_folder_arguments(folder)
-        folder.set_defaults(handler=run_folder_command)
+    from artifacts.registry import add_models_arguments, run_models_command
+    from flows.denoising import add_folder_arguments, run_folder_command
+    from flows.serve import add_serve_arguments, run_serve_command
 
-    try:
-        from artifacts.registry import add_models_arguments, run_models_command
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        models = sub.add_parser("models", help="list model versions; promote one")
-        add_models_arguments(models)
-        models.set_defaults(handler=run_models_command)
-
-    try:
-        from flows.serve import add_serve_arguments, run_serve_command
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        serve = sub.add_parser("serve", help="serve the scheduled deployments from this process")
-        add_serve_arguments(serve)
-        serve.set_defaults(handler=run_serve_command)
+    for name, help_text, add, run in (
+        ("folder", "denoise every image in a folder", add_folder_arguments, run_folder_command),
+        ("models", "list model versions; promote one", add_models_arguments, run_models_command),
+        ("serve", "serve the scheduled deployments from this process", add_serve_arguments, run_serve_command),
+    ):
+        command = sub.add_parser(name, help=help_text)
+        add(command)
+        command.set_defaults(handler=run)
     return parser
 
 
