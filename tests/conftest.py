@@ -10,7 +10,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", tempfile.mkdtemp(prefix="denoise-results-"))
 
-import prefect  # noqa: E402, F401 - configure Prefect's logging on the real stderr, before any capsys
+import prefect.main  # noqa: E402, F401 - sets up Prefect logging now, on the real stderr, not a capsys one
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
