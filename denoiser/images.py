@@ -74,7 +74,8 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Loaded
                 raise ImageError(f"{w}x{h} image is over the decompression-bomb limit of {limit:,} pixels")
             img.seek(0)  # GIF and multi-page TIFF: the first frame
             img.load()
-            img = ImageOps.exif_transpose(img) or img
+            if img.getexif().get(0x0112, 1) != 1:  # only images that carry a rotation
+                img = ImageOps.exif_transpose(img) or img
             return _to_planes(img, fmt)
     except ImageError:
         raise
@@ -180,7 +181,8 @@ def encode_image(img, fmt: str) -> bytes:
 
 def write_atomic(path: Path, data: bytes, suffix: str = ".part") -> None:
     """Temporary name in the same folder, then rename: never a half-written image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{suffix}")
     try:
         tmp.write_bytes(data)
