@@ -280,3 +280,51 @@ def test_cli_usage_errors_fail_fast_with_one_line(tmp_path, capsys):
     assert main(["--store", str(tmp_path / "empty-store"), "folder", str(good), str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "run `denoise train` first" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unreadable_file_is_reported_and_the_batch_goes_on():
+    """Tests run as root, who can read anything: the denoising runs in a thread
+    whose file-system uid is `nobody` (Linux setfsuid is per thread, and the
+    reader threads it starts inherit it), so permissions apply for real."""
+    import ctypes
+    import stat
+    import tempfile
+    import threading
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    base = Path(tempfile.mkdtemp(prefix="denoise-perm-"))
+    try:
+        base.chmod(0o755)
+        src, dst = base / "in", base / "out"
+        src.mkdir(mode=0o755)
+        dst.mkdir(mode=0o777)
+        dst.chmod(0o777)
+        for name in ("a.png", "secret.png"):
+            Image.fromarray(noisy_gray(28, 28)).save(src / name)
+            (src / name).chmod(0o644)
+        (src / "secret.png").chmod(0o000)
+        model = identity_model()
+        outcome: dict = {}
+
+        def as_nobody():
+            libc.setfsuid(65534)
+            try:
+                outcome["results"] = run(src, dst, model)
+            except BaseException as exc:  # noqa: BLE001 - reported to the test below
+                outcome["error"] = exc
+            finally:
+                libc.setfsuid(0)
+
+        thread = threading.Thread(target=as_nobody)
+        thread.start()
+        thread.join()
+        assert "error" not in outcome, outcome.get("error")
+        got = {r.path: (r.status, r.error) for r in outcome["results"]}
+        assert got["a.png"] == ("denoised", "")
+        assert got["secret.png"] == ("failed", "permission denied")
+        assert stat.S_IMODE((src / "secret.png").stat().st_mode) == 0
+    finally:
+        (base / "in" / "secret.png").chmod(0o644)
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
