@@ -134,14 +134,17 @@ def make_dataset(shards_dir: str | os.PathLike, split: str, batch_size: int, shu
     rows = split_rows(shards_dir, split)
     epoch = {"n": 0}
 
+    # Python hands over blocks of whole batches; tf.data cuts them into batches in C++
+    block = batch_size * max(1, 4096 // batch_size)
+
     def generate():
         epoch_seed = seed * 100_003 + epoch["n"] if training else None
         epoch["n"] += 1
-        yield from _shuffled_batches(shards_dir, split, batch_size, shuffle_buffer if training else batch_size,
+        yield from _shuffled_batches(shards_dir, split, block, max(shuffle_buffer, block) if training else block,
                                      epoch_seed)
 
     spec = tf.TensorSpec(shape=(None, *shape), dtype=tf.uint8)
-    ds = tf.data.Dataset.from_generator(generate, output_signature=(spec, spec))
+    ds = tf.data.Dataset.from_generator(generate, output_signature=(spec, spec)).rebatch(batch_size)
 
     def to_float(noisy, clean):
         return tf.cast(noisy, tf.float32) / 255.0, tf.cast(clean, tf.float32) / 255.0
