@@ -4,32 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def pad_to_multiple(images: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Reflect-pad (N, H, W, C) so H and W are multiples of ``multiple``."""
-    h, w = images.shape[1:3]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
-        return images, (h, w)
-    mode = "reflect" if h > ph and w > pw else "edge"
-    return np.pad(images, ((0, 0), (0, ph), (0, pw), (0, 0)), mode=mode), (h, w)
+from denoiser.folder import BatchPredictor
+from denoiser.tiling import pad_bottom_right
 
 
 def predict_array(model, images: np.ndarray, batch_size: int = 256, size_multiple: int = 1) -> np.ndarray:
     """float32 [0, 1] images (N, H, W, C) through the model, batch by batch.
 
-    ``model(x, training=False)`` on fixed-size batches avoids ``predict``'s
-    per-call overhead and its retracing on a short last batch.
+    H and W are padded to multiples of ``size_multiple`` as ``denoiser.tiling``
+    pads a whole image, and the batches are run by the folder flow's
+    ``BatchPredictor`` (fixed-size batches, so one trace per image size).
     """
-    x, (h, w) = pad_to_multiple(np.asarray(images, dtype=np.float32), max(size_multiple, 1))
-    out = np.empty_like(x)
-    for start in range(0, len(x), batch_size):
-        chunk = x[start:start + batch_size]
-        n = len(chunk)
-        if n < batch_size and len(x) > batch_size:
-            chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)])
-        out[start:start + n] = np.asarray(model(chunk, training=False))[:n]
-    return out[:, :h, :w]
+    x = np.asarray(images, dtype=np.float32)
+    h, w = x.shape[1:3]
+    m = max(size_multiple, 1)
+    x = pad_bottom_right(x, (-h) % m, (-w) % m, axis=1)
+    return BatchPredictor(model, batch_size)(x)[:, :h, :w]
 
 
 def tile_spec_for_model(model, architecture: str | None = None):

@@ -54,12 +54,18 @@ def starts(length: int, tile: int, overlap: int) -> list[int]:
     return out
 
 
-def _pad(plane: np.ndarray, ph: int, pw: int) -> np.ndarray:
+def pad_bottom_right(x: np.ndarray, ph: int, pw: int, axis: int = 0) -> np.ndarray:
+    """``ph`` more rows at the bottom and ``pw`` more columns at the right of
+    the height and width axes ``axis`` and ``axis + 1`` (0 for a plane, 1 for
+    an (N, H, W, C) batch): mirrored where the image is large enough, else
+    its edge repeated."""
     if ph == 0 and pw == 0:
-        return plane
-    h, w = plane.shape
+        return x
+    h, w = x.shape[axis:axis + 2]
     mode = "reflect" if ph < h and pw < w else "symmetric" if ph <= h and pw <= w else "edge"
-    return np.pad(plane, ((0, ph), (0, pw)), mode=mode)
+    widths = [(0, 0)] * x.ndim
+    widths[axis], widths[axis + 1] = (0, ph), (0, pw)
+    return np.pad(x, widths, mode=mode)
 
 
 @dataclass
@@ -82,11 +88,11 @@ def split(plane: np.ndarray, spec: TileSpec) -> TiledImage:
     m = spec.multiple
     if spec.whole_max and h <= spec.whole_max and w <= spec.whole_max:
         ph, pw = (-h) % m, (-w) % m
-        padded = _pad(plane, ph, pw)
+        padded = pad_bottom_right(plane, ph, pw)
         return TiledImage((h, w), padded.shape, padded.shape, [(0, 0)], padded[None])
     th = tw = spec.tile
     ph, pw = max(th - h, 0), max(tw - w, 0)
-    padded = _pad(plane, ph, pw)
+    padded = pad_bottom_right(plane, ph, pw)
     H, W = padded.shape
     positions = [(y, x) for y in starts(H, th, spec.overlap) for x in starts(W, tw, spec.overlap)]
     tiles = np.stack([padded[y:y + th, x:x + tw] for y, x in positions])
