@@ -73,11 +73,11 @@ def evaluate_denoiser(model_dir: str, shards_dir: str, evaluation: EvalConfig) -
         ])
         + f"\n\n{overall['count']:,} test images. {CONVENTION}\n\n"
         "Rows: clean, noisy, denoised.\n\n"
-        + markdown_image(samples, "clean, noisy and denoised test images") + "\n"
     )
-    _write(folder / "report.md", report.replace(markdown_image(samples, "clean, noisy and denoised test images"),
-                                                "![clean, noisy and denoised](samples.png)"))
-    create_markdown_artifact(key="evaluation-report", markdown=report,
+    # report.md links the PNG beside it; the artifact inlines it (the PNG encoded once, here)
+    _write(folder / "report.md", report + "![clean, noisy and denoised](samples.png)\n")
+    create_markdown_artifact(key="evaluation-report",
+                             markdown=report + markdown_image(samples, "clean, noisy and denoised test images") + "\n",
                              description=f"Evaluation report of {card['version']}")
     log = logger.info if passed else logger.warning
     log("%s: PSNR %.2f dB (noisy %.2f dB), SSIM %.3f; quality gate %s", card["version"],
