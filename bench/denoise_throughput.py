@@ -25,25 +25,15 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import REPO, add_mirror_argument, peak_rss_mb, run_child
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-DEFAULT_MIRROR = REPO.parent / "shared" / "datasets" / "mnist"
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def load(model_path: Path):
@@ -77,7 +67,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=10_000)
     parser.add_argument("--large", type=int, default=3, help="number of 2048x2048 images")
     parser.add_argument("--quick", action="store_true", help="1,000 small images, one large")
-    parser.add_argument("--mirror", type=Path, default=Path(os.environ.get("DENOISE_DATA_SOURCE", DEFAULT_MIRROR)))
+    add_mirror_argument(parser)
     parser.add_argument("--child", nargs=3, metavar=("SRC", "DST", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -127,14 +117,8 @@ def main() -> None:
         bare_s = time.perf_counter() - start
 
         # (a) end to end, each in its own process (peak memory per workload)
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        figures = {}
-        for name, src in (("small", small), ("large", large)):
-            proc = subprocess.run([sys.executable, __file__, "--child", str(src), str(work / f"out-{name}"),
-                                   str(model_path)], capture_output=True, text=True, env=env, check=False)
-            if proc.returncode:
-                sys.exit(f"{name} run failed:\n{proc.stderr[-3000:]}")
-            figures[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        figures = {name: run_child(__file__, ["--child", str(src), str(work / f"out-{name}"), str(model_path)], name)
+                   for name, src in (("small", small), ("large", large))}
 
         s, lg = figures["small"], figures["large"]
         n = s["counts"]["denoised"]

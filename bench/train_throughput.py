@@ -20,22 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_MIRROR = REPO.parent / "shared" / "datasets" / "mnist"
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from _common import add_mirror_argument, peak_rss_mb, run_child
 
 
 def _load(mirror: Path, samples: int):
@@ -64,7 +53,7 @@ def run_reference(mirror: Path, samples: int, epochs: int) -> dict:
     start = time.perf_counter()
     model.fit(noisy, x, batch_size=64, epochs=epochs, shuffle=True, verbose=0)
     seconds = time.perf_counter() - start
-    return {"samples": len(x) * epochs, "seconds": seconds, "peak_mb": _peak_rss_mb()}
+    return {"samples": len(x) * epochs, "seconds": seconds, "peak_mb": peak_rss_mb()}
 
 
 def run_pipeline(mirror: Path, samples: int, epochs: int) -> dict:
@@ -91,7 +80,7 @@ def run_pipeline(mirror: Path, samples: int, epochs: int) -> dict:
     start = time.perf_counter()
     model.fit(ds, epochs=epochs, verbose=0)
     seconds = time.perf_counter() - start
-    return {"samples": rows * epochs, "seconds": seconds, "peak_mb": _peak_rss_mb()}
+    return {"samples": rows * epochs, "seconds": seconds, "peak_mb": peak_rss_mb()}
 
 
 def main() -> None:
@@ -99,7 +88,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=54_000, help="training images per epoch")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="6,000 samples")
-    parser.add_argument("--mirror", type=Path, default=Path(os.environ.get("DENOISE_DATA_SOURCE", DEFAULT_MIRROR)))
+    add_mirror_argument(parser)
     parser.add_argument("--child", choices=["reference", "pipeline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     samples = 6_000 if args.quick else args.samples
@@ -109,15 +98,10 @@ def main() -> None:
         print(json.dumps(fn(args.mirror, samples, args.epochs)))
         return
 
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
-    results = {}
-    for way in ("reference", "pipeline"):
-        proc = subprocess.run([sys.executable, __file__, "--child", way, "--samples", str(samples),
-                               "--epochs", str(args.epochs), "--mirror", str(args.mirror)],
-                              capture_output=True, text=True, env=env, check=False)
-        if proc.returncode != 0:
-            sys.exit(f"{way} run failed:\n{proc.stderr[-2000:]}")
-        results[way] = json.loads(proc.stdout.strip().splitlines()[-1])
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    results = {way: run_child(__file__, ["--child", way, "--samples", str(samples), "--epochs", str(args.epochs),
+                                         "--mirror", str(args.mirror)], way, env)
+               for way in ("reference", "pipeline")}
 
     print(f"seed architecture, {samples:,} samples x {args.epochs} epoch(s), batch 64, "
           f"{os.cpu_count()} CPU cores")

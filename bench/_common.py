@@ -1,0 +1,41 @@
+"""What the benchmark scripts share: paths, the data mirror, peak memory and
+running a measurement in a child process of the same script.
+
+The scripts run as ``python bench/<name>.py``, so this folder is on
+``sys.path`` and they import this module as ``_common``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MIRROR = REPO.parent / "shared" / "datasets" / "mnist"
+
+
+def add_mirror_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mirror", type=Path, default=Path(os.environ.get("DENOISE_DATA_SOURCE", DEFAULT_MIRROR)))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_child(script: str, args: list[str], name: str, env: dict[str, str] | None = None) -> dict:
+    """``python script args`` with the repository importable; its last stdout
+    line, as JSON. Exits with the end of its stderr if it fails."""
+    env = {**(os.environ if env is None else env), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, check=False)
+    if proc.returncode:
+        sys.exit(f"{name} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
