@@ -197,10 +197,10 @@ def add_models_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_models_command(args: argparse.Namespace) -> int:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
-
-    import sys
 
     # piped output (scripts, tests) gets whole lines rather than truncated cells
     console = Console() if sys.stdout.isatty() else Console(width=200)
