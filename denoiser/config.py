@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NoiseKind = Literal["gaussian", "salt_and_pepper", "speckle", "poisson"]
+LossName = Literal["auto", "psnr_ssim", "bce", "mse", "l1"]
+LrSchedule = Literal["auto", "constant", "cosine"]
 
 
 class _Config(BaseModel):
@@ -87,8 +89,12 @@ class TrainConfig(_Config):
     epochs: int = Field(35, ge=1, description="Maximum number of epochs.")
     batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
-    loss: Literal["auto", "bce", "mse", "l1"] = Field(
-        "auto", description="auto: the architecture's own recipe (seed: bce)."
+    loss: LossName = Field(
+        "auto", description="auto: the architecture's own recipe (seed: bce, unet: psnr_ssim)."
+    )
+    lr_schedule: LrSchedule = Field(
+        "auto", description="Learning rate over the run. auto: the architecture's own recipe "
+        "(seed: constant, unet: cosine decay over `epochs`)."
     )
     patience: int = Field(5, ge=1, description="Early stopping patience in epochs.")
     shuffle_buffer: int = Field(10_000, ge=1)

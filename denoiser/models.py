@@ -32,10 +32,12 @@ def architecture_recipe(name: str) -> dict[str, Any]:
     return dict(_spec(name).recipe)
 
 
-def build_model(name: str = DEFAULT_ARCHITECTURE, input_shape: tuple | None = None):
+def build_model(name: str = DEFAULT_ARCHITECTURE, input_shape: tuple | None = None, **options):
+    """``options`` go to the architecture's builder (``filters``, ``output``...):
+    the ablations in ``bench/`` vary one design choice at a time this way."""
     spec = _spec(name)
     shape = input_shape or spec.recipe.get("input_shape")
-    return spec.builder(shape)
+    return spec.builder(shape, **options)
 
 
 def count_params(model) -> int:

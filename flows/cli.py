@@ -11,6 +11,9 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import get_args
+
+from denoiser.config import LossName, LrSchedule
 
 QUICK = {"train_limit": 6000, "test_limit": 1000, "epochs": 3}
 
@@ -50,7 +53,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float)
-    p.add_argument("--loss", choices=["auto", "bce", "mse", "l1"])
+    p.add_argument("--loss", choices=get_args(LossName))
+    p.add_argument("--lr-schedule", choices=get_args(LrSchedule))
     p.add_argument("--seed", type=int, default=0, help="seed for noise and training")
     p.add_argument("--min-psnr-gain", type=float, help="quality gate in dB over the noisy input")
 
@@ -64,7 +68,8 @@ def _train_configs(args: argparse.Namespace) -> dict:
     epochs = args.epochs if args.epochs is not None else quick.get("epochs")
     training = {k: v for k, v in {
         "architecture": args.architecture, "epochs": epochs, "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate, "loss": args.loss, "seed": args.seed,
+        "learning_rate": args.learning_rate, "loss": args.loss, "lr_schedule": args.lr_schedule,
+        "seed": args.seed,
     }.items() if v is not None}
     evaluation = {} if args.min_psnr_gain is None else {"min_psnr_gain": args.min_psnr_gain}
     return {

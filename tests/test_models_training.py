@@ -64,6 +64,25 @@ def test_every_architecture_trains_a_step(name):
     assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
 
 
+def test_default_output_is_clipped_so_background_can_be_exactly_black():
+    x = np.random.default_rng(2).random((2, 28, 28, 1)).astype(np.float32)
+    for output, black in (("clip", True), ("sigmoid", False)):
+        model = build_model("unet", output=output)
+        bias = model.get_layer("out_conv").bias
+        bias.assign(np.full(bias.shape, -50.0, np.float32))  # a very dark prediction everywhere
+        out = np.asarray(model(x))
+        assert bool(np.all(out == 0.0)) is black and out.min() >= 0.0
+    with pytest.raises(ValueError, match="clip or sigmoid"):
+        build_model("unet", output="tanh")
+
+
+def test_builder_options_reach_the_architecture():
+    assert architecture_recipe("unet")["loss"] == "psnr_ssim"
+    assert architecture_recipe("unet")["lr_schedule"] == "cosine"
+    wide = build_model("unet", filters=(32, 48, 88), full_convs=2)
+    assert wide.count_params() == 406_865 and wide.get_layer("full1_conv") is not None
+
+
 def test_unknown_architecture_is_a_model_error():
     with pytest.raises(ModelError, match="unknown architecture 'resnet'"):
         build_model("resnet")
@@ -129,6 +148,7 @@ def test_training_resumes_after_an_interruption(tiny_shards, tmp_path):
     card = json.loads((tmp_path / "m1" / "model.json").read_text())
     assert [h["epoch"] for h in card["history"]] == [1, 2, 3]
     assert result["epochs_run"] == 3 and result["device"] == "CPU"
+    assert card["recipe"]["loss"] == "psnr_ssim" and card["recipe"]["lr_schedule"] == "cosine"
     assert (tmp_path / "m1" / "history.csv").read_text().startswith("epoch,")
     assert card["data"]["manifest_sha256"] and card["versions"]["tensorflow"]
     assert any((tmp_path / "m1" / "tensorboard").rglob("*tfevents*"))
@@ -139,4 +159,5 @@ def test_seed_trains_with_bce(tiny_shards, tmp_path):
                          tmp_path / "seed", tmp_path / "b2")
     card = json.loads((tmp_path / "seed" / "model.json").read_text())
     assert card["recipe"]["loss"] == "bce" and result["params"] == 440_865
+    assert card["recipe"]["lr_schedule"] == "constant"  # the reference's recipe, untouched
     assert load_model(result["model_path"]).count_params() == 440_865
