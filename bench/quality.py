@@ -31,11 +31,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import REPO, add_mirror_argument
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-DEFAULT_MIRROR = REPO.parent / "shared" / "datasets" / "mnist"
 LEVELS = (0.3, 0.5, 0.7)
+PROBE_N = 2000  # test images scored every half epoch
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
 
 
 def load_mnist(mirror: Path):
@@ -180,13 +184,9 @@ def run_job(job: dict, mirror: Path, quick: bool, out: Path, threads: int | None
     level = job.get("level", 0.5)
     blind = isinstance(level, list)
     probe_level = 0.5 if blind else level
-    n = min(2000, len(x_test))
 
     def probe(model):
-        return psnr_mean(x_test[:n], predict(model, draws[probe_level][:n]))
-
-    def log(msg):
-        print(msg, flush=True)
+        return psnr_mean(x_test[:PROBE_N], predict(model, draws[probe_level][:PROBE_N]))
 
     if job["name"] == "reference":
         model, info = train_reference(train, job["epochs"], probe, log)
@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument("--skip-levels", action="store_true", help="skip the single-level 0.3 / 0.7 models")
     parser.add_argument("--jobs", type=int, default=1,
                         help="trainings at once, each on cores/jobs threads (2 on 2 cores: ~1.4x the throughput)")
-    parser.add_argument("--mirror", type=Path, default=Path(os.environ.get("DENOISE_DATA_SOURCE", DEFAULT_MIRROR)))
+    add_mirror_argument(parser)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     args = parser.parse_args()
     if args.jobs < 1:
@@ -271,9 +271,6 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     train, x_test = load_data(args.mirror, args.quick)
     draws = test_draws(x_test)
-
-    def log(msg):
-        print(msg, flush=True)
 
     # the longest first, so that two workers finish together
     jobs = [{"name": "reference", "epochs": args.reference_epochs},
@@ -340,7 +337,7 @@ def main() -> None:
     facts = [
         f"PSNR gain over the reference at f=0.5: {gain:+.2f} dB (goal +2.0); SSIM gain {ssim_gain:+.3f} (goal +0.05)",
         f"parameters: {default_row['params']:,} vs the reference's {ref_row['params']:,}",
-        f"time to the reference's final PSNR ({ref_probe_final:.2f} dB on {min(2000, len(x_test)):,} test images): "
+        f"time to the reference's final PSNR ({ref_probe_final:.2f} dB on {min(PROBE_N, len(x_test)):,} test images): "
         + (f"{reached:.0f} s vs the reference's {ref_seconds:.0f} s = "
            f"1/{ref_seconds / reached:.1f} (goal 1/8)" if reached else "not reached"),
     ]
