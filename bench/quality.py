@@ -10,10 +10,11 @@ same normal draw scaled by f = 0.3, 0.5, 0.7). PSNR: per image
 Methods: the noisy input; a 3x3 median filter; ``seed`` trained the reference
 way (numpy float64 arrays, one fixed noise draw, Adam, BCE, batch 64, 35
 epochs, 54,000 training images = validation_split 0.1); the default
-architecture with this project's recipe (fresh noise every batch, its loss: PSNR + SSIM, Adam
-with cosine decay) at f = 0.5, blind over f in [0.1, 0.7], and at 0.3 and 0.7
-alone. Also times how long the default takes to reach the reference's final
-PSNR (checked on 2,000 test images every half epoch).
+architecture with this project's recipe (fresh noise every batch, its loss:
+PSNR + SSIM, Adam with cosine decay) at f = 0.5, blind over f in [0.1, 0.7]
+(levels drawn with a rising density, as the pipeline does), and at 0.3 and
+0.7 alone. Also times how long the default takes to reach the reference's
+final PSNR (checked on 2,000 test images every half epoch).
 
     python bench/quality.py --quick        # minutes: small subsets, 1-2 epochs
     python bench/quality.py                # the full comparison (hours on 2 CPU cores)
@@ -120,6 +121,7 @@ def train_default(x_train_u8, level, epochs: int, probe, log, arch: str, batch: 
 
     from denoiser.losses import make_loss
     from denoiser.models import architecture_recipe, build_model
+    from denoiser.noise import level_from_uniform
     from denoiser.training import learning_rate
 
     n = len(x_train_u8) - len(x_train_u8) // 10  # the same 90% the reference trains on
@@ -132,7 +134,7 @@ def train_default(x_train_u8, level, epochs: int, probe, log, arch: str, batch: 
 
     def corrupt(clean):
         clean = tf.cast(clean, tf.float32) / 255.0
-        f = tf.random.uniform((tf.shape(clean)[0], 1, 1, 1), lo, hi)
+        f = level_from_uniform(tf.random.uniform((tf.shape(clean)[0], 1, 1, 1)), lo, hi, "rising")
         return tf.clip_by_value(clean + f * tf.random.normal(tf.shape(clean)), 0.0, 1.0), clean
 
     ds = (tf.data.Dataset.from_tensor_slices(x_train_u8[:n]).shuffle(n, seed=0)

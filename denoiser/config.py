@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NoiseKind = Literal["gaussian", "salt_and_pepper", "speckle", "poisson"]
+LevelDensity = Literal["rising", "uniform"]
 LossName = Literal["auto", "psnr_ssim", "bce", "mse", "l1"]
 LrSchedule = Literal["auto", "constant", "cosine"]
 
@@ -55,6 +56,11 @@ class NoiseConfig(_Config):
         description="Noise level, or a range [lo, hi] drawn per image (blind training). "
         "gaussian: std factor; salt_and_pepper: fraction of pixels; speckle: std; "
         "poisson: 1/peak photon count.",
+    )
+    level_density: LevelDensity = Field(
+        "rising",
+        description="How a range of levels is drawn: 'rising' (density growing with the level, "
+        "more heavy-noise pairs, which teach a blind model most) or 'uniform'.",
     )
     copies: int = Field(1, ge=1, le=64, description="Noisy draws per clean image.")
     seed: int = Field(0, ge=0, description="Run seed; every shard's seed is spawned from it.")

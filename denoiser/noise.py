@@ -10,16 +10,35 @@ from __future__ import annotations
 import numpy as np
 
 KINDS = ("gaussian", "salt_and_pepper", "speckle", "poisson")
+DENSITIES = ("rising", "uniform")
+
+
+def level_from_uniform(u, lo: float, hi: float, density: str = "rising"):
+    """Map uniform draws ``u`` in [0, 1) to levels in [lo, hi).
+
+    ``rising``: a density growing linearly from lo to hi (``sqrt(u)``), so a
+    blind model sees more of the heavy noise it finds hardest; light noise
+    teaches little that heavy noise does not. Against a uniform draw it gave
+    +0.36 dB at f = 0.7, +0.25 at 0.5 and +0.02 at 0.3 after two epochs on
+    [0.1, 0.7] (docs/quality.md). Plain arithmetic, so ``u`` may be a numpy
+    array or a TensorFlow tensor (bench/quality.py draws inside the graph).
+    """
+    if density == "rising":
+        u = u ** 0.5
+    elif density != "uniform":
+        raise ValueError(f"unknown level density {density!r}; known: {', '.join(DENSITIES)}")
+    return lo + (hi - lo) * u
 
 
 def draw_levels(level: float | tuple[float, float] | list[float], n: int,
-                rng: np.random.Generator) -> np.ndarray:
-    """One level per image: the value itself, or uniform in [lo, hi]."""
+                rng: np.random.Generator, density: str = "rising") -> np.ndarray:
+    """One level per image: the value itself, or drawn from [lo, hi] with
+    ``density`` (see :func:`level_from_uniform`)."""
     if isinstance(level, (tuple, list)):
         lo, hi = float(level[0]), float(level[1])
         if lo == hi:
             return np.full(n, lo, dtype=np.float32)
-        return rng.uniform(lo, hi, size=n).astype(np.float32)
+        return level_from_uniform(rng.random(n), lo, hi, density).astype(np.float32)
     return np.full(n, float(level), dtype=np.float32)
 
 

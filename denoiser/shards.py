@@ -113,7 +113,7 @@ def _write_shard(out_dir: Path, plan: _ShardPlan, arrays: SplitArrays, noise: di
         rng = np.random.default_rng(seed)
         img_idx = np.arange(plan.start, plan.stop) // arrays.copies
         clean = arrays.images[img_idx]
-        levels = draw_levels(noise["level"], rows, rng)
+        levels = draw_levels(noise["level"], rows, rng, noise.get("density", "rising"))
         noisy = quantize(add_noise(clean.astype(np.float32) / 255.0, noise["kind"], levels, rng))
         shape = list(clean.shape[1:])
         table = pa.table({
@@ -139,7 +139,8 @@ def write_shard_set(out_dir: str | os.PathLike, splits: dict[str, SplitArrays], 
                     workers: int = 2) -> Path:
     """Write (or finish) a shard set and its manifest; returns the folder.
 
-    ``noise`` is ``{"kind", "level"}`` (level a float or [lo, hi]).
+    ``noise`` is ``{"kind", "level"}`` (level a float or [lo, hi]), and
+    optionally ``"density"`` for a range (default ``rising``).
     """
     out = Path(out_dir)
     if (out / "manifest.json").is_file():

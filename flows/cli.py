@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import get_args
 
-from denoiser.config import LossName, LrSchedule
+from denoiser.config import LevelDensity, LossName, LrSchedule
 
 QUICK = {"train_limit": 6000, "test_limit": 1000, "epochs": 3}
 
@@ -48,6 +48,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="gaussian, salt_and_pepper, speckle or poisson")
     p.add_argument("--noise-level", type=_noise_level, default=0.5,
                    help="a level (0.5) or a range drawn per image (0.1,0.7)")
+    p.add_argument("--level-density", choices=get_args(LevelDensity), default="rising",
+                   help="how a range is drawn: rising (more heavy noise, the default) or uniform")
     p.add_argument("--copies", type=int, default=1, help="noisy draws per clean image")
     p.add_argument("--architecture", help="model architecture (default: the best one)")
     p.add_argument("--epochs", type=int)
@@ -76,7 +78,7 @@ def _train_configs(args: argparse.Namespace) -> dict:
         "data": DataConfig(dataset=args.dataset, source=args.source,
                            train_limit=train_limit, test_limit=test_limit),
         "noise": NoiseConfig(kind=args.noise_kind, level=args.noise_level,
-                             copies=args.copies, seed=args.seed),
+                             level_density=args.level_density, copies=args.copies, seed=args.seed),
         "training": TrainConfig(**training),
         "evaluation": EvalConfig(**evaluation),
     }

@@ -60,7 +60,8 @@ def write_noisy_shards(dataset: dict, noise: NoiseConfig, store_root: str,
                 "config": noise.model_dump(mode="json"), "train_limit": train_limit,
                 "test_limit": test_limit,
                 "sources": {r: f["payload_sha256"] for r, f in dataset["files"].items()}}
-        write_shard_set(out, splits, {"kind": noise.kind, "level": noise.level}, noise.shard_rows,
+        write_shard_set(out, splits, {"kind": noise.kind, "level": noise.level,
+                                              "density": noise.level_density}, noise.shard_rows,
                         noise.seed, meta=meta)
         logger.info("wrote shards to %s", out)
     _publish(out, dataset["dataset"], noise)

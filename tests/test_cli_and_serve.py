@@ -106,3 +106,17 @@ def test_download_task_retries_transient_errors_only(prefect_harness, flaky_mirr
     with pytest.raises(Exception, match="HTTP 404"):
         fetch(url + "missing/", str(tmp_path / "b"))
     assert sum(seen.values()) == 2  # SHA256SUMS + one file: a 404 is not retried
+
+
+def test_train_options_become_the_flow_configs():
+    from flows.cli import _train_configs, build_parser
+
+    args = build_parser().parse_args(["train", "--noise-level", "0.1,0.7", "--level-density", "uniform",
+                                      "--loss", "mse", "--epochs", "3"])
+    configs = _train_configs(args)
+    assert configs["noise"].level == (0.1, 0.7) and configs["noise"].level_density == "uniform"
+    assert configs["training"].loss == "mse" and configs["training"].epochs == 3
+    default = _train_configs(build_parser().parse_args(["train", "--noise-level", "0.1,0.7"]))
+    assert default["noise"].level_density == "rising"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--level-density", "falling"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from denoiser.errors import ShardError
-from denoiser.noise import add_noise, draw_levels, quantize
+from denoiser.noise import add_noise, draw_levels, level_from_uniform, quantize
 from denoiser.shards import (
     SplitArrays,
     iter_batches,
@@ -65,6 +65,24 @@ def test_level_ranges_are_drawn_per_image():
     levels = draw_levels((0.1, 0.7), 1000, np.random.default_rng(1))
     assert levels.min() >= 0.1 and levels.max() <= 0.7 and levels.std() > 0.1
     assert set(draw_levels(0.5, 5, np.random.default_rng(1))) == {0.5}
+
+
+def test_rising_density_draws_more_heavy_noise():
+    rng = np.random.default_rng(2)
+    rising = draw_levels((0.1, 0.7), 20_000, rng)
+    uniform = draw_levels((0.1, 0.7), 20_000, rng, density="uniform")
+    # linear density on [0.1, 0.7]: mean at 2/3 of the range (0.5), 3/4 of draws above 0.4
+    assert abs(rising.mean() - 0.5) < 0.01 and abs((rising > 0.4).mean() - 0.75) < 0.02
+    assert abs(uniform.mean() - 0.4) < 0.01
+    # the same function works on TensorFlow tensors (the bench draws inside the graph)
+    import tensorflow as tf
+
+    u = np.array([0.0, 0.25, 1.0], dtype=np.float32)
+    np.testing.assert_allclose(level_from_uniform(tf.constant(u), 0.1, 0.7).numpy(),
+                               level_from_uniform(u, 0.1, 0.7), rtol=1e-6)
+    np.testing.assert_allclose(level_from_uniform(u, 0.1, 0.7), [0.1, 0.4, 0.7], rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown level density"):
+        draw_levels((0.1, 0.7), 3, rng, density="falling")
     assert quantize(np.array([0.0, 0.5, 1.0])).tolist() == [0, 128, 255]
 
 
