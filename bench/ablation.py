@@ -1,6 +1,7 @@
 """What each change of the default recipe gives: one variant at a time, the
 same training as ``bench/quality.py``'s default (fresh noise at f = 0.5 every
-batch, batch 128, Adam 2e-3 with cosine decay, 54,000 training images),
+batch, the pipeline's batch size and the architecture's learning rate, Adam
+with cosine decay, 54,000 training images),
 PSNR and SSIM at f = 0.5 on the first 2,000 test images.
 
     python bench/ablation.py --epochs 1                 # every variant, ~3 min each on 2 cores
@@ -23,6 +24,14 @@ VARIANTS = {
     "default": ("+ clipped output (the default)", {}, "psnr_ssim"),
     "wide-full-res": ("+ 32 filters, 2 convolutions at full resolution",
                       {"filters": (32, 48, 88), "full_convs": 2}, "psnr_ssim"),
+    "wide-full-res-24": ("+ 24 filters, 2 convolutions at full resolution",
+                         {"filters": (24, 48, 96), "full_convs": 2}, "psnr_ssim"),
+    "wide-half-res": ("+ 56 filters at 1/2, four convolutions of 80 at 1/4",
+                      {"filters": (16, 56, 80), "context": (1, 2, 2, 1)}, "psnr_ssim"),
+    "deep-quarter-5": ("+ five convolutions of 80 filters at 1/4 (dilations 1, 2, 4, 2, 1)",
+                       {"filters": (16, 48, 80), "context": (1, 2, 4, 2, 1)}, "psnr_ssim"),
+    "deep-quarter-8": ("+ eight convolutions of 64 filters at 1/4",
+                       {"filters": (16, 48, 64), "context": (1, 2, 4, 2, 1, 2, 4, 1)}, "psnr_ssim"),
 }
 
 

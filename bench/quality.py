@@ -111,19 +111,23 @@ def train_reference(x_train_u8, epochs: int, probe, log) -> tuple[object, dict]:
     return model, {"seconds": timer.total, "epochs": epochs, "curve": curve}
 
 
-def train_default(x_train_u8, level, epochs: int, probe, log, arch: str, batch: int = 128,
-                  lr: float = 2e-3, label: str = "", loss: str | None = None,
+def train_default(x_train_u8, level, epochs: int, probe, log, arch: str, batch: int | None = None,
+                  lr: float | None = None, label: str = "", loss: str | None = None,
                   options: dict | None = None) -> tuple[object, dict]:
     """This project's recipe: fresh noise every batch, the architecture's loss
-    (PSNR + SSIM for the default), Adam with cosine decay."""
+    (PSNR + SSIM for the default) and learning rate, Adam with cosine decay,
+    the pipeline's batch size (``TrainConfig``)."""
     import keras
     import tensorflow as tf
 
+    from denoiser.config import TrainConfig
     from denoiser.losses import make_loss
     from denoiser.models import architecture_recipe, build_model
     from denoiser.noise import level_from_uniform
     from denoiser.training import learning_rate
 
+    batch = batch or TrainConfig().batch_size
+    lr = lr or architecture_recipe(arch).get("learning_rate", 1e-3)
     n = len(x_train_u8) - len(x_train_u8) // 10  # the same 90% the reference trains on
     keras.utils.set_random_seed(0)
     model = build_model(arch, **(options or {}))

@@ -94,7 +94,10 @@ class TrainConfig(_Config):
     architecture: str = Field("unet", description="Architecture name (see build_model).")
     epochs: int = Field(35, ge=1, description="Maximum number of epochs.")
     batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float | None = Field(
+        None, gt=0, description="Adam's initial learning rate. None: the architecture's own recipe "
+        "(seed: 1e-3, Keras' default as in the blog; unet: 2e-3)."
+    )
     loss: LossName = Field(
         "auto", description="auto: the architecture's own recipe (seed: bce, unet: psnr_ssim)."
     )

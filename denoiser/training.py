@@ -230,6 +230,7 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
     recipe = architecture_recipe(training.architecture)
     loss_name = recipe.get("loss", "mse") if training.loss == "auto" else training.loss
     schedule = recipe.get("lr_schedule", "constant") if training.lr_schedule == "auto" else training.lr_schedule
+    base_lr = training.learning_rate or recipe.get("learning_rate", 1e-3)
 
     manifest = read_manifest(shards_dir)
     shape = tuple(manifest["image_shape"])
@@ -246,7 +247,7 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
     with device.strategy.scope() if device.strategy is not None else contextlib.nullcontext():
         model = build_model(training.architecture, shape if not recipe.get("fully_convolutional") else None)
         steps = math.ceil(split_rows(shards_dir, "train") / global_batch)
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate(training.learning_rate, schedule,
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate(base_lr, schedule,
                                                                      training.epochs * steps)),
                       loss=make_loss(loss_name))
 
@@ -259,8 +260,9 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
         _epoch_log_callback(history_path, on_epoch_end, training.epochs),
     ]
     start = time.perf_counter()
-    logger.info("training %s (%s parameters, loss %s, %s learning rate) on %s", training.architecture,
-                f"{count_params(model):,}", loss_name, schedule, device.describe())
+    logger.info("training %s (%s parameters, loss %s, %s learning rate from %g, batch %d) on %s",
+                training.architecture, f"{count_params(model):,}", loss_name, schedule, base_lr, global_batch,
+                device.describe())
     model.fit(train_ds, validation_data=val_ds, epochs=training.epochs, callbacks=callbacks,
               shuffle=False, verbose=0)  # the dataset shuffles itself
     seconds = time.perf_counter() - start
@@ -282,7 +284,8 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
         "version": version,
         "architecture": training.architecture,
         "params": count_params(model),
-        "recipe": {**recipe, "loss": loss_name, "lr_schedule": schedule, "input_shape": list(recipe["input_shape"])},
+        "recipe": {**recipe, "loss": loss_name, "lr_schedule": schedule, "learning_rate": base_lr,
+                   "input_shape": list(recipe["input_shape"])},
         "training": training.model_dump(mode="json"),
         "data": {"shards_dir": str(Path(shards_dir).resolve()), "manifest_sha256": manifest_hash(shards_dir),
                  "dataset": manifest.get("dataset"), "noise": manifest.get("noise"),

@@ -67,6 +67,9 @@ def test_unknown_loss_and_schedule_are_refused():
         learning_rate(1e-3, "step", 100)
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="learning_rate"):
+        TrainConfig(learning_rate=0)
+    assert TrainConfig().learning_rate is None  # the architecture's recipe decides
 
 
 def test_cosine_schedule_decays_to_one_percent():

@@ -149,6 +149,7 @@ def test_training_resumes_after_an_interruption(tiny_shards, tmp_path):
     assert [h["epoch"] for h in card["history"]] == [1, 2, 3]
     assert result["epochs_run"] == 3 and result["device"] == "CPU"
     assert card["recipe"]["loss"] == "psnr_ssim" and card["recipe"]["lr_schedule"] == "cosine"
+    assert card["recipe"]["learning_rate"] == architecture_recipe("unet")["learning_rate"]  # config left it None
     assert (tmp_path / "m1" / "history.csv").read_text().startswith("epoch,")
     assert card["data"]["manifest_sha256"] and card["versions"]["tensorflow"]
     assert any((tmp_path / "m1" / "tensorboard").rglob("*tfevents*"))
@@ -160,4 +161,5 @@ def test_seed_trains_with_bce(tiny_shards, tmp_path):
     card = json.loads((tmp_path / "seed" / "model.json").read_text())
     assert card["recipe"]["loss"] == "bce" and result["params"] == 440_865
     assert card["recipe"]["lr_schedule"] == "constant"  # the reference's recipe, untouched
+    assert card["recipe"]["learning_rate"] == 1e-3  # Keras' Adam default, as in the blog
     assert load_model(result["model_path"]).count_params() == 440_865
