@@ -17,7 +17,7 @@ import time
 from _common import add_mirror_argument
 from quality import load_mnist, predict, psnr_mean, ssim_mean, test_draws, train_default
 
-# name: (what changed, build_model options, loss)
+# name: (what changed, build_model options, loss[, training overrides])
 VARIANTS = {
     "mse-sigmoid": ("the previous default: sigmoid output, MSE", {"output": "sigmoid"}, "mse"),
     "loss-sigmoid": ("+ PSNR/SSIM loss", {"output": "sigmoid"}, "psnr_ssim"),
@@ -32,6 +32,8 @@ VARIANTS = {
                        {"filters": (16, 48, 80), "context": (1, 2, 4, 2, 1)}, "psnr_ssim"),
     "deep-quarter-8": ("+ eight convolutions of 64 filters at 1/4",
                        {"filters": (16, 48, 64), "context": (1, 2, 4, 2, 1, 2, 4, 1)}, "psnr_ssim"),
+    "batch-128": ("batch 128 (the previous bench recipe)", {}, "psnr_ssim", {"batch": 128}),
+    "batch-32": ("batch 32, Adam 1e-3", {}, "psnr_ssim", {"batch": 32, "lr": 1e-3}),
 }
 
 
@@ -47,10 +49,11 @@ def main() -> None:
     clean, noisy = x_test[:2000], test_draws(x_test)[0.5][:2000]
     rows = []
     for name in args.only or VARIANTS:
-        what, options, loss = VARIANTS[name]
+        what, options, loss, *overrides = VARIANTS[name]
         started = time.perf_counter()
         model, info = train_default(train, 0.5, args.epochs, lambda m: psnr_mean(clean, predict(m, noisy)),
-                                    print, "unet", label=name, loss=loss, options=options)
+                                    print, "unet", label=name, loss=loss, options=options,
+                                    **(overrides[0] if overrides else {}))
         out = predict(model, noisy)
         rows.append(f"| {what} | {model.count_params():,} | {args.epochs} | {info['seconds']:.0f} | "
                     f"{psnr_mean(clean, out):.2f} | {ssim_mean(clean, out):.3f} |")
