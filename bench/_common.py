@@ -22,6 +22,20 @@ def add_mirror_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mirror", type=Path, default=Path(os.environ.get("DENOISE_DATA_SOURCE", DEFAULT_MIRROR)))
 
 
+def parse_model_arguments(doc: str, count_help: str):
+    """The command line of the scripts that score one saved model: the model
+    file, ``--count`` images and ``--mirror``. Returns (args, loaded model)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("model", help="a .keras file")
+    parser.add_argument("--count", type=int, default=2000, help=count_help)
+    add_mirror_argument(parser)
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    return args, keras.saving.load_model(args.model, compile=False)
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far."""
     with open("/proc/self/status") as fh:

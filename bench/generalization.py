@@ -12,24 +12,13 @@ longer run can move it.
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import numpy as np
-from _common import add_mirror_argument
+from _common import parse_model_arguments
 from quality import load_mnist, predict, psnr_mean
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="a .keras file")
-    parser.add_argument("--count", type=int, default=2000, help="images per set")
-    add_mirror_argument(parser)
-    args = parser.parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-
-    model = keras.saving.load_model(args.model, compile=False)
+    args, model = parse_model_arguments(__doc__, "images per set")
     train, x_test = load_mnist(args.mirror)
     train = train.astype("float64") / 255.0
     sets = [("training images (seen in training)", train[:args.count]),

@@ -13,11 +13,8 @@ digit scored in its own quarter).
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import numpy as np
-from _common import add_mirror_argument
+from _common import parse_model_arguments
 from quality import load_mnist, predict, psnr_mean, test_draws
 
 
@@ -34,15 +31,7 @@ def unmosaic(x: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="a .keras file")
-    parser.add_argument("--count", type=int, default=2000, help="test images (a multiple of 4)")
-    add_mirror_argument(parser)
-    args = parser.parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-
-    model = keras.saving.load_model(args.model, compile=False)
+    args, model = parse_model_arguments(__doc__, "test images (a multiple of 4)")
     _, x_test = load_mnist(args.mirror)
     n = args.count - args.count % 4
     clean, noisy = x_test[:n], test_draws(x_test)[0.5][:n]
