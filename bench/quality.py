@@ -127,7 +127,7 @@ def train_default(x_train_u8, level, epochs: int, probe, log, arch: str, batch: 
     from denoiser.training import learning_rate
 
     batch = batch or TrainConfig().batch_size
-    lr = lr or architecture_recipe(arch).get("learning_rate", 1e-3)
+    lr = lr or architecture_recipe(arch)["learning_rate"]
     n = len(x_train_u8) - len(x_train_u8) // 10  # the same 90% the reference trains on
     keras.utils.set_random_seed(0)
     model = build_model(arch, **(options or {}))

@@ -230,7 +230,7 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
     recipe = architecture_recipe(training.architecture)
     loss_name = recipe.get("loss", "mse") if training.loss == "auto" else training.loss
     schedule = recipe.get("lr_schedule", "constant") if training.lr_schedule == "auto" else training.lr_schedule
-    base_lr = training.learning_rate or recipe.get("learning_rate", 1e-3)
+    base_lr = training.learning_rate or recipe["learning_rate"]
 
     manifest = read_manifest(shards_dir)
     shape = tuple(manifest["image_shape"])
