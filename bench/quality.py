@@ -113,13 +113,14 @@ def train_reference(x_train_u8, epochs: int, probe, log) -> tuple[object, dict]:
 
 def train_default(x_train_u8, level, epochs: int, probe, log, arch: str, batch: int | None = None,
                   lr: float | None = None, label: str = "", loss: str | None = None,
-                  options: dict | None = None) -> tuple[object, dict]:
+                  options: dict | None = None, reframe: float | None = None) -> tuple[object, dict]:
     """This project's recipe: fresh noise every batch, the architecture's loss
-    (PSNR + SSIM for the default) and learning rate, Adam with cosine decay,
-    the pipeline's batch size (``TrainConfig``)."""
+    (PSNR + SSIM for the default), learning rate and share of reframed images,
+    Adam with cosine decay, the pipeline's batch size (``TrainConfig``)."""
     import keras
     import tensorflow as tf
 
+    from denoiser.augment import reframe
     from denoiser.config import TrainConfig
     from denoiser.losses import make_loss
     from denoiser.models import architecture_recipe, build_model
@@ -127,17 +128,21 @@ def train_default(x_train_u8, level, epochs: int, probe, log, arch: str, batch: 
     from denoiser.training import learning_rate
 
     batch = batch or TrainConfig().batch_size
-    lr = lr or architecture_recipe(arch)["learning_rate"]
+    recipe = architecture_recipe(arch)
+    lr = lr or recipe["learning_rate"]
+    keep = 1.0 - (recipe["reframe"] if reframe is None else reframe)
     n = len(x_train_u8) - len(x_train_u8) // 10  # the same 90% the reference trains on
     keras.utils.set_random_seed(0)
     model = build_model(arch, **(options or {}))
     steps = n // batch
     model.compile(keras.optimizers.Adam(learning_rate(lr, "cosine", epochs * steps)),
-                  loss=make_loss(loss or architecture_recipe(arch)["loss"]))
+                  loss=make_loss(loss or recipe["loss"]))
     lo, hi = (level, level) if not isinstance(level, tuple) else level
 
     def corrupt(clean):
         clean = tf.cast(clean, tf.float32) / 255.0
+        if keep < 1:
+            clean = reframe(clean, keep)
         f = level_from_uniform(tf.random.uniform((tf.shape(clean)[0], 1, 1, 1)), lo, hi, "rising")
         return tf.clip_by_value(clean + f * tf.random.normal(tf.shape(clean)), 0.0, 1.0), clean
 

@@ -153,7 +153,8 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     ),
     "unet": ArchitectureSpec(
         build_unet,
-        {"loss": "psnr_ssim", "lr_schedule": "cosine", "learning_rate": 2e-3, "fully_convolutional": True,
+        {"loss": "psnr_ssim", "lr_schedule": "cosine", "learning_rate": 2e-3, "reframe": 0.2,
+         "fully_convolutional": True,
          "input_shape": (None, None, 1), "size_multiple": 4},
         "U-Net computing at 1/2 and 1/4 resolution, dilated context block, clipped output; the default",
     ),

@@ -98,6 +98,11 @@ class TrainConfig(_Config):
         None, gt=0, description="Adam's initial learning rate. None: the architecture's own recipe "
         "(seed: 1e-3, Keras' default as in the blog; unet: 2e-3)."
     )
+    reframe: float | None = Field(
+        None, ge=0, le=1, description="Share of training pairs recut at a random offset from 2x2 mosaics "
+        "of the batch, so the model does not learn where the 28x28 frame is and works on whole images "
+        "and tiles. None: the architecture's own recipe (unet: 0.2, seed: 0)."
+    )
     loss: LossName = Field(
         "auto", description="auto: the architecture's own recipe (seed: bce, unet: psnr_ssim)."
     )

@@ -30,8 +30,8 @@ def _spec(name: str):
 def architecture_recipe(name: str) -> dict[str, Any]:
     """Loss, learning rate and shape facts that callers (training, tiling)
     need. An architecture that names no learning rate gets Keras' Adam
-    default, 1e-3, which is also the reference's."""
-    return {"learning_rate": 1e-3, **_spec(name).recipe}
+    default, 1e-3, which is also the reference's, and no reframing."""
+    return {"learning_rate": 1e-3, "reframe": 0.0, **_spec(name).recipe}
 
 
 def build_model(name: str = DEFAULT_ARCHITECTURE, input_shape: tuple | None = None, **options):

@@ -120,12 +120,13 @@ def _shuffled_batches(shards_dir, split: str, batch_size: int, buffer_rows: int,
 
 
 def make_dataset(shards_dir: str | os.PathLike, split: str, batch_size: int, shuffle_buffer: int = 10_000,
-                 seed: int = 0, training: bool = True):
+                 seed: int = 0, training: bool = True, reframe: float = 0.0):
     """(noisy, clean) float32 batches streamed from the shards.
 
     Memory is bounded by the shuffle buffer and a few record batches whatever
     the number of shards; uint8 -> float32 happens inside the graph. A new
-    shuffle order every epoch, reproducible from the seed.
+    shuffle order every epoch, reproducible from the seed. ``reframe``: the
+    share of training pairs recut from mosaics (:func:`denoiser.augment.reframe`).
     """
     import tensorflow as tf
 
@@ -147,7 +148,13 @@ def make_dataset(shards_dir: str | os.PathLike, split: str, batch_size: int, shu
     ds = tf.data.Dataset.from_generator(generate, output_signature=(spec, spec)).rebatch(batch_size)
 
     def to_float(noisy, clean):
-        return tf.cast(noisy, tf.float32) / 255.0, tf.cast(clean, tf.float32) / 255.0
+        noisy, clean = tf.cast(noisy, tf.float32) / 255.0, tf.cast(clean, tf.float32) / 255.0
+        if training and reframe > 0:
+            from denoiser.augment import reframe as recut
+
+            both = recut(tf.concat([noisy, clean], -1), 1.0 - reframe)
+            noisy, clean = both[..., :shape[-1]], both[..., shape[-1]:]
+        return noisy, clean
 
     ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(rows / batch_size)))
@@ -231,6 +238,7 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
     loss_name = recipe.get("loss", "mse") if training.loss == "auto" else training.loss
     schedule = recipe.get("lr_schedule", "constant") if training.lr_schedule == "auto" else training.lr_schedule
     base_lr = training.learning_rate or recipe["learning_rate"]
+    reframe = recipe["reframe"] if training.reframe is None else training.reframe
 
     manifest = read_manifest(shards_dir)
     shape = tuple(manifest["image_shape"])
@@ -241,7 +249,13 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
         raise ModelError(f"architecture {training.architecture} takes {tuple(fixed)} images, "
                          f"the shards hold {shape}")
     global_batch = training.batch_size * device.replicas
-    train_ds = make_dataset(shards_dir, "train", global_batch, training.shuffle_buffer, training.seed, True)
+    if reframe and not recipe.get("fully_convolutional"):
+        from denoiser.errors import ModelError
+
+        raise ModelError(f"architecture {training.architecture} is tied to its input frame; "
+                         "reframing needs a fully convolutional one (use reframe 0)")
+    train_ds = make_dataset(shards_dir, "train", global_batch, training.shuffle_buffer, training.seed, True,
+                            reframe)
     val_ds = make_dataset(shards_dir, "validation", global_batch, training=False)
 
     with device.strategy.scope() if device.strategy is not None else contextlib.nullcontext():
@@ -260,9 +274,9 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
         _epoch_log_callback(history_path, on_epoch_end, training.epochs),
     ]
     start = time.perf_counter()
-    logger.info("training %s (%s parameters, loss %s, %s learning rate from %g, batch %d) on %s",
+    logger.info("training %s (%s parameters, loss %s, %s learning rate from %g, batch %d, %d%% reframed) on %s",
                 training.architecture, f"{count_params(model):,}", loss_name, schedule, base_lr, global_batch,
-                device.describe())
+                round(100 * reframe), device.describe())
     model.fit(train_ds, validation_data=val_ds, epochs=training.epochs, callbacks=callbacks,
               shuffle=False, verbose=0)  # the dataset shuffles itself
     seconds = time.perf_counter() - start
@@ -285,7 +299,7 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
         "architecture": training.architecture,
         "params": count_params(model),
         "recipe": {**recipe, "loss": loss_name, "lr_schedule": schedule, "learning_rate": base_lr,
-                   "input_shape": list(recipe["input_shape"])},
+                   "reframe": reframe, "input_shape": list(recipe["input_shape"])},
         "training": training.model_dump(mode="json"),
         "data": {"shards_dir": str(Path(shards_dir).resolve()), "manifest_sha256": manifest_hash(shards_dir),
                  "dataset": manifest.get("dataset"), "noise": manifest.get("noise"),

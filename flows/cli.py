@@ -57,6 +57,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--loss", choices=get_args(LossName))
     p.add_argument("--lr-schedule", choices=get_args(LrSchedule))
+    p.add_argument("--reframe", type=float, help="share of training pairs recut from mosaics "
+                   "(default: the architecture's recipe; 0 trains on the frames as they are)")
     p.add_argument("--seed", type=int, default=0, help="seed for noise and training")
     p.add_argument("--min-psnr-gain", type=float, help="quality gate in dB over the noisy input")
 
@@ -71,7 +73,7 @@ def _train_configs(args: argparse.Namespace) -> dict:
     training = {k: v for k, v in {
         "architecture": args.architecture, "epochs": epochs, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "loss": args.loss, "lr_schedule": args.lr_schedule,
-        "seed": args.seed,
+        "reframe": args.reframe, "seed": args.seed,
     }.items() if v is not None}
     evaluation = {} if args.min_psnr_gain is None else {"min_psnr_gain": args.min_psnr_gain}
     return {

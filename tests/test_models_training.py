@@ -163,3 +163,27 @@ def test_seed_trains_with_bce(tiny_shards, tmp_path):
     assert card["recipe"]["lr_schedule"] == "constant"  # the reference's recipe, untouched
     assert card["recipe"]["learning_rate"] == 1e-3  # Keras' Adam default, as in the blog
     assert load_model(result["model_path"]).count_params() == 440_865
+
+
+def test_dataset_reframes_training_pairs_only(tiny_shards):
+    plain = next(iter(make_dataset(tiny_shards, "train", 56, seed=0, training=True)))
+    recut = next(iter(make_dataset(tiny_shards, "train", 56, seed=0, training=True, reframe=1.0)))
+    noisy0, clean0 = (np.asarray(t)[..., 0] for t in plain)  # the same shuffle: the same seed
+    noisy1, clean1 = (np.asarray(t)[..., 0] for t in recut)
+    assert noisy1.shape == noisy0.shape and not np.array_equal(clean0, clean1)
+    n, h, w = clean0.shape
+    for i in range(n):
+        # a recut pair is one window of the 2x2 mosaic of images i..i+3, noisy and clean at one offset
+        idx = [(i + k) % n for k in range(4)]
+        mc, mn = (np.block([[a[idx[0]], a[idx[1]]], [a[idx[2]], a[idx[3]]]]) for a in (clean0, noisy0))
+        assert any(np.array_equal(mc[y:y + h, x:x + w], clean1[i]) and np.array_equal(mn[y:y + h, x:x + w], noisy1[i])
+                   for y in range(h + 1) for x in range(w + 1)), i
+    validation = next(iter(make_dataset(tiny_shards, "validation", 8, training=False, reframe=1.0)))
+    as_stored = next(iter(make_dataset(tiny_shards, "validation", 8, training=False)))
+    assert np.array_equal(validation[1], as_stored[1])  # never on validation
+
+
+def test_reframing_a_fixed_frame_model_is_refused(tiny_shards, tmp_path):
+    with pytest.raises(ModelError, match="fully convolutional"):
+        train_model(tiny_shards, TrainConfig(architecture="seed", epochs=1, reframe=0.5),
+                    tmp_path / "seed", tmp_path / "b")
