@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import get_args
 
-from denoiser.config import LevelDensity, LossName, LrSchedule
+from denoiser.config import LevelDensity, LossName, LrSchedule, NoiseKind
 
 QUICK = {"train_limit": 6000, "test_limit": 1000, "epochs": 3}
 
@@ -44,13 +44,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: $DENOISE_DATA_SOURCE, then the dataset's origin)")
     p.add_argument("--train-limit", type=int, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, help="use only the first N test images")
-    p.add_argument("--noise-kind", default="gaussian",
-                   help="gaussian, salt_and_pepper, speckle or poisson")
-    p.add_argument("--noise-level", type=_noise_level, default=0.5,
-                   help="a level (0.5) or a range drawn per image (0.1,0.7)")
-    p.add_argument("--level-density", choices=get_args(LevelDensity), default="rising",
+    # no defaults here: an option left out leaves the config's own default
+    p.add_argument("--noise-kind", choices=get_args(NoiseKind), help="noise model (default: gaussian)")
+    p.add_argument("--noise-level", type=_noise_level,
+                   help="a level (0.5, the default) or a range drawn per image (0.1,0.7)")
+    p.add_argument("--level-density", choices=get_args(LevelDensity),
                    help="how a range is drawn: rising (more heavy noise, the default) or uniform")
-    p.add_argument("--copies", type=int, default=1, help="noisy draws per clean image")
+    p.add_argument("--copies", type=int, help="noisy draws per clean image (default 1)")
     p.add_argument("--architecture", help="model architecture (default: the best one)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -59,8 +59,14 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-schedule", choices=get_args(LrSchedule))
     p.add_argument("--reframe", type=float, help="share of training pairs recut from mosaics "
                    "(default: the architecture's recipe; 0 trains on the frames as they are)")
-    p.add_argument("--seed", type=int, default=0, help="seed for noise and training")
+    p.add_argument("--seed", type=int, help="seed for noise and training (default 0)")
     p.add_argument("--min-psnr-gain", type=float, help="quality gate in dB over the noisy input")
+
+
+def given(**options) -> dict:
+    """The options the user gave: the others keep the config's own defaults,
+    which are written down once, in denoiser.config."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _train_configs(args: argparse.Namespace) -> dict:
@@ -70,19 +76,16 @@ def _train_configs(args: argparse.Namespace) -> dict:
     train_limit = args.train_limit if args.train_limit is not None else quick.get("train_limit")
     test_limit = args.test_limit if args.test_limit is not None else quick.get("test_limit")
     epochs = args.epochs if args.epochs is not None else quick.get("epochs")
-    training = {k: v for k, v in {
-        "architecture": args.architecture, "epochs": epochs, "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate, "loss": args.loss, "lr_schedule": args.lr_schedule,
-        "reframe": args.reframe, "seed": args.seed,
-    }.items() if v is not None}
-    evaluation = {} if args.min_psnr_gain is None else {"min_psnr_gain": args.min_psnr_gain}
+    training = given(architecture=args.architecture, epochs=epochs, batch_size=args.batch_size,
+                     learning_rate=args.learning_rate, loss=args.loss, lr_schedule=args.lr_schedule,
+                     reframe=args.reframe, seed=args.seed)
     return {
         "data": DataConfig(dataset=args.dataset, source=args.source,
                            train_limit=train_limit, test_limit=test_limit),
-        "noise": NoiseConfig(kind=args.noise_kind, level=args.noise_level,
-                             level_density=args.level_density, copies=args.copies, seed=args.seed),
+        "noise": NoiseConfig(**given(kind=args.noise_kind, level=args.noise_level,
+                                     level_density=args.level_density, copies=args.copies, seed=args.seed)),
         "training": TrainConfig(**training),
-        "evaluation": EvalConfig(**evaluation),
+        "evaluation": EvalConfig(**given(min_psnr_gain=args.min_psnr_gain)),
     }
 
 

@@ -14,15 +14,16 @@ from flows.cli import main
 from flows.serve import PREFECT_YAML, build_deployments
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--noise-level", "-1"], "level"),
-    (["train", "--epochs", "0"], "epochs"),
-    (["train", "--architecture", "resnet-9000"], "unknown architecture"),
-    (["train", "--noise-kind", "pink"], "kind"),
-    (["train", "--noise-level", "a,b"], "not a number"),
+@pytest.mark.parametrize("argv, message, by_argparse", [
+    (["train", "--noise-level", "-1"], "level", False),
+    (["train", "--epochs", "0"], "epochs", False),
+    (["train", "--architecture", "resnet-9000"], "unknown architecture", False),
+    (["train", "--reframe", "1.5"], "reframe", False),
+    (["train", "--noise-kind", "pink"], "invalid choice: 'pink'", True),
+    (["train", "--noise-level", "a,b"], "not a number", True),
 ])
-def test_train_rejects_bad_options_with_one_line(argv, message, capsys, tmp_path):
-    with pytest.raises(SystemExit) if "a,b" in argv else _no_raise():
+def test_train_rejects_bad_options_with_one_line(argv, message, by_argparse, capsys, tmp_path):
+    with pytest.raises(SystemExit) if by_argparse else _no_raise():
         code = main(["--store", str(tmp_path), *argv])
         assert code == 2
     err = capsys.readouterr().err
@@ -109,6 +110,7 @@ def test_download_task_retries_transient_errors_only(prefect_harness, flaky_mirr
 
 
 def test_train_options_become_the_flow_configs():
+    from denoiser.config import NoiseConfig, TrainConfig
     from flows.cli import _train_configs, build_parser
 
     args = build_parser().parse_args(["train", "--noise-level", "0.1,0.7", "--level-density", "uniform",
@@ -118,5 +120,11 @@ def test_train_options_become_the_flow_configs():
     assert configs["training"].loss == "mse" and configs["training"].epochs == 3
     default = _train_configs(build_parser().parse_args(["train", "--noise-level", "0.1,0.7"]))
     assert default["noise"].level_density == "rising"
+    # options left out keep the configs' own defaults, whatever they are
+    bare = _train_configs(build_parser().parse_args(["train"]))
+    assert bare["noise"] == NoiseConfig() and bare["training"] == TrainConfig()
+    assert bare["training"].reframe is None  # the architecture's recipe decides
+    recut = _train_configs(build_parser().parse_args(["train", "--reframe", "0", "--seed", "3"]))
+    assert recut["training"].reframe == 0.0 and recut["training"].seed == recut["noise"].seed == 3
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--level-density", "falling"])
