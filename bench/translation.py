@@ -30,6 +30,35 @@ def unmosaic(x: np.ndarray) -> np.ndarray:
     return x.reshape(k, 2, h, 2, w, c).transpose(0, 1, 3, 2, 4, 5).reshape(4 * k, h, w, c)
 
 
+def scatter(x: np.ndarray, rng: np.random.Generator, side: int = 600, cell: int = 40):
+    """Clean canvases with one digit a cell, and each digit's box (canvas, y, x)."""
+    per_row = side // cell
+    per = per_row * per_row
+    canvases = np.zeros((-(-len(x) // per), side, side), np.float64)
+    boxes = []
+    for i, digit in enumerate(x[..., 0]):
+        c, k = divmod(i, per)
+        y = (k // per_row) * cell + int(rng.integers(0, cell - 28 + 1))
+        xx = (k % per_row) * cell + int(rng.integers(0, cell - 28 + 1))
+        canvases[c, y:y + 28, xx:xx + 28] = digit
+        boxes.append((c, y, xx))
+    return canvases, boxes
+
+
+def tiled_scatter_psnr(model, clean: np.ndarray) -> float:
+    """The digits scattered over large canvases, through the folder denoiser's tiling."""
+    from denoiser.folder import BatchPredictor
+    from denoiser.tiling import denoise_plane, tile_spec_for
+
+    rng = np.random.default_rng(12345)
+    canvases, boxes = scatter(clean, rng)
+    noisy = np.clip(canvases + 0.5 * rng.normal(size=canvases.shape), 0, 1)
+    spec, predict = tile_spec_for({"fully_convolutional": True, "size_multiple": 4}), BatchPredictor(model)
+    out = np.stack([denoise_plane(plane, spec, predict) for plane in noisy])
+    cut = np.stack([out[c, y:y + 28, x:x + 28] for c, y, x in boxes])[..., None]
+    return psnr_mean(clean, cut.astype("float64"))
+
+
 def main() -> None:
     args, model = parse_model_arguments(__doc__, "test images (a multiple of 4)")
     _, x_test = load_mnist(args.mirror)
@@ -38,7 +67,8 @@ def main() -> None:
     padded = np.pad(noisy, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
     rows = [("28x28, as in MNIST", psnr_mean(clean, predict(model, noisy))),
             ("reflect-padded to 32x32", psnr_mean(clean, predict(model, padded)[:, 2:30, 2:30])),
-            ("2x2 mosaic, 56x56", psnr_mean(clean, unmosaic(predict(model, mosaic(noisy)))))]
+            ("2x2 mosaic, 56x56", psnr_mean(clean, unmosaic(predict(model, mosaic(noisy))))),
+            ("scattered over 600x600 canvases, 256x256 tiles (fresh noise)", tiled_scatter_psnr(model, clean))]
     print("| input | PSNR@0.5 |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value:.2f} |")
