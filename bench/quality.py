@@ -13,9 +13,10 @@ epochs, 54,000 training images = validation_split 0.1); the default
 architecture with this project's recipe (fresh noise every batch, its loss:
 PSNR + SSIM, Adam with cosine decay, a fifth of the pairs reframed) at
 f = 0.5, blind over f in [0.1, 0.7] (levels drawn with a rising density, as
-the pipeline does), and at 0.3 and 0.7 alone. Also times how long the default takes to reach the reference's
-final PSNR (checked on 2,000 test images every half epoch), and how the
-default does on 2x2 mosaics of test digits (framed otherwise than in MNIST).
+the pipeline does), and at 0.3 and 0.7 alone. Also times how long the
+default takes to reach the reference's final PSNR (checked on 2,000 test
+images every half epoch), and scores it on 2x2 mosaics of test digits
+(framed otherwise than in MNIST).
 
     python bench/quality.py --quick        # minutes: small subsets, 1-2 epochs
     python bench/quality.py                # the full comparison (hours on 2 CPU cores)
@@ -131,7 +132,7 @@ def train_default(x_train_u8, level, epochs: int, probe, log, arch: str, batch: 
     batch = batch or TrainConfig().batch_size
     recipe = architecture_recipe(arch)
     lr = lr or recipe["learning_rate"]
-    keep = 1.0 - (recipe["reframe"] if reframe is None else reframe)
+    share = recipe["reframe"] if reframe is None else reframe
     n = len(x_train_u8) - len(x_train_u8) // 10  # the same 90% the reference trains on
     keras.utils.set_random_seed(0)
     model = build_model(arch, **(options or {}))
@@ -142,8 +143,8 @@ def train_default(x_train_u8, level, epochs: int, probe, log, arch: str, batch: 
 
     def corrupt(clean):
         clean = tf.cast(clean, tf.float32) / 255.0
-        if keep < 1:
-            clean = recut(clean, keep)
+        if share:
+            clean = recut(clean, share)
         f = level_from_uniform(tf.random.uniform((tf.shape(clean)[0], 1, 1, 1)), lo, hi, "rising")
         return tf.clip_by_value(clean + f * tf.random.normal(tf.shape(clean)), 0.0, 1.0), clean
 

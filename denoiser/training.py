@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from denoiser.config import TrainConfig
+from denoiser.errors import ModelError
 from denoiser.models import architecture_recipe, build_model, count_params
 from denoiser.shards import iter_batches, read_manifest, split_rows
 
@@ -152,7 +153,7 @@ def make_dataset(shards_dir: str | os.PathLike, split: str, batch_size: int, shu
         if training and reframe > 0:
             from denoiser.augment import reframe as recut
 
-            both = recut(tf.concat([noisy, clean], -1), 1.0 - reframe)
+            both = recut(tf.concat([noisy, clean], -1), reframe)
             noisy, clean = both[..., :shape[-1]], both[..., shape[-1]:]
         return noisy, clean
 
@@ -243,17 +244,14 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
     manifest = read_manifest(shards_dir)
     shape = tuple(manifest["image_shape"])
     fixed = recipe.get("input_shape")
-    if not recipe.get("fully_convolutional") and fixed and tuple(fixed) != shape:
-        from denoiser.errors import ModelError
-
-        raise ModelError(f"architecture {training.architecture} takes {tuple(fixed)} images, "
-                         f"the shards hold {shape}")
+    if not recipe.get("fully_convolutional"):
+        if fixed and tuple(fixed) != shape:
+            raise ModelError(f"architecture {training.architecture} takes {tuple(fixed)} images, "
+                             f"the shards hold {shape}")
+        if reframe:
+            raise ModelError(f"architecture {training.architecture} is tied to its input frame; "
+                             "reframing needs a fully convolutional one (use reframe 0)")
     global_batch = training.batch_size * device.replicas
-    if reframe and not recipe.get("fully_convolutional"):
-        from denoiser.errors import ModelError
-
-        raise ModelError(f"architecture {training.architecture} is tied to its input frame; "
-                         "reframing needs a fully convolutional one (use reframe 0)")
     train_ds = make_dataset(shards_dir, "train", global_batch, training.shuffle_buffer, training.seed, True,
                             reframe)
     val_ds = make_dataset(shards_dir, "validation", global_batch, training=False)

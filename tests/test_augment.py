@@ -20,15 +20,15 @@ def _mosaic(x, i):
     return np.concatenate([np.concatenate([a, b], 1), np.concatenate([c, d], 1)], 0)
 
 
-def test_keep_one_changes_nothing():
+def test_share_zero_changes_nothing():
     x = _batch()
-    assert np.array_equal(reframe(tf.constant(x), 1.0).numpy(), x)
+    assert np.array_equal(reframe(tf.constant(x), 0.0).numpy(), x)
 
 
 def test_every_recut_image_is_a_window_of_its_mosaic():
     tf.random.set_seed(1)
     x = _batch(n=16)
-    y = reframe(tf.constant(x), 0.0).numpy()
+    y = reframe(tf.constant(x), 1.0).numpy()
     assert y.shape == x.shape
     offsets = set()
     for i in range(len(x)):
@@ -43,7 +43,7 @@ def test_every_recut_image_is_a_window_of_its_mosaic():
 def test_about_the_asked_share_is_recut():
     tf.random.set_seed(2)
     x = _batch(n=2000, h=4, w=4)
-    y = reframe(tf.constant(x), 0.7).numpy()
+    y = reframe(tf.constant(x), 0.3).numpy()
     moved = (x != y).reshape(len(x), -1).any(axis=1).mean()
     # an image drawn to move still stays put at offset (0, 0): 1/25 of the moves
     assert 0.3 * (1 - 1 / 25) - 0.04 < moved < 0.3 + 0.04
@@ -53,7 +53,7 @@ def test_stacked_channels_are_cut_together():
     tf.random.set_seed(3)
     clean = _batch(n=8, c=1)
     noisy = clean + 0.5
-    y = reframe(tf.constant(np.concatenate([noisy, clean], -1)), 0.0).numpy()
+    y = reframe(tf.constant(np.concatenate([noisy, clean], -1)), 1.0).numpy()
     assert np.array_equal(y[..., 0], y[..., 1] + 0.5)
 
 
@@ -66,6 +66,6 @@ def test_same_seed_same_cuts():
     assert np.array_equal(a, b)
 
 
-def test_keep_outside_unit_interval_is_refused():
-    with pytest.raises(ValueError, match="keep"):
+def test_share_outside_unit_interval_is_refused():
+    with pytest.raises(ValueError, match="share"):
         reframe(tf.constant(_batch()), 1.5)
