@@ -354,10 +354,10 @@ def main() -> None:
         + (f"{reached:.0f} s vs the reference's {ref_seconds:.0f} s = "
            f"1/{ref_seconds / reached:.1f} (goal 1/8)" if reached else "not reached"),
     ]
-    from translation import mosaic, unmosaic
+    from translation import mosaic_psnr
 
     n4 = min(PROBE_N, len(x_test)) // 4 * 4
-    framed = psnr_mean(x_test[:n4], unmosaic(predict(models["default"], mosaic(draws[0.5][:n4]))))
+    framed = mosaic_psnr(models["default"], x_test[:n4], draws[0.5][:n4])
     facts.append(f"the default on digits framed otherwise, 2x2 mosaics of the first {n4:,} test images at f=0.5: "
                  f"{framed:.2f} dB (the same images one by one: "
                  f"{psnr_mean(x_test[:n4], predict(models['default'], draws[0.5][:n4])):.2f} dB)")

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import get_args
 
-from denoiser.config import LevelDensity, LossName, LrSchedule, NoiseKind
+from denoiser.config import LevelDensity, LossName, LrSchedule, NoiseConfig, NoiseKind, TrainConfig
 
 QUICK = {"train_limit": 6000, "test_limit": 1000, "epochs": 3}
 
@@ -44,13 +44,16 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: $DENOISE_DATA_SOURCE, then the dataset's origin)")
     p.add_argument("--train-limit", type=int, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, help="use only the first N test images")
-    # no defaults here: an option left out leaves the config's own default
-    p.add_argument("--noise-kind", choices=get_args(NoiseKind), help="noise model (default: gaussian)")
+    # no defaults here: an option left out leaves the config's own default (shown in the help)
+    noise = NoiseConfig.model_fields
+    p.add_argument("--noise-kind", choices=get_args(NoiseKind),
+                   help=f"noise model (default: {noise['kind'].default})")
     p.add_argument("--noise-level", type=_noise_level,
-                   help="a level (0.5, the default) or a range drawn per image (0.1,0.7)")
+                   help=f"a level or a range drawn per image, e.g. 0.1,0.7 (default: {noise['level'].default})")
     p.add_argument("--level-density", choices=get_args(LevelDensity),
-                   help="how a range is drawn: rising (more heavy noise, the default) or uniform")
-    p.add_argument("--copies", type=int, help="noisy draws per clean image (default 1)")
+                   help="how a range is drawn: rising (more heavy noise) or uniform "
+                   f"(default: {noise['level_density'].default})")
+    p.add_argument("--copies", type=int, help=f"noisy draws per clean image (default: {noise['copies'].default})")
     p.add_argument("--architecture", help="model architecture (default: the best one)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -59,7 +62,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-schedule", choices=get_args(LrSchedule))
     p.add_argument("--reframe", type=float, help="share of training pairs recut from mosaics "
                    "(default: the architecture's recipe; 0 trains on the frames as they are)")
-    p.add_argument("--seed", type=int, help="seed for noise and training (default 0)")
+    p.add_argument("--seed", type=int,
+                   help=f"seed for noise and training (default: {TrainConfig.model_fields['seed'].default})")
     p.add_argument("--min-psnr-gain", type=float, help="quality gate in dB over the noisy input")
 
 
@@ -70,7 +74,7 @@ def given(**options) -> dict:
 
 
 def _train_configs(args: argparse.Namespace) -> dict:
-    from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
+    from denoiser.config import DataConfig, EvalConfig
 
     quick = QUICK if args.quick else {}
     train_limit = args.train_limit if args.train_limit is not None else quick.get("train_limit")
