@@ -127,6 +127,15 @@ class TrainConfig(_Config):
             raise ValueError(f"unknown architecture {value!r}; known: {', '.join(names)}")
         return value
 
+    @model_validator(mode="after")
+    def _reframe_fits_architecture(self):
+        from denoiser.models import architecture_recipe
+
+        if self.reframe and not architecture_recipe(self.architecture).get("fully_convolutional"):
+            raise ValueError(f"architecture {self.architecture} is tied to its input frame; "
+                             "reframing needs a fully convolutional one (use reframe 0)")
+        return self
+
 
 class EvalConfig(_Config):
     """How a trained model is judged."""

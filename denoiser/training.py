@@ -244,13 +244,9 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
     manifest = read_manifest(shards_dir)
     shape = tuple(manifest["image_shape"])
     fixed = recipe.get("input_shape")
-    if not recipe.get("fully_convolutional"):
-        if fixed and tuple(fixed) != shape:
-            raise ModelError(f"architecture {training.architecture} takes {tuple(fixed)} images, "
-                             f"the shards hold {shape}")
-        if reframe:
-            raise ModelError(f"architecture {training.architecture} is tied to its input frame; "
-                             "reframing needs a fully convolutional one (use reframe 0)")
+    if not recipe.get("fully_convolutional") and fixed and tuple(fixed) != shape:
+        raise ModelError(f"architecture {training.architecture} takes {tuple(fixed)} images, "
+                         f"the shards hold {shape}")
     global_batch = training.batch_size * device.replicas
     train_ds = make_dataset(shards_dir, "train", global_batch, training.shuffle_buffer, training.seed, True,
                             reframe)

@@ -154,8 +154,10 @@ def _one_line(exc: BaseException) -> str:
 
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or exc.title
-        return f"invalid {exc.title} parameter {field}: {err['msg']}"
+        field = ".".join(str(p) for p in err["loc"])
+        # a check across fields (a model validator) names no field
+        where = f"{exc.title} parameter {field}" if field else exc.title
+        return f"invalid {where}: {err['msg']}"
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 

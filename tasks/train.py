@@ -70,9 +70,9 @@ def render_model_card(card: dict) -> str:
         {"field": "architecture", "value": card["architecture"]},
         {"field": "parameters", "value": f"{card['params']:,}"},
         {"field": "loss", "value": card["recipe"]["loss"]},
-        {"field": "learning rate", "value": f"{card['recipe'].get('learning_rate', 1e-3):g} "
-                                            f"({card['recipe'].get('lr_schedule', 'constant')})"},
-        {"field": "reframed pairs", "value": f"{card['recipe'].get('reframe', 0.0):.0%}"},
+        {"field": "learning rate", "value": f"{card['recipe']['learning_rate']:g} "
+                                            f"({card['recipe']['lr_schedule']})"},
+        {"field": "reframed pairs", "value": f"{card['recipe']['reframe']:.0%}"},
         {"field": "device", "value": card["device"]["description"]},
         {"field": "training time (s)", "value": card["seconds"]},
         {"field": "epochs run", "value": card["epochs_run"]},

@@ -19,6 +19,8 @@ from flows.serve import PREFECT_YAML, build_deployments
     (["train", "--epochs", "0"], "epochs", False),
     (["train", "--architecture", "resnet-9000"], "unknown architecture", False),
     (["train", "--reframe", "1.5"], "reframe", False),
+    (["train", "--architecture", "seed", "--reframe", "0.5"], "invalid TrainConfig: Value error, architecture seed "
+     "is tied to its input frame", False),
     (["train", "--noise-kind", "pink"], "invalid choice: 'pink'", True),
     (["train", "--noise-level", "a,b"], "not a number", True),
 ])

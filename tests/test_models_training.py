@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from denoiser.config import TrainConfig
 from denoiser.errors import ModelError
@@ -183,7 +184,8 @@ def test_dataset_reframes_training_pairs_only(tiny_shards):
     assert np.array_equal(validation[1], as_stored[1])  # never on validation
 
 
-def test_reframing_a_fixed_frame_model_is_refused(tiny_shards, tmp_path):
-    with pytest.raises(ModelError, match="fully convolutional"):
-        train_model(tiny_shards, TrainConfig(architecture="seed", epochs=1, reframe=0.5),
-                    tmp_path / "seed", tmp_path / "b")
+def test_reframing_a_fixed_frame_model_is_refused_by_its_config():
+    # refused before any download or training: the config itself is invalid
+    with pytest.raises(ValidationError, match="fully convolutional"):
+        TrainConfig(architecture="seed", epochs=1, reframe=0.5)
+    assert TrainConfig(architecture="seed", reframe=0).reframe == 0
