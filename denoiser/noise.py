@@ -7,10 +7,16 @@ image, which is how blind training (a range of levels) is expressed.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 
-KINDS = ("gaussian", "salt_and_pepper", "speckle", "poisson")
-DENSITIES = ("rising", "uniform")
+from denoiser.config import LevelDensity, NoiseKind
+
+# the config's literals are the one list (the CLI's choices, the Prefect form's enum);
+# tests/test_shards.py runs each of them through the code below
+KINDS = get_args(NoiseKind)
+DENSITIES = get_args(LevelDensity)
 
 
 def level_from_uniform(u, lo: float, hi: float, density: str = "rising"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from denoiser.errors import ShardError
-from denoiser.noise import add_noise, draw_levels, level_from_uniform, quantize
+from denoiser.noise import DENSITIES, KINDS, add_noise, draw_levels, level_from_uniform, quantize
 from denoiser.shards import (
     SplitArrays,
     iter_batches,
@@ -59,6 +59,19 @@ def test_other_noise_models_behave():
     assert add_noise(grey, "poisson", 0.1, rng).std() > 0.05
     with pytest.raises(ValueError, match="unknown noise kind"):
         add_noise(grey, "pink", 0.1, rng)
+
+
+def test_every_configurable_kind_and_density_is_implemented():
+    # KINDS and DENSITIES are read from the config's literals, so a value the
+    # config (and the CLI, and the Prefect form) accepts must work here too
+    assert "gaussian" in KINDS and "rising" in DENSITIES
+    rng = np.random.default_rng(5)
+    grey = np.full((2, 8, 8, 1), 0.5)
+    for kind in KINDS:
+        assert add_noise(grey, kind, 0.3, rng).shape == grey.shape
+    for density in DENSITIES:
+        levels = draw_levels((0.1, 0.7), 50, rng, density=density)
+        assert levels.min() >= 0.1 and levels.max() <= 0.7
 
 
 def test_level_ranges_are_drawn_per_image():
