@@ -38,6 +38,17 @@ VARIANTS = {
     "batch-32": ("batch 32, Adam 1e-3", {}, "psnr_ssim", {"batch": 32, "lr": 1e-3}),
     "no-reframe": ("no reframing: every pair in its MNIST frame", {}, "psnr_ssim", {"reframe": 0.0}),
     "reframe-50": ("50% of pairs reframed", {}, "psnr_ssim", {"reframe": 0.5}),
+    # the directions issue 4 lists, each taken out of (or put into) the default
+    "residual": ("predict the noise: output = clip(noisy - network) (DnCNN's residual learning)",
+                 {"output": "residual"}, "psnr_ssim"),
+    "no-skips": ("no skip connections between encoder and decoder", {"skips": False}, "psnr_ssim"),
+    "no-batch-norm": ("no batch normalisation (biases instead)", {"batch_norm": False}, "psnr_ssim"),
+    "mse": ("MSE loss instead of PSNR + SSIM", {}, "mse"),
+    "l1": ("L1 loss instead of PSNR + SSIM", {}, "l1"),
+    "constant-lr": ("constant learning rate instead of cosine decay", {}, "psnr_ssim",
+                    {"schedule": "constant"}),
+    "fixed-noise": ("one noise draw per image for the whole run (the pipeline's shards, copies=1)",
+                    {}, "psnr_ssim", {"fixed_noise": True}),
 }
 
 

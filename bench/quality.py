@@ -115,10 +115,15 @@ def train_reference(x_train_u8, epochs: int, probe, log) -> tuple[object, dict]:
 
 def train_default(x_train_u8, level, epochs: int, probe, log, arch: str, batch: int | None = None,
                   lr: float | None = None, label: str = "", loss: str | None = None,
-                  options: dict | None = None, reframe: float | None = None) -> tuple[object, dict]:
+                  options: dict | None = None, reframe: float | None = None, schedule: str = "cosine",
+                  fixed_noise: bool = False) -> tuple[object, dict]:
     """This project's recipe: fresh noise every batch, the architecture's loss
     (PSNR + SSIM for the default), learning rate and share of reframed images,
-    Adam with cosine decay, the pipeline's batch size (``TrainConfig``)."""
+    Adam with cosine decay, the pipeline's batch size (``TrainConfig``).
+
+    ``fixed_noise``: one noise draw per training image for the whole run, as
+    the reference trains and as the pipeline's shards hold it (``copies=1``);
+    noisy and clean are then reframed together, as the pipeline does."""
     import keras
     import tensorflow as tf
 
@@ -137,7 +142,7 @@ def train_default(x_train_u8, level, epochs: int, probe, log, arch: str, batch: 
     keras.utils.set_random_seed(0)
     model = build_model(arch, **(options or {}))
     steps = n // batch
-    model.compile(keras.optimizers.Adam(learning_rate(lr, "cosine", epochs * steps)),
+    model.compile(keras.optimizers.Adam(learning_rate(lr, schedule, epochs * steps)),
                   loss=make_loss(loss or recipe["loss"]))
     lo, hi = (level, level) if not isinstance(level, tuple) else level
 
@@ -148,8 +153,22 @@ def train_default(x_train_u8, level, epochs: int, probe, log, arch: str, batch: 
         f = level_from_uniform(tf.random.uniform((tf.shape(clean)[0], 1, 1, 1)), lo, hi, "rising")
         return tf.clip_by_value(clean + f * tf.random.normal(tf.shape(clean)), 0.0, 1.0), clean
 
-    ds = (tf.data.Dataset.from_tensor_slices(x_train_u8[:n]).shuffle(n, seed=0)
-          .batch(batch, drop_remainder=True).map(corrupt, num_parallel_calls=tf.data.AUTOTUNE)
+    def cut_fixed(noisy, clean):
+        pair = tf.concat([noisy, tf.cast(clean, tf.float32) / 255.0], axis=-1)
+        pair = recut(pair, share) if share else pair
+        return pair[..., :1], pair[..., 1:]
+
+    if fixed_noise:
+        rng = np.random.default_rng(0)
+        clean = x_train_u8[:n].astype(np.float32) / 255.0
+        f = level_from_uniform(rng.random((n, 1, 1, 1), dtype=np.float32), lo, hi, "rising")
+        noisy = np.clip(clean + f * rng.standard_normal(clean.shape, dtype=np.float32), 0.0, 1.0)
+        ds = tf.data.Dataset.from_tensor_slices((noisy, x_train_u8[:n]))
+        del clean
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(x_train_u8[:n])
+    ds = (ds.shuffle(n, seed=0).batch(batch, drop_remainder=True)
+          .map(cut_fixed if fixed_noise else corrupt, num_parallel_calls=tf.data.AUTOTUNE)
           .prefetch(2).repeat())
     timer, curve = Timer(), []
     half = max(steps // 2, 1)

@@ -19,14 +19,15 @@ class ArchitectureSpec:
     description: str = ""
 
 
-def _conv_bn_relu(x, filters: int, name: str, strides: int = 1, dilation: int = 1):
+def _conv_bn_relu(x, filters: int, name: str, strides: int = 1, dilation: int = 1, batch_norm: bool = True):
     from keras import layers
 
-    x = layers.Conv2D(filters, 3, strides=strides, dilation_rate=dilation, padding="same", use_bias=False,
-                      name=f"{name}_conv")(x)
-    # momentum 0.9, not Keras' 0.99: the moving statistics must settle within a
-    # short (quick-mode) run, or inference sees different activations than training
-    x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+    x = layers.Conv2D(filters, 3, strides=strides, dilation_rate=dilation, padding="same",
+                      use_bias=not batch_norm, name=f"{name}_conv")(x)
+    if batch_norm:
+        # momentum 0.9, not Keras' 0.99: the moving statistics must settle within a
+        # short (quick-mode) run, or inference sees different activations than training
+        x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
@@ -92,11 +93,13 @@ def build_unet_small(input_shape=(None, None, 1), filters=(16, 32, 64)):
     return keras.Model(inputs, _output(x, "sigmoid"), name="unet_small")
 
 
-def _output(x, output: str):
+def _output(x, output: str, noisy=None):
     """``clip``: a linear 1x1 convolution clipped to [0, 1] (``ReLU(max_value=1)``),
     so a background pixel can come out exactly black. A sigmoid only tends to 0,
     and the faint haze it leaves on the background costs SSIM far more than PSNR.
-    ``sigmoid``: the reference's output, kept for comparisons."""
+    ``sigmoid``: the reference's output, kept for comparisons. ``residual``:
+    the network predicts the noise and the output is the input minus it,
+    clipped (DnCNN's residual learning), kept for comparisons too."""
     from keras import layers
 
     x = layers.Conv2D(1, 1, name="out_conv")(x)
@@ -104,11 +107,14 @@ def _output(x, output: str):
         return layers.ReLU(max_value=1.0, dtype="float32", name="denoised")(x)
     if output == "sigmoid":
         return layers.Activation("sigmoid", dtype="float32", name="denoised")(x)
-    raise ValueError(f"output must be clip or sigmoid, not {output!r}")
+    if output == "residual" and noisy is not None:
+        x = layers.Subtract(name="minus_noise")([noisy, x])
+        return layers.ReLU(max_value=1.0, dtype="float32", name="denoised")(x)
+    raise ValueError(f"output must be clip, sigmoid or residual, not {output!r}")
 
 
 def build_unet(input_shape=(None, None, 1), filters=(16, 48, 96), full_convs=1,
-               context=(1, 2, 1), output="clip"):
+               context=(1, 2, 1), output="clip", skips=True, batch_norm=True):
     """The default: a U-Net that spends its compute at low resolution.
 
     At full resolution ``full_convs`` cheap convolutions make the skip that
@@ -119,30 +125,36 @@ def build_unet(input_shape=(None, None, 1), filters=(16, 48, 96), full_convs=1,
     411,297 parameters, fewer than the reference's 440,865. Fully
     convolutional: any size that is a multiple of 4. (A wider full-resolution
     end, 32 filters and two convolutions, gained 0.06 dB for 1.9x the time;
-    see docs/quality.md.)
+    see docs/quality.md.) ``skips=False``, ``batch_norm=False`` and
+    ``output="residual"`` exist to measure what each part gives
+    (``bench/ablation.py``).
     """
     import keras
     from keras import layers
+
+    def block(x, filters, name, **kw):
+        return _conv_bn_relu(x, filters, name, batch_norm=batch_norm, **kw)
+
+    def join(x, skip, name):
+        return layers.Concatenate(name=name)([x, skip]) if skips else x
 
     f0, f1, f2 = filters
     inputs = keras.Input(shape=tuple(input_shape), name="noisy")
     s0 = inputs
     for i in range(full_convs):
-        s0 = _conv_bn_relu(s0, f0, "full" if i == 0 else f"full{i}")
-    x = _conv_bn_relu(s0, f1, "down1", strides=2)
-    s1 = _conv_bn_relu(x, f1, "half")
-    x = _conv_bn_relu(s1, f2, "down2", strides=2)
+        s0 = block(s0, f0, "full" if i == 0 else f"full{i}")
+    x = block(s0, f1, "down1", strides=2)
+    s1 = block(x, f1, "half")
+    x = block(s1, f2, "down2", strides=2)
     for i, dilation in enumerate(context):
-        x = _conv_bn_relu(x, f2, f"quarter{i}", dilation=dilation)
+        x = block(x, f2, f"quarter{i}", dilation=dilation)
     x = layers.Conv2DTranspose(f1, 2, strides=2, padding="same", name="up1")(x)
-    x = layers.Concatenate(name="cat1")([x, s1])
-    x = _conv_bn_relu(x, f1, "dec1a")
-    x = _conv_bn_relu(x, f1, "dec1b")
+    x = block(join(x, s1, "cat1"), f1, "dec1a")
+    x = block(x, f1, "dec1b")
     x = layers.Conv2DTranspose(f0, 2, strides=2, padding="same", name="up0")(x)
-    x = layers.Concatenate(name="cat0")([x, s0])
-    x = _conv_bn_relu(x, f0, "dec0a")
-    x = _conv_bn_relu(x, f0, "dec0b")
-    return keras.Model(inputs, _output(x, output), name="unet")
+    x = block(join(x, s0, "cat0"), f0, "dec0a")
+    x = block(x, f0, "dec0b")
+    return keras.Model(inputs, _output(x, output, inputs), name="unet")
 
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {

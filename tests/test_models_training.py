@@ -73,7 +73,7 @@ def test_default_output_is_clipped_so_background_can_be_exactly_black():
         bias.assign(np.full(bias.shape, -50.0, np.float32))  # a very dark prediction everywhere
         out = np.asarray(model(x))
         assert bool(np.all(out == 0.0)) is black and out.min() >= 0.0
-    with pytest.raises(ValueError, match="clip or sigmoid"):
+    with pytest.raises(ValueError, match="clip, sigmoid or residual"):
         build_model("unet", output="tanh")
 
 
@@ -82,6 +82,19 @@ def test_builder_options_reach_the_architecture():
     assert architecture_recipe("unet")["lr_schedule"] == "cosine"
     wide = build_model("unet", filters=(32, 48, 88), full_convs=2)
     assert wide.count_params() == 406_865 and wide.get_layer("full1_conv") is not None
+
+
+def test_ablation_options_remove_what_they_name():
+    plain = build_model("unet", skips=False, batch_norm=False)
+    names = [layer.name for layer in plain.layers]
+    assert not any(n.startswith("cat") or n.endswith("_bn") for n in names)
+    assert plain.count_params() < build_model("unet").count_params()
+    # residual: the network predicts the noise; with a zero prediction the input comes back
+    residual = build_model("unet", output="residual")
+    out_conv = residual.get_layer("out_conv")
+    out_conv.set_weights([np.zeros_like(w) for w in out_conv.get_weights()])
+    x = np.random.default_rng(3).random((2, 12, 16, 1)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(residual(x)), x, atol=1e-6)
 
 
 def test_unknown_architecture_is_a_model_error():
