@@ -7,6 +7,8 @@ mosaics of them (digits framed otherwise, see ``bench/translation.py``).
 
     python bench/ablation.py --epochs 1                 # every variant, ~3 min each on 2 cores
     python bench/ablation.py --epochs 2 --only default wide-full-res
+    python bench/ablation.py --epochs 2 --threads 1 --only default residual &  # two at a time
+    python bench/ablation.py --epochs 2 --threads 1 --only mse l1
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import os
 import time
 
 from _common import add_mirror_argument
-from quality import load_mnist, predict, psnr_mean, ssim_mean, test_draws, train_default
+from quality import (
+    limit_threads,
+    load_mnist,
+    predict,
+    psnr_mean,
+    ssim_mean,
+    test_draws,
+    train_default,
+)
 from translation import mosaic_psnr
 
 # name: (what changed, build_model options, loss[, training overrides])
@@ -56,9 +66,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="variants to run (default: all)")
+    parser.add_argument("--threads", type=int, help="TensorFlow threads (1: two runs side by side on 2 cores)")
     add_mirror_argument(parser)
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    limit_threads(args.threads)
 
     train, x_test = load_mnist(args.mirror)
     clean, noisy = x_test[:2000], test_draws(x_test)[0.5][:2000]

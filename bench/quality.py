@@ -199,6 +199,16 @@ def load_data(mirror: Path, quick: bool):
     return (train[:6000], x_test[:1000]) if quick else (train, x_test)
 
 
+def limit_threads(threads: int | None) -> None:
+    """Run TensorFlow on ``threads`` threads (before it starts), so runs side
+    by side each get their own cores."""
+    import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
 def run_job(job: dict, mirror: Path, quick: bool, out: Path, threads: int | None) -> dict:
     """Train one model (in a worker process) and save it; returns its timings.
 
@@ -206,11 +216,7 @@ def run_job(job: dict, mirror: Path, quick: bool, out: Path, threads: int | None
     every model trains under the same conditions as the ones beside it.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    limit_threads(threads)
     train, x_test = load_data(mirror, quick)
     draws = test_draws(x_test)
     level = job.get("level", 0.5)
