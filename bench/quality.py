@@ -253,24 +253,27 @@ def draw_plot(rows: list[dict], path: Path) -> None:
     """PSNR against noise level, one line per method (Pillow: no matplotlib dependency)."""
     from PIL import Image, ImageDraw
 
-    w, h, m = 640, 420, 60
+    # the legend gets its own column right of the axes: the lines meet at f = 0.7
+    w, h, m, legend = 860, 420, 60, 230
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     values = [r[f"psnr@{f}"] for r in rows for f in LEVELS]
     lo, hi = np.floor(min(values)) - 1, np.ceil(max(values)) + 1
-    x_of = {f: m + i * (w - 2 * m) / (len(LEVELS) - 1) for i, f in enumerate(LEVELS)}
+    right = w - legend
+    x_of = {f: m + i * (right - 2 * m) / (len(LEVELS) - 1) for i, f in enumerate(LEVELS)}
 
     def y_of(v):
         return h - m - (v - lo) / (hi - lo) * (h - 2 * m)
 
-    d.line([(m, h - m), (w - m, h - m)], fill="black")
+    d.line([(m, h - m), (right - m, h - m)], fill="black")
     d.line([(m, m), (m, h - m)], fill="black")
     for f in LEVELS:
         d.text((x_of[f] - 8, h - m + 8), f"{f}", fill="black")
     for v in range(int(lo), int(hi) + 1, 2):
         d.text((10, y_of(v) - 6), f"{v} dB", fill="black")
         d.line([(m - 4, y_of(v)), (m, y_of(v))], fill="black")
-    d.text((w // 2 - 60, h - 25), "noise factor f", fill="black")
+    d.text((right // 2 - 40, h - 25), "noise factor f", fill="black")
+    d.text((m, 20), "PSNR (dB) against the noise factor", fill="black")
     colours = ["#999999", "#8c564b", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"]
     for i, r in enumerate(rows):
         pts = [(x_of[f], y_of(r[f"psnr@{f}"])) for f in LEVELS]
@@ -278,7 +281,9 @@ def draw_plot(rows: list[dict], path: Path) -> None:
         d.line(pts, fill=c, width=3)
         for x, y in pts:
             d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=c)
-        d.text((w - m - 170, m + 14 * i), r["method"][:28], fill=c)
+        y = m + 20 * i
+        d.line([(right, y + 6), (right + 24, y + 6)], fill=c, width=3)
+        d.text((right + 32, y), r["method"][:32], fill=c)
     img.save(path)
 
 
