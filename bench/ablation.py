@@ -53,12 +53,15 @@ VARIANTS = {
                  {"output": "residual"}, "psnr_ssim"),
     "no-skips": ("no skip connections between encoder and decoder", {"skips": False}, "psnr_ssim"),
     "no-batch-norm": ("no batch normalisation (biases instead)", {"batch_norm": False}, "psnr_ssim"),
-    # at the default's 2e-3 the clipped output dies in the first steps without batch
-    # normalisation (every pixel 0 from the first half epoch on): slower rates
+    # without batch normalisation the clipped output dies in the first half epoch
+    # (every pixel 0, no gradient through the clip) at 2e-3, 1e-3 and 5e-4 alike;
+    # with a sigmoid output, which cannot die, it compares with loss-sigmoid
     "no-batch-norm-1e-3": ("no batch normalisation, Adam 1e-3", {"batch_norm": False}, "psnr_ssim",
                            {"lr": 1e-3}),
     "no-batch-norm-5e-4": ("no batch normalisation, Adam 5e-4", {"batch_norm": False}, "psnr_ssim",
                            {"lr": 5e-4}),
+    "no-batch-norm-sigmoid": ("no batch normalisation, sigmoid output",
+                              {"batch_norm": False, "output": "sigmoid"}, "psnr_ssim"),
     "mse": ("MSE loss instead of PSNR + SSIM", {}, "mse"),
     "l1": ("L1 loss instead of PSNR + SSIM", {}, "l1"),
     "constant-lr": ("constant learning rate instead of cosine decay", {}, "psnr_ssim",
