@@ -96,8 +96,11 @@ def build_unet_small(input_shape=(None, None, 1), filters=(16, 32, 64)):
 def _output(x, output: str, noisy=None):
     """``clip``: a linear 1x1 convolution clipped to [0, 1] (``ReLU(max_value=1)``),
     so a background pixel can come out exactly black. A sigmoid only tends to 0,
-    and the faint haze it leaves on the background costs SSIM far more than PSNR.
-    ``sigmoid``: the reference's output, kept for comparisons. ``residual``:
+    and in short runs the faint haze it leaves on the background costs SSIM far
+    more than PSNR (-0.055 SSIM after one epoch). ``sigmoid``: the reference's
+    output; from two epochs on it matches the clip's SSIM and is a little ahead
+    on PSNR (+0.05 dB at ten epochs, docs/quality.md), the first change to try
+    with the next run of record. ``residual``:
     the network predicts the noise and the output is the input minus it,
     clipped (DnCNN's residual learning), kept for comparisons too."""
     from keras import layers
