@@ -53,9 +53,9 @@ VARIANTS = {
                  {"output": "residual"}, "psnr_ssim"),
     "no-skips": ("no skip connections between encoder and decoder", {"skips": False}, "psnr_ssim"),
     "no-batch-norm": ("no batch normalisation (biases instead)", {"batch_norm": False}, "psnr_ssim"),
-    # without batch normalisation the clipped output dies in the first half epoch
-    # (every pixel 0, no gradient through the clip) at 2e-3, 1e-3 and 5e-4 alike;
-    # with a sigmoid output, which cannot die, it compares with loss-sigmoid
+    # without batch normalisation the output is all black by the first probe (half an
+    # epoch) at 2e-3, 1e-3 and 5e-4 alike, and with a sigmoid output too: the first
+    # steps overshoot into the output's flat region (docs/quality.md, fourth round)
     "no-batch-norm-1e-3": ("no batch normalisation, Adam 1e-3", {"batch_norm": False}, "psnr_ssim",
                            {"lr": 1e-3}),
     "no-batch-norm-5e-4": ("no batch normalisation, Adam 5e-4", {"batch_norm": False}, "psnr_ssim",
