@@ -9,6 +9,15 @@ the same test set (same shard set manifest); otherwise the newcomer stays a
 candidate and the reason says so, because a quick run's 1,000 test images do
 not rank against the full 10,000. Prefect-free: the task in
 ``tasks/register.py`` and the ``denoise models`` command both use it.
+
+Every change is a compare-and-swap through :func:`update_registry`: read the
+fresh state, decide, write, all under a file lock beside the registry, so two
+trainings and a ``denoise models promote`` never lose each other's versions.
+Readers take no lock: the file is replaced atomically, so a reader sees the old
+state or the new one. Only ``_lock_registry``, ``_load_registry`` and
+``_save_registry`` touch the file; an object-storage backend replaces those
+three (a read returning the ETag, a conditional PUT with If-Match, a retry of
+the change on a lost race) and no caller changes.
 """
 
 from __future__ import annotations
@@ -16,15 +25,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from artifacts.store import Store, resolve_store_root
 from denoiser.errors import ConfigError, ModelError
+from denoiser.faults import failpoint
 
 REGISTRY_FILE = "registry.json"
+LOCK_TIMEOUT = 60.0  # seconds to wait for another process's registry update
+FIX_HINT = "move it aside or fix it"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -49,29 +66,146 @@ class ModelRef:
                 "params": self.card.get("params"), "psnr": self.psnr,
                 "ssim": self.card.get("metrics", {}).get("ssim_denoised"), "passed": self.passed,
                 "data_manifest_sha256": data.get("manifest_sha256"), "model_path": str(self.model_path),
-                "created": self.card.get("created")}
+                "model_sha256": self.card.get("model_sha256"), "created": self.card.get("created")}
 
 
 def _registry_path(store_root: str | os.PathLike | None) -> Path:
     return Store.at(store_root).models_root / REGISTRY_FILE
 
 
-def read_registry(store_root: str | os.PathLike | None) -> dict:
-    path = _registry_path(store_root)
+def empty_registry() -> dict:
+    return {"production": None, "versions": {}}
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else {dict: "an object", list: "a list", str: "a string"}.get(
+        type(value), type(value).__name__)
+
+
+def registry_problem(state: Any) -> str | None:
+    """What makes ``state`` not a model registry, in a few words; None if it is one."""
+    if not isinstance(state, dict) or "versions" not in state:
+        got = "an object without it" if isinstance(state, dict) else _type_name(state)
+        return f"not a model registry (expected an object with 'versions', got {got})"
+    production = state.get("production")
+    if production is not None and not isinstance(production, str):
+        return f"'production' must be a version name or null, not {_type_name(production)}"
+    versions = state["versions"]
+    if not isinstance(versions, dict):
+        return f"'versions' must be an object, not {_type_name(versions)}"
+    bad = next((name for name, entry in versions.items() if not isinstance(entry, dict)), None)
+    if bad is not None:
+        return f"'versions'[{bad!r}] must be an object, not {_type_name(versions[bad])}"
+    if not isinstance(state.get("history", []), list):
+        return f"'history' must be a list, not {_type_name(state['history'])}"
+    return None
+
+
+def parse_registry(path: Path, raw: bytes) -> dict:
+    """The registry in ``raw`` (the bytes of ``path``), checked; a ModelError
+    naming the file otherwise."""
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {"production": None, "versions": {}}
+        state = json.loads(raw)
+    except UnicodeDecodeError:
+        raise ModelError(f"{path}: not a model registry (not UTF-8 text); {FIX_HINT}") from None
     except ValueError as exc:
-        raise ModelError(f"{path}: unreadable registry ({exc})") from None
+        raise ModelError(f"{path}: not a model registry (invalid JSON: {exc}); {FIX_HINT}") from None
+    problem = registry_problem(state)
+    if problem:
+        raise ModelError(f"{path}: {problem}; {FIX_HINT}")
+    state.setdefault("production", None)
+    return state
 
 
-def _write_registry(store_root: str | os.PathLike | None, state: dict) -> None:
-    path = _registry_path(store_root)
+def _load_registry(path: Path) -> dict:
+    """Read and check the registry file; a missing file is an empty registry."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return empty_registry()
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read the model registry ({exc.strerror or exc})") from None
+    return parse_registry(path, raw)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_registry(path: Path, state: dict) -> None:
+    """Replace the registry file with ``state``, durably: a unique temporary file
+    in the same folder, fsynced, renamed over the old one, the folder fsynced."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(json.dumps(state, indent=2, sort_keys=True).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        failpoint("registry.before_write")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+    failpoint("registry.after_write")
+
+
+def _remove_orphans(path: Path) -> None:
+    """Temporary files of writers killed mid-write; only called under the lock,
+    when no live writer can own one."""
+    for orphan in path.parent.glob(f".{path.name}.*.tmp"):
+        orphan.unlink(missing_ok=True)
+
+
+@contextmanager
+def _lock_registry(path: Path, timeout: float) -> Iterator[None]:
+    """Hold the registry's lock file (released by the OS if the holder dies)."""
+    from filelock import FileLock, Timeout
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    lock = path.with_name(path.name + ".lock")
+    try:
+        with FileLock(lock, timeout=timeout):
+            yield
+    except Timeout:
+        raise ModelError(f"{path}: another process has held {lock.name} for over {timeout:g} s; "
+                         "retry when its update is done") from None
+
+
+def read_registry(store_root: str | os.PathLike | None) -> dict:
+    """The registry's current state, checked (a ModelError naming the file if it
+    is not a registry); a store without one has an empty registry."""
+    return _load_registry(_registry_path(store_root))
+
+
+def check_registry(store_root: str | os.PathLike | None) -> None:
+    """Fail now, with one line naming the file, if the registry is unusable:
+    called before a training so that a bad registry does not surface after it."""
+    read_registry(store_root)
+
+
+def update_registry(store_root: str | os.PathLike | None, change: Callable[[dict], tuple[dict, T]],
+                    timeout: float | None = None) -> T:
+    """Apply ``change`` to the fresh registry state and write what it returns,
+    with no other update in between; returns ``change``'s second value.
+
+    ``change`` gets its own copy of the state, decides on it alone, and may run
+    again on a newer state (an object-storage backend retries a lost race), so
+    it must have no other effect. A state that is not a registry is never written.
+    """
+    path = _registry_path(store_root)
+    with _lock_registry(path, LOCK_TIMEOUT if timeout is None else timeout):
+        _remove_orphans(path)
+        state, result = change(_load_registry(path))
+        problem = registry_problem(state)
+        if problem:
+            raise ModelError(f"{path}: refusing to write an invalid registry: {problem}")
+        _save_registry(path, state)
+    return result
 
 
 def _card(folder: Path) -> dict:
@@ -81,17 +215,26 @@ def _card(folder: Path) -> dict:
         return {}
 
 
+def _version_ref(store_root: str | os.PathLike | None, version: str | None,
+                 production: str | None) -> ModelRef | None:
+    """The store's version folder ``version``, if it holds a model file."""
+    if not version:
+        return None
+    folder = Store.at(store_root).model_dir(version)
+    if not (folder / "model.keras").is_file():
+        return None
+    return ModelRef(version, folder, folder / "model.keras", _card(folder),
+                    "production" if version == production else "candidate")
+
+
 def list_models(store_root: str | os.PathLike | None) -> list[ModelRef]:
     """Every version with a model file, newest first."""
     root = Store.at(store_root).models_root
     if not root.is_dir():
         return []
-    production = read_registry(store_root).get("production")
-    refs = []
-    for folder in sorted((p for p in root.iterdir() if (p / "model.keras").is_file()), reverse=True):
-        refs.append(ModelRef(folder.name, folder, folder / "model.keras", _card(folder),
-                             "production" if folder.name == production else "candidate"))
-    return refs
+    production = read_registry(store_root)["production"]
+    names = sorted((p.name for p in root.iterdir() if (p / "model.keras").is_file()), reverse=True)
+    return [ref for name in names if (ref := _version_ref(store_root, name, production))]
 
 
 def production_model(store_root: str | os.PathLike | None) -> ModelRef | None:
@@ -100,7 +243,9 @@ def production_model(store_root: str | os.PathLike | None) -> ModelRef | None:
 
 def resolve_model(store_root: str | os.PathLike | None, spec: str | None = None) -> ModelRef:
     """``spec``: None (production, else the newest that passed its gate), a
-    version name, a model folder, or a ``.keras`` file."""
+    version name, a model folder, or a ``.keras`` file. Only a model of this
+    store needs the registry (for its status): a file or folder elsewhere is
+    usable whatever state the registry is in."""
     store = resolve_store_root(store_root)
     if spec is None:
         models = list_models(store)
@@ -110,7 +255,8 @@ def resolve_model(store_root: str | os.PathLike | None, spec: str | None = None)
             hint = " (none passed its quality gate)" if models else ""
             raise ModelError(f"no trained model in {store}{hint}; run `denoise train` first")
         return chosen
-    by_version = Store.at(store).model_dir(spec)
+    models_root = Store.at(store).models_root
+    by_version = models_root / spec
     path = by_version if (by_version / "model.keras").is_file() else Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model.keras").is_file():
@@ -121,9 +267,10 @@ def resolve_model(store_root: str | os.PathLike | None, spec: str | None = None)
     if path.suffix != ".keras":
         raise ModelError(f"{path}: not a .keras model file")
     folder = path.parent
-    production = read_registry(store).get("production")
+    in_store = folder.resolve().parent == models_root
+    production = read_registry(store)["production"] if in_store else None
     return ModelRef(folder.name, folder, path, _card(folder),
-                    "production" if folder.name == production else "candidate")
+                    "production" if in_store and folder.name == production else "candidate")
 
 
 def _test_set(card: dict) -> str | None:
@@ -149,42 +296,54 @@ def decide_promotion(card: dict, current: ModelRef | None) -> tuple[bool, str]:
 
 def register_model(store_root: str | os.PathLike | None, model_dir: str | os.PathLike,
                    metrics: dict | None = None, flow_run_id: str | None = None) -> dict:
-    """Record a version and promote it if it earns it; returns the decision."""
+    """Record a version and promote it if it earns it against the production
+    model of the moment (read under the registry lock); returns the decision."""
+    store = resolve_store_root(store_root)
     folder = Path(model_dir)
     card = _card(folder)
     if not card:
         raise ModelError(f"{folder} has no model card (model.json)")
     if metrics and "metrics" not in card:
         card["metrics"] = metrics
-    current = production_model(store_root)
-    promoted, reason = decide_promotion(card, current)
-    state = read_registry(store_root)
+    version = folder.name
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    state["versions"][folder.name] = {
-        "registered": now, "flow_run_id": flow_run_id, "metrics": card.get("metrics"),
-        "quality_gate": card.get("quality_gate"), "data_manifest_sha256": _test_set(card),
-        "architecture": card.get("architecture"), "reason": reason,
-    }
-    if promoted:
-        state["production"] = folder.name
-        state.setdefault("history", []).append({"version": folder.name, "promoted": now, "reason": reason})
-    _write_registry(store_root, state)
-    return {"version": folder.name, "status": "production" if promoted else "candidate",
-            "promoted": promoted, "reason": reason,
-            "production": state["production"]}
+
+    def record(state: dict) -> tuple[dict, dict]:
+        production = state["production"]
+        if production == version:  # registered again (a rerun): it stays where it is
+            promoted, reason = False, state["versions"].get(version, {}).get("reason") or "production model"
+        else:
+            promoted, reason = decide_promotion(card, _version_ref(store, production, production))
+        state["versions"][version] = {
+            "registered": now, "flow_run_id": flow_run_id, "metrics": card.get("metrics"),
+            "quality_gate": card.get("quality_gate"), "data_manifest_sha256": _test_set(card),
+            "architecture": card.get("architecture"), "reason": reason,
+        }
+        if promoted:
+            state["production"] = version
+            state.setdefault("history", []).append({"version": version, "promoted": now, "reason": reason})
+        return state, {"version": version, "status": "production" if state["production"] == version else "candidate",
+                       "promoted": promoted, "reason": reason, "production": state["production"]}
+
+    return update_registry(store, record)
 
 
 def promote(store_root: str | os.PathLike | None, version: str) -> ModelRef:
-    if not (Store.at(store_root).model_dir(version) / "model.keras").is_file():
-        known = ", ".join(m.version for m in list_models(store_root)[:5]) or "none"
+    store = resolve_store_root(store_root)
+    folder = Store.at(store).model_dir(version)
+    if not (folder / "model.keras").is_file():
+        known = ", ".join(m.version for m in list_models(store)[:5]) or "none"
         raise ConfigError(f"unknown model version {version!r} (newest: {known})")
-    state = read_registry(store_root)
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    state["production"] = version
-    state.setdefault("history", []).append({"version": version, "promoted": now, "reason": "promoted by hand"})
-    state["versions"].setdefault(version, {"registered": now})["reason"] = "promoted by hand"
-    _write_registry(store_root, state)
-    return resolve_model(store_root, version)
+
+    def make_production(state: dict) -> tuple[dict, None]:
+        state["production"] = version
+        state.setdefault("history", []).append({"version": version, "promoted": now, "reason": "promoted by hand"})
+        state["versions"].setdefault(version, {"registered": now})["reason"] = "promoted by hand"
+        return state, None
+
+    update_registry(store, make_production)
+    return ModelRef(version, folder, folder / "model.keras", _card(folder), "production")
 
 
 # --------------------------------------------------------------------------- CLI
