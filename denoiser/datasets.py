@@ -7,7 +7,9 @@ Where files come from, in order: an explicit source, ``$DENOISE_DATA_SOURCE``,
 the dataset's origin. A source is an http(s) URL, a ``file://`` URL or a folder
 path. Files are streamed to a temporary name inside the cache folder, checked
 (checksums, IDX structure) and only then renamed, so the cache never holds a
-file that looks finished but is not.
+file that looks finished but is not. A temporary name carries its writer's host
+and pid, so the leftovers of a killed run can be told from a live concurrent
+writer's and removed (:func:`remove_orphan_temps`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import re
+import secrets
+import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -29,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from denoiser.errors import ChecksumError, ConfigError, DownloadError, IDXFormatError
+from denoiser.faults import failpoint
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +224,67 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return parse_idx(_read_payload(path), path.name)
 
 
+# --------------------------------------------------------------------------- temporary files
+
+_TEMP_NAME = re.compile(r"^\.(?P<final>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]+\.(?P<suffix>\w+)$")
+
+
+def _host_tag() -> str:
+    """Six hex digits naming this host, so a pid is only judged on the host it belongs to."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def temp_path(final: Path, suffix: str, pid: int | None = None) -> Path:
+    """A unique temporary name beside ``final`` that says which process writes it
+    (this one unless ``pid`` is given), for :func:`remove_orphan_temps`."""
+    pid = os.getpid() if pid is None else pid
+    return final.with_name(f".{final.name}.{_host_tag()}-{pid}-{secrets.token_hex(3)}.{suffix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    try:  # a killed but unreaped child is a zombie: it writes nothing any more
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def orphan_writer(path: Path, suffix: str) -> int | None:
+    """The pid of the dead process on this host that left ``path``, a temporary
+    file named by :func:`temp_path`; None if it is not one or its writer may be alive."""
+    match = _TEMP_NAME.match(path.name)
+    if not match or match["suffix"] != suffix or match["host"] != _host_tag():
+        return None
+    pid = int(match["pid"])
+    return None if pid == os.getpid() or _pid_alive(pid) else pid
+
+
+def remove_orphan_temps(folder: Path, suffix: str, log: Any = logger) -> list[Path]:
+    """Delete the ``.*.<suffix>`` files in ``folder`` left by killed runs on this
+    host (never a live writer's); returns what was removed."""
+    removed = []
+    try:
+        candidates = [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(f".{suffix}")]
+    except FileNotFoundError:
+        return removed
+    for path in sorted(candidates):
+        pid = orphan_writer(path, suffix)
+        if pid is None:
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        log.info("removed %s, left by a killed run (pid %d)", path, pid)
+        removed.append(path)
+    return removed
+
+
 # --------------------------------------------------------------------------- fetch
 
 def _sha256_file(path: Path) -> str:
@@ -260,23 +326,52 @@ def _validate_idx_header(path: Path, payload_bytes: int) -> tuple[int, ...]:
     return dims
 
 
+def _cache_write_error(name: str, cache_dir: Path, exc: OSError) -> DownloadError:
+    """A full disk or a size limit is not a network error: not worth retrying."""
+    return DownloadError(f"{name}: cannot write to the cache {cache_dir}: {exc.strerror or exc}")
+
+
+def _stream_to(stream, out, name: str, cache_dir: Path, hashes: list) -> int:
+    """Copy the download into the temporary file; returns its size. Read errors
+    are transient (the network), write errors permanent (the disk)."""
+    size = 0
+    while True:
+        try:
+            chunk = stream.read(_CHUNK)
+        except (OSError, TimeoutError) as exc:
+            raise TransientDownloadError(f"{name}: download interrupted: {exc}") from None
+        if not chunk:
+            return size
+        try:
+            out.write(chunk)
+            if not size:
+                failpoint("download.mid_file")
+        except OSError as exc:
+            raise _cache_write_error(name, cache_dir, exc) from None
+        for h in hashes:
+            h.update(chunk)
+        size += len(chunk)
+
+
 def _fetch_one(source: str, fspec: FileSpec, cache_dir: Path, sums: dict[str, str] | None) -> dict:
     """Stream one file into the cache, verify it, then rename it into place."""
     name = fspec.filename
     final = cache_dir / name
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=cache_dir)
-    tmp = Path(tmp_name)
+    tmp = temp_path(final, "part")
     try:
-        sha, md5, size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
-        with os.fdopen(fd, "wb") as out, _open(source, name) as stream:
+        sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+        with _open(source, name) as stream:
             try:
-                for chunk in iter(lambda: stream.read(_CHUNK), b""):
-                    out.write(chunk)
-                    sha.update(chunk)
-                    md5.update(chunk)
-                    size += len(chunk)
-            except (OSError, TimeoutError) as exc:
-                raise TransientDownloadError(f"{name}: download interrupted: {exc}") from None
+                out = open(tmp, "xb")  # noqa: SIM115 - closed below, where its errors are disk errors
+            except OSError as exc:
+                raise _cache_write_error(name, cache_dir, exc) from None
+            try:
+                size = _stream_to(stream, out, name, cache_dir, [sha, md5])
+            finally:
+                try:
+                    out.close()
+                except OSError as exc:
+                    raise _cache_write_error(name, cache_dir, exc) from None
         digest = sha.hexdigest()
         if sums is not None:
             if name not in sums:
@@ -290,7 +385,10 @@ def _fetch_one(source: str, fspec: FileSpec, cache_dir: Path, sums: dict[str, st
             raise ChecksumError(
                 f"{name}: decompressed sha256 {payload_sha} does not match the expected {fspec.payload_sha256}")
         dims = _validate_idx_header(tmp, payload_bytes)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError as exc:
+            raise _cache_write_error(name, cache_dir, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -300,25 +398,72 @@ def _fetch_one(source: str, fspec: FileSpec, cache_dir: Path, sums: dict[str, st
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    tmp = temp_path(path, "part")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _cache_write_error(path.name, path.parent, exc) from None
 
 
-def fetch_dataset(name: str, source: str | None, cache_dir: str | os.PathLike) -> dict:
+def _read_cache_manifest(cache: Path) -> dict | None:
+    """The cache manifest's ``files`` by role, or None if it is missing or not of that shape."""
+    try:
+        files = json.loads((cache / "manifest.json").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(files, dict) or not all(
+            isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("sha256"), str)
+            for r in files.values()):
+        return None
+    return files
+
+
+def _cached_file_problem(path: Path, rec: dict) -> str | None:
+    """Why the cached file cannot be used as recorded (None if it can): size first, it is free."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing from the cache"
+    if rec.get("bytes") is not None and size != rec["bytes"]:
+        return "sha256 mismatch with the cache manifest"
+    if _sha256_file(path) != rec["sha256"]:
+        return "sha256 mismatch with the cache manifest"
+    return None
+
+
+def verify_download_cache(cache_dir: str | os.PathLike) -> list[str]:
+    """The cached files whose sha256 does not match the cache manifest (or that are
+    gone); ``["manifest.json"]`` if the manifest is missing, unreadable or
+    unfinished. Empty means the cache holds every file as fetched."""
+    cache = Path(cache_dir)
+    try:
+        complete = json.loads((cache / "manifest.json").read_text()).get("complete")
+    except (OSError, ValueError, AttributeError):
+        complete = False
+    files = _read_cache_manifest(cache)
+    if not complete or files is None or set(files) != set(ROLES):
+        return ["manifest.json"]
+    return [files[r]["name"] for r in ROLES if _cached_file_problem(cache / files[r]["name"], files[r])]
+
+
+def fetch_dataset(name: str, source: str | None, cache_dir: str | os.PathLike, log: Any = logger) -> dict:
     """Make the dataset's files present and verified in ``cache_dir``.
 
     Returns the dataset manifest (see docs/design.md). Cached files whose sha256
-    still matches the cache manifest are used without touching the network.
+    still matches the cache manifest are used without touching the network; a
+    damaged one is fetched again, with a warning on ``log`` naming it.
     """
     spec = get_dataset(name)
     cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    manifest_path = cache / "manifest.json"
     try:
-        previous = json.loads(manifest_path.read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        previous = {}
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cache_write_error(name, cache, exc) from None
+    remove_orphan_temps(cache, "part", log)
+    manifest_path = cache / "manifest.json"
+    previous = _read_cache_manifest(cache) or {}
 
     files: dict[str, dict] = {}
     missing = []
@@ -326,17 +471,23 @@ def fetch_dataset(name: str, source: str | None, cache_dir: str | os.PathLike) -
         fspec = spec.files[role]
         rec = previous.get(role)
         path = cache / fspec.filename
-        if (rec and path.is_file() and rec.get("sha256") == _sha256_file(path)
-                and (not fspec.payload_sha256 or rec.get("payload_sha256") == fspec.payload_sha256)):
+        problem = None
+        if rec and fspec.payload_sha256 and rec.get("payload_sha256") != fspec.payload_sha256:
+            problem = "recorded for other contents"
+        elif rec:
+            problem = _cached_file_problem(path, rec)
+        if rec and problem is None:
             files[role] = {**rec, "path": str(path), "status": "cached"}
-        else:
-            missing.append(role)
+            continue
+        if rec:
+            log.warning("%s: %s; fetching it again", path, problem)
+        missing.append(role)
 
     if missing:
         resolved = resolve_source(spec, source)
         sums = read_sha256sums(resolved)
         for role in missing:
-            logger.info("fetching %s from %s", spec.files[role].filename, resolved)
+            log.info("fetching %s from %s", spec.files[role].filename, resolved)
             files[role] = {**_fetch_one(resolved, spec.files[role], cache, sums), "status": "fetched"}
             # recorded at once: a retry after a later failure does not fetch this file again
             _write_json(manifest_path, {"dataset": name, "complete": False, "files": {

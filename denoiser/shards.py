@@ -7,7 +7,9 @@ spawned from the run seed with ``SeedSequence`` in a fixed plan order, so the
 bytes do not depend on the order or parallelism of writing. ``manifest.json``
 is written last: a folder without it is unfinished, and a shard only gets its
 final name once complete, so a crash never leaves a truncated shard that looks
-done.
+done. The manifest records each shard's size and sha256: a finished set is
+verified before it is reused (:func:`verify_shard_set`), and a damaged shard is
+rebuilt alone, its bytes being a function of the seed plan.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from denoiser.datasets import remove_orphan_temps, temp_path
 from denoiser.errors import ShardError
+from denoiser.faults import failpoint
 from denoiser.noise import add_noise, draw_levels, quantize
 
 logger = logging.getLogger(__name__)
@@ -102,6 +106,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _reason(exc: BaseException) -> str:
+    """One line for an I/O or Arrow error."""
+    if isinstance(exc, FileNotFoundError):
+        return "missing"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def _write_shard(out_dir: Path, plan: _ShardPlan, arrays: SplitArrays, noise: dict,
                  seed: np.random.SeedSequence) -> dict:
     import pyarrow as pa
@@ -124,36 +138,90 @@ def _write_shard(out_dir: Path, plan: _ShardPlan, arrays: SplitArrays, noise: di
             "noise_kind": pa.array([noise["kind"]] * rows, type=pa.string()),
             "noise_level": pa.array(levels.astype(np.float32)),
         }).replace_schema_metadata({SHAPE_KEY: json.dumps(shape).encode()})
-        tmp = out_dir / f".{plan.filename}.{os.getpid()}.{id(plan)}.tmp"
+        tmp = temp_path(final, "tmp")
         try:
             pq.write_table(table, tmp, compression="zstd", row_group_size=2048)
             os.replace(tmp, final)
+        except (OSError, pa.ArrowException) as exc:
+            tmp.unlink(missing_ok=True)
+            raise ShardError(f"{out_dir}: cannot write shard {plan.filename}: {_reason(exc)}") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    return {"file": plan.filename, "split": plan.split, "rows": rows, "sha256": _sha256(final)}
+        failpoint("shards.after_shard")
+    return {"file": plan.filename, "split": plan.split, "rows": rows, "bytes": final.stat().st_size,
+            "sha256": _sha256(final)}
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    failpoint("shards.before_manifest")
+    tmp = temp_path(out / "manifest.json", "tmp")
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(tmp, out / "manifest.json")
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ShardError(f"{out}: cannot write manifest.json: {_reason(exc)}") from None
+
+
+def _write_shards(out: Path, plans: list[_ShardPlan], seeds: list, splits: dict[str, SplitArrays],
+                  noise: dict, workers: int) -> list[dict]:
+    if workers > 1 and len(plans) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda ps: _write_shard(out, ps[0], splits[ps[0].split], noise, ps[1]),
+                                 zip(plans, seeds, strict=True)))
+    return [_write_shard(out, p, splits[p.split], noise, s) for p, s in zip(plans, seeds, strict=True)]
+
+
+def _unlink_damaged(out: Path, log: Any) -> dict[str, str]:
+    """Delete the shards of a finished set that fail verification, and its
+    manifest; returns the sha256 the old manifest recorded for each deleted shard."""
+    problems = _problems(out)
+    if not problems:
+        return {}
+    try:
+        recorded = {r["file"]: r["sha256"] for r in _load_manifest(out)["shards"]}
+    except ShardError:
+        recorded = {}
+    for name, reason in problems.items():
+        log.warning("%s: %s; rebuilding it", out / name, reason)
+        if name != "manifest.json":
+            (out / name).unlink(missing_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    return {name: recorded[name] for name in problems if name in recorded}
 
 
 def write_shard_set(out_dir: str | os.PathLike, splits: dict[str, SplitArrays], noise: dict,
                     shard_rows: int, seed: int, meta: dict[str, Any] | None = None,
-                    workers: int = 2) -> Path:
-    """Write (or finish) a shard set and its manifest; returns the folder.
+                    workers: int = 2, log: Any = logger) -> Path:
+    """Write, finish or repair a shard set and its manifest; returns the folder.
 
     ``noise`` is ``{"kind", "level"}`` (level a float or [lo, hi]), and
-    optionally ``"density"`` for a range (default ``rising``).
+    optionally ``"density"`` for a range (default ``rising``). A finished set
+    whose shards all match the manifest is returned as is; damaged shards are
+    deleted and rewritten (a warning on ``log`` names each one), and if a
+    rewritten shard's bytes differ from those recorded the whole set is rebuilt,
+    so a set never mixes shards of two writers.
     """
     out = Path(out_dir)
+    rebuilt = _unlink_damaged(out, log) if (out / "manifest.json").exists() else {}
     if (out / "manifest.json").is_file():
         return out
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ShardError(f"{out}: cannot create the shard folder: {_reason(exc)}") from None
+    remove_orphan_temps(out, "tmp", log)
     plans = _plan(splits, shard_rows)
     seeds = np.random.SeedSequence(seed).spawn(len(plans))
-    if workers > 1 and len(plans) > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            records = list(pool.map(lambda ps: _write_shard(out, ps[0], splits[ps[0].split], noise, ps[1]),
-                                    zip(plans, seeds, strict=True)))
-    else:
-        records = [_write_shard(out, p, splits[p.split], noise, s) for p, s in zip(plans, seeds, strict=True)]
+    records = _write_shards(out, plans, seeds, splits, noise, workers)
+    differ = [r["file"] for r in records if r["file"] in rebuilt and r["sha256"] != rebuilt[r["file"]]]
+    if differ:
+        log.warning("%s: rewritten %s differs from the sha256 the manifest recorded (another pyarrow or "
+                    "numpy?); rebuilding the whole set", out, differ[0])
+        for rec in records:
+            (out / rec["file"]).unlink(missing_ok=True)
+        records = _write_shards(out, plans, seeds, splits, noise, workers)
     image_shape = list(next(iter(splits.values())).images.shape[1:])
     manifest = {
         **(meta or {}),
@@ -166,24 +234,83 @@ def write_shard_set(out_dir: str | os.PathLike, splits: dict[str, SplitArrays], 
                    for s, a in splits.items()},
         "shards": records,
     }
-    tmp = out / f".manifest.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, out / "manifest.json")
-    logger.info("wrote %d shards to %s", len(records), out)
+    _write_manifest(out, manifest)
+    log.info("wrote %d shards to %s", len(records), out)
     return out
+
+
+# --------------------------------------------------------------------------- verification
+
+def _load_manifest(shards_dir: Path) -> dict:
+    """The manifest, checked for the fields verification needs; ShardError otherwise."""
+    path = shards_dir / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardError(f"{shards_dir}: not a finished shard set (no manifest.json)") from None
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"{path}: unreadable manifest ({_reason(exc)})") from None
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if not isinstance(shards, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("file"), str) and isinstance(r.get("sha256"), str)
+            and "/" not in r["file"] for r in shards):
+        raise ShardError(f"{path}: unreadable manifest (no list of shards with file and sha256)")
+    return manifest
+
+
+def _shard_problem(path: Path, rec: dict) -> str | None:
+    """Why a shard does not match its manifest record, or None; the size first, it is free."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    if isinstance(rec.get("bytes"), int) and size != rec["bytes"]:
+        return f"{size} bytes, the manifest says {rec['bytes']}"
+    if _sha256(path) != rec["sha256"]:
+        return "sha256 mismatch with the manifest"
+    return None
+
+
+def _problems(shards_dir: str | os.PathLike) -> dict[str, str]:
+    folder = Path(shards_dir)
+    try:
+        manifest = _load_manifest(folder)
+    except ShardError as exc:
+        return {"manifest.json": str(exc).rsplit("(", 1)[-1].rstrip(")")}
+    found = {}
+    for rec in manifest["shards"]:
+        reason = _shard_problem(folder / rec["file"], rec)
+        if reason:
+            found[rec["file"]] = reason
+    return found
+
+
+def verify_shard_set(shards_dir: str | os.PathLike) -> list[str]:
+    """The shards of a finished set that are missing or whose size or sha256 differ
+    from the manifest; ``["manifest.json"]`` if there is no readable manifest (an
+    unfinished set). Empty means every shard is as written. Streams each file
+    once, so it is cheap enough to run on every reuse."""
+    return list(_problems(shards_dir))
+
+
+def check_shard_set(shards_dir: str | os.PathLike) -> dict:
+    """The manifest, after checking every shard against it: for readers about to
+    use the whole set (training), so a damaged shard fails with one line naming it."""
+    folder = Path(shards_dir)
+    manifest = _load_manifest(folder)
+    problems = _problems(folder)
+    if problems:
+        name, reason = next(iter(problems.items()))
+        more = f"; {len(problems) - 1} more damaged" if len(problems) > 1 else ""
+        raise ShardError(f"{folder / name}: corrupt shard ({reason}){more}; rerun the pipeline to rebuild it")
+    return manifest
 
 
 # --------------------------------------------------------------------------- readers
 
 def read_manifest(shards_dir: str | os.PathLike) -> dict:
-    path = Path(shards_dir) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ShardError(f"{shards_dir}: not a finished shard set (no manifest.json)") from None
-    except ValueError as exc:
-        raise ShardError(f"{path}: unreadable manifest ({exc})") from None
-    for rec in manifest.get("shards", []):
+    manifest = _load_manifest(Path(shards_dir))
+    for rec in manifest["shards"]:
         if not (Path(shards_dir) / rec["file"]).is_file():
             raise ShardError(f"{shards_dir}: shard {rec['file']} listed in the manifest is missing")
     return manifest
@@ -227,32 +354,68 @@ def _batch_to_arrays(batch, shape: Sequence[int]) -> dict[str, np.ndarray]:
     return out
 
 
+def _corrupt(path: Path, exc: BaseException) -> ShardError:
+    return ShardError(f"{path}: corrupt shard ({_reason(exc)})")
+
+
+def _file_batches(path: Path, shape: Sequence[int], batch_rows: int,
+                  columns: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
+    """One shard's record batches; any failure to open or decode names the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    errors = (OSError, ValueError, pa.ArrowException, ShardError)
+    try:
+        pf = pq.ParquetFile(path)
+    except errors as exc:
+        raise _corrupt(path, exc) from None
+    with pf:
+        batches = pf.iter_batches(batch_size=batch_rows, columns=list(columns))
+        while True:
+            try:
+                batch = next(batches, None)
+                if batch is None:
+                    return
+                arrays = _batch_to_arrays(batch, shape)
+            except errors as exc:
+                raise _corrupt(path, exc) from None
+            yield arrays
+
+
 def iter_batches(shards_dir: str | os.PathLike, split: str, batch_rows: int = 1024,
                  columns: Sequence[str] = ("noisy", "clean"),
                  file_order_seed: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Stream a split a record batch at a time: memory stays bounded by the batch."""
-    import pyarrow.parquet as pq
-
+    """Stream a split a record batch at a time: memory stays bounded by the batch.
+    A shard that fails to open or decode raises ShardError naming it (checksums
+    are :func:`check_shard_set`'s job, once before a whole pass)."""
     shape = read_manifest(shards_dir)["image_shape"]
     paths = shard_paths(shards_dir, split)
     if file_order_seed is not None:
         paths = [paths[i] for i in np.random.default_rng(file_order_seed).permutation(len(paths))]
     for path in paths:
-        with pq.ParquetFile(path) as pf:
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=list(columns)):
-                yield _batch_to_arrays(batch, shape)
+        yield from _file_batches(path, shape, batch_rows, columns)
 
 
 def load_split(shards_dir: str | os.PathLike, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
-    """A whole split in memory (fine for validation and test)."""
+    """A whole split in memory (fine for validation and test). Each shard read is
+    checked against the manifest first; a damaged one raises ShardError naming it."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    shape = read_manifest(shards_dir)["image_shape"]
+    manifest = read_manifest(shards_dir)
+    shape = manifest["image_shape"]
+    records = {r["file"]: r for r in manifest["shards"]}
     parts: list[dict[str, np.ndarray]] = []
     have = 0
     for path in shard_paths(shards_dir, split):
-        table = pq.read_table(path)
-        parts.append(_batch_to_arrays(table, shape))
+        reason = _shard_problem(path, records[path.name])
+        if reason:
+            raise ShardError(f"{path}: corrupt shard ({reason})")
+        try:
+            table = pq.read_table(path)
+            parts.append(_batch_to_arrays(table, shape))
+        except (OSError, ValueError, pa.ArrowException, ShardError) as exc:
+            raise _corrupt(path, exc) from None
         have += table.num_rows
         if limit is not None and have >= limit:
             break

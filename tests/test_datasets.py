@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import http.server
 import json
+import os
 import struct
 import threading
 from pathlib import Path
@@ -15,7 +16,14 @@ import numpy as np
 import pytest
 
 from denoiser import datasets
-from denoiser.datasets import DatasetSpec, FileSpec, fetch_dataset, load_images, read_idx
+from denoiser.datasets import (
+    DatasetSpec,
+    FileSpec,
+    fetch_dataset,
+    load_images,
+    read_idx,
+    verify_download_cache,
+)
 from denoiser.errors import ChecksumError, ConfigError, DownloadError, IDXFormatError
 
 
@@ -201,3 +209,121 @@ def test_real_mnist_mirror_passes_its_checksums(mnist_mirror, tmp_path):
     images, labels = load_images(manifest, "test")
     assert images.shape == (10000, 28, 28, 1) and labels.shape == (10000,)
     assert manifest["files"]["train_images"]["payload_sha256"].startswith("ba891046")
+
+
+# --------------------------------------------------------------------------- verification, write errors, leftovers
+
+def test_verify_download_cache_names_damaged_files(tiny, tmp_path):
+    mirror, _ = tiny
+    cache = tmp_path / "cache"
+    assert verify_download_cache(cache) == ["manifest.json"]
+    fetch_dataset("tiny", str(mirror), cache)
+    assert verify_download_cache(cache) == []
+    blob = bytearray((cache / "t10k-images-idx3-ubyte.gz").read_bytes())
+    blob[40] ^= 0xFF
+    (cache / "t10k-images-idx3-ubyte.gz").write_bytes(bytes(blob))
+    (cache / "train-labels-idx1-ubyte.gz").unlink()
+    assert verify_download_cache(cache) == ["train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz"]
+    (cache / "manifest.json").write_text("[]")
+    assert verify_download_cache(cache) == ["manifest.json"]
+
+
+def test_a_damaged_cached_file_is_fetched_again_with_a_warning(tiny, tmp_path, caplog):
+    mirror, _ = tiny
+    cache = tmp_path / "cache"
+    fetch_dataset("tiny", str(mirror), cache)
+    (cache / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b truncated")
+    with caplog.at_level("WARNING", logger="denoiser.datasets"):
+        again = fetch_dataset("tiny", str(mirror), cache)
+    assert again["files"]["test_images"]["status"] == "fetched"
+    assert again["files"]["train_images"]["status"] == "cached"
+    assert verify_download_cache(cache) == []
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert lines == [f"{cache / 't10k-images-idx3-ubyte.gz'}: sha256 mismatch with the cache manifest; "
+                     "fetching it again"]
+
+
+def _fetch_with_file_size_limit(cache: Path, source: Path, limit: int) -> tuple[str, str, str]:
+    """Run fetch_dataset in a child whose files cannot grow past ``limit`` bytes
+    (a real EFBIG on write, as a full disk gives ENOSPC)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        "from denoiser.datasets import fetch_dataset\n"
+        "from denoiser.errors import DenoiseError\n"
+        "try:\n"
+        f"    fetch_dataset('mnist', {str(source)!r}, {str(cache)!r})\n"
+        "except DenoiseError as exc:\n"
+        "    print(type(exc).__module__, type(exc).__name__, exc, sep='|')\n"
+    )
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                           cwd=Path(__file__).resolve().parent.parent)
+    module, name, message = (child.stdout.strip().split("|", 2) + ["", ""])[:3]
+    assert name, child.stdout + child.stderr
+    return module, name, message
+
+
+def test_a_cache_write_error_is_permanent_and_not_retried(mnist_mirror, tmp_path):
+    from prefect.states import Failed
+
+    from tasks.download import _retry_network_errors
+
+    cache = tmp_path / "cache"
+    _, name, message = _fetch_with_file_size_limit(cache, mnist_mirror, 100_000)
+    assert name == "DownloadError"
+    assert message == f"train-images-idx3-ubyte.gz: cannot write to the cache {cache}: File too large"
+    assert not [p.name for p in cache.iterdir() if p.name.endswith(".part")]
+
+    assert _retry_network_errors(None, None, Failed(data=DownloadError(message))) is False
+    transient = datasets.TransientDownloadError("x: cannot reach y")
+    assert _retry_network_errors(None, None, Failed(data=transient)) is True
+
+
+def test_leftovers_of_killed_downloads_are_removed(tiny, tmp_path, caplog):
+    mirror, _ = tiny
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = datasets.temp_path(cache / "train-images-idx3-ubyte.gz", "part", pid=_dead_pid())
+    dead.write_bytes(b"half a download")
+    live = datasets.temp_path(cache / "train-labels-idx1-ubyte.gz", "part")
+    live.write_bytes(b"a concurrent download")
+    with caplog.at_level("INFO", logger="denoiser.datasets"):
+        fetch_dataset("tiny", str(mirror), cache)
+    assert not dead.exists() and live.exists()
+    assert any(dead.name in r.getMessage() for r in caplog.records)
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    return int(child.stdout)
+
+
+def test_killed_mid_file_the_rerun_fetches_it_whole(mnist_mirror, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    script = ("from denoiser.datasets import fetch_dataset\n"
+              f"fetch_dataset('mnist', {str(mnist_mirror)!r}, {str(cache)!r})\n")
+    env = {**os.environ, "DENOISE_FAILPOINTS": "download.mid_file=kill@2"}
+    child = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parent.parent)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == -signal.SIGKILL, stderr
+    parts = [p for p in cache.iterdir() if p.name.endswith(".part")]
+    assert len(parts) == 1 and f"-{child.pid}-" in parts[0].name
+    first = (cache / "train-images-idx3-ubyte.gz").stat().st_mtime_ns
+    manifest = fetch_dataset("mnist", str(mnist_mirror), cache)
+    assert manifest["files"]["train_images"]["status"] == "cached"
+    assert (cache / "train-images-idx3-ubyte.gz").stat().st_mtime_ns == first
+    assert verify_download_cache(cache) == []
+    assert not [p for p in cache.iterdir() if p.name.endswith(".part")]

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from denoiser.datasets import temp_path
 from denoiser.errors import ShardError
 from denoiser.noise import DENSITIES, KINDS, add_noise, draw_levels, level_from_uniform, quantize
 from denoiser.shards import (
     SplitArrays,
+    check_shard_set,
     iter_batches,
     load_split,
     read_manifest,
     shard_set_key,
     split_rows,
     split_train_validation,
+    verify_shard_set,
     write_shard_set,
 )
 
@@ -197,3 +201,170 @@ def test_corrupt_task_on_real_mnist(prefect_harness, mnist_mirror, tmp_path):
     assert test["clean"].shape == (50, 28, 28, 1)
     flipped = (test["noisy"] != test["clean"]).mean()
     assert 0.05 < flipped < 0.2  # about 20% of pixels set to 0/255, many already were
+
+
+# --------------------------------------------------------------------------- verification and repair
+
+NOISE = {"kind": "gaussian", "level": 0.5}
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    blob = bytearray(path.read_bytes())
+    blob[offset] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+def truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("*.parquet"))}
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    return int(child.stdout)
+
+
+def test_verify_names_truncated_flipped_and_missing_shards(tmp_path):
+    out = write_shard_set(tmp_path / "s", splits(), NOISE, 10, seed=3)
+    assert verify_shard_set(out) == []
+    manifest = read_manifest(out)
+    assert all(r["bytes"] == (out / r["file"]).stat().st_size for r in manifest["shards"])
+
+    truncate(out / "train-00001.parquet", 100)
+    flip_byte(out / "test-00000.parquet", 200)  # same size, other bytes
+    (out / "validation-00000.parquet").unlink()
+    assert verify_shard_set(out) == ["train-00001.parquet", "validation-00000.parquet", "test-00000.parquet"]
+
+    # a manifest written before sizes were recorded is still checked (by sha256)
+    old = json.loads((out / "manifest.json").read_text())
+    for rec in old["shards"]:
+        del rec["bytes"]
+    (out / "manifest.json").write_text(json.dumps(old))
+    assert verify_shard_set(out) == ["train-00001.parquet", "validation-00000.parquet", "test-00000.parquet"]
+
+    (out / "manifest.json").write_text("{not json")
+    assert verify_shard_set(out) == ["manifest.json"]
+    (out / "manifest.json").unlink()
+    assert verify_shard_set(out) == ["manifest.json"]
+    assert verify_shard_set(tmp_path / "nowhere") == ["manifest.json"]
+
+
+def test_readers_name_a_corrupt_shard(tmp_path):
+    out = write_shard_set(tmp_path / "s", splits(), NOISE, 10, seed=3)
+    truncate(out / "test-00000.parquet", 100)
+    with pytest.raises(ShardError, match=r"test-00000.parquet: corrupt shard \(") as err:
+        load_split(out, "test")
+    assert str(out) in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ShardError, match=r"test-00000.parquet: corrupt shard \("):
+        list(iter_batches(out, "test"))
+
+    # flipped bytes that still decode are caught by the checksum before use
+    flip_byte(out / "train-00002.parquet", 300)
+    with pytest.raises(ShardError, match=r"train-00002.parquet: corrupt shard \(sha256"):
+        check_shard_set(out)
+    garbage = out / "train-00001.parquet"
+    garbage.write_bytes(b"PAR1" + b"\x00" * 64 + b"PAR1")
+    with pytest.raises(ShardError, match=r"train-00001.parquet: corrupt shard \("):
+        list(iter_batches(out, "train"))
+
+
+def test_a_finished_set_with_a_bad_shard_is_repaired(tmp_path, caplog):
+    out = write_shard_set(tmp_path / "s", splits(), NOISE, 10, seed=3)
+    before = digests(out)
+    recorded = {r["file"]: r["sha256"] for r in read_manifest(out)["shards"]}
+    flip_byte(out / "train-00003.parquet", 150)
+    times = mtimes(out)
+
+    with caplog.at_level("WARNING", logger="denoiser.shards"):
+        write_shard_set(out, splits(), NOISE, 10, seed=3)
+    assert digests(out) == before
+    assert {r["file"]: r["sha256"] for r in read_manifest(out)["shards"]} == recorded
+    assert verify_shard_set(out) == []
+    after = mtimes(out)
+    assert [n for n in after if after[n] != times[n]] == ["train-00003.parquet"]
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert lines == [f"{out / 'train-00003.parquet'}: sha256 mismatch with the manifest; rebuilding it"]
+
+
+def test_a_shard_that_cannot_be_rebuilt_identically_rebuilds_the_set(tmp_path, caplog):
+    out = write_shard_set(tmp_path / "s", splits(), NOISE, 10, seed=3)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = "0" * 64  # as if written by another pyarrow
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="denoiser.shards"):
+        write_shard_set(out, splits(), NOISE, 10, seed=3)
+    assert verify_shard_set(out) == []
+    assert any("rebuilding the whole set" in r.getMessage() for r in caplog.records)
+
+
+def test_orphan_temporaries_of_dead_writers_are_removed(tmp_path, caplog):
+    out = tmp_path / "s"
+    out.mkdir()
+    live = temp_path(out / "train-00000.parquet", "tmp")  # this (live) process
+    live.write_bytes(b"in progress")
+    dead = temp_path(out / "train-00001.parquet", "tmp", pid=dead_pid())
+    dead.write_bytes(b"left by a killed run")
+    with caplog.at_level("INFO", logger="denoiser"):
+        write_shard_set(out, splits(), NOISE, 10, seed=3)
+    assert live.exists() and not dead.exists()
+    assert any(dead.name in r.getMessage() and "removed" in r.getMessage() for r in caplog.records)
+
+
+def _write_script(out: Path) -> str:
+    return (
+        "import sys, numpy as np\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
+        "from tests.test_shards import splits, NOISE\n"
+        "from denoiser.shards import write_shard_set\n"
+        f"write_shard_set({str(out)!r}, splits(), NOISE, 10, seed=3, workers=2)\n"
+    )
+
+
+def test_killed_after_the_second_shard_the_rerun_finishes_without_rewriting(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "s"
+    env = {**os.environ, "DENOISE_FAILPOINTS": "shards.after_shard=kill@2"}
+    child = subprocess.Popen([sys.executable, "-c", _write_script(out)], env=env, stderr=subprocess.PIPE, text=True)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == -signal.SIGKILL, stderr
+    assert not (out / "manifest.json").exists()
+    finished = mtimes(out)
+    assert len(finished) >= 2
+    # the other writer thread may have died mid-shard: plant its leftover for certain
+    orphan = temp_path(out / "train-00004.parquet", "tmp", pid=child.pid)
+    orphan.write_bytes(b"half a shard")
+
+    write_shard_set(out, splits(), NOISE, 10, seed=3)
+    assert verify_shard_set(out) == []
+    after = mtimes(out)
+    assert {n: after[n] for n in finished} == finished
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert digests(out) == digests(write_shard_set(tmp_path / "ref", splits(), NOISE, 10, seed=3))
+
+
+def test_a_write_error_is_one_line_naming_the_folder(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "s"
+    script = ("import resource, signal\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))\n"
+              "from denoiser.errors import DenoiseError\n"
+              "try:\n" + "".join("    " + line + "\n" for line in _write_script(out).splitlines()) +
+              "except DenoiseError as exc:\n"
+              "    print(type(exc).__name__, exc, sep='|')\n")
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    name, _, message = child.stdout.strip().partition("|")
+    assert name == "ShardError", child.stdout + child.stderr
+    assert message.startswith(f"{out}: cannot write ") and "File too large" in message
