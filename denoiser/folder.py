@@ -3,43 +3,68 @@
 Files are decoded by reader threads, cut into tiles, and tiles from many files
 are batched together for the model; finished images are encoded and written
 by writer threads while the model works on the next batch. Every output is
-written to a temporary name and renamed, outputs newer than their input are
-skipped (so a rerun finishes an interrupted one), and every file gets a row
-in the report, whatever went wrong with it.
+written to a temporary name and renamed, then recorded in a journal beside
+the outputs (the input's size and sha256, the output's size and sha256). An
+output is skipped only while both still match their record, so a rerun
+finishes an interrupted one, and redoes an output whose input was replaced
+(whatever its mtime) or that was damaged. Every file gets a row in the
+report, saying why it was done or skipped, whatever went wrong with it.
+
+The run touches nothing in the output folder but its outputs, its journal
+and lock file, and its own temporary files; an output folder that holds the
+input folder is refused.
 """
 
 from __future__ import annotations
 
 import csv
 import fnmatch
+import hashlib
 import io
+import json
 import logging
 import os
 import stat
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from denoiser.errors import ConfigError, DenoiseError, ImageError
+from denoiser.faults import failpoint
 from denoiser.images import (
     IMAGE_SUFFIXES,
     LoadedImage,
+    decode_image,
     encode_image,
+    host_tag,
     output_format,
-    read_image,
+    read_bytes,
     rebuild_image,
+    temp_owner,
     write_atomic,
 )
 from denoiser.tiling import Blender, TiledImage, TileSpec, split
 
 logger = logging.getLogger(__name__)
 
-PART_SUFFIX = ".part"
+JOURNAL_NAME = ".denoise-journal.jsonl"
+JOURNAL_LOCK_NAME = ".denoise-journal.lock"
+JOURNAL_LOCK_TIMEOUT = 120.0  # seconds; the lock is only held to append a line or rewrite the journal
+FOREIGN_TEMP_AGE = 86400.0  # seconds before another host's temporary file counts as abandoned
+
+UP_TO_DATE = "output is up to date"
+WHY_SKIPPED = "input and output match their record"
+WHY_NEW = "no output yet"
+WHY_OVERWRITE = "overwrite requested"
+WHY_NO_RECORD = "output exists but there is no record of it being made from this input"
+WHY_INPUT_CHANGED = "input changed since its output was made"
+WHY_OUTPUT_CHANGED = "output does not match its record (changed or damaged since it was made)"
 
 
 def display_path(rel: str) -> str:
@@ -58,6 +83,22 @@ class FileResult:
     height: int | None = None
     ms: float | None = None
     output: str = ""
+    reason: str = ""  # why it was (re)done or skipped
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """What one output was made from: the evidence a rerun needs to skip it."""
+
+    output: str  # relative to the output folder
+    input: str  # relative to the input folder
+    input_size: int
+    input_sha256: str
+    output_size: int
+    output_sha256: str
+
+
+_RECORD_TYPES = {f.name: (int if f.type == "int" else str) for f in fields(OutputRecord)}
 
 
 @dataclass
@@ -66,6 +107,11 @@ class Job:
     rel: str
     target: Path
     bytes: int
+    reason: str = WHY_NEW
+    record: OutputRecord | None = None  # set when only the contents can tell whether to skip
+    up_to_date: bool = False
+    input_size: int = 0
+    input_sha256: str = ""
     started: float = 0.0
     loaded: LoadedImage | None = None
     tiled: TiledImage | None = None
@@ -80,6 +126,9 @@ def check_folders(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -
     dst = Path(output_dir).expanduser().resolve()
     if dst == src:
         raise ConfigError("the output folder is the input folder; give another one (the input is never written)")
+    if dst in src.parents:
+        raise ConfigError(f"the output folder {display_path(str(dst))} contains the input folder "
+                          f"{display_path(str(src))}; give one outside it (the input is never written)")
     if dst.exists() and not dst.is_dir():
         raise ConfigError(f"output {dst} exists and is not a folder")
     return src, dst
@@ -90,9 +139,20 @@ def _target(dst_root: Path, rel: str, fmt: str) -> Path:
     return target.with_suffix(".png") if fmt == "png" else target
 
 
-def scan(src: Path, dst: Path, pattern: str = "*", fmt: str = "same",
-         overwrite: bool = False) -> Iterator[Job | FileResult]:
-    """Walk ``src`` (never following symlinked folders); yield work or verdicts."""
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def scan(src: Path, dst: Path, pattern: str = "*", fmt: str = "same", overwrite: bool = False,
+         records: dict[str, OutputRecord] | None = None) -> Iterator[Job | FileResult]:
+    """Walk ``src`` (never following symlinked folders); yield work or verdicts.
+
+    ``records`` (from the output folder's journal) say what each existing
+    output was made from; whether it is still up to date is decided by the
+    reader, which hashes the input anyway.
+    """
+    records = records or {}
+    writable: dict[Path, bool] = {}  # output folders, resolved once each
     stack = [src]
     while stack:
         folder = stack.pop()
@@ -135,24 +195,160 @@ def scan(src: Path, dst: Path, pattern: str = "*", fmt: str = "same",
                     yield FileResult(shown, "skipped", "not an image file type", bytes=st.st_size)
                     continue
                 target_path = _target(dst, rel, fmt)
-                if not overwrite and target_path.exists() and target_path.stat().st_mtime >= st.st_mtime:
-                    yield FileResult(shown, "skipped", "output is up to date", bytes=st.st_size,
-                                     output=display_path(str(target_path)))
+                parent = target_path.parent
+                if parent not in writable:
+                    writable[parent] = _inside(parent.resolve(), dst)
+                if not writable[parent]:
+                    yield FileResult(shown, "failed", "its output folder is a symlink leading out of the output "
+                                     "folder; not written", st.st_size)
                     continue
-                yield Job(path, rel, target_path, st.st_size)
+                job = Job(path, rel, target_path, st.st_size)
+                if overwrite:
+                    job.reason = WHY_OVERWRITE
+                elif target_path.exists():
+                    record = records.get(os.path.relpath(target_path, dst))
+                    if record is None or record.input != rel:
+                        job.reason = WHY_NO_RECORD
+                    elif record.input_size != st.st_size:
+                        job.reason = WHY_INPUT_CHANGED
+                    else:
+                        job.record = record
+                yield job
             except OSError as exc:
                 yield FileResult(shown, "failed", f"cannot stat: {exc.strerror or exc}")
         stack.extend(reversed(subdirs))
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (a zombie counts as gone)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def temp_abandoned(name: str, mtime: float, now: float) -> bool:
+    """Whether a file is one of our temporary files whose writer is gone: its
+    pid is not alive on this host, or it comes from another host and is older
+    than FOREIGN_TEMP_AGE. Any other name is never ours to remove."""
+    owner = temp_owner(name)
+    if owner is None:
+        return False
+    host, pid = owner
+    if host != host_tag():
+        return now - mtime > FOREIGN_TEMP_AGE
+    return not pid_alive(pid)
+
+
 def remove_stale_parts(dst: Path) -> int:
-    """Temporary files a killed run left behind (they never had final names)."""
+    """Temporary files that killed runs left behind (they never got final names);
+    a live run's, and every file that is not ours, are left alone."""
     removed = 0
-    if dst.is_dir():
-        for path in dst.rglob(f".*{PART_SUFFIX}"):
-            path.unlink(missing_ok=True)
-            removed += 1
+    now = time.time()
+    for dirpath, _, filenames in os.walk(dst):  # symlinked folders are not followed
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            try:
+                if temp_abandoned(name, os.lstat(path).st_mtime, now):
+                    os.unlink(path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
     return removed
+
+
+def parse_journal(data: bytes) -> dict[str, OutputRecord]:
+    """The last record of each output in a journal's bytes; lines that are not
+    whole records (a torn last line, garbage) are ignored."""
+    records: dict[str, OutputRecord] = {}
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            values = {name: obj[name] for name in _RECORD_TYPES}
+        except (ValueError, TypeError, KeyError):
+            continue
+        if all(type(v) is _RECORD_TYPES[k] for k, v in values.items()):
+            record = OutputRecord(**values)
+            records[record.output] = record
+    return records
+
+
+def format_record(record: OutputRecord) -> bytes:
+    return json.dumps(asdict(record)).encode("ascii") + b"\n"
+
+
+class Journal:
+    """The output folder's record of finished outputs (JOURNAL_NAME): one JSON
+    line per output, appended as outputs are written, compacted at the end of
+    a run. A lock file serialises appends and rewrites, so runs into the same
+    output folder at the same time lose none of each other's lines."""
+
+    def __init__(self, dst: Path):
+        from filelock import FileLock
+
+        self.root = dst
+        self.path = dst / JOURNAL_NAME
+        self._mutex = threading.Lock()  # the file lock is per process; this one orders the writer threads
+        self._lock = FileLock(dst / JOURNAL_LOCK_NAME, timeout=JOURNAL_LOCK_TIMEOUT, thread_local=False)
+
+    def read(self) -> dict[str, OutputRecord]:
+        try:
+            return parse_journal(self.path.read_bytes())
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+
+    def append(self, record: OutputRecord) -> None:
+        line = format_record(record)
+        with self._mutex, self._lock:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = b"\n" + line  # a torn last line stays a line of its own
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+
+    def compact(self) -> bool:
+        """Rewrite the journal with one record per output that still exists;
+        False when it was already so (then it is not touched)."""
+        with self._mutex, self._lock:
+            try:
+                data = self.path.read_bytes()
+            except FileNotFoundError:
+                return False
+            kept = [r for r in parse_journal(data).values() if os.path.lexists(self.root / r.output)]
+            compacted = b"".join(format_record(r) for r in kept)
+            if compacted == data:
+                return False
+            write_atomic(self.path, compacted)
+            return True
+
+
+def output_matches(target: Path, record: OutputRecord) -> bool:
+    """Whether the output file still holds exactly the bytes recorded for it."""
+    try:
+        with open(target, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size != record.output_size:
+                return False
+            return hashlib.file_digest(fh, "sha256").hexdigest() == record.output_sha256
+    except OSError:
+        return False
 
 
 class BatchPredictor:
@@ -181,21 +377,40 @@ class BatchPredictor:
 
 
 def _load(job: Job, spec: TileSpec) -> Job:
+    """Read the input once: hash it, decide whether its output is up to date,
+    else decode it from memory and cut it into tiles."""
     job.started = time.perf_counter()
-    job.loaded = read_image(job.source)
+    data = read_bytes(job.source)
+    job.input_size = len(data)
+    job.input_sha256 = hashlib.sha256(data).hexdigest()
+    record = job.record
+    if record is not None:
+        if (job.input_size, job.input_sha256) != (record.input_size, record.input_sha256):
+            job.reason = WHY_INPUT_CHANGED
+        elif output_matches(job.target, record):
+            job.up_to_date = True
+            return job
+        else:
+            job.reason = WHY_OUTPUT_CHANGED
+    job.loaded = decode_image(data)
+    del data
     job.tiled = split(job.loaded.luma, spec)
     job.blender = Blender(job.tiled)
     return job
 
 
-def _save(job: Job, fmt: str) -> FileResult:
+def _save(job: Job, fmt: str, journal: Journal) -> FileResult:
     loaded = job.loaded
     img = rebuild_image(loaded, job.blender.result())
     data = encode_image(img, output_format(job.source, loaded.format, fmt))
-    write_atomic(job.target, data, PART_SUFFIX)
+    write_atomic(job.target, data)
+    failpoint("folder.after_output")
+    journal.append(OutputRecord(os.path.relpath(job.target, journal.root), job.rel, job.input_size,
+                                job.input_sha256, len(data), hashlib.sha256(data).hexdigest()))
     w, h = loaded.size
     result = FileResult(display_path(job.rel), "denoised", "", job.bytes, loaded.mode, w, h,
-                        round((time.perf_counter() - job.started) * 1000, 1), display_path(str(job.target)))
+                        round((time.perf_counter() - job.started) * 1000, 1), display_path(str(job.target)),
+                        job.reason)
     job.loaded = job.tiled = job.blender = None  # free the pixels now
     return result
 
@@ -212,13 +427,26 @@ def denoise_tree(input_dir: str | os.PathLike, output_dir: str | os.PathLike, pr
     if fmt not in ("same", "png"):
         raise ConfigError(f"format must be 'same' or 'png', not {fmt!r}")
     src, dst = check_folders(input_dir, output_dir)
-    items = list(scan(src, dst, pattern, fmt, overwrite))
+    journal = Journal(dst)
+    items = list(scan(src, dst, pattern, fmt, overwrite, journal.read()))
     jobs = [i for i in items if isinstance(i, Job)]
     results: list[FileResult] = [i for i in items if isinstance(i, FileResult)]
     total = len(items)
     dst.mkdir(parents=True, exist_ok=True)
     if stale := remove_stale_parts(dst):
         logger.info("removed %d temporary files left by an interrupted run", stale)
+    try:
+        return _run(jobs, results, total, journal, predict, spec, fmt, readers, writers, max_pending, on_result)
+    finally:
+        try:
+            journal.compact()
+        except (OSError, DenoiseError, TimeoutError) as exc:  # the appended lines stay valid as they are
+            logger.warning("could not compact %s: %s", journal.path, exc)
+
+
+def _run(jobs: list[Job], results: list[FileResult], total: int, journal: Journal,
+         predict: BatchPredictor, spec: TileSpec, fmt: str, readers: int, writers: int, max_pending: int,
+         on_result: Callable[[FileResult, int, int], None] | None) -> list[FileResult]:
     for r in results:
         if on_result:
             on_result(r, len(results), total)
@@ -252,7 +480,7 @@ def denoise_tree(input_dir: str | os.PathLike, output_dir: str | os.PathLike, pr
             outputs = predict(tiles)[..., 0]
             for (job, i), out in zip(take, outputs, strict=True):
                 if job.blender.add(i, out):
-                    fut = writer_pool.submit(_save, job, fmt)
+                    fut = writer_pool.submit(_save, job, fmt, journal)
                     fut.job = job  # type: ignore[attr-defined]
                     writes.append(fut)
             drain_writes(block=False)
@@ -279,6 +507,10 @@ def denoise_tree(input_dir: str | os.PathLike, output_dir: str | os.PathLike, pr
                     continue
                 except (OSError, ValueError, MemoryError) as exc:
                     report(FileResult(display_path(job.rel), "failed", f"cannot read: {exc}", job.bytes))
+                    continue
+                if job.up_to_date:
+                    report(FileResult(display_path(job.rel), "skipped", UP_TO_DATE, job.bytes,
+                                      output=display_path(str(job.target)), reason=WHY_SKIPPED))
                     continue
                 shape = job.tiled.tile_shape
                 groups.setdefault(shape, deque()).extend((job, i) for i in range(len(job.tiled)))

@@ -10,9 +10,14 @@ colours where the channels' errors differ. Alpha is carried through untouched,
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import logging
 import os
+import re
+import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,14 +65,32 @@ def _ycc_to_rgb(y: np.ndarray, chroma: np.ndarray) -> np.ndarray:
 
 def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> LoadedImage:
     """Decode one file; every failure is an ImageError naming what is wrong."""
+    return decode_image(read_bytes(path), max_pixels)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """A file's bytes, read once (to hash them and decode them from memory); an
+    ImageError if they cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except IsADirectoryError:
+        raise ImageError("not a regular file") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read: {exc.strerror or exc}") from None
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> LoadedImage:
+    """Decode an encoded image held in memory; every failure is an ImageError."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    path = Path(path)
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        if path.stat().st_size == 0:
+        if not data:
             raise ImageError("empty file (0 bytes)")
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             fmt = img.format
             w, h = img.size
             if limit and w * h > limit:
@@ -83,8 +106,6 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Loaded
         raise ImageError(f"over the decompression-bomb limit ({exc})") from None
     except UnidentifiedImageError:
         raise ImageError("not an image Pillow can read") from None
-    except PermissionError:
-        raise ImageError("permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc) or type(exc).__name__
         raise ImageError(f"cannot decode: {text}") from None
@@ -179,13 +200,63 @@ def encode_image(img, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def write_atomic(path: Path, data: bytes, suffix: str = ".part") -> None:
-    """Temporary name in the same folder, then rename: never a half-written image."""
+TEMP_SUFFIX = ".denoise.part"
+NAME_MAX = 255  # bytes in one file name, on every common Linux file system
+_TEMP_NAME = re.compile(rb"\.(?P<name>.*)\.(?P<host>[0-9a-f]{6})-(?P<pid>[0-9]{1,10})-[0-9a-f]{8}"
+                        + re.escape(TEMP_SUFFIX.encode()), re.DOTALL)
+
+
+@functools.cache
+def host_tag() -> str:
+    """A short tag for this machine, so a temporary file's owner can be told apart from
+    a process with the same pid on another host sharing the folder."""
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:6]
+
+
+def _cut_utf8(raw: bytes, limit: int) -> bytes:
+    """``raw`` cut to at most ``limit`` bytes, never inside a UTF-8 character."""
+    if len(raw) <= limit:
+        return raw
+    end = limit
+    while end > 0 and raw[end] & 0xC0 == 0x80:  # raw[end] continues the character before it
+        end -= 1
+    return raw[:end]
+
+
+def temp_path(path: Path, pid: int | None = None, host: str | None = None) -> Path:
+    """A unique temporary name beside ``path`` that is recognisably ours and says
+    which process made it: ``.{name}.{host}-{pid}-{random}.denoise.part``, with
+    the name cut so the whole stays within NAME_MAX bytes."""
+    token = f"{host or host_tag()}-{os.getpid() if pid is None else pid}-{secrets.token_hex(4)}"
+    tail = f".{token}{TEMP_SUFFIX}".encode()
+    name = _cut_utf8(os.fsencode(path.name), NAME_MAX - 1 - len(tail))
+    return path.with_name(os.fsdecode(b"." + name + tail))
+
+
+def temp_owner(name: str | bytes) -> tuple[str, int] | None:
+    """(host tag, pid) of a temporary file made by :func:`temp_path`, None for any other name."""
+    match = _TEMP_NAME.fullmatch(os.fsencode(name))
+    return (match["host"].decode(), int(match["pid"])) if match else None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path`` (see :func:`temp_path`),
+    flush it to disk, then rename: never a half-written file under the final name."""
+    from denoiser.faults import failpoint
+
     if not path.parent.is_dir():
         path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{suffix}")
+    tmp = temp_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        tmp.write_bytes(data)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        failpoint("folder.before_rename")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

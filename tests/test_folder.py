@@ -6,14 +6,18 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from denoiser.folder import BatchPredictor, denoise_tree
-from denoiser.images import read_image, rebuild_image
+from denoiser.errors import ConfigError
+from denoiser.folder import JOURNAL_NAME, BatchPredictor, check_folders, denoise_tree
+from denoiser.images import read_image, rebuild_image, temp_path
 from denoiser.tiling import TileSpec, denoise_plane, split
 
 RNG = np.random.default_rng(0)
@@ -163,7 +167,7 @@ def test_every_good_file_is_denoised_and_every_bad_one_reported(folder_case, tmp
     np.testing.assert_array_equal(np.asarray(Image.open(out / "sub/rgba.png"))[..., 3],
                                   np.asarray(Image.open(src / "sub/rgba.png"))[..., 3])
     assert os.path.exists(os.path.join(os.fsencode(out), b"caf\xe9.png"))
-    assert not list(out.rglob("*.part"))
+    assert not list(out.rglob("*.denoise.part"))
 
 
 def test_png_format_option_and_output_inside_input(folder_case):
@@ -213,7 +217,7 @@ def test_an_interrupted_run_is_finished_by_a_rerun(tmp_path):
         Image.fromarray(noisy_gray(28, 28)).save(src / f"{i:02d}.png")
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
-    (out / ".07.png.999.part").write_bytes(b"half")  # litter of a killed run
+    temp_path(out / "07.png", pid=dead_pid()).write_bytes(b"half")  # litter of a killed run
 
     def stop_after_ten(result, done, total):
         if result.status == "denoised" and done >= 10:
@@ -230,7 +234,7 @@ def test_an_interrupted_run_is_finished_by_a_rerun(tmp_path):
     statuses = {r.path: r.status for r in results}
     assert sum(s == "skipped" for s in statuses.values()) == len(finished)
     assert sum(s == "denoised" for s in statuses.values()) == 40 - len(finished)
-    assert len(list(out.glob("*.png"))) == 40 and not list(out.rglob("*.part"))
+    assert len(list(out.glob("*.png"))) == 40 and not list(out.rglob("*.denoise.part"))
     rerun = run(src, out, identity_model(), overwrite=True)
     assert all(r.status == "denoised" for r in rerun)
 
@@ -328,3 +332,218 @@ def test_an_unreadable_file_is_reported_and_the_batch_goes_on():
         import shutil
 
         shutil.rmtree(base, ignore_errors=True)
+
+
+# --- issue 13: an OUT holding IN, temporary files, long names, content checks, kill -9 ---------
+
+
+class CountingIdentity:
+    """Stands in for a Keras model (output = input) and counts the tiles it sees."""
+
+    def __init__(self):
+        self.tiles = 0
+
+    def predict_on_batch(self, x):
+        self.tiles += len(x)
+        return x
+
+
+CHEAP_SPEC = TileSpec(tile=28, overlap=14)
+
+
+def run_cheap(src: Path, dst: Path, model: CountingIdentity | None = None, **kw):
+    # batches of one: the model sees exactly the tiles there are, no padding
+    return denoise_tree(src, dst, BatchPredictor(model or CountingIdentity(), batch_size=1), CHEAP_SPEC, **kw)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def small_tree(root: Path, n: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(noisy_gray(28, 28)).save(root / f"{i:02d}.png")
+
+
+def test_an_output_folder_holding_the_input_is_refused_and_the_input_untouched(tmp_path):
+    d = tmp_path / "d"
+    noisy = d / "noisy"
+    (noisy / "noisy").mkdir(parents=True)
+    Image.fromarray(noisy_gray(28, 28)).save(noisy / "img.png")
+    Image.fromarray(noisy_gray(28, 28)).save(noisy / "noisy" / "img.png")
+    (noisy / ".notes.part").write_text("a user's notes")
+    os.symlink(d, tmp_path / "link-to-d")
+    before = snapshot(tmp_path)
+    for out in (d, tmp_path, tmp_path / "link-to-d"):  # a parent, a grandparent, a parent through a symlink
+        with pytest.raises(ConfigError) as err:
+            run_cheap(noisy, out)
+        assert "contains the input folder" in str(err.value) and "\n" not in str(err.value)
+    assert snapshot(tmp_path) == before
+    # an output folder inside the input stays allowed
+    assert check_folders(noisy, noisy / "cleaned")[1] == (noisy / "cleaned").resolve()
+
+
+def test_a_users_part_files_in_the_output_folder_survive_a_run(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    small_tree(src, 3)
+    (out / "sub").mkdir(parents=True)
+    mine = {out / ".notes.part": "notes", out / "sub" / ".x.part": "x", out / ".00.png.999.part": "old style"}
+    for path, text in mine.items():
+        path.write_text(text)
+    assert [r.status for r in run_cheap(src, out)] == ["denoised"] * 3
+    assert {p: p.read_text() for p in mine} == mine
+
+
+def test_an_output_subfolder_symlinked_into_the_input_is_not_written_through(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    small_tree(src / "sub", 2)
+    Image.fromarray(noisy_gray(28, 28)).save(src / "top.png")
+    out.mkdir()
+    os.symlink(src / "sub", out / "sub")
+    before = snapshot(src)
+    results = {r.path: r for r in run_cheap(src, out)}
+    assert results["top.png"].status == "denoised"
+    assert {results[f"sub/{i:02d}.png"].status for i in range(2)} == {"failed"}
+    assert "symlink" in results["sub/00.png"].error
+    assert snapshot(src) == before
+
+
+def test_only_dead_runs_temporary_files_are_removed(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    small_tree(src, 2)
+    (out / "sub").mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = temp_path(out / "sub" / "00.png", pid=sleeper.pid)
+        dead = temp_path(out / "sub" / "01.png", pid=dead_pid())
+        elsewhere_new = temp_path(out / "02.png", pid=sleeper.pid, host="abc123")
+        elsewhere_old = temp_path(out / "03.png", pid=sleeper.pid, host="abc123")
+        for path in (live, dead, elsewhere_new, elsewhere_old):
+            path.write_bytes(b"half an image")
+        two_days_ago = time.time() - 2 * 86400
+        os.utime(elsewhere_old, (two_days_ago, two_days_ago))
+        run_cheap(src, out)
+        assert live.exists() and elsewhere_new.exists()
+        assert not dead.exists() and not elsewhere_old.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.parametrize("name", ["a" * 246 + ".png", "\u00e9" * 123 + ".png", "\u732b" * 82 + ".png"],
+                         ids=["ascii", "two-byte", "three-byte"])
+def test_a_250_byte_file_name_is_denoised(tmp_path, name):
+    assert len(name.encode()) == 250
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    twin = name[:-5] + "b.png"  # the same first 245 bytes, one character apart
+    if len(twin.encode()) <= 255:
+        Image.fromarray(noisy_gray(28, 28)).save(src / twin)
+    Image.fromarray(noisy_gray(28, 28)).save(src / name)
+    results = run_cheap(src, out)
+    assert results and all(r.status == "denoised" for r in results), results
+    np.testing.assert_array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(src / name)))
+    tmp = temp_path(out / name)
+    assert len(os.fsencode(tmp.name)) <= 255 and tmp.name.startswith(".") and tmp.name.endswith(".denoise.part")
+    tmp.name.encode("utf-8")  # cut at a character boundary: still valid UTF-8
+    assert temp_path(out / name) != temp_path(out / twin) != temp_path(out / twin)
+
+
+def test_an_input_replaced_by_an_older_file_is_redone(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    small_tree(src, 3)
+    run_cheap(src, out)
+    Image.fromarray(noisy_gray(28, 28)).save(src / "01.png")  # as `cp -p` or `rsync -t` leave it:
+    old = time.time() - 3600  # new content, an mtime older than the output's
+    os.utime(src / "01.png", (old, old))
+    results = {r.path: r for r in run_cheap(src, out)}
+    assert {p: r.status for p, r in results.items()} == {"00.png": "skipped", "01.png": "denoised",
+                                                         "02.png": "skipped"}
+    assert results["00.png"].error == "output is up to date"
+    assert "input changed" in results["01.png"].reason
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "01.png")), np.asarray(Image.open(src / "01.png")))
+
+
+def test_a_corrupt_output_newer_than_its_input_is_redone(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    small_tree(src, 3)
+    run_cheap(src, out)
+    good = (out / "02.png").read_bytes()
+    with open(out / "02.png", "r+b") as fh:
+        fh.truncate(len(good) // 2)
+    future = time.time() + 60
+    os.utime(out / "02.png", (future, future))
+    results = {r.path: r for r in run_cheap(src, out)}
+    assert {p: r.status for p, r in results.items()} == {"00.png": "skipped", "01.png": "skipped",
+                                                         "02.png": "denoised"}
+    assert "output" in results["02.png"].reason and "record" in results["02.png"].reason
+    assert (out / "02.png").read_bytes() == good
+
+
+def test_an_output_without_a_record_is_redone(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    small_tree(src, 2)
+    out.mkdir()
+    (out / "00.png").write_bytes(b"someone else's file, newer than the input")
+    results = {r.path: r for r in run_cheap(src, out)}
+    assert results["00.png"].status == "denoised" and "no record" in results["00.png"].reason
+    Image.open(out / "00.png").load()
+
+
+def test_a_rerun_skips_everything_without_running_the_model(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    small_tree(src / "sub", 6)
+    first = CountingIdentity()
+    assert [r.status for r in run_cheap(src, out, first)] == ["denoised"] * 6
+    assert first.tiles == 6
+    journal_before = (out / JOURNAL_NAME).read_bytes()
+    outputs_before = snapshot(out)
+    again = CountingIdentity()
+    results = run_cheap(src, out, again)
+    assert [(r.status, r.error) for r in results] == [("skipped", "output is up to date")] * 6
+    assert again.tiles == 0
+    assert snapshot(out) == outputs_before and (out / JOURNAL_NAME).read_bytes() == journal_before
+    assert [r.status for r in run_cheap(src, out, again, overwrite=True)] == ["denoised"] * 6
+
+
+KILLED_RUN = """
+import sys
+from denoiser.folder import BatchPredictor, denoise_tree
+from denoiser.tiling import TileSpec
+
+class Identity:
+    def predict_on_batch(self, x):
+        return x
+
+results = denoise_tree(sys.argv[1], sys.argv[2], BatchPredictor(Identity(), batch_size=4),
+                       TileSpec(tile=28, overlap=14))
+print(sum(r.status == "denoised" for r in results))
+"""
+
+
+def test_kill_9_after_an_output_then_a_rerun_denoises_each_file_once(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    small_tree(src, 30)
+    env = {**os.environ, "DENOISE_FAILPOINTS": "folder.after_output=kill@5"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(src), str(out)], env=env,
+                            cwd=Path(__file__).resolve().parent.parent, capture_output=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    made = {p.name for p in out.glob("*.png")}
+    recorded = {json.loads(line)["output"] for line in (out / JOURNAL_NAME).read_text().splitlines()
+                if line.strip()}
+    assert 5 <= len(made) < 30 and recorded < made  # the 5th output was renamed, never recorded
+
+    model = CountingIdentity()
+    results = {r.path: r for r in run_cheap(src, out, model)}
+    redone = {p for p, r in results.items() if r.status == "denoised"}
+    assert {p for p, r in results.items() if r.status == "skipped"} == recorded
+    assert redone == {f"{i:02d}.png" for i in range(30)} - recorded and model.tiles == len(redone)
+    for i in range(30):  # every output decodes and is its input, denoised
+        name = f"{i:02d}.png"
+        np.testing.assert_array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(src / name)))
+    assert not list(out.rglob("*.denoise.part"))
+    assert {r.path for r in run_cheap(src, out) if r.status != "skipped"} == set()
