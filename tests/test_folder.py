@@ -510,9 +510,10 @@ def test_a_rerun_skips_everything_without_running_the_model(tmp_path):
     assert [r.status for r in run_cheap(src, out, again, overwrite=True)] == ["denoised"] * 6
 
 
-KILLED_RUN = """
+FOLDER_RUN = """
+import json
 import sys
-from denoiser.folder import BatchPredictor, denoise_tree
+from denoiser.folder import BatchPredictor, count, denoise_tree
 from denoiser.tiling import TileSpec
 
 class Identity:
@@ -521,17 +522,24 @@ class Identity:
 
 results = denoise_tree(sys.argv[1], sys.argv[2], BatchPredictor(Identity(), batch_size=4),
                        TileSpec(tile=28, overlap=14))
-print(sum(r.status == "denoised" for r in results))
+print(json.dumps(count(results)))
 """
+
+
+def folder_run(src: Path, out: Path, failpoints: str) -> subprocess.Popen:
+    """A folder run in a process of its own, with ``failpoints`` in its environment."""
+    return subprocess.Popen([sys.executable, "-c", FOLDER_RUN, str(src), str(out)],
+                            env={**os.environ, "DENOISE_FAILPOINTS": failpoints},
+                            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
 
 
 def test_kill_9_after_an_output_then_a_rerun_denoises_each_file_once(tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     small_tree(src, 30)
-    env = {**os.environ, "DENOISE_FAILPOINTS": "folder.after_output=kill@5"}
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(src), str(out)], env=env,
-                            cwd=Path(__file__).resolve().parent.parent, capture_output=True, timeout=300)
-    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    killed = folder_run(src, out, "folder.after_output=kill@5")
+    _, stderr = killed.communicate(timeout=300)
+    assert killed.returncode == -9, stderr.decode()[-2000:]
     made = {p.name for p in out.glob("*.png")}
     recorded = {json.loads(line)["output"] for line in (out / JOURNAL_NAME).read_text().splitlines()
                 if line.strip()}
@@ -547,3 +555,24 @@ def test_kill_9_after_an_output_then_a_rerun_denoises_each_file_once(tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(src / name)))
     assert not list(out.rglob("*.denoise.part"))
     assert {r.path for r in run_cheap(src, out) if r.status != "skipped"} == set()
+
+
+def test_two_runs_into_one_output_folder_at_once_lose_nothing(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    small_tree(src, 20)
+    # the first run's writes are slow: its temporary files are alive while the second starts and cleans up
+    runs = [folder_run(src, out, "folder.before_rename=sleep:0.3")]
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*.denoise.part")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    runs.append(folder_run(src, out, ""))
+    for proc in runs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr.decode()[-2000:]
+        counts = json.loads(stdout)
+        assert counts["failed"] == 0 and counts["total"] == 20
+    lines = (out / JOURNAL_NAME).read_text().splitlines()
+    assert sorted(json.loads(line)["output"] for line in lines) == [f"{i:02d}.png" for i in range(20)]
+    assert not list(out.rglob("*.denoise.part"))
+    model = CountingIdentity()
+    assert {r.status for r in run_cheap(src, out, model)} == {"skipped"} and model.tiles == 0
