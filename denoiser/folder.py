@@ -421,8 +421,12 @@ def denoise_tree(input_dir: str | os.PathLike, output_dir: str | os.PathLike, pr
                  on_result: Callable[[FileResult, int, int], None] | None = None) -> list[FileResult]:
     """Denoise every image under ``input_dir`` into ``output_dir``.
 
+    An image is skipped while its output exists and both still match the
+    output's record in the journal (``overwrite`` redoes everything); each
+    result's ``reason`` says why it was done or skipped.
     ``on_result(result, done, total)`` is called (from this thread) as files
-    finish; raising from it stops the run cleanly (finished outputs stay).
+    finish; raising from it stops the run cleanly (finished outputs stay,
+    recorded).
     """
     if fmt not in ("same", "png"):
         raise ConfigError(f"format must be 'same' or 'png', not {fmt!r}")

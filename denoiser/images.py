@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from denoiser.errors import ImageError
+from denoiser.faults import failpoint
 
 logger = logging.getLogger(__name__)
 
@@ -242,8 +243,6 @@ def temp_owner(name: str | bytes) -> tuple[str, int] | None:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary name beside ``path`` (see :func:`temp_path`),
     flush it to disk, then rename: never a half-written file under the final name."""
-    from denoiser.faults import failpoint
-
     if not path.parent.is_dir():
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)

@@ -576,3 +576,33 @@ def test_two_runs_into_one_output_folder_at_once_lose_nothing(tmp_path):
     assert not list(out.rglob("*.denoise.part"))
     model = CountingIdentity()
     assert {r.status for r in run_cheap(src, out, model)} == {"skipped"} and model.tiles == 0
+
+
+def test_kill_9_before_a_rename_leaves_a_temporary_file_the_rerun_removes(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    small_tree(src, 12)
+    killed = folder_run(src, out, "folder.before_rename=kill@3")
+    _, stderr = killed.communicate(timeout=300)
+    assert killed.returncode == -9, stderr.decode()[-2000:]
+    assert list(out.glob("*.denoise.part"))  # the killed writer's, under no final name
+    results = {r.path: r.status for r in run_cheap(src, out)}
+    assert set(results.values()) <= {"denoised", "skipped"} and len(results) == 12
+    assert not list(out.rglob("*.denoise.part"))
+    for i in range(12):
+        name = f"{i:02d}.png"
+        np.testing.assert_array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(src / name)))
+
+
+def test_a_torn_or_garbled_journal_line_is_ignored_and_later_lines_kept(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    small_tree(src, 3)
+    run_cheap(src, out)
+    with open(out / JOURNAL_NAME, "ab") as fh:
+        fh.write(b'{"output": "00.png", "input": "00.png", "input_si')  # a line cut short by a crash
+    assert {r.status for r in run_cheap(src, out)} == {"skipped"}
+    with open(out / JOURNAL_NAME, "ab") as fh:
+        fh.write(b'\xff garbage {"output": "01.png", "input"')
+    Image.fromarray(noisy_gray(28, 28)).save(src / "02.png")  # its new record goes after the torn line
+    assert {r.path: r.status for r in run_cheap(src, out)}["02.png"] == "denoised"
+    assert {r.status for r in run_cheap(src, out)} == {"skipped"}
+    assert len((out / JOURNAL_NAME).read_text().splitlines()) == 3  # compacted: one line per output
