@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +48,36 @@ def count_params(model) -> int:
     return int(model.count_params())
 
 
-def load_model(path: str | os.PathLike):
-    """Load a ``.keras`` file with safe mode on: a model file never runs code."""
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_model_file(path: Path, expected_sha256: str | None = None) -> None:
+    """Refuse a model file that is not the one its card recorded, or not a whole
+    ``.keras`` archive, with one line naming it (Keras would say "File not
+    found" about a truncated one)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            broken = archive.testzip()
+            names = set(archive.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        broken, names = "?", set()
+    if broken is not None or "config.json" not in names:
+        raise ModelError(f"{path}: not a valid .keras file (truncated or corrupt)")
+    if expected_sha256:
+        actual = file_sha256(path)
+        if actual != expected_sha256:
+            raise ModelError(f"{path}: corrupt model file (sha256 {actual[:16]}... does not match "
+                             f"the card's {expected_sha256[:16]}...)")
+
+
+def load_model(path: str | os.PathLike, expected_sha256: str | None = None):
+    """Load a ``.keras`` file with safe mode on: a model file never runs code.
+    ``expected_sha256`` (the card's ``model_sha256``) is checked when given."""
     import keras
 
     import denoiser.architectures  # noqa: F401 - registers custom objects, if any
@@ -57,6 +87,7 @@ def load_model(path: str | os.PathLike):
         path = path / "model.keras"
     if not path.is_file():
         raise ModelError(f"model file {path} not found")
+    check_model_file(path, expected_sha256)
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=False)
     except Exception as exc:  # noqa: BLE001 - Keras raises many kinds

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import platform
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,9 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from denoiser.checkpoints import CheckpointRun, checkpoint_key, claim_run, clean_checkpoints
 from denoiser.config import TrainConfig
 from denoiser.errors import ModelError
-from denoiser.models import architecture_recipe, build_model, count_params
+from denoiser.faults import failpoint
+from denoiser.models import architecture_recipe, build_model, count_params, file_sha256, load_model
 from denoiser.shards import iter_batches, read_manifest, split_rows
 
 logger = logging.getLogger(__name__)
@@ -175,9 +178,12 @@ def learning_rate(base: float, schedule: str, total_steps: int):
     raise ValueError(f"unknown learning-rate schedule {schedule!r}; known: constant, cosine")
 
 
-def _epoch_log_callback(path: Path, on_epoch_end: Callable | None, epochs: int):
-    """Appends each finished epoch to a JSON-lines file that survives restarts,
-    so a resumed run's history still starts at epoch 1."""
+def _epoch_log_callbacks(path: Path, on_epoch_end: Callable | None, epochs: int):
+    """Two callbacks around the backup: the first appends each finished epoch
+    to a JSON-lines file that survives restarts (so a resumed run's history
+    still starts at epoch 1), the second runs once the backup is written too.
+    History before backup: a crash between them reruns an epoch whose line is
+    then replaced, instead of losing a line."""
     import keras
 
     class EpochLog(keras.callbacks.Callback):
@@ -185,31 +191,88 @@ def _epoch_log_callback(path: Path, on_epoch_end: Callable | None, epochs: int):
             self._t0 = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
-            rec = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - self._t0, 3),
-                   **{k: float(v) for k, v in (logs or {}).items()}}
+            self.record = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - self._t0, 3),
+                           **{k: float(v) for k, v in (logs or {}).items()}}
             with open(path, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-            if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, epochs, rec)
+                fh.write(json.dumps(self.record) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
 
-    return EpochLog()
+    log = EpochLog()
+
+    class EpochDone(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            failpoint("train.epoch_end")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, epochs, log.record)
+
+    return log, EpochDone()
 
 
 def _read_history(path: Path) -> list[dict]:
+    """Finished epochs, one each (a rerun epoch's last line wins); a line torn
+    by a crash mid-write is skipped."""
     if not path.exists():
         return []
     by_epoch = {}
     for line in path.read_text().splitlines():
-        if line.strip():
+        try:
             rec = json.loads(line)
-            by_epoch[rec["epoch"]] = rec
+            by_epoch[int(rec["epoch"])] = rec
+        except (ValueError, KeyError, TypeError):
+            continue
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_model_file(model, path: Path) -> dict:
+    """Save to a unique temporary name beside ``path``, fsync, rename: ``path``
+    is either the old file or the whole new one. Returns the new file's sha256
+    and size, for the card."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp.keras")
+    try:
+        model.save(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        facts = {"model_sha256": file_sha256(tmp), "model_bytes": tmp.stat().st_size}
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return facts
+
+
+def _finished_model(path: Path):
+    """The model a killed run saved before writing its card, or None. A file at
+    ``path`` is always whole (it is renamed into place); one that still fails
+    to load is set aside and the model rebuilt from the backup."""
+    if not path.exists():
+        return None
+    try:
+        model = load_model(path)
+    except ModelError as exc:
+        logger.warning("%s; training again from the backup", exc)
+        path.unlink(missing_ok=True)
+        return None
+    logger.info("%s was saved before the run was interrupted: writing its card", path)
+    return model
 
 
 def manifest_hash(shards_dir: str | os.PathLike) -> str:
@@ -222,7 +285,9 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
     """Train, keeping a backup each epoch so a killed run resumes where it stopped.
 
     Writes ``model.keras`` (best validation weights), ``model.json`` (the card's
-    data) and ``history.csv`` into ``out_dir``.
+    data, with the model file's sha256 and size) and ``history.csv`` into
+    ``out_dir``. A ``model.keras`` already in ``out_dir`` is what this run saved
+    before it was killed: it is kept, and only the card written.
     """
     import keras
     import tensorflow as tf
@@ -252,34 +317,43 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
                             reframe)
     val_ds = make_dataset(shards_dir, "validation", global_batch, training=False)
 
-    with device.strategy.scope() if device.strategy is not None else contextlib.nullcontext():
-        model = build_model(training.architecture, shape if not recipe.get("fully_convolutional") else None)
-        steps = math.ceil(split_rows(shards_dir, "train") / global_batch)
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate(base_lr, schedule,
-                                                                     training.epochs * steps)),
-                      loss=make_loss(loss_name))
-
+    model_path = out / "model.keras"
     history_path = backup / "history.jsonl"
-    callbacks = [
-        keras.callbacks.BackupAndRestore(str(backup / "state"), save_freq="epoch", delete_checkpoint=False),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=training.patience,
-                                      restore_best_weights=True),
-        keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), write_graph=False),
-        _epoch_log_callback(history_path, on_epoch_end, training.epochs),
-    ]
     start = time.perf_counter()
-    logger.info("training %s (%s parameters, loss %s, %s learning rate from %g, batch %d, %d%% reframed) on %s",
-                training.architecture, f"{count_params(model):,}", loss_name, schedule, base_lr, global_batch,
-                round(100 * reframe), device.describe())
-    model.fit(train_ds, validation_data=val_ds, epochs=training.epochs, callbacks=callbacks,
-              shuffle=False, verbose=0)  # the dataset shuffles itself
-    seconds = time.perf_counter() - start
+    model = _finished_model(model_path)
+    if model is None:
+        with device.strategy.scope() if device.strategy is not None else contextlib.nullcontext():
+            model = build_model(training.architecture, shape if not recipe.get("fully_convolutional") else None)
+            steps = math.ceil(split_rows(shards_dir, "train") / global_batch)
+            model.compile(optimizer=keras.optimizers.Adam(learning_rate(base_lr, schedule,
+                                                                         training.epochs * steps)),
+                          loss=make_loss(loss_name))
+        epoch_log, epoch_done = _epoch_log_callbacks(history_path, on_epoch_end, training.epochs)
+        callbacks = [
+            epoch_log,
+            keras.callbacks.BackupAndRestore(str(backup / "state"), save_freq="epoch", delete_checkpoint=False,
+                                             double_checkpoint=True),
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=training.patience,
+                                          restore_best_weights=True),
+            keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), write_graph=False),
+            epoch_done,
+        ]
+        logger.info("training %s (%s parameters, loss %s, %s learning rate from %g, batch %d, %d%% reframed) "
+                    "on %s", training.architecture, f"{count_params(model):,}", loss_name, schedule, base_lr,
+                    global_batch, round(100 * reframe), device.describe())
+        model.fit(train_ds, validation_data=val_ds, epochs=training.epochs, callbacks=callbacks,
+                  shuffle=False, verbose=0)  # the dataset shuffles itself
+        file_facts = save_model_file(model, model_path)
+        failpoint("train.after_model_saved")
+        seconds = time.perf_counter() - start
+    else:  # killed after saving the model: the fit is done, only the card is missing
+        file_facts = {"model_sha256": file_sha256(model_path), "model_bytes": model_path.stat().st_size}
+        seconds = None
 
     history = _read_history(history_path)
+    if seconds is None:
+        seconds = sum(h.get("seconds", 0.0) for h in history)
     best = min((h["val_loss"] for h in history if "val_loss" in h), default=float("nan"))
-    tmp_model = out / f".model.{os.getpid()}.tmp.keras"
-    model.save(tmp_model)
-    os.replace(tmp_model, out / "model.keras")
     if history:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(history[0].keys()), extrasaction="ignore")
@@ -304,6 +378,7 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
         "epochs_run": len(history),
         "best_val_loss": best,
         "history": history,
+        **file_facts,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
                      "python": platform.python_version()},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -314,3 +389,30 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
             "architecture": training.architecture, "params": card["params"],
             "device": device.describe(), "seconds": card["seconds"], "epochs_run": len(history),
             "best_val_loss": best}
+
+
+def train_in_run(shards_dir: str | os.PathLike, training: TrainConfig, models_root: str | os.PathLike,
+                 checkpoints_root: str | os.PathLike, new_version: Callable[[], str],
+                 flow_run_id: str | None = None,
+                 on_start: Callable[[CheckpointRun], None] | None = None,
+                 on_epoch_end: Callable[[int, int, dict], None] | None = None,
+                 log: Callable[..., None] = logger.info) -> dict:
+    """Train as one checkpoint run: clean up what dead runs left, resume the run
+    of this request whose owner died (or start a new one beside live ones),
+    train into ``models_root/<version>`` and delete the run's checkpoint on
+    success. The run's lease is held throughout and released on any exit."""
+    checkpoints_root = Path(checkpoints_root)
+    clean_checkpoints(checkpoints_root, models_root, log=log)
+    run = claim_run(checkpoints_root / checkpoint_key(shards_dir, training), new_version, flow_run_id)
+    try:
+        if run.resumed:
+            log("resuming interrupted run %s at epoch %d (model %s)", run.run_id, run.epochs_done() + 1,
+                run.version)
+        if on_start is not None:
+            on_start(run)
+        result = train_model(shards_dir, training, Path(models_root) / run.version, run.dir,
+                             version=run.version, on_epoch_end=on_epoch_end)
+        run.finish()
+    finally:
+        run.release()
+    return {**result, "run_id": run.run_id, "resumed": run.resumed}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 from prefect import task
@@ -13,6 +14,7 @@ from prefect.logging import get_run_logger
 
 from artifacts.render import markdown_image, markdown_table, table_rows
 from denoiser.config import EvalConfig
+from denoiser.faults import failpoint
 from denoiser.inference import predict_array
 from denoiser.metrics import evaluate_arrays
 from denoiser.models import architecture_recipe, load_model
@@ -24,8 +26,11 @@ CONVENTION = ("PSNR is the per-image mean on [0, 1] floats (10·log10(1/MSE) per
 
 
 def _write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data if isinstance(data, bytes) else data.encode())
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -35,7 +40,8 @@ def evaluate_denoiser(model_dir: str, shards_dir: str, evaluation: EvalConfig) -
     evaluation = EvalConfig.model_validate(evaluation)
     folder = Path(model_dir)
     card = json.loads((folder / "model.json").read_text())
-    model = load_model(folder / "model.keras")
+    # the model file the card describes, or a one-line ModelError
+    model = load_model(folder / "model.keras", expected_sha256=card.get("model_sha256"))
     recipe = architecture_recipe(card["architecture"])
     test = load_split(shards_dir, "test")
     clean, noisy = test["clean"] / 255.0, test["noisy"] / 255.0
@@ -50,8 +56,9 @@ def evaluate_denoiser(model_dir: str, shards_dir: str, evaluation: EvalConfig) -
     samples = grid_png([clean[:k], noisy[:k], denoised[:k]], scale=3)
     _write(folder / "samples.png", samples)
     _write(folder / "metrics.json", json.dumps({**metrics, "quality_gate": gate}, indent=2))
-    card.update(metrics=overall, quality_gate=gate)
-    _write(folder / "model.json", json.dumps(card, indent=2))
+    failpoint("evaluate.before_card")
+    card = {**json.loads((folder / "model.json").read_text()), "metrics": overall, "quality_gate": gate}
+    _write(folder / "model.json", json.dumps(card, indent=2))  # model_sha256 and the rest kept as read
 
     verdict = "PASSED" if passed else "FAILED"
     rows = [{"group": "overall", **overall}]

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
+from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import (
@@ -15,17 +14,13 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
 
 from artifacts.render import markdown_table, table_rows
 from artifacts.store import Store, new_model_version
+from denoiser.checkpoints import CheckpointRun
 from denoiser.config import TrainConfig
-from denoiser.training import train_model
-
-
-def _backup_key(shards_dir: str, training: TrainConfig) -> str:
-    """Same request, same backup folder: a restarted run resumes from it."""
-    payload = json.dumps({"shards": shards_dir, "training": training.model_dump(mode="json")}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+from denoiser.training import train_in_run
 
 
 @task(name="train_autoencoder", cache_policy=NO_CACHE, retries=0)
@@ -33,13 +28,12 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
     logger = get_run_logger()
     training = TrainConfig.model_validate(training)
     store = Store.at(store_root)
-    version = new_model_version(training.architecture)
-    out_dir = store.model_dir(version)
-    backup_dir = store.root / "checkpoints" / _backup_key(shards_dir, training)
-    if (backup_dir / "history.jsonl").exists():
-        logger.info("resuming an interrupted training from %s", backup_dir)
-    progress = create_progress_artifact(progress=0.0, key="training-progress",
-                                        description=f"Training {version}")
+    progress = None
+
+    def on_start(run: CheckpointRun) -> None:
+        nonlocal progress
+        progress = create_progress_artifact(progress=0.0, key="training-progress",
+                                            description=f"Training {run.version}")
 
     def on_epoch_end(epoch: int, epochs: int, logs: dict) -> None:
         update_progress_artifact(progress, progress=100.0 * epoch / epochs)
@@ -47,10 +41,12 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
                     logs.get("loss", float("nan")), logs.get("val_loss", float("nan")),
                     logs.get("seconds", 0.0))
 
-    result = train_model(shards_dir, training, out_dir, backup_dir, version=version,
-                         on_epoch_end=on_epoch_end)
+    result = train_in_run(shards_dir, training, store.models_root, store.root / "checkpoints",
+                          lambda: new_model_version(training.architecture),
+                          flow_run_id=str(flow_run.id) if flow_run.id else None,
+                          on_start=on_start, on_epoch_end=on_epoch_end, log=logger.info)
     update_progress_artifact(progress, progress=100.0)
-    shutil.rmtree(backup_dir, ignore_errors=True)
+    version, out_dir = result["version"], Path(result["dir"])
     logger.info("trained %s on %s in %.1f s (%d epochs); model in %s", version, result["device"],
                 result["seconds"], result["epochs_run"], result["dir"])
 
@@ -79,6 +75,7 @@ def render_model_card(card: dict) -> str:
         {"field": "best validation loss", "value": card["best_val_loss"]},
         {"field": "data manifest sha256", "value": card["data"]["manifest_sha256"]},
         {"field": "shards", "value": card["data"]["shards_dir"]},
+        {"field": "model file sha256", "value": card.get("model_sha256", "not recorded")},
         {"field": "TensorFlow / Keras", "value": f"{card['versions']['tensorflow']} / {card['versions']['keras']}"},
     ]
     if gate:

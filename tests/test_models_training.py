@@ -11,7 +11,13 @@ from pydantic import ValidationError
 
 from denoiser.config import TrainConfig
 from denoiser.errors import ModelError
-from denoiser.models import architecture_recipe, available_architectures, build_model, load_model
+from denoiser.models import (
+    architecture_recipe,
+    available_architectures,
+    build_model,
+    file_sha256,
+    load_model,
+)
 from denoiser.shards import SplitArrays, write_shard_set
 from denoiser.training import make_dataset, plan_device, train_model
 
@@ -116,6 +122,31 @@ def test_models_round_trip_with_safe_mode(tmp_path):
         load_model(tmp_path / "missing.keras")
 
 
+def test_a_truncated_or_replaced_model_file_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "model.keras"
+    build_model("unet-small").save(path)
+    card_sha = file_sha256(path)
+    assert load_model(path, expected_sha256=card_sha).count_params() == 118_945
+    data = path.read_bytes()
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    for name, damaged in (("truncated", data[:len(data) // 2]), ("flipped", bytes(flipped)),
+                          ("empty", b""), ("garbage", b"\x00garbage" * 100)):
+        bad = tmp_path / f"{name}.keras"
+        bad.write_bytes(damaged)
+        with pytest.raises(ModelError) as caught:
+            load_model(bad)
+        assert str(caught.value) == f"{bad}: not a valid .keras file (truncated or corrupt)"
+        with pytest.raises(ModelError, match="not a valid .keras file"):
+            load_model(bad, expected_sha256=card_sha)
+    build_model("unet-small").save(path)  # a whole model, but not the one the card describes
+    with pytest.raises(ModelError) as caught:
+        load_model(path, expected_sha256=card_sha)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: corrupt model file (sha256 ") and "\n" not in message
+    assert f"does not match the card's {card_sha[:16]}" in message
+
+
 def test_device_plan_for_zero_one_and_many_gpus():
     cpu = plan_device([], "auto")
     assert cpu["kind"] == "cpu" and not cpu["mixed_precision"] and cpu["strategy_name"] == "default"
@@ -177,6 +208,10 @@ def test_seed_trains_with_bce(tiny_shards, tmp_path):
     assert card["recipe"]["lr_schedule"] == "constant"  # the reference's recipe, untouched
     assert card["recipe"]["learning_rate"] == 1e-3  # Keras' Adam default, as in the blog
     assert load_model(result["model_path"]).count_params() == 440_865
+    model_file = tmp_path / "seed" / "model.keras"
+    assert card["model_sha256"] == file_sha256(model_file) and card["model_bytes"] == model_file.stat().st_size
+    assert load_model(model_file, expected_sha256=card["model_sha256"]).count_params() == 440_865
+    assert not [p.name for p in (tmp_path / "seed").iterdir() if p.name.startswith(".")]  # no temporary left
 
 
 def test_dataset_reframes_training_pairs_only(tiny_shards):
