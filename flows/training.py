@@ -7,11 +7,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from artifacts.registry import check_registry
 from artifacts.store import resolve_store_root
 from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
-from tasks.common import unless_output_missing
-from tasks.corrupt import shards_marker, write_noisy_shards
-from tasks.download import download_dataset, download_marker
+from tasks.common import unless_output_invalid
+from tasks.corrupt import verify_shards, write_noisy_shards
+from tasks.download import download_dataset, verify_download
 from tasks.evaluate import evaluate_denoiser
 from tasks.register import register_model_version
 from tasks.train import train_autoencoder
@@ -29,10 +30,11 @@ def train_pipeline(
     and an artifact in the UI. Returns a small summary for the caller."""
     logger = get_run_logger()
     store_root = str(resolve_store_root(store))
-    # cached across runs, unless the files a cached result names were deleted
-    dataset = unless_output_missing(download_dataset, download_marker(data, store_root))(data, store_root)
+    check_registry(store_root)  # a broken registry fails now, not after a whole training
+    # cached across runs, unless the files a cached result names are gone or fail their checksums
+    dataset = unless_output_invalid(download_dataset, verify_download(data, store_root))(data, store_root)
     limits = (data.train_limit, data.test_limit)
-    write = unless_output_missing(write_noisy_shards, shards_marker(dataset, noise, store_root, *limits))
+    write = unless_output_invalid(write_noisy_shards, verify_shards(dataset, noise, store_root, *limits))
     shards_dir = write(dataset, noise, store_root, *limits)
     model = train_autoencoder(shards_dir, training, store_root)
     metrics = evaluate_denoiser(model["dir"], shards_dir, evaluation)

@@ -1,9 +1,9 @@
 """What every task shares: a cache that hits across flow runs, and a way to
-bypass it when the files a cached result points at have gone."""
+bypass it when the files a cached result points at are gone or damaged."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Sequence
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
@@ -11,9 +11,11 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 CACHE_ACROSS_RUNS = INPUTS + TASK_SOURCE
 
 
-def unless_output_missing(task, marker: Path):
-    """The task itself while its output's marker file exists; otherwise a copy
-    that ignores (and then refreshes) its cache entry, so a cached result never
-    hands downstream tasks paths that were deleted. The key stays the same in
-    both cases, so the next run hits again."""
-    return task if Path(marker).exists() else task.with_options(refresh_cache=True)
+def unless_output_invalid(task, damaged: Sequence[str]):
+    """The task itself while its output verifies (``damaged`` is empty: what a
+    ``verify_*`` function of the output found); otherwise a copy that ignores
+    (and then refreshes) its cache entry, so the task body runs and repairs the
+    files instead of handing downstream tasks a cached result that points at
+    missing or corrupt ones. The key stays the same in both cases, so the next
+    run hits again."""
+    return task if not damaged else task.with_options(refresh_cache=True)

@@ -19,6 +19,7 @@ from denoiser.shards import (
     load_split,
     shard_set_key,
     split_train_validation,
+    verify_shard_set,
     write_shard_set,
 )
 from tasks.common import CACHE_ACROSS_RUNS
@@ -31,20 +32,22 @@ def shard_dir_for(dataset: dict, noise: NoiseConfig, store_root: str,
     return Store.at(store_root).shards_root / f"{dataset['dataset']}-{key}"
 
 
-def shards_marker(dataset: dict, noise: NoiseConfig, store_root: str,
-                  train_limit: int | None = None, test_limit: int | None = None) -> Path:
-    """The file whose presence means the cached shard set is still on disk."""
-    return shard_dir_for(dataset, noise, store_root, train_limit, test_limit) / "manifest.json"
+def verify_shards(dataset: dict, noise: NoiseConfig, store_root: str,
+                  train_limit: int | None = None, test_limit: int | None = None) -> list[str]:
+    """The files of the shard set a cached result would hand on that are missing
+    or damaged (empty when all verify): decides whether the cache may be trusted."""
+    return verify_shard_set(shard_dir_for(dataset, noise, store_root, train_limit, test_limit))
 
 
 @task(name="write_noisy_shards", cache_policy=CACHE_ACROSS_RUNS, persist_result=True)
 def write_noisy_shards(dataset: dict, noise: NoiseConfig, store_root: str,
                        train_limit: int | None = None, test_limit: int | None = None) -> str:
-    """Returns the shard folder; the same request reuses a finished folder."""
+    """Returns the shard folder; the same request reuses a finished folder once
+    its shards verify, and rebuilds only the damaged ones of a finished set."""
     logger = get_run_logger()
     noise = NoiseConfig.model_validate(noise)
     out = shard_dir_for(dataset, noise, store_root, train_limit, test_limit)
-    if (out / "manifest.json").is_file():
+    if not verify_shard_set(out):
         logger.info("reusing finished shards in %s", out)
     else:
         images, labels = load_images(dataset, "train", train_limit)
@@ -62,8 +65,7 @@ def write_noisy_shards(dataset: dict, noise: NoiseConfig, store_root: str,
                 "sources": {r: f["payload_sha256"] for r, f in dataset["files"].items()}}
         write_shard_set(out, splits, {"kind": noise.kind, "level": noise.level,
                                               "density": noise.level_density}, noise.shard_rows,
-                        noise.seed, meta=meta)
-        logger.info("wrote shards to %s", out)
+                        noise.seed, meta=meta, log=logger)
     _publish(out, dataset["dataset"], noise)
     return str(out)
 

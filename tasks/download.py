@@ -11,17 +11,22 @@ from prefect.logging import get_run_logger
 from artifacts.render import artifact_key, table_rows
 from artifacts.store import Store
 from denoiser.config import DataConfig
-from denoiser.datasets import TransientDownloadError, fetch_dataset
+from denoiser.datasets import TransientDownloadError, fetch_dataset, verify_download_cache
 from tasks.common import CACHE_ACROSS_RUNS
 
 
-def download_marker(data: DataConfig, store_root: str) -> Path:
-    """The file whose presence means the cached download is still on disk."""
-    return Store.at(store_root).downloads(DataConfig.model_validate(data).dataset) / "manifest.json"
+def download_dir(data: DataConfig, store_root: str) -> Path:
+    return Store.at(store_root).downloads(DataConfig.model_validate(data).dataset)
+
+
+def verify_download(data: DataConfig, store_root: str) -> list[str]:
+    """The cached files a cached download result would hand on that are missing or
+    damaged (empty when all verify): decides whether the cache may be trusted."""
+    return verify_download_cache(download_dir(data, store_root))
 
 
 def _retry_network_errors(task, task_run, state) -> bool:
-    """Retry a dropped connection, never a checksum mismatch or a 404."""
+    """Retry a dropped connection, never a checksum mismatch, a 404 or a full disk."""
     try:
         state.result()
     except TransientDownloadError:
@@ -43,7 +48,7 @@ def download_dataset(data: DataConfig, store_root: str) -> dict:
     """Fetch (or find cached) the dataset's files; returns the dataset manifest."""
     logger = get_run_logger()
     data = DataConfig.model_validate(data)
-    manifest = fetch_dataset(data.dataset, data.source, Store.at(store_root).downloads(data.dataset))
+    manifest = fetch_dataset(data.dataset, data.source, download_dir(data, store_root), log=logger)
     rows = []
     for role, rec in manifest["files"].items():
         logger.info("%s %s (%s bytes) from %s", rec["status"], rec["name"], f"{rec['bytes']:,}", rec["source"])

@@ -4,9 +4,11 @@ served over real HTTP on 127.0.0.1, tiny limits so it runs in seconds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import http.server
 import json
+import logging
 import threading
 from pathlib import Path
 
@@ -126,3 +128,69 @@ def test_flow_downloads_over_http_trains_and_reuses_cache(prefect_harness, http_
     assert (Path(result["shards"]) / "manifest.json").is_file()
     registry = third.result()["registry"]
     assert registry["status"] in ("production", "candidate") and registry["reason"]
+
+
+@contextlib.contextmanager
+def _run_log_lines(about: Path):
+    """Warnings the flow's tasks log about files under ``about`` (Prefect's loggers
+    do not propagate to the root, where caplog listens)."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            if str(about) in record.getMessage():
+                lines.append(record.getMessage())
+
+    handler, run_logger = Collect(logging.WARNING), logging.getLogger("prefect.task_runs")
+    run_logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        run_logger.removeHandler(handler)
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    blob = bytearray(path.read_bytes())
+    blob[offset] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("*.parquet"))}
+
+
+def test_damaged_cached_files_are_rebuilt_not_reused(prefect_harness, http_mirror, tmp_path):
+    from denoiser.datasets import verify_download_cache
+    from denoiser.shards import verify_shard_set
+    from flows.training import train_pipeline
+
+    first = train_pipeline(**_params(http_mirror, tmp_path), return_state=True)
+    assert first.is_completed(), first.message
+    shards = Path(first.result()["shards"])
+
+    # one shard damaged on disk: a cache hit would hand it to training, so the task runs and rebuilds it alone
+    damaged = shards / "train-00001.parquet"
+    _flip_byte(damaged, 500)
+    before = _mtimes(shards)
+    with _run_log_lines(tmp_path) as lines:
+        second = train_pipeline(**_params(http_mirror, tmp_path), return_state=True)
+    assert second.is_completed(), second.message
+    states = asyncio.run(_task_states(second.state_details.flow_run_id))
+    assert states["download_dataset"] == "Cached"
+    assert states["write_noisy_shards"] == "Completed"
+    assert verify_shard_set(shards) == []
+    after = _mtimes(shards)
+    assert [n for n in after if after[n] != before[n]] == ["train-00001.parquet"]
+    assert lines == [f"{damaged}: sha256 mismatch with the manifest; rebuilding it"]
+
+    # a cached download damaged on disk: fetched again, once, with a line naming it
+    cached = tmp_path / "downloads" / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    _flip_byte(cached, 100)
+    with _run_log_lines(tmp_path) as lines:
+        third = train_pipeline(**_params(http_mirror, tmp_path), return_state=True)
+    assert third.is_completed(), third.message
+    states = asyncio.run(_task_states(third.state_details.flow_run_id))
+    assert states["download_dataset"] == "Completed"
+    assert verify_download_cache(cached.parent) == []
+    assert lines == [f"{cached}: sha256 mismatch with the cache manifest; fetching it again"]
+    assert _mtimes(shards) == after
