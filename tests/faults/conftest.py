@@ -1,0 +1,320 @@
+"""Fixtures of the fault-injection suite: one real Prefect server for the
+session, a runner for the real ``denoise`` command, a model trained once and
+shared by copying its store, a small disk, and the tally printed at the end."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.faults.harness import (
+    TRAIN_ARGS,
+    Command,
+    Scenario,
+    denoise_env,
+    free_port,
+    model_version,
+    start_denoise,
+    tail,
+)
+
+TALLY: list[tuple[str, bool, int, int]] = []
+SPARE_SERVER_FIXTURE = "spare_prefect_api"
+
+
+# --------------------------------------------------------------------------- Prefect servers
+
+class PrefectServer:
+    """``prefect server start`` in its own process group, on a free port, with its own home."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        home.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DENOISE_"))}
+        env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_UI_API_URL=self.url, PREFECT_API_URL=self.url)
+        self.log = open(home / "server.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:  # noqa: S310 - local
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait_healthy(self, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited {self.proc.returncode}: "
+                                   f"{tail((self.home / 'server.log').read_text(errors='replace'))}")
+            if self.healthy():
+                return self.url
+            time.sleep(0.5)
+        raise RuntimeError(f"prefect server on port {self.port} not healthy after {timeout:.0f} s")
+
+    def kill(self) -> None:
+        """SIGKILL to the server's whole process group, as a crash or an OOM kill would."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def fault_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="session")
+def _spare_server(request, fault_dir):
+    """A second server for the scenario that kills one, started early (in the
+    background) only when that scenario was collected."""
+    wanted = any(SPARE_SERVER_FIXTURE in getattr(item, "fixturenames", ()) for item in request.session.items)
+    server = PrefectServer(fault_dir / "spare-server") if wanted else None
+    yield server
+    if server is not None:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_api(fault_dir, _spare_server) -> str:
+    """The URL of one real Prefect server shared by the whole suite."""
+    server = PrefectServer(fault_dir / "server")
+    try:
+        yield server.wait_healthy()
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def spare_prefect_api(_spare_server) -> PrefectServer:
+    assert _spare_server is not None
+    _spare_server.wait_healthy()
+    return _spare_server
+
+
+# --------------------------------------------------------------------------- the runner
+
+@dataclass
+class Runner:
+    """Runs ``python -m flows.cli --store STORE ...`` with this test's Prefect home."""
+
+    api_url: str | None
+    home: Path
+    logs: Path
+    data_source: Path | str | None
+
+    def start(self, args: list[str], store: Path, env_extra: dict | None = None, failpoints: str | None = None,
+              api_url: str | None | bool = True, preexec=None) -> Command:
+        url = self.api_url if api_url is True else (api_url or None)
+        env = denoise_env(store, self.home, url, self.data_source, failpoints, env_extra)
+        return start_denoise(["--store", str(store), *args], env, self.logs, preexec)
+
+    def run(self, args: list[str], store: Path, env_extra: dict | None = None, failpoints: str | None = None,
+            timeout: float = 300, api_url: str | None | bool = True, preexec=None) -> subprocess.CompletedProcess:
+        return self.start(args, store, env_extra, failpoints, api_url, preexec).wait(timeout)
+
+
+@pytest.fixture()
+def denoise(tmp_path, prefect_api, mnist_mirror) -> Runner:
+    return Runner(prefect_api, tmp_path / "prefect-home", tmp_path / "logs", mnist_mirror)
+
+
+@pytest.fixture()
+def run_denoise(denoise):
+    """``run_denoise(args, store, env_extra=None, failpoints=None, timeout=...) -> CompletedProcess``."""
+    return denoise.run
+
+
+# --------------------------------------------------------------------------- a model trained once
+
+@dataclass(frozen=True)
+class Golden:
+    """A store with the downloads, the shards and one registered model (the
+    production one), kept pristine; scenarios copy it. ``live`` is the path it
+    was made at, where Prefect's cache of the download and shard tasks hits."""
+
+    copy: Path
+    storage: Path
+    live: Path
+    version: str
+
+    def copy_to(self, dst: Path, parts: tuple[str, ...] = ("downloads", "shards", "models")) -> Path:
+        dst.mkdir(parents=True, exist_ok=True)
+        for part in parts:
+            shutil.copytree(self.copy / part, dst / part, symlinks=True)
+        return dst
+
+    def restore_live(self, runner: Runner) -> Path:
+        """The store back at its original path with Prefect's result cache beside
+        it, so the next ``denoise train`` hits the cached download and shards."""
+        shutil.rmtree(self.live, ignore_errors=True)
+        shutil.copytree(self.copy, self.live, symlinks=True)
+        shutil.rmtree(runner.home / "storage", ignore_errors=True)
+        shutil.copytree(self.storage, runner.home / "storage")
+        return self.live
+
+
+@pytest.fixture(scope="session")
+def golden(fault_dir, prefect_api, mnist_mirror) -> Golden:
+    runner = Runner(prefect_api, fault_dir / "golden-home", fault_dir / "golden-logs", mnist_mirror)
+    live = fault_dir / "store"
+    result = runner.run(TRAIN_ARGS, live, timeout=600)
+    if result.returncode != 0:
+        pytest.fail(f"the shared training run failed (exit {result.returncode}):\n{tail(result.stderr)}")
+    version = model_version(result)
+    copy = fault_dir / "golden-store"
+    shutil.copytree(live, copy, symlinks=True)
+    storage = fault_dir / "golden-storage"
+    shutil.copytree(runner.home / "storage", storage)
+    return Golden(copy, storage, live, version)
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _write_images(root: Path, count: int = 36, seed: int = 0) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        folder = root / ("" if i % 3 else "sub") / ("deeper" if i % 9 == 0 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w = 48 + 4 * (i % 5), 64
+        if i % 6 == 5:
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"pic{i:03d}.jpg",
+                                                                                  quality=90)
+        else:
+            Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
+
+
+@pytest.fixture(scope="session")
+def _image_template(fault_dir) -> Path:
+    root = fault_dir / "images"
+    _write_images(root)
+    return root
+
+
+@pytest.fixture()
+def noisy_folder(tmp_path, _image_template) -> Path:
+    """A few dozen small images (gray PNG and RGB JPEG, in subfolders), fresh per test."""
+    dst = tmp_path / "noisy"
+    shutil.copytree(_image_template, dst)
+    return dst
+
+
+@pytest.fixture()
+def model_store(tmp_path, golden) -> Path:
+    """A store holding the shared model (production) and its registry."""
+    return golden.copy_to(tmp_path / "store", ("models",))
+
+
+# --------------------------------------------------------------------------- a small disk
+
+class SmallDisk:
+    """A folder that fills up: a tmpfs of ``size`` bytes when mounting works
+    here, else a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) applied to the
+    command, so its writes fail with EFBIG. ``grow()`` brings the space back."""
+
+    def __init__(self, path: Path, size: int):
+        self.path, self.size = path, size
+        path.mkdir(parents=True, exist_ok=True)
+        probe = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                               capture_output=True)
+        self.kind = "tmpfs" if probe.returncode == 0 else "rlimit"
+        self.limited = True
+
+    def preexec(self):
+        if self.kind == "tmpfs" or not self.limited:
+            return None
+        size = self.size
+
+        def limit():
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+        return limit
+
+    def grow(self) -> None:
+        if self.kind == "tmpfs":
+            subprocess.run(["mount", "-o", "remount,size=256m", str(self.path)], check=True)
+        self.limited = False
+
+    def release(self) -> None:
+        if self.kind == "tmpfs":
+            subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+
+
+@pytest.fixture()
+def small_disk():
+    disks: list[SmallDisk] = []
+
+    def make(path: Path, size: int) -> SmallDisk:
+        disk = SmallDisk(path, size)
+        disks.append(disk)
+        return disk
+
+    yield make
+    for disk in disks:
+        disk.release()
+
+
+# --------------------------------------------------------------------------- the tally
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"_fault_report_{report.when}", report)
+
+
+@pytest.fixture()
+def scenario(request) -> Scenario:
+    """This scenario's findings; recorded in the tally when the test ends."""
+    sc = Scenario(request.node.name.removeprefix("test_"))
+    yield sc
+    report = getattr(request.node, "_fault_report_call", None)
+    survived = bool(report is not None and report.passed)
+    TALLY.append((sc.name, survived, sc.checked, sc.lost))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not TALLY:
+        return
+    tr = terminalreporter
+    width = max(len(name) for name, *_ in TALLY)
+    tr.section("fault-injection suite")
+    tr.write_line(f"faults tried {len(TALLY)}, survived {sum(s for _, s, _, _ in TALLY)}, "
+                  f"files checked {sum(c for *_, c, _ in TALLY)}, files lost {sum(lost for *_, lost in TALLY)}")
+    tr.write_line(f"{'scenario':<{width}}  {'survived':>8}  {'checked':>7}  {'lost':>4}")
+    for name, survived, checked, lost in TALLY:
+        tr.write_line(f"{name:<{width}}  {'yes' if survived else 'NO':>8}  {checked:>7}  {lost:>4}")
+
