@@ -154,9 +154,9 @@ def _write_shard(out_dir: Path, plan: _ShardPlan, arrays: SplitArrays, noise: di
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
-    failpoint("shards.before_manifest")
     tmp = temp_path(out / "manifest.json", "tmp")
     try:
+        failpoint("shards.before_manifest")
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(tmp, out / "manifest.json")
     except OSError as exc:
