@@ -22,6 +22,10 @@ def _quiet_environment() -> None:
     """Set before Prefect is imported: Prefect reads its settings once."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # a lost API is given up on in seconds, not minutes: the data work never waits for it
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
+    # a temporary server on a busy two-core machine can need more than Prefect's 20 s
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
 def _noise_level(text: str) -> float | tuple[float, float]:
@@ -95,7 +99,12 @@ def _train_configs(args: argparse.Namespace) -> dict:
 
 def _run_train(args: argparse.Namespace) -> int:
     configs = _train_configs(args)
+    from artifacts.registry import check_registry
+    from flows.session import ensure_api
     from flows.training import train_pipeline
+
+    check_registry(args.store)  # a broken registry fails now, not after the training
+    ensure_api()
 
     result = train_pipeline(**configs, store=args.store)
     _print_train_summary(result)
@@ -168,15 +177,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.store:
         os.environ["DENOISE_STORE"] = args.store
+    import httpx
     from pydantic import ValidationError
 
     from denoiser.errors import DenoiseError
+    from flows.session import Terminated, install_sigterm
 
+    install_sigterm()
     try:
         return int(args.handler(args) or 0)
+    except Terminated:
+        print("denoise: terminated; finished files are kept, rerun to finish", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print("denoise: interrupted", file=sys.stderr)
+        print("denoise: interrupted; finished files are kept, rerun to finish", file=sys.stderr)
         return 130
+    except httpx.TransportError as exc:
+        if args.debug:
+            raise
+        print(f"denoise: error: lost the Prefect API ({type(exc).__name__}: {_one_line(exc)}); "
+              "finished files are kept, rerun to finish", file=sys.stderr)
+        return 1
     except ValidationError as exc:
         if args.debug:
             raise

@@ -8,10 +8,11 @@ from typing import Literal
 from prefect import flow
 
 from artifacts.store import resolve_store_root
+from flows.session import STATE_HOOKS
 from tasks.denoise import denoise_images, resolve_denoiser
 
 
-@flow(name="denoise-folder", log_prints=True, validate_parameters=True)
+@flow(name="denoise-folder", log_prints=True, validate_parameters=True, **STATE_HOOKS)
 def denoise_folder(
     input_dir: str,
     output_dir: str,
@@ -47,8 +48,14 @@ def run_folder_command(args: argparse.Namespace) -> int:
     # usage errors and a missing model fail fast, before a Prefect server starts
     check_folders(args.input_dir, args.output_dir)
     resolve_model(args.store, args.model)
-    summary = denoise_folder(args.input_dir, args.output_dir, model=args.model, overwrite=args.overwrite,
-                             pattern=args.pattern, format=args.format, store=args.store)
+    from flows.session import ensure_api, finished_despite_api
+
+    ensure_api()
+    with finished_despite_api("denoise_images") as outcome:
+        outcome.value = denoise_folder(args.input_dir, args.output_dir, model=args.model,
+                                       overwrite=args.overwrite, pattern=args.pattern, format=args.format,
+                                       store=args.store)
+    summary = outcome.value
     c = summary["counts"]
     console = Console(stderr=False)
     console.print(f"{c['denoised']} denoised, {c['skipped']} skipped, {c['failed']} failed "

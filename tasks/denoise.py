@@ -10,12 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from prefect import task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
@@ -24,9 +19,11 @@ from artifacts.registry import resolve_model
 from artifacts.render import markdown_image, markdown_table, table_rows
 from artifacts.store import Store
 from denoiser.folder import BatchPredictor, FileResult, count, denoise_tree, write_report
+from denoiser.images import write_atomic
 from denoiser.inference import tile_spec_for_model
 from denoiser.models import load_model
 from denoiser.plots import grid_png
+from tasks.publish import ProgressArtifact, Publisher, remember_outcome
 
 REPORT_ROWS_IN_UI = 500
 
@@ -40,11 +37,12 @@ def resolve_denoiser(model: str | None, store_root: str) -> dict:
 
 
 class _Progress:
-    """Progress artifact (throttled: one update a second) and, on a terminal, a rich bar."""
+    """Progress artifact (throttled: one update a second, sent in the background)
+    and, on a terminal, a rich bar."""
 
-    def __init__(self, total: int):
-        self.artifact = create_progress_artifact(progress=0.0, key="denoise-progress",
-                                                 description="Files processed")
+    def __init__(self, total: int, publisher: Publisher):
+        self.artifact = ProgressArtifact(publisher, "denoise-progress", "Files processed")
+        self.artifact.update(0.0)
         self.last = 0.0
         self.bar = None
         if sys.stderr.isatty() and total:
@@ -60,7 +58,7 @@ class _Progress:
         now = time.monotonic()
         if now - self.last > 1.0 or done == total:
             self.last = now
-            update_progress_artifact(self.artifact, progress=100.0 * done / max(total, 1))
+            self.artifact.update(100.0 * done / max(total, 1))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -94,12 +92,13 @@ def denoise_images(input_dir: str, output_dir: str, model: dict, overwrite: bool
     spec = tile_spec_for_model(keras_model, model.get("architecture"))
     predictor = BatchPredictor(keras_model)
     started = time.perf_counter()
+    publisher = Publisher(logger)
     progress = None
 
     def on_result(result: FileResult, done: int, total: int) -> None:
         nonlocal progress
         if progress is None:
-            progress = _Progress(total)
+            progress = _Progress(total, publisher)
         if result.status == "failed":
             logger.warning("%s: %s", result.path, result.error)
         progress(result, done, total)
@@ -118,18 +117,19 @@ def denoise_images(input_dir: str, output_dir: str, model: dict, overwrite: bool
     summary = {"input_dir": str(Path(input_dir).resolve()), "output_dir": str(Path(output_dir).resolve()),
                "counts": counts, "seconds": round(seconds, 2), "report": str(report),
                "model": model, "flow_run_id": str(flow_run.id) if flow_run.id else None}
-    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(report_dir / "summary.json", json.dumps(summary, indent=2).encode())
 
     rows = [{"path": r.path, "bytes": r.bytes, "mode": r.mode,
              "size": f"{r.width}x{r.height}" if r.width else "", "status": r.status, "error": r.error,
-             "ms": r.ms} for r in results]
-    create_table_artifact(key="denoise-report", table=table_rows(rows[:REPORT_ROWS_IN_UI]),
+             "reason": r.reason, "ms": r.ms} for r in results]
+    publisher.publish(create_table_artifact, key="denoise-report", table=table_rows(rows[:REPORT_ROWS_IN_UI]),
                           description=f"Per-file report ({len(rows)} files; all in {report})")
     facts = [{"": k, "files": v} for k, v in counts.items()]
     model_facts = markdown_table([{"model": model["version"], "status": model["status"],
                                    "architecture": model["architecture"], "test PSNR": model["psnr"],
                                    "data manifest sha256": (model.get("data_manifest_sha256") or "")[:16]}])
-    create_markdown_artifact(
+    publisher.publish(
+        create_markdown_artifact,
         key="denoise-summary",
         markdown=(f"# Denoised {summary['input_dir']}\n\ninto `{summary['output_dir']}` in {seconds:.1f} s\n\n"
                   f"{markdown_table(facts)}\n\n## Model\n\n{model_facts}\n\nModel file `{model['model_path']}`"
@@ -139,4 +139,6 @@ def denoise_images(input_dir: str, output_dir: str, model: dict, overwrite: bool
     )
     logger.info("%d denoised, %d skipped, %d failed in %.1f s; report %s", counts["denoised"],
                 counts["skipped"], counts["failed"], seconds, report)
+    remember_outcome("denoise_images", summary)
+    publisher.close()
     return summary

@@ -1,0 +1,231 @@
+"""What a ``denoise`` command owes the Prefect API around its flow runs.
+
+- :func:`ensure_api`: without ``PREFECT_API_URL`` a command starts a temporary
+  local server; a guard process kills that server when the command dies,
+  however it dies (SIGKILL included), so no server is left behind.
+- A run ledger (``$PREFECT_HOME/denoise-runs/``): every flow run of these
+  flows records its process when it starts running and forgets it when it
+  ends. A run whose process died without reporting (killed, or the API was
+  gone) is marked Crashed by the next run that starts, instead of staying
+  RUNNING forever.
+- :func:`finished_despite_api`: when the API goes away during a command, the
+  data work still finishes (tasks publish best-effort, see
+  :mod:`tasks.publish`); the command then reports the finished work instead
+  of Prefect's connection error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("denoise.session")
+
+# ----------------------------------------------------------------- temporary server
+
+_GUARD = """
+import os, signal, sys, time
+pid = int(sys.argv[1])
+sys.stdin.buffer.read()          # returns when the command exits or is killed
+try:
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(50):
+        time.sleep(0.1)
+        os.kill(pid, 0)
+    os.kill(pid, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
+
+_guard: subprocess.Popen | None = None
+
+
+def ensure_api() -> str:
+    """The API URL this command talks to; starts a guarded temporary server
+    when none is configured (Prefect's own code then reuses it)."""
+    global _guard
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if url:
+        return url
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance Prefect's clients look up
+    server.start()
+    if _guard is None and server.server_process is not None:
+        _guard = subprocess.Popen([sys.executable, "-c", _GUARD, str(server.server_process.pid)],
+                                  stdin=subprocess.PIPE, start_new_session=True, close_fds=True)
+    return server.api_url
+
+
+# ----------------------------------------------------------------- the run ledger
+
+def _ledger_dir() -> Path:
+    from prefect.settings import PREFECT_HOME
+
+    return Path(PREFECT_HOME.value()).expanduser() / "denoise-runs"
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): tells a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(entry: dict) -> bool:
+    pid = entry.get("pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return entry.get("started") is None or _process_start(pid) == entry.get("started")
+
+
+def record_running(flow, flow_run, state) -> None:
+    """Flow hook (on_running): note this process, then mark dead ones Crashed."""
+    folder = _ledger_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        entry = {"flow_run_id": str(flow_run.id), "flow": flow.name, "name": flow_run.name,
+                 "pid": os.getpid(), "started": _process_start(os.getpid()), "host": socket.gethostname()}
+        tmp = folder / f".{flow_run.id}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(entry))
+        os.replace(tmp, folder / f"{flow_run.id}.json")
+    except OSError as exc:
+        logger.debug("cannot write the run ledger: %s", exc)
+    try:
+        mark_crashed_runs()
+    except Exception as exc:  # noqa: BLE001 - book-keeping must never fail a run
+        logger.warning("cannot mark the runs of dead processes Crashed: %s: %s", type(exc).__name__, exc)
+
+
+def forget_run(flow, flow_run, state) -> None:
+    """Flow hook (on_completion, on_failure, on_cancellation, on_crashed)."""
+    (_ledger_dir() / f"{flow_run.id}.json").unlink(missing_ok=True)
+
+
+STATE_HOOKS = {"on_running": [record_running], "on_completion": [forget_run], "on_failure": [forget_run],
+               "on_cancellation": [forget_run], "on_crashed": [forget_run]}
+
+
+def mark_crashed_runs() -> list[str]:
+    """Runs recorded by processes of this host that died while the run was
+    not final: set them (and their unfinished task runs) Crashed. Returns
+    their ids."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+    TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    folder = _ledger_dir()
+    if not folder.is_dir():
+        return []
+    host = socket.gethostname()
+    marked = []
+    with get_client(sync_client=True) as client:
+        for path in folder.glob("*.json"):
+            try:
+                entry = json.loads(path.read_text())
+            except (OSError, ValueError):
+                path.unlink(missing_ok=True)
+                continue
+            if entry.get("host") != host or _alive(entry):
+                continue
+            run_id = entry["flow_run_id"]
+            try:
+                run = client.read_flow_run(run_id)
+            except Exception:  # noqa: BLE001 - another server's run, or deleted
+                path.unlink(missing_ok=True)
+                continue
+            if run.state is not None and not run.state.is_final():
+                message = (f"the denoise process (pid {entry.get('pid')}) ended without reporting this run; "
+                           "marked Crashed by a later run")
+                unfinished = client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                    task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
+                        any_=[StateType.RUNNING, StateType.PENDING]))))
+                for task_run in unfinished:
+                    client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+                client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                logger.warning("flow run %s (%s) was left %s by a dead process; marked Crashed",
+                               entry.get("name"), run_id, run.state.name)
+                marked.append(run_id)
+            path.unlink(missing_ok=True)
+    return marked
+
+
+# ----------------------------------------------------------------- losing the API
+
+@dataclass
+class Outcome:
+    value: Any = None
+
+
+def _is_api_failure(exc: BaseException) -> bool:
+    import httpx
+
+    from tasks.publish import api_unreachable
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (httpx.TransportError, OSError)) or api_unreachable():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextlib.contextmanager
+def finished_despite_api(task_key: str) -> Iterator[Outcome]:
+    """Runs a flow call; if Prefect fails because the API went away after the
+    task named ``task_key`` finished its work, the task's result stands."""
+    from tasks.publish import api_unreachable, recall_outcome
+
+    outcome = Outcome()
+    try:
+        yield outcome
+    except Exception as exc:
+        finished = recall_outcome(task_key)
+        if finished is None or not _is_api_failure(exc):
+            raise
+        outcome.value = finished
+    if api_unreachable():
+        print("denoise: the Prefect API was unreachable during the run; the UI missed updates "
+              "(the files and the report are complete)", file=sys.stderr)
+
+
+def install_sigterm() -> None:
+    """SIGTERM ends a command as Ctrl-C does: the flow run is reported and the
+    temporary server stopped, instead of both being left behind."""
+
+    def _terminate(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+class Terminated(KeyboardInterrupt):
+    """The command received SIGTERM."""
