@@ -262,7 +262,7 @@ def save_model_file(model, path: Path) -> dict:
 def _finished_model(path: Path):
     """The model a killed run saved before writing its card, or None. A file at
     ``path`` is always whole (it is renamed into place); one that still fails
-    to load is set aside and the model rebuilt from the backup."""
+    to load is removed and the model rebuilt from the backup."""
     if not path.exists():
         return None
     try:
@@ -401,13 +401,15 @@ def train_in_run(shards_dir: str | os.PathLike, training: TrainConfig, models_ro
     of this request whose owner died (or start a new one beside live ones),
     train into ``models_root/<version>`` and delete the run's checkpoint on
     success. The run's lease is held throughout and released on any exit."""
+    training = TrainConfig.model_validate(training)
     checkpoints_root = Path(checkpoints_root)
     clean_checkpoints(checkpoints_root, models_root, log=log)
     run = claim_run(checkpoints_root / checkpoint_key(shards_dir, training), new_version, flow_run_id)
     try:
         if run.resumed:
-            log("resuming interrupted run %s at epoch %d (model %s)", run.run_id, run.epochs_done() + 1,
-                run.version)
+            done = run.epochs_done()
+            where = f"at epoch {done + 1}" if done < training.epochs else "after its last epoch"
+            log("resuming interrupted run %s %s (model %s)", run.run_id, where, run.version)
         if on_start is not None:
             on_start(run)
         result = train_model(shards_dir, training, Path(models_root) / run.version, run.dir,
