@@ -88,7 +88,8 @@ def _thumbnails(results: list[FileResult], input_dir: Path, k: int = 4) -> str:
 def denoise_images(input_dir: str, output_dir: str, model: dict, overwrite: bool, pattern: str,
                    format: str, store_root: str) -> dict:
     logger = get_run_logger()
-    keras_model = load_model(model["model_path"])
+    # checked against the card's checksum when the model has one
+    keras_model = load_model(model["model_path"], expected_sha256=model.get("model_sha256"))
     spec = tile_spec_for_model(keras_model, model.get("architecture"))
     predictor = BatchPredictor(keras_model)
     started = time.perf_counter()

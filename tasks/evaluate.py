@@ -20,6 +20,7 @@ from denoiser.metrics import evaluate_arrays
 from denoiser.models import architecture_recipe, load_model
 from denoiser.plots import grid_png
 from denoiser.shards import load_split
+from tasks.publish import Publisher
 
 CONVENTION = ("PSNR is the per-image mean on [0, 1] floats (10·log10(1/MSE) per image, then the "
               "mean); SSIM uses scikit-image's defaults (7x7 uniform window), data range 1.")
@@ -68,8 +69,9 @@ def evaluate_denoiser(model_dir: str, shards_dir: str, evaluation: EvalConfig) -
              for r in metrics["per_class"]]
     cols = ["group", "count", "psnr_noisy", "psnr_denoised", "psnr_gain", "ssim_noisy", "ssim_denoised",
             "mse_noisy", "mse_denoised", "bce_noisy", "bce_denoised"]
-    create_table_artifact(key="evaluation-metrics", table=table_rows([{c: r.get(c) for c in cols} for r in rows]),
-                          description=f"Test-set metrics of {card['version']}")
+    publisher = Publisher(logger)
+    publisher.publish(create_table_artifact, key="evaluation-metrics", table=table_rows([{c: r.get(c) for c in cols} for r in rows]),
+                      description=f"Test-set metrics of {card['version']}")
     report = (
         f"# Evaluation of {card['version']} ({card['architecture']}, {card['params']:,} parameters)\n\n"
         f"Quality gate **{verdict}**: PSNR gain {overall['psnr_gain']:.2f} dB "
@@ -83,9 +85,10 @@ def evaluate_denoiser(model_dir: str, shards_dir: str, evaluation: EvalConfig) -
     )
     # report.md links the PNG beside it; the artifact inlines it (the PNG encoded once, here)
     _write(folder / "report.md", report + "![clean, noisy and denoised](samples.png)\n")
-    create_markdown_artifact(key="evaluation-report",
-                             markdown=report + markdown_image(samples, "clean, noisy and denoised test images") + "\n",
-                             description=f"Evaluation report of {card['version']}")
+    publisher.publish(create_markdown_artifact, key="evaluation-report",
+                      markdown=report + markdown_image(samples, "clean, noisy and denoised test images") + "\n",
+                      description=f"Evaluation report of {card['version']}")
+    publisher.close()
     log = logger.info if passed else logger.warning
     log("%s: PSNR %.2f dB (noisy %.2f dB), SSIM %.3f; quality gate %s", card["version"],
         overall["psnr_denoised"], overall["psnr_noisy"], overall["ssim_denoised"], verdict)

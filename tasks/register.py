@@ -10,6 +10,7 @@ from prefect.runtime import flow_run
 
 from artifacts.registry import list_models, register_model
 from artifacts.render import artifact_key, markdown_table, table_rows
+from tasks.publish import Publisher
 
 
 @task(name="register_model_version", cache_policy=NO_CACHE)
@@ -17,8 +18,8 @@ def register_model_version(model_dir: str, metrics: dict, store_root: str) -> di
     logger = get_run_logger()
     run_id = str(flow_run.id) if flow_run.id else None
     decision = register_model(store_root, model_dir, metrics, run_id)
-    if decision["promoted"]:
-        logger.info("%s promoted to production: %s", decision["version"], decision["reason"])
+    if decision["status"] == "production":
+        logger.info("%s is the production model: %s", decision["version"], decision["reason"])
     else:
         logger.warning("%s stays a candidate: %s", decision["version"], decision["reason"])
 
@@ -31,13 +32,16 @@ def register_model_version(model_dir: str, metrics: dict, store_root: str) -> di
         "test SSIM": s["ssim"], "quality gate": "passed" if s["passed"] else "failed",
         "data manifest sha256": s["data_manifest_sha256"], "flow run": run_id, "model file": s["model_path"],
     }.items()]
-    create_markdown_artifact(
+    publisher = Publisher(logger)
+    publisher.publish(
+        create_markdown_artifact,
         key=artifact_key("model", decision["version"]),
         markdown=f"# Model {decision['version']}\n\n{markdown_table(facts)}\n",
         description=f"Model version {decision['version']} ({decision['status']})",
     )
     rows = [{k: m.summary()[k] for k in ("version", "status", "architecture", "psnr", "ssim", "passed")}
             for m in models[:50]]
-    create_table_artifact(key="model-registry", table=table_rows(rows),
-                          description="Model versions in the store, newest first")
+    publisher.publish(create_table_artifact, key="model-registry", table=table_rows(rows),
+                      description="Model versions in the store, newest first")
+    publisher.close()
     return decision

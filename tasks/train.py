@@ -6,12 +6,7 @@ import json
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
@@ -21,6 +16,7 @@ from artifacts.store import Store, new_model_version
 from denoiser.checkpoints import CheckpointRun
 from denoiser.config import TrainConfig
 from denoiser.training import train_in_run
+from tasks.publish import ProgressArtifact, Publisher
 
 
 @task(name="train_autoencoder", cache_policy=NO_CACHE, retries=0)
@@ -28,15 +24,16 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
     logger = get_run_logger()
     training = TrainConfig.model_validate(training)
     store = Store.at(store_root)
+    publisher = Publisher(logger)
     progress = None
 
     def on_start(run: CheckpointRun) -> None:
         nonlocal progress
-        progress = create_progress_artifact(progress=0.0, key="training-progress",
-                                            description=f"Training {run.version}")
+        progress = ProgressArtifact(publisher, "training-progress", f"Training {run.version}")
+        progress.update(0.0)
 
     def on_epoch_end(epoch: int, epochs: int, logs: dict) -> None:
-        update_progress_artifact(progress, progress=100.0 * epoch / epochs)
+        progress.update(100.0 * epoch / epochs)
         logger.info("epoch %d/%d: loss %.5f, val_loss %.5f (%.1f s)", epoch, epochs,
                     logs.get("loss", float("nan")), logs.get("val_loss", float("nan")),
                     logs.get("seconds", 0.0))
@@ -45,17 +42,19 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
                           lambda: new_model_version(training.architecture),
                           flow_run_id=str(flow_run.id) if flow_run.id else None,
                           on_start=on_start, on_epoch_end=on_epoch_end, log=logger.info)
-    update_progress_artifact(progress, progress=100.0)
+    if progress is not None:
+        progress.update(100.0)
     version, out_dir = result["version"], Path(result["dir"])
     logger.info("trained %s on %s in %.1f s (%d epochs); model in %s", version, result["device"],
                 result["seconds"], result["epochs_run"], result["dir"])
 
     card = json.loads((out_dir / "model.json").read_text())
     losses = [{k: h.get(k) for k in ("epoch", "loss", "val_loss", "seconds")} for h in card["history"]]
-    create_table_artifact(key="training-losses", table=table_rows(losses),
-                          description=f"Loss per epoch of {version}")
-    create_markdown_artifact(key="model-card", markdown=render_model_card(card),
-                             description=f"Model card of {version}")
+    publisher.publish(create_table_artifact, key="training-losses", table=table_rows(losses),
+                      description=f"Loss per epoch of {version}")
+    publisher.publish(create_markdown_artifact, key="model-card", markdown=render_model_card(card),
+                      description=f"Model card of {version}")
+    publisher.close()
     return result
 
 
