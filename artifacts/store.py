@@ -4,10 +4,12 @@ Layout under the root (``--store`` / ``$DENOISE_STORE``, default ``./store``)::
 
     downloads/<dataset>/        checksummed raw files (the download cache)
     shards/<dataset>-<key>/     noisy Parquet shards + manifest.json
+    models/registry.json        versions and production (+ registry.json.lock)
     models/<version>/           model.keras, model.json (card), metrics.json,
-                                samples.png, history.csv, backup/, tensorboard/
+                                samples.png, history.csv, tensorboard/
+    checkpoints/<key>/<run>/    one training run's run.json, history.jsonl,
+                                state/ and lease (deleted when the run ends)
     reports/<name>/             folder-denoising reports
-    prefect-results/            Prefect's persisted task results
 
 Paths only; nothing here creates files at import.
 """
@@ -57,10 +59,6 @@ class Store:
     @property
     def reports_root(self) -> Path:
         return self.root / "reports"
-
-    @property
-    def results_root(self) -> Path:
-        return self.root / "prefect-results"
 
 
 def new_model_version(architecture: str, now: datetime | None = None) -> str:
