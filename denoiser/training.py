@@ -25,7 +25,7 @@ from denoiser.config import TrainConfig
 from denoiser.errors import ModelError
 from denoiser.faults import failpoint
 from denoiser.models import architecture_recipe, build_model, count_params, file_sha256, load_model
-from denoiser.shards import iter_batches, read_manifest, split_rows
+from denoiser.shards import check_shard_set, iter_batches, read_manifest, split_rows
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +306,9 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
     base_lr = training.learning_rate or recipe["learning_rate"]
     reframe = recipe["reframe"] if training.reframe is None else training.reframe
 
-    manifest = read_manifest(shards_dir)
+    # every shard against its recorded sha256: a damaged one fails here in one line naming it,
+    # not as a TensorFlow graph error mid-epoch
+    manifest = check_shard_set(shards_dir)
     shape = tuple(manifest["image_shape"])
     fixed = recipe.get("input_shape")
     if not recipe.get("fully_convolutional") and fixed and tuple(fixed) != shape:

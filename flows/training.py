@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger
 from artifacts.registry import check_registry
 from artifacts.store import resolve_store_root
 from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
+from flows.session import STATE_HOOKS
 from tasks.common import unless_output_invalid
 from tasks.corrupt import verify_shards, write_noisy_shards
 from tasks.download import download_dataset, verify_download
@@ -18,7 +19,7 @@ from tasks.register import register_model_version
 from tasks.train import train_autoencoder
 
 
-@flow(name="train-denoiser", log_prints=True, validate_parameters=True)
+@flow(name="train-denoiser", log_prints=True, validate_parameters=True, **STATE_HOOKS)
 def train_pipeline(
     data: DataConfig = DataConfig(),
     noise: NoiseConfig = NoiseConfig(),
