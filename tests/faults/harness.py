@@ -322,12 +322,17 @@ def _check_file(sc: Scenario, path: Path, root: Path, keras_files: bool) -> None
         sc.lose(f"{rel}: unreadable {suffix} ({type(exc).__name__}: {str(exc)[:120]})")
 
 
-def check_tree(sc: Scenario, root: Path, label: str, temps_ok: bool = False) -> None:
+def check_tree(sc: Scenario, root: Path, label: str, temps_ok: bool = False,
+               ignore: Iterable[str] = ()) -> None:
     """Every file under ``root`` is valid for its type; no temporary file is
-    left (unless ``temps_ok``: right after a kill, before the rerun)."""
+    left (unless ``temps_ok``: right after a kill, before the rerun).
+    ``ignore``: relative paths of the user's own files (checked elsewhere)."""
+    ignored = set(ignore)
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             path = Path(dirpath) / name
+            if os.path.relpath(path, root) in ignored:
+                continue
             if is_temporary(name):
                 if temps_ok:
                     continue
@@ -419,9 +424,9 @@ def check_store(sc: Scenario, store: Path, expect_versions: Iterable[str] = ()) 
     return {}
 
 
-def check_outputs(sc: Scenario, inputs: Path, out: Path) -> None:
+def check_outputs(sc: Scenario, inputs: Path, out: Path, ignore: Iterable[str] = ()) -> None:
     """OUT holds a valid output for every input image, and nothing half-written."""
-    check_tree(sc, out, "OUT")
+    check_tree(sc, out, "OUT", ignore=ignore)
     for rel in tree_hashes(inputs):
         if Path(rel).suffix.lower() in IMAGE_SUFFIXES and not (out / rel).is_file():
             sc.problem(f"OUT: no output for {rel}")
