@@ -18,10 +18,11 @@ from denoiser.config import LevelDensity, LossName, LrSchedule, NoiseConfig, Noi
 QUICK = {"train_limit": 6000, "test_limit": 1000, "epochs": 3}
 
 
-def _quiet_environment() -> None:
-    """Set before Prefect is imported: Prefect reads its settings once."""
+def _quiet_environment(debug: bool = False) -> None:
+    """Set before Prefect and TensorFlow are imported: both read these once."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's C++ start-up lines (oneDNN, CUDA probing on CPU-only machines) only with --debug
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if debug else "3")
     # a lost API is given up on in seconds, not minutes: the data work never waits for it
     os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
     # a temporary server on a busy two-core machine can need more than Prefect's 20 s
@@ -132,14 +133,24 @@ def _print_train_summary(result: dict) -> None:
     console.print(f"store:  {result['store']}")
 
 
+def _add_global_arguments(parser: argparse.ArgumentParser, top: bool) -> None:
+    """--store and --debug, accepted before or after the sub-command (as git
+    and pip accept theirs); a sub-command's copy never resets the top one."""
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument("--store", default=default,
+                        help="output store root (default: $DENOISE_STORE, then ./store)")
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show tracebacks and TensorFlow's own logs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="denoise", description="Learn to remove noise from images, then clean folders of them.")
-    parser.add_argument("--store", help="output store root (default: $DENOISE_STORE, then ./store)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    _add_global_arguments(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     train = sub.add_parser("train", help="download, corrupt, train and evaluate a denoiser")
+    _add_global_arguments(train, top=False)
     _add_train_arguments(train)
     train.set_defaults(handler=_run_train)
 
@@ -153,9 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", "serve the scheduled deployments from this process", add_serve_arguments, run_serve_command),
     ):
         command = sub.add_parser(name, help=help_text)
+        _add_global_arguments(command, top=False)
         add(command)
         command.set_defaults(handler=run)
     return parser
+
+
+#: config fields whose flag is not simply --field-name
+_FLAGS = {"kind": "--noise-kind", "level": "--noise-level"}
+
+
+def _flag(field: str) -> str:
+    return _FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -163,16 +183,17 @@ def _one_line(exc: BaseException) -> str:
 
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
+        field = str(err["loc"][0]) if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ")
         # a check across fields (a model validator) names no field
-        where = f"{exc.title} parameter {field}" if field else exc.title
-        return f"invalid {where}: {err['msg']}"
+        return f"invalid {_flag(field)}: {msg}" if field else f"invalid options: {msg}"
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _quiet_environment()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_environment(debug="--debug" in argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.store:

@@ -19,8 +19,10 @@ from flows.serve import PREFECT_YAML, build_deployments
     (["train", "--epochs", "0"], "epochs", False),
     (["train", "--architecture", "resnet-9000"], "unknown architecture", False),
     (["train", "--reframe", "1.5"], "reframe", False),
-    (["train", "--architecture", "seed", "--reframe", "0.5"], "invalid TrainConfig: Value error, architecture seed "
+    (["train", "--architecture", "seed", "--reframe", "0.5"], "invalid options: architecture seed "
      "is tied to its input frame", False),
+    (["train", "--epochs", "0"], "invalid --epochs: Input should be greater than or equal to 1", False),
+    (["train", "--train-limit", "3"], "invalid --train-limit", False),
     (["train", "--noise-kind", "pink"], "invalid choice: 'pink'", True),
     (["train", "--noise-level", "a,b"], "not a number", True),
 ])
@@ -130,3 +132,20 @@ def test_train_options_become_the_flow_configs():
     assert recut["training"].reframe == 0.0 and recut["training"].seed == recut["noise"].seed == 3
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--level-density", "falling"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["--store", "{store}", "models"],
+    ["models", "--store", "{store}"],
+    ["models", "--store={store}", "list"],
+])
+def test_global_options_work_before_or_after_the_command(argv, capsys, tmp_path):
+    store = tmp_path / "elsewhere"
+    assert main([a.format(store=store) for a in argv]) == 0
+    out = capsys.readouterr().out
+    assert f"no models in {store}" in out
+
+
+def test_a_subcommand_never_resets_the_global_store(capsys, tmp_path):
+    assert main(["--store", str(tmp_path / "top"), "models"]) == 0
+    assert str(tmp_path / "top") in capsys.readouterr().out
