@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ from denoiser.errors import ConfigError, ModelError
 from denoiser.faults import failpoint
 
 REGISTRY_FILE = "registry.json"
+logger = logging.getLogger(__name__)
 LOCK_TIMEOUT = 60.0  # seconds to wait for another process's registry update
 FIX_HINT = "move it aside or fix it"
 
@@ -243,9 +245,10 @@ def production_model(store_root: str | os.PathLike | None) -> ModelRef | None:
 
 def resolve_model(store_root: str | os.PathLike | None, spec: str | None = None) -> ModelRef:
     """``spec``: None (production, else the newest that passed its gate), a
-    version name, a model folder, or a ``.keras`` file. Only a model of this
-    store needs the registry (for its status): a file or folder elsewhere is
-    usable whatever state the registry is in."""
+    version name, a model folder, or a ``.keras`` file. Only production and
+    version names need the registry: a file or folder given as a path is
+    usable whatever state the registry is in (its status is read when the
+    registry can be read)."""
     store = resolve_store_root(store_root)
     if spec is None:
         models = list_models(store)
@@ -257,7 +260,8 @@ def resolve_model(store_root: str | os.PathLike | None, spec: str | None = None)
         return chosen
     models_root = Store.at(store).models_root
     by_version = models_root / spec
-    path = by_version if (by_version / "model.keras").is_file() else Path(spec).expanduser()
+    named = Path(spec).name == spec and (by_version / "model.keras").is_file()  # a name, not a path
+    path = by_version if named else Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model.keras").is_file():
             raise ModelError(f"{path} holds no model.keras")
@@ -268,7 +272,14 @@ def resolve_model(store_root: str | os.PathLike | None, spec: str | None = None)
         raise ModelError(f"{path}: not a .keras model file")
     folder = path.parent
     in_store = folder.resolve().parent == models_root
-    production = read_registry(store)["production"] if in_store else None
+    production = None
+    if named:
+        production = read_registry(store)["production"]
+    elif in_store:
+        try:
+            production = read_registry(store)["production"]
+        except ModelError as exc:
+            logger.warning("%s; using %s as a candidate", exc, path)
     return ModelRef(folder.name, folder, path, _card(folder),
                     "production" if in_store and folder.name == production else "candidate")
 

@@ -219,6 +219,15 @@ def test_a_model_file_or_folder_outside_the_store_needs_no_registry(garbage_stor
     assert resolve_model(garbage_store, str(elsewhere)).card["architecture"] == "unet"
 
 
+def test_a_model_file_of_the_store_given_as_a_path_needs_no_registry(garbage_store, caplog):
+    path = garbage_store / "models" / "v1" / "model.keras"
+    ref = resolve_model(garbage_store, str(path))
+    assert (ref.model_path, ref.status) == (path, "candidate")
+    assert "registry.json" in caplog.text  # the broken registry is still reported, in one line
+    with pytest.raises(ModelError, match="registry.json"):
+        resolve_model(garbage_store, "v1")  # a version name does need it
+
+
 def test_check_registry_accepts_a_missing_or_valid_registry(tmp_path):
     registry.check_registry(tmp_path)  # no store yet: an empty registry
     register_model(tmp_path, make_version(tmp_path, "v1", 20.0))
