@@ -57,7 +57,7 @@ def checkpoint_key(shards_dir: str | os.PathLike, training: TrainConfig) -> str:
 def new_run_id(now: datetime | None = None) -> str:
     """Sortable by start time, unique without a lock."""
     now = now or datetime.now(UTC)
-    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    return f"{now:%Y%m%d-%H%M%S-%f}-{secrets.token_hex(3)}"
 
 
 @dataclass
@@ -81,7 +81,8 @@ class CheckpointRun:
     def epochs_done(self) -> int:
         """Epochs the backup holds, so the epoch a resumed run starts after."""
         try:
-            return int(json.loads((self.state_dir / "training_metadata.json").read_text())["epoch"])
+            # the current generation of the state (denoiser.training writes it atomically)
+            return int(json.loads((self.state_dir / "current" / "training_metadata.json").read_text())["epoch"])
         except (OSError, ValueError, KeyError, TypeError):
             return 0
 

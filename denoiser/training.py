@@ -209,6 +209,71 @@ def _epoch_log_callbacks(path: Path, on_epoch_end: Callable | None, epochs: int)
     return log, EpochDone()
 
 
+class CheckpointUnreadable(Exception):
+    """A run's backed-up training state cannot be loaded (a damaged file)."""
+
+
+def _atomic_backup(state_dir: Path):
+    """Keras' BackupAndRestore, all-or-nothing: each save goes to a fresh
+    generation folder and a symlink swap makes it current, so a crash or a
+    signal at any moment leaves the previous complete state (Keras' own save
+    rewrites the weights file in place, and a torn one cannot be loaded)."""
+    import secrets
+
+    import keras
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    current = state_dir / "current"
+
+    class AtomicBackup(keras.callbacks.BackupAndRestore):
+        def __init__(self):
+            super().__init__(str(current), save_freq="epoch", delete_checkpoint=False)
+
+        def _save_model(self):
+            gen = state_dir / f"gen-{self._current_epoch:05d}-{secrets.token_hex(3)}"
+            gen.mkdir()
+            self.model.save_weights(str(gen / "latest.weights.h5"), overwrite=True)
+            meta = json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen})
+            (gen / "training_metadata.json").write_text(meta)
+            for name in ("latest.weights.h5", "training_metadata.json"):
+                with open(gen / name, "rb") as fh:
+                    os.fsync(fh.fileno())
+            link = state_dir / f".current.{secrets.token_hex(4)}"
+            os.symlink(gen.name, link)
+            os.replace(link, current)
+            _fsync_dir(state_dir)
+            _drop_other_generations(state_dir, keep=gen.name)
+
+        def on_train_begin(self, logs=None):
+            keep = os.readlink(current) if current.is_symlink() else None
+            _drop_other_generations(state_dir, keep=keep)
+            try:
+                self._load_model()
+            except Exception as exc:  # noqa: BLE001 - any unreadable state: start the run over
+                raise CheckpointUnreadable(f"{state_dir}: {type(exc).__name__}: {exc}") from exc
+
+    return AtomicBackup()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _drop_other_generations(state_dir: Path, keep: str | None) -> None:
+    """Generations a crash left half-written or superseded, and stray temporary links."""
+    import shutil
+
+    for path in state_dir.iterdir():
+        if path.name.startswith(".current."):
+            path.unlink(missing_ok=True)
+        elif path.name.startswith("gen-") and path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _read_history(path: Path) -> list[dict]:
     """Finished epochs, one each (a rerun epoch's last line wins); a line torn
     by a crash mid-write is skipped."""
@@ -324,27 +389,44 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
     start = time.perf_counter()
     model = _finished_model(model_path)
     if model is None:
-        with device.strategy.scope() if device.strategy is not None else contextlib.nullcontext():
-            model = build_model(training.architecture, shape if not recipe.get("fully_convolutional") else None)
-            steps = math.ceil(split_rows(shards_dir, "train") / global_batch)
-            model.compile(optimizer=keras.optimizers.Adam(learning_rate(base_lr, schedule,
-                                                                         training.epochs * steps)),
-                          loss=make_loss(loss_name))
-        epoch_log, epoch_done = _epoch_log_callbacks(history_path, on_epoch_end, training.epochs)
-        callbacks = [
-            epoch_log,
-            keras.callbacks.BackupAndRestore(str(backup / "state"), save_freq="epoch", delete_checkpoint=False,
-                                             double_checkpoint=True),
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=training.patience,
-                                          restore_best_weights=True),
-            keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), write_graph=False),
-            epoch_done,
-        ]
+        def compiled_model():
+            with device.strategy.scope() if device.strategy is not None else contextlib.nullcontext():
+                built = build_model(training.architecture,
+                                    shape if not recipe.get("fully_convolutional") else None)
+                steps = math.ceil(split_rows(shards_dir, "train") / global_batch)
+                built.compile(optimizer=keras.optimizers.Adam(learning_rate(base_lr, schedule,
+                                                                             training.epochs * steps)),
+                              loss=make_loss(loss_name))
+            return built
+
+        def fit(fresh):
+            epoch_log, epoch_done = _epoch_log_callbacks(history_path, on_epoch_end, training.epochs)
+            callbacks = [
+                epoch_log,
+                _atomic_backup(backup / "state"),
+                keras.callbacks.EarlyStopping(monitor="val_loss", patience=training.patience,
+                                              restore_best_weights=True),
+                keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), write_graph=False),
+                epoch_done,
+            ]
+            fresh.fit(train_ds, validation_data=val_ds, epochs=training.epochs, callbacks=callbacks,
+                      shuffle=False, verbose=0)  # the dataset shuffles itself
+
+        model = compiled_model()
         logger.info("training %s (%s parameters, loss %s, %s learning rate from %g, batch %d, %d%% reframed) "
                     "on %s", training.architecture, f"{count_params(model):,}", loss_name, schedule, base_lr,
                     global_batch, round(100 * reframe), device.describe())
-        model.fit(train_ds, validation_data=val_ds, epochs=training.epochs, callbacks=callbacks,
-                  shuffle=False, verbose=0)  # the dataset shuffles itself
+        try:
+            fit(model)
+        except CheckpointUnreadable as exc:
+            import shutil
+
+            logger.warning("the interrupted run's checkpoint cannot be loaded (%s); training it again "
+                           "from epoch 1", str(exc).splitlines()[0])
+            shutil.rmtree(backup / "state", ignore_errors=True)
+            history_path.unlink(missing_ok=True)
+            model = compiled_model()
+            fit(model)
         file_facts = save_model_file(model, model_path)
         failpoint("train.after_model_saved")
         seconds = time.perf_counter() - start

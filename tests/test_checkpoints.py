@@ -232,6 +232,24 @@ def test_a_training_killed_after_an_epoch_resumes_its_own_run(tiny_shards, tmp_p
     assert list((store / "checkpoints").iterdir()) == []
 
 
+def test_a_damaged_checkpoint_trains_its_run_again_instead_of_failing(tiny_shards, tmp_path):
+    store = tmp_path / "store"
+    code, _, err = _finish(_start_training(store, tiny_shards, "train.epoch_end=kill@2"))
+    assert code == -signal.SIGKILL, err[-3000:]
+    (run_dir,) = [d for d in (store / "checkpoints").glob("*/*")]
+    state = run_dir / "state"
+    (current,) = [p for p in state.iterdir() if p.name.startswith("gen-")]  # one generation kept
+    assert (state / "current").resolve() == current.resolve()
+    weights = current / "latest.weights.h5"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # torn, as a crash mid-write would
+
+    code, result, err = _finish(_start_training(store, tiny_shards))
+    assert code == 0, err[-3000:]
+    assert "checkpoint cannot be loaded" in err and "from epoch 1" in err
+    assert _history_epochs(Path(result["dir"])) == [1, 2, 3] and result["epochs_run"] == 3
+    assert list((store / "checkpoints").iterdir()) == []
+
+
 def test_a_training_killed_after_saving_its_model_only_writes_the_card(tiny_shards, tmp_path):
     store = tmp_path / "store"
     code, _, err = _finish(_start_training(store, tiny_shards, "train.after_model_saved=kill", epochs=1))
