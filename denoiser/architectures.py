@@ -160,6 +160,67 @@ def build_unet(input_shape=(None, None, 1), filters=(16, 48, 96), full_convs=1,
     return keras.Model(inputs, _output(x, output, inputs), name="unet")
 
 
+def build_photo_unet(input_shape=(None, None, 1), filters=(32, 64, 128), convs=(1, 2), middle=2,
+                     block="plain", skip="add", batch_norm=False):
+    """For photographs: a residual U-Net that spends its compute at 1/2 and 1/4
+    resolution (issue 14).
+
+    ``filters`` gives the channels per level (full, 1/2, 1/4, ...); ``convs``
+    the 3x3 convolutions (``block="res"``: residual blocks of two) at each
+    level above the lowest, once on the way down and once on the way up;
+    ``middle`` those at the lowest level. Down by 2x2 convolutions of stride 2,
+    up by 2x2 transposed convolutions, each level's skip added (``skip="add"``,
+    DRUNet's way) or concatenated. The network estimates the noise and the
+    output is the input minus it (DnCNN's residual learning), linear and not
+    clipped inside, so unclipped Gaussian noise trains without dead gradients;
+    clip the output to [0, 1] for images and PSNR. No batch norm by default.
+    Fully convolutional: any size that is a multiple of 2 ** (levels - 1).
+    """
+    import keras
+    from keras import layers
+
+    if len(filters) < 2 or len(convs) != len(filters) - 1:
+        raise ValueError("filters needs one entry per level, convs one per level above the lowest")
+
+    def unit(x, f, name):
+        if block == "res":
+            y = _conv_bn_relu(x, f, f"{name}_1", batch_norm=batch_norm)
+            y = layers.Conv2D(f, 3, padding="same", use_bias=not batch_norm, name=f"{name}_2_conv")(y)
+            if batch_norm:
+                y = layers.BatchNormalization(momentum=0.9, name=f"{name}_2_bn")(y)
+            return layers.Add(name=f"{name}_add")([x, y])
+        if block == "plain":
+            return _conv_bn_relu(x, f, name, batch_norm=batch_norm)
+        raise ValueError(f"block must be plain or res, not {block!r}")
+
+    inputs = keras.Input(shape=tuple(input_shape), name="noisy")
+    x = layers.Conv2D(filters[0], 3, padding="same", name="head")(inputs)
+    if block == "plain":
+        x = layers.ReLU(name="head_relu")(x)
+    skips = []
+    for level, (f, n) in enumerate(zip(filters[:-1], convs, strict=True)):
+        for i in range(n):
+            x = unit(x, f, f"enc{level}_{i}")
+        skips.append(x)
+        x = layers.Conv2D(filters[level + 1], 2, strides=2, name=f"down{level}")(x)
+    for i in range(middle):
+        x = unit(x, filters[-1], f"mid_{i}")
+    for level in reversed(range(len(filters) - 1)):
+        x = layers.Conv2DTranspose(filters[level], 2, strides=2, name=f"up{level}")(x)
+        if skip == "add":
+            x = layers.Add(name=f"skip{level}")([x, skips[level]])
+        elif skip == "concat":
+            x = layers.Concatenate(name=f"skip{level}")([x, skips[level]])
+            x = _conv_bn_relu(x, filters[level], f"merge{level}", batch_norm=batch_norm)
+        else:
+            raise ValueError(f"skip must be add or concat, not {skip!r}")
+        for i in range(convs[level]):
+            x = unit(x, filters[level], f"dec{level}_{i}")
+    noise = layers.Conv2D(1, 3, padding="same", name="noise")(x)
+    outputs = layers.Subtract(dtype="float32", name="denoised")([inputs, noise])
+    return keras.Model(inputs, outputs, name="photo_unet")
+
+
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "seed": ArchitectureSpec(
         build_seed,
@@ -177,5 +238,13 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         build_unet_small,
         {"loss": "mse", "fully_convolutional": True, "input_shape": (None, None, 1), "size_multiple": 4},
         "two-level U-Net 16/32/64 (issue 4's calibration probe)",
+    ),
+    "photo_unet": ArchitectureSpec(
+        build_photo_unet,
+        {"loss": "mse", "lr_schedule": "cosine", "learning_rate": 1e-3, "reframe": 0.0,
+         "fully_convolutional": True, "input_shape": (None, None, 1), "size_multiple": 4,
+         "patch_size": 40, "batch_size": 64, "noise": "awgn", "sigma_range": (0, 55)},
+        "residual U-Net for photographs (issue 14): 32/64/128 channels at 1, 1/2, 1/4 resolution, "
+        "added skips, no batch norm, output = input - estimated noise, blind AWGN sigma 0-55",
     ),
 }

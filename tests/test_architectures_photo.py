@@ -1,0 +1,88 @@
+"""The photographs' architecture (issue 14): within DnCNN's parameter count,
+fully convolutional, the output the input's shape at any size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from denoiser.architectures import ARCHITECTURES, build_photo_unet
+from denoiser.inference import predict_array
+from denoiser.models import architecture_recipe, available_architectures, build_model
+
+DNCNN_PARAMS = 556_000
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model("photo_unet")
+
+
+def test_photo_unet_is_registered_with_a_recipe():
+    assert "photo_unet" in available_architectures()
+    recipe = architecture_recipe("photo_unet")
+    assert recipe["fully_convolutional"] and tuple(recipe["input_shape"]) == (None, None, 1)
+    assert recipe["loss"] in ("mse", "l1", "psnr_ssim") and recipe["learning_rate"] > 0
+    assert recipe["patch_size"] % recipe["size_multiple"] == 0
+
+
+def test_photo_unet_has_at_most_dncnns_parameters(model):
+    assert model.count_params() <= DNCNN_PARAMS
+
+
+def test_builder_variants_build_and_bad_options_are_refused():
+    for kw in ({"batch_norm": True}, {"skip": "concat"},
+               {"filters": (8, 16, 32, 48), "convs": (1, 1, 1), "middle": 1, "block": "res"}):
+        m = build_photo_unet((None, None, 1), **kw)
+        assert m(np.zeros((1, 16, 24, 1), np.float32)).shape == (1, 16, 24, 1)
+    with pytest.raises(ValueError):
+        build_photo_unet((None, None, 1), filters=(8, 16), convs=(1, 1))
+    with pytest.raises(ValueError):
+        build_photo_unet((None, None, 1), block="dense")
+
+
+def test_any_multiple_of_the_size_multiple_keeps_its_shape(model):
+    m = architecture_recipe("photo_unet")["size_multiple"]
+    rng = np.random.default_rng(0)
+    for h, w in [(m, m), (40, 40), (10 * m, 3 * m), (64, 96), (7 * m, 13 * m)]:
+        if h % m or w % m:
+            continue
+        out = model(rng.random((2, h, w, 1)).astype(np.float32))
+        assert out.shape == (2, h, w, 1)
+        assert np.all(np.isfinite(out))
+
+
+def test_odd_sizes_keep_their_shape_after_padding(model):
+    m = architecture_recipe("photo_unet")["size_multiple"]
+    rng = np.random.default_rng(1)
+    for h, w in [(37, 53), (1, 1), (255, 3)]:
+        x = rng.random((1, h, w, 1)).astype(np.float32)
+        out = predict_array(model, x, batch_size=1, size_multiple=m)
+        assert out.shape == (1, h, w, 1) and np.all(np.isfinite(out))
+
+
+def test_output_is_the_input_minus_the_estimated_noise():
+    """Residual learning: with the noise branch's last convolution zeroed, the
+    model is the identity (not clipped: values outside [0, 1] pass)."""
+    m = build_model("photo_unet")
+    last = m.get_layer("noise")
+    last.set_weights([np.zeros_like(w) for w in last.get_weights()])
+    x = np.random.default_rng(2).normal(0.5, 0.4, (1, 40, 40, 1)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(m(x)), x, atol=1e-6)
+
+
+def test_the_existing_architectures_are_unchanged():
+    assert build_model("seed").count_params() == 440_865
+    assert build_model("unet").count_params() == 411_297
+    assert set(ARCHITECTURES) >= {"seed", "unet", "unet-small", "photo_unet"}
+
+
+def test_photo_unet_trains_a_step():
+    import keras
+
+    m = build_model("photo_unet")
+    m.compile(keras.optimizers.Adam(1e-3), loss="mse")
+    x = np.random.default_rng(3).random((4, 40, 40, 1)).astype(np.float32)
+    before = [w.copy() for w in m.get_weights()]
+    assert np.isfinite(m.train_on_batch(x + 0.1, x))
+    assert any(not np.array_equal(a, b) for a, b in zip(before, m.get_weights(), strict=True))
