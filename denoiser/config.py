@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-NoiseKind = Literal["gaussian", "salt_and_pepper", "speckle", "poisson"]
+NoiseKind = Literal["gaussian", "salt_and_pepper", "speckle", "poisson", "awgn"]
 LevelDensity = Literal["rising", "uniform"]
 LossName = Literal["auto", "psnr_ssim", "bce", "mse", "l1"]
 LrSchedule = Literal["auto", "constant", "cosine"]
@@ -24,11 +24,23 @@ class _Config(BaseModel):
 class DataConfig(_Config):
     """Which dataset to fetch and from where."""
 
-    dataset: str = Field("mnist", description="Name of a dataset in the registry.")
+    dataset: str = Field(
+        "mnist",
+        description="A registered dataset (mnist, fashion-mnist; train400, set12: photographs), or a "
+        "folder of your own images: a path, a file:// URL or an http(s):// URL (over HTTP a SHA256SUMS "
+        "beside the images must list them).",
+    )
     source: str | None = Field(
         None,
-        description="Mirror to download from: http(s) URL, file:// URL or folder path. "
+        description="Mirror to download a registered dataset from: http(s) URL, file:// URL or folder "
+        "path, holding the dataset's files or a folder per dataset (<source>/<name>/). "
         "Defaults to $DENOISE_DATA_SOURCE, then to the dataset's origin.",
+    )
+    test_dataset: str | None = Field(
+        None,
+        description="Images to test on (image-folder datasets only): a registered name or a folder "
+        "path/URL. None: the registered dataset's own test set (train400: set12), or for your own "
+        "folder a held-out share of it chosen by each file's content hash.",
     )
     train_limit: int | None = Field(
         None, ge=10, description="Use only the first N training images (quick runs)."
@@ -40,11 +52,26 @@ class DataConfig(_Config):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
-        from denoiser.datasets import DATASETS
+        from denoiser.datasets import check_dataset_name
 
-        if value not in DATASETS:
-            raise ValueError(f"unknown dataset {value!r}; known: {', '.join(sorted(DATASETS))}")
+        return check_dataset_name(value)
+
+    @field_validator("test_dataset")
+    @classmethod
+    def _known_test_dataset(cls, value: str | None) -> str | None:
+        from denoiser.datasets import check_dataset_name, is_image_dataset
+
+        if value is not None and not is_image_dataset(check_dataset_name(value)):
+            raise ValueError(f"test dataset {value!r} is an IDX dataset; a test dataset is a folder of images")
         return value
+
+    @model_validator(mode="after")
+    def _test_dataset_needs_images(self):
+        from denoiser.datasets import is_image_dataset
+
+        if self.test_dataset is not None and not is_image_dataset(self.dataset):
+            raise ValueError(f"test_dataset applies to image-folder datasets; {self.dataset} brings its own")
+        return self
 
 
 class NoiseConfig(_Config):
@@ -55,7 +82,7 @@ class NoiseConfig(_Config):
         0.5,
         description="Noise level, or a range [lo, hi] drawn per image (blind training). "
         "gaussian: std factor; salt_and_pepper: fraction of pixels; speckle: std; "
-        "poisson: 1/peak photon count.",
+        "poisson: 1/peak photon count; awgn: sigma in 0-255 units (the literature's, unclipped).",
     )
     level_density: LevelDensity = Field(
         "rising",
@@ -66,7 +93,17 @@ class NoiseConfig(_Config):
     seed: int = Field(0, ge=0, description="Run seed; every shard's seed is spawned from it.")
     shard_rows: int = Field(10_000, ge=1, description="Rows per Parquet shard.")
     validation_fraction: float = Field(
-        0.1, gt=0, lt=1, description="Deterministic share of the training set held out."
+        0.1, gt=0, lt=1, description="Deterministic share of the training set held out (IDX: the "
+        "last images; image folders: chosen by a hash of each file's content)."
+    )
+    patch_size: int | None = Field(
+        None, ge=8, le=1024, description="Image-folder datasets: side of the square training patches "
+        "(None: 40, the literature's). Ignored for IDX datasets, whose images are whole."
+    )
+    patches_per_image: int | None = Field(
+        None, ge=1, le=4096, description="Image-folder datasets: random patches (each with one of the "
+        "eight flips/rotations) cut from each training and validation image for one epoch "
+        "(None: 64). Ignored for IDX datasets."
     )
 
     @field_validator("level")
@@ -85,6 +122,8 @@ class NoiseConfig(_Config):
         hi = self.level[1] if isinstance(self.level, tuple) else self.level
         if self.kind == "salt_and_pepper" and hi > 1:
             raise ValueError("salt_and_pepper level is a fraction of pixels, at most 1")
+        if self.kind == "awgn" and hi > 255:
+            raise ValueError("awgn level is sigma in 0-255 units, at most 255")
         return self
 
 

@@ -1,11 +1,15 @@
 """Dataset registry, checksummed downloads into a cache, and IDX parsing.
 
 A dataset is four IDX files (train/test images/labels). Adding Fashion-MNIST
-or another IDX dataset is one more entry in :data:`DATASETS`.
+or another IDX dataset is one more entry in :data:`DATASETS`. Folders of
+images (registered photographs such as train400, or a user's own folder) live
+in :mod:`denoiser.image_datasets`; :func:`fetch_dataset` serves both kinds.
 
 Where files come from, in order: an explicit source, ``$DENOISE_DATA_SOURCE``,
 the dataset's origin. A source is an http(s) URL, a ``file://`` URL or a folder
-path. Files are streamed to a temporary name inside the cache folder, checked
+path, holding the dataset's files or a folder per dataset: when
+``<source>/<name>/`` holds them it is used, so one mirror root serves every
+registered dataset. Files are streamed to a temporary name inside the cache folder, checked
 (checksums, IDX structure) and only then renamed, so the cache never holds a
 file that looks finished but is not. A temporary name carries its writer's host
 and pid, so the leftovers of a killed run can be told from a live concurrent
@@ -112,11 +116,30 @@ def get_dataset(name: str) -> DatasetSpec:
         raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}") from None
 
 
+def is_image_dataset(name: str) -> bool:
+    """Whether ``name`` is a folder of images (a registered one or a path/URL)
+    rather than an IDX dataset: the two are prepared and trained differently."""
+    from denoiser.image_datasets import IMAGE_DATASETS, is_location
+
+    return name not in DATASETS and (name in IMAGE_DATASETS or is_location(name))
+
+
+def check_dataset_name(name: str) -> str:
+    """``name`` if it is a registered dataset or a folder path/URL; a one-line
+    ValueError listing the registered names otherwise."""
+    from denoiser.image_datasets import IMAGE_DATASETS, is_location
+
+    if name in DATASETS or name in IMAGE_DATASETS or is_location(name):
+        return name
+    known = ", ".join(sorted([*DATASETS, *IMAGE_DATASETS]))
+    raise ValueError(f"unknown dataset {name!r}; known: {known}; or a folder of images "
+                     "(a path, file:// or http(s):// URL)")
+
+
 # --------------------------------------------------------------------------- sources
 
-def resolve_source(spec: DatasetSpec, source: str | None = None) -> str:
-    """Normalise a source to an http(s) URL or an absolute folder path."""
-    chosen = source or os.environ.get(SOURCE_ENV) or spec.origin
+def normalise_source(chosen: str) -> str:
+    """An http(s) URL ending in ``/`` or an absolute folder path; ConfigError otherwise."""
     parsed = urllib.parse.urlparse(chosen)
     if parsed.scheme in ("http", "https"):
         return chosen if chosen.endswith("/") else chosen + "/"
@@ -130,6 +153,38 @@ def resolve_source(spec: DatasetSpec, source: str | None = None) -> str:
     if not path.is_dir():
         raise ConfigError(f"data source folder {path} does not exist")
     return str(path)
+
+
+def _join(source: str, name: str) -> str:
+    return urllib.parse.urljoin(source, urllib.parse.quote(name) + "/") if _is_url(source) \
+        else str(Path(source) / name)
+
+
+def locate_source(name: str, origin: str, probe: str, source: str | None = None
+                  ) -> tuple[str, dict[str, str] | None]:
+    """The folder or URL that holds dataset ``name`` (whose files include
+    ``probe``) and its SHA256SUMS if it has one: the source itself when it holds
+    the files, else ``<source>/<name>/`` when that does."""
+    root = normalise_source(source or os.environ.get(SOURCE_ENV) or origin)
+    if not _is_url(root):
+        nested = Path(root) / name
+        if not (Path(root) / probe).is_file() and nested.is_dir():
+            return str(nested), read_sha256sums(str(nested))
+        return root, read_sha256sums(root)
+    sums = read_sha256sums(root)
+    if sums is not None and probe in sums:
+        return root, sums
+    nested_url = _join(root, name)
+    nested_sums = read_sha256sums(nested_url)
+    if nested_sums is not None and probe in nested_sums:
+        return nested_url, nested_sums
+    return root, sums
+
+
+def resolve_source(spec: DatasetSpec, source: str | None = None) -> str:
+    """Normalise a source to an http(s) URL or an absolute folder path (the
+    dataset's own folder when the source holds one per dataset)."""
+    return locate_source(spec.name, spec.origin, spec.files["train_images"].filename, source)[0]
 
 
 def _is_url(source: str) -> bool:
@@ -167,11 +222,16 @@ def read_sha256sums(source: str) -> dict[str, str] | None:
         return None
     with stream:
         text = stream.read().decode("utf-8", "replace")
+    return parse_sha256sums(text)
+
+
+def parse_sha256sums(text: str) -> dict[str, str]:
+    """``sha256sum`` output as {name: sha256}; names may hold spaces and folders."""
     sums = {}
     for line in text.splitlines():
-        parts = line.strip().split()
+        parts = line.strip().split(None, 1)
         if len(parts) == 2 and len(parts[0]) == 64:
-            sums[parts[1].lstrip("*")] = parts[0].lower()
+            sums[parts[1].strip().lstrip("*")] = parts[0].lower()
     return sums
 
 
@@ -439,22 +499,36 @@ def verify_download_cache(cache_dir: str | os.PathLike) -> list[str]:
     unfinished. Empty means the cache holds every file as fetched."""
     cache = Path(cache_dir)
     try:
-        complete = json.loads((cache / "manifest.json").read_text()).get("complete")
+        recorded = json.loads((cache / "manifest.json").read_text())
+        complete = recorded.get("complete")
     except (OSError, ValueError, AttributeError):
-        complete = False
+        recorded, complete = {}, False
+    if complete and recorded.get("kind") == "images":
+        from denoiser.image_datasets import verify_image_cache
+
+        return verify_image_cache(cache)
     files = _read_cache_manifest(cache)
     if not complete or files is None or set(files) != set(ROLES):
         return ["manifest.json"]
     return [files[r]["name"] for r in ROLES if _cached_file_problem(cache / files[r]["name"], files[r])]
 
 
-def fetch_dataset(name: str, source: str | None, cache_dir: str | os.PathLike, log: Any = logger) -> dict:
+def fetch_dataset(name: str, source: str | None, cache_dir: str | os.PathLike, log: Any = logger,
+                  test_dataset: str | None = None) -> dict:
     """Make the dataset's files present and verified in ``cache_dir``.
 
     Returns the dataset manifest (see docs/design.md). Cached files whose sha256
     still matches the cache manifest are used without touching the network; a
-    damaged one is fetched again, with a warning on ``log`` naming it.
+    damaged one is fetched again, with a warning on ``log`` naming it. A folder
+    of images (see :func:`is_image_dataset`) is fetched by
+    :func:`denoiser.image_datasets.fetch_image_dataset`, with ``test_dataset``.
     """
+    if is_image_dataset(name):
+        from denoiser.image_datasets import fetch_image_dataset
+
+        return fetch_image_dataset(name, source, cache_dir, log, test_dataset)
+    if test_dataset is not None:
+        raise ConfigError(f"test_dataset applies to image-folder datasets; {name} brings its own")
     spec = get_dataset(name)
     cache = Path(cache_dir)
     try:
@@ -484,8 +558,7 @@ def fetch_dataset(name: str, source: str | None, cache_dir: str | os.PathLike, l
         missing.append(role)
 
     if missing:
-        resolved = resolve_source(spec, source)
-        sums = read_sha256sums(resolved)
+        resolved, sums = locate_source(spec.name, spec.origin, spec.files["train_images"].filename, source)
         for role in missing:
             log.info("fetching %s from %s", spec.files[role].filename, resolved)
             files[role] = {**_fetch_one(resolved, spec.files[role], cache, sums), "status": "fetched"}

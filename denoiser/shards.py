@@ -1,5 +1,12 @@
 """Noisy/clean image pairs as zstd Parquet shards, and fast readers for them.
 
+Two kinds of shard set share the layout and the readers. ``pairs`` (IDX
+datasets such as MNIST): every row a clean image and its noisy copy, all of one
+shape. ``patches`` (folders of images, manifest ``"kind": "patches"``): clean
+pixels only, since the training graph adds fresh noise to every batch;
+training and validation rows are square patches, test rows whole images of
+any size, so every row carries its ``height`` and ``width``.
+
 A shard set is a folder ``<dataset>-<key>`` whose key hashes everything that
 determines its bytes (source checksums, noise config, limits, format), so the
 same request finds the finished folder again. Each shard gets its own seed,
@@ -37,16 +44,26 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "validation", "test")
 IMAGE_COLUMNS = ("clean", "noisy")
 SHAPE_KEY = b"denoise.image_shape"
+WHOLE_IMAGE_SHARD_BYTES = 64 << 20  # of pixels per shard of whole images: bounds a writer's memory
 
 
 @dataclass(frozen=True)
 class SplitArrays:
-    """Clean images (N, H, W, C) uint8, labels (N,), source indices (N,)."""
+    """Clean images (N, H, W, C) uint8, labels (N,), source indices (N,).
 
-    images: np.ndarray
+    For a patch set (noise applied in training) ``images`` may be any sequence
+    of (H, W) or (H, W, 1) uint8 arrays of varying sizes, read only when a
+    shard needs them; with ``patch_size`` each row is a random square patch
+    (``copies`` per image), without it each row is the whole image, and
+    ``shapes`` ((H, W) per image) sizes the shards of whole images.
+    """
+
+    images: np.ndarray | Sequence[np.ndarray]
     labels: np.ndarray
     index: np.ndarray
     copies: int = 1
+    patch_size: int | None = None
+    shapes: Sequence[tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,14 +95,23 @@ def split_train_validation(n: int, validation_fraction: float) -> int:
     return split_at
 
 
+def _rows_per_shard(arrays: SplitArrays, shard_rows: int) -> int:
+    """Whole images of varying size: as many as fit the byte budget of a shard."""
+    if arrays.patch_size is not None or not arrays.shapes:
+        return shard_rows
+    largest = max(h * w for h, w in arrays.shapes)
+    return max(1, min(shard_rows, WHOLE_IMAGE_SHARD_BYTES // max(largest, 1)))
+
+
 def _plan(splits: dict[str, SplitArrays], shard_rows: int) -> list[_ShardPlan]:
     plans = []
     for split in SPLITS:
         if split not in splits:
             continue
         rows = len(splits[split].images) * splits[split].copies
-        for number, start in enumerate(range(0, rows, shard_rows)):
-            plans.append(_ShardPlan(split, number, start, min(start + shard_rows, rows)))
+        per_shard = _rows_per_shard(splits[split], shard_rows)
+        for number, start in enumerate(range(0, rows, per_shard)):
+            plans.append(_ShardPlan(split, number, start, min(start + per_shard, rows)))
     return plans
 
 
@@ -96,6 +122,71 @@ def _binary_column(pixels: np.ndarray):
     size = flat.shape[1]
     offsets = np.arange(0, (len(flat) + 1) * size, size, dtype=np.int32)
     return pa.Array.from_buffers(pa.binary(), len(flat), [None, pa.py_buffer(offsets), pa.py_buffer(flat)])
+
+
+def _blob_column(pixels: Sequence[np.ndarray]):
+    """Binary column of blobs of any sizes (whole images of a test split)."""
+    import pyarrow as pa
+
+    flat = [np.ascontiguousarray(p).reshape(-1) for p in pixels]
+    offsets = np.zeros(len(flat) + 1, dtype=np.int64)
+    np.cumsum([len(f) for f in flat], out=offsets[1:])
+    if offsets[-1] >= 2 ** 31:
+        return pa.array([f.tobytes() for f in flat], type=pa.large_binary())
+    data = np.concatenate(flat) if flat else np.zeros(0, np.uint8)
+    return pa.Array.from_buffers(pa.binary(), len(flat),
+                                 [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)])
+
+
+def _plane(image: np.ndarray) -> np.ndarray:
+    arr = np.asarray(image, dtype=np.uint8)
+    return arr[..., 0] if arr.ndim == 3 else arr
+
+
+def _orient(patch: np.ndarray, t: int) -> np.ndarray:
+    """One of the eight flips/rotations of a square patch (t in 0..7)."""
+    turned = np.rot90(patch, t % 4)
+    return turned[:, ::-1] if t >= 4 else turned
+
+
+def _cut_patches(arrays: SplitArrays, img_idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(rows, P, P) patches: for each image in row order, its rows' offsets then
+    orientations, all drawn from the shard's generator."""
+    p = arrays.patch_size
+    out = np.empty((len(img_idx), p, p), dtype=np.uint8)
+    for i in dict.fromkeys(img_idx.tolist()):
+        rows = np.flatnonzero(img_idx == i)
+        img = _plane(arrays.images[i])
+        h, w = img.shape
+        ys = rng.integers(0, h - p + 1, len(rows))
+        xs = rng.integers(0, w - p + 1, len(rows))
+        ts = rng.integers(0, 8, len(rows))
+        for r, y, x, t in zip(rows, ys, xs, ts, strict=True):
+            out[r] = _orient(img[y:y + p, x:x + p], int(t))
+    return out
+
+
+def _clean_table(plan: _ShardPlan, arrays: SplitArrays, rng: np.random.Generator):
+    """A patch set's rows: clean pixels with their height and width, no noise."""
+    import pyarrow as pa
+
+    img_idx = np.arange(plan.start, plan.stop) // arrays.copies
+    if arrays.patch_size is not None:
+        pixels = _cut_patches(arrays, img_idx, rng)
+        heights = widths = np.full(len(img_idx), arrays.patch_size, dtype=np.int32)
+        column, shape = _binary_column(pixels), [arrays.patch_size, arrays.patch_size, 1]
+    else:
+        planes = [_plane(arrays.images[i]) for i in img_idx]
+        heights = np.array([p.shape[0] for p in planes], dtype=np.int32)
+        widths = np.array([p.shape[1] for p in planes], dtype=np.int32)
+        column, shape = _blob_column(planes), None
+    return pa.table({
+        "clean": column,
+        "height": pa.array(heights, type=pa.int32()),
+        "width": pa.array(widths, type=pa.int32()),
+        "index": pa.array(np.asarray(arrays.index)[img_idx].astype(np.int64)),
+        "label": pa.array(np.asarray(arrays.labels)[img_idx].astype(np.uint8)),
+    }).replace_schema_metadata({SHAPE_KEY: json.dumps(shape).encode()})
 
 
 def _sha256(path: Path) -> str:
@@ -116,6 +207,27 @@ def _reason(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _pair_table(plan: _ShardPlan, arrays: SplitArrays, noise: dict, seed: np.random.SeedSequence):
+    """A pairs set's rows: clean images and their noisy copies, with the levels drawn."""
+    import pyarrow as pa
+
+    rows = plan.stop - plan.start
+    rng = np.random.default_rng(seed)
+    img_idx = np.arange(plan.start, plan.stop) // arrays.copies
+    clean = arrays.images[img_idx]
+    levels = draw_levels(noise["level"], rows, rng, noise.get("density", "rising"))
+    noisy = quantize(add_noise(clean.astype(np.float32) / 255.0, noise["kind"], levels, rng))
+    shape = list(clean.shape[1:])
+    return pa.table({
+        "clean": _binary_column(clean),
+        "noisy": _binary_column(noisy),
+        "label": pa.array(arrays.labels[img_idx].astype(np.uint8)),
+        "index": pa.array(arrays.index[img_idx].astype(np.int64)),
+        "noise_kind": pa.array([noise["kind"]] * rows, type=pa.string()),
+        "noise_level": pa.array(levels.astype(np.float32)),
+    }).replace_schema_metadata({SHAPE_KEY: json.dumps(shape).encode()})
+
+
 def _write_shard(out_dir: Path, plan: _ShardPlan, arrays: SplitArrays, noise: dict,
                  seed: np.random.SeedSequence) -> dict:
     import pyarrow as pa
@@ -124,20 +236,8 @@ def _write_shard(out_dir: Path, plan: _ShardPlan, arrays: SplitArrays, noise: di
     final = out_dir / plan.filename
     rows = plan.stop - plan.start
     if not final.exists():
-        rng = np.random.default_rng(seed)
-        img_idx = np.arange(plan.start, plan.stop) // arrays.copies
-        clean = arrays.images[img_idx]
-        levels = draw_levels(noise["level"], rows, rng, noise.get("density", "rising"))
-        noisy = quantize(add_noise(clean.astype(np.float32) / 255.0, noise["kind"], levels, rng))
-        shape = list(clean.shape[1:])
-        table = pa.table({
-            "clean": _binary_column(clean),
-            "noisy": _binary_column(noisy),
-            "label": pa.array(arrays.labels[img_idx].astype(np.uint8)),
-            "index": pa.array(arrays.index[img_idx].astype(np.int64)),
-            "noise_kind": pa.array([noise["kind"]] * rows, type=pa.string()),
-            "noise_level": pa.array(levels.astype(np.float32)),
-        }).replace_schema_metadata({SHAPE_KEY: json.dumps(shape).encode()})
+        table = (_clean_table(plan, arrays, np.random.default_rng(seed))
+                 if noise.get("applied") == "in_training" else _pair_table(plan, arrays, noise, seed))
         tmp = temp_path(final, "tmp")
         try:
             pq.write_table(table, tmp, compression="zstd", row_group_size=2048)
@@ -191,13 +291,37 @@ def _unlink_damaged(out: Path, log: Any) -> dict[str, str]:
     return {name: recorded[name] for name in problems if name in recorded}
 
 
+def _image_shape(splits: dict[str, SplitArrays]) -> list[int] | None:
+    """The rows' shape: a pairs set's images, a patch set's patches."""
+    for arrays in splits.values():
+        if arrays.patch_size is not None:
+            return [arrays.patch_size, arrays.patch_size, 1]
+        if isinstance(arrays.images, np.ndarray):
+            return list(arrays.images.shape[1:])
+    return None
+
+
+def _split_record(arrays: SplitArrays) -> dict:
+    record = {"images": len(arrays.images), "copies": arrays.copies, "rows": len(arrays.images) * arrays.copies}
+    if arrays.patch_size is not None:
+        size = arrays.patch_size
+        record.update(patches_per_image=arrays.copies, image_shape=[size, size, 1])
+    elif not isinstance(arrays.images, np.ndarray):
+        record["image_shape"] = None  # whole images of any size: read their height and width
+    return record
+
+
 def write_shard_set(out_dir: str | os.PathLike, splits: dict[str, SplitArrays], noise: dict,
                     shard_rows: int, seed: int, meta: dict[str, Any] | None = None,
                     workers: int = 2, log: Any = logger) -> Path:
     """Write, finish or repair a shard set and its manifest; returns the folder.
 
     ``noise`` is ``{"kind", "level"}`` (level a float or [lo, hi]), and
-    optionally ``"density"`` for a range (default ``rising``). A finished set
+    optionally ``"density"`` for a range (default ``rising``). With
+    ``"applied": "in_training"`` the set is a patch set (manifest ``kind:
+    patches``): no noise is drawn, rows hold clean pixels with ``height`` and
+    ``width`` (see :class:`SplitArrays`), and ``noise`` is only recorded for
+    the training graph and evaluation to apply. A finished set
     whose shards all match the manifest is returned as is; damaged shards are
     deleted and rewritten (a warning on ``log`` names each one), and if a
     rewritten shard's bytes differ from those recorded the whole set is rebuilt,
@@ -222,18 +346,18 @@ def write_shard_set(out_dir: str | os.PathLike, splits: dict[str, SplitArrays], 
         for rec in records:
             (out / rec["file"]).unlink(missing_ok=True)
         records = _write_shards(out, plans, seeds, splits, noise, workers)
-    image_shape = list(next(iter(splits.values())).images.shape[1:])
     manifest = {
         **(meta or {}),
         "format": FORMAT_VERSION,
         "noise": noise,
         "seed": seed,
         "shard_rows": shard_rows,
-        "image_shape": image_shape,
-        "splits": {s: {"images": len(a.images), "copies": a.copies, "rows": len(a.images) * a.copies}
-                   for s, a in splits.items()},
+        "image_shape": _image_shape(splits),
+        "splits": {s: _split_record(a) for s, a in splits.items()},
         "shards": records,
     }
+    if noise.get("applied") == "in_training":
+        manifest["kind"] = "patches"
     _write_manifest(out, manifest)
     log.info("wrote %d shards to %s", len(records), out)
     return out
@@ -346,23 +470,58 @@ def _decode_images(column, shape: Sequence[int]) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def _batch_to_arrays(batch, shape: Sequence[int]) -> dict[str, np.ndarray]:
-    out = {}
-    for name in batch.schema.names:
-        col = batch.column(name)
-        out[name] = _decode_images(col, shape) if name in IMAGE_COLUMNS else col.to_numpy(zero_copy_only=False)
+def _decode_varying(column, heights: np.ndarray, widths: np.ndarray) -> list[np.ndarray]:
+    """Binary column of whole images to a list of (H, W, 1) uint8 arrays."""
+    import pyarrow as pa
+
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    out: list[np.ndarray] = []
+    for chunk in chunks:
+        for blob in chunk.to_pylist():
+            h, w = int(heights[len(out)]), int(widths[len(out)])
+            if blob is None or len(blob) != h * w:
+                raise ShardError(f"image column holds a blob of the wrong size (expected {h}x{w} bytes)")
+            out.append(np.frombuffer(blob, dtype=np.uint8).reshape(h, w, 1))
     return out
+
+
+def _batch_to_arrays(batch, shape: Sequence[int] | None) -> dict[str, np.ndarray | list[np.ndarray]]:
+    out: dict[str, Any] = {}
+    names = batch.schema.names
+    for name in names:
+        if name not in IMAGE_COLUMNS:
+            out[name] = batch.column(name).to_numpy(zero_copy_only=False)
+    for name in names:
+        if name in IMAGE_COLUMNS:
+            out[name] = (_decode_images(batch.column(name), shape) if shape is not None
+                         else _decode_varying(batch.column(name), out["height"], out["width"]))
+    return {name: out[name] for name in names}
+
+
+def split_image_shape(manifest: dict, split: str) -> list[int] | None:
+    """The shape of every row of ``split``, or None when its rows are whole
+    images of varying sizes (the test split of a patch set)."""
+    record = manifest.get("splits", {}).get(split, {})
+    return record["image_shape"] if "image_shape" in record else manifest["image_shape"]
+
+
+def image_columns(manifest: dict) -> tuple[str, ...]:
+    """The pixel columns a set holds: ``noisy`` and ``clean`` (pairs) or ``clean`` (patches)."""
+    return ("clean",) if manifest.get("kind") == "patches" else ("noisy", "clean")
 
 
 def _corrupt(path: Path, exc: BaseException) -> ShardError:
     return ShardError(f"{path}: corrupt shard ({_reason(exc)})")
 
 
-def _file_batches(path: Path, shape: Sequence[int], batch_rows: int,
+def _file_batches(path: Path, shape: Sequence[int] | None, batch_rows: int,
                   columns: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
     """One shard's record batches; any failure to open or decode names the file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    if shape is None and any(c in IMAGE_COLUMNS for c in columns):
+        columns = [*columns, *(c for c in ("height", "width") if c not in columns)]
 
     errors = (OSError, ValueError, pa.ArrowException, ShardError)
     try:
@@ -383,12 +542,20 @@ def _file_batches(path: Path, shape: Sequence[int], batch_rows: int,
 
 
 def iter_batches(shards_dir: str | os.PathLike, split: str, batch_rows: int = 1024,
-                 columns: Sequence[str] = ("noisy", "clean"),
+                 columns: Sequence[str] | None = None,
                  file_order_seed: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Stream a split a record batch at a time: memory stays bounded by the batch.
     A shard that fails to open or decode raises ShardError naming it (checksums
-    are :func:`check_shard_set`'s job, once before a whole pass)."""
-    shape = read_manifest(shards_dir)["image_shape"]
+    are :func:`check_shard_set`'s job, once before a whole pass).
+
+    ``columns`` default to the set's pixel columns (:func:`image_columns`).
+    Pixel columns come as (rows, H, W, C) uint8 arrays, except in a split of
+    whole images of varying sizes (:func:`split_image_shape` is None), where
+    each is a list of (H, W, 1) uint8 arrays and the batch also holds the
+    ``height`` and ``width`` columns (int32 arrays)."""
+    manifest = read_manifest(shards_dir)
+    shape = split_image_shape(manifest, split)
+    columns = image_columns(manifest) if columns is None else columns
     paths = shard_paths(shards_dir, split)
     if file_order_seed is not None:
         paths = [paths[i] for i in np.random.default_rng(file_order_seed).permutation(len(paths))]
@@ -396,14 +563,20 @@ def iter_batches(shards_dir: str | os.PathLike, split: str, batch_rows: int = 10
         yield from _file_batches(path, shape, batch_rows, columns)
 
 
-def load_split(shards_dir: str | os.PathLike, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
+def load_split(shards_dir: str | os.PathLike, split: str, limit: int | None = None
+               ) -> dict[str, np.ndarray | list[np.ndarray]]:
     """A whole split in memory (fine for validation and test). Each shard read is
-    checked against the manifest first; a damaged one raises ShardError naming it."""
+    checked against the manifest first; a damaged one raises ShardError naming it.
+
+    Every column of the shards by name, as numpy arrays; pixel columns as
+    (N, H, W, C) uint8, or, for whole images of varying sizes (a patch set's
+    test split), as a list of N (H, W, 1) uint8 arrays beside ``height`` and
+    ``width`` (int32 arrays)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     manifest = read_manifest(shards_dir)
-    shape = manifest["image_shape"]
+    shape = split_image_shape(manifest, split)
     records = {r["file"]: r for r in manifest["shards"]}
     parts: list[dict[str, np.ndarray]] = []
     have = 0
@@ -421,5 +594,6 @@ def load_split(shards_dir: str | os.PathLike, split: str, limit: int | None = No
             break
     if not parts:
         raise ShardError(f"{shards_dir}: the {split!r} split is empty")
-    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    merged = {k: [x for p in parts for x in p[k]] if isinstance(parts[0][k], list)
+              else np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return {k: v[:limit] for k, v in merged.items()} if limit is not None else merged
