@@ -81,9 +81,13 @@ class _ShardPlan:
 def shard_set_key(dataset: dict, noise: dict, train_limit: int | None, test_limit: int | None) -> str:
     """16 hex digits over everything that decides the shards' bytes."""
     sources = {role: rec.get("payload_sha256") for role, rec in sorted(dataset["files"].items())}
-    payload = json.dumps({"format": FORMAT_VERSION, "dataset": dataset["dataset"], "sources": sources,
-                          "noise": noise, "train_limit": train_limit, "test_limit": test_limit},
-                         sort_keys=True)
+    fields = {"format": FORMAT_VERSION, "dataset": dataset["dataset"], "sources": sources,
+              "noise": noise, "train_limit": train_limit, "test_limit": test_limit}
+    if dataset.get("kind") == "images":  # only then, so that IDX sets keep their keys
+        test = dataset.get("test") or {"files": {}}
+        fields.update(kind="patches", held_out_test=dataset.get("held_out_test"),
+                      test_sources={n: r.get("payload_sha256") for n, r in sorted(test["files"].items())})
+    payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -11,18 +11,41 @@ from prefect.logging import get_run_logger
 from artifacts.render import artifact_key, table_rows
 from artifacts.store import Store
 from denoiser.config import DataConfig
-from denoiser.datasets import TransientDownloadError, fetch_dataset, verify_download_cache
+from denoiser.datasets import (
+    TransientDownloadError,
+    fetch_dataset,
+    is_image_dataset,
+    verify_download_cache,
+)
+from denoiser.image_datasets import IMAGE_DATASETS, dataset_slug, source_changes
 from tasks.common import CACHE_ACROSS_RUNS
 
 
 def download_dir(data: DataConfig, store_root: str) -> Path:
-    return Store.at(store_root).downloads(DataConfig.model_validate(data).dataset)
+    return Store.at(store_root).downloads(dataset_slug(DataConfig.model_validate(data).dataset))
+
+
+def _test_name(data: DataConfig) -> str | None:
+    spec = IMAGE_DATASETS.get(data.dataset)
+    return data.test_dataset or (spec.test if spec else None)
 
 
 def verify_download(data: DataConfig, store_root: str) -> list[str]:
     """The cached files a cached download result would hand on that are missing or
-    damaged (empty when all verify): decides whether the cache may be trusted."""
-    return verify_download_cache(download_dir(data, store_root))
+    damaged (empty when all verify), and for a user's local folder of images the
+    files added, removed or changed there since: decides whether the cache may be trusted."""
+    data = DataConfig.model_validate(data)
+    folder = download_dir(data, store_root)
+    problems = verify_download_cache(folder)
+    if not is_image_dataset(data.dataset):
+        return problems
+    test = _test_name(data)
+    caches = [folder] + ([Store.at(store_root).downloads(dataset_slug(test))] if test else [])
+    if test:
+        problems += verify_download_cache(caches[1])
+    if not problems:  # hashing the user's folder is only worth it while the cache itself verifies
+        problems = [name for cache in caches for name in source_changes(cache)]
+    return problems
 
 
 def _retry_network_errors(task, task_run, state) -> bool:
@@ -48,7 +71,11 @@ def download_dataset(data: DataConfig, store_root: str) -> dict:
     """Fetch (or find cached) the dataset's files; returns the dataset manifest."""
     logger = get_run_logger()
     data = DataConfig.model_validate(data)
-    manifest = fetch_dataset(data.dataset, data.source, download_dir(data, store_root), log=logger)
+    manifest = fetch_dataset(data.dataset, data.source, download_dir(data, store_root), log=logger,
+                             test_dataset=data.test_dataset)
+    if manifest.get("kind") == "images":
+        _publish_images(manifest, logger)
+        return manifest
     rows = []
     for role, rec in manifest["files"].items():
         logger.info("%s %s (%s bytes) from %s", rec["status"], rec["name"], f"{rec['bytes']:,}", rec["source"])
@@ -59,3 +86,35 @@ def download_dataset(data: DataConfig, store_root: str) -> dict:
         description=f"Raw files of {data.dataset}, verified and cached in {manifest['dir']}",
     )
     return manifest
+
+
+def _image_rows(manifest: dict, used_as: str) -> list[dict]:
+    rows = [{"dataset": manifest["dataset"], "as": used_as, "file": rec["name"], "bytes": rec["bytes"],
+             "size": f"{rec['width']}x{rec['height']}", "mode": rec["mode"], "sha256": rec["sha256"],
+             "status": rec["status"], "source": rec["source"]} for rec in manifest["files"].values()]
+    rows += [{"dataset": manifest["dataset"], "as": used_as, "file": s["name"], "bytes": s.get("bytes"),
+              "size": "", "mode": "", "sha256": s.get("sha256", ""), "status": f"skipped: {s['reason']}",
+              "source": manifest.get("location") or ""} for s in manifest["skipped"]]
+    return rows
+
+
+def _publish_images(manifest: dict, logger) -> None:
+    """One log line per folder (not per file) and the file table artifact."""
+    rows = []
+    for part, used_as in ((manifest, "train"), (manifest.get("test"), "test")):
+        if not part:
+            continue
+        statuses = [r["status"] for r in part["files"].values()]
+        logger.info("%s: %d images (%d fetched, %d cached), %d skipped, from %s", part["dataset"], len(statuses),
+                    statuses.count("fetched"), statuses.count("cached"), len(part["skipped"]),
+                    part.get("location") or "the cache")
+        rows += _image_rows(part, used_as)
+    if manifest.get("held_out_test"):
+        logger.info("no test dataset: %.0f%% of %s held out as the test split (by content hash)",
+                    100 * manifest["held_out_test"], manifest["dataset"])
+    create_table_artifact(
+        key=artifact_key("dataset", manifest["dataset"]), table=table_rows(rows),
+        description=f"Image files of {manifest['dataset']}"
+        + (f" (test: {manifest['test']['dataset']})" if manifest.get("test") else "")
+        + f", verified and cached in {manifest['dir']}",
+    )

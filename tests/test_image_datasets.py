@@ -256,3 +256,51 @@ def test_http_folder_needs_sha256sums_and_one_mirror_root_serves_mnist(served_mi
     # the mirror root of ../shared/datasets serves MNIST as well (its folder per dataset)
     manifest = fetch_dataset("mnist", str(MIRROR), tmp_path / "mnist")
     assert manifest["files"]["train_images"]["source"] == str(MIRROR / "mnist")
+
+
+# --------------------------------------------------------------------------- tasks
+
+def test_mnist_shard_folders_keep_their_keys(tmp_path):
+    from denoiser.config import NoiseConfig
+    from denoiser.datasets import DATASETS, ROLES
+    from tasks.corrupt import shard_dir_for
+
+    mnist = {"dataset": "mnist", "files": {r: {"payload_sha256": DATASETS["mnist"].files[r].payload_sha256}
+                                           for r in ROLES}}
+    # the keys of the shard sets written before image datasets existed
+    assert shard_dir_for(mnist, NoiseConfig(), str(tmp_path), None, None).name == "mnist-175005f1530951ef"
+    assert shard_dir_for(mnist, NoiseConfig(), str(tmp_path), 300, 50).name == "mnist-2d006cda525220f2"
+    speckle = NoiseConfig(kind="speckle", level=(0.1, 0.5), copies=2)
+    assert shard_dir_for(mnist, speckle, str(tmp_path), None, None).name == "mnist-e16653f589112ed5"
+
+
+def test_download_and_patch_tasks_on_a_folder(prefect_harness, photos, tmp_path):
+    from prefect import flow
+
+    from denoiser.noise import default_noise_for
+    from tasks.corrupt import shard_dir_for, verify_shards, write_noisy_shards
+    from tasks.download import download_dataset, verify_download
+
+    data = DataConfig(dataset=str(photos), test_dataset=str(photos / "nested"))
+    noise = default_noise_for(data).model_copy(update={"patch_size": 24, "patches_per_image": 3})
+    store = str(tmp_path / "store")
+
+    @flow
+    def prepare() -> tuple[dict, str]:
+        dataset = download_dataset(data, store)
+        return dataset, write_noisy_shards(dataset, noise, store)
+
+    dataset, out = prepare()
+    assert verify_download(data, store) == [] and verify_shards(dataset, noise, store) == []
+    manifest = read_manifest(out)
+    assert manifest["kind"] == "patches" and manifest["noise"] == {
+        "kind": "awgn", "level": [0.0, 55.0], "density": "uniform", "applied": "in_training"}
+    assert manifest["test_dataset"] == str(photos / "nested") and manifest["held_out_test"] is None
+    assert manifest["splits"]["test"]["images"] == 3  # the nested folder's images, tiny one included
+    assert {e["split"] for e in manifest["images"] if e["source"] == "test"} == {"test"}
+    assert Path(out).name.startswith(dataset["dataset"] + "-")
+    bigger = noise.model_copy(update={"patch_size": 32})
+    assert shard_dir_for(dataset, bigger, store, None, None) != Path(out)
+
+    Image.fromarray(_rng_image(77, 50, 50)).save(photos / "added.png")  # the user's folder changes
+    assert verify_download(data, store) == ["added.png"]
