@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from denoiser import interrupts
 from denoiser.checkpoints import CheckpointRun, checkpoint_key, claim_run, clean_checkpoints
 from denoiser.config import TrainConfig
 from denoiser.errors import ModelError
@@ -191,6 +192,7 @@ def _epoch_log_callbacks(path: Path, on_epoch_end: Callable | None, epochs: int)
             self._t0 = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
+            interrupts.hold()  # a signal from here to the backup waits for it (released by EpochDone)
             self.record = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - self._t0, 3),
                            **{k: float(v) for k, v in (logs or {}).items()}}
             with open(path, "a") as fh:
@@ -202,6 +204,7 @@ def _epoch_log_callbacks(path: Path, on_epoch_end: Callable | None, epochs: int)
 
     class EpochDone(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
+            interrupts.release()
             failpoint("train.epoch_end")
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, epochs, log.record)
@@ -409,8 +412,11 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
                 keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), write_graph=False),
                 epoch_done,
             ]
-            fresh.fit(train_ds, validation_data=val_ds, epochs=training.epochs, callbacks=callbacks,
-                      shuffle=False, verbose=0)  # the dataset shuffles itself
+            try:
+                fresh.fit(train_ds, validation_data=val_ds, epochs=training.epochs, callbacks=callbacks,
+                          shuffle=False, verbose=0)  # the dataset shuffles itself
+            finally:
+                interrupts.release()  # a stretch cut short by an error; a pending signal is delivered
 
         model = compiled_model()
         logger.info("training %s (%s parameters, loss %s, %s learning rate from %g, batch %d, %d%% reframed) "

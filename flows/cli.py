@@ -202,9 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from denoiser.errors import DenoiseError
-    from flows.session import Terminated, install_sigterm
+    from denoiser.interrupts import Terminated
+    from flows.session import install_signal_handlers
 
-    install_sigterm()
+    install_signal_handlers()
     try:
         return int(args.handler(args) or 0)
     except Terminated:

@@ -217,15 +217,14 @@ def finished_despite_api(task_key: str) -> Iterator[Outcome]:
               "(the files and the report are complete)", file=sys.stderr)
 
 
-def install_sigterm() -> None:
+def install_signal_handlers() -> None:
     """SIGTERM ends a command as Ctrl-C does: the flow run is reported and the
-    temporary server stopped, instead of both being left behind."""
+    temporary server stopped, instead of both being left behind. (While a
+    flow runs Prefect installs its own SIGTERM handler, to the same effect;
+    stretches the work holds wait either way, see :mod:`denoiser.interrupts`.)"""
+    from denoiser.interrupts import Terminated
 
-    def _terminate(signum, frame):
+    def terminate(signum, frame):
         raise Terminated()
 
-    signal.signal(signal.SIGTERM, _terminate)
-
-
-class Terminated(KeyboardInterrupt):
-    """The command received SIGTERM."""
+    signal.signal(signal.SIGTERM, terminate)
