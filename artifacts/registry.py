@@ -18,6 +18,19 @@ state or the new one. Only ``_lock_registry``, ``_load_registry`` and
 ``_save_registry`` touch the file; an object-storage backend replaces those
 three (a read returning the ETag, a conditional PUT with If-Match, a retry of
 the change on a lost race) and no caller changes.
+
+Production is per domain. A model's domain is what it learned from, read from
+its card (:func:`card_domain`): ``digits`` (28x28 IDX images: MNIST and its
+kin, and every model from before domains existed) or ``photos`` (folders of
+images: train400, a user's photographs). Each domain has its own production
+model (``production_by_domain``), and a newcomer only competes with the
+production model of its own domain, so a digit model never replaces a photo
+model and the other way round. ``denoise folder`` without ``--model`` uses
+the production model of the images' domain when it can tell, else the overall
+``production``, which stays in the file as the most recently promoted
+version of any domain (what readers of the old schema understand). An old
+registry.json without ``production_by_domain`` reads as before: its
+``production`` is the production model of that version's domain.
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,6 +57,20 @@ LOCK_TIMEOUT = 60.0  # seconds to wait for another process's registry update
 FIX_HINT = "move it aside or fix it"
 
 T = TypeVar("T")
+
+DOMAINS = ("digits", "photos")
+
+
+def card_domain(card: dict) -> str:
+    """The domain a model card says its model learned: ``photos`` for patch
+    sets of image folders, ``digits`` otherwise (28x28 IDX pairs; cards from
+    before domains were recorded are all of those)."""
+    data = card.get("data") or {}
+    if data.get("domain") in DOMAINS:
+        return data["domain"]
+    if data.get("shard_kind") == "patches" or (data.get("noise") or {}).get("applied") == "in_training":
+        return "photos"
+    return "digits"
 
 
 @dataclass(frozen=True)
@@ -62,9 +89,14 @@ class ModelRef:
     def psnr(self) -> float | None:
         return self.card.get("metrics", {}).get("psnr_denoised")
 
+    @property
+    def domain(self) -> str:
+        return card_domain(self.card)
+
     def summary(self) -> dict[str, Any]:
         data = self.card.get("data", {})
-        return {"version": self.version, "status": self.status, "architecture": self.card.get("architecture"),
+        return {"version": self.version, "status": self.status, "domain": self.domain,
+                "dataset": data.get("dataset"), "architecture": self.card.get("architecture"),
                 "params": self.card.get("params"), "psnr": self.psnr,
                 "ssim": self.card.get("metrics", {}).get("ssim_denoised"), "passed": self.passed,
                 "data_manifest_sha256": data.get("manifest_sha256"), "model_path": str(self.model_path),
@@ -76,7 +108,7 @@ def _registry_path(store_root: str | os.PathLike | None) -> Path:
 
 
 def empty_registry() -> dict:
-    return {"production": None, "versions": {}}
+    return {"production": None, "production_by_domain": {}, "versions": {}}
 
 
 def _type_name(value: Any) -> str:
@@ -98,6 +130,12 @@ def registry_problem(state: Any) -> str | None:
     bad = next((name for name, entry in versions.items() if not isinstance(entry, dict)), None)
     if bad is not None:
         return f"'versions'[{bad!r}] must be an object, not {_type_name(versions[bad])}"
+    by_domain = state.get("production_by_domain", {})
+    if not isinstance(by_domain, dict):
+        return f"'production_by_domain' must be an object, not {_type_name(by_domain)}"
+    bad = next((d for d, v in by_domain.items() if v is not None and not isinstance(v, str)), None)
+    if bad is not None:
+        return f"'production_by_domain'[{bad!r}] must be a version name or null, not {_type_name(by_domain[bad])}"
     if not isinstance(state.get("history", []), list):
         return f"'history' must be a list, not {_type_name(state['history'])}"
     return None
@@ -116,6 +154,7 @@ def parse_registry(path: Path, raw: bytes) -> dict:
     if problem:
         raise ModelError(f"{path}: {problem}; {FIX_HINT}")
     state.setdefault("production", None)
+    state.setdefault("production_by_domain", {})
     return state
 
 
@@ -218,15 +257,35 @@ def _card(folder: Path) -> dict:
 
 
 def _version_ref(store_root: str | os.PathLike | None, version: str | None,
-                 production: str | None) -> ModelRef | None:
-    """The store's version folder ``version``, if it holds a model file."""
+                 productions: Iterable[str | None] = ()) -> ModelRef | None:
+    """The store's version folder ``version``, if it holds a model file;
+    ``productions``: the production versions (one per domain)."""
     if not version:
         return None
     folder = Store.at(store_root).model_dir(version)
     if not (folder / "model.keras").is_file():
         return None
     return ModelRef(version, folder, folder / "model.keras", _card(folder),
-                    "production" if version == production else "candidate")
+                    "production" if version in set(productions) else "candidate")
+
+
+def _version_domain(store_root: str | os.PathLike | None, state: dict, version: str) -> str:
+    """A registered version's domain: its entry's record, else its card's."""
+    recorded = state["versions"].get(version, {}).get("domain")
+    if recorded in DOMAINS:
+        return recorded
+    return card_domain(_card(Store.at(store_root).model_dir(version)))
+
+
+def production_by_domain(store_root: str | os.PathLike | None, state: dict) -> dict[str, str]:
+    """The production version of each domain that has one. An old registry's
+    lone ``production`` counts for its own domain."""
+    found = {d: v for d, v in (state.get("production_by_domain") or {}).items() if v}
+    legacy = state.get("production")
+    if legacy and legacy not in found.values():
+        domain = _version_domain(store_root, state, legacy)
+        found.setdefault(domain, legacy)
+    return found
 
 
 def list_models(store_root: str | os.PathLike | None) -> list[ModelRef]:
@@ -234,25 +293,32 @@ def list_models(store_root: str | os.PathLike | None) -> list[ModelRef]:
     root = Store.at(store_root).models_root
     if not root.is_dir():
         return []
-    production = read_registry(store_root)["production"]
+    productions = production_by_domain(store_root, read_registry(store_root)).values()
     names = sorted((p.name for p in root.iterdir() if (p / "model.keras").is_file()), reverse=True)
-    return [ref for name in names if (ref := _version_ref(store_root, name, production))]
+    return [ref for name in names if (ref := _version_ref(store_root, name, productions))]
 
 
-def production_model(store_root: str | os.PathLike | None) -> ModelRef | None:
-    return next((m for m in list_models(store_root) if m.status == "production"), None)
+def production_model(store_root: str | os.PathLike | None, domain: str | None = None) -> ModelRef | None:
+    """The production model of ``domain``; without one, the overall
+    production (the most recently promoted of any domain)."""
+    state = read_registry(store_root)
+    version = production_by_domain(store_root, state).get(domain) if domain else state["production"]
+    return _version_ref(store_root, version, [version])
 
 
-def resolve_model(store_root: str | os.PathLike | None, spec: str | None = None) -> ModelRef:
-    """``spec``: None (production, else the newest that passed its gate), a
-    version name, a model folder, or a ``.keras`` file. Only production and
-    version names need the registry: a file or folder given as a path is
-    usable whatever state the registry is in (its status is read when the
-    registry can be read)."""
+def resolve_model(store_root: str | os.PathLike | None, spec: str | None = None,
+                  domain: str | None = None) -> ModelRef:
+    """``spec``: None (the production model of ``domain`` when given and there
+    is one, else the overall production, else the newest that passed its
+    gate), a version name, a model folder, or a ``.keras`` file. Only
+    production and version names need the registry: a file or folder given as
+    a path is usable whatever state the registry is in (its status is read
+    when the registry can be read)."""
     store = resolve_store_root(store_root)
     if spec is None:
         models = list_models(store)
-        chosen = next((m for m in models if m.status == "production"), None) or next(
+        chosen = (domain and production_model(store, domain)) or production_model(store) or next(
+            (m for m in models if m.status == "production"), None) or next(
             (m for m in models if m.passed), None)
         if chosen is None:
             hint = " (none passed its quality gate)" if models else ""
@@ -272,16 +338,39 @@ def resolve_model(store_root: str | os.PathLike | None, spec: str | None = None)
         raise ModelError(f"{path}: not a .keras model file")
     folder = path.parent
     in_store = folder.resolve().parent == models_root
-    production = None
+    productions: set[str] = set()
     if named:
-        production = read_registry(store)["production"]
+        productions = set(production_by_domain(store, read_registry(store)).values())
     elif in_store:
         try:
-            production = read_registry(store)["production"]
+            productions = set(production_by_domain(store, read_registry(store)).values())
         except ModelError as exc:
             logger.warning("%s; using %s as a candidate", exc, path)
     return ModelRef(folder.name, folder, path, _card(folder),
-                    "production" if in_store and folder.name == production else "candidate")
+                    "production" if in_store and folder.name in productions else "candidate")
+
+
+DOMAIN_WORDS = {"digits": "28x28 digits", "photos": "photographs"}
+TRAIN_HINTS = {"photos": "train one with `denoise train --dataset train400` (or --dataset YOUR_FOLDER)",
+               "digits": "train one with `denoise train --dataset mnist`"}
+
+
+def domain_mismatch(store_root: str | os.PathLike | None, ref: ModelRef, images_domain: str | None) -> str | None:
+    """One line when ``ref`` learned another domain than the images': which
+    model to use instead (the production model of the images' domain, or how
+    to train one); None when they match or the images' domain is unknown."""
+    if images_domain not in DOMAINS or ref.domain == images_domain:
+        return None
+    try:
+        better = production_model(store_root, images_domain)
+    except ModelError:
+        better = None
+    if better is not None and better.domain != images_domain:
+        better = None
+    advice = (f"use {better.version}, the production model for {images_domain} (--model {better.version})"
+              if better is not None else TRAIN_HINTS[images_domain])
+    return (f"model {ref.version} was trained on {DOMAIN_WORDS[ref.domain]} but these images look like "
+            f"{DOMAIN_WORDS[images_domain]}; {advice}")
 
 
 def _test_set(card: dict) -> str | None:
@@ -317,24 +406,30 @@ def register_model(store_root: str | os.PathLike | None, model_dir: str | os.Pat
     if metrics and "metrics" not in card:
         card["metrics"] = metrics
     version = folder.name
+    domain = card_domain(card)
     now = datetime.now(UTC).isoformat(timespec="seconds")
 
     def record(state: dict) -> tuple[dict, dict]:
-        production = state["production"]
+        by_domain = production_by_domain(store, state)
+        production = by_domain.get(domain)  # a newcomer competes within its own domain only
         if production == version:  # registered again (a rerun): it stays where it is
             promoted, reason = False, state["versions"].get(version, {}).get("reason") or "production model"
         else:
-            promoted, reason = decide_promotion(card, _version_ref(store, production, production))
+            promoted, reason = decide_promotion(card, _version_ref(store, production, [production]))
         state["versions"][version] = {
             "registered": now, "flow_run_id": flow_run_id, "metrics": card.get("metrics"),
             "quality_gate": card.get("quality_gate"), "data_manifest_sha256": _test_set(card),
-            "architecture": card.get("architecture"), "reason": reason,
+            "architecture": card.get("architecture"), "domain": domain, "reason": reason,
         }
         if promoted:
+            by_domain[domain] = version
             state["production"] = version
-            state.setdefault("history", []).append({"version": version, "promoted": now, "reason": reason})
-        return state, {"version": version, "status": "production" if state["production"] == version else "candidate",
-                       "promoted": promoted, "reason": reason, "production": state["production"]}
+            state.setdefault("history", []).append({"version": version, "domain": domain, "promoted": now,
+                                                    "reason": reason})
+        state["production_by_domain"] = by_domain
+        return state, {"version": version, "domain": domain,
+                       "status": "production" if by_domain.get(domain) == version else "candidate",
+                       "promoted": promoted, "reason": reason, "production": by_domain.get(domain)}
 
     return update_registry(store, record)
 
@@ -347,10 +442,15 @@ def promote(store_root: str | os.PathLike | None, version: str) -> ModelRef:
         raise ConfigError(f"unknown model version {version!r} (newest: {known})")
     now = datetime.now(UTC).isoformat(timespec="seconds")
 
+    domain = card_domain(_card(folder))
+
     def make_production(state: dict) -> tuple[dict, None]:
+        state["production_by_domain"] = {**production_by_domain(store, state), domain: version}
         state["production"] = version
-        state.setdefault("history", []).append({"version": version, "promoted": now, "reason": "promoted by hand"})
-        state["versions"].setdefault(version, {"registered": now})["reason"] = "promoted by hand"
+        state.setdefault("history", []).append({"version": version, "domain": domain, "promoted": now,
+                                                "reason": "promoted by hand"})
+        entry = state["versions"].setdefault(version, {"registered": now})
+        entry.update(reason="promoted by hand", domain=domain)
         return state, None
 
     update_registry(store, make_production)
@@ -376,19 +476,19 @@ def run_models_command(args: argparse.Namespace) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=200)
     if getattr(args, "models_command", None) == "promote":
         ref = promote(args.store, args.version)
-        console.print(f"[green]{ref.version}[/] is now the production model")
+        console.print(f"[green]{ref.version}[/] is now the production model for {ref.domain}")
         return 0
     models = list_models(args.store)
     if not models:
         console.print(f"no models in {resolve_store_root(args.store)}; run `denoise train` first")
         return 0
     table = Table(title=f"models in {Store.at(args.store).models_root}")
-    for col in ("version", "status", "architecture", "params", "PSNR (dB)", "SSIM", "gate", "created"):
+    for col in ("version", "status", "domain", "architecture", "params", "PSNR (dB)", "SSIM", "gate", "created"):
         table.add_column(col)
     for m in models:
         s = m.summary()
         table.add_row(
-            m.version, "[bold green]production[/]" if m.status == "production" else "candidate",
+            m.version, "[bold green]production[/]" if m.status == "production" else "candidate", m.domain,
             str(s["architecture"]), f"{s['params']:,}" if s["params"] else "",
             f"{s['psnr']:.2f}" if s["psnr"] is not None else "",
             f"{s['ssim']:.3f}" if s["ssim"] is not None else "",

@@ -130,7 +130,10 @@ class NoiseConfig(_Config):
 class TrainConfig(_Config):
     """Model and training recipe."""
 
-    architecture: str = Field("unet", description="Architecture name (see build_model).")
+    architecture: str = Field(
+        "auto", description="Architecture name (see build_model). auto: the dataset's own, unet for "
+        "28x28 IDX datasets and the photographs' architecture (photo_unet) for image folders."
+    )
     epochs: int = Field(35, ge=1, description="Maximum number of epochs.")
     batch_size: int = Field(64, ge=1)
     learning_rate: float | None = Field(
@@ -162,7 +165,7 @@ class TrainConfig(_Config):
         from denoiser.models import available_architectures
 
         names = available_architectures()
-        if value not in names:
+        if value != "auto" and value not in names:
             raise ValueError(f"unknown architecture {value!r}; known: {', '.join(names)}")
         return value
 
@@ -170,7 +173,7 @@ class TrainConfig(_Config):
     def _reframe_fits_architecture(self):
         from denoiser.models import architecture_recipe
 
-        if self.reframe and not architecture_recipe(self.architecture).get("fully_convolutional"):
+        if self.reframe and self.architecture != "auto" and not architecture_recipe(self.architecture).get("fully_convolutional"):
             raise ValueError(f"architecture {self.architecture} is tied to its input frame; "
                              "reframing needs a fully convolutional one (use reframe 0)")
         return self
@@ -184,3 +187,19 @@ class EvalConfig(_Config):
     )
     sample_count: int = Field(8, ge=1, le=32, description="Columns in the sample grid.")
     batch_size: int = Field(256, ge=1)
+    sigmas: list[float] = Field(
+        [15.0, 25.0, 50.0], min_length=1, max_length=8,
+        description="Photo datasets: the awgn sigmas (0-255 units) every test image is scored at, "
+        "each from a fixed seed (the literature's Set12 table: 15, 25, 50). The quality gate takes "
+        "the mean PSNR gain over them. Ignored for IDX datasets, whose test pairs carry their noise."
+    )
+
+    @field_validator("sigmas")
+    @classmethod
+    def _valid_sigmas(cls, value: list[float]) -> list[float]:
+        for sigma in value:
+            if not 0 < sigma <= 255:
+                raise ValueError(f"each sigma must be in (0, 255] (0-255 units), not {sigma:g}")
+        if len(set(value)) != len(value):
+            raise ValueError("sigmas must be distinct")
+        return value

@@ -34,3 +34,107 @@ def tile_spec_for_model(model, architecture: str | None = None):
     if None in shape:
         return tile_spec_for({"fully_convolutional": True, "size_multiple": 8})
     return tile_spec_for({"fully_convolutional": False, "input_shape": shape})
+
+
+def denoise_planes(planes: list[np.ndarray], spec, predict) -> list[np.ndarray]:
+    """Whole (H, W) float32 planes of any sizes through the folder denoiser's
+    tiling (:mod:`denoiser.tiling`: the same tiles, padding and blend, so no
+    seams), the tiles of every plane grouped by shape so that ``predict``
+    (a :class:`~denoiser.folder.BatchPredictor`) fills its fixed-size batches.
+    Outputs are as the model gives them, not clipped."""
+    from denoiser.tiling import Blender, split
+
+    tiled = [split(p, spec) for p in planes]
+    blenders = [Blender(t) for t in tiled]
+    by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i, t in enumerate(tiled):
+        by_shape.setdefault(t.tile_shape, []).extend((i, k) for k in range(len(t)))
+    for members in by_shape.values():
+        tiles = np.stack([tiled[i].tiles[k] for i, k in members])[..., None]
+        outputs = np.asarray(predict(tiles))[..., 0]
+        for (i, k), out in zip(members, outputs, strict=True):
+            blenders[i].add(k, out)
+    return [b.result() for b in blenders]
+
+
+PHOTO_MIN_SIDE = 64  # larger on both sides than this: not a 28x28-style digit image
+SATURATED_SHARE = 0.5  # more of the pixels than this at black or white: line art, digits, scans of text
+
+
+def plane_domain(plane: np.ndarray) -> str:
+    """``photos`` or ``digits`` for one [0, 1] grey plane: a photograph is
+    larger than 64x64 and not mostly saturated (pure black or white), which
+    28x28 digits on black, and other near-binary images, are."""
+    h, w = plane.shape[:2]
+    saturated = float(np.mean((plane <= 0.02) | (plane >= 0.98)))
+    return "photos" if min(h, w) > PHOTO_MIN_SIDE and saturated < SATURATED_SHARE else "digits"
+
+
+def images_domain(planes: list[np.ndarray]) -> str | None:
+    """The domain most of ``planes`` belong to (:func:`plane_domain`); None for none."""
+    votes = [plane_domain(p) for p in planes]
+    if not votes:
+        return None
+    return max(sorted(set(votes)), key=votes.count)
+
+
+def folder_domain(folder, pattern: str = "*", sample: int = 16) -> str | None:
+    """The domain of a folder's images, judged on the first ``sample`` of them
+    (by path) that decode; None when none does."""
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    from denoiser.errors import DenoiseError
+    from denoiser.images import IMAGE_SUFFIXES, read_image
+
+    planes = []
+    root = Path(folder)
+    if not root.is_dir():
+        return None
+    for path in sorted(root.rglob("*")):
+        if len(planes) >= sample:
+            break
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not fnmatch(path.name, pattern) or not path.is_file():
+            continue
+        try:
+            planes.append(read_image(path).luma)
+        except (DenoiseError, OSError):
+            continue
+    return images_domain(planes)
+
+
+EVAL_NOISE_SEED = 0  # the noisy test images: one fixed draw per sigma, so every model sees the same ones
+
+
+def noisy_planes(clean: list[np.ndarray], sigma: float, seed: int = EVAL_NOISE_SEED) -> list[np.ndarray]:
+    """The literature's unclipped awgn at ``sigma`` on each plane, from a
+    generator seeded by ``seed`` and the sigma (each sigma's draw is its own)."""
+    from denoiser.noise import add_awgn
+
+    rng = np.random.default_rng([seed, round(float(sigma) * 1000)])
+    return [add_awgn(c, sigma, rng) for c in clean]
+
+
+def evaluate_planes(model, architecture: str | None, clean: list[np.ndarray], sigmas: list[float],
+                    batch_size: int = 256, names: list[str] | None = None, seed: int = EVAL_NOISE_SEED):
+    """A model on whole [0, 1] test planes of any sizes at each awgn sigma,
+    through the folder denoiser's tiling. Returns ``(metrics, noisy,
+    denoised)``: :func:`denoiser.metrics.evaluate_per_sigma`'s result and the
+    images per sigma (the model's outputs clipped to [0, 1])."""
+    from denoiser.folder import BatchPredictor
+    from denoiser.metrics import evaluate_per_sigma
+
+    spec = tile_spec_for_model(model, architecture)
+    predict = BatchPredictor(model, batch_size)
+    noisy = {float(s): noisy_planes(clean, s, seed) for s in sigmas}
+    flat = [y for s in noisy for y in noisy[s]]
+    outputs = iter(np.clip(d, 0.0, 1.0) for d in denoise_planes(flat, spec, predict))
+    denoised = {s: [next(outputs) for _ in clean] for s in noisy}
+    return evaluate_per_sigma(clean, noisy, denoised, names), noisy, denoised
+
+
+def centre_crop(plane: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size`` x ``size`` square (smaller sides kept whole)."""
+    h, w = plane.shape[:2]
+    y, x = max((h - size) // 2, 0), max((w - size) // 2, 0)
+    return plane[y:y + size, x:x + size]

@@ -117,3 +117,41 @@ def evaluate_arrays(clean: np.ndarray, noisy: np.ndarray, denoised: np.ndarray,
             mask = labels == value
             result["per_class"].append({"label": int(value), **_summary(clean[mask], noisy[mask], denoised[mask])})
     return result
+
+
+def score_image(clean: np.ndarray, test: np.ndarray) -> dict[str, float]:
+    """PSNR (peak 1), SSIM and MSE of one whole image of any size, ``test``
+    clipped to [0, 1] first, as the denoising literature scores its outputs."""
+    c = np.asarray(clean, np.float64)[None]
+    t = np.clip(np.asarray(test, np.float64), 0.0, 1.0)[None]
+    return {"psnr": float(psnr(c, t)[0]), "ssim": float(ssim(c, t)[0]), "mse": float(mse(c, t)[0])}
+
+
+def _mean_row(rows: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+
+SCORES = ("psnr_noisy", "psnr_denoised", "psnr_gain", "ssim_noisy", "ssim_denoised", "mse_noisy", "mse_denoised")
+
+
+def evaluate_per_sigma(clean: list[np.ndarray], noisy: dict[float, list[np.ndarray]],
+                       denoised: dict[float, list[np.ndarray]], names: list[str] | None = None) -> dict:
+    """Whole test images of any sizes, each scored at every sigma: a row per
+    image and sigma (``per_image``), their means per sigma (``per_sigma``),
+    and the mean of those over the sigmas (``overall``, whose ``psnr_gain``
+    the quality gate reads). ``noisy`` and ``denoised`` map each sigma to
+    the images in ``clean``'s order; both are clipped to [0, 1] to be scored."""
+    names = names or [str(i) for i in range(len(clean))]
+    per_image, per_sigma = [], []
+    for sigma in noisy:
+        rows = []
+        for i, (c, y, d) in enumerate(zip(clean, noisy[sigma], denoised[sigma], strict=True)):
+            before, after = score_image(c, y), score_image(c, d)
+            rows.append({"image": names[i], "height": int(c.shape[0]), "width": int(c.shape[1]),
+                         "sigma": float(sigma), "psnr_noisy": before["psnr"], "psnr_denoised": after["psnr"],
+                         "psnr_gain": after["psnr"] - before["psnr"], "ssim_noisy": before["ssim"],
+                         "ssim_denoised": after["ssim"], "mse_noisy": before["mse"], "mse_denoised": after["mse"]})
+        per_image += rows
+        per_sigma.append({"sigma": float(sigma), "count": len(rows), **_mean_row(rows, SCORES)})
+    overall = {"count": len(clean), "sigmas": [float(s) for s in noisy], **_mean_row(per_sigma, SCORES)}
+    return {"overall": overall, "per_sigma": per_sigma, "per_image": per_image, "per_level": [], "per_class": []}

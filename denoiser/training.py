@@ -22,10 +22,17 @@ from typing import Any
 
 from denoiser import interrupts
 from denoiser.checkpoints import CheckpointRun, checkpoint_key, claim_run, clean_checkpoints
-from denoiser.config import TrainConfig
-from denoiser.errors import ModelError
+from denoiser.config import DataConfig, NoiseConfig, TrainConfig
+from denoiser.errors import ConfigError, ModelError
 from denoiser.faults import failpoint
-from denoiser.models import architecture_recipe, build_model, count_params, file_sha256, load_model
+from denoiser.models import (
+    DEFAULT_ARCHITECTURE,
+    architecture_recipe,
+    build_model,
+    count_params,
+    file_sha256,
+    load_model,
+)
 from denoiser.shards import check_shard_set, iter_batches, read_manifest, split_rows
 
 logger = logging.getLogger(__name__)
@@ -90,38 +97,74 @@ def select_device(mixed_precision: str = "auto") -> DeviceInfo:
 
 
 def _shuffled_batches(shards_dir, split: str, batch_size: int, buffer_rows: int, seed: int | None,
-                      read_rows: int = 2048):
+                      read_rows: int = 2048, columns: tuple[str, ...] = ("noisy", "clean")):
     """Whole batches from a block shuffle: rows are mixed within a buffer of
     ``buffer_rows`` (and shard files are visited in a seeded order). Shuffling
     and batching in numpy costs one Python step per batch, not per image, so
-    the reader keeps up with the model on two cores."""
+    the reader keeps up with the model on two cores. Yields one array per
+    column of ``columns``, rows in the same order."""
     import numpy as np
 
     rng = np.random.default_rng(seed) if seed is not None else None
-    noisy_parts, clean_parts, held = [], [], 0
+    parts: dict[str, list] = {c: [] for c in columns}
+    held = 0
 
     def drain(final: bool):
-        noisy = np.concatenate(noisy_parts) if len(noisy_parts) > 1 else noisy_parts[0]
-        clean = np.concatenate(clean_parts) if len(clean_parts) > 1 else clean_parts[0]
+        arrays = [np.concatenate(parts[c]) if len(parts[c]) > 1 else parts[c][0] for c in columns]
+        n = len(arrays[0])
         if rng is not None:
-            order = rng.permutation(len(noisy))
-            noisy, clean = noisy[order], clean[order]
-        cut = len(noisy) if final else (len(noisy) // batch_size) * batch_size
+            order = rng.permutation(n)
+            arrays = [a[order] for a in arrays]
+        cut = n if final else (n // batch_size) * batch_size
         for i in range(0, cut, batch_size):
-            yield noisy[i:i + batch_size], clean[i:i + batch_size]
-        noisy_parts[:] = [noisy[cut:]] if cut < len(noisy) else []
-        clean_parts[:] = [clean[cut:]] if cut < len(clean) else []
+            yield tuple(a[i:i + batch_size] for a in arrays)
+        for c, a in zip(columns, arrays, strict=True):
+            parts[c][:] = [a[cut:]] if cut < n else []
 
     order_seed = None if rng is None else int(rng.integers(2**31))
-    for batch in iter_batches(shards_dir, split, batch_rows=read_rows, file_order_seed=order_seed):
-        noisy_parts.append(batch["noisy"])
-        clean_parts.append(batch["clean"])
-        held += len(batch["noisy"])
+    for batch in iter_batches(shards_dir, split, batch_rows=read_rows, columns=columns,
+                              file_order_seed=order_seed):
+        for c in columns:
+            parts[c].append(batch[c])
+        held += len(batch[columns[0]])
         if held >= buffer_rows:
             yield from drain(final=False)
-            held = sum(len(p) for p in noisy_parts)
+            held = sum(len(p) for p in parts[columns[0]])
     if held:
         yield from drain(final=True)
+
+
+VALIDATION_NOISE_SEED = 1234  # the validation patches' noise: the same every epoch, so val_loss compares
+
+
+def sigma_range(noise: dict) -> tuple[float, float]:
+    """The awgn sigma range (0-255 units) a patch set's manifest asks the training graph for."""
+    if noise.get("kind") != "awgn":
+        raise ModelError(f"a patch set is trained with awgn noise added in the graph, not {noise.get('kind')!r}; "
+                         "write the shards again with noise kind awgn")
+    level = noise["level"]
+    return (float(level[0]), float(level[1])) if isinstance(level, (list, tuple)) else (float(level),) * 2
+
+
+def awgn_batch(clean, sigmas: tuple[float, float], seed, density: str = "uniform"):
+    """The literature's unclipped awgn on a (batch, H, W, C) float batch, one sigma
+    (0-255 units) per image from ``sigmas`` with ``density``, as
+    :func:`denoiser.noise.add_awgn_tf` draws it, but from a stateless ``seed``
+    (an int64 scalar tensor): inside tf.data a stateful random op restarts its
+    stream with every pass over the dataset, so each epoch would see the same
+    noise again; a seed drawn per batch gives fresh noise that is still
+    repeatable from the run's seed."""
+    import tensorflow as tf
+
+    from denoiser.noise import level_from_uniform
+
+    lo, hi = sigmas
+    pair = tf.stack([tf.cast(seed, tf.int64), tf.constant(0x5EED, tf.int64)])
+    level_seed, noise_seed = tf.unstack(tf.random.experimental.stateless_split(pair, 2))
+    u = tf.random.stateless_uniform(tf.shape(clean)[:1], seed=level_seed, dtype=tf.float32)
+    sigma = tf.cast(level_from_uniform(u, lo, hi, density), clean.dtype) / 255.0
+    noise = tf.random.stateless_normal(tf.shape(clean), seed=noise_seed, dtype=clean.dtype)
+    return clean + noise * tf.reshape(sigma, [-1, 1, 1, 1])
 
 
 def make_dataset(shards_dir: str | os.PathLike, split: str, batch_size: int, shuffle_buffer: int = 10_000,
@@ -132,12 +175,21 @@ def make_dataset(shards_dir: str | os.PathLike, split: str, batch_size: int, shu
     the number of shards; uint8 -> float32 happens inside the graph. A new
     shuffle order every epoch, reproducible from the seed. ``reframe``: the
     share of training pairs recut from mosaics (:func:`denoiser.augment.reframe`).
+
+    A patch set (manifest ``kind: patches``) holds clean patches only: the
+    literature's awgn is added inside the graph (:func:`awgn_batch`), one
+    sigma per patch from the manifest's range, drawn fresh for every batch of
+    every epoch in training (from ``seed`` and the epoch), and from a fixed
+    seed for validation so that its loss is comparable across epochs.
     """
+    import numpy as np
     import tensorflow as tf
 
     manifest = read_manifest(shards_dir)
     shape = tuple(manifest["image_shape"])
     rows = split_rows(shards_dir, split)
+    patches = manifest.get("kind") == "patches"
+    columns = ("clean",) if patches else ("noisy", "clean")
     epoch = {"n": 0}
 
     # Python hands over blocks of whole batches; tf.data cuts them into batches in C++
@@ -145,23 +197,43 @@ def make_dataset(shards_dir: str | os.PathLike, split: str, batch_size: int, shu
 
     def generate():
         epoch_seed = seed * 100_003 + epoch["n"] if training else None
+        # patch sets: a noise seed per row (a batch uses its first row's), new each training epoch,
+        # the same every validation pass
+        noise_rng = np.random.default_rng([seed, epoch["n"], 1] if training else [VALIDATION_NOISE_SEED])
         epoch["n"] += 1
-        yield from _shuffled_batches(shards_dir, split, block, max(shuffle_buffer, block) if training else block,
-                                     epoch_seed)
+        for arrays in _shuffled_batches(shards_dir, split, block,
+                                        max(shuffle_buffer, block) if training else block, epoch_seed,
+                                        columns=columns):
+            if patches:
+                arrays = (*arrays, noise_rng.integers(0, 2**62, len(arrays[0]), dtype=np.int64))
+            yield arrays
 
     spec = tf.TensorSpec(shape=(None, *shape), dtype=tf.uint8)
-    ds = tf.data.Dataset.from_generator(generate, output_signature=(spec, spec)).rebatch(batch_size)
+    signature = (spec, tf.TensorSpec(shape=(None,), dtype=tf.int64)) if patches else (spec, spec)
+    ds = tf.data.Dataset.from_generator(generate, output_signature=signature).rebatch(batch_size)
 
-    def to_float(noisy, clean):
-        noisy, clean = tf.cast(noisy, tf.float32) / 255.0, tf.cast(clean, tf.float32) / 255.0
+    def recut(noisy, clean):
         if training and reframe > 0:
-            from denoiser.augment import reframe as recut
+            from denoiser.augment import reframe as recut_pairs
 
-            both = recut(tf.concat([noisy, clean], -1), reframe)
+            both = recut_pairs(tf.concat([noisy, clean], -1), reframe)
             noisy, clean = both[..., :shape[-1]], both[..., shape[-1]:]
         return noisy, clean
 
-    ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
+    if patches:
+        sigmas = sigma_range(manifest["noise"])
+        density = manifest["noise"].get("density", "uniform")
+
+        def noisy_pair(clean, seeds):
+            clean = tf.cast(clean, tf.float32) / 255.0
+            return recut(awgn_batch(clean, sigmas, seeds[0], density), clean)
+
+        ds = ds.map(noisy_pair, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        def to_float(noisy, clean):
+            return recut(tf.cast(noisy, tf.float32) / 255.0, tf.cast(clean, tf.float32) / 255.0)
+
+        ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(rows / batch_size)))
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -343,6 +415,70 @@ def _finished_model(path: Path):
     return model
 
 
+def shard_domain(manifest: dict) -> str:
+    """What a shard set teaches: ``photos`` (a patch set cut from folders of
+    images) or ``digits`` (pairs of 28x28 IDX images: MNIST and its kin)."""
+    return "photos" if manifest.get("kind") == "patches" else "digits"
+
+
+def photo_architecture() -> str:
+    """The architecture photo datasets train by default: the one whose recipe
+    is for awgn (photo_unet first), else the general ``unet``."""
+    from denoiser.architectures import ARCHITECTURES
+
+    photo = [name for name, spec in ARCHITECTURES.items() if spec.recipe.get("noise") == "awgn"]
+    return "photo_unet" if "photo_unet" in photo else (sorted(photo) or [DEFAULT_ARCHITECTURE])[0]
+
+
+def resolve_architecture(training: TrainConfig, shards_dir: str | os.PathLike) -> TrainConfig:
+    """``architecture: auto`` made concrete for the shard set: the photo
+    architecture for a patch set, the default ``unet`` for digits."""
+    training = TrainConfig.model_validate(training)
+    if training.architecture != "auto":
+        return training
+    photos = shard_domain(read_manifest(shards_dir)) == "photos"
+    return training.model_copy(update={"architecture": photo_architecture() if photos else DEFAULT_ARCHITECTURE})
+
+
+def check_training_request(data: DataConfig, noise: NoiseConfig, training: TrainConfig) -> TrainConfig:
+    """Checks across the configs, before any download or training, each a
+    one-line ConfigError naming the parameter (and its ``denoise train``
+    flag); returns ``training`` with ``architecture: auto`` made concrete:
+    the photo architecture for image folders, ``unet`` for IDX datasets."""
+    from denoiser.datasets import is_image_dataset
+    from denoiser.image_datasets import DEFAULT_PATCH_SIZE
+
+    training = TrainConfig.model_validate(training)
+    photos = is_image_dataset(data.dataset)
+    if training.architecture == "auto":
+        training = training.model_copy(update={"architecture": photo_architecture() if photos
+                                               else DEFAULT_ARCHITECTURE})
+    if not photos:
+        return training
+    if noise.kind != "awgn":
+        raise ConfigError(f"invalid noise.kind (--noise-kind): photographs train with awgn, added fresh to "
+                          f"every batch, not {noise.kind}")
+    recipe = architecture_recipe(training.architecture)
+    if not recipe.get("fully_convolutional"):
+        raise ConfigError(f"invalid training.architecture (--architecture): {training.architecture} takes "
+                          f"{tuple(recipe['input_shape'][:2])} images only; photographs need a fully "
+                          "convolutional one")
+    size, multiple = noise.patch_size or DEFAULT_PATCH_SIZE, int(recipe.get("size_multiple", 1))
+    if size % multiple:
+        raise ConfigError(f"invalid noise.patch_size (--patch-size): {size} is not a multiple of "
+                          f"{training.architecture}'s size multiple {multiple}")
+    return training
+
+
+def data_facts(shards_dir: str | os.PathLike, manifest: dict) -> dict:
+    """What the model card records about the data a model learned from."""
+    return {"shards_dir": str(Path(shards_dir).resolve()), "manifest_sha256": manifest_hash(shards_dir),
+            "dataset": manifest.get("dataset"), "domain": shard_domain(manifest),
+            "shard_kind": manifest.get("kind", "pairs"), "test_dataset": manifest.get("test_dataset"),
+            "patch_size": manifest.get("patch_size"), "patches_per_image": manifest.get("patches_per_image"),
+            "noise": manifest.get("noise"), "rows": manifest.get("splits")}
+
+
 def manifest_hash(shards_dir: str | os.PathLike) -> str:
     return hashlib.sha256((Path(shards_dir) / "manifest.json").read_bytes()).hexdigest()
 
@@ -362,7 +498,7 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
 
     from denoiser.losses import make_loss
 
-    training = TrainConfig.model_validate(training)
+    training = resolve_architecture(training, shards_dir)
     out, backup = Path(out_dir), Path(backup_dir)
     out.mkdir(parents=True, exist_ok=True)
     backup.mkdir(parents=True, exist_ok=True)
@@ -459,9 +595,7 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
         "recipe": {**recipe, "loss": loss_name, "lr_schedule": schedule, "learning_rate": base_lr,
                    "reframe": reframe, "input_shape": list(recipe["input_shape"])},
         "training": training.model_dump(mode="json"),
-        "data": {"shards_dir": str(Path(shards_dir).resolve()), "manifest_sha256": manifest_hash(shards_dir),
-                 "dataset": manifest.get("dataset"), "noise": manifest.get("noise"),
-                 "rows": manifest.get("splits")},
+        "data": data_facts(shards_dir, manifest),
         "image_shape": list(shape),
         "device": device.as_dict(),
         "seconds": round(seconds, 2),
@@ -491,7 +625,7 @@ def train_in_run(shards_dir: str | os.PathLike, training: TrainConfig, models_ro
     of this request whose owner died (or start a new one beside live ones),
     train into ``models_root/<version>`` and delete the run's checkpoint on
     success. The run's lease is held throughout and released on any exit."""
-    training = TrainConfig.model_validate(training)
+    training = resolve_architecture(training, shards_dir)
     checkpoints_root = Path(checkpoints_root)
     clean_checkpoints(checkpoints_root, models_root, log=log)
     run = claim_run(checkpoints_root / checkpoint_key(shards_dir, training), new_version, flow_run_id)

@@ -16,6 +16,8 @@ from typing import get_args
 from denoiser.config import LevelDensity, LossName, LrSchedule, NoiseConfig, NoiseKind, TrainConfig
 
 QUICK = {"train_limit": 6000, "test_limit": 1000, "epochs": 3}
+# photographs: every training image, fewer patches of each, the first test images; a few minutes
+QUICK_PHOTOS = {"patches_per_image": 8, "test_limit": 6, "epochs": 3}
 
 
 def _quiet_environment(debug: bool = False) -> None:
@@ -41,10 +43,29 @@ def _noise_level(text: str) -> float | tuple[float, float]:
     raise argparse.ArgumentTypeError(f"give one level or a LO,HI range, not {text!r}")
 
 
+def _sigmas(text: str) -> list[float]:
+    try:
+        return [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+
+
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help=f"small subset and few epochs ({QUICK}); a few minutes on 2 CPU cores")
-    p.add_argument("--dataset", default="mnist")
+                   help=f"small subset and few epochs (digits: {QUICK}; photographs: {QUICK_PHOTOS}); "
+                   "a few minutes on 2 CPU cores")
+    p.add_argument("--dataset", default="mnist", metavar="NAME_OR_PATH_OR_URL",
+                   help="mnist, fashion-mnist, train400 (photographs), or a folder of your own images: "
+                   "a path, file:// or http(s):// URL (default: mnist)")
+    p.add_argument("--test-dataset", metavar="NAME_OR_PATH_OR_URL",
+                   help="photographs only: images to test on (default: the dataset's own, train400: set12; "
+                   "a folder of yours: a held-out share of it)")
+    p.add_argument("--patch-size", type=int, help="photographs only: side of the square training patches "
+                   "(default: 40)")
+    p.add_argument("--patches-per-image", type=int,
+                   help="photographs only: patches cut from each training image per epoch (default: 64)")
+    p.add_argument("--sigmas", type=_sigmas, help="photographs only: awgn sigmas (0-255) the test images are "
+                   "scored at, e.g. 15,25,50 (the default)")
     p.add_argument("--source", help="mirror: http(s) URL, file:// URL or folder "
                    "(default: $DENOISE_DATA_SOURCE, then the dataset's origin)")
     p.add_argument("--train-limit", type=int, help="use only the first N training images")
@@ -79,22 +100,37 @@ def given(**options) -> dict:
 
 
 def _train_configs(args: argparse.Namespace) -> dict:
+    """The flow's configs from the options. A photo dataset without noise
+    options gets the blind awgn model (:func:`denoiser.noise.default_noise_for`);
+    noise options given for one start from those defaults too."""
     from denoiser.config import DataConfig, EvalConfig
+    from denoiser.datasets import is_image_dataset
+    from denoiser.noise import default_noise_for
+    from denoiser.training import check_training_request
 
-    quick = QUICK if args.quick else {}
-    train_limit = args.train_limit if args.train_limit is not None else quick.get("train_limit")
-    test_limit = args.test_limit if args.test_limit is not None else quick.get("test_limit")
-    epochs = args.epochs if args.epochs is not None else quick.get("epochs")
-    training = given(architecture=args.architecture, epochs=epochs, batch_size=args.batch_size,
+    photos = is_image_dataset(args.dataset)
+    quick = (QUICK_PHOTOS if photos else QUICK) if args.quick else {}
+
+    def pick(name: str):
+        value = getattr(args, name)
+        return value if value is not None else quick.get(name)
+
+    training = given(architecture=args.architecture, epochs=pick("epochs"), batch_size=args.batch_size,
                      learning_rate=args.learning_rate, loss=args.loss, lr_schedule=args.lr_schedule,
                      reframe=args.reframe, seed=args.seed)
+    data = DataConfig(**given(dataset=args.dataset, source=args.source, test_dataset=args.test_dataset,
+                              train_limit=pick("train_limit"), test_limit=pick("test_limit")))
+    chosen = given(kind=args.noise_kind, level=args.noise_level, level_density=args.level_density,
+                   copies=args.copies, seed=args.seed, patch_size=args.patch_size,
+                   patches_per_image=pick("patches_per_image"))
+    base = default_noise_for(data).model_dump() if photos else {}
+    noise = NoiseConfig(**{**base, **chosen})
+    check_training_request(data, noise, TrainConfig(**training))  # before a server starts
     return {
-        "data": DataConfig(dataset=args.dataset, source=args.source,
-                           train_limit=train_limit, test_limit=test_limit),
-        "noise": NoiseConfig(**given(kind=args.noise_kind, level=args.noise_level,
-                                     level_density=args.level_density, copies=args.copies, seed=args.seed)),
+        "data": data,
+        "noise": noise,
         "training": TrainConfig(**training),
-        "evaluation": EvalConfig(**given(min_psnr_gain=args.min_psnr_gain)),
+        "evaluation": EvalConfig(**given(min_psnr_gain=args.min_psnr_gain, sigmas=args.sigmas)),
     }
 
 
@@ -121,13 +157,22 @@ def _print_train_summary(result: dict) -> None:
     console.print(f"model [bold]{model['version']}[/] ({model['architecture']}, "
                   f"{model['params']:,} parameters, trained on {model['device']} in {model['seconds']:.0f} s)")
     table = Table()
-    for col in ("", "PSNR (dB)", "SSIM"):
-        table.add_column(col)
-    table.add_row("noisy input", f"{m['psnr_noisy']:.2f}", f"{m['ssim_noisy']:.3f}")
-    table.add_row("denoised", f"{m['psnr_denoised']:.2f}", f"{m['ssim_denoised']:.3f}")
+    if m.get("per_sigma"):  # photographs: a row per sigma, then their mean
+        for col in ("sigma", "PSNR noisy (dB)", "PSNR denoised (dB)", "SSIM noisy", "SSIM denoised"):
+            table.add_column(col)
+        for r in [*m["per_sigma"], {**m, "sigma": "mean"}]:
+            sigma = r["sigma"] if isinstance(r["sigma"], str) else f"{r['sigma']:g}"
+            table.add_row(sigma, f"{r['psnr_noisy']:.2f}", f"{r['psnr_denoised']:.2f}", f"{r['ssim_noisy']:.3f}",
+                          f"{r['ssim_denoised']:.3f}")
+    else:
+        for col in ("", "PSNR (dB)", "SSIM"):
+            table.add_column(col)
+        table.add_row("noisy input", f"{m['psnr_noisy']:.2f}", f"{m['ssim_noisy']:.3f}")
+        table.add_row("denoised", f"{m['psnr_denoised']:.2f}", f"{m['ssim_denoised']:.3f}")
     console.print(table)
     verdict = "[green]PASSED[/]" if m["passed"] else "[red]FAILED[/]"
-    console.print(f"quality gate {verdict}: PSNR gain {m['psnr_gain']:.2f} dB")
+    over = " (mean over the sigmas)" if m.get("per_sigma") else ""
+    console.print(f"quality gate {verdict}: PSNR gain {m['psnr_gain']:.2f} dB{over}")
     console.print(f"model:  {model['dir']}")
     console.print(f"shards: {result['shards']}")
     console.print(f"store:  {result['store']}")
@@ -171,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: config fields whose flag is not simply --field-name
-_FLAGS = {"kind": "--noise-kind", "level": "--noise-level"}
+_FLAGS = {"kind": "--noise-kind", "level": "--noise-level", "dataset": "--dataset"}
 
 
 def _flag(field: str) -> str:

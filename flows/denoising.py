@@ -23,16 +23,18 @@ def denoise_folder(
     store: str | None = None,
 ) -> dict:
     """Denoise every image under ``input_dir`` into ``output_dir`` (same tree).
-    ``model``: a version, a model folder or a .keras file; default: production."""
+    ``model``: a version, a model folder or a .keras file; default: the
+    production model of the images' domain (photographs or digits)."""
     store_root = str(resolve_store_root(store))
-    chosen = resolve_denoiser(model, store_root)
+    chosen = resolve_denoiser(model, store_root, input_dir, pattern)
     return denoise_images(input_dir, output_dir, chosen, overwrite, pattern, format, store_root)
 
 
 def add_folder_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input_dir", metavar="IN", help="folder of noisy images (never written to)")
     parser.add_argument("output_dir", metavar="OUT", help="where the cleaned images go (same tree)")
-    parser.add_argument("--model", help="model version, folder or .keras file (default: production model)")
+    parser.add_argument("--model", help="model version, folder or .keras file (default: the production "
+                        "model for the images' domain, photographs or digits)")
     parser.add_argument("--overwrite", action="store_true", help="redo files whose output is up to date")
     parser.add_argument("--pattern", default="*", help="only file names matching this glob (default: *)")
     parser.add_argument("--format", choices=["same", "png"], default="same",
@@ -60,6 +62,8 @@ def run_folder_command(args: argparse.Namespace) -> int:
     console = Console(stderr=False)
     console.print(f"{c['denoised']} denoised, {c['skipped']} skipped, {c['failed']} failed "
                   f"in {summary['seconds']:.1f} s with model {summary['model']['version']}")
+    if summary.get("warning"):
+        console.print(f"[yellow]warning:[/] {summary['warning']}", soft_wrap=True)
     console.print(f"output: {summary['output_dir']}")
     console.print(f"report: {summary['report']}")
     if c["failed"]:

@@ -1,5 +1,6 @@
-"""``denoise serve``: both scheduled deployments from one process, for users
-without a work pool. Schedules and parameters come from prefect.yaml so the
+"""``denoise serve``: the deployments of prefect.yaml from one process, for
+users without a work pool (nightly training, its photographs variant, whose
+schedule is off until switched on, and the inbox). Schedules and parameters come from prefect.yaml so the
 two ways of running cannot drift apart."""
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ def _schedules(spec: dict) -> list:
 
     out = []
     for s in spec.get("schedules") or []:
-        if not s.get("active", True):
-            continue
+        active = bool(s.get("active", True))  # an inactive one is kept, off, to be switched on in the UI
         if "cron" in s:
-            out.append(Cron(s["cron"], timezone=s.get("timezone")))
+            out.append(Cron(s["cron"], timezone=s.get("timezone"), active=active))
         elif "interval" in s:
-            out.append(Interval(s["interval"]))
+            out.append(Interval(s["interval"], active=active))
     return out
 
 

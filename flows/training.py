@@ -10,6 +10,8 @@ from prefect import flow, get_run_logger
 from artifacts.registry import check_registry
 from artifacts.store import resolve_store_root
 from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
+from denoiser.noise import default_noise_for
+from denoiser.training import check_training_request
 from flows.session import STATE_HOOKS
 from tasks.common import unless_output_invalid
 from tasks.corrupt import verify_shards, write_noisy_shards
@@ -22,14 +24,19 @@ from tasks.train import train_autoencoder
 @flow(name="train-denoiser", log_prints=True, validate_parameters=True, **STATE_HOOKS)
 def train_pipeline(
     data: DataConfig = DataConfig(),
-    noise: NoiseConfig = NoiseConfig(),
+    noise: NoiseConfig | None = None,
     training: TrainConfig = TrainConfig(),
     evaluation: EvalConfig = EvalConfig(),
     store: str | None = None,
 ) -> dict[str, Any]:
     """Learn a denoiser from a dataset; every step leaves files in the store
-    and an artifact in the UI. Returns a small summary for the caller."""
+    and an artifact in the UI. Returns a small summary for the caller.
+    ``data.dataset`` a photo dataset (train400, a folder): without ``noise`` the
+    blind awgn model (sigma 0-55) is trained, by default with the photo
+    architecture, and scored at ``evaluation.sigmas``."""
     logger = get_run_logger()
+    noise = noise or default_noise_for(data)
+    training = check_training_request(data, noise, training)  # every cross-field check before any work
     store_root = str(resolve_store_root(store))
     check_registry(store_root)  # a broken registry fails now, not after a whole training
     # cached across runs, unless the files a cached result names are gone or fail their checksums

@@ -15,12 +15,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
-from artifacts.registry import resolve_model
+from artifacts.registry import domain_mismatch, resolve_model
 from artifacts.render import markdown_image, markdown_table, table_rows
 from artifacts.store import Store
 from denoiser.folder import BatchPredictor, FileResult, count, denoise_tree, write_report
 from denoiser.images import write_atomic
-from denoiser.inference import tile_spec_for_model
+from denoiser.inference import folder_domain, tile_spec_for_model
 from denoiser.models import load_model
 from denoiser.plots import grid_png
 from tasks.publish import ProgressArtifact, Publisher, remember_outcome
@@ -29,11 +29,20 @@ REPORT_ROWS_IN_UI = 500
 
 
 @task(name="resolve_denoiser", cache_policy=NO_CACHE)
-def resolve_denoiser(model: str | None, store_root: str) -> dict:
-    """The model to use, traceable: version, card facts and data manifest hash."""
-    ref = resolve_model(store_root, model)
-    get_run_logger().info("using model %s (%s) from %s", ref.version, ref.status, ref.model_path)
-    return ref.summary()
+def resolve_denoiser(model: str | None, store_root: str, input_dir: str | None = None,
+                     pattern: str = "*") -> dict:
+    """The model to use, traceable: version, card facts and data manifest hash.
+    Without ``model``, the production model of the domain of ``input_dir``'s
+    images (photographs or digits) when it can be told, else the overall one;
+    ``warning``: one line when the model learned another domain than the images'."""
+    logger = get_run_logger()
+    domain = folder_domain(input_dir, pattern) if input_dir else None
+    ref = resolve_model(store_root, model, domain if model is None else None)
+    logger.info("using model %s (%s, %s) from %s", ref.version, ref.status, ref.domain, ref.model_path)
+    warning = domain_mismatch(store_root, ref, domain)
+    if warning:
+        logger.warning(warning)
+    return {**ref.summary(), "images_domain": domain, "warning": warning}
 
 
 class _Progress:
@@ -117,7 +126,8 @@ def denoise_images(input_dir: str, output_dir: str, model: dict, overwrite: bool
     report = write_report(results, report_dir / "report.csv")
     summary = {"input_dir": str(Path(input_dir).resolve()), "output_dir": str(Path(output_dir).resolve()),
                "counts": counts, "seconds": round(seconds, 2), "report": str(report),
-               "model": model, "flow_run_id": str(flow_run.id) if flow_run.id else None}
+               "model": model, "warning": model.get("warning"),
+               "flow_run_id": str(flow_run.id) if flow_run.id else None}
     write_atomic(report_dir / "summary.json", json.dumps(summary, indent=2).encode())
 
     rows = [{"path": r.path, "bytes": r.bytes, "mode": r.mode,
@@ -127,12 +137,14 @@ def denoise_images(input_dir: str, output_dir: str, model: dict, overwrite: bool
                           description=f"Per-file report ({len(rows)} files; all in {report})")
     facts = [{"": k, "files": v} for k, v in counts.items()]
     model_facts = markdown_table([{"model": model["version"], "status": model["status"],
-                                   "architecture": model["architecture"], "test PSNR": model["psnr"],
+                                   "domain": model.get("domain"), "architecture": model["architecture"],
+                                   "test PSNR": model["psnr"],
                                    "data manifest sha256": (model.get("data_manifest_sha256") or "")[:16]}])
     publisher.publish(
         create_markdown_artifact,
         key="denoise-summary",
         markdown=(f"# Denoised {summary['input_dir']}\n\ninto `{summary['output_dir']}` in {seconds:.1f} s\n\n"
+                  + (f"**Warning:** {summary['warning']}\n\n" if summary["warning"] else "") +
                   f"{markdown_table(facts)}\n\n## Model\n\n{model_facts}\n\nModel file `{model['model_path']}`"
                   f" (its card: `model.json` beside it).\n\nFull report: `{report}`\n\n"
                   f"{_thumbnails(results, Path(input_dir))}\n"),

@@ -15,14 +15,14 @@ from artifacts.render import markdown_table, table_rows
 from artifacts.store import Store, new_model_version
 from denoiser.checkpoints import CheckpointRun
 from denoiser.config import TrainConfig
-from denoiser.training import train_in_run
+from denoiser.training import resolve_architecture, train_in_run
 from tasks.publish import ProgressArtifact, Publisher
 
 
 @task(name="train_autoencoder", cache_policy=NO_CACHE, retries=0)
 def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -> dict:
     logger = get_run_logger()
-    training = TrainConfig.model_validate(training)
+    training = resolve_architecture(training, shards_dir)  # auto: the shard set's own
     store = Store.at(store_root)
     publisher = Publisher(logger)
     progress = None

@@ -46,8 +46,13 @@ class _no_raise:
 def test_serve_builds_the_deployments_of_prefect_yaml():
     specs = {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
     deployments = {d.name: d for d in build_deployments()}
-    assert set(deployments) == set(specs) == {"nightly", "inbox"}
+    assert set(deployments) == set(specs) == {"nightly", "nightly-photos", "inbox"}
     nightly, inbox = deployments["nightly"], deployments["inbox"]
+    # the photographs' nightly: the same flow pointed at train400 by a parameter, its schedule off
+    photos = deployments["nightly-photos"]
+    assert photos.flow_name == "train-denoiser" and photos.parameters == {"data": {"dataset": "train400"}}
+    assert [s.active for s in photos.schedules] == [False] and nightly.schedules[0].active
+    assert "train400" in nightly.description
     assert nightly.flow_name == "train-denoiser" and inbox.flow_name == "denoise-folder"
     assert nightly.schedules[0].schedule.cron == "0 3 * * *"
     assert nightly.schedules[0].schedule.timezone == "UTC"
@@ -110,7 +115,9 @@ def test_download_task_retries_transient_errors_only(prefect_harness, flaky_mirr
     seen.clear()
     with pytest.raises(Exception, match="HTTP 404"):
         fetch(url + "missing/", str(tmp_path / "b"))
-    assert sum(seen.values()) == 2  # SHA256SUMS + one file: a 404 is not retried
+    # the mirror probes (SHA256SUMS, <source>/mnist/SHA256SUMS) and the one file once: a 404 is not retried
+    assert seen["/missing/train-images-idx3-ubyte.gz"] == 1
+    assert all(n == 1 for n in seen.values()) and len(seen) <= 3
 
 
 def test_train_options_become_the_flow_configs():
@@ -127,6 +134,7 @@ def test_train_options_become_the_flow_configs():
     # options left out keep the configs' own defaults, whatever they are
     bare = _train_configs(build_parser().parse_args(["train"]))
     assert bare["noise"] == NoiseConfig() and bare["training"] == TrainConfig()
+    assert bare["training"].architecture == "auto"  # the dataset's own: unet for digits
     assert bare["training"].reframe is None  # the architecture's recipe decides
     recut = _train_configs(build_parser().parse_args(["train", "--reframe", "0", "--seed", "3"]))
     assert recut["training"].reframe == 0.0 and recut["training"].seed == recut["noise"].seed == 3

@@ -50,12 +50,15 @@ def test_fully_convolutional_models_keep_the_input_shape(name):
     recipe = architecture_recipe(name)
     assert recipe["fully_convolutional"]
     model = build_model(name)
-    assert model.count_params() == {"unet": 411_297, "unet-small": 118_945}[name] <= 440_865
+    # photographs' models (awgn recipes) get DnCNN's budget and a linear residual output, clipped outside
+    photo = recipe.get("noise") == "awgn"
+    expected = {"unet": 411_297, "unet-small": 118_945}
+    assert model.count_params() <= 556_000 if photo else model.count_params() == expected[name] <= 440_865
     m = recipe["size_multiple"]
     for h, w in [(28, 28), (8 * m, 3 * m), (64, 96)]:
         out = model(np.random.default_rng(0).random((1, h, w, 1)).astype(np.float32))
         assert out.shape == (1, h, w, 1)
-        assert float(np.min(out)) >= 0.0 and float(np.max(out)) <= 1.0
+        assert photo or (float(np.min(out)) >= 0.0 and float(np.max(out)) <= 1.0)
 
 
 @pytest.mark.parametrize("name", available_architectures())
