@@ -27,7 +27,8 @@ def register_model_version(model_dir: str, metrics: dict, store_root: str) -> di
     this = next(m for m in models if m.version == decision["version"])
     s = this.summary()
     facts = [{"field": k, "value": v} for k, v in {
-        "status": decision["status"], "why": decision["reason"], "architecture": s["architecture"],
+        "status": decision["status"], "domain": s["domain"], "dataset": s["dataset"], "why": decision["reason"],
+        "architecture": s["architecture"],
         "parameters": f"{s['params']:,}" if s["params"] else "", "test PSNR (dB)": s["psnr"],
         "test SSIM": s["ssim"], "quality gate": "passed" if s["passed"] else "failed",
         "data manifest sha256": s["data_manifest_sha256"], "flow run": run_id, "model file": s["model_path"],
@@ -39,7 +40,7 @@ def register_model_version(model_dir: str, metrics: dict, store_root: str) -> di
         markdown=f"# Model {decision['version']}\n\n{markdown_table(facts)}\n",
         description=f"Model version {decision['version']} ({decision['status']})",
     )
-    rows = [{k: m.summary()[k] for k in ("version", "status", "architecture", "psnr", "ssim", "passed")}
+    rows = [{k: m.summary()[k] for k in ("version", "status", "domain", "architecture", "psnr", "ssim", "passed")}
             for m in models[:50]]
     publisher.publish(create_table_artifact, key="model-registry", table=table_rows(rows),
                       description="Model versions in the store, newest first")

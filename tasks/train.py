@@ -72,6 +72,10 @@ def render_model_card(card: dict) -> str:
         {"field": "training time (s)", "value": card["seconds"]},
         {"field": "epochs run", "value": card["epochs_run"]},
         {"field": "best validation loss", "value": card["best_val_loss"]},
+        {"field": "trained on", "value": f"{card['data'].get('dataset')} ({card['data'].get('domain', 'digits')}, "
+                                         f"{card['data'].get('shard_kind', 'pairs')})"},
+        {"field": "test images", "value": card["data"].get("test_dataset") or "the dataset's own test split"},
+        {"field": "patch size", "value": card["data"].get("patch_size") or "whole images"},
         {"field": "data manifest sha256", "value": card["data"]["manifest_sha256"]},
         {"field": "shards", "value": card["data"]["shards_dir"]},
         {"field": "model file sha256", "value": card.get("model_sha256", "not recorded")},
