@@ -186,6 +186,8 @@ def train(args, clean_test, noisy_test, log) -> tuple[object, list[dict]]:
     from denoiser.models import architecture_recipe, build_model
 
     recipe = architecture_recipe(args.architecture)
+    args.patch = args.patch or int(recipe.get("patch_size", 40))
+    args.batch = args.batch or int(recipe.get("batch_size", 64))
     options = json.loads(args.options) if args.options else {}
     model = build_model(args.architecture, (None, None, 1), **options)
     multiple = int(recipe.get("size_multiple", 1))
@@ -251,8 +253,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="default: the architecture's recipe")
     parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                         help="cosine: decays to 1%% over the time budget")
-    parser.add_argument("--patch", type=int, default=40)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--patch", type=int, default=None, help="default: the recipe's patch_size, else 40")
+    parser.add_argument("--batch", type=int, default=None, help="default: the recipe's batch_size, else 64")
     parser.add_argument("--sigma-max", type=float, default=55.0)
     parser.add_argument("--seed", type=int, default=0, help="training seed (the test noise's is fixed)")
     parser.add_argument("--test-seed", type=int, default=12)
