@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 from artifacts.store import Store, resolve_store_root
 from denoiser.errors import ConfigError, ModelError
 from denoiser.faults import failpoint
+from denoiser.files import fsync_dir
 
 REGISTRY_FILE = "registry.json"
 logger = logging.getLogger(__name__)
@@ -169,14 +170,6 @@ def _load_registry(path: Path) -> dict:
     return parse_registry(path, raw)
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_registry(path: Path, state: dict) -> None:
     """Replace the registry file with ``state``, durably: a unique temporary file
     in the same folder, fsynced, renamed over the old one, the folder fsynced."""
@@ -191,7 +184,7 @@ def _save_registry(path: Path, state: dict) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_folder(path.parent)
+    fsync_dir(path.parent)
     failpoint("registry.after_write")
 
 

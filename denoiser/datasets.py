@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import secrets
-import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -38,6 +37,7 @@ import numpy as np
 
 from denoiser.errors import ChecksumError, ConfigError, DownloadError, IDXFormatError
 from denoiser.faults import failpoint
+from denoiser.files import host_tag, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -289,39 +289,21 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 _TEMP_NAME = re.compile(r"^\.(?P<final>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]+\.(?P<suffix>\w+)$")
 
 
-def _host_tag() -> str:
-    """Six hex digits naming this host, so a pid is only judged on the host it belongs to."""
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
-
-
 def temp_path(final: Path, suffix: str, pid: int | None = None) -> Path:
     """A unique temporary name beside ``final`` that says which process writes it
     (this one unless ``pid`` is given), for :func:`remove_orphan_temps`."""
     pid = os.getpid() if pid is None else pid
-    return final.with_name(f".{final.name}.{_host_tag()}-{pid}-{secrets.token_hex(3)}.{suffix}")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    try:  # a killed but unreaped child is a zombie: it writes nothing any more
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    return final.with_name(f".{final.name}.{host_tag()}-{pid}-{secrets.token_hex(3)}.{suffix}")
 
 
 def orphan_writer(path: Path, suffix: str) -> int | None:
     """The pid of the dead process on this host that left ``path``, a temporary
     file named by :func:`temp_path`; None if it is not one or its writer may be alive."""
     match = _TEMP_NAME.match(path.name)
-    if not match or match["suffix"] != suffix or match["host"] != _host_tag():
+    if not match or match["suffix"] != suffix or match["host"] != host_tag():
         return None
     pid = int(match["pid"])
-    return None if pid == os.getpid() or _pid_alive(pid) else pid
+    return None if pid == os.getpid() or pid_alive(pid) else pid
 
 
 def remove_orphan_temps(folder: Path, suffix: str, log: Any = logger) -> list[Path]:

@@ -37,12 +37,12 @@ import numpy as np
 
 from denoiser.errors import ConfigError, DenoiseError, ImageError
 from denoiser.faults import failpoint
+from denoiser.files import host_tag, pid_alive
 from denoiser.images import (
     IMAGE_SUFFIXES,
     LoadedImage,
     decode_image,
     encode_image,
-    host_tag,
     output_format,
     read_bytes,
     rebuild_image,
@@ -217,25 +217,6 @@ def scan(src: Path, dst: Path, pattern: str = "*", fmt: str = "same", overwrite:
             except OSError as exc:
                 yield FileResult(shown, "failed", f"cannot stat: {exc.strerror or exc}")
         stack.extend(reversed(subdirs))
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid runs on this host (a zombie counts as gone)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OverflowError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
 
 
 def temp_abandoned(name: str, mtime: float, now: float) -> bool:

@@ -11,13 +11,11 @@ colours where the channels' errors differ. Alpha is carried through untouched,
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import logging
 import os
 import re
 import secrets
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import numpy as np
 
 from denoiser.errors import ImageError
 from denoiser.faults import failpoint
+from denoiser.files import host_tag
 
 logger = logging.getLogger(__name__)
 
@@ -208,12 +207,6 @@ _TEMP_NAME = re.compile(rb"\.(?P<name>.*)\.(?P<host>[0-9a-f]{6})-(?P<pid>[0-9]{1
 
 
 @functools.cache
-def host_tag() -> str:
-    """A short tag for this machine, so a temporary file's owner can be told apart from
-    a process with the same pid on another host sharing the folder."""
-    return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:6]
-
-
 def _cut_utf8(raw: bytes, limit: int) -> bytes:
     """``raw`` cut to at most ``limit`` bytes, never inside a UTF-8 character."""
     if len(raw) <= limit:

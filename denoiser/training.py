@@ -25,6 +25,7 @@ from denoiser.checkpoints import CheckpointRun, checkpoint_key, claim_run, clean
 from denoiser.config import DataConfig, NoiseConfig, TrainConfig
 from denoiser.errors import ConfigError, ModelError
 from denoiser.faults import failpoint
+from denoiser.files import fsync_dir
 from denoiser.models import (
     DEFAULT_ARCHITECTURE,
     architecture_recipe,
@@ -316,7 +317,7 @@ def _atomic_backup(state_dir: Path):
             link = state_dir / f".current.{secrets.token_hex(4)}"
             os.symlink(gen.name, link)
             os.replace(link, current)
-            _fsync_dir(state_dir)
+            fsync_dir(state_dir)
             _drop_other_generations(state_dir, keep=gen.name)
 
         def on_train_begin(self, logs=None):
@@ -328,14 +329,6 @@ def _atomic_backup(state_dir: Path):
                 raise CheckpointUnreadable(f"{state_dir}: {type(exc).__name__}: {exc}") from exc
 
     return AtomicBackup()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _drop_other_generations(state_dir: Path, keep: str | None) -> None:
@@ -373,14 +366,6 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_model_file(model, path: Path) -> dict:
     """Save to a unique temporary name beside ``path``, fsync, rename: ``path``
     is either the old file or the whole new one. Returns the new file's sha256
@@ -395,7 +380,7 @@ def save_model_file(model, path: Path) -> dict:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return facts
 
 

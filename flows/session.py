@@ -86,15 +86,11 @@ def _process_start(pid: int) -> str | None:
 
 
 def _alive(entry: dict) -> bool:
+    from denoiser.files import pid_alive
+
     pid = entry.get("pid")
-    if not isinstance(pid, int):
+    if not isinstance(pid, int) or not pid_alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return entry.get("started") is None or _process_start(pid) == entry.get("started")
 
 

@@ -1,0 +1,44 @@
+"""What every writer of the store shares: which process owns a temporary
+file, and making a rename durable."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from pathlib import Path
+
+
+def host_tag() -> str:
+    """Six hex digits naming this host, so a temporary file's pid is only
+    judged on the host it belongs to (folders may be shared between hosts)."""
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:6]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (a zombie counts as gone:
+    a killed but unreaped child writes nothing any more)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    except OverflowError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make the renames and creations in ``folder`` durable."""
+    fd = os.open(Path(folder), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
