@@ -247,7 +247,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         build_photo_unet,
         {"loss": "mse", "lr_schedule": "cosine", "learning_rate": 1e-3, "reframe": 0.0,
          "fully_convolutional": True, "input_shape": (None, None, 1), "size_multiple": 4,
-         "patch_size": 64, "batch_size": 32, "noise": "awgn", "sigma_range": (0, 55)},
+         "patch_size": 64, "batch_size": 32, "epochs": 8, "noise": "awgn", "sigma_range": (0, 55)},
         "residual U-Net for photographs (issue 14): 16/64/128 channels at 1, 1/2, 1/4 resolution, "
         "added skips, no batch norm, output = input - estimated noise, blind AWGN sigma 0-55",
     ),

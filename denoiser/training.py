@@ -448,11 +448,34 @@ def check_training_request(data: DataConfig, noise: NoiseConfig, training: Train
         raise ConfigError(f"invalid training.architecture (--architecture): {training.architecture} takes "
                           f"{tuple(recipe['input_shape'][:2])} images only; photographs need a fully "
                           "convolutional one")
-    size, multiple = noise.patch_size or DEFAULT_PATCH_SIZE, int(recipe.get("size_multiple", 1))
+    size = noise.patch_size or recipe.get("patch_size") or DEFAULT_PATCH_SIZE
+    multiple = int(recipe.get("size_multiple", 1))
     if size % multiple:
         raise ConfigError(f"invalid noise.patch_size (--patch-size): {size} is not a multiple of "
                           f"{training.architecture}'s size multiple {multiple}")
     return training
+
+
+def apply_recipe_defaults(data: DataConfig, noise: NoiseConfig,
+                          training: TrainConfig) -> tuple[NoiseConfig, TrainConfig]:
+    """For a photo dataset, what the user left unset comes from the
+    architecture's recipe (patch size, batch size, epochs), so the default
+    command trains what the probes measured best; anything set explicitly
+    stays. Digit datasets are returned as they are."""
+    from denoiser.datasets import is_image_dataset
+
+    training = check_training_request(data, noise, training)
+    if not is_image_dataset(data.dataset):
+        return noise, training
+    recipe = architecture_recipe(training.architecture)
+    if noise.patch_size is None and recipe.get("patch_size"):
+        noise = noise.model_copy(update={"patch_size": int(recipe["patch_size"])})
+    unset = {k: recipe[k] for k in ("batch_size", "epochs")
+             if k in recipe and k not in training.model_fields_set}
+    if unset:
+        training = TrainConfig.model_validate({**training.model_dump(exclude_unset=True), **unset,
+                                               "architecture": training.architecture})
+    return noise, training
 
 
 def data_facts(shards_dir: str | os.PathLike, manifest: dict) -> dict:

@@ -106,7 +106,7 @@ def _train_configs(args: argparse.Namespace) -> dict:
     from denoiser.config import DataConfig, EvalConfig
     from denoiser.datasets import is_image_dataset
     from denoiser.noise import default_noise_for
-    from denoiser.training import check_training_request
+    from denoiser.training import apply_recipe_defaults
 
     photos = is_image_dataset(args.dataset)
     quick = (QUICK_PHOTOS if photos else QUICK) if args.quick else {}
@@ -125,7 +125,8 @@ def _train_configs(args: argparse.Namespace) -> dict:
                    patches_per_image=pick("patches_per_image"))
     base = default_noise_for(data).model_dump() if photos else {}
     noise = NoiseConfig(**{**base, **chosen})
-    check_training_request(data, noise, TrainConfig(**training))  # before a server starts
+    # every check before a server starts; the flow fills in the recipe's defaults itself
+    apply_recipe_defaults(data, noise, TrainConfig(**training))
     return {
         "data": data,
         "noise": noise,

@@ -11,7 +11,7 @@ from artifacts.registry import check_registry
 from artifacts.store import resolve_store_root
 from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
 from denoiser.noise import default_noise_for
-from denoiser.training import check_training_request
+from denoiser.training import apply_recipe_defaults
 from flows.session import STATE_HOOKS
 from tasks.common import unless_output_invalid
 from tasks.corrupt import verify_shards, write_noisy_shards
@@ -36,7 +36,8 @@ def train_pipeline(
     architecture, and scored at ``evaluation.sigmas``."""
     logger = get_run_logger()
     noise = noise or default_noise_for(data)
-    training = check_training_request(data, noise, training)  # every cross-field check before any work
+    # every cross-field check before any work; a photo request's unset options from its recipe
+    noise, training = apply_recipe_defaults(data, noise, training)
     store_root = str(resolve_store_root(store))
     check_registry(store_root)  # a broken registry fails now, not after a whole training
     # cached across runs, unless the files a cached result names are gone or fail their checksums

@@ -356,3 +356,22 @@ def test_an_old_registry_without_domains_still_reads(tmp_path):
     assert photo["promoted"]  # it does not compete with the digit model
     assert read_registry(tmp_path)["production_by_domain"] == {"digits": "v1", "photos": "v2"}
     assert {m.version: m.status for m in list_models(tmp_path)} == {"v1": "production", "v2": "production"}
+
+
+def test_a_photo_request_takes_what_it_leaves_unset_from_its_recipe():
+    from denoiser.architectures import ARCHITECTURES
+    from denoiser.config import DataConfig, NoiseConfig, TrainConfig
+    from denoiser.noise import default_noise_for
+    from denoiser.training import apply_recipe_defaults
+
+    photos = DataConfig(dataset="train400")
+    recipe = ARCHITECTURES["photo_unet"].recipe
+    noise, training = apply_recipe_defaults(photos, default_noise_for(photos), TrainConfig())
+    assert (noise.patch_size, training.batch_size, training.epochs) == (
+        recipe["patch_size"], recipe["batch_size"], recipe["epochs"])
+    noise, training = apply_recipe_defaults(
+        photos, default_noise_for(photos).model_copy(update={"patch_size": 48}), TrainConfig(batch_size=16))
+    assert (noise.patch_size, training.batch_size, training.epochs) == (48, 16, recipe["epochs"])
+    digits_noise, digits = apply_recipe_defaults(DataConfig(), NoiseConfig(), TrainConfig())
+    assert (digits.architecture, digits.batch_size, digits.epochs) == ("unet", 64, 35)
+    assert digits_noise == NoiseConfig()
