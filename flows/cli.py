@@ -31,6 +31,27 @@ def _quiet_environment(debug: bool = False) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
+def import_tensorflow_quietly(debug: bool = False) -> None:
+    """Import TensorFlow with file descriptor 2 closed to its C++ start-up
+    lines (oneDNN, CUDA probing on CPU-only machines), which no log level
+    silences; with --debug they show. Called once a command knows it will
+    run a model, after its options were checked."""
+    if debug or "tensorflow" in sys.modules:
+        import tensorflow  # noqa: F401
+
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _noise_level(text: str) -> float | tuple[float, float]:
     try:
         parts = [float(p) for p in text.replace(":", ",").split(",")]
@@ -142,6 +163,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from flows.training import train_pipeline
 
     check_registry(args.store)  # a broken registry fails now, not after the training
+    import_tensorflow_quietly(args.debug)
     ensure_api()
 
     result = train_pipeline(**configs, store=args.store)

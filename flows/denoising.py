@@ -50,8 +50,10 @@ def run_folder_command(args: argparse.Namespace) -> int:
     # usage errors and a missing model fail fast, before a Prefect server starts
     check_folders(args.input_dir, args.output_dir)
     resolve_model(args.store, args.model)
+    from flows.cli import import_tensorflow_quietly
     from flows.session import ensure_api, finished_despite_api
 
+    import_tensorflow_quietly(args.debug)
     ensure_api()
     with finished_despite_api("denoise_images") as outcome:
         outcome.value = denoise_folder(args.input_dir, args.output_dir, model=args.model,
