@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 NoiseKind = Literal["gaussian", "salt_and_pepper", "speckle", "poisson", "awgn"]
 LevelDensity = Literal["rising", "uniform"]
@@ -74,6 +74,16 @@ class DataConfig(_Config):
         return self
 
 
+#: the highest meaningful level of each noise kind, and what its level means
+LEVEL_LIMITS: dict[str, tuple[float, str]] = {
+    "gaussian": (2.0, "the standard deviation on [0, 1] pixels"),
+    "salt_and_pepper": (1.0, "the fraction of pixels flipped"),
+    "speckle": (2.0, "the standard deviation of the multiplicative noise"),
+    "poisson": (1.0, "1/peak photon count"),
+    "awgn": (255.0, "sigma in 0-255 units"),
+}
+
+
 class NoiseConfig(_Config):
     """How clean images are corrupted into training pairs."""
 
@@ -108,23 +118,18 @@ class NoiseConfig(_Config):
 
     @field_validator("level")
     @classmethod
-    def _valid_level(cls, value: float | tuple[float, float]):
+    def _valid_level(cls, value: float | tuple[float, float], info: ValidationInfo):
         levels = value if isinstance(value, tuple) else (value,)
         for v in levels:
             if v < 0:
                 raise ValueError("noise level must be >= 0")
         if isinstance(value, tuple) and value[0] > value[1]:
             raise ValueError("noise level range must be [lo, hi] with lo <= hi")
+        kind = info.data.get("kind")
+        if kind in LEVEL_LIMITS and max(levels) > LEVEL_LIMITS[kind][0]:
+            top, unit = LEVEL_LIMITS[kind]
+            raise ValueError(f"a {kind} level is {unit}, from 0 to {top:g}; {max(levels):g} is out of range")
         return value
-
-    @model_validator(mode="after")
-    def _level_fits_kind(self):
-        hi = self.level[1] if isinstance(self.level, tuple) else self.level
-        if self.kind == "salt_and_pepper" and hi > 1:
-            raise ValueError("salt_and_pepper level is a fraction of pixels, at most 1")
-        if self.kind == "awgn" and hi > 255:
-            raise ValueError("awgn level is sigma in 0-255 units, at most 255")
-        return self
 
 
 class TrainConfig(_Config):

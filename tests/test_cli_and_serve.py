@@ -23,6 +23,8 @@ from flows.serve import PREFECT_YAML, build_deployments
      "is tied to its input frame", False),
     (["train", "--epochs", "0"], "invalid --epochs: Input should be greater than or equal to 1", False),
     (["train", "--train-limit", "3"], "invalid --train-limit", False),
+    (["train", "--noise-level", "7"], "a gaussian level is the standard deviation on [0, 1] pixels, from 0 to 2", False),
+    (["train", "--noise-kind", "awgn", "--noise-level", "0,300"], "from 0 to 255", False),
     (["train", "--noise-kind", "pink"], "invalid choice: 'pink'", True),
     (["train", "--noise-level", "a,b"], "not a number", True),
 ])
