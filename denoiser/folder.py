@@ -153,6 +153,7 @@ def scan(src: Path, dst: Path, pattern: str = "*", fmt: str = "same", overwrite:
     """
     records = records or {}
     writable: dict[Path, bool] = {}  # output folders, resolved once each
+    claimed: dict[Path, str] = {}  # output -> the input it is made from (x.jpg and x.png -> x.png)
     stack = [src]
     while stack:
         folder = stack.pop()
@@ -202,6 +203,11 @@ def scan(src: Path, dst: Path, pattern: str = "*", fmt: str = "same", overwrite:
                     yield FileResult(shown, "failed", "its output folder is a symlink leading out of the output "
                                      "folder; not written", st.st_size)
                     continue
+                if target_path in claimed:
+                    yield FileResult(shown, "failed", f"its output {display_path(os.path.relpath(target_path, dst))} "
+                                     f"is already the output of {claimed[target_path]}; not written", st.st_size)
+                    continue
+                claimed[target_path] = shown
                 job = Job(path, rel, target_path, st.st_size)
                 if overwrite:
                     job.reason = WHY_OVERWRITE

@@ -10,7 +10,6 @@ colours where the channels' errors differ. Alpha is carried through untouched,
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
 import os
@@ -206,7 +205,6 @@ _TEMP_NAME = re.compile(rb"\.(?P<name>.*)\.(?P<host>[0-9a-f]{6})-(?P<pid>[0-9]{1
                         + re.escape(TEMP_SUFFIX.encode()), re.DOTALL)
 
 
-@functools.cache
 def _cut_utf8(raw: bytes, limit: int) -> bytes:
     """``raw`` cut to at most ``limit`` bytes, never inside a UTF-8 character."""
     if len(raw) <= limit:

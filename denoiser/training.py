@@ -314,6 +314,7 @@ def _atomic_backup(state_dir: Path):
             for name in ("latest.weights.h5", "training_metadata.json"):
                 with open(gen / name, "rb") as fh:
                     os.fsync(fh.fileno())
+            fsync_dir(gen)
             link = state_dir / f".current.{secrets.token_hex(4)}"
             os.symlink(gen.name, link)
             os.replace(link, current)
@@ -323,6 +324,9 @@ def _atomic_backup(state_dir: Path):
         def on_train_begin(self, logs=None):
             keep = os.readlink(current) if current.is_symlink() else None
             _drop_other_generations(state_dir, keep=keep)
+            if keep is not None and not all((current / n).is_file()
+                                            for n in ("latest.weights.h5", "training_metadata.json")):
+                raise CheckpointUnreadable(f"{state_dir}: the current generation {keep} is incomplete")
             try:
                 self._load_model()
             except Exception as exc:  # noqa: BLE001 - any unreadable state: start the run over

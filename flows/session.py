@@ -134,6 +134,7 @@ def mark_crashed_runs() -> list[str]:
         TaskRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
     folder = _ledger_dir()
@@ -145,16 +146,18 @@ def mark_crashed_runs() -> list[str]:
         for path in folder.glob("*.json"):
             try:
                 entry = json.loads(path.read_text())
-            except (OSError, ValueError):
-                path.unlink(missing_ok=True)
+                run_id = entry["flow_run_id"]
+            except (OSError, ValueError, KeyError, TypeError):
+                path.unlink(missing_ok=True)  # not an entry of ours
                 continue
             if entry.get("host") != host or _alive(entry):
                 continue
-            run_id = entry["flow_run_id"]
             try:
                 run = client.read_flow_run(run_id)
-            except Exception:  # noqa: BLE001 - another server's run, or deleted
+            except ObjectNotFound:  # another server's run, or deleted: nothing to mark
                 path.unlink(missing_ok=True)
+                continue
+            except Exception:  # noqa: BLE001 - the API is not answering now: the next run tries again
                 continue
             if run.state is not None and not run.state.is_final():
                 message = (f"the denoise process (pid {entry.get('pid')}) ended without reporting this run; "

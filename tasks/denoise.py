@@ -116,6 +116,9 @@ def denoise_images(input_dir: str, output_dir: str, model: dict, overwrite: bool
     try:
         results = denoise_tree(input_dir, output_dir, predictor, spec, pattern=pattern, fmt=format,
                                overwrite=overwrite, on_result=on_result)
+    except BaseException:
+        publisher.close(timeout=1)  # its thread ends with the task, whatever ended it
+        raise
     finally:
         if progress is not None:
             progress.close()

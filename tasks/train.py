@@ -38,10 +38,14 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
                     logs.get("loss", float("nan")), logs.get("val_loss", float("nan")),
                     logs.get("seconds", 0.0))
 
-    result = train_in_run(shards_dir, training, store.models_root, store.root / "checkpoints",
-                          lambda: new_model_version(training.architecture),
-                          flow_run_id=str(flow_run.id) if flow_run.id else None,
-                          on_start=on_start, on_epoch_end=on_epoch_end, log=logger.info)
+    try:
+        result = train_in_run(shards_dir, training, store.models_root, store.root / "checkpoints",
+                              lambda: new_model_version(training.architecture),
+                              flow_run_id=str(flow_run.id) if flow_run.id else None,
+                              on_start=on_start, on_epoch_end=on_epoch_end, log=logger.info)
+    except BaseException:
+        publisher.close(timeout=1)  # its thread ends with the task, whatever ended it
+        raise
     if progress is not None:
         progress.update(100.0)
     version, out_dir = result["version"], Path(result["dir"])

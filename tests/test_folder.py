@@ -606,3 +606,15 @@ def test_a_torn_or_garbled_journal_line_is_ignored_and_later_lines_kept(tmp_path
     assert {r.path: r.status for r in run_cheap(src, out)}["02.png"] == "denoised"
     assert {r.status for r in run_cheap(src, out)} == {"skipped"}
     assert len((out / JOURNAL_NAME).read_text().splitlines()) == 3  # compacted: one line per output
+
+
+def test_two_inputs_with_one_output_name_never_share_it(tmp_path):
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(np.full((16, 16), 40, np.uint8)).save(src / "x.jpg")
+    Image.fromarray(np.full((16, 16), 200, np.uint8)).save(src / "x.png")
+    results = denoise_tree(src, dst, BatchPredictor(CountingIdentity(), batch_size=1), CHEAP_SPEC, fmt="png")
+    by_path = {r.path: r for r in results}
+    assert by_path["x.jpg"].status == "denoised"
+    assert by_path["x.png"].status == "failed" and "already the output of x.jpg" in by_path["x.png"].error
+    assert sorted(p.name for p in dst.iterdir() if not p.name.startswith(".")) == ["x.png"]
