@@ -255,7 +255,7 @@ def test_http_folder_needs_sha256sums_and_one_mirror_root_serves_mnist(served_mi
 
     # the mirror root of ../shared/datasets serves MNIST as well (its folder per dataset)
     manifest = fetch_dataset("mnist", str(MIRROR), tmp_path / "mnist")
-    assert manifest["files"]["train_images"]["source"] == str(MIRROR / "mnist")
+    assert Path(manifest["files"]["train_images"]["source"]).resolve() == (MIRROR / "mnist").resolve()
 
 
 # --------------------------------------------------------------------------- tasks
