@@ -36,6 +36,7 @@ import numpy as np
 from denoiser.datasets import remove_orphan_temps, temp_path
 from denoiser.errors import ShardError
 from denoiser.faults import failpoint
+from denoiser.files import fsync_dir
 from denoiser.noise import add_noise, draw_levels, quantize
 
 logger = logging.getLogger(__name__)
@@ -232,6 +233,23 @@ def _pair_table(plan: _ShardPlan, arrays: SplitArrays, noise: dict, seed: np.ran
     }).replace_schema_metadata({SHAPE_KEY: json.dumps(shape).encode()})
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _whole_shard(path: Path, rows: int) -> bool:
+    """Whether a shard found in a folder whose manifest is gone (or not yet
+    written) is whole: it opens and holds the rows its plan gives it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows == rows
+    except (OSError, pa.ArrowException):
+        return False
+
+
 def _write_shard(out_dir: Path, plan: _ShardPlan, arrays: SplitArrays, noise: dict,
                  seed: np.random.SeedSequence) -> dict:
     import pyarrow as pa
@@ -239,12 +257,16 @@ def _write_shard(out_dir: Path, plan: _ShardPlan, arrays: SplitArrays, noise: di
 
     final = out_dir / plan.filename
     rows = plan.stop - plan.start
+    if final.exists() and not _whole_shard(final, rows):
+        logger.warning("%s: an unfinished or damaged shard without a manifest to check it; rewriting it", final)
+        final.unlink()
     if not final.exists():
         table = (_clean_table(plan, arrays, np.random.default_rng(seed))
                  if noise.get("applied") == "in_training" else _pair_table(plan, arrays, noise, seed))
         tmp = temp_path(final, "tmp")
         try:
             pq.write_table(table, tmp, compression="zstd", row_group_size=2048)
+            _fsync_file(tmp)
             os.replace(tmp, final)
         except (OSError, pa.ArrowException) as exc:
             tmp.unlink(missing_ok=True)
@@ -262,7 +284,9 @@ def _write_manifest(out: Path, manifest: dict) -> None:
     try:
         failpoint("shards.before_manifest")
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _fsync_file(tmp)
         os.replace(tmp, out / "manifest.json")
+        fsync_dir(out)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise ShardError(f"{out}: cannot write manifest.json: {_reason(exc)}") from None

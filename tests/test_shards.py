@@ -368,3 +368,21 @@ def test_a_write_error_is_one_line_naming_the_folder(tmp_path):
     name, _, message = child.stdout.strip().partition("|")
     assert name == "ShardError", child.stdout + child.stderr
     assert message.startswith(f"{out}: cannot write ") and "File too large" in message
+
+
+def test_a_truncated_shard_with_its_manifest_gone_is_rewritten_not_recorded(tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (60, 28, 28, 1), dtype=np.uint8)
+    labels, idx = np.zeros(60, np.uint8), np.arange(60)
+    splits = {"train": SplitArrays(images[:40], labels[:40], idx[:40]),
+              "validation": SplitArrays(images[40:50], labels[40:50], idx[40:50]),
+              "test": SplitArrays(images[50:], labels[50:], idx[50:])}
+    noise = {"kind": "gaussian", "level": 0.5}
+    out = write_shard_set(tmp_path / "set", splits, noise, shard_rows=20, seed=0)
+    reference = json.loads((out / "manifest.json").read_text())
+    shard = out / "train-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])  # torn, as a crash can leave it
+    (out / "manifest.json").unlink()  # and no manifest to compare it with
+    write_shard_set(out, splits, noise, shard_rows=20, seed=0)
+    assert json.loads((out / "manifest.json").read_text())["shards"] == reference["shards"]
+    assert verify_shard_set(out) == []
