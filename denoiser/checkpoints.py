@@ -98,6 +98,34 @@ class CheckpointRun:
             self.lease.release()
 
 
+_open_runs: dict[str, CheckpointRun] = {}
+
+
+def keep_open(run: CheckpointRun) -> None:
+    """A trained run whose model is not registered yet: its lease stays held by
+    this process (the kernel drops it if the process dies, and the run is
+    resumed, past its training) until :func:`finish_run`."""
+    _open_runs[str(run.dir)] = run
+
+
+def finish_run(run_dir: str | os.PathLike | None) -> None:
+    """Delete a run's checkpoint once its model is registered; idempotent."""
+    if not run_dir:
+        return
+    run = _open_runs.pop(str(run_dir), None)
+    if run is not None:
+        run.finish()
+        return
+    lease = _try_lease(Path(run_dir) / LEASE_FILE)  # opened by another process that has ended
+    if lease is not None:
+        try:
+            _remove_run_dir(Path(run_dir))
+        finally:
+            lease.release()
+        with contextlib.suppress(OSError):
+            Path(run_dir).parent.rmdir()
+
+
 def _try_lease(path: Path) -> FileLock | None:
     """The lease if nobody holds it, without waiting."""
     lock = FileLock(str(path), thread_local=False)

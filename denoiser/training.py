@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from denoiser import interrupts
-from denoiser.checkpoints import CheckpointRun, checkpoint_key, claim_run, clean_checkpoints
+from denoiser.checkpoints import (
+    CheckpointRun,
+    checkpoint_key,
+    claim_run,
+    clean_checkpoints,
+    keep_open,
+)
 from denoiser.config import DataConfig, NoiseConfig, TrainConfig
 from denoiser.errors import ConfigError, ModelError
 from denoiser.faults import failpoint
@@ -635,8 +641,11 @@ def train_in_run(shards_dir: str | os.PathLike, training: TrainConfig, models_ro
                  log: Callable[..., None] = logger.info) -> dict:
     """Train as one checkpoint run: clean up what dead runs left, resume the run
     of this request whose owner died (or start a new one beside live ones),
-    train into ``models_root/<version>`` and delete the run's checkpoint on
-    success. The run's lease is held throughout and released on any exit."""
+    train into ``models_root/<version>``. On success the run stays open (its
+    lease held by this process) until :func:`denoiser.checkpoints.finish_run`
+    is called once the model is registered: a crash in between (in evaluation,
+    in registration) leaves a run the rerun resumes, without training again.
+    On failure the lease is released."""
     training = resolve_architecture(training, shards_dir)
     checkpoints_root = Path(checkpoints_root)
     clean_checkpoints(checkpoints_root, models_root, log=log)
@@ -650,7 +659,8 @@ def train_in_run(shards_dir: str | os.PathLike, training: TrainConfig, models_ro
             on_start(run)
         result = train_model(shards_dir, training, Path(models_root) / run.version, run.dir,
                              version=run.version, on_epoch_end=on_epoch_end)
-        run.finish()
-    finally:
+    except BaseException:
         run.release()
-    return {**result, "run_id": run.run_id, "resumed": run.resumed}
+        raise
+    keep_open(run)
+    return {**result, "run_id": run.run_id, "resumed": run.resumed, "checkpoint": str(run.dir)}

@@ -52,6 +52,6 @@ def train_pipeline(
             "Model %s FAILED the quality gate: PSNR gain %.2f dB < %.2f dB required",
             model["version"], metrics["psnr_gain"], evaluation.min_psnr_gain,
         )
-    registry = register_model_version(model["dir"], metrics, store_root)
+    registry = register_model_version(model["dir"], metrics, store_root, model.get("checkpoint"))
     return {"store": store_root, "shards": shards_dir, "model": model, "metrics": metrics,
             "registry": registry}

@@ -10,14 +10,18 @@ from prefect.runtime import flow_run
 
 from artifacts.registry import list_models, register_model
 from artifacts.render import artifact_key, markdown_table, table_rows
+from denoiser.checkpoints import finish_run
 from tasks.publish import Publisher
 
 
 @task(name="register_model_version", cache_policy=NO_CACHE)
-def register_model_version(model_dir: str, metrics: dict, store_root: str) -> dict:
+def register_model_version(model_dir: str, metrics: dict, store_root: str,
+                           checkpoint: str | None = None) -> dict:
+    """Record the version; then its training run's checkpoint can go."""
     logger = get_run_logger()
     run_id = str(flow_run.id) if flow_run.id else None
     decision = register_model(store_root, model_dir, metrics, run_id)
+    finish_run(checkpoint)
     if decision["status"] == "production":
         logger.info("%s is the production model: %s", decision["version"], decision["reason"])
     else:

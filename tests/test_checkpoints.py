@@ -46,12 +46,16 @@ TRAIN = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
 from artifacts.store import new_model_version
+from denoiser.checkpoints import finish_run
 from denoiser.config import TrainConfig
+from denoiser.faults import failpoint
 from denoiser.training import train_in_run
 args = json.loads(sys.argv[1])
 config = TrainConfig(**args["training"])
 result = train_in_run(args["shards"], config, args["models"], args["checkpoints"],
                       lambda: new_model_version(config.architecture))
+failpoint("test.before_registration")  # where evaluation and registration would run
+finish_run(result["checkpoint"])  # as registering the model does
 print("RESULT " + json.dumps(result), flush=True)
 """
 
@@ -247,6 +251,23 @@ def test_a_damaged_checkpoint_trains_its_run_again_instead_of_failing(tiny_shard
     assert code == 0, err[-3000:]
     assert "checkpoint cannot be loaded" in err and "from epoch 1" in err
     assert _history_epochs(Path(result["dir"])) == [1, 2, 3] and result["epochs_run"] == 3
+    assert list((store / "checkpoints").iterdir()) == []
+
+
+def test_a_training_killed_before_its_model_is_registered_is_not_trained_again(tiny_shards, tmp_path):
+    store = tmp_path / "store"
+    code, _, err = _finish(_start_training(store, tiny_shards, "test.before_registration=kill"))
+    assert code == -signal.SIGKILL, err[-3000:]
+    (run_dir,) = [d for d in (store / "checkpoints").glob("*/*")]
+    version = json.loads((run_dir / RUN_FILE).read_text())["version"]
+    model = store / "models" / version / "model.keras"
+    mtime = model.stat().st_mtime_ns
+
+    code, result, err = _finish(_start_training(store, tiny_shards))
+    assert code == 0, err[-3000:]
+    assert result["resumed"] and result["version"] == version and "after its last epoch" in err
+    assert model.stat().st_mtime_ns == mtime  # not trained again
+    assert _history_epochs(Path(result["dir"])) == [1, 2, 3]
     assert list((store / "checkpoints").iterdir()) == []
 
 
