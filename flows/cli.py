@@ -144,7 +144,8 @@ def _train_configs(args: argparse.Namespace) -> dict:
     chosen = given(kind=args.noise_kind, level=args.noise_level, level_density=args.level_density,
                    copies=args.copies, seed=args.seed, patch_size=args.patch_size,
                    patches_per_image=pick("patches_per_image"))
-    base = default_noise_for(data).model_dump() if photos else {}
+    # a photo dataset starts from the blind awgn defaults (another kind is refused below, by name)
+    base = default_noise_for(data).model_dump() if photos and args.noise_kind in (None, "awgn") else {}
     noise = NoiseConfig(**{**base, **chosen})
     # every check before a server starts; the flow fills in the recipe's defaults itself
     apply_recipe_defaults(data, noise, TrainConfig(**training))

@@ -166,11 +166,19 @@ def test_sigkill_in_evaluation_and_registration(point, denoise, golden, scenario
     before = data_files(store)
     before.update({f"models/{golden.version}/{k}": v
                    for k, v in finished_files(store / "models" / golden.version).items()})
+    trained = [p.parent.name for p in (store / "models").glob("*/model.keras") if p.parent.name != golden.version]
+    weights = {v: (store / "models" / v / "model.keras").stat().st_mtime_ns for v in trained}
 
     rerun = denoise.run(TRAIN_ARGS, store)
     if expect_success(scenario, rerun, "the rerun"):
-        state = check_store(scenario, store, [golden.version, model_version(rerun)])
+        version = model_version(rerun)
+        state = check_store(scenario, store, [golden.version, version])
         scenario.expect(state.get("production") in state.get("versions", {}), "no valid production model")
+        # the killed run had finished training: the rerun registers that model, it does not train another
+        scenario.expect(trained == [version], f"the rerun trained {version}; the killed run had trained {trained}")
+        model = store / "models" / version / "model.keras"
+        scenario.expect(model.is_file() and model.stat().st_mtime_ns == weights.get(version),
+                        "the trained model was written again")
     check_unchanged(scenario, before, store, "store")
     scenario.assert_ok()
 
