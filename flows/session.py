@@ -47,13 +47,19 @@ except ProcessLookupError:
     pass
 """
 
-_guard: subprocess.Popen | None = None
+_guards: list[subprocess.Popen] = []  # kept open: their pipes close when this process ends
+
+
+def _guard(pid: int) -> None:
+    _guards.append(subprocess.Popen([sys.executable, "-c", _GUARD, str(pid)], stdin=subprocess.PIPE,
+                                    start_new_session=True, close_fds=True))
 
 
 def ensure_api() -> str:
     """The API URL this command talks to; starts a guarded temporary server
-    when none is configured (Prefect's own code then reuses it)."""
-    global _guard
+    when none is configured (Prefect's own code then reuses it). The guard
+    starts with the server's process, before its start-up wait, so a command
+    killed while the server boots leaves nothing behind either."""
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
@@ -62,10 +68,16 @@ def ensure_api() -> str:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the instance Prefect's clients look up
+    if not server.running:
+        spawn = server._run_uvicorn_command  # called again if the first port was taken
+
+        def spawn_guarded():
+            proc = spawn()
+            _guard(proc.pid)
+            return proc
+
+        server._run_uvicorn_command = spawn_guarded
     server.start()
-    if _guard is None and server.server_process is not None:
-        _guard = subprocess.Popen([sys.executable, "-c", _GUARD, str(server.server_process.pid)],
-                                  stdin=subprocess.PIPE, start_new_session=True, close_fds=True)
     return server.api_url
 
 

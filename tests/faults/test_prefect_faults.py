@@ -51,3 +51,28 @@ def test_killed_command_leaves_no_temporary_server(denoise, model_store, noisy_f
         scenario.expect(runs[0][1] == "CRASHED", f"the killed run {runs[0][0]} is {runs[0][1]}, not CRASHED")
         scenario.expect(all(state != "RUNNING" for _, state in runs), f"a run stays RUNNING: {runs}")
     scenario.assert_ok()
+
+
+def test_command_killed_while_its_temporary_server_boots(denoise, model_store, noisy_folder, scenario, tmp_path):
+    """SIGKILL in the seconds the temporary server takes to answer: it must die too."""
+    args = ["folder", str(noisy_folder), str(tmp_path / "out")]
+    cmd = denoise.start(args, model_store, api_url=None)
+    family: dict[int, int] = {}
+    try:
+        def server_spawned() -> bool:
+            family.update(descendants(cmd.pid))
+            return any("uvicorn" in command_line(p) for p in family)
+
+        wait_for(server_spawned, 240, "the temporary server's process", cmd, poll=0.02)
+        family.update(descendants(cmd.pid))
+        cmd.signal(signal.SIGKILL)
+        cmd.wait(30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(alive(p, s) for p, s in family.items()):
+            time.sleep(0.2)
+        survivors = [f"{p}: {command_line(p)[:120]}" for p, s in family.items() if alive(p, s)]
+        scenario.checked += len(family)
+        scenario.expect(not survivors, "processes outlived the command killed at start-up: " + "; ".join(survivors))
+    finally:
+        kill_survivors(family)
+    scenario.assert_ok()
