@@ -32,3 +32,21 @@ def mnist_mirror() -> Path:
     if not (MNIST_MIRROR / "SHA256SUMS").exists():
         pytest.fail(f"MNIST mirror not found at {MNIST_MIRROR} (CI puts ../shared beside the clone)")
     return MNIST_MIRROR
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> Path:
+    """A 28x28 shard set of 80 random sparse images (56 train, 8 validation, 16 test)."""
+    import numpy as np
+
+    from denoiser.shards import SplitArrays, write_shard_set
+
+    rng = np.random.default_rng(0)
+    images = (rng.random((80, 28, 28, 1)) < 0.2).astype(np.uint8) * 255
+    labels = rng.integers(0, 10, 80).astype(np.uint8)
+    idx = np.arange(80)
+    splits = {"train": SplitArrays(images[:56], labels[:56], idx[:56]),
+              "validation": SplitArrays(images[56:64], labels[56:64], idx[56:64]),
+              "test": SplitArrays(images[64:], labels[64:], idx[64:])}
+    return write_shard_set(tmp_path_factory.mktemp("shards") / "tiny", splits,
+                           {"kind": "gaussian", "level": 0.5}, shard_rows=20, seed=0)

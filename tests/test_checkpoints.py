@@ -11,9 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pytest
-
 from denoiser.checkpoints import (
     LEASE_FILE,
     RUN_FILE,
@@ -24,7 +21,6 @@ from denoiser.checkpoints import (
 from denoiser.config import TrainConfig
 from denoiser.faults import FAILPOINTS_ENV
 from denoiser.models import file_sha256
-from denoiser.shards import SplitArrays, write_shard_set
 
 REPO = Path(__file__).resolve().parent.parent
 DAY = 86400
@@ -108,19 +104,6 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, dict | N
 
 def _history_epochs(model_dir: Path) -> list[int]:
     return [h["epoch"] for h in json.loads((model_dir / "model.json").read_text())["history"]]
-
-
-@pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    images = (rng.random((80, 28, 28, 1)) < 0.2).astype(np.uint8) * 255
-    labels = rng.integers(0, 10, 80).astype(np.uint8)
-    idx = np.arange(80)
-    splits = {"train": SplitArrays(images[:56], labels[:56], idx[:56]),
-              "validation": SplitArrays(images[56:64], labels[56:64], idx[56:64]),
-              "test": SplitArrays(images[64:], labels[64:], idx[64:])}
-    return write_shard_set(tmp_path_factory.mktemp("shards") / "tiny", splits,
-                           {"kind": "gaussian", "level": 0.5}, shard_rows=20, seed=0)
 
 
 # --- leases, without TensorFlow ----------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,21 +17,7 @@ from denoiser.models import (
     file_sha256,
     load_model,
 )
-from denoiser.shards import SplitArrays, write_shard_set
 from denoiser.training import make_dataset, plan_device, train_model
-
-
-@pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    images = (rng.random((80, 28, 28, 1)) < 0.2).astype(np.uint8) * 255
-    labels = rng.integers(0, 10, 80).astype(np.uint8)
-    idx = np.arange(80)
-    splits = {"train": SplitArrays(images[:56], labels[:56], idx[:56]),
-              "validation": SplitArrays(images[56:64], labels[56:64], idx[56:64]),
-              "test": SplitArrays(images[64:], labels[64:], idx[64:])}
-    return write_shard_set(tmp_path_factory.mktemp("shards") / "tiny", splits,
-                           {"kind": "gaussian", "level": 0.5}, shard_rows=20, seed=0)
 
 
 def test_seed_is_the_reference_architecture():
