@@ -37,7 +37,7 @@ import numpy as np
 
 from denoiser.errors import ChecksumError, ConfigError, DownloadError, IDXFormatError
 from denoiser.faults import failpoint
-from denoiser.files import host_tag, pid_alive
+from denoiser.files import file_sha256, host_tag, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -329,14 +329,6 @@ def remove_orphan_temps(folder: Path, suffix: str, log: Any = logger) -> list[Pa
 
 # --------------------------------------------------------------------------- fetch
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _opener(path: Path):
     with open(path, "rb") as fh:
         return gzip.open if fh.read(2) == b"\x1f\x8b" else open
@@ -470,7 +462,7 @@ def _cached_file_problem(path: Path, rec: dict) -> str | None:
         return "missing from the cache"
     if rec.get("bytes") is not None and size != rec["bytes"]:
         return "sha256 mismatch with the cache manifest"
-    if _sha256_file(path) != rec["sha256"]:
+    if file_sha256(path) != rec["sha256"]:
         return "sha256 mismatch with the cache manifest"
     return None
 

@@ -9,6 +9,15 @@ import socket
 from pathlib import Path
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file, streamed (memory stays flat whatever its size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def host_tag() -> str:
     """Six hex digits naming this host, so a temporary file's pid is only
     judged on the host it belongs to (folders may be shared between hosts)."""

@@ -51,6 +51,7 @@ from denoiser.datasets import (
     temp_path,
 )
 from denoiser.errors import ChecksumError, ConfigError, DownloadError, ImageError
+from denoiser.files import file_sha256
 from denoiser.images import IMAGE_SUFFIXES, decode_image
 
 logger = logging.getLogger(__name__)
@@ -667,14 +668,10 @@ def _reusable(cache: Path, rec: dict | None, sha: str | None) -> bool:
 
 
 def _local_sha(location: str, name: str) -> str:
-    h = hashlib.sha256()
     try:
-        with open(Path(location) / name, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        return file_sha256(Path(location) / name)
     except OSError as exc:
         raise DownloadError(f"{name}: cannot read {Path(location) / name}: {exc.strerror or exc}") from None
-    return h.hexdigest()
 
 
 def fetch_image_folder(name: str, source: str | None, cache_dir: str | os.PathLike,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import zipfile
@@ -11,6 +10,7 @@ from typing import Any
 
 from denoiser.architectures import ARCHITECTURES
 from denoiser.errors import ModelError
+from denoiser.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,6 @@ def build_model(name: str = DEFAULT_ARCHITECTURE, input_shape: tuple | None = No
 
 def count_params(model) -> int:
     return int(model.count_params())
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_model_file(path: Path, expected_sha256: str | None = None) -> None:

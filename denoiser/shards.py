@@ -36,7 +36,7 @@ import numpy as np
 from denoiser.datasets import remove_orphan_temps, temp_path
 from denoiser.errors import ShardError
 from denoiser.faults import failpoint
-from denoiser.files import fsync_dir
+from denoiser.files import file_sha256, fsync_dir
 from denoiser.noise import add_noise, draw_levels, quantize
 
 logger = logging.getLogger(__name__)
@@ -194,14 +194,6 @@ def _clean_table(plan: _ShardPlan, arrays: SplitArrays, rng: np.random.Generator
     }).replace_schema_metadata({SHAPE_KEY: json.dumps(shape).encode()})
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _reason(exc: BaseException) -> str:
     """One line for an I/O or Arrow error."""
     if isinstance(exc, FileNotFoundError):
@@ -276,7 +268,7 @@ def _write_shard(out_dir: Path, plan: _ShardPlan, arrays: SplitArrays, noise: di
             raise
         failpoint("shards.after_shard")
     return {"file": plan.filename, "split": plan.split, "rows": rows, "bytes": final.stat().st_size,
-            "sha256": _sha256(final)}
+            "sha256": file_sha256(final)}
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
@@ -418,7 +410,7 @@ def _shard_problem(path: Path, rec: dict) -> str | None:
         return "missing"
     if isinstance(rec.get("bytes"), int) and size != rec["bytes"]:
         return f"{size} bytes, the manifest says {rec['bytes']}"
-    if _sha256(path) != rec["sha256"]:
+    if file_sha256(path) != rec["sha256"]:
         return "sha256 mismatch with the manifest"
     return None
 

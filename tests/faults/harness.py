@@ -9,7 +9,6 @@ scenario can report how many files it checked and how many it found lost.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import signal
@@ -21,6 +20,8 @@ import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from denoiser.files import file_sha256 as sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
@@ -167,14 +168,6 @@ def kill_survivors(procs: dict[int, int]) -> None:
 
 
 # --------------------------------------------------------------------------- snapshots
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def is_temporary(name: str) -> bool:
     """A temporary file of a writer (ours or the pipeline's): hidden, ending .tmp/.part."""
