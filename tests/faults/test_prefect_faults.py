@@ -20,6 +20,17 @@ from tests.faults.harness import (
 )
 
 
+def kill_and_expect_no_survivors(scenario, cmd, family: dict[int, int], what: str) -> None:
+    """SIGKILL the command; none of the processes it started may outlive it by 10 s."""
+    cmd.signal(signal.SIGKILL)
+    cmd.wait(30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(p, s) for p, s in family.items()):
+        time.sleep(0.2)
+    survivors = [f"{p}: {command_line(p)[:120]}" for p, s in family.items() if alive(p, s)]
+    scenario.expect(not survivors, f"processes outlived {what}: " + "; ".join(survivors))
+
+
 def test_killed_command_leaves_no_temporary_server(denoise, model_store, noisy_folder, scenario, tmp_path):
     out = tmp_path / "out"
     args = ["folder", str(noisy_folder), str(out)]
@@ -30,13 +41,7 @@ def test_killed_command_leaves_no_temporary_server(denoise, model_store, noisy_f
         wait_for(lambda: count_outputs(out) >= 3, 240, "3 outputs", cmd)
         family = descendants(cmd.pid)
         scenario.expect(bool(family), "no child process found: where does the temporary server run?")
-        cmd.signal(signal.SIGKILL)
-        cmd.wait(30)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(alive(p, s) for p, s in family.items()):
-            time.sleep(0.2)
-        survivors = [f"{p}: {command_line(p)[:120]}" for p, s in family.items() if alive(p, s)]
-        scenario.expect(not survivors, "processes outlived the killed command: " + "; ".join(survivors))
+        kill_and_expect_no_survivors(scenario, cmd, family, "the killed command")
     finally:
         kill_survivors(family)
 
@@ -65,14 +70,8 @@ def test_command_killed_while_its_temporary_server_boots(denoise, model_store, n
 
         wait_for(server_spawned, 240, "the temporary server's process", cmd, poll=0.02)
         family.update(descendants(cmd.pid))
-        cmd.signal(signal.SIGKILL)
-        cmd.wait(30)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(alive(p, s) for p, s in family.items()):
-            time.sleep(0.2)
-        survivors = [f"{p}: {command_line(p)[:120]}" for p, s in family.items() if alive(p, s)]
         scenario.checked += len(family)
-        scenario.expect(not survivors, "processes outlived the command killed at start-up: " + "; ".join(survivors))
+        kill_and_expect_no_survivors(scenario, cmd, family, "the command killed at start-up")
     finally:
         kill_survivors(family)
     scenario.assert_ok()
