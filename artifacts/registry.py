@@ -39,7 +39,9 @@ import argparse
 import json
 import logging
 import os
+import random
 import secrets
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,7 +52,7 @@ from typing import Any, TypeVar
 from artifacts.store import Store, resolve_store_root
 from denoiser.errors import ConfigError, ModelError
 from denoiser.faults import failpoint
-from denoiser.files import fsync_dir
+from denoiser.files import fsync_dir, is_url, join_location, open_read
 
 REGISTRY_FILE = "registry.json"
 logger = logging.getLogger(__name__)
@@ -77,8 +79,8 @@ def card_domain(card: dict) -> str:
 @dataclass(frozen=True)
 class ModelRef:
     version: str
-    dir: Path
-    model_path: Path
+    dir: Path | str  # a URL in a remote store
+    model_path: Path | str
     card: dict
     status: str  # "production" or "candidate"
 
@@ -104,8 +106,8 @@ class ModelRef:
                 "model_sha256": self.card.get("model_sha256"), "created": self.card.get("created")}
 
 
-def _registry_path(store_root: str | os.PathLike | None) -> Path:
-    return Store.at(store_root).models_root / REGISTRY_FILE
+def _registry_location(store: Store) -> str:
+    return store.join("models", REGISTRY_FILE)
 
 
 def empty_registry() -> dict:
@@ -142,7 +144,7 @@ def registry_problem(state: Any) -> str | None:
     return None
 
 
-def parse_registry(path: Path, raw: bytes) -> dict:
+def parse_registry(path: str | os.PathLike, raw: bytes) -> dict:
     """The registry in ``raw`` (the bytes of ``path``), checked; a ModelError
     naming the file otherwise."""
     try:
@@ -159,10 +161,11 @@ def parse_registry(path: Path, raw: bytes) -> dict:
     return state
 
 
-def _load_registry(path: Path) -> dict:
+def _load_registry(store: Store) -> dict:
     """Read and check the registry file; a missing file is an empty registry."""
+    path = _registry_location(store)
     try:
-        raw = path.read_bytes()
+        raw = store.read_bytes(path)
     except FileNotFoundError:
         return empty_registry()
     except OSError as exc:
@@ -213,7 +216,7 @@ def _lock_registry(path: Path, timeout: float) -> Iterator[None]:
 def read_registry(store_root: str | os.PathLike | None) -> dict:
     """The registry's current state, checked (a ModelError naming the file if it
     is not a registry); a store without one has an empty registry."""
-    return _load_registry(_registry_path(store_root))
+    return _load_registry(Store.at(store_root))
 
 
 def check_registry(store_root: str | os.PathLike | None) -> None:
@@ -231,10 +234,13 @@ def update_registry(store_root: str | os.PathLike | None, change: Callable[[dict
     again on a newer state (an object-storage backend retries a lost race), so
     it must have no other effect. A state that is not a registry is never written.
     """
-    path = _registry_path(store_root)
+    store = Store.at(store_root)
+    if store.remote:
+        return _update_remote_registry(store, change)
+    path = Path(_registry_location(store))
     with _lock_registry(path, LOCK_TIMEOUT if timeout is None else timeout):
         _remove_orphans(path)
-        state, result = change(_load_registry(path))
+        state, result = change(_load_registry(store))
         problem = registry_problem(state)
         if problem:
             raise ModelError(f"{path}: refusing to write an invalid registry: {problem}")
@@ -242,9 +248,36 @@ def update_registry(store_root: str | os.PathLike | None, change: Callable[[dict
     return result
 
 
-def _card(folder: Path) -> dict:
+CAS_ATTEMPTS = 50  # lost races in a row before an object-storage update gives up
+
+
+def _update_remote_registry(store: Store, change: Callable[[dict], tuple[dict, T]]) -> T:
+    """:func:`update_registry` on object storage: read the object and its ETag,
+    decide, PUT only if the ETag is still the same (``If-None-Match: *`` for the
+    first write); a lost race decides again on the fresh state, after a random
+    backoff."""
+    path = _registry_location(store)
+    for attempt in range(CAS_ATTEMPTS):
+        try:
+            raw, etag = store.read_versioned(path)
+        except OSError as exc:
+            raise ModelError(f"{path}: cannot read the model registry ({exc})") from None
+        state, result = change(parse_registry(path, raw) if raw is not None else empty_registry())
+        problem = registry_problem(state)
+        if problem:
+            raise ModelError(f"{path}: refusing to write an invalid registry: {problem}")
+        failpoint("registry.before_write")
+        if store.write_if(path, json.dumps(state, indent=2, sort_keys=True).encode(), etag):
+            failpoint("registry.after_write")
+            return result
+        time.sleep(random.uniform(0, min(1.0, 0.02 * 2 ** attempt)))
+    raise ModelError(f"{path}: lost {CAS_ATTEMPTS} races in a row with other writers; retry")
+
+
+def _card(folder: str | os.PathLike) -> dict:
     try:
-        return json.loads((folder / "model.json").read_text())
+        with open_read(join_location(folder, "model.json")) as fh:
+            return json.loads(fh.read())
     except (OSError, ValueError):
         return {}
 
@@ -255,10 +288,12 @@ def _version_ref(store_root: str | os.PathLike | None, version: str | None,
     ``productions``: the production versions (one per domain)."""
     if not version:
         return None
-    folder = Store.at(store_root).model_dir(version)
-    if not (folder / "model.keras").is_file():
+    store = Store.at(store_root)
+    folder = store.join("models", version)
+    if not store.exists(join_location(folder, "model.keras")):
         return None
-    return ModelRef(version, folder, folder / "model.keras", _card(folder),
+    folder = folder if store.remote else Path(folder)
+    return ModelRef(version, folder, join_location(folder, "model.keras"), _card(folder),
                     "production" if version in set(productions) else "candidate")
 
 
@@ -267,7 +302,7 @@ def _version_domain(store_root: str | os.PathLike | None, state: dict, version: 
     recorded = state["versions"].get(version, {}).get("domain")
     if recorded in DOMAINS:
         return recorded
-    return card_domain(_card(Store.at(store_root).model_dir(version)))
+    return card_domain(_card(Store.at(store_root).join("models", version)))
 
 
 def production_by_domain(store_root: str | os.PathLike | None, state: dict) -> dict[str, str]:
@@ -283,11 +318,19 @@ def production_by_domain(store_root: str | os.PathLike | None, state: dict) -> d
 
 def list_models(store_root: str | os.PathLike | None) -> list[ModelRef]:
     """Every version with a model file, newest first."""
-    root = Store.at(store_root).models_root
-    if not root.is_dir():
+    store = Store.at(store_root)
+    if store.remote:  # one listing, not a request per version
+        found = store.sizes(store.join("models"))
+        names = sorted({k.split("/")[0] for k in found if k.count("/") == 1 and k.endswith("/model.keras")},
+                       reverse=True)
+    else:
+        root = store.models_root
+        if not root.is_dir():
+            return []
+        names = sorted((p.name for p in root.iterdir() if (p / "model.keras").is_file()), reverse=True)
+    if not names:
         return []
     productions = production_by_domain(store_root, read_registry(store_root)).values()
-    names = sorted((p.name for p in root.iterdir() if (p / "model.keras").is_file()), reverse=True)
     return [ref for name in names if (ref := _version_ref(store_root, name, productions))]
 
 
@@ -317,7 +360,12 @@ def resolve_model(store_root: str | os.PathLike | None, spec: str | None = None,
             hint = " (none passed its quality gate)" if models else ""
             raise ModelError(f"no trained model in {store}{hint}; run `denoise train` first")
         return chosen
-    models_root = Store.at(store).models_root
+    if Store.at(store).remote and Path(spec).name == spec:  # a version name in a remote store
+        ref = _version_ref(store, spec, production_by_domain(store, read_registry(store)).values())
+        if ref is None:
+            raise ModelError(f"model {spec!r} not found (not a version in {store})")
+        return ref
+    models_root = Store.at(store).models_root if not Store.at(store).remote else Path("/nonexistent")
     by_version = models_root / spec
     named = Path(spec).name == spec and (by_version / "model.keras").is_file()  # a name, not a path
     path = by_version if named else Path(spec).expanduser()
@@ -392,13 +440,13 @@ def register_model(store_root: str | os.PathLike | None, model_dir: str | os.Pat
     """Record a version and promote it if it earns it against the production
     model of the moment (read under the registry lock); returns the decision."""
     store = resolve_store_root(store_root)
-    folder = Path(model_dir)
+    folder = model_dir if is_url(model_dir) else Path(model_dir)
     card = _card(folder)
     if not card:
         raise ModelError(f"{folder} has no model card (model.json)")
     if metrics and "metrics" not in card:
         card["metrics"] = metrics
-    version = folder.name
+    version = str(folder).rstrip("/").rsplit("/", 1)[-1]
     domain = card_domain(card)
     now = datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -429,13 +477,13 @@ def register_model(store_root: str | os.PathLike | None, model_dir: str | os.Pat
 
 def promote(store_root: str | os.PathLike | None, version: str) -> ModelRef:
     store = resolve_store_root(store_root)
-    folder = Store.at(store).model_dir(version)
-    if not (folder / "model.keras").is_file():
+    ref = _version_ref(store, version)
+    if ref is None:
         known = ", ".join(m.version for m in list_models(store)[:5]) or "none"
         raise ConfigError(f"unknown model version {version!r} (newest: {known})")
     now = datetime.now(UTC).isoformat(timespec="seconds")
 
-    domain = card_domain(_card(folder))
+    domain = ref.domain
 
     def make_production(state: dict) -> tuple[dict, None]:
         state["production_by_domain"] = {**production_by_domain(store, state), domain: version}
@@ -447,7 +495,7 @@ def promote(store_root: str | os.PathLike | None, version: str) -> ModelRef:
         return state, None
 
     update_registry(store, make_production)
-    return ModelRef(version, folder, folder / "model.keras", _card(folder), "production")
+    return ModelRef(version, ref.dir, ref.model_path, ref.card, "production")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -471,11 +519,12 @@ def run_models_command(args: argparse.Namespace) -> int:
         ref = promote(args.store, args.version)
         console.print(f"[green]{ref.version}[/] is now the production model for {ref.domain}")
         return 0
+    Store.at(args.store).check()
     models = list_models(args.store)
     if not models:
         console.print(f"no models in {resolve_store_root(args.store)}; run `denoise train` first")
         return 0
-    table = Table(title=f"models in {Store.at(args.store).models_root}")
+    table = Table(title=f"models in {Store.at(args.store).join('models')}")
     for col in ("version", "status", "domain", "architecture", "params", "PSNR (dB)", "SSIM", "gate", "created"):
         table.add_column(col)
     for m in models:

@@ -9,10 +9,42 @@ import socket
 from pathlib import Path
 
 
+def is_url(location: str | os.PathLike) -> bool:
+    """Whether a location is a URL an fsspec file system serves (``s3://...``),
+    as opposed to a local path (``file://`` URLs are local paths)."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def open_read(location: str | os.PathLike):
+    """A binary file handle on a local path or a URL (through fsspec)."""
+    if is_url(location):
+        import fsspec
+
+        return fsspec.open(str(location), "rb").open()
+    return open(location, "rb")
+
+
+def join_location(base: str | os.PathLike, name: str) -> str | Path:
+    """``base/name`` for a local folder (a Path) or a URL (a string)."""
+    return f"{str(base).rstrip('/')}/{name}" if is_url(base) else Path(base) / name
+
+
+def location_size(location: str | os.PathLike) -> int:
+    """A file's size in bytes; FileNotFoundError if there is none."""
+    if is_url(location):
+        from fsspec.core import url_to_fs
+
+        fs, path = url_to_fs(str(location))
+        return int(fs.info(path)["size"])
+    return Path(location).stat().st_size
+
+
 def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file, streamed (memory stays flat whatever its size)."""
+    """The sha256 of a file (a local path or a URL), streamed (memory stays
+    flat whatever its size)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_read(path) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -27,6 +27,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ import numpy as np
 from denoiser.datasets import remove_orphan_temps, temp_path
 from denoiser.errors import ShardError
 from denoiser.faults import failpoint
-from denoiser.files import file_sha256, fsync_dir
+from denoiser.files import file_sha256, fsync_dir, is_url, join_location, location_size, open_read
 from denoiser.noise import add_noise, draw_levels, quantize
 
 logger = logging.getLogger(__name__)
@@ -385,11 +386,13 @@ def write_shard_set(out_dir: str | os.PathLike, splits: dict[str, SplitArrays], 
 
 # --------------------------------------------------------------------------- verification
 
-def _load_manifest(shards_dir: Path) -> dict:
-    """The manifest, checked for the fields verification needs; ShardError otherwise."""
-    path = shards_dir / "manifest.json"
+def _load_manifest(shards_dir: str | os.PathLike) -> dict:
+    """The manifest, checked for the fields verification needs; ShardError otherwise.
+    ``shards_dir`` may be a local folder or a URL (``s3://...``)."""
+    path = join_location(shards_dir, "manifest.json")
     try:
-        manifest = json.loads(path.read_text())
+        with open_read(path) as fh:
+            manifest = json.loads(fh.read())
     except FileNotFoundError:
         raise ShardError(f"{shards_dir}: not a finished shard set (no manifest.json)") from None
     except (OSError, ValueError) as exc:
@@ -402,10 +405,10 @@ def _load_manifest(shards_dir: Path) -> dict:
     return manifest
 
 
-def _shard_problem(path: Path, rec: dict) -> str | None:
+def _shard_problem(path: str | os.PathLike, rec: dict) -> str | None:
     """Why a shard does not match its manifest record, or None; the size first, it is free."""
     try:
-        size = path.stat().st_size
+        size = location_size(path)
     except FileNotFoundError:
         return "missing"
     if isinstance(rec.get("bytes"), int) and size != rec["bytes"]:
@@ -416,14 +419,14 @@ def _shard_problem(path: Path, rec: dict) -> str | None:
 
 
 def _problems(shards_dir: str | os.PathLike) -> dict[str, str]:
-    folder = Path(shards_dir)
+    folder = shards_dir if is_url(shards_dir) else Path(shards_dir)
     try:
         manifest = _load_manifest(folder)
     except ShardError as exc:
         return {"manifest.json": str(exc).rsplit("(", 1)[-1].rstrip(")")}
     found = {}
     for rec in manifest["shards"]:
-        reason = _shard_problem(folder / rec["file"], rec)
+        reason = _shard_problem(join_location(folder, rec["file"]), rec)
         if reason:
             found[rec["file"]] = reason
     return found
@@ -440,31 +443,38 @@ def verify_shard_set(shards_dir: str | os.PathLike) -> list[str]:
 def check_shard_set(shards_dir: str | os.PathLike) -> dict:
     """The manifest, after checking every shard against it: for readers about to
     use the whole set (training), so a damaged shard fails with one line naming it."""
-    folder = Path(shards_dir)
-    manifest = _load_manifest(folder)
-    problems = _problems(folder)
+    manifest = _load_manifest(shards_dir)
+    problems = _problems(shards_dir)
     if problems:
         name, reason = next(iter(problems.items()))
         more = f"; {len(problems) - 1} more damaged" if len(problems) > 1 else ""
-        raise ShardError(f"{folder / name}: corrupt shard ({reason}){more}; rerun the pipeline to rebuild it")
+        raise ShardError(f"{join_location(shards_dir, name)}: corrupt shard ({reason}){more}; rerun the pipeline to rebuild it")
     return manifest
 
 
 # --------------------------------------------------------------------------- readers
 
 def read_manifest(shards_dir: str | os.PathLike) -> dict:
-    manifest = _load_manifest(Path(shards_dir))
+    manifest = _load_manifest(shards_dir)
+    if is_url(shards_dir):  # one listing instead of a request per shard
+        from fsspec.core import url_to_fs
+
+        fs, base = url_to_fs(str(shards_dir))
+        fs.invalidate_cache(base)
+        present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)}
     for rec in manifest["shards"]:
-        if not (Path(shards_dir) / rec["file"]).is_file():
+        there = rec["file"] in present if is_url(shards_dir) else (Path(shards_dir) / rec["file"]).is_file()
+        if not there:
             raise ShardError(f"{shards_dir}: shard {rec['file']} listed in the manifest is missing")
     return manifest
 
 
-def shard_paths(shards_dir: str | os.PathLike, split: str) -> list[Path]:
+def shard_paths(shards_dir: str | os.PathLike, split: str) -> list[Path | str]:
+    """The split's shard files: Paths in a local folder, URLs in a remote one."""
     manifest = read_manifest(shards_dir)
     if split not in manifest["splits"]:
         raise ShardError(f"{shards_dir}: no {split!r} split (has {', '.join(manifest['splits'])})")
-    return [Path(shards_dir) / r["file"] for r in manifest["shards"] if r["split"] == split]
+    return [join_location(shards_dir, r["file"]) for r in manifest["shards"] if r["split"] == split]
 
 
 def split_rows(shards_dir: str | os.PathLike, split: str) -> int:
@@ -530,11 +540,11 @@ def image_columns(manifest: dict) -> tuple[str, ...]:
     return ("clean",) if manifest.get("kind") == "patches" else ("noisy", "clean")
 
 
-def _corrupt(path: Path, exc: BaseException) -> ShardError:
+def _corrupt(path: str | os.PathLike, exc: BaseException) -> ShardError:
     return ShardError(f"{path}: corrupt shard ({_reason(exc)})")
 
 
-def _file_batches(path: Path, shape: Sequence[int] | None, batch_rows: int,
+def _file_batches(path: str | os.PathLike, shape: Sequence[int] | None, batch_rows: int,
                   columns: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
     """One shard's record batches; any failure to open or decode names the file."""
     import pyarrow as pa
@@ -545,10 +555,11 @@ def _file_batches(path: Path, shape: Sequence[int] | None, batch_rows: int,
 
     errors = (OSError, ValueError, pa.ArrowException, ShardError)
     try:
-        pf = pq.ParquetFile(path)
+        handle = open_read(path) if is_url(path) else None  # streamed from the store, not copied
+        pf = pq.ParquetFile(handle or path)
     except errors as exc:
         raise _corrupt(path, exc) from None
-    with pf:
+    with pf, (handle or nullcontext()):
         batches = pf.iter_batches(batch_size=batch_rows, columns=list(columns))
         while True:
             try:
@@ -601,11 +612,15 @@ def load_split(shards_dir: str | os.PathLike, split: str, limit: int | None = No
     parts: list[dict[str, np.ndarray]] = []
     have = 0
     for path in shard_paths(shards_dir, split):
-        reason = _shard_problem(path, records[path.name])
+        reason = _shard_problem(path, records[str(path).rsplit("/", 1)[-1]])
         if reason:
             raise ShardError(f"{path}: corrupt shard ({reason})")
         try:
-            table = pq.read_table(path)
+            if is_url(path):
+                with open_read(path) as fh:
+                    table = pq.read_table(fh)
+            else:
+                table = pq.read_table(path)
             parts.append(_batch_to_arrays(table, shape))
         except (OSError, ValueError, pa.ArrowException, ShardError) as exc:
             raise _corrupt(path, exc) from None

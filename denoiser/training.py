@@ -31,7 +31,7 @@ from denoiser.checkpoints import (
 from denoiser.config import DataConfig, NoiseConfig, TrainConfig
 from denoiser.errors import ConfigError, ModelError
 from denoiser.faults import failpoint
-from denoiser.files import fsync_dir
+from denoiser.files import fsync_dir, is_url, join_location, open_read
 from denoiser.models import (
     DEFAULT_ARCHITECTURE,
     architecture_recipe,
@@ -490,7 +490,8 @@ def apply_recipe_defaults(data: DataConfig, noise: NoiseConfig,
 
 def data_facts(shards_dir: str | os.PathLike, manifest: dict) -> dict:
     """What the model card records about the data a model learned from."""
-    return {"shards_dir": str(Path(shards_dir).resolve()), "manifest_sha256": manifest_hash(shards_dir),
+    where = str(shards_dir) if is_url(shards_dir) else str(Path(shards_dir).resolve())
+    return {"shards_dir": where, "manifest_sha256": manifest_hash(shards_dir),
             "dataset": manifest.get("dataset"), "domain": shard_domain(manifest),
             "shard_kind": manifest.get("kind", "pairs"), "test_dataset": manifest.get("test_dataset"),
             "patch_size": manifest.get("patch_size"), "patches_per_image": manifest.get("patches_per_image"),
@@ -498,7 +499,8 @@ def data_facts(shards_dir: str | os.PathLike, manifest: dict) -> dict:
 
 
 def manifest_hash(shards_dir: str | os.PathLike) -> str:
-    return hashlib.sha256((Path(shards_dir) / "manifest.json").read_bytes()).hexdigest()
+    with open_read(join_location(shards_dir, "manifest.json")) as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
 
 
 def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: str | os.PathLike,

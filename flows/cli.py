@@ -160,9 +160,11 @@ def _train_configs(args: argparse.Namespace) -> dict:
 def _run_train(args: argparse.Namespace) -> int:
     configs = _train_configs(args)
     from artifacts.registry import check_registry
+    from artifacts.store import Store
     from flows.session import ensure_api
     from flows.training import train_pipeline
 
+    Store.at(args.store).check()  # a missing bucket or refused credentials: one line, nothing written
     check_registry(args.store)  # a broken registry fails now, not after the training
     import_tensorflow_quietly(args.debug)
     ensure_api()

@@ -45,10 +45,12 @@ def run_folder_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from artifacts.registry import resolve_model
+    from artifacts.store import Store
     from denoiser.folder import check_folders
 
     # usage errors and a missing model fail fast, before a Prefect server starts
     check_folders(args.input_dir, args.output_dir)
+    Store.at(args.store).check()
     resolve_model(args.store, args.model)
     from flows.cli import import_tensorflow_quietly
     from flows.session import ensure_api, finished_despite_api

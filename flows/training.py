@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from artifacts.registry import check_registry
-from artifacts.store import resolve_store_root
+from artifacts.store import Store, resolve_store_root
 from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
 from denoiser.noise import default_noise_for
 from denoiser.training import apply_recipe_defaults
@@ -38,7 +38,8 @@ def train_pipeline(
     noise = noise or default_noise_for(data)
     # every cross-field check before any work; a photo request's unset options from its recipe
     noise, training = apply_recipe_defaults(data, noise, training)
-    store_root = str(resolve_store_root(store))
+    store_root = resolve_store_root(store)
+    Store.at(store_root).check()  # an unreachable store fails now, with one line
     check_registry(store_root)  # a broken registry fails now, not after a whole training
     # cached across runs, unless the files a cached result names are gone or fail their checksums
     dataset = unless_output_invalid(download_dataset, verify_download(data, store_root))(data, store_root)

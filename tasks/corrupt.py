@@ -6,7 +6,6 @@ denoiser/shards.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from denoiser.plots import grid_png
 from denoiser.shards import (
     SplitArrays,
     load_split,
+    read_manifest,
     shard_set_key,
     split_train_validation,
     verify_shard_set,
@@ -55,10 +55,11 @@ def noise_fields(dataset: dict, noise: NoiseConfig) -> dict:
 
 
 def shard_dir_for(dataset: dict, noise: NoiseConfig, store_root: str,
-                  train_limit: int | None, test_limit: int | None) -> Path:
+                  train_limit: int | None, test_limit: int | None) -> str:
+    """The shard set's location in the store (a path, or a URL for a remote store)."""
     noise = NoiseConfig.model_validate(noise)
     key = shard_set_key(dataset, noise_fields(dataset, noise), train_limit, test_limit)
-    return Store.at(store_root).shards_root / f"{dataset['dataset']}-{key}"
+    return Store.at(store_root).join("shards", f"{dataset['dataset']}-{key}")
 
 
 def verify_shards(dataset: dict, noise: NoiseConfig, store_root: str,
@@ -106,18 +107,27 @@ def write_noisy_shards(dataset: dict, noise: NoiseConfig, store_root: str,
     its shards verify, and rebuilds only the damaged ones of a finished set."""
     logger = get_run_logger()
     noise = NoiseConfig.model_validate(noise)
-    out = shard_dir_for(dataset, noise, store_root, train_limit, test_limit)
-    if not verify_shard_set(out):
-        logger.info("reusing finished shards in %s", out)
-    elif _is_images(dataset):
-        _write_patches(out, dataset, noise, train_limit, test_limit, logger)
+    where = shard_dir_for(dataset, noise, store_root, train_limit, test_limit)
+    if not verify_shard_set(where):
+        logger.info("reusing finished shards in %s", where)
     else:
-        _write_pairs(out, dataset, noise, train_limit, test_limit, logger)
-    _publish(out, dataset["dataset"], noise)
-    return str(out)
+        # a remote store's set is written on a local stage from the staged raw files, then
+        # pushed shard by shard and the manifest last, so no reader sees half a set
+        with Store.at(store_root).stage() as stage:
+            out = stage.local(where)
+            if stage.syncs:
+                stage.pull(out)  # the shards that verify are kept, only the damaged ones rebuilt
+                dataset = stage.to_local(dataset)
+                for folder in {dataset["dir"], (dataset.get("test") or {}).get("dir")} - {None}:
+                    stage.pull(folder)
+            write = _write_patches if _is_images(dataset) else _write_pairs
+            write(out, dataset, noise, train_limit, test_limit, logger)
+            stage.push(out, last=("manifest.json",))
+    _publish(where, dataset["dataset"], noise)
+    return where
 
 
-def _examples(out: Path, manifest: dict, noise: NoiseConfig) -> tuple[str, str, str]:
+def _examples(out: str, manifest: dict, noise: NoiseConfig) -> tuple[str, str, str]:
     """The examples grid, its caption and alt text: test pairs, or clean
     validation patches over the same patches with sample awgn (photos)."""
     if manifest.get("kind") != "patches":
@@ -132,8 +142,8 @@ def _examples(out: Path, manifest: dict, noise: NoiseConfig) -> tuple[str, str, 
             "fresh to every batch", "clean patches and the same with sample noise")
 
 
-def _publish(out: Path, name: str, noise: NoiseConfig) -> None:
-    manifest = json.loads((out / "manifest.json").read_text())
+def _publish(out: str, name: str, noise: NoiseConfig) -> None:
+    manifest = read_manifest(out)
     patches = manifest.get("kind") == "patches"
     rows = [{"split": r["split"], "file": r["file"], "rows": r["rows"], "sha256": r["sha256"][:16]}
             for r in manifest["shards"]]

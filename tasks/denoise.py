@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 
 from artifacts.registry import domain_mismatch, resolve_model
 from artifacts.render import markdown_image, markdown_table, table_rows
-from artifacts.store import Store
+from artifacts.store import Store, local_copy
 from denoiser.folder import BatchPredictor, FileResult, count, denoise_tree, write_report
 from denoiser.images import write_atomic
 from denoiser.inference import folder_domain, tile_spec_for_model
@@ -98,7 +98,8 @@ def denoise_images(input_dir: str, output_dir: str, model: dict, overwrite: bool
                    format: str, store_root: str) -> dict:
     logger = get_run_logger()
     # checked against the card's checksum when the model has one
-    keras_model = load_model(model["model_path"], expected_sha256=model.get("model_sha256"))
+    keras_model = load_model(local_copy(model["model_path"], model.get("model_sha256")),
+                             expected_sha256=model.get("model_sha256"))
     spec = tile_spec_for_model(keras_model, model.get("architecture"))
     predictor = BatchPredictor(keras_model)
     started = time.perf_counter()
@@ -125,13 +126,16 @@ def denoise_images(input_dir: str, output_dir: str, model: dict, overwrite: bool
     seconds = time.perf_counter() - started
     counts = count(results)
     run_name = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{flow_run.name or 'local'}"
-    report_dir = Store.at(store_root).reports_root / run_name
-    report = write_report(results, report_dir / "report.csv")
-    summary = {"input_dir": str(Path(input_dir).resolve()), "output_dir": str(Path(output_dir).resolve()),
-               "counts": counts, "seconds": round(seconds, 2), "report": str(report),
-               "model": model, "warning": model.get("warning"),
-               "flow_run_id": str(flow_run.id) if flow_run.id else None}
-    write_atomic(report_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    with Store.at(store_root).stage() as stage:  # a remote store's report is written here, then pushed
+        report_dir = stage.reports_root / run_name
+        write_report(results, report_dir / "report.csv")
+        report = f"{stage.url_of(report_dir)}/report.csv"
+        summary = {"input_dir": str(Path(input_dir).resolve()), "output_dir": str(Path(output_dir).resolve()),
+                   "counts": counts, "seconds": round(seconds, 2), "report": report,
+                   "model": model, "warning": model.get("warning"),
+                   "flow_run_id": str(flow_run.id) if flow_run.id else None}
+        write_atomic(report_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        stage.push(report_dir, last=("summary.json",))
 
     rows = [{"path": r.path, "bytes": r.bytes, "mode": r.mode,
              "size": f"{r.width}x{r.height}" if r.width else "", "status": r.status, "error": r.error,

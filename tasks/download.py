@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
@@ -21,8 +21,26 @@ from denoiser.image_datasets import IMAGE_DATASETS, dataset_slug, source_changes
 from tasks.common import CACHE_ACROSS_RUNS
 
 
-def download_dir(data: DataConfig, store_root: str) -> Path:
-    return Store.at(store_root).downloads(dataset_slug(DataConfig.model_validate(data).dataset))
+def download_location(data: DataConfig, store_root: str) -> str:
+    return Store.at(store_root).join("downloads", dataset_slug(DataConfig.model_validate(data).dataset))
+
+
+def _remote_cache_problems(store: Store, location: str) -> list[str]:
+    """A remote download cache's problems without reading its files: no finished
+    manifest, or files missing or of another size than recorded (the task that
+    uses them checks their sha256 when it stages them)."""
+    try:
+        recorded = json.loads(store.read_bytes(f"{location}/manifest.json"))
+        files = recorded["files"] if recorded.get("complete") else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        files = None
+    if not isinstance(files, dict):
+        return ["manifest.json"]
+    sizes = store.sizes(location)
+    images = recorded.get("kind") == "images"
+    names = {(key if images else rec.get("name")): rec.get("bytes") for key, rec in files.items()
+             if isinstance(rec, dict)}
+    return [name for name, size in names.items() if name not in sizes or (size is not None and sizes[name] != size)]
 
 
 def _test_name(data: DataConfig) -> str | None:
@@ -35,14 +53,14 @@ def verify_download(data: DataConfig, store_root: str) -> list[str]:
     damaged (empty when all verify), and for a user's local folder of images the
     files added, removed or changed there since: decides whether the cache may be trusted."""
     data = DataConfig.model_validate(data)
-    folder = download_dir(data, store_root)
-    problems = verify_download_cache(folder)
+    store = Store.at(store_root)
+    test = _test_name(data) if is_image_dataset(data.dataset) else None
+    caches = [download_location(data, store_root)] + ([store.join("downloads", dataset_slug(test))] if test else [])
+    if store.remote:
+        return [name for cache in caches for name in _remote_cache_problems(store, cache)]
+    problems = [name for cache in caches for name in verify_download_cache(cache)]
     if not is_image_dataset(data.dataset):
         return problems
-    test = _test_name(data)
-    caches = [folder] + ([Store.at(store_root).downloads(dataset_slug(test))] if test else [])
-    if test:
-        problems += verify_download_cache(caches[1])
     if not problems:  # hashing the user's folder is only worth it while the cache itself verifies
         problems = [name for cache in caches for name in source_changes(cache)]
     return problems
@@ -71,8 +89,15 @@ def download_dataset(data: DataConfig, store_root: str) -> dict:
     """Fetch (or find cached) the dataset's files; returns the dataset manifest."""
     logger = get_run_logger()
     data = DataConfig.model_validate(data)
-    manifest = fetch_dataset(data.dataset, data.source, download_dir(data, store_root), log=logger,
-                             test_dataset=data.test_dataset)
+    with Store.at(store_root).stage() as stage:  # a remote store's cache is staged, checked, and pushed back
+        test = _test_name(data) if is_image_dataset(data.dataset) else None
+        folders = [stage.pull(stage.local(download_location(data, store_root)))]
+        if test:
+            folders.append(stage.pull(stage.downloads(dataset_slug(test))))
+        manifest = fetch_dataset(data.dataset, data.source, folders[0], log=logger, test_dataset=data.test_dataset)
+        for folder in folders:
+            stage.push(folder, last=("manifest.json",))  # only what was fetched; the manifest last
+        manifest = stage.to_urls(manifest)
     if manifest.get("kind") == "images":
         _publish_images(manifest, logger)
         return manifest

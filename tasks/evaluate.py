@@ -14,8 +14,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from artifacts.render import markdown_image, markdown_table, table_rows
+from artifacts.store import Store
 from denoiser.config import EvalConfig
 from denoiser.faults import failpoint
+from denoiser.files import is_url
 from denoiser.inference import EVAL_NOISE_SEED, centre_crop, evaluate_planes, predict_array
 from denoiser.metrics import evaluate_arrays
 from denoiser.models import architecture_recipe, load_model
@@ -42,10 +44,19 @@ def evaluate_denoiser(model_dir: str, shards_dir: str, evaluation: EvalConfig) -
     """Scores the model on the shard set's test split: MNIST-style pairs as
     stored, a patch set's whole test images with awgn at each of
     ``evaluation.sigmas``; writes metrics.json, samples.png, report.md and the
-    verdict into the card, and publishes the table and the report."""
+    verdict into the card, and publishes the table and the report. ``model_dir``
+    may be in a remote store: its files are staged and the new ones pushed, the
+    card last."""
+    store = Store.at(model_dir.rsplit("/models/", 1)[0] if is_url(model_dir) else model_dir)
+    with store.stage() as stage:
+        folder = stage.pull(model_dir, files=("model.json", "model.keras"))
+        result = _evaluate(folder, shards_dir, EvalConfig.model_validate(evaluation))
+        where = stage.push(folder, last=("model.json",))
+    return {**result, "report": f"{where}/report.md", "samples": f"{where}/samples.png", "model_dir": where}
+
+
+def _evaluate(folder: Path, shards_dir: str, evaluation: EvalConfig) -> dict:
     logger = get_run_logger()
-    evaluation = EvalConfig.model_validate(evaluation)
-    folder = Path(model_dir)
     card = json.loads((folder / "model.json").read_text())
     # the model file the card describes, or a one-line ModelError
     model = load_model(folder / "model.keras", expected_sha256=card.get("model_sha256"))
@@ -99,7 +110,7 @@ def evaluate_denoiser(model_dir: str, shards_dir: str, evaluation: EvalConfig) -
             "min_psnr_gain": evaluation.min_psnr_gain, "test_images": overall["count"],
             "per_sigma": [{k: r[k] for k in ("sigma", "psnr_noisy", "psnr_denoised", "psnr_gain", "ssim_noisy",
                                              "ssim_denoised")} for r in metrics.get("per_sigma", [])],
-            "report": str(folder / "report.md"), "samples": str(folder / "samples.png"), "model_dir": str(folder)}
+            }
 
 
 def _judge_pairs(model, card: dict, shards_dir: str, evaluation: EvalConfig):

@@ -38,21 +38,25 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
                     logs.get("loss", float("nan")), logs.get("val_loss", float("nan")),
                     logs.get("seconds", 0.0))
 
+    # a remote store's model is made on a local stage, then pushed
     try:
-        result = train_in_run(shards_dir, training, store.models_root, store.root / "checkpoints",
-                              lambda: new_model_version(training.architecture),
-                              flow_run_id=str(flow_run.id) if flow_run.id else None,
-                              on_start=on_start, on_epoch_end=on_epoch_end, log=logger.info)
+        with store.stage() as stage:
+            result = train_in_run(shards_dir, training, stage.models_root, store.checkpoints_root,
+                                  lambda: new_model_version(training.architecture),
+                                  flow_run_id=str(flow_run.id) if flow_run.id else None,
+                                  on_start=on_start, on_epoch_end=on_epoch_end, log=logger.info)
+            card = json.loads((Path(result["dir"]) / "model.json").read_text())
+            stage.push(result["dir"])  # the card last: no card without its model
+            result = stage.to_urls(result)
     except BaseException:
         publisher.close(timeout=1)  # its thread ends with the task, whatever ended it
         raise
     if progress is not None:
         progress.update(100.0)
-    version, out_dir = result["version"], Path(result["dir"])
+    version = result["version"]
     logger.info("trained %s on %s in %.1f s (%d epochs); model in %s", version, result["device"],
                 result["seconds"], result["epochs_run"], result["dir"])
 
-    card = json.loads((out_dir / "model.json").read_text())
     losses = [{k: h.get(k) for k in ("epoch", "loss", "val_loss", "seconds")} for h in card["history"]]
     publisher.publish(create_table_artifact, key="training-losses", table=table_rows(losses),
                       description=f"Loss per epoch of {version}")

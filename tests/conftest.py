@@ -50,3 +50,45 @@ def tiny_shards(tmp_path_factory) -> Path:
               "test": SplitArrays(images[64:], labels[64:], idx[64:])}
     return write_shard_set(tmp_path_factory.mktemp("shards") / "tiny", splits,
                            {"kind": "gaussian", "level": 0.5}, shard_rows=20, seed=0)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback for the session (reset by ``s3`` per test)."""
+    from tests.servers import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+class S3:
+    """A test's view of the S3 server: its environment is set, it starts empty."""
+
+    def __init__(self, server):
+        self.server = server
+        self.endpoint = server.endpoint
+
+    def env(self) -> dict[str, str]:
+        return self.server.env()
+
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem()
+
+    def bucket(self, name: str = "denoise-test") -> str:
+        self.fs().mkdir(name)
+        return name
+
+
+@pytest.fixture()
+def s3(s3_server, monkeypatch) -> S3:
+    from s3fs import S3FileSystem
+
+    s3_server.reset()
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    S3FileSystem.clear_instance_cache()
+    yield S3(s3_server)
+    S3FileSystem.clear_instance_cache()

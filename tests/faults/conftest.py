@@ -4,14 +4,10 @@ shared by copying its store, a small disk, and the tally printed at the end."""
 
 from __future__ import annotations
 
-import os
 import resource
 import shutil
 import signal
 import subprocess
-import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,71 +19,17 @@ from tests.faults.harness import (
     Command,
     Scenario,
     denoise_env,
-    free_port,
     model_version,
     start_denoise,
     tail,
 )
+from tests.servers import PrefectServer
 
 TALLY: list[tuple[str, bool, int, int]] = []
 SPARE_SERVER_FIXTURE = "spare_prefect_api"
 
 
 # --------------------------------------------------------------------------- Prefect servers
-
-class PrefectServer:
-    """``prefect server start`` in its own process group, on a free port, with its own home."""
-
-    def __init__(self, home: Path):
-        self.home = home
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api"
-        home.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DENOISE_"))}
-        env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   PREFECT_UI_API_URL=self.url, PREFECT_API_URL=self.url)
-        self.log = open(home / "server.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:  # noqa: S310 - local
-                return r.status == 200
-        except OSError:
-            return False
-
-    def wait_healthy(self, timeout: float = 120) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited {self.proc.returncode}: "
-                                   f"{tail((self.home / 'server.log').read_text(errors='replace'))}")
-            if self.healthy():
-                return self.url
-            time.sleep(0.5)
-        raise RuntimeError(f"prefect server on port {self.port} not healthy after {timeout:.0f} s")
-
-    def kill(self) -> None:
-        """SIGKILL to the server's whole process group, as a crash or an OOM kill would."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        self.kill()
-        self.log.close()
-
 
 @pytest.fixture(scope="session")
 def fault_dir(tmp_path_factory) -> Path:

@@ -1,0 +1,203 @@
+"""The store on object storage, against moto's real S3 server: staging and
+pushing, shards read straight from the bucket, the registry's compare-and-swap
+under racing writers (threads and processes), and bad buckets, credentials
+and endpoints as one line."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from artifacts.registry import read_registry, update_registry
+from artifacts.store import Store, StoreError, local_copy
+from denoiser.files import file_sha256
+from denoiser.shards import iter_batches, load_split, verify_shard_set
+
+
+def _upload_tree(fs, local, url):
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            fs.put_file(str(p), f"{url[5:]}/{p.relative_to(local).as_posix()}")
+
+
+def test_a_stage_pushes_what_it_made_and_not_hidden_or_unchanged_files(s3, tmp_path):
+    s3.bucket("bkt")
+    store = Store.at("s3://bkt/store/")
+    assert store.url == "s3://bkt/store" and store.remote
+    with store.stage() as stage:
+        folder = stage.pull(stage.shards_root / "set")
+        (folder / "a.parquet").write_bytes(b"a" * 10)
+        (folder / "sub").mkdir()
+        (folder / "sub" / "b.bin").write_bytes(b"b")
+        (folder / ".a.parquet.123.part").write_bytes(b"half")  # a writer's temporary file
+        (folder / "manifest.json").write_text("{}")
+        where = stage.push(folder)
+        staged_root = stage.url
+    assert where == "s3://bkt/store/shards/set"
+    assert not os.path.exists(staged_root)  # the stage is gone
+    assert store.sizes(where) == {"a.parquet": 10, "sub/b.bin": 1, "manifest.json": 2}
+
+    fs = s3.fs()
+    before = fs.info("bkt/store/shards/set/a.parquet")["LastModified"]
+    with store.stage() as stage:
+        folder = stage.pull(where)
+        assert (folder / "a.parquet").read_bytes() == b"a" * 10
+        (folder / "c.bin").write_bytes(b"c")
+        stage.push(folder)
+    fs.invalidate_cache()
+    assert fs.info("bkt/store/shards/set/a.parquet")["LastModified"] == before  # not uploaded again
+    assert fs.cat_file("bkt/store/shards/set/c.bin") == b"c"
+
+
+def test_manifests_are_pushed_after_everything_else(s3, tmp_path, monkeypatch):
+    s3.bucket("bkt")
+    store = Store.at("s3://bkt/s")
+    order = []
+    fs = store.fs
+    real = fs.put_file
+    monkeypatch.setattr(fs, "put_file", lambda lpath, rpath, **kw: (order.append(rpath.rsplit("/", 1)[-1]),
+                                                                    real(lpath, rpath, **kw)))
+    with store.stage() as stage:
+        folder = stage.pull(stage.models_root / "v1")
+        for name in ("model.json", "metrics.json", "model.keras", "zz.png"):
+            (folder / name).write_bytes(b"x")
+        stage.push(folder)
+    assert order[-1] == "model.json" and sorted(order) == ["metrics.json", "model.json", "model.keras", "zz.png"]
+
+
+def test_shards_are_read_straight_from_the_bucket(s3, tiny_shards):
+    s3.bucket("bkt")
+    url = "s3://bkt/store/shards/tiny"
+    _upload_tree(s3.fs(), tiny_shards, url)
+    assert verify_shard_set(url) == []
+    local = load_split(tiny_shards, "test")
+    remote = load_split(url, "test")
+    np.testing.assert_array_equal(local["noisy"], remote["noisy"])
+    rows = sum(len(b["clean"]) for b in iter_batches(url, "train", batch_rows=7))
+    assert rows == 56
+    # a damaged shard in the bucket is found by its size or checksum
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    first = manifest["shards"][0]["file"]
+    s3.fs().pipe_file(f"bkt/store/shards/tiny/{first}", b"not parquet")
+    assert verify_shard_set(url) == [first]
+
+
+def _register_many(store_url: str, prefix: str, count: int) -> None:
+    for i in range(count):
+        name = f"{prefix}-{i:03d}"
+
+        def add(state, name=name):
+            state["versions"][name] = {"psnr": int(name.rsplit("-", 1)[1])}
+            best = max(state["versions"], key=lambda v: (state["versions"][v]["psnr"], v))
+            state["production"] = best
+            return state, None
+
+        update_registry(store_url, add)
+
+
+def test_racing_threads_lose_no_version_and_readers_always_see_valid_json(s3):
+    s3.bucket("bkt")
+    url = "s3://bkt/race"
+    stop = threading.Event()
+    reads, bad = [], []
+
+    def reader():
+        fs = Store(url).fs
+        while not stop.is_set():
+            try:
+                raw = fs.cat_file("bkt/race/models/registry.json")
+            except FileNotFoundError:
+                continue
+            reads.append(1)
+            try:
+                json.loads(raw)
+            except ValueError as exc:
+                bad.append(str(exc))
+
+    threads = [threading.Thread(target=_register_many, args=(url, f"t{k}", 15)) for k in range(4)]
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    watcher.join()
+    state = read_registry(url)
+    assert len(state["versions"]) == 60
+    assert state["production"] == max(state["versions"], key=lambda v: (state["versions"][v]["psnr"], v))
+    assert reads and not bad
+
+
+def _process_entry(store_url: str, prefix: str, count: int, env: dict) -> None:
+    os.environ.update(env)
+    _register_many(store_url, prefix, count)
+
+
+def test_racing_processes_lose_no_version(s3):
+    s3.bucket("bkt")
+    url = "s3://bkt/race-procs"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_process_entry, args=(url, f"p{k}", 20, s3.env())) for k in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert len(read_registry(url)["versions"]) == 60
+
+
+def test_a_remote_model_file_is_fetched_once_into_the_local_cache(s3, tmp_path, monkeypatch):
+    s3.bucket("bkt")
+    monkeypatch.setenv("DENOISE_CACHE", str(tmp_path / "cache"))
+    s3.fs().pipe_file("bkt/s/models/v1/model.keras", b"weights")
+    sha = file_sha256("s3://bkt/s/models/v1/model.keras")
+    path = local_copy("s3://bkt/s/models/v1/model.keras", sha)
+    assert path.read_bytes() == b"weights" and str(path).startswith(str(tmp_path / "cache"))
+    s3.fs().rm("bkt/s/models/v1/model.keras")
+    assert local_copy("s3://bkt/s/models/v1/model.keras", sha) == path  # the cached copy, no request
+
+
+def test_a_missing_bucket_is_one_line(s3):
+    with pytest.raises(StoreError, match="s3://no-such-bucket/x: the bucket does not exist"):
+        Store.at("s3://no-such-bucket/x").check()
+
+
+@pytest.mark.parametrize("case", ["missing bucket", "no endpoint", "unknown scheme", "no credentials"])
+def test_the_cli_turns_a_bad_store_into_one_line_and_exit_2(s3, tmp_path, case):
+    from tests.faults.harness import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "DENOISE_"))}
+    store = "s3://no-such-bucket/store"
+    if case == "no endpoint":
+        s3.bucket("bkt")
+        store = "s3://bkt/store"
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"  # nothing listens
+        env["AWS_MAX_ATTEMPTS"] = "1"
+    if case == "unknown scheme":
+        store = "nosuchfs://bucket/store"
+    if case == "no credentials":
+        s3.bucket("bkt")
+        store = "s3://bkt/store"
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.pop(key)
+        (tmp_path / "home").mkdir()
+        env.update(HOME=str(tmp_path / "home"), AWS_EC2_METADATA_DISABLED="true")
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "models", "--store", store],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    expected = {"missing bucket": "bucket does not exist", "no endpoint": "cannot reach",
+                "unknown scheme": "nosuchfs", "no credentials": "no AWS credentials"}[case]
+    assert expected in lines[0], lines[0]
+    print(lines[0])
+    assert [p.name for p in tmp_path.iterdir() if p.name != "home"] == []  # nothing written, no local folder named "s3:"
+
