@@ -208,21 +208,90 @@ def scan(src: Path, dst: Path, pattern: str = "*", fmt: str = "same", overwrite:
                                      f"is already the output of {claimed[target_path]}; not written", st.st_size)
                     continue
                 claimed[target_path] = shown
-                job = Job(path, rel, target_path, st.st_size)
-                if overwrite:
-                    job.reason = WHY_OVERWRITE
-                elif target_path.exists():
-                    record = records.get(os.path.relpath(target_path, dst))
-                    if record is None or record.input != rel:
-                        job.reason = WHY_NO_RECORD
-                    elif record.input_size != st.st_size:
-                        job.reason = WHY_INPUT_CHANGED
-                    else:
-                        job.record = record
-                yield job
+                yield _job(path, rel, target_path, st.st_size, dst, overwrite, records)
             except OSError as exc:
                 yield FileResult(shown, "failed", f"cannot stat: {exc.strerror or exc}")
         stack.extend(reversed(subdirs))
+
+
+def _job(path: Path, rel: str, target: Path, size: int, dst: Path, overwrite: bool,
+         records: dict[str, OutputRecord]) -> Job:
+    """The work for one input, with why it is done (or the record that the
+    reader, which hashes the input anyway, compares to decide skipping)."""
+    job = Job(path, rel, target, size)
+    if overwrite:
+        job.reason = WHY_OVERWRITE
+    elif target.exists():
+        record = records.get(os.path.relpath(target, dst))
+        if record is None or record.input != rel:
+            job.reason = WHY_NO_RECORD
+        elif record.input_size != size:
+            job.reason = WHY_INPUT_CHANGED
+        else:
+            job.record = record
+    return job
+
+
+@dataclass
+class FolderPlan:
+    """A folder run cut into chunks of inputs (relative paths) that can be
+    denoised anywhere the two folders are visible, in any order, each more than
+    once (outputs are atomic and journalled, so a chunk run twice redoes
+    nothing); ``verdicts``: the files the scan already decided (not images,
+    bad symlinks, output clashes)."""
+
+    verdicts: list[FileResult]
+    chunks: list[list[str]]
+    total: int
+
+
+def plan_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, pattern: str = "*",
+                fmt: str = "same", overwrite: bool = False, chunk_files: int = 256) -> FolderPlan:
+    """Scan ``input_dir`` once and cut the work into chunks of at most ``chunk_files``."""
+    if fmt not in ("same", "png"):
+        raise ConfigError(f"format must be 'same' or 'png', not {fmt!r}")
+    if chunk_files < 1:
+        raise ConfigError(f"--chunk-files must be at least 1, not {chunk_files}")
+    src, dst = check_folders(input_dir, output_dir)
+    items = list(scan(src, dst, pattern, fmt, overwrite, Journal(dst).read() if dst.is_dir() else {}))
+    rels = [i.rel for i in items if isinstance(i, Job)]
+    dst.mkdir(parents=True, exist_ok=True)
+    if stale := remove_stale_parts(dst):
+        logger.info("removed %d temporary files left by an interrupted run", stale)
+    return FolderPlan([i for i in items if isinstance(i, FileResult)],
+                      [rels[k:k + chunk_files] for k in range(0, len(rels), chunk_files)], len(items))
+
+
+def denoise_chunk_files(input_dir: str | os.PathLike, output_dir: str | os.PathLike, rels: list[str],
+                        predict: BatchPredictor, spec: TileSpec, *, fmt: str = "same", overwrite: bool = False,
+                        on_result: Callable[[FileResult, int, int], None] | None = None) -> list[FileResult]:
+    """Denoise one chunk of a :class:`FolderPlan`, with the same rules as
+    :func:`denoise_tree` (skips by the journal, atomic outputs, per-file
+    verdicts). A file gone or changed into something else since the plan is
+    reported, not fatal."""
+    src, dst = check_folders(input_dir, output_dir)
+    journal = Journal(dst)
+    records = journal.read()
+    jobs: list[Job] = []
+    results: list[FileResult] = []
+    for rel in rels:
+        path = src / rel
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            results.append(FileResult(display_path(rel), "failed", f"cannot stat: {exc.strerror or exc}"))
+            continue
+        jobs.append(_job(path, rel, _target(dst, rel, fmt), st.st_size, dst, overwrite, records))
+    return _run(jobs, results, len(rels), journal, predict, spec, fmt, 2, 2, 512, on_result)
+
+
+def compact_journal(output_dir: str | os.PathLike) -> None:
+    """One record per existing output, after a run (best effort: appended lines stay valid)."""
+    journal = Journal(Path(output_dir).expanduser().resolve())
+    try:
+        journal.compact()
+    except (OSError, DenoiseError, TimeoutError) as exc:
+        logger.warning("could not compact %s: %s", journal.path, exc)
 
 
 def temp_abandoned(name: str, mtime: float, now: float) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,7 +19,17 @@ from prefect.runtime import flow_run
 from artifacts.registry import domain_mismatch, resolve_model
 from artifacts.render import markdown_image, markdown_table, table_rows
 from artifacts.store import Store, local_copy
-from denoiser.folder import BatchPredictor, FileResult, count, denoise_tree, write_report
+from denoiser.folder import (
+    BatchPredictor,
+    FileResult,
+    compact_journal,
+    count,
+    denoise_chunk_files,
+    denoise_tree,
+    plan_folder,
+    remove_stale_parts,
+    write_report,
+)
 from denoiser.images import write_atomic
 from denoiser.inference import folder_domain, tile_spec_for_model
 from denoiser.models import load_model
@@ -93,15 +104,26 @@ def _thumbnails(results: list[FileResult], input_dir: Path, k: int = 4) -> str:
                                                               "before and after")
 
 
+_LOADED: dict[tuple[str, str | None], tuple] = {}  # per process: a Dask worker loads each model once
+
+
+def _predictor(model: dict):
+    """The model's predictor and tile spec, loaded once per process and kept."""
+    key = (str(model["model_path"]), model.get("model_sha256"))
+    if key not in _LOADED:
+        # checked against the card's checksum when the model has one
+        keras_model = load_model(local_copy(model["model_path"], model.get("model_sha256")),
+                                 expected_sha256=model.get("model_sha256"))
+        _LOADED[key] = (BatchPredictor(keras_model), tile_spec_for_model(keras_model, model.get("architecture")))
+    return _LOADED[key]
+
+
 @task(name="denoise_images", cache_policy=NO_CACHE)
 def denoise_images(input_dir: str, output_dir: str, model: dict, overwrite: bool, pattern: str,
                    format: str, store_root: str) -> dict:
+    """The whole folder in this process, with a live progress bar and artifact."""
     logger = get_run_logger()
-    # checked against the card's checksum when the model has one
-    keras_model = load_model(local_copy(model["model_path"], model.get("model_sha256")),
-                             expected_sha256=model.get("model_sha256"))
-    spec = tile_spec_for_model(keras_model, model.get("architecture"))
-    predictor = BatchPredictor(keras_model)
+    predictor, spec = _predictor(model)
     started = time.perf_counter()
     publisher = Publisher(logger)
     progress = None
@@ -123,7 +145,56 @@ def denoise_images(input_dir: str, output_dir: str, model: dict, overwrite: bool
     finally:
         if progress is not None:
             progress.close()
-    seconds = time.perf_counter() - started
+    return _report(results, input_dir, output_dir, model, time.perf_counter() - started, store_root,
+                   logger, publisher)
+
+
+@task(name="plan_denoise_chunks", cache_policy=NO_CACHE)
+def plan_denoise_chunks(input_dir: str, output_dir: str, pattern: str, format: str, overwrite: bool,
+                        chunk_files: int) -> dict:
+    """Scan the folder once; the chunks (relative paths) each become a task."""
+    plan = plan_folder(input_dir, output_dir, pattern=pattern, fmt=format, overwrite=overwrite,
+                       chunk_files=chunk_files)
+    get_run_logger().info("%d files to look at in %d chunks of up to %d; %d decided by the scan",
+                          sum(map(len, plan.chunks)), len(plan.chunks), chunk_files, len(plan.verdicts))
+    return {"verdicts": [asdict(r) for r in plan.verdicts], "chunks": plan.chunks, "total": plan.total,
+            "started": time.time()}
+
+
+# a worker that dies mid-chunk makes Dask run the chunk again elsewhere; a failure
+# inside it is retried here; either way a rerun redoes only what is not finished
+@task(name="denoise_chunk", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def denoise_chunk(input_dir: str, output_dir: str, rels: list[str], model: dict, overwrite: bool,
+                  format: str) -> list[dict]:
+    logger = get_run_logger()
+    predictor, spec = _predictor(model)
+    results = denoise_chunk_files(input_dir, output_dir, rels, predictor, spec, fmt=format, overwrite=overwrite)
+    for r in results:
+        if r.status == "failed":
+            logger.warning("%s: %s", r.path, r.error)
+    c = count(results)
+    logger.info("%d denoised, %d skipped, %d failed", c["denoised"], c["skipped"], c["failed"])
+    return [asdict(r) for r in results]
+
+
+@task(name="report_folder_run", cache_policy=NO_CACHE)
+def report_folder_run(input_dir: str, output_dir: str, plan: dict, chunks: list[list[dict]], model: dict,
+                      store_root: str) -> dict:
+    """Merge the chunks' results into the run's report, summary and artifacts."""
+    logger = get_run_logger()
+    compact_journal(output_dir)
+    if stale := remove_stale_parts(Path(output_dir).expanduser().resolve()):  # of a worker killed mid-file
+        logger.info("removed %d temporary files of writers that died", stale)
+    results = [FileResult(**r) for r in plan["verdicts"]] + [FileResult(**r) for part in chunks for r in part]
+    return _report(results, input_dir, output_dir, model, time.time() - plan["started"], store_root,
+                   logger, Publisher(logger))
+
+
+def _report(results: list[FileResult], input_dir: str, output_dir: str, model: dict, seconds: float,
+            store_root: str, logger, publisher: Publisher) -> dict:
+    """The per-file CSV (by path, however the work was split) and summary.json
+    in the store's reports, and the artifacts."""
+    results = sorted(results, key=lambda r: r.path)
     counts = count(results)
     run_name = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{flow_run.name or 'local'}"
     with Store.at(store_root).stage() as stage:  # a remote store's report is written here, then pushed
