@@ -44,10 +44,6 @@ class LoadedImage:
     palette_image: object | None = None  # for "P" images: the original, to reuse its palette
     max_value: int = 255
 
-    @property
-    def pixels(self) -> int:
-        return self.size[0] * self.size[1]
-
 
 def _rgb_to_ycc(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
@@ -62,9 +58,9 @@ def _ycc_to_rgb(y: np.ndarray, chroma: np.ndarray) -> np.ndarray:
     return np.stack([r, g, b], axis=-1)
 
 
-def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> LoadedImage:
+def read_image(path: str | os.PathLike) -> LoadedImage:
     """Decode one file; every failure is an ImageError naming what is wrong."""
-    return decode_image(read_bytes(path), max_pixels)
+    return decode_image(read_bytes(path))
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -81,11 +77,13 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise ImageError(f"cannot read: {exc.strerror or exc}") from None
 
 
-def decode_image(data: bytes, max_pixels: int | None = None) -> LoadedImage:
-    """Decode an encoded image held in memory; every failure is an ImageError."""
+def decode_image(data: bytes) -> LoadedImage:
+    """Decode an encoded image held in memory; every failure is an ImageError.
+    Images over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)
+    are refused before decoding."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    limit = Image.MAX_IMAGE_PIXELS
     try:
         if not data:
             raise ImageError("empty file (0 bytes)")

@@ -98,7 +98,7 @@ def _register_all(store: str, versions: list[str], after=None) -> None:
     if after is not None:
         after.wait(120)
     for version in versions:
-        register_model(store, Path(store) / "models" / version)
+        register_model(store, f"{store}/models/{version}")  # a path or a bucket URL
 
 
 def _promote_until(store: str, versions: list[str], stop, started) -> None:
