@@ -71,7 +71,10 @@ def card_domain(card: dict) -> str:
     data = card.get("data") or {}
     if data.get("domain") in DOMAINS:
         return data["domain"]
-    if data.get("shard_kind") == "patches" or (data.get("noise") or {}).get("applied") == "in_training":
+    if (
+        data.get("shard_kind") == "patches"
+        or (data.get("noise") or {}).get("applied") == "in_training"
+    ):
         return "photos"
     return "digits"
 
@@ -98,12 +101,21 @@ class ModelRef:
 
     def summary(self) -> dict[str, Any]:
         data = self.card.get("data", {})
-        return {"version": self.version, "status": self.status, "domain": self.domain,
-                "dataset": data.get("dataset"), "architecture": self.card.get("architecture"),
-                "params": self.card.get("params"), "psnr": self.psnr,
-                "ssim": self.card.get("metrics", {}).get("ssim_denoised"), "passed": self.passed,
-                "data_manifest_sha256": data.get("manifest_sha256"), "model_path": str(self.model_path),
-                "model_sha256": self.card.get("model_sha256"), "created": self.card.get("created")}
+        return {
+            "version": self.version,
+            "status": self.status,
+            "domain": self.domain,
+            "dataset": data.get("dataset"),
+            "architecture": self.card.get("architecture"),
+            "params": self.card.get("params"),
+            "psnr": self.psnr,
+            "ssim": self.card.get("metrics", {}).get("ssim_denoised"),
+            "passed": self.passed,
+            "data_manifest_sha256": data.get("manifest_sha256"),
+            "model_path": str(self.model_path),
+            "model_sha256": self.card.get("model_sha256"),
+            "created": self.card.get("created"),
+        }
 
 
 def _registry_location(store: Store) -> str:
@@ -115,8 +127,13 @@ def empty_registry() -> dict:
 
 
 def _type_name(value: Any) -> str:
-    return "null" if value is None else {dict: "an object", list: "a list", str: "a string"}.get(
-        type(value), type(value).__name__)
+    return (
+        "null"
+        if value is None
+        else {dict: "an object", list: "a list", str: "a string"}.get(
+            type(value), type(value).__name__
+        )
+    )
 
 
 def registry_problem(state: Any) -> str | None:
@@ -152,7 +169,9 @@ def parse_registry(path: str | os.PathLike, raw: bytes) -> dict:
     except UnicodeDecodeError:
         raise ModelError(f"{path}: not a model registry (not UTF-8 text); {FIX_HINT}") from None
     except ValueError as exc:
-        raise ModelError(f"{path}: not a model registry (invalid JSON: {exc}); {FIX_HINT}") from None
+        raise ModelError(
+            f"{path}: not a model registry (invalid JSON: {exc}); {FIX_HINT}"
+        ) from None
     problem = registry_problem(state)
     if problem:
         raise ModelError(f"{path}: {problem}; {FIX_HINT}")
@@ -169,7 +188,9 @@ def _load_registry(store: Store) -> dict:
     except FileNotFoundError:
         return empty_registry()
     except OSError as exc:
-        raise ModelError(f"{path}: cannot read the model registry ({exc.strerror or exc})") from None
+        raise ModelError(
+            f"{path}: cannot read the model registry ({exc.strerror or exc})"
+        ) from None
     return parse_registry(path, raw)
 
 
@@ -209,8 +230,10 @@ def _lock_registry(path: Path, timeout: float) -> Iterator[None]:
         with FileLock(lock, timeout=timeout):
             yield
     except Timeout:
-        raise ModelError(f"{path}: another process has held {lock.name} for over {timeout:g} s; "
-                         "retry when its update is done") from None
+        raise ModelError(
+            f"{path}: another process has held {lock.name} for over {timeout:g} s; "
+            "retry when its update is done"
+        ) from None
 
 
 def read_registry(store_root: str | os.PathLike | None) -> dict:
@@ -225,8 +248,11 @@ def check_registry(store_root: str | os.PathLike | None) -> None:
     read_registry(store_root)
 
 
-def update_registry(store_root: str | os.PathLike | None, change: Callable[[dict], tuple[dict, T]],
-                    timeout: float | None = None) -> T:
+def update_registry(
+    store_root: str | os.PathLike | None,
+    change: Callable[[dict], tuple[dict, T]],
+    timeout: float | None = None,
+) -> T:
     """Apply ``change`` to the fresh registry state and write what it returns,
     with no other update in between; returns ``change``'s second value.
 
@@ -270,7 +296,7 @@ def _update_remote_registry(store: Store, change: Callable[[dict], tuple[dict, T
         if store.write_if(path, json.dumps(state, indent=2, sort_keys=True).encode(), etag):
             failpoint("registry.after_write")
             return result
-        time.sleep(random.uniform(0, min(1.0, 0.02 * 2 ** attempt)))
+        time.sleep(random.uniform(0, min(1.0, 0.02 * 2**attempt)))
     raise ModelError(f"{path}: lost {CAS_ATTEMPTS} races in a row with other writers; retry")
 
 
@@ -282,8 +308,11 @@ def _card(folder: str | os.PathLike) -> dict:
         return {}
 
 
-def _version_ref(store_root: str | os.PathLike | None, version: str | None,
-                 productions: Iterable[str | None] = ()) -> ModelRef | None:
+def _version_ref(
+    store_root: str | os.PathLike | None,
+    version: str | None,
+    productions: Iterable[str | None] = (),
+) -> ModelRef | None:
     """The store's version folder ``version``, if it holds a model file;
     ``productions``: the production versions (one per domain)."""
     if not version:
@@ -293,8 +322,13 @@ def _version_ref(store_root: str | os.PathLike | None, version: str | None,
     if not store.exists(join_location(folder, "model.keras")):
         return None
     folder = folder if store.remote else Path(folder)
-    return ModelRef(version, folder, join_location(folder, "model.keras"), _card(folder),
-                    "production" if version in set(productions) else "candidate")
+    return ModelRef(
+        version,
+        folder,
+        join_location(folder, "model.keras"),
+        _card(folder),
+        "production" if version in set(productions) else "candidate",
+    )
 
 
 def _version_domain(store_root: str | os.PathLike | None, state: dict, version: str) -> str:
@@ -321,20 +355,26 @@ def list_models(store_root: str | os.PathLike | None) -> list[ModelRef]:
     store = Store.at(store_root)
     if store.remote:  # one listing, not a request per version
         found = store.sizes(store.join("models"))
-        names = sorted({k.split("/")[0] for k in found if k.count("/") == 1 and k.endswith("/model.keras")},
-                       reverse=True)
+        names = sorted(
+            {k.split("/")[0] for k in found if k.count("/") == 1 and k.endswith("/model.keras")},
+            reverse=True,
+        )
     else:
         root = store.models_root
         if not root.is_dir():
             return []
-        names = sorted((p.name for p in root.iterdir() if (p / "model.keras").is_file()), reverse=True)
+        names = sorted(
+            (p.name for p in root.iterdir() if (p / "model.keras").is_file()), reverse=True
+        )
     if not names:
         return []
     productions = production_by_domain(store_root, read_registry(store_root)).values()
     return [ref for name in names if (ref := _version_ref(store_root, name, productions))]
 
 
-def production_model(store_root: str | os.PathLike | None, domain: str | None = None) -> ModelRef | None:
+def production_model(
+    store_root: str | os.PathLike | None, domain: str | None = None
+) -> ModelRef | None:
     """The production model of ``domain``; without one, the overall
     production (the most recently promoted of any domain)."""
     state = read_registry(store_root)
@@ -342,8 +382,9 @@ def production_model(store_root: str | os.PathLike | None, domain: str | None = 
     return _version_ref(store_root, version, [version])
 
 
-def resolve_model(store_root: str | os.PathLike | None, spec: str | None = None,
-                  domain: str | None = None) -> ModelRef:
+def resolve_model(
+    store_root: str | os.PathLike | None, spec: str | None = None, domain: str | None = None
+) -> ModelRef:
     """``spec``: None (the production model of ``domain`` when given and there
     is one, else the overall production, else the newest that passed its
     gate), a version name, a model folder, or a ``.keras`` file. Only
@@ -353,9 +394,12 @@ def resolve_model(store_root: str | os.PathLike | None, spec: str | None = None,
     store = resolve_store_root(store_root)
     if spec is None:
         models = list_models(store)
-        chosen = (domain and production_model(store, domain)) or production_model(store) or next(
-            (m for m in models if m.status == "production"), None) or next(
-            (m for m in models if m.passed), None)
+        chosen = (
+            (domain and production_model(store, domain))
+            or production_model(store)
+            or next((m for m in models if m.status == "production"), None)
+            or next((m for m in models if m.passed), None)
+        )
         if chosen is None:
             hint = " (none passed its quality gate)" if models else ""
             raise ModelError(f"no trained model in {store}{hint}; run `denoise train` first")
@@ -365,7 +409,9 @@ def resolve_model(store_root: str | os.PathLike | None, spec: str | None = None,
         if ref is None:
             raise ModelError(f"model {spec!r} not found (not a version in {store})")
         return ref
-    models_root = Store.at(store).models_root if not Store.at(store).remote else Path("/nonexistent")
+    models_root = (
+        Store.at(store).models_root if not Store.at(store).remote else Path("/nonexistent")
+    )
     by_version = models_root / spec
     named = Path(spec).name == spec and (by_version / "model.keras").is_file()  # a name, not a path
     path = by_version if named else Path(spec).expanduser()
@@ -374,7 +420,9 @@ def resolve_model(store_root: str | os.PathLike | None, spec: str | None = None,
             raise ModelError(f"{path} holds no model.keras")
         path = path / "model.keras"
     if not path.is_file():
-        raise ModelError(f"model {spec!r} not found (not a version in {store}, a folder or a .keras file)")
+        raise ModelError(
+            f"model {spec!r} not found (not a version in {store}, a folder or a .keras file)"
+        )
     if path.suffix != ".keras":
         raise ModelError(f"{path}: not a .keras model file")
     folder = path.parent
@@ -387,16 +435,25 @@ def resolve_model(store_root: str | os.PathLike | None, spec: str | None = None,
             productions = set(production_by_domain(store, read_registry(store)).values())
         except ModelError as exc:
             logger.warning("%s; using %s as a candidate", exc, path)
-    return ModelRef(folder.name, folder, path, _card(folder),
-                    "production" if in_store and folder.name in productions else "candidate")
+    return ModelRef(
+        folder.name,
+        folder,
+        path,
+        _card(folder),
+        "production" if in_store and folder.name in productions else "candidate",
+    )
 
 
 DOMAIN_WORDS = {"digits": "28x28 digits", "photos": "photographs"}
-TRAIN_HINTS = {"photos": "train one with `denoise train --dataset train400` (or --dataset YOUR_FOLDER)",
-               "digits": "train one with `denoise train --dataset mnist`"}
+TRAIN_HINTS = {
+    "photos": "train one with `denoise train --dataset train400` (or --dataset YOUR_FOLDER)",
+    "digits": "train one with `denoise train --dataset mnist`",
+}
 
 
-def domain_mismatch(store_root: str | os.PathLike | None, ref: ModelRef, images_domain: str | None) -> str | None:
+def domain_mismatch(
+    store_root: str | os.PathLike | None, ref: ModelRef, images_domain: str | None
+) -> str | None:
     """One line when ``ref`` learned another domain than the images': which
     model to use instead (the production model of the images' domain, or how
     to train one); None when they match or the images' domain is unknown."""
@@ -408,10 +465,15 @@ def domain_mismatch(store_root: str | os.PathLike | None, ref: ModelRef, images_
         better = None
     if better is not None and better.domain != images_domain:
         better = None
-    advice = (f"use {better.version}, the production model for {images_domain} (--model {better.version})"
-              if better is not None else TRAIN_HINTS[images_domain])
-    return (f"model {ref.version} was trained on {DOMAIN_WORDS[ref.domain]} but these images look like "
-            f"{DOMAIN_WORDS[images_domain]}; {advice}")
+    advice = (
+        f"use {better.version}, the production model for {images_domain} (--model {better.version})"
+        if better is not None
+        else TRAIN_HINTS[images_domain]
+    )
+    return (
+        f"model {ref.version} was trained on {DOMAIN_WORDS[ref.domain]} but these images look like "
+        f"{DOMAIN_WORDS[images_domain]}; {advice}"
+    )
 
 
 def _test_set(card: dict) -> str | None:
@@ -423,20 +485,34 @@ def decide_promotion(card: dict, current: ModelRef | None) -> tuple[bool, str]:
     gate = card.get("quality_gate") or {}
     psnr = card.get("metrics", {}).get("psnr_denoised")
     if not gate.get("passed"):
-        return False, (f"failed the quality gate: PSNR gain {gate.get('psnr_gain', float('nan')):.2f} dB "
-                       f"< {gate.get('min_psnr_gain', float('nan')):.2f} dB")
+        return False, (
+            f"failed the quality gate: PSNR gain {gate.get('psnr_gain', float('nan')):.2f} dB "
+            f"< {gate.get('min_psnr_gain', float('nan')):.2f} dB"
+        )
     if current is None:
         return True, "passed the quality gate; no production model yet"
     if _test_set(card) != _test_set(current.card):
-        return False, (f"evaluated on a different test set than production {current.version}; "
-                       f"PSNRs are not comparable (promote by hand with `denoise models promote`)")
+        return False, (
+            f"evaluated on a different test set than production {current.version}; "
+            f"PSNRs are not comparable (promote by hand with `denoise models promote`)"
+        )
     if current.psnr is None or psnr > current.psnr:
-        return True, f"PSNR {psnr:.2f} dB beats production {current.version} ({current.psnr or 0:.2f} dB)"
-    return False, f"PSNR {psnr:.2f} dB does not beat production {current.version} ({current.psnr:.2f} dB)"
+        return (
+            True,
+            f"PSNR {psnr:.2f} dB beats production {current.version} ({current.psnr or 0:.2f} dB)",
+        )
+    return (
+        False,
+        f"PSNR {psnr:.2f} dB does not beat production {current.version} ({current.psnr:.2f} dB)",
+    )
 
 
-def register_model(store_root: str | os.PathLike | None, model_dir: str | os.PathLike,
-                   metrics: dict | None = None, flow_run_id: str | None = None) -> dict:
+def register_model(
+    store_root: str | os.PathLike | None,
+    model_dir: str | os.PathLike,
+    metrics: dict | None = None,
+    flow_run_id: str | None = None,
+) -> dict:
     """Record a version and promote it if it earns it against the production
     model of the moment (read under the registry lock); returns the decision."""
     store = resolve_store_root(store_root)
@@ -454,23 +530,37 @@ def register_model(store_root: str | os.PathLike | None, model_dir: str | os.Pat
         by_domain = production_by_domain(store, state)
         production = by_domain.get(domain)  # a newcomer competes within its own domain only
         if production == version:  # registered again (a rerun): it stays where it is
-            promoted, reason = False, state["versions"].get(version, {}).get("reason") or "production model"
+            promoted, reason = (
+                False,
+                state["versions"].get(version, {}).get("reason") or "production model",
+            )
         else:
             promoted, reason = decide_promotion(card, _version_ref(store, production, [production]))
         state["versions"][version] = {
-            "registered": now, "flow_run_id": flow_run_id, "metrics": card.get("metrics"),
-            "quality_gate": card.get("quality_gate"), "data_manifest_sha256": _test_set(card),
-            "architecture": card.get("architecture"), "domain": domain, "reason": reason,
+            "registered": now,
+            "flow_run_id": flow_run_id,
+            "metrics": card.get("metrics"),
+            "quality_gate": card.get("quality_gate"),
+            "data_manifest_sha256": _test_set(card),
+            "architecture": card.get("architecture"),
+            "domain": domain,
+            "reason": reason,
         }
         if promoted:
             by_domain[domain] = version
             state["production"] = version
-            state.setdefault("history", []).append({"version": version, "domain": domain, "promoted": now,
-                                                    "reason": reason})
+            state.setdefault("history", []).append(
+                {"version": version, "domain": domain, "promoted": now, "reason": reason}
+            )
         state["production_by_domain"] = by_domain
-        return state, {"version": version, "domain": domain,
-                       "status": "production" if by_domain.get(domain) == version else "candidate",
-                       "promoted": promoted, "reason": reason, "production": by_domain.get(domain)}
+        return state, {
+            "version": version,
+            "domain": domain,
+            "status": "production" if by_domain.get(domain) == version else "candidate",
+            "promoted": promoted,
+            "reason": reason,
+            "production": by_domain.get(domain),
+        }
 
     return update_registry(store, record)
 
@@ -488,8 +578,9 @@ def promote(store_root: str | os.PathLike | None, version: str) -> ModelRef:
     def make_production(state: dict) -> tuple[dict, None]:
         state["production_by_domain"] = {**production_by_domain(store, state), domain: version}
         state["production"] = version
-        state.setdefault("history", []).append({"version": version, "domain": domain, "promoted": now,
-                                                "reason": "promoted by hand"})
+        state.setdefault("history", []).append(
+            {"version": version, "domain": domain, "promoted": now, "reason": "promoted by hand"}
+        )
         entry = state["versions"].setdefault(version, {"registered": now})
         entry.update(reason="promoted by hand", domain=domain)
         return state, None
@@ -499,6 +590,7 @@ def promote(store_root: str | os.PathLike | None, version: str) -> ModelRef:
 
 
 # --------------------------------------------------------------------------- CLI
+
 
 def add_models_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="models_command", metavar="ACTION")
@@ -525,16 +617,30 @@ def run_models_command(args: argparse.Namespace) -> int:
         console.print(f"no models in {resolve_store_root(args.store)}; run `denoise train` first")
         return 0
     table = Table(title=f"models in {Store.at(args.store).join('models')}")
-    for col in ("version", "status", "domain", "architecture", "params", "PSNR (dB)", "SSIM", "gate", "created"):
+    for col in (
+        "version",
+        "status",
+        "domain",
+        "architecture",
+        "params",
+        "PSNR (dB)",
+        "SSIM",
+        "gate",
+        "created",
+    ):
         table.add_column(col)
     for m in models:
         s = m.summary()
         table.add_row(
-            m.version, "[bold green]production[/]" if m.status == "production" else "candidate", m.domain,
-            str(s["architecture"]), f"{s['params']:,}" if s["params"] else "",
+            m.version,
+            "[bold green]production[/]" if m.status == "production" else "candidate",
+            m.domain,
+            str(s["architecture"]),
+            f"{s['params']:,}" if s["params"] else "",
             f"{s['psnr']:.2f}" if s["psnr"] is not None else "",
             f"{s['ssim']:.3f}" if s["ssim"] is not None else "",
             ("passed" if m.passed else "failed") if m.card.get("quality_gate") else "not evaluated",
-            str(s["created"] or ""))
+            str(s["created"] or ""),
+        )
     console.print(table)
     return 0

@@ -36,7 +36,11 @@ def markdown_image(png: bytes, alt: str) -> str:
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        text = f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e5 else f"{value:.4f}".rstrip("0").rstrip(".")
+        text = (
+            f"{value:.4g}"
+            if abs(value) < 1e-3 or abs(value) >= 1e5
+            else f"{value:.4f}".rstrip("0").rstrip(".")
+        )
     else:
         text = "" if value is None else str(value)
     return text.replace("|", "\\|").replace("\n", " ")

@@ -67,7 +67,7 @@ def resolve_store_root(root: str | os.PathLike | None = None) -> str:
     valid), ``file://`` URLs as their path, other URLs without a trailing slash."""
     chosen = str(root or os.environ.get(STORE_ENV) or DEFAULT_STORE)
     if chosen.startswith("file://"):
-        chosen = chosen[len("file://"):] or "/"
+        chosen = chosen[len("file://") :] or "/"
     if is_url(chosen):
         return chosen.rstrip("/")
     return str(Path(chosen).expanduser().resolve())
@@ -97,13 +97,22 @@ def describe_remote_error(url: str, exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else name
     if isinstance(exc, FileNotFoundError) and "bucket" in text.lower():
         return f"{url}: the bucket does not exist ({text})"
-    if isinstance(exc, PermissionError) or "AccessDenied" in text or "InvalidAccessKeyId" in text \
-            or "SignatureDoesNotMatch" in text or "Forbidden" in text:
+    if (
+        isinstance(exc, PermissionError)
+        or "AccessDenied" in text
+        or "InvalidAccessKeyId" in text
+        or "SignatureDoesNotMatch" in text
+        or "Forbidden" in text
+    ):
         return f"{url}: access denied; check the AWS credentials ({text})"
     if "NoCredentials" in name or "Unable to locate credentials" in text:
         return f"{url}: no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or a profile)"
-    if "EndpointConnectionError" in name or "Could not connect" in text or "Connect" in name \
-            or isinstance(exc, ConnectionError | TimeoutError):
+    if (
+        "EndpointConnectionError" in name
+        or "Could not connect" in text
+        or "Connect" in name
+        or isinstance(exc, ConnectionError | TimeoutError)
+    ):
         return f"{url}: cannot reach the object-storage endpoint ({text})"
     return f"{url}: {text}"
 
@@ -156,7 +165,10 @@ class Store:
         flock lease means something, so a rerun on that machine resumes."""
         if not self.remote:
             return self.root / "checkpoints"
-        base = os.environ.get("DENOISE_CHECKPOINTS") or Path.home() / ".cache" / "denoise-flow" / "checkpoints"
+        base = (
+            os.environ.get("DENOISE_CHECKPOINTS")
+            or Path.home() / ".cache" / "denoise-flow" / "checkpoints"
+        )
         return Path(base).expanduser() / hashlib.sha256(self.url.encode()).hexdigest()[:12]
 
     def join(self, *parts: str) -> str:
@@ -212,8 +224,10 @@ class Store:
             return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         try:
             self.fs.invalidate_cache(self._path(str(location)))
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1]
-                          for p in self.fs.ls(self._path(str(location)), detail=False))
+            return sorted(
+                p.rstrip("/").rsplit("/", 1)[-1]
+                for p in self.fs.ls(self._path(str(location)), detail=False)
+            )
         except FileNotFoundError:
             return []
 
@@ -225,8 +239,11 @@ class Store:
             found = self.fs.find(base, detail=True)
         except FileNotFoundError:
             return {}
-        return {p[len(base) + 1:]: int(info.get("size") or 0) for p, info in found.items()
-                if info.get("type") != "directory" and p.startswith(base + "/")}
+        return {
+            p[len(base) + 1 :]: int(info.get("size") or 0)
+            for p, info in found.items()
+            if info.get("type") != "directory" and p.startswith(base + "/")
+        }
 
     def read_versioned(self, location: str) -> tuple[bytes | None, str | None]:
         """A remote object's bytes and the ETag they belong to; (None, None) if
@@ -333,7 +350,7 @@ class Stage(Store):
             return Path(text)
         if not text.startswith(self.store.url + "/"):
             raise StoreError(f"{text} is not in the store {self.store.url}")
-        return Path(self.url) / text[len(self.store.url) + 1:]
+        return Path(self.url) / text[len(self.store.url) + 1 :]
 
     def to_urls(self, value: Any) -> Any:
         """``value`` (a manifest: dicts, lists, strings) with every staged path
@@ -346,7 +363,7 @@ class Stage(Store):
         if isinstance(value, list):
             return [self.to_urls(v) for v in value]
         if isinstance(value, str) and (value == root or value.startswith(root + "/")):
-            return self.store.join(value[len(root) + 1:])
+            return self.store.join(value[len(root) + 1 :])
         return value
 
     def to_local(self, value: Any) -> Any:
@@ -380,8 +397,12 @@ class Stage(Store):
             self._pulled[str(dest)] = (st.st_size, st.st_mtime_ns)
         return local
 
-    def push(self, path: str | os.PathLike, last: Iterable[str] = ("manifest.json", "model.json"),
-             skip: Iterable[str] = ()) -> str:
+    def push(
+        self,
+        path: str | os.PathLike,
+        last: Iterable[str] = ("manifest.json", "model.json"),
+        skip: Iterable[str] = (),
+    ) -> str:
         """Upload what the task made in a staged folder (files that are new or
         changed since the pull; hidden temporary files never), one PUT per object,
         the ``last`` names after all others; returns the folder's store location."""
@@ -390,17 +411,27 @@ class Stage(Store):
             return str(local)
         last = list(last)
         skipped = set(skip)
-        files = [p for p in sorted(local.rglob("*")) if p.is_file()
-                 and not any(part.startswith(".") for part in p.relative_to(local).parts)
-                 and p.relative_to(local).parts[0] not in skipped]
-        files.sort(key=lambda p: (p.relative_to(local).as_posix() in last, last.index(p.name)
-                                  if p.relative_to(local).as_posix() in last else 0))
+        files = [
+            p
+            for p in sorted(local.rglob("*"))
+            if p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(local).parts)
+            and p.relative_to(local).parts[0] not in skipped
+        ]
+        files.sort(
+            key=lambda p: (
+                p.relative_to(local).as_posix() in last,
+                last.index(p.name) if p.relative_to(local).as_posix() in last else 0,
+            )
+        )
         where = self.url_of(local)
         for p in files:
             st = p.stat()
             if self._pulled.get(str(p)) == (st.st_size, st.st_mtime_ns):
                 continue
-            self.store.fs.put_file(str(p), self.store._path(f"{where}/{p.relative_to(local).as_posix()}"))
+            self.store.fs.put_file(
+                str(p), self.store._path(f"{where}/{p.relative_to(local).as_posix()}")
+            )
         self.store.fs.invalidate_cache(self.store._path(where))
         return where
 
@@ -413,7 +444,9 @@ def local_copy(location: str | os.PathLike, sha256: str | None = None) -> Path:
         return Path(location)
     from denoiser.files import file_sha256
 
-    base = Path(os.environ.get("DENOISE_CACHE") or Path.home() / ".cache" / "denoise-flow").expanduser()
+    base = Path(
+        os.environ.get("DENOISE_CACHE") or Path.home() / ".cache" / "denoise-flow"
+    ).expanduser()
     name = sha256 or hashlib.sha256(str(location).encode()).hexdigest()
     dest = base / "files" / name[:32] / str(location).rsplit("/", 1)[-1]
     if dest.is_file() and (sha256 is None or file_sha256(dest) == sha256):

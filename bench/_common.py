@@ -19,7 +19,9 @@ DEFAULT_MIRROR = REPO.parent / "shared" / "datasets" / "mnist"
 
 
 def add_mirror_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mirror", type=Path, default=Path(os.environ.get("DENOISE_DATA_SOURCE", DEFAULT_MIRROR)))
+    parser.add_argument(
+        "--mirror", type=Path, default=Path(os.environ.get("DENOISE_DATA_SOURCE", DEFAULT_MIRROR))
+    )
 
 
 def parse_model_arguments(doc: str, count_help: str):
@@ -49,7 +51,9 @@ def run_child(script: str, args: list[str], name: str, env: dict[str, str] | Non
     """``python script args`` with the repository importable; its last stdout
     line, as JSON. Exits with the end of its stderr if it fails."""
     env = {**(os.environ if env is None else env), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, env=env, check=False
+    )
     if proc.returncode:
         sys.exit(f"{name} run failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

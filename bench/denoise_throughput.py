@@ -58,7 +58,12 @@ def run_tree(src: Path, dst: Path, model_path: Path) -> dict:
     results = denoise_tree(src, dst, predict, spec, overwrite=True)
     seconds = time.perf_counter() - start
     pixels = sum((r.width or 0) * (r.height or 0) for r in results if r.status == "denoised")
-    return {"seconds": seconds, "counts": count(results), "megapixels": pixels / 1e6, "peak_mb": peak_rss_mb()}
+    return {
+        "seconds": seconds,
+        "counts": count(results),
+        "megapixels": pixels / 1e6,
+        "peak_mb": peak_rss_mb(),
+    }
 
 
 def main() -> None:
@@ -91,7 +96,10 @@ def main() -> None:
             build_model("unet").save(model_path)
             (model_path.parent / "model.json").write_text(json.dumps({"architecture": "unet"}))
 
-        x = read_idx(args.mirror / "t10k-images-idx3-ubyte.gz")[: args.small].astype("float64") / 255.0
+        x = (
+            read_idx(args.mirror / "t10k-images-idx3-ubyte.gz")[: args.small].astype("float64")
+            / 255.0
+        )
         noisy = np.clip(x + 0.5 * np.random.default_rng(12345).normal(size=x.shape), 0, 1)
         noisy_u8 = np.rint(noisy * 255).astype(np.uint8)
         small = work / "small"
@@ -117,20 +125,30 @@ def main() -> None:
         bare_s = time.perf_counter() - start
 
         # (a) end to end, each in its own process (peak memory per workload)
-        figures = {name: run_child(__file__, ["--child", str(src), str(work / f"out-{name}"), str(model_path)], name)
-                   for name, src in (("small", small), ("large", large))}
+        figures = {
+            name: run_child(
+                __file__, ["--child", str(src), str(work / f"out-{name}"), str(model_path)], name
+            )
+            for name, src in (("small", small), ("large", large))
+        }
 
         s, lg = figures["small"], figures["large"]
         n = s["counts"]["denoised"]
         e2e = n / s["seconds"]
         bare = len(arr) / bare_s
-        print(f"model {model_path} ({model.count_params():,} parameters), {os.cpu_count()} CPU cores")
+        print(
+            f"model {model_path} ({model.count_params():,} parameters), {os.cpu_count()} CPU cores"
+        )
         print(f"{'workload':<34} {'images/s':>9} {'seconds':>8}")
         print(f"{'bare model.predict, in memory':<34} {bare:>9.0f} {bare_s:>8.1f}")
-        print(f"{'denoise folder, end to end':<34} {e2e:>9.0f} {s['seconds']:>8.1f}   ({n:,} PNGs read and written)")
+        print(
+            f"{'denoise folder, end to end':<34} {e2e:>9.0f} {s['seconds']:>8.1f}   ({n:,} PNGs read and written)"
+        )
         print(f"ratio end-to-end / bare: {e2e / bare:.2f} (target >= 0.7)")
-        print(f"large images: {lg['counts']['denoised']} x 2048x2048 in {lg['seconds']:.1f} s = "
-              f"{lg['megapixels'] / lg['seconds']:.2f} megapixels/s, peak RSS {lg['peak_mb']:.0f} MB (target < 2048 MB)")
+        print(
+            f"large images: {lg['counts']['denoised']} x 2048x2048 in {lg['seconds']:.1f} s = "
+            f"{lg['megapixels'] / lg['seconds']:.2f} megapixels/s, peak RSS {lg['peak_mb']:.0f} MB (target < 2048 MB)"
+        )
         print(f"small images peak RSS {s['peak_mb']:.0f} MB")
     finally:
         shutil.rmtree(work, ignore_errors=True)

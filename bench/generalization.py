@@ -21,9 +21,11 @@ def main() -> None:
     args, model = parse_model_arguments(__doc__, "images per set")
     train, x_test = load_mnist(args.mirror)
     train = train.astype("float64") / 255.0
-    sets = [("training images (seen in training)", train[:args.count]),
-            ("held-out last tenth of the training set", train[-args.count:]),
-            ("test images", x_test[:args.count])]
+    sets = [
+        ("training images (seen in training)", train[: args.count]),
+        ("held-out last tenth of the training set", train[-args.count :]),
+        ("test images", x_test[: args.count]),
+    ]
     rng = np.random.default_rng(12345)
     print("| images | PSNR@0.5 |\n|---|---|")
     for name, clean in sets:

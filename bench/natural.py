@@ -59,8 +59,10 @@ def load_grey_pngs(folder: Path) -> list[np.ndarray]:
 def noisy_test_set(clean: list[np.ndarray], sigmas, seed: int) -> dict[int, list[np.ndarray]]:
     """The noisy Set12 images, one fixed draw per sigma: unclipped, unquantised."""
     rng = np.random.default_rng(seed)
-    return {s: [(x + (s / 255.0) * rng.standard_normal(x.shape)).astype(np.float32) for x in clean]
-            for s in sigmas}
+    return {
+        s: [(x + (s / 255.0) * rng.standard_normal(x.shape)).astype(np.float32) for x in clean]
+        for s in sigmas
+    }
 
 
 def psnr(clean: np.ndarray, out: np.ndarray) -> float:
@@ -76,7 +78,9 @@ class PatchSampler:
     """Random ``patch`` x ``patch`` crops of the training images with a random one
     of the eight flips/rotations each, and blind AWGN, all in the TF graph."""
 
-    def __init__(self, images: list[np.ndarray], patch: int, batch: int, sigma_max: float, seed: int):
+    def __init__(
+        self, images: list[np.ndarray], patch: int, batch: int, sigma_max: float, seed: int
+    ):
         import tensorflow as tf
 
         shapes = {x.shape for x in images}
@@ -97,14 +101,17 @@ class PatchSampler:
         oy = g.uniform([b], 0, self.h - p + 1, dtype=tf.int32)
         ox = g.uniform([b], 0, self.w - p + 1, dtype=tf.int32)
         r = tf.range(p, dtype=tf.int32)
-        rows = oy[:, None] + r[None, :]                       # (b, p)
+        rows = oy[:, None] + r[None, :]  # (b, p)
         cols = ox[:, None] + r[None, :]
-        grid = tf.stack([
-            tf.broadcast_to(idx[:, None, None], [b, p, p]),
-            tf.broadcast_to(rows[:, :, None], [b, p, p]),
-            tf.broadcast_to(cols[:, None, :], [b, p, p]),
-        ], axis=-1)
-        x = tf.gather_nd(self.images, grid)                   # (b, p, p, 1)
+        grid = tf.stack(
+            [
+                tf.broadcast_to(idx[:, None, None], [b, p, p]),
+                tf.broadcast_to(rows[:, :, None], [b, p, p]),
+                tf.broadcast_to(cols[:, None, :], [b, p, p]),
+            ],
+            axis=-1,
+        )
+        x = tf.gather_nd(self.images, grid)  # (b, p, p, 1)
         flips = g.uniform([3, b, 1, 1, 1], 0, 2, dtype=tf.int32) > 0
         x = tf.where(flips[0], tf.transpose(x, [0, 2, 1, 3]), x)  # square: transposes stay square
         x = tf.where(flips[1], tf.reverse(x, [1]), x)
@@ -192,13 +199,18 @@ def train(args, clean_test, noisy_test, log) -> tuple[object, list[dict]]:
     model = build_model(args.architecture, (None, None, 1), **options)
     multiple = int(recipe.get("size_multiple", 1))
     if args.patch % multiple:
-        sys.exit(f"--patch {args.patch} is not a multiple of {args.architecture}'s size multiple {multiple}")
-    sampler = PatchSampler(load_grey_pngs(args.data / "train400"), args.patch, args.batch,
-                           args.sigma_max, args.seed)
+        sys.exit(
+            f"--patch {args.patch} is not a multiple of {args.architecture}'s size multiple {multiple}"
+        )
+    sampler = PatchSampler(
+        load_grey_pngs(args.data / "train400"), args.patch, args.batch, args.sigma_max, args.seed
+    )
     base_lr = args.lr or recipe["learning_rate"]
     optimizer = keras.optimizers.Adam(learning_rate=base_lr)
-    loss_fn = {"mse": lambda a, b: tf.reduce_mean(tf.square(a - b)),
-               "l1": lambda a, b: tf.reduce_mean(tf.abs(a - b))}[args.loss]
+    loss_fn = {
+        "mse": lambda a, b: tf.reduce_mean(tf.square(a - b)),
+        "l1": lambda a, b: tf.reduce_mean(tf.abs(a - b)),
+    }[args.loss]
 
     @tf.function(jit_compile=False)
     def step():
@@ -211,9 +223,12 @@ def train(args, clean_test, noisy_test, log) -> tuple[object, list[dict]]:
 
     budget = args.minutes * 60.0
     marks = sorted({min(float(m), args.minutes) for m in args.checkpoints})
-    print(f"training {args.architecture} {options or ''} ({model.count_params():,} parameters), "
-          f"{args.loss}, Adam {base_lr:g} {args.schedule}, patch {args.patch}, batch {args.batch}, "
-          f"sigma U[0, {args.sigma_max:g}], {args.minutes:g} min; {load_now()}", flush=True)
+    print(
+        f"training {args.architecture} {options or ''} ({model.count_params():,} parameters), "
+        f"{args.loss}, Adam {base_lr:g} {args.schedule}, patch {args.patch}, batch {args.batch}, "
+        f"sigma U[0, {args.sigma_max:g}], {args.minutes:g} min; {load_now()}",
+        flush=True,
+    )
     curve, steps, trained, losses = [], 0, 0.0, []
     predict = lambda plane: denoise_whole(model, plane, multiple)  # noqa: E731
     for mark in marks:
@@ -222,48 +237,90 @@ def train(args, clean_test, noisy_test, log) -> tuple[object, list[dict]]:
         while trained + (time.perf_counter() - t0) < mark * 60.0:
             if args.schedule == "cosine":  # over the time budget, to 1% at its end
                 frac = min((trained + time.perf_counter() - t0) / budget, 1.0)
-                optimizer.learning_rate = base_lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * frac)))
+                optimizer.learning_rate = base_lr * (
+                    0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * frac))
+                )
             losses.append(float(step()))
             steps += 1
         trained += time.perf_counter() - t0
         rate = (steps - steps0) / (time.perf_counter() - t0)
         scores = score_model(predict, clean_test, noisy_test, args.eval_sigmas)
-        point = {"minutes": round(trained / 60, 2), "steps": steps, "steps_per_s": round(rate, 2),
-                 "loss": float(np.mean(losses[-200:])), "load": os.getloadavg()[0],
-                 **{f"psnr@{s}": round(v, 2) for s, v in scores.items()}}
+        point = {
+            "minutes": round(trained / 60, 2),
+            "steps": steps,
+            "steps_per_s": round(rate, 2),
+            "loss": float(np.mean(losses[-200:])),
+            "load": os.getloadavg()[0],
+            **{f"psnr@{s}": round(v, 2) for s, v in scores.items()},
+        }
         curve.append(point)
-        print(f"  {point['minutes']:6.2f} min  {steps:6d} steps  {rate:5.2f} steps/s  "
-              + "  ".join(f"sigma {s}: {v:.2f}" for s, v in scores.items()) + f"  ({load_now()})", flush=True)
+        print(
+            f"  {point['minutes']:6.2f} min  {steps:6d} steps  {rate:5.2f} steps/s  "
+            + "  ".join(f"sigma {s}: {v:.2f}" for s, v in scores.items())
+            + f"  ({load_now()})",
+            flush=True,
+        )
         log(point)
     return model, curve
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                        help="folder holding train400/ and set12/ (default: the shared mirror)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="folder holding train400/ and set12/ (default: the shared mirror)",
+    )
     parser.add_argument("--minutes", type=float, default=60.0, help="training budget (minutes)")
-    parser.add_argument("--checkpoints", type=float, nargs="*", default=[5, 10, 20, 40, 60],
-                        help="training minutes at which to score on Set12 (the budget always is)")
-    parser.add_argument("--eval-sigmas", type=int, nargs="*", default=list(SIGMAS),
-                        help="sigmas scored at the checkpoints (the final table has all three)")
+    parser.add_argument(
+        "--checkpoints",
+        type=float,
+        nargs="*",
+        default=[5, 10, 20, 40, 60],
+        help="training minutes at which to score on Set12 (the budget always is)",
+    )
+    parser.add_argument(
+        "--eval-sigmas",
+        type=int,
+        nargs="*",
+        default=list(SIGMAS),
+        help="sigmas scored at the checkpoints (the final table has all three)",
+    )
     parser.add_argument("--architecture", default="photo_unet")
     parser.add_argument("--options", default="", help="JSON keyword arguments for the builder")
     parser.add_argument("--loss", choices=("mse", "l1"), default="mse")
     parser.add_argument("--lr", type=float, default=None, help="default: the architecture's recipe")
-    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
-                        help="cosine: decays to 1%% over the time budget")
-    parser.add_argument("--patch", type=int, default=None, help="default: the recipe's patch_size, else 40")
-    parser.add_argument("--batch", type=int, default=None, help="default: the recipe's batch_size, else 64")
+    parser.add_argument(
+        "--schedule",
+        choices=("cosine", "constant"),
+        default="cosine",
+        help="cosine: decays to 1%% over the time budget",
+    )
+    parser.add_argument(
+        "--patch", type=int, default=None, help="default: the recipe's patch_size, else 40"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="default: the recipe's batch_size, else 64"
+    )
     parser.add_argument("--sigma-max", type=float, default=55.0)
-    parser.add_argument("--seed", type=int, default=0, help="training seed (the test noise's is fixed)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="training seed (the test noise's is fixed)"
+    )
     parser.add_argument("--test-seed", type=int, default=12)
     parser.add_argument("--no-bm3d", action="store_true", help="skip BM3D (probes)")
-    parser.add_argument("--mnist-model", help="an MNIST model (.keras) to score on the same noisy images")
+    parser.add_argument(
+        "--mnist-model", help="an MNIST model (.keras) to score on the same noisy images"
+    )
     parser.add_argument("--save", type=Path, help="save the trained model here (.keras)")
-    parser.add_argument("--threads", type=int, default=0, help="TF intra-op threads (0: TF's default)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1.5 minutes of training, Set12's first 3 images, BM3D at sigma 25 only")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="TF intra-op threads (0: TF's default)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1.5 minutes of training, Set12's first 3 images, BM3D at sigma 25 only",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.quick:
@@ -283,8 +340,11 @@ def main() -> None:
         clean_test, names = clean_test[:3], names[:3]
         noisy_test = {s: v[:3] for s, v in noisy_test.items()}
     args.checkpoints = [m for m in args.checkpoints if 0 < m < args.minutes] + [args.minutes]
-    print(f"Set12: {len(clean_test)} images ({', '.join(names)}), noise seed {args.test_seed}; "
-          f"{os.cpu_count()} CPUs; {load_now()}", flush=True)
+    print(
+        f"Set12: {len(clean_test)} images ({', '.join(names)}), noise seed {args.test_seed}; "
+        f"{os.cpu_count()} CPUs; {load_now()}",
+        flush=True,
+    )
 
     rows = {"noisy input": {s: mean_psnr(clean_test, noisy_test[s]) for s in SIGMAS}}
     meta = {"noisy input": {"params": 0, "s_per_512": 0.0}}
@@ -312,14 +372,19 @@ def main() -> None:
         t0 = time.perf_counter()
         scores, s512 = run_bm3d(clean_test, noisy_test, sig)
         rows["BM3D, bm3d package (measured)"] = scores
-        meta["BM3D, bm3d package (measured)"] = {"params": 0, "s_per_512": s512,
-                                                "seconds_total": round(time.perf_counter() - t0, 1)}
+        meta["BM3D, bm3d package (measured)"] = {
+            "params": 0,
+            "s_per_512": s512,
+            "seconds_total": round(time.perf_counter() - t0, 1),
+        }
     if not args.quick:
         for name, figures in PUBLISHED.items():
             rows[name] = dict(zip(SIGMAS, figures, strict=True))
             meta[name] = {"params": 556_000 if "DnCNN" in name else 0, "s_per_512": float("nan")}
 
-    print(f"\nSet12 ({len(clean_test)} images), mean PSNR (dB), output clipped to [0, 1]; {load_now()}")
+    print(
+        f"\nSet12 ({len(clean_test)} images), mean PSNR (dB), output clipped to [0, 1]; {load_now()}"
+    )
     print("| method | params | s / 512x512 | " + " | ".join(f"sigma {s}" for s in SIGMAS) + " |")
     print("|---|---|---|" + "---|" * len(SIGMAS))
     for name, scores in rows.items():
@@ -330,13 +395,27 @@ def main() -> None:
         print(f"| {name} | {params} | {s512} | " + " | ".join(cells) + " |")
     bm = rows.get("BM3D, bm3d package (measured)")
     if bm:
-        print("model - BM3D (measured): " + ", ".join(
-            f"sigma {s}: {rows[label][s] - bm[s]:+.2f} dB" for s in SIGMAS if s in bm))
-    print("model - DnCNN-S (published): " + ", ".join(
-        f"sigma {s}: {rows[label][s] - v:+.2f} dB"
-        for s, v in zip(SIGMAS, PUBLISHED["DnCNN-S (published)"], strict=True)))
-    print(json.dumps({"curve": curve, "rows": {k: {str(s): round(v, 3) for s, v in r.items()} for k, r in rows.items()},
-                      "meta": meta, "args": {k: str(v) for k, v in vars(args).items()}}))
+        print(
+            "model - BM3D (measured): "
+            + ", ".join(f"sigma {s}: {rows[label][s] - bm[s]:+.2f} dB" for s in SIGMAS if s in bm)
+        )
+    print(
+        "model - DnCNN-S (published): "
+        + ", ".join(
+            f"sigma {s}: {rows[label][s] - v:+.2f} dB"
+            for s, v in zip(SIGMAS, PUBLISHED["DnCNN-S (published)"], strict=True)
+        )
+    )
+    print(
+        json.dumps(
+            {
+                "curve": curve,
+                "rows": {k: {str(s): round(v, 3) for s, v in r.items()} for k, r in rows.items()},
+                "meta": meta,
+                "args": {k: str(v) for k, v in vars(args).items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

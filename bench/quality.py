@@ -104,19 +104,35 @@ def train_reference(x_train_u8, epochs: int, probe, log) -> tuple[object, dict]:
     timer, curve = Timer(), []
     for epoch in range(epochs):
         timer.start()
-        hist = model.fit(noisy, x, epochs=1, batch_size=64, shuffle=True, validation_split=0.1, verbose=0)
+        hist = model.fit(
+            noisy, x, epochs=1, batch_size=64, shuffle=True, validation_split=0.1, verbose=0
+        )
         timer.stop()
         p = probe(model)
         curve.append((timer.total, p))
-        log(f"  reference epoch {epoch + 1}/{epochs}: {timer.total:.0f} s, val_loss "
-            f"{hist.history['val_loss'][-1]:.4f}, PSNR(2000) {p:.2f}")
+        log(
+            f"  reference epoch {epoch + 1}/{epochs}: {timer.total:.0f} s, val_loss "
+            f"{hist.history['val_loss'][-1]:.4f}, PSNR(2000) {p:.2f}"
+        )
     return model, {"seconds": timer.total, "epochs": epochs, "curve": curve}
 
 
-def train_default(x_train_u8, level, epochs: int, probe, log, arch: str, batch: int | None = None,
-                  lr: float | None = None, label: str = "", loss: str | None = None,
-                  options: dict | None = None, reframe: float | None = None, schedule: str = "cosine",
-                  fixed_noise: bool = False) -> tuple[object, dict]:
+def train_default(
+    x_train_u8,
+    level,
+    epochs: int,
+    probe,
+    log,
+    arch: str,
+    batch: int | None = None,
+    lr: float | None = None,
+    label: str = "",
+    loss: str | None = None,
+    options: dict | None = None,
+    reframe: float | None = None,
+    schedule: str = "cosine",
+    fixed_noise: bool = False,
+) -> tuple[object, dict]:
     """This project's recipe: fresh noise every batch, the architecture's loss
     (PSNR + SSIM for the default), learning rate and share of reframed images,
     Adam with cosine decay, the pipeline's batch size (``TrainConfig``).
@@ -142,8 +158,10 @@ def train_default(x_train_u8, level, epochs: int, probe, log, arch: str, batch: 
     keras.utils.set_random_seed(0)
     model = build_model(arch, **(options or {}))
     steps = n // batch
-    model.compile(keras.optimizers.Adam(learning_rate(lr, schedule, epochs * steps)),
-                  loss=make_loss(loss or recipe["loss"]))
+    model.compile(
+        keras.optimizers.Adam(learning_rate(lr, schedule, epochs * steps)),
+        loss=make_loss(loss or recipe["loss"]),
+    )
     lo, hi = (level, level) if not isinstance(level, tuple) else level
 
     def corrupt(clean):
@@ -167,9 +185,13 @@ def train_default(x_train_u8, level, epochs: int, probe, log, arch: str, batch: 
         del clean
     else:
         ds = tf.data.Dataset.from_tensor_slices(x_train_u8[:n])
-    ds = (ds.shuffle(n, seed=0).batch(batch, drop_remainder=True)
-          .map(cut_fixed if fixed_noise else corrupt, num_parallel_calls=tf.data.AUTOTUNE)
-          .prefetch(2).repeat())
+    ds = (
+        ds.shuffle(n, seed=0)
+        .batch(batch, drop_remainder=True)
+        .map(cut_fixed if fixed_noise else corrupt, num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(2)
+        .repeat()
+    )
     timer, curve = Timer(), []
     half = max(steps // 2, 1)
 
@@ -183,7 +205,9 @@ def train_default(x_train_u8, level, epochs: int, probe, log, arch: str, batch: 
             timer.stop()
             p = probe(self.model)
             curve.append((timer.total, p))
-            log(f"  {label} epoch {(epoch + 1) / 2:.1f}/{epochs}: {timer.total:.0f} s, PSNR(2000) {p:.2f}")
+            log(
+                f"  {label} epoch {(epoch + 1) / 2:.1f}/{epochs}: {timer.total:.0f} s, PSNR(2000) {p:.2f}"
+            )
 
     model.fit(ds, steps_per_epoch=half, epochs=epochs * 2, verbose=0, callbacks=[Probe()])
     return model, {"seconds": timer.total, "epochs": epochs, "curve": curve}
@@ -229,8 +253,15 @@ def run_job(job: dict, mirror: Path, quick: bool, out: Path, threads: int | None
     if job["name"] == "reference":
         model, info = train_reference(train, job["epochs"], probe, log)
     else:
-        model, info = train_default(train, tuple(level) if blind else level, job["epochs"],
-                                    probe, log, job["architecture"], label=job["name"])
+        model, info = train_default(
+            train,
+            tuple(level) if blind else level,
+            job["epochs"],
+            probe,
+            log,
+            job["architecture"],
+            label=job["name"],
+        )
     path = out / "models" / f"{job['name']}.keras"
     path.parent.mkdir(parents=True, exist_ok=True)
     model.save(path)
@@ -244,8 +275,10 @@ def run_jobs(jobs: list[dict], args) -> dict[str, dict]:
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {job["name"]: pool.submit(run_job, job, args.mirror, args.quick, args.out, threads)
-                   for job in jobs}
+        futures = {
+            job["name"]: pool.submit(run_job, job, args.mirror, args.quick, args.out, threads)
+            for job in jobs
+        }
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -289,13 +322,23 @@ def draw_plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small subsets and 1-2 epochs (smoke run)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small subsets and 1-2 epochs (smoke run)"
+    )
     parser.add_argument("--reference-epochs", type=int, default=35)
-    parser.add_argument("--epochs", type=int, default=8, help="epochs for each model of the default recipe")
+    parser.add_argument(
+        "--epochs", type=int, default=8, help="epochs for each model of the default recipe"
+    )
     parser.add_argument("--architecture", default="unet")
-    parser.add_argument("--skip-levels", action="store_true", help="skip the single-level 0.3 / 0.7 models")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="trainings at once, each on cores/jobs threads (2 on 2 cores: ~1.4x the throughput)")
+    parser.add_argument(
+        "--skip-levels", action="store_true", help="skip the single-level 0.3 / 0.7 models"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="trainings at once, each on cores/jobs threads (2 on 2 cores: ~1.4x the throughput)",
+    )
     add_mirror_argument(parser)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     args = parser.parse_args()
@@ -316,18 +359,24 @@ def main() -> None:
     draws = test_draws(x_test)
 
     # the longest first, so that two workers finish together
-    jobs = [{"name": "reference", "epochs": args.reference_epochs},
-            {"name": "default", "level": 0.5},
-            {"name": "blind", "level": [0.1, 0.7]}]
+    jobs = [
+        {"name": "reference", "epochs": args.reference_epochs},
+        {"name": "default", "level": 0.5},
+        {"name": "blind", "level": [0.1, 0.7]},
+    ]
     if not args.skip_levels:
         jobs += [{"name": "level-0.3", "level": 0.3}, {"name": "level-0.7", "level": 0.7}]
     for job in jobs[1:]:
         job.update(epochs=args.epochs, architecture=args.architecture)
-    log(f"training {len(jobs)} models, {args.jobs} at a time: " + ", ".join(j["name"] for j in jobs))
+    log(
+        f"training {len(jobs)} models, {args.jobs} at a time: " + ", ".join(j["name"] for j in jobs)
+    )
     started = time.perf_counter()
     trained = run_jobs(jobs, args)
     log(f"all trained in {time.perf_counter() - started:.0f} s wall")
-    models = {name: keras.saving.load_model(info["path"], compile=False) for name, info in trained.items()}
+    models = {
+        name: keras.saving.load_model(info["path"], compile=False) for name, info in trained.items()
+    }
 
     def evaluate(name, params, epochs, seconds, fn):
         row = {"method": name, "params": params, "epochs": epochs, "train_s": seconds}
@@ -335,41 +384,63 @@ def main() -> None:
             out = fn(draws[f])
             row[f"psnr@{f}"] = psnr_mean(x_test, out)
             row[f"ssim@{f}"] = ssim_mean(x_test, out)
-        log(f"{name}: " + ", ".join(f"{f}: {row[f'psnr@{f}']:.2f} dB / {row[f'ssim@{f}']:.3f}" for f in LEVELS))
+        log(
+            f"{name}: "
+            + ", ".join(f"{f}: {row[f'psnr@{f}']:.2f} dB / {row[f'ssim@{f}']:.3f}" for f in LEVELS)
+        )
         return row
 
     def evaluate_model(name, method):
         info = trained[name]
-        return evaluate(method, info["params"], info["epochs"], info["seconds"],
-                        lambda x: predict(models[name], x))
+        return evaluate(
+            method,
+            info["params"],
+            info["epochs"],
+            info["seconds"],
+            lambda x: predict(models[name], x),
+        )
 
     loss_name = architecture_recipe(args.architecture)["loss"]
     arch = args.architecture
-    rows = [evaluate("noisy input", 0, 0, 0, lambda x: x),
-            evaluate("3x3 median filter", 0, 0, 0, lambda x: median_filter(x, size=(1, 3, 3, 1))),
-            ref_row := evaluate_model("reference", "reference (seed, BCE)"),
-            default_row := evaluate_model("default", f"{arch} @ 0.5 ({loss_name})"),
-            blind_row := evaluate_model("blind", f"{arch} blind 0.1-0.7")]
+    rows = [
+        evaluate("noisy input", 0, 0, 0, lambda x: x),
+        evaluate("3x3 median filter", 0, 0, 0, lambda x: median_filter(x, size=(1, 3, 3, 1))),
+        ref_row := evaluate_model("reference", "reference (seed, BCE)"),
+        default_row := evaluate_model("default", f"{arch} @ 0.5 ({loss_name})"),
+        blind_row := evaluate_model("blind", f"{arch} blind 0.1-0.7"),
+    ]
     single = {0.5: default_row}
     for f in (0.3, 0.7):
         if f"level-{f}" in trained:
-            rows.append(single.setdefault(f, evaluate_model(f"level-{f}", f"{arch} @ {f} ({loss_name})")))
+            rows.append(
+                single.setdefault(f, evaluate_model(f"level-{f}", f"{arch} @ {f} ({loss_name})"))
+            )
 
     # other noise kinds through the blind model
     kinds = []
     for kind, level in (("salt_and_pepper", 0.2), ("speckle", 0.5), ("poisson", 0.1)):
         noisy = add_noise(x_test, kind, level, np.random.default_rng(12345)).astype("float64")
-        kinds.append({"kind": f"{kind} {level}", "noisy": psnr_mean(x_test, noisy),
-                      "median": psnr_mean(x_test, median_filter(noisy, size=(1, 3, 3, 1))),
-                      "blind": psnr_mean(x_test, predict(models["blind"], noisy))})
+        kinds.append(
+            {
+                "kind": f"{kind} {level}",
+                "noisy": psnr_mean(x_test, noisy),
+                "median": psnr_mean(x_test, median_filter(noisy, size=(1, 3, 3, 1))),
+                "blind": psnr_mean(x_test, predict(models["blind"], noisy)),
+            }
+        )
 
     # report
-    cols = ["method", "params", "epochs", "train_s"] + [f"{k}@{f}" for f in LEVELS for k in ("psnr", "ssim")]
+    cols = ["method", "params", "epochs", "train_s"] + [
+        f"{k}@{f}" for f in LEVELS for k in ("psnr", "ssim")
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [r["method"], f"{r['params']:,}", str(r["epochs"]), f"{r['train_s']:.0f}"]
-        cells += [f"{r[f'{k}@{f}']:.2f}" if k == "psnr" else f"{r[f'{k}@{f}']:.3f}" for f in LEVELS
-                  for k in ("psnr", "ssim")]
+        cells += [
+            f"{r[f'{k}@{f}']:.2f}" if k == "psnr" else f"{r[f'{k}@{f}']:.3f}"
+            for f in LEVELS
+            for k in ("psnr", "ssim")
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     gain = default_row["psnr@0.5"] - ref_row["psnr@0.5"]
@@ -381,33 +452,58 @@ def main() -> None:
         f"PSNR gain over the reference at f=0.5: {gain:+.2f} dB (goal +2.0); SSIM gain {ssim_gain:+.3f} (goal +0.05)",
         f"parameters: {default_row['params']:,} vs the reference's {ref_row['params']:,}",
         f"time to the reference's final PSNR ({ref_probe_final:.2f} dB on {min(PROBE_N, len(x_test)):,} test images): "
-        + (f"{reached:.0f} s vs the reference's {ref_seconds:.0f} s = "
-           f"1/{ref_seconds / reached:.1f} (goal 1/8)" if reached else "not reached"),
+        + (
+            f"{reached:.0f} s vs the reference's {ref_seconds:.0f} s = "
+            f"1/{ref_seconds / reached:.1f} (goal 1/8)"
+            if reached
+            else "not reached"
+        ),
     ]
     from translation import mosaic_psnr
 
     n4 = min(PROBE_N, len(x_test)) // 4 * 4
     framed = mosaic_psnr(models["default"], x_test[:n4], draws[0.5][:n4])
-    facts.append(f"the default on digits framed otherwise, 2x2 mosaics of the first {n4:,} test images at f=0.5: "
-                 f"{framed:.2f} dB (the same images one by one: "
-                 f"{psnr_mean(x_test[:n4], predict(models['default'], draws[0.5][:n4])):.2f} dB)")
+    facts.append(
+        f"the default on digits framed otherwise, 2x2 mosaics of the first {n4:,} test images at f=0.5: "
+        f"{framed:.2f} dB (the same images one by one: "
+        f"{psnr_mean(x_test[:n4], predict(models['default'], draws[0.5][:n4])):.2f} dB)"
+    )
     for f, r in single.items():
-        facts.append(f"blind vs single-level model at f={f}: {blind_row[f'psnr@{f}'] - r[f'psnr@{f}']:+.2f} dB "
-                     "(goal within 0.3 dB)")
-    kinds_table = "\n".join(["| noise | noisy | median 3x3 | blind model |", "|---|---|---|---|"] + [
-        f"| {k['kind']} | {k['noisy']:.2f} | {k['median']:.2f} | {k['blind']:.2f} |" for k in kinds])
+        facts.append(
+            f"blind vs single-level model at f={f}: {blind_row[f'psnr@{f}'] - r[f'psnr@{f}']:+.2f} dB "
+            "(goal within 0.3 dB)"
+        )
+    kinds_table = "\n".join(
+        ["| noise | noisy | median 3x3 | blind model |", "|---|---|---|---|"]
+        + [
+            f"| {k['kind']} | {k['noisy']:.2f} | {k['median']:.2f} | {k['blind']:.2f} |"
+            for k in kinds
+        ]
+    )
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
-    report = (f"# Denoising quality\n\n`{command.strip()}` ({len(train):,} training images incl. validation, "
-              f"{len(x_test):,} test images; {args.jobs} training(s) at a time)\n\n{table}\n\n"
-              + "\n".join(f"- {f}" for f in facts) + f"\n\nOther noise kinds (PSNR, dB):\n\n{kinds_table}\n")
+    report = (
+        f"# Denoising quality\n\n`{command.strip()}` ({len(train):,} training images incl. validation, "
+        f"{len(x_test):,} test images; {args.jobs} training(s) at a time)\n\n{table}\n\n"
+        + "\n".join(f"- {f}" for f in facts)
+        + f"\n\nOther noise kinds (PSNR, dB):\n\n{kinds_table}\n"
+    )
     print("\n" + report)
     (args.out / "quality.md").write_text(report)
-    (args.out / "quality.json").write_text(json.dumps({"rows": rows, "facts": facts, "kinds": kinds,
-                                                       "trained": trained}, indent=2))
+    (args.out / "quality.json").write_text(
+        json.dumps({"rows": rows, "facts": facts, "kinds": kinds, "trained": trained}, indent=2)
+    )
     draw_plot(rows, args.out / "quality_psnr.png")
-    (args.out / "quality_examples.png").write_bytes(grid_png(
-        [x_test[:8], draws[0.5][:8], predict(models["reference"], draws[0.5][:8]),
-         predict(models["default"], draws[0.5][:8])], scale=3))
+    (args.out / "quality_examples.png").write_bytes(
+        grid_png(
+            [
+                x_test[:8],
+                draws[0.5][:8],
+                predict(models["reference"], draws[0.5][:8]),
+                predict(models["default"], draws[0.5][:8]),
+            ],
+            scale=3,
+        )
+    )
 
 
 if __name__ == "__main__":

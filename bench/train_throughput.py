@@ -67,9 +67,17 @@ def run_pipeline(mirror: Path, samples: int, epochs: int) -> dict:
     manifest, images, labels = _load(mirror, samples)
     out = Path(tempfile.mkdtemp(prefix="denoise-bench-shards-")) / "shards"
     small = SplitArrays(images[:64], labels[:64], np.arange(64))
-    write_shard_set(out, {"train": SplitArrays(images, labels, np.arange(len(images))),
-                          "validation": small, "test": small},
-                    {"kind": "gaussian", "level": 0.5}, shard_rows=10_000, seed=0)
+    write_shard_set(
+        out,
+        {
+            "train": SplitArrays(images, labels, np.arange(len(images))),
+            "validation": small,
+            "test": small,
+        },
+        {"kind": "gaussian", "level": 0.5},
+        shard_rows=10_000,
+        seed=0,
+    )
     rows = len(images)
     del images, labels
     keras.utils.set_random_seed(0)
@@ -99,17 +107,37 @@ def main() -> None:
         return
 
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    results = {way: run_child(__file__, ["--child", way, "--samples", str(samples), "--epochs", str(args.epochs),
-                                         "--mirror", str(args.mirror)], way, env)
-               for way in ("reference", "pipeline")}
+    results = {
+        way: run_child(
+            __file__,
+            [
+                "--child",
+                way,
+                "--samples",
+                str(samples),
+                "--epochs",
+                str(args.epochs),
+                "--mirror",
+                str(args.mirror),
+            ],
+            way,
+            env,
+        )
+        for way in ("reference", "pipeline")
+    }
 
-    print(f"seed architecture, {samples:,} samples x {args.epochs} epoch(s), batch 64, "
-          f"{os.cpu_count()} CPU cores")
+    print(
+        f"seed architecture, {samples:,} samples x {args.epochs} epoch(s), batch 64, "
+        f"{os.cpu_count()} CPU cores"
+    )
     print(f"{'way':<10} {'samples/s':>10} {'seconds':>8} {'peak RSS (MB)':>14}")
     for way, r in results.items():
-        print(f"{way:<10} {r['samples'] / r['seconds']:>10.0f} {r['seconds']:>8.1f} {r['peak_mb']:>14.0f}")
+        print(
+            f"{way:<10} {r['samples'] / r['seconds']:>10.0f} {r['seconds']:>8.1f} {r['peak_mb']:>14.0f}"
+        )
     ratio = (results["pipeline"]["samples"] / results["pipeline"]["seconds"]) / (
-        results["reference"]["samples"] / results["reference"]["seconds"])
+        results["reference"]["samples"] / results["reference"]["seconds"]
+    )
     print(f"ratio pipeline/reference: {ratio:.2f} (target >= 1.0)")
     print(f"pipeline peak memory: {results['pipeline']['peak_mb']:.0f} MB (target < 1536 MB)")
 

@@ -21,7 +21,11 @@ from quality import load_mnist, predict, psnr_mean, test_draws
 def mosaic(x: np.ndarray) -> np.ndarray:
     """(4k, 28, 28, 1) -> (k, 56, 56, 1), four digits a canvas."""
     n, h, w, c = x.shape
-    return x.reshape(n // 4, 2, 2, h, w, c).transpose(0, 1, 3, 2, 4, 5).reshape(n // 4, 2 * h, 2 * w, c)
+    return (
+        x.reshape(n // 4, 2, 2, h, w, c)
+        .transpose(0, 1, 3, 2, 4, 5)
+        .reshape(n // 4, 2 * h, 2 * w, c)
+    )
 
 
 def unmosaic(x: np.ndarray) -> np.ndarray:
@@ -45,7 +49,7 @@ def scatter(x: np.ndarray, rng: np.random.Generator, side: int = 600, cell: int 
         c, k = divmod(i, per)
         y = (k // per_row) * cell + int(rng.integers(0, cell - 28 + 1))
         xx = (k % per_row) * cell + int(rng.integers(0, cell - 28 + 1))
-        canvases[c, y:y + 28, xx:xx + 28] = digit
+        canvases[c, y : y + 28, xx : xx + 28] = digit
         boxes.append((c, y, xx))
     return canvases, boxes
 
@@ -58,9 +62,12 @@ def tiled_scatter_psnr(model, clean: np.ndarray) -> float:
     rng = np.random.default_rng(12345)
     canvases, boxes = scatter(clean, rng)
     noisy = np.clip(canvases + 0.5 * rng.normal(size=canvases.shape), 0, 1)
-    spec, predict = tile_spec_for({"fully_convolutional": True, "size_multiple": 4}), BatchPredictor(model)
+    spec, predict = (
+        tile_spec_for({"fully_convolutional": True, "size_multiple": 4}),
+        BatchPredictor(model),
+    )
     out = np.stack([denoise_plane(plane, spec, predict) for plane in noisy])
-    cut = np.stack([out[c, y:y + 28, x:x + 28] for c, y, x in boxes])[..., None]
+    cut = np.stack([out[c, y : y + 28, x : x + 28] for c, y, x in boxes])[..., None]
     return psnr_mean(clean, cut.astype("float64"))
 
 
@@ -70,10 +77,15 @@ def main() -> None:
     n = args.count - args.count % 4
     clean, noisy = x_test[:n], test_draws(x_test)[0.5][:n]
     padded = np.pad(noisy, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
-    rows = [("28x28, as in MNIST", psnr_mean(clean, predict(model, noisy))),
-            ("reflect-padded to 32x32", psnr_mean(clean, predict(model, padded)[:, 2:30, 2:30])),
-            ("2x2 mosaic, 56x56", mosaic_psnr(model, clean, noisy)),
-            ("scattered over 600x600 canvases, 256x256 tiles (fresh noise)", tiled_scatter_psnr(model, clean))]
+    rows = [
+        ("28x28, as in MNIST", psnr_mean(clean, predict(model, noisy))),
+        ("reflect-padded to 32x32", psnr_mean(clean, predict(model, padded)[:, 2:30, 2:30])),
+        ("2x2 mosaic, 56x56", mosaic_psnr(model, clean, noisy)),
+        (
+            "scattered over 600x600 canvases, 256x256 tiles (fresh noise)",
+            tiled_scatter_psnr(model, clean),
+        ),
+    ]
     print("| input | PSNR@0.5 |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value:.2f} |")

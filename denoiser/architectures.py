@@ -19,11 +19,20 @@ class ArchitectureSpec:
     description: str = ""
 
 
-def _conv_bn_relu(x, filters: int, name: str, strides: int = 1, dilation: int = 1, batch_norm: bool = True):
+def _conv_bn_relu(
+    x, filters: int, name: str, strides: int = 1, dilation: int = 1, batch_norm: bool = True
+):
     from keras import layers
 
-    x = layers.Conv2D(filters, 3, strides=strides, dilation_rate=dilation, padding="same",
-                      use_bias=not batch_norm, name=f"{name}_conv")(x)
+    x = layers.Conv2D(
+        filters,
+        3,
+        strides=strides,
+        dilation_rate=dilation,
+        padding="same",
+        use_bias=not batch_norm,
+        name=f"{name}_conv",
+    )(x)
     if batch_norm:
         # momentum 0.9, not Keras' 0.99: the moving statistics must settle within a
         # short (quick-mode) run, or inference sees different activations than training
@@ -116,8 +125,15 @@ def _output(x, output: str, noisy=None):
     raise ValueError(f"output must be clip, sigmoid or residual, not {output!r}")
 
 
-def build_unet(input_shape=(None, None, 1), filters=(16, 48, 96), full_convs=1,
-               context=(1, 2, 1), output="clip", skips=True, batch_norm=True):
+def build_unet(
+    input_shape=(None, None, 1),
+    filters=(16, 48, 96),
+    full_convs=1,
+    context=(1, 2, 1),
+    output="clip",
+    skips=True,
+    batch_norm=True,
+):
     """The default: a U-Net that spends its compute at low resolution.
 
     At full resolution ``full_convs`` cheap convolutions make the skip that
@@ -160,8 +176,15 @@ def build_unet(input_shape=(None, None, 1), filters=(16, 48, 96), full_convs=1,
     return keras.Model(inputs, _output(x, output, inputs), name="unet")
 
 
-def build_photo_unet(input_shape=(None, None, 1), filters=(16, 64, 128), convs=(1, 2), middle=2,
-                     block="plain", skip="add", batch_norm=False):
+def build_photo_unet(
+    input_shape=(None, None, 1),
+    filters=(16, 64, 128),
+    convs=(1, 2),
+    middle=2,
+    block="plain",
+    skip="add",
+    batch_norm=False,
+):
     """For photographs: a residual U-Net that spends its compute at 1/2 and 1/4
     resolution (issue 14).
 
@@ -189,7 +212,9 @@ def build_photo_unet(input_shape=(None, None, 1), filters=(16, 64, 128), convs=(
     def unit(x, f, name):
         if block == "res":
             y = _conv_bn_relu(x, f, f"{name}_1", batch_norm=batch_norm)
-            y = layers.Conv2D(f, 3, padding="same", use_bias=not batch_norm, name=f"{name}_2_conv")(y)
+            y = layers.Conv2D(f, 3, padding="same", use_bias=not batch_norm, name=f"{name}_2_conv")(
+                y
+            )
             if batch_norm:
                 y = layers.BatchNormalization(momentum=0.9, name=f"{name}_2_bn")(y)
             return layers.Add(name=f"{name}_add")([x, y])
@@ -228,26 +253,53 @@ def build_photo_unet(input_shape=(None, None, 1), filters=(16, 64, 128), convs=(
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "seed": ArchitectureSpec(
         build_seed,
-        {"loss": "bce", "fully_convolutional": False, "input_shape": (28, 28, 1), "size_multiple": 28},
+        {
+            "loss": "bce",
+            "fully_convolutional": False,
+            "input_shape": (28, 28, 1),
+            "size_multiple": 28,
+        },
         "the reference conv autoencoder (Keras blog), 28x28 only",
     ),
     "unet": ArchitectureSpec(
         build_unet,
-        {"loss": "psnr_ssim", "lr_schedule": "cosine", "learning_rate": 2e-3, "reframe": 0.2,
-         "fully_convolutional": True,
-         "input_shape": (None, None, 1), "size_multiple": 4},
+        {
+            "loss": "psnr_ssim",
+            "lr_schedule": "cosine",
+            "learning_rate": 2e-3,
+            "reframe": 0.2,
+            "fully_convolutional": True,
+            "input_shape": (None, None, 1),
+            "size_multiple": 4,
+        },
         "U-Net computing at 1/2 and 1/4 resolution, dilated context block, clipped output; the default",
     ),
     "unet-small": ArchitectureSpec(
         build_unet_small,
-        {"loss": "mse", "fully_convolutional": True, "input_shape": (None, None, 1), "size_multiple": 4},
+        {
+            "loss": "mse",
+            "fully_convolutional": True,
+            "input_shape": (None, None, 1),
+            "size_multiple": 4,
+        },
         "two-level U-Net 16/32/64 (issue 4's calibration probe)",
     ),
     "photo_unet": ArchitectureSpec(
         build_photo_unet,
-        {"loss": "mse", "lr_schedule": "cosine", "learning_rate": 1e-3, "reframe": 0.0,
-         "fully_convolutional": True, "input_shape": (None, None, 1), "size_multiple": 4,
-         "patch_size": 64, "batch_size": 32, "epochs": 8, "noise": "awgn", "sigma_range": (0, 55)},
+        {
+            "loss": "mse",
+            "lr_schedule": "cosine",
+            "learning_rate": 1e-3,
+            "reframe": 0.0,
+            "fully_convolutional": True,
+            "input_shape": (None, None, 1),
+            "size_multiple": 4,
+            "patch_size": 64,
+            "batch_size": 32,
+            "epochs": 8,
+            "noise": "awgn",
+            "sigma_range": (0, 55),
+        },
         "residual U-Net for photographs (issue 14): 16/64/128 channels at 1, 1/2, 1/4 resolution, "
         "added skips, no batch norm, output = input - estimated noise, blind AWGN sigma 0-55",
     ),

@@ -29,8 +29,13 @@ def reframe(images, share: float, seed: int | None = None):
         raise ValueError(f"share must be in [0, 1], not {share!r}")
     shape = tf.shape(images)
     b, h, w = shape[0], shape[1], shape[2]
-    mosaic = tf.concat([tf.concat([images, tf.roll(images, -1, 0)], 2),
-                        tf.concat([tf.roll(images, -2, 0), tf.roll(images, -3, 0)], 2)], 1)
+    mosaic = tf.concat(
+        [
+            tf.concat([images, tf.roll(images, -1, 0)], 2),
+            tf.concat([tf.roll(images, -2, 0), tf.roll(images, -3, 0)], 2),
+        ],
+        1,
+    )
     # three ops with one seed would draw the same stream: give each its own
     seeds = (None, None, None) if seed is None else (seed, seed + 1, seed + 2)
     moved = tf.random.uniform((b,), seed=seeds[0]) < share

@@ -49,8 +49,9 @@ UNFINISHED_RUN_SECONDS = 600
 def checkpoint_key(shards_dir: str | os.PathLike, training: TrainConfig) -> str:
     """Names the request, so the runs of one request share a parent folder."""
     training = TrainConfig.model_validate(training)
-    payload = json.dumps({"shards": str(shards_dir), "training": training.model_dump(mode="json")},
-                         sort_keys=True)
+    payload = json.dumps(
+        {"shards": str(shards_dir), "training": training.model_dump(mode="json")}, sort_keys=True
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -82,7 +83,11 @@ class CheckpointRun:
         """Epochs the backup holds, so the epoch a resumed run starts after."""
         try:
             # the current generation of the state (denoiser.training writes it atomically)
-            return int(json.loads((self.state_dir / "current" / "training_metadata.json").read_text())["epoch"])
+            return int(
+                json.loads((self.state_dir / "current" / "training_metadata.json").read_text())[
+                    "epoch"
+                ]
+            )
         except (OSError, ValueError, KeyError, TypeError):
             return 0
 
@@ -141,7 +146,11 @@ def _read_run(run_dir: Path) -> dict | None:
         info = json.loads((run_dir / RUN_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(info, dict) or not isinstance(info.get("version"), str) or not info.get("run_id"):
+    if (
+        not isinstance(info, dict)
+        or not isinstance(info.get("version"), str)
+        or not info.get("run_id")
+    ):
         return None
     return info
 
@@ -169,8 +178,9 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def claim_run(key_dir: str | os.PathLike, new_version: Callable[[], str],
-              flow_run_id: str | None = None) -> CheckpointRun:
+def claim_run(
+    key_dir: str | os.PathLike, new_version: Callable[[], str], flow_run_id: str | None = None
+) -> CheckpointRun:
     """Resume the oldest run under ``key_dir`` whose owner died, or start a new one.
 
     A run is resumable when its lease can be taken at once; runs whose lease
@@ -197,9 +207,17 @@ def claim_run(key_dir: str | os.PathLike, new_version: Callable[[], str],
     if lease is None:  # a fresh, unique folder: nobody else can hold it
         raise RuntimeError(f"{run_dir}: lease of a new run folder is held")
     version = new_version()
-    _write_json(run_dir / RUN_FILE, {
-        "run_id": run_id, "version": version, "flow_run_id": flow_run_id, "host": socket.gethostname(),
-        "pid": os.getpid(), "created": datetime.now(UTC).isoformat(timespec="seconds")})
+    _write_json(
+        run_dir / RUN_FILE,
+        {
+            "run_id": run_id,
+            "version": version,
+            "flow_run_id": flow_run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    )
     return CheckpointRun(run_id, run_dir, version, False, lease)
 
 
@@ -223,8 +241,11 @@ def _all_run_dirs(checkpoints_root: Path) -> Iterator[Path]:
             yield from (p for p in key_dir.iterdir() if p.is_dir())
 
 
-def remove_stale_runs(checkpoints_root: str | os.PathLike, max_age: float = STALE_RUN_SECONDS,
-                      now: float | None = None) -> list[Path]:
+def remove_stale_runs(
+    checkpoints_root: str | os.PathLike,
+    max_age: float = STALE_RUN_SECONDS,
+    now: float | None = None,
+) -> list[Path]:
     """Remove run folders whose owner died and that saw no activity for ``max_age``
     seconds (and crash leftovers without run.json after a few minutes). A run
     whose lease is held is never touched. Returns the folders removed."""
@@ -261,8 +282,12 @@ def referenced_versions(checkpoints_root: str | os.PathLike) -> set[str]:
     return versions
 
 
-def remove_orphan_model_dirs(models_root: str | os.PathLike, checkpoints_root: str | os.PathLike,
-                             max_age: float = ORPHAN_MODEL_SECONDS, now: float | None = None) -> list[Path]:
+def remove_orphan_model_dirs(
+    models_root: str | os.PathLike,
+    checkpoints_root: str | os.PathLike,
+    max_age: float = ORPHAN_MODEL_SECONDS,
+    now: float | None = None,
+) -> list[Path]:
     """Remove model folders without ``model.keras`` that no run folder names and
     that saw no activity for ``max_age`` seconds: what a training killed before
     its run folder was written, or whose run folder went stale, leaves behind.
@@ -270,7 +295,9 @@ def remove_orphan_model_dirs(models_root: str | os.PathLike, checkpoints_root: s
     now = now if now is not None else time.time()
     referenced = referenced_versions(checkpoints_root)
     try:
-        folders = [p for p in Path(models_root).iterdir() if p.is_dir() and not p.name.startswith(".")]
+        folders = [
+            p for p in Path(models_root).iterdir() if p.is_dir() and not p.name.startswith(".")
+        ]
     except FileNotFoundError:
         return []
     removed = []
@@ -287,14 +314,23 @@ def remove_orphan_model_dirs(models_root: str | os.PathLike, checkpoints_root: s
     return removed
 
 
-def clean_checkpoints(checkpoints_root: str | os.PathLike, models_root: str | os.PathLike,
-                      log: Callable[..., None] = logger.info) -> list[Path]:
+def clean_checkpoints(
+    checkpoints_root: str | os.PathLike,
+    models_root: str | os.PathLike,
+    log: Callable[..., None] = logger.info,
+) -> list[Path]:
     """The start-up clean-up: stale runs first, then the model folders they named."""
     removed = remove_stale_runs(checkpoints_root)
     for run_dir in removed:
-        log("removed stale checkpoint %s (no live owner, no activity for %d days)", run_dir,
-            STALE_RUN_SECONDS // 86400)
+        log(
+            "removed stale checkpoint %s (no live owner, no activity for %d days)",
+            run_dir,
+            STALE_RUN_SECONDS // 86400,
+        )
     orphans = remove_orphan_model_dirs(models_root, checkpoints_root)
     for folder in orphans:
-        log("removed unfinished model folder %s (no model.keras, no checkpoint run names it)", folder)
+        log(
+            "removed unfinished model folder %s (no model.keras, no checkpoint run names it)",
+            folder,
+        )
     return removed + orphans

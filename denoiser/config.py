@@ -62,7 +62,9 @@ class DataConfig(_Config):
         from denoiser.datasets import check_dataset_name, is_image_dataset
 
         if value is not None and not is_image_dataset(check_dataset_name(value)):
-            raise ValueError(f"test dataset {value!r} is an IDX dataset; a test dataset is a folder of images")
+            raise ValueError(
+                f"test dataset {value!r} is an IDX dataset; a test dataset is a folder of images"
+            )
         return value
 
     @model_validator(mode="after")
@@ -70,7 +72,9 @@ class DataConfig(_Config):
         from denoiser.datasets import is_image_dataset
 
         if self.test_dataset is not None and not is_image_dataset(self.dataset):
-            raise ValueError(f"test_dataset applies to image-folder datasets; {self.dataset} brings its own")
+            raise ValueError(
+                f"test_dataset applies to image-folder datasets; {self.dataset} brings its own"
+            )
         return self
 
 
@@ -103,17 +107,26 @@ class NoiseConfig(_Config):
     seed: int = Field(0, ge=0, description="Run seed; every shard's seed is spawned from it.")
     shard_rows: int = Field(10_000, ge=1, description="Rows per Parquet shard.")
     validation_fraction: float = Field(
-        0.1, gt=0, lt=1, description="Deterministic share of the training set held out (IDX: the "
-        "last images; image folders: chosen by a hash of each file's content)."
+        0.1,
+        gt=0,
+        lt=1,
+        description="Deterministic share of the training set held out (IDX: the "
+        "last images; image folders: chosen by a hash of each file's content).",
     )
     patch_size: int | None = Field(
-        None, ge=8, le=1024, description="Image-folder datasets: side of the square training patches "
-        "(None: 40, the literature's). Ignored for IDX datasets, whose images are whole."
+        None,
+        ge=8,
+        le=1024,
+        description="Image-folder datasets: side of the square training patches "
+        "(None: 40, the literature's). Ignored for IDX datasets, whose images are whole.",
     )
     patches_per_image: int | None = Field(
-        None, ge=1, le=4096, description="Image-folder datasets: random patches (each with one of the "
+        None,
+        ge=1,
+        le=4096,
+        description="Image-folder datasets: random patches (each with one of the "
         "eight flips/rotations) cut from each training and validation image for one epoch "
-        "(None: 64). Ignored for IDX datasets."
+        "(None: 64). Ignored for IDX datasets.",
     )
 
     @field_validator("level")
@@ -128,7 +141,9 @@ class NoiseConfig(_Config):
         kind = info.data.get("kind")
         if kind in LEVEL_LIMITS and max(levels) > LEVEL_LIMITS[kind][0]:
             top, unit = LEVEL_LIMITS[kind]
-            raise ValueError(f"a {kind} level is {unit}, from 0 to {top:g}; {max(levels):g} is out of range")
+            raise ValueError(
+                f"a {kind} level is {unit}, from 0 to {top:g}; {max(levels):g} is out of range"
+            )
         return value
 
 
@@ -136,26 +151,33 @@ class TrainConfig(_Config):
     """Model and training recipe."""
 
     architecture: str = Field(
-        "auto", description="Architecture name (see build_model). auto: the dataset's own, unet for "
-        "28x28 IDX datasets and the photographs' architecture (photo_unet) for image folders."
+        "auto",
+        description="Architecture name (see build_model). auto: the dataset's own, unet for "
+        "28x28 IDX datasets and the photographs' architecture (photo_unet) for image folders.",
     )
     epochs: int = Field(35, ge=1, description="Maximum number of epochs.")
     batch_size: int = Field(64, ge=1)
     learning_rate: float | None = Field(
-        None, gt=0, description="Adam's initial learning rate. None: the architecture's own recipe "
-        "(seed: 1e-3, Keras' default as in the blog; unet: 2e-3)."
+        None,
+        gt=0,
+        description="Adam's initial learning rate. None: the architecture's own recipe "
+        "(seed: 1e-3, Keras' default as in the blog; unet: 2e-3).",
     )
     reframe: float | None = Field(
-        None, ge=0, le=1, description="Share of training pairs recut at a random offset from 2x2 mosaics "
+        None,
+        ge=0,
+        le=1,
+        description="Share of training pairs recut at a random offset from 2x2 mosaics "
         "of the batch, so the model does not learn where the 28x28 frame is and works on whole images "
-        "and tiles. None: the architecture's own recipe (unet: 0.2, seed: 0)."
+        "and tiles. None: the architecture's own recipe (unet: 0.2, seed: 0).",
     )
     loss: LossName = Field(
         "auto", description="auto: the architecture's own recipe (seed: bce, unet: psnr_ssim)."
     )
     lr_schedule: LrSchedule = Field(
-        "auto", description="Learning rate over the run. auto: the architecture's own recipe "
-        "(seed: constant, unet: cosine decay over `epochs`)."
+        "auto",
+        description="Learning rate over the run. auto: the architecture's own recipe "
+        "(seed: constant, unet: cosine decay over `epochs`).",
     )
     patience: int = Field(5, ge=1, description="Early stopping patience in epochs.")
     shuffle_buffer: int = Field(10_000, ge=1)
@@ -178,9 +200,15 @@ class TrainConfig(_Config):
     def _reframe_fits_architecture(self):
         from denoiser.models import architecture_recipe
 
-        if self.reframe and self.architecture != "auto" and not architecture_recipe(self.architecture).get("fully_convolutional"):
-            raise ValueError(f"architecture {self.architecture} is tied to its input frame; "
-                             "reframing needs a fully convolutional one (use reframe 0)")
+        if (
+            self.reframe
+            and self.architecture != "auto"
+            and not architecture_recipe(self.architecture).get("fully_convolutional")
+        ):
+            raise ValueError(
+                f"architecture {self.architecture} is tied to its input frame; "
+                "reframing needs a fully convolutional one (use reframe 0)"
+            )
         return self
 
 
@@ -193,10 +221,12 @@ class EvalConfig(_Config):
     sample_count: int = Field(8, ge=1, le=32, description="Columns in the sample grid.")
     batch_size: int = Field(256, ge=1)
     sigmas: list[float] = Field(
-        [15.0, 25.0, 50.0], min_length=1, max_length=8,
+        [15.0, 25.0, 50.0],
+        min_length=1,
+        max_length=8,
         description="Photo datasets: the awgn sigmas (0-255 units) every test image is scored at, "
         "each from a fixed seed (the literature's Set12 table: 15, 25, 50). The quality gate takes "
-        "the mean PSNR gain over them. Ignored for IDX datasets, whose test pairs carry their noise."
+        "the mean PSNR gain over them. Ignored for IDX datasets, whose test pairs carry their noise.",
     )
 
     @field_validator("sigmas")

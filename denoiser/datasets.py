@@ -81,30 +81,56 @@ DATASETS: dict[str, DatasetSpec] = {
         origin="https://storage.googleapis.com/cvdf-datasets/mnist/",
         files={
             "train_images": FileSpec(
-                _IDX_NAMES["train_images"], "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-                "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db", 47040016),
+                _IDX_NAMES["train_images"],
+                "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+                47040016,
+            ),
             "train_labels": FileSpec(
-                _IDX_NAMES["train_labels"], "d53e105ee54ea40749a09fcbcd1e9432",
-                "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5", 60008),
+                _IDX_NAMES["train_labels"],
+                "d53e105ee54ea40749a09fcbcd1e9432",
+                "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+                60008,
+            ),
             "test_images": FileSpec(
-                _IDX_NAMES["test_images"], "9fb629c4189551a2d022fa330f9573f3",
-                "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7", 7840016),
+                _IDX_NAMES["test_images"],
+                "9fb629c4189551a2d022fa330f9573f3",
+                "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+                7840016,
+            ),
             "test_labels": FileSpec(
-                _IDX_NAMES["test_labels"], "ec29112dd5afa0611ce80d1b7f02629c",
-                "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2", 10008),
+                _IDX_NAMES["test_labels"],
+                "ec29112dd5afa0611ce80d1b7f02629c",
+                "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+                10008,
+            ),
         },
     ),
     "fashion-mnist": DatasetSpec(
         name="fashion-mnist",
         origin="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
         files={
-            "train_images": FileSpec(_IDX_NAMES["train_images"], "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-            "train_labels": FileSpec(_IDX_NAMES["train_labels"], "25c81989df183df01b3e8a0aad5dffbe"),
+            "train_images": FileSpec(
+                _IDX_NAMES["train_images"], "8d4fb7e6c68d591d4c3dfef9ec88bf0d"
+            ),
+            "train_labels": FileSpec(
+                _IDX_NAMES["train_labels"], "25c81989df183df01b3e8a0aad5dffbe"
+            ),
             "test_images": FileSpec(_IDX_NAMES["test_images"], "bef4ecab320f06d8554ea6380940ec79"),
             "test_labels": FileSpec(_IDX_NAMES["test_labels"], "bb300cfdad3c16e7a12a480ee83cd310"),
         },
-        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                 "Sneaker", "Bag", "Ankle boot"),
+        classes=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
     ),
 }
 
@@ -113,7 +139,9 @@ def get_dataset(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise ConfigError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}") from None
+        raise ConfigError(
+            f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}"
+        ) from None
 
 
 def is_image_dataset(name: str) -> bool:
@@ -132,11 +160,14 @@ def check_dataset_name(name: str) -> str:
     if name in DATASETS or name in IMAGE_DATASETS or is_location(name):
         return name
     known = ", ".join(sorted([*DATASETS, *IMAGE_DATASETS]))
-    raise ValueError(f"unknown dataset {name!r}; known: {known}; or a folder of images "
-                     "(a path, file:// or http(s):// URL)")
+    raise ValueError(
+        f"unknown dataset {name!r}; known: {known}; or a folder of images "
+        "(a path, file:// or http(s):// URL)"
+    )
 
 
 # --------------------------------------------------------------------------- sources
+
 
 def normalise_source(chosen: str) -> str:
     """An http(s) URL ending in ``/`` or an absolute folder path; ConfigError otherwise."""
@@ -148,7 +179,9 @@ def normalise_source(chosen: str) -> str:
     elif parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
         path = Path(chosen).expanduser()
     else:
-        raise ConfigError(f"data source {chosen!r}: use an http(s) URL, a file:// URL or a folder path")
+        raise ConfigError(
+            f"data source {chosen!r}: use an http(s) URL, a file:// URL or a folder path"
+        )
     path = path.resolve()
     if not path.is_dir():
         raise ConfigError(f"data source folder {path} does not exist")
@@ -156,12 +189,16 @@ def normalise_source(chosen: str) -> str:
 
 
 def _join(source: str, name: str) -> str:
-    return urllib.parse.urljoin(source, urllib.parse.quote(name) + "/") if _is_url(source) \
+    return (
+        urllib.parse.urljoin(source, urllib.parse.quote(name) + "/")
+        if _is_url(source)
         else str(Path(source) / name)
+    )
 
 
-def locate_source(name: str, origin: str, probe: str, source: str | None = None
-                  ) -> tuple[str, dict[str, str] | None]:
+def locate_source(
+    name: str, origin: str, probe: str, source: str | None = None
+) -> tuple[str, dict[str, str] | None]:
     """The folder or URL that holds dataset ``name`` (whose files include
     ``probe``) and its SHA256SUMS if it has one: the source itself when it holds
     the files, else ``<source>/<name>/`` when that does."""
@@ -261,7 +298,8 @@ def parse_idx(payload: bytes, name: str = "IDX data") -> np.ndarray:
     actual = len(payload) - offset
     if actual != expected:
         raise IDXFormatError(
-            f"{name}: dimensions {'x'.join(map(str, dims))} need {expected} data bytes, file has {actual}")
+            f"{name}: dimensions {'x'.join(map(str, dims))} need {expected} data bytes, file has {actual}"
+        )
     arr = np.frombuffer(payload, dtype=dtype, offset=offset).reshape(dims)
     return arr.astype(dtype.newbyteorder("="), copy=False)
 
@@ -286,7 +324,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 # --------------------------------------------------------------------------- temporary files
 
-_TEMP_NAME = re.compile(r"^\.(?P<final>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]+\.(?P<suffix>\w+)$")
+_TEMP_NAME = re.compile(
+    r"^\.(?P<final>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]+\.(?P<suffix>\w+)$"
+)
 
 
 def temp_path(final: Path, suffix: str, pid: int | None = None) -> Path:
@@ -311,7 +351,9 @@ def remove_orphan_temps(folder: Path, suffix: str, log: Any = logger) -> list[Pa
     host (never a live writer's); returns what was removed."""
     removed = []
     try:
-        candidates = [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(f".{suffix}")]
+        candidates = [
+            p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(f".{suffix}")
+        ]
     except FileNotFoundError:
         return removed
     for path in sorted(candidates):
@@ -328,6 +370,7 @@ def remove_orphan_temps(folder: Path, suffix: str, log: Any = logger) -> list[Pa
 
 
 # --------------------------------------------------------------------------- fetch
+
 
 def _opener(path: Path):
     with open(path, "rb") as fh:
@@ -356,7 +399,8 @@ def _validate_idx_header(path: Path, payload_bytes: int) -> tuple[int, ...]:
     if payload_bytes - offset != expected:
         raise IDXFormatError(
             f"{path.name}: dimensions {'x'.join(map(str, dims))} need {expected} data bytes, "
-            f"file has {payload_bytes - offset}")
+            f"file has {payload_bytes - offset}"
+        )
     return dims
 
 
@@ -411,13 +455,23 @@ def _fetch_one(source: str, fspec: FileSpec, cache_dir: Path, sums: dict[str, st
             if name not in sums:
                 raise ChecksumError(f"{name}: not listed in the mirror's SHA256SUMS ({source})")
             if sums[name] != digest:
-                raise ChecksumError(f"{name}: sha256 {digest} does not match SHA256SUMS ({sums[name]})")
+                raise ChecksumError(
+                    f"{name}: sha256 {digest} does not match SHA256SUMS ({sums[name]})"
+                )
         payload_sha, payload_bytes = _payload_digest(tmp)
-        if sums is None and fspec.md5 and md5.hexdigest() != fspec.md5 and payload_sha != fspec.payload_sha256:
-            raise ChecksumError(f"{name}: md5 {md5.hexdigest()} does not match the origin's {fspec.md5}")
+        if (
+            sums is None
+            and fspec.md5
+            and md5.hexdigest() != fspec.md5
+            and payload_sha != fspec.payload_sha256
+        ):
+            raise ChecksumError(
+                f"{name}: md5 {md5.hexdigest()} does not match the origin's {fspec.md5}"
+            )
         if fspec.payload_sha256 and payload_sha != fspec.payload_sha256:
             raise ChecksumError(
-                f"{name}: decompressed sha256 {payload_sha} does not match the expected {fspec.payload_sha256}")
+                f"{name}: decompressed sha256 {payload_sha} does not match the expected {fspec.payload_sha256}"
+            )
         dims = _validate_idx_header(tmp, payload_bytes)
         try:
             os.replace(tmp, final)
@@ -426,9 +480,16 @@ def _fetch_one(source: str, fspec: FileSpec, cache_dir: Path, sums: dict[str, st
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"name": name, "path": str(final), "bytes": size, "sha256": digest,
-            "payload_sha256": payload_sha, "payload_bytes": payload_bytes, "shape": list(dims),
-            "source": source}
+    return {
+        "name": name,
+        "path": str(final),
+        "bytes": size,
+        "sha256": digest,
+        "payload_sha256": payload_sha,
+        "payload_bytes": payload_bytes,
+        "shape": list(dims),
+        "source": source,
+    }
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -448,8 +509,9 @@ def _read_cache_manifest(cache: Path) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not isinstance(files, dict) or not all(
-            isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("sha256"), str)
-            for r in files.values()):
+        isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("sha256"), str)
+        for r in files.values()
+    ):
         return None
     return files
 
@@ -484,11 +546,18 @@ def verify_download_cache(cache_dir: str | os.PathLike) -> list[str]:
     files = _read_cache_manifest(cache)
     if not complete or files is None or set(files) != set(ROLES):
         return ["manifest.json"]
-    return [files[r]["name"] for r in ROLES if _cached_file_problem(cache / files[r]["name"], files[r])]
+    return [
+        files[r]["name"] for r in ROLES if _cached_file_problem(cache / files[r]["name"], files[r])
+    ]
 
 
-def fetch_dataset(name: str, source: str | None, cache_dir: str | os.PathLike, log: Any = logger,
-                  test_dataset: str | None = None) -> dict:
+def fetch_dataset(
+    name: str,
+    source: str | None,
+    cache_dir: str | os.PathLike,
+    log: Any = logger,
+    test_dataset: str | None = None,
+) -> dict:
     """Make the dataset's files present and verified in ``cache_dir``.
 
     Returns the dataset manifest (see docs/design.md). Cached files whose sha256
@@ -532,30 +601,61 @@ def fetch_dataset(name: str, source: str | None, cache_dir: str | os.PathLike, l
         missing.append(role)
 
     if missing:
-        resolved, sums = locate_source(spec.name, spec.origin, spec.files["train_images"].filename, source)
+        resolved, sums = locate_source(
+            spec.name, spec.origin, spec.files["train_images"].filename, source
+        )
         for role in missing:
             log.info("fetching %s from %s", spec.files[role].filename, resolved)
-            files[role] = {**_fetch_one(resolved, spec.files[role], cache, sums), "status": "fetched"}
+            files[role] = {
+                **_fetch_one(resolved, spec.files[role], cache, sums),
+                "status": "fetched",
+            }
             # recorded at once: a retry after a later failure does not fetch this file again
-            _write_json(manifest_path, {"dataset": name, "complete": False, "files": {
-                r: {k: v for k, v in f.items() if k != "status"} for r, f in files.items()}})
+            _write_json(
+                manifest_path,
+                {
+                    "dataset": name,
+                    "complete": False,
+                    "files": {
+                        r: {k: v for k, v in f.items() if k != "status"} for r, f in files.items()
+                    },
+                },
+            )
 
-    counts = {split: (files[f"{split}_images"]["shape"][0], files[f"{split}_labels"]["shape"][0])
-              for split in ("train", "test")}
+    counts = {
+        split: (files[f"{split}_images"]["shape"][0], files[f"{split}_labels"]["shape"][0])
+        for split in ("train", "test")
+    }
     for split, (n_img, n_lab) in counts.items():
         if n_img != n_lab:
             raise IDXFormatError(
                 f"{files[f'{split}_images']['name']} has {n_img} images but "
-                f"{files[f'{split}_labels']['name']} has {n_lab} labels")
-    manifest = {"dataset": name, "dir": str(cache), "image_shape": list(spec.image_shape),
-                "classes": list(spec.classes), "files": files}
+                f"{files[f'{split}_labels']['name']} has {n_lab} labels"
+            )
+    manifest = {
+        "dataset": name,
+        "dir": str(cache),
+        "image_shape": list(spec.image_shape),
+        "classes": list(spec.classes),
+        "files": files,
+    }
     if missing:
-        _write_json(manifest_path, {**manifest, "complete": True, "files": {
-            r: {k: v for k, v in f.items() if k != "status"} for r, f in files.items()}})
+        _write_json(
+            manifest_path,
+            {
+                **manifest,
+                "complete": True,
+                "files": {
+                    r: {k: v for k, v in f.items() if k != "status"} for r, f in files.items()
+                },
+            },
+        )
     return manifest
 
 
-def load_images(manifest: dict, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_images(
+    manifest: dict, split: str, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, H, W, 1) uint8 and labels (N,) uint8 of the ``train`` or ``test`` split."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
@@ -564,9 +664,12 @@ def load_images(manifest: dict, split: str, limit: int | None = None) -> tuple[n
     labels = read_idx(lab_rec["path"])
     if images.shape[0] != labels.shape[0]:
         raise IDXFormatError(
-            f"{img_rec['name']} has {images.shape[0]} images but {lab_rec['name']} has {labels.shape[0]} labels")
+            f"{img_rec['name']} has {images.shape[0]} images but {lab_rec['name']} has {labels.shape[0]} labels"
+        )
     if images.ndim != 3:
-        raise IDXFormatError(f"{img_rec['name']}: expected 3 dimensions (N, H, W), got {images.ndim}")
+        raise IDXFormatError(
+            f"{img_rec['name']}: expected 3 dimensions (N, H, W), got {images.ndim}"
+        )
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return images.astype(np.uint8, copy=False)[..., None], labels.astype(np.uint8, copy=False)

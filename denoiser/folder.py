@@ -55,7 +55,9 @@ logger = logging.getLogger(__name__)
 
 JOURNAL_NAME = ".denoise-journal.jsonl"
 JOURNAL_LOCK_NAME = ".denoise-journal.lock"
-JOURNAL_LOCK_TIMEOUT = 120.0  # seconds; the lock is only held to append a line or rewrite the journal
+JOURNAL_LOCK_TIMEOUT = (
+    120.0  # seconds; the lock is only held to append a line or rewrite the journal
+)
 FOREIGN_TEMP_AGE = 86400.0  # seconds before another host's temporary file counts as abandoned
 
 UP_TO_DATE = "output is up to date"
@@ -125,10 +127,14 @@ def check_folders(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -
     src = src.resolve()
     dst = Path(output_dir).expanduser().resolve()
     if dst == src:
-        raise ConfigError("the output folder is the input folder; give another one (the input is never written)")
+        raise ConfigError(
+            "the output folder is the input folder; give another one (the input is never written)"
+        )
     if dst in src.parents:
-        raise ConfigError(f"the output folder {display_path(str(dst))} contains the input folder "
-                          f"{display_path(str(src))}; give one outside it (the input is never written)")
+        raise ConfigError(
+            f"the output folder {display_path(str(dst))} contains the input folder "
+            f"{display_path(str(src))}; give one outside it (the input is never written)"
+        )
     if dst.exists() and not dst.is_dir():
         raise ConfigError(f"output {dst} exists and is not a folder")
     return src, dst
@@ -143,8 +149,14 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def scan(src: Path, dst: Path, pattern: str = "*", fmt: str = "same", overwrite: bool = False,
-         records: dict[str, OutputRecord] | None = None) -> Iterator[Job | FileResult]:
+def scan(
+    src: Path,
+    dst: Path,
+    pattern: str = "*",
+    fmt: str = "same",
+    overwrite: bool = False,
+    records: dict[str, OutputRecord] | None = None,
+) -> Iterator[Job | FileResult]:
     """Walk ``src`` (never following symlinked folders); yield work or verdicts.
 
     ``records`` (from the output folder's journal) say what each existing
@@ -183,7 +195,9 @@ def scan(src: Path, dst: Path, pattern: str = "*", fmt: str = "same", overwrite:
                         yield FileResult(shown, "failed", "broken symlink")
                         continue
                     if target != src and src not in target.parents:
-                        yield FileResult(shown, "failed", "symlink points outside the input folder; not followed")
+                        yield FileResult(
+                            shown, "failed", "symlink points outside the input folder; not followed"
+                        )
                         continue
                     if target.is_dir():
                         yield FileResult(shown, "skipped", "symlinked folder; not followed")
@@ -200,12 +214,22 @@ def scan(src: Path, dst: Path, pattern: str = "*", fmt: str = "same", overwrite:
                 if parent not in writable:
                     writable[parent] = _inside(parent.resolve(), dst)
                 if not writable[parent]:
-                    yield FileResult(shown, "failed", "its output folder is a symlink leading out of the output "
-                                     "folder; not written", st.st_size)
+                    yield FileResult(
+                        shown,
+                        "failed",
+                        "its output folder is a symlink leading out of the output "
+                        "folder; not written",
+                        st.st_size,
+                    )
                     continue
                 if target_path in claimed:
-                    yield FileResult(shown, "failed", f"its output {display_path(os.path.relpath(target_path, dst))} "
-                                     f"is already the output of {claimed[target_path]}; not written", st.st_size)
+                    yield FileResult(
+                        shown,
+                        "failed",
+                        f"its output {display_path(os.path.relpath(target_path, dst))} "
+                        f"is already the output of {claimed[target_path]}; not written",
+                        st.st_size,
+                    )
                     continue
                 claimed[target_path] = shown
                 yield _job(path, rel, target_path, st.st_size, dst, overwrite, records)
@@ -214,8 +238,15 @@ def scan(src: Path, dst: Path, pattern: str = "*", fmt: str = "same", overwrite:
         stack.extend(reversed(subdirs))
 
 
-def _job(path: Path, rel: str, target: Path, size: int, dst: Path, overwrite: bool,
-         records: dict[str, OutputRecord]) -> Job:
+def _job(
+    path: Path,
+    rel: str,
+    target: Path,
+    size: int,
+    dst: Path,
+    overwrite: bool,
+    records: dict[str, OutputRecord],
+) -> Job:
     """The work for one input, with why it is done (or the record that the
     reader, which hashes the input anyway, compares to decide skipping)."""
     job = Job(path, rel, target, size)
@@ -245,26 +276,46 @@ class FolderPlan:
     total: int
 
 
-def plan_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, pattern: str = "*",
-                fmt: str = "same", overwrite: bool = False, chunk_files: int = 256) -> FolderPlan:
+def plan_folder(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    pattern: str = "*",
+    fmt: str = "same",
+    overwrite: bool = False,
+    chunk_files: int = 256,
+) -> FolderPlan:
     """Scan ``input_dir`` once and cut the work into chunks of at most ``chunk_files``."""
     if fmt not in ("same", "png"):
         raise ConfigError(f"format must be 'same' or 'png', not {fmt!r}")
     if chunk_files < 1:
         raise ConfigError(f"--chunk-files must be at least 1, not {chunk_files}")
     src, dst = check_folders(input_dir, output_dir)
-    items = list(scan(src, dst, pattern, fmt, overwrite, Journal(dst).read() if dst.is_dir() else {}))
+    items = list(
+        scan(src, dst, pattern, fmt, overwrite, Journal(dst).read() if dst.is_dir() else {})
+    )
     rels = [i.rel for i in items if isinstance(i, Job)]
     dst.mkdir(parents=True, exist_ok=True)
     if stale := remove_stale_parts(dst):
         logger.info("removed %d temporary files left by an interrupted run", stale)
-    return FolderPlan([i for i in items if isinstance(i, FileResult)],
-                      [rels[k:k + chunk_files] for k in range(0, len(rels), chunk_files)], len(items))
+    return FolderPlan(
+        [i for i in items if isinstance(i, FileResult)],
+        [rels[k : k + chunk_files] for k in range(0, len(rels), chunk_files)],
+        len(items),
+    )
 
 
-def denoise_chunk_files(input_dir: str | os.PathLike, output_dir: str | os.PathLike, rels: list[str],
-                        predict: BatchPredictor, spec: TileSpec, *, fmt: str = "same", overwrite: bool = False,
-                        on_result: Callable[[FileResult, int, int], None] | None = None) -> list[FileResult]:
+def denoise_chunk_files(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    rels: list[str],
+    predict: BatchPredictor,
+    spec: TileSpec,
+    *,
+    fmt: str = "same",
+    overwrite: bool = False,
+    on_result: Callable[[FileResult, int, int], None] | None = None,
+) -> list[FileResult]:
     """Denoise one chunk of a :class:`FolderPlan`, with the same rules as
     :func:`denoise_tree` (skips by the journal, atomic outputs, per-file
     verdicts). A file gone or changed into something else since the plan is
@@ -279,7 +330,9 @@ def denoise_chunk_files(input_dir: str | os.PathLike, output_dir: str | os.PathL
         try:
             st = os.stat(path)
         except OSError as exc:
-            results.append(FileResult(display_path(rel), "failed", f"cannot stat: {exc.strerror or exc}"))
+            results.append(
+                FileResult(display_path(rel), "failed", f"cannot stat: {exc.strerror or exc}")
+            )
             continue
         jobs.append(_job(path, rel, _target(dst, rel, fmt), st.st_size, dst, overwrite, records))
     return _run(jobs, results, len(rels), journal, predict, spec, fmt, 2, 2, 512, on_result)
@@ -357,8 +410,12 @@ class Journal:
 
         self.root = dst
         self.path = dst / JOURNAL_NAME
-        self._mutex = threading.Lock()  # the file lock is per process; this one orders the writer threads
-        self._lock = FileLock(dst / JOURNAL_LOCK_NAME, timeout=JOURNAL_LOCK_TIMEOUT, thread_local=False)
+        self._mutex = (
+            threading.Lock()
+        )  # the file lock is per process; this one orders the writer threads
+        self._lock = FileLock(
+            dst / JOURNAL_LOCK_NAME, timeout=JOURNAL_LOCK_TIMEOUT, thread_local=False
+        )
 
     def read(self) -> dict[str, OutputRecord]:
         try:
@@ -376,7 +433,7 @@ class Journal:
                     line = b"\n" + line  # a torn last line stays a line of its own
                 view = memoryview(line)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
 
@@ -388,7 +445,9 @@ class Journal:
                 data = self.path.read_bytes()
             except FileNotFoundError:
                 return False
-            kept = [r for r in parse_journal(data).values() if os.path.lexists(self.root / r.output)]
+            kept = [
+                r for r in parse_journal(data).values() if os.path.lexists(self.root / r.output)
+            ]
             compacted = b"".join(format_record(r) for r in kept)
             if compacted == data:
                 return False
@@ -424,11 +483,13 @@ class BatchPredictor:
         size = self.batch_for(tiles.shape[1:3])
         out = np.empty(tiles.shape, dtype=np.float32)
         for start in range(0, n, size):
-            chunk = tiles[start:start + size]
+            chunk = tiles[start : start + size]
             k = len(chunk)
             if k < size:
                 chunk = np.concatenate([chunk, np.zeros((size - k, *chunk.shape[1:]), np.float32)])
-            out[start:start + k] = np.asarray(self.model.predict_on_batch(chunk), dtype=np.float32)[:k]
+            out[start : start + k] = np.asarray(
+                self.model.predict_on_batch(chunk), dtype=np.float32
+            )[:k]
         return out
 
 
@@ -461,20 +522,47 @@ def _save(job: Job, fmt: str, journal: Journal) -> FileResult:
     data = encode_image(img, output_format(job.source, loaded.format, fmt))
     write_atomic(job.target, data)
     failpoint("folder.after_output")
-    journal.append(OutputRecord(os.path.relpath(job.target, journal.root), job.rel, job.input_size,
-                                job.input_sha256, len(data), hashlib.sha256(data).hexdigest()))
+    journal.append(
+        OutputRecord(
+            os.path.relpath(job.target, journal.root),
+            job.rel,
+            job.input_size,
+            job.input_sha256,
+            len(data),
+            hashlib.sha256(data).hexdigest(),
+        )
+    )
     w, h = loaded.size
-    result = FileResult(display_path(job.rel), "denoised", "", job.bytes, loaded.mode, w, h,
-                        round((time.perf_counter() - job.started) * 1000, 1), display_path(str(job.target)),
-                        job.reason)
+    result = FileResult(
+        display_path(job.rel),
+        "denoised",
+        "",
+        job.bytes,
+        loaded.mode,
+        w,
+        h,
+        round((time.perf_counter() - job.started) * 1000, 1),
+        display_path(str(job.target)),
+        job.reason,
+    )
     job.loaded = job.tiled = job.blender = None  # free the pixels now
     return result
 
 
-def denoise_tree(input_dir: str | os.PathLike, output_dir: str | os.PathLike, predict: BatchPredictor,
-                 spec: TileSpec, *, pattern: str = "*", fmt: str = "same", overwrite: bool = False,
-                 readers: int = 2, writers: int = 2, max_pending: int = 512,
-                 on_result: Callable[[FileResult, int, int], None] | None = None) -> list[FileResult]:
+def denoise_tree(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    predict: BatchPredictor,
+    spec: TileSpec,
+    *,
+    pattern: str = "*",
+    fmt: str = "same",
+    overwrite: bool = False,
+    readers: int = 2,
+    writers: int = 2,
+    max_pending: int = 512,
+    on_result: Callable[[FileResult, int, int], None] | None = None,
+) -> list[FileResult]:
     """Denoise every image under ``input_dir`` into ``output_dir``.
 
     An image is skipped while its output exists and both still match the
@@ -496,17 +584,43 @@ def denoise_tree(input_dir: str | os.PathLike, output_dir: str | os.PathLike, pr
     if stale := remove_stale_parts(dst):
         logger.info("removed %d temporary files left by an interrupted run", stale)
     try:
-        return _run(jobs, results, total, journal, predict, spec, fmt, readers, writers, max_pending, on_result)
+        return _run(
+            jobs,
+            results,
+            total,
+            journal,
+            predict,
+            spec,
+            fmt,
+            readers,
+            writers,
+            max_pending,
+            on_result,
+        )
     finally:
         try:
             journal.compact()
-        except (OSError, DenoiseError, TimeoutError) as exc:  # the appended lines stay valid as they are
+        except (
+            OSError,
+            DenoiseError,
+            TimeoutError,
+        ) as exc:  # the appended lines stay valid as they are
             logger.warning("could not compact %s: %s", journal.path, exc)
 
 
-def _run(jobs: list[Job], results: list[FileResult], total: int, journal: Journal,
-         predict: BatchPredictor, spec: TileSpec, fmt: str, readers: int, writers: int, max_pending: int,
-         on_result: Callable[[FileResult, int, int], None] | None) -> list[FileResult]:
+def _run(
+    jobs: list[Job],
+    results: list[FileResult],
+    total: int,
+    journal: Journal,
+    predict: BatchPredictor,
+    spec: TileSpec,
+    fmt: str,
+    readers: int,
+    writers: int,
+    max_pending: int,
+    on_result: Callable[[FileResult, int, int], None] | None,
+) -> list[FileResult]:
     for r in results:
         if on_result:
             on_result(r, len(results), total)
@@ -529,7 +643,11 @@ def _run(jobs: list[Job], results: list[FileResult], total: int, journal: Journa
             try:
                 report(fut.result())
             except (DenoiseError, OSError, ValueError) as exc:
-                report(FileResult(display_path(job.rel), "failed", f"cannot write output: {exc}", job.bytes))
+                report(
+                    FileResult(
+                        display_path(job.rel), "failed", f"cannot write output: {exc}", job.bytes
+                    )
+                )
 
     def run_group(shape: tuple[int, int], force: bool) -> None:
         queue = groups.get(shape)
@@ -545,8 +663,10 @@ def _run(jobs: list[Job], results: list[FileResult], total: int, journal: Journa
                     writes.append(fut)
             drain_writes(block=False)
 
-    with ThreadPoolExecutor(readers, thread_name_prefix="read") as reader_pool, \
-            ThreadPoolExecutor(writers, thread_name_prefix="write") as writer_pool:
+    with (
+        ThreadPoolExecutor(readers, thread_name_prefix="read") as reader_pool,
+        ThreadPoolExecutor(writers, thread_name_prefix="write") as writer_pool,
+    ):
         reads: deque[tuple[Job, Future]] = deque()
         queue_iter = iter(jobs)
         pending_tiles = 0
@@ -566,11 +686,23 @@ def _run(jobs: list[Job], results: list[FileResult], total: int, journal: Journa
                     report(FileResult(display_path(job.rel), "failed", str(exc), job.bytes))
                     continue
                 except (OSError, ValueError, MemoryError) as exc:
-                    report(FileResult(display_path(job.rel), "failed", f"cannot read: {exc}", job.bytes))
+                    report(
+                        FileResult(
+                            display_path(job.rel), "failed", f"cannot read: {exc}", job.bytes
+                        )
+                    )
                     continue
                 if job.up_to_date:
-                    report(FileResult(display_path(job.rel), "skipped", UP_TO_DATE, job.bytes,
-                                      output=display_path(str(job.target)), reason=WHY_SKIPPED))
+                    report(
+                        FileResult(
+                            display_path(job.rel),
+                            "skipped",
+                            UP_TO_DATE,
+                            job.bytes,
+                            output=display_path(str(job.target)),
+                            reason=WHY_SKIPPED,
+                        )
+                    )
                     continue
                 shape = job.tiled.tile_shape
                 groups.setdefault(shape, deque()).extend((job, i) for i in range(len(job.tiled)))

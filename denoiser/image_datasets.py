@@ -513,6 +513,7 @@ IMAGE_DATASETS: dict[str, ImageDatasetSpec] = {
 
 # --------------------------------------------------------------------------- names and locations
 
+
 def is_location(name: str) -> bool:
     """Whether ``name`` names a folder of images rather than a registered dataset."""
     scheme = urllib.parse.urlparse(name).scheme
@@ -530,7 +531,9 @@ def dataset_slug(name: str) -> str:
         return name
     where = normalise_location(name, must_exist=False)
     base = where.rstrip("/").rsplit("/", 1)[-1]
-    base = "".join(c if c.isalnum() or c in "-_." else "-" for c in urllib.parse.unquote(base).lower())
+    base = "".join(
+        c if c.isalnum() or c in "-_." else "-" for c in urllib.parse.unquote(base).lower()
+    )
     digest = hashlib.sha256(where.encode()).hexdigest()[:8]
     return f"folder-{base.strip('-.')[:40] or 'images'}-{digest}"
 
@@ -569,12 +572,15 @@ def list_location(location: str, sums: dict[str, str] | None) -> dict[str, str |
     if sums is not None:
         return {name: sha for name, sha in sorted(sums.items()) if _is_image_name(name)}
     if _is_url(location):
-        raise ConfigError(f"{location}: a folder of images served over HTTP needs a {SUMS_NAME} beside "
-                          "the images listing them (sha256sum format); none found")
+        raise ConfigError(
+            f"{location}: a folder of images served over HTTP needs a {SUMS_NAME} beside "
+            "the images listing them (sha256sum format); none found"
+        )
     return dict.fromkeys(list_local_images(Path(location)))
 
 
 # --------------------------------------------------------------------------- fetch
+
 
 def _grey(data: bytes) -> np.ndarray:
     """The image's luma as (H, W) uint8, as the folder denoiser reads it."""
@@ -598,8 +604,9 @@ def _source_name(location: str, name: str) -> str:
     return urllib.parse.quote(name) if _is_url(location) else name
 
 
-def _fetch_image(location: str, name: str, final: Path, expected: str | None,
-                 sums: dict[str, str] | None) -> tuple[dict, bytes | None]:
+def _fetch_image(
+    location: str, name: str, final: Path, expected: str | None, sums: dict[str, str] | None
+) -> tuple[dict, bytes | None]:
     """Stream one file to a temporary name beside ``final``, check it; returns
     its record and its bytes, renamed into place only if they decode."""
     cache_dir = final.parent
@@ -626,12 +633,20 @@ def _fetch_image(location: str, name: str, final: Path, expected: str | None,
         if sums is not None and name not in sums:
             raise ChecksumError(f"{name}: not listed in the mirror's {SUMS_NAME} ({location})")
         if sums is not None and sums[name] != digest:
-            raise ChecksumError(f"{name}: sha256 {digest} does not match {SUMS_NAME} ({sums[name]})")
+            raise ChecksumError(
+                f"{name}: sha256 {digest} does not match {SUMS_NAME} ({sums[name]})"
+            )
         if expected is not None and expected != digest:
             raise ChecksumError(f"{name}: sha256 {digest} does not match the expected {expected}")
         data = tmp.read_bytes()
-        rec = {"name": name, "path": str(final), "bytes": size, "sha256": digest, "payload_sha256": digest,
-               "source": location}
+        rec = {
+            "name": name,
+            "path": str(final),
+            "bytes": size,
+            "sha256": digest,
+            "payload_sha256": digest,
+            "source": location,
+        }
         try:
             rec.update(_describe(data))
         except ImageError as exc:
@@ -671,11 +686,14 @@ def _local_sha(location: str, name: str) -> str:
     try:
         return file_sha256(Path(location) / name)
     except OSError as exc:
-        raise DownloadError(f"{name}: cannot read {Path(location) / name}: {exc.strerror or exc}") from None
+        raise DownloadError(
+            f"{name}: cannot read {Path(location) / name}: {exc.strerror or exc}"
+        ) from None
 
 
-def fetch_image_folder(name: str, source: str | None, cache_dir: str | os.PathLike,
-                       log: Any = logger) -> dict:
+def fetch_image_folder(
+    name: str, source: str | None, cache_dir: str | os.PathLike, log: Any = logger
+) -> dict:
     """Make one folder of images present, verified and decodable in ``cache_dir``.
 
     Returns its manifest: ``{"dataset", "kind": "images", "name", "location",
@@ -694,8 +712,12 @@ def fetch_image_folder(name: str, source: str | None, cache_dir: str | os.PathLi
         raise _cache_write_error(name, cache, exc) from None
     remove_orphan_temps(cache, "part", log)
     previous = _read_folder_manifest(cache)
-    before = {**{s["name"]: s for s in previous.get("skipped", []) if isinstance(s, dict) and "name" in s},
-              **{n: r for n, r in (previous.get("files") or {}).items() if isinstance(r, dict)}}
+    before = {
+        **{
+            s["name"]: s for s in previous.get("skipped", []) if isinstance(s, dict) and "name" in s
+        },
+        **{n: r for n, r in (previous.get("files") or {}).items() if isinstance(r, dict)},
+    }
     spec = IMAGE_DATASETS.get(name)
 
     location = sums = None
@@ -727,8 +749,11 @@ def fetch_image_folder(name: str, source: str | None, cache_dir: str | os.PathLi
             files[rel] = {**rec, "path": str(cache / rel), "status": "cached"}
             continue
         if isinstance(rec, dict) and "reason" not in rec and rec.get("sha256") == want:
-            log.warning("%s: %s; fetching it again", cache / rel,
-                        _cached_file_problem(cache / rel, rec) or "changed")
+            log.warning(
+                "%s: %s; fetching it again",
+                cache / rel,
+                _cached_file_problem(cache / rel, rec) or "changed",
+            )
         if location is None:
             location, sums = where()
         log.info("fetching %s from %s", rel, location)
@@ -741,18 +766,32 @@ def fetch_image_folder(name: str, source: str | None, cache_dir: str | os.PathLi
     if not files:
         first = f" (first: {skipped[0]['name']}: {skipped[0]['reason']})" if skipped else ""
         raise ImageError(f"{name}: no readable image{first}; {len(skipped)} skipped")
-    manifest = {"dataset": dataset_slug(name), "kind": "images", "name": name,
-                "location": location or previous.get("location"), "dir": str(cache), "files": files,
-                "skipped": skipped}
-    stored = {**manifest, "complete": True,
-              "files": {r: {k: v for k, v in f.items() if k != "status"} for r, f in files.items()}}
+    manifest = {
+        "dataset": dataset_slug(name),
+        "kind": "images",
+        "name": name,
+        "location": location or previous.get("location"),
+        "dir": str(cache),
+        "files": files,
+        "skipped": skipped,
+    }
+    stored = {
+        **manifest,
+        "complete": True,
+        "files": {r: {k: v for k, v in f.items() if k != "status"} for r, f in files.items()},
+    }
     if stored != previous:
         _write_json(cache / "manifest.json", stored)
     return manifest
 
 
-def fetch_image_dataset(name: str, source: str | None, cache_dir: str | os.PathLike, log: Any = logger,
-                        test_dataset: str | None = None) -> dict:
+def fetch_image_dataset(
+    name: str,
+    source: str | None,
+    cache_dir: str | os.PathLike,
+    log: Any = logger,
+    test_dataset: str | None = None,
+) -> dict:
     """The folder's manifest (see :func:`fetch_image_folder`) plus its test
     images: ``"test"`` holds the test folder's manifest (``test_dataset``, else
     the registered dataset's own test set), cached beside ``cache_dir`` under
@@ -763,8 +802,10 @@ def fetch_image_dataset(name: str, source: str | None, cache_dir: str | os.PathL
     test_name = test_dataset or (spec.test if spec else None)
     if test_name is not None:
         if test_name not in IMAGE_DATASETS and not is_location(test_name):
-            raise ConfigError(f"unknown test dataset {test_name!r}; known: {', '.join(sorted(IMAGE_DATASETS))}; "
-                              "or a folder of images (a path, file:// or http(s):// URL)")
+            raise ConfigError(
+                f"unknown test dataset {test_name!r}; known: {', '.join(sorted(IMAGE_DATASETS))}; "
+                "or a folder of images (a path, file:// or http(s):// URL)"
+            )
         test_cache = Path(cache_dir).parent / dataset_slug(test_name)
         manifest["test"] = fetch_image_folder(test_name, source, test_cache, log)
     else:
@@ -778,10 +819,17 @@ def verify_image_cache(cache_dir: str | os.PathLike) -> list[str]:
     cache = Path(cache_dir)
     recorded = _read_folder_manifest(cache)
     files = recorded.get("files")
-    if not recorded.get("complete") or not isinstance(files, dict) or not all(
-            isinstance(r, dict) and isinstance(r.get("sha256"), str) for r in files.values()):
+    if (
+        not recorded.get("complete")
+        or not isinstance(files, dict)
+        or not all(isinstance(r, dict) and isinstance(r.get("sha256"), str) for r in files.values())
+    ):
         return ["manifest.json"]
-    return [name for name, rec in files.items() if _cached_file_problem(cache / name, {**rec, "name": name})]
+    return [
+        name
+        for name, rec in files.items()
+        if _cached_file_problem(cache / name, {**rec, "name": name})
+    ]
 
 
 def source_changes(cache_dir: str | os.PathLike) -> list[str]:
@@ -797,8 +845,10 @@ def source_changes(cache_dir: str | os.PathLike) -> list[str]:
         return [location]
     sums = read_sha256sums(location)
     listed = list_location(location, sums)
-    before = {**{s["name"]: s.get("sha256") for s in recorded.get("skipped", [])},
-              **{n: r.get("sha256") for n, r in recorded.get("files", {}).items()}}
+    before = {
+        **{s["name"]: s.get("sha256") for s in recorded.get("skipped", [])},
+        **{n: r.get("sha256") for n, r in recorded.get("files", {}).items()},
+    }
     changed = sorted(set(before) ^ set(listed))
     for rel in sorted(set(before) & set(listed)):
         if (listed[rel] or _local_sha(location, rel)) != before[rel]:
@@ -806,16 +856,17 @@ def source_changes(cache_dir: str | os.PathLike) -> list[str]:
     return changed
 
 
-
 # --------------------------------------------------------------------------- splits and patches
+
 
 def content_share(sha256: str) -> float:
     """Where a file falls in [0, 1), from its content alone."""
     return int(sha256[:16], 16) / float(1 << 64)
 
 
-def split_by_content(shas: dict[str, str], validation_fraction: float,
-                     test_fraction: float | None = None) -> dict[str, str]:
+def split_by_content(
+    shas: dict[str, str], validation_fraction: float, test_fraction: float | None = None
+) -> dict[str, str]:
     """{name: "train" | "validation" | "test"} by each file's content hash: the
     lowest ``test_fraction`` of hashes is test, the next ``validation_fraction``
     validation. A small folder whose hashes leave a held-out split empty gives
@@ -824,15 +875,23 @@ def split_by_content(shas: dict[str, str], validation_fraction: float,
 
     test_cut = test_fraction or 0.0
     share = {name: content_share(sha) for name, sha in shas.items()}
-    split = {name: "test" if u < test_cut else "validation" if u < test_cut + validation_fraction else "train"
-             for name, u in share.items()}
+    split = {
+        name: "test"
+        if u < test_cut
+        else "validation"
+        if u < test_cut + validation_fraction
+        else "train"
+        for name, u in share.items()
+    }
     for wanted in (("test",) if test_fraction else ()) + ("validation",):
         if wanted in split.values():
             continue
         train = sorted((share[n], n) for n, s in split.items() if s == "train")
         if len(train) < 2:
-            raise ShardError(f"{len(shas)} usable images cannot be split into train, validation"
-                             f"{' and test' if test_fraction else ''}; add images")
+            raise ShardError(
+                f"{len(shas)} usable images cannot be split into train, validation"
+                f"{' and test' if test_fraction else ''}; add images"
+            )
         split[train[0][1]] = wanted
     return split
 
@@ -854,14 +913,28 @@ class CachedImages(Sequence):
 
 
 def _entries(manifest: dict, source: str) -> list[dict]:
-    return [{"name": name, "source": source, "sha256": rec["sha256"], "path": rec["path"],
-             "height": rec["height"], "width": rec["width"]}
-            for name, rec in sorted(manifest["files"].items())]
+    return [
+        {
+            "name": name,
+            "source": source,
+            "sha256": rec["sha256"],
+            "path": rec["path"],
+            "height": rec["height"],
+            "width": rec["width"],
+        }
+        for name, rec in sorted(manifest["files"].items())
+    ]
 
 
-def build_image_splits(dataset: dict, validation_fraction: float, patch_size: int | None = None,
-                       patches_per_image: int | None = None, train_limit: int | None = None,
-                       test_limit: int | None = None, log: Any = logger) -> tuple[dict, dict]:
+def build_image_splits(
+    dataset: dict,
+    validation_fraction: float,
+    patch_size: int | None = None,
+    patches_per_image: int | None = None,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    log: Any = logger,
+) -> tuple[dict, dict]:
     """The splits of an image dataset manifest (:func:`fetch_image_dataset`) for
     :func:`denoiser.shards.write_shard_set`, and what the shard manifest records.
 
@@ -882,7 +955,9 @@ def build_image_splits(dataset: dict, validation_fraction: float, patch_size: in
     own = _entries(dataset, "dataset")[:train_limit]
     test_manifest = dataset.get("test")
     held_out = None if test_manifest else dataset.get("held_out_test") or HELD_OUT_TEST_SHARE
-    assigned = split_by_content({e["name"]: e["sha256"] for e in own}, validation_fraction, held_out)
+    assigned = split_by_content(
+        {e["name"]: e["sha256"] for e in own}, validation_fraction, held_out
+    )
     for entry in own:
         entry["split"] = assigned[entry["name"]]
     tests = _entries(test_manifest, "test") if test_manifest else []
@@ -894,11 +969,19 @@ def build_image_splits(dataset: dict, validation_fraction: float, patch_size: in
     for e in own:
         if e["split"] != "test" and (e["height"] < size or e["width"] < size):
             too_small.append(e["name"])
-            log.warning("%s: %dx%d is smaller than a %dx%d patch; not used for training",
-                        e["name"], e["width"], e["height"], size, size)
+            log.warning(
+                "%s: %dx%d is smaller than a %dx%d patch; not used for training",
+                e["name"],
+                e["width"],
+                e["height"],
+                size,
+                size,
+            )
 
     def rows_of(split: str) -> list[int]:
-        return [i for i, e in enumerate(images) if e["split"] == split and e["name"] not in too_small]
+        return [
+            i for i, e in enumerate(images) if e["split"] == split and e["name"] not in too_small
+        ]
 
     splits = {}
     for split in ("train", "validation", "test"):
@@ -909,13 +992,25 @@ def build_image_splits(dataset: dict, validation_fraction: float, patch_size: in
             raise ShardError(f"{dataset['dataset']}: no image left for the {split} split")
         patch = None if split == "test" else size
         splits[split] = SplitArrays(
-            CachedImages([images[i]["path"] for i in picked]), np.zeros(len(picked), np.uint8),
-            np.array(picked, dtype=np.int64), copies=1 if split == "test" else per_image, patch_size=patch,
-            shapes=[(images[i]["height"], images[i]["width"]) for i in picked])
+            CachedImages([images[i]["path"] for i in picked]),
+            np.zeros(len(picked), np.uint8),
+            np.array(picked, dtype=np.int64),
+            copies=1 if split == "test" else per_image,
+            patch_size=patch,
+            shapes=[(images[i]["height"], images[i]["width"]) for i in picked],
+        )
     skipped = [{**s, "source": "dataset"} for s in dataset.get("skipped", [])]
     skipped += [{**s, "source": "test"} for s in (test_manifest or {}).get("skipped", [])]
-    meta = {"images": [{k: e[k] for k in ("name", "source", "sha256", "height", "width", "split")}
-                       for e in images],
-            "skipped": skipped, "too_small": too_small, "patch_size": size, "patches_per_image": per_image,
-            "test_dataset": test_manifest["name"] if test_manifest else None, "held_out_test": held_out}
+    meta = {
+        "images": [
+            {k: e[k] for k in ("name", "source", "sha256", "height", "width", "split")}
+            for e in images
+        ],
+        "skipped": skipped,
+        "too_small": too_small,
+        "patch_size": size,
+        "patches_per_image": per_image,
+        "test_dataset": test_manifest["name"] if test_manifest else None,
+        "held_out_test": held_out,
+    }
     return splits, meta

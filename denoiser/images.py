@@ -27,8 +27,16 @@ from denoiser.files import host_tag
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
-_FORMAT_BY_SUFFIX = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF",
-                     ".bmp": "BMP", ".webp": "WEBP", ".gif": "GIF"}
+_FORMAT_BY_SUFFIX = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".bmp": "BMP",
+    ".webp": "WEBP",
+    ".gif": "GIF",
+}
 
 
 @dataclass
@@ -91,7 +99,9 @@ def decode_image(data: bytes) -> LoadedImage:
             fmt = img.format
             w, h = img.size
             if limit and w * h > limit:
-                raise ImageError(f"{w}x{h} image is over the decompression-bomb limit of {limit:,} pixels")
+                raise ImageError(
+                    f"{w}x{h} image is over the decompression-bomb limit of {limit:,} pixels"
+                )
             img.seek(0)  # GIF and multi-page TIFF: the first frame
             img.load()
             if img.getexif().get(0x0112, 1) != 1:  # only images that carry a rotation
@@ -116,14 +126,18 @@ def _to_planes(img, fmt: str | None) -> LoadedImage:
         return LoadedImage(mode, size, fmt, arr)
     if mode == "LA":
         arr = np.asarray(img, dtype=np.float32)
-        return LoadedImage(mode, size, fmt, arr[..., 0] / 255.0, alpha=np.asarray(img)[..., 1].copy())
+        return LoadedImage(
+            mode, size, fmt, arr[..., 0] / 255.0, alpha=np.asarray(img)[..., 1].copy()
+        )
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         arr = np.asarray(img).astype(np.float32) / 65535.0
         return LoadedImage(mode, size, fmt, arr, max_value=65535)
     if mode == "I":  # 16-bit PNGs often open as 32-bit "I" holding 0..65535
         raw = np.asarray(img)
         top = 65535 if raw.max(initial=0) > 255 or fmt == "PNG" else 255
-        return LoadedImage(mode, size, fmt, np.clip(raw, 0, top).astype(np.float32) / top, max_value=top)
+        return LoadedImage(
+            mode, size, fmt, np.clip(raw, 0, top).astype(np.float32) / top, max_value=top
+        )
     if mode == "F":
         raw = np.asarray(img, dtype=np.float32)
         return LoadedImage(mode, size, fmt, np.clip(raw, 0, 1), max_value=1)
@@ -144,8 +158,9 @@ def _to_planes(img, fmt: str | None) -> LoadedImage:
         else:
             rgb = np.asarray(img.convert("RGB"))
         y, chroma = _rgb_to_ycc(rgb.astype(np.float32) / 255.0)
-        return LoadedImage(mode, size, fmt, y.astype(np.float32), chroma.astype(np.float32), alpha,
-                           palette_image)
+        return LoadedImage(
+            mode, size, fmt, y.astype(np.float32), chroma.astype(np.float32), alpha, palette_image
+        )
     raise ImageError(f"unsupported image mode {mode!r}")
 
 
@@ -159,8 +174,10 @@ def rebuild_image(loaded: LoadedImage, luma: np.ndarray):
         img = Image.fromarray(np.rint(luma * 255).astype(np.uint8))
         return img.convert("1") if mode == "1" else img
     if mode == "LA":
-        return Image.merge("LA", [Image.fromarray(np.rint(luma * 255).astype(np.uint8)),
-                                  Image.fromarray(loaded.alpha)])
+        return Image.merge(
+            "LA",
+            [Image.fromarray(np.rint(luma * 255).astype(np.uint8)), Image.fromarray(loaded.alpha)],
+        )
     if mode.startswith("I;16"):
         return Image.fromarray(np.rint(luma * 65535).astype(np.uint16))  # mode I;16
     if mode == "I":
@@ -172,7 +189,9 @@ def rebuild_image(loaded: LoadedImage, luma: np.ndarray):
         if loaded.alpha is not None:  # a transparent palette image: octree keeps the alpha
             rgba = Image.fromarray(np.dstack([rgb8, loaded.alpha]))
             return rgba.quantize(method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
-        return Image.fromarray(rgb8).quantize(palette=loaded.palette_image, dither=Image.Dither.NONE)
+        return Image.fromarray(rgb8).quantize(
+            palette=loaded.palette_image, dither=Image.Dither.NONE
+        )
     if loaded.alpha is not None:
         rgba = Image.fromarray(np.dstack([rgb8, loaded.alpha]))
         return rgba if mode == "RGBA" else rgba.convert(mode)
@@ -189,8 +208,12 @@ def output_format(source: Path, loaded_format: str | None, fmt: str) -> str:
 def encode_image(img, fmt: str) -> bytes:
     """Encoded bytes; JPEG/WebP at high quality since the point is fidelity."""
     buf = io.BytesIO()
-    options = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {"optimize": False},
-               "TIFF": {"compression": "tiff_deflate"}}.get(fmt, {})
+    options = {
+        "JPEG": {"quality": 95},
+        "WEBP": {"quality": 95},
+        "PNG": {"optimize": False},
+        "TIFF": {"compression": "tiff_deflate"},
+    }.get(fmt, {})
     if fmt == "JPEG" and img.mode not in ("L", "RGB", "CMYK"):
         img = img.convert("RGB")
     img.save(buf, format=fmt, **options)
@@ -199,8 +222,11 @@ def encode_image(img, fmt: str) -> bytes:
 
 TEMP_SUFFIX = ".denoise.part"
 NAME_MAX = 255  # bytes in one file name, on every common Linux file system
-_TEMP_NAME = re.compile(rb"\.(?P<name>.*)\.(?P<host>[0-9a-f]{6})-(?P<pid>[0-9]{1,10})-[0-9a-f]{8}"
-                        + re.escape(TEMP_SUFFIX.encode()), re.DOTALL)
+_TEMP_NAME = re.compile(
+    rb"\.(?P<name>.*)\.(?P<host>[0-9a-f]{6})-(?P<pid>[0-9]{1,10})-[0-9a-f]{8}"
+    + re.escape(TEMP_SUFFIX.encode()),
+    re.DOTALL,
+)
 
 
 def _cut_utf8(raw: bytes, limit: int) -> bytes:
@@ -240,7 +266,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

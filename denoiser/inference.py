@@ -8,7 +8,9 @@ from denoiser.folder import BatchPredictor
 from denoiser.tiling import pad_bottom_right
 
 
-def predict_array(model, images: np.ndarray, batch_size: int = 256, size_multiple: int = 1) -> np.ndarray:
+def predict_array(
+    model, images: np.ndarray, batch_size: int = 256, size_multiple: int = 1
+) -> np.ndarray:
     """float32 [0, 1] images (N, H, W, C) through the model, batch by batch.
 
     H and W are padded to multiples of ``size_multiple`` as ``denoiser.tiling``
@@ -58,7 +60,9 @@ def denoise_planes(planes: list[np.ndarray], spec, predict) -> list[np.ndarray]:
 
 
 PHOTO_MIN_SIDE = 64  # larger on both sides than this: not a 28x28-style digit image
-SATURATED_SHARE = 0.5  # more of the pixels than this at black or white: line art, digits, scans of text
+SATURATED_SHARE = (
+    0.5  # more of the pixels than this at black or white: line art, digits, scans of text
+)
 
 
 def plane_domain(plane: np.ndarray) -> str:
@@ -94,7 +98,11 @@ def folder_domain(folder, pattern: str = "*", sample: int = 16) -> str | None:
     for path in sorted(root.rglob("*")):
         if len(planes) >= sample:
             break
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not fnmatch(path.name, pattern) or not path.is_file():
+        if (
+            path.suffix.lower() not in IMAGE_SUFFIXES
+            or not fnmatch(path.name, pattern)
+            or not path.is_file()
+        ):
             continue
         try:
             planes.append(read_image(path).luma)
@@ -103,10 +111,14 @@ def folder_domain(folder, pattern: str = "*", sample: int = 16) -> str | None:
     return images_domain(planes)
 
 
-EVAL_NOISE_SEED = 0  # the noisy test images: one fixed draw per sigma, so every model sees the same ones
+EVAL_NOISE_SEED = (
+    0  # the noisy test images: one fixed draw per sigma, so every model sees the same ones
+)
 
 
-def noisy_planes(clean: list[np.ndarray], sigma: float, seed: int = EVAL_NOISE_SEED) -> list[np.ndarray]:
+def noisy_planes(
+    clean: list[np.ndarray], sigma: float, seed: int = EVAL_NOISE_SEED
+) -> list[np.ndarray]:
     """The literature's unclipped awgn at ``sigma`` on each plane, from a
     generator seeded by ``seed`` and the sigma (each sigma's draw is its own)."""
     from denoiser.noise import add_awgn
@@ -115,8 +127,15 @@ def noisy_planes(clean: list[np.ndarray], sigma: float, seed: int = EVAL_NOISE_S
     return [add_awgn(c, sigma, rng) for c in clean]
 
 
-def evaluate_planes(model, architecture: str | None, clean: list[np.ndarray], sigmas: list[float],
-                    batch_size: int = 256, names: list[str] | None = None, seed: int = EVAL_NOISE_SEED):
+def evaluate_planes(
+    model,
+    architecture: str | None,
+    clean: list[np.ndarray],
+    sigmas: list[float],
+    batch_size: int = 256,
+    names: list[str] | None = None,
+    seed: int = EVAL_NOISE_SEED,
+):
     """A model on whole [0, 1] test planes of any sizes at each awgn sigma,
     through the folder denoiser's tiling. Returns ``(metrics, noisy,
     denoised)``: :func:`denoiser.metrics.evaluate_per_sigma`'s result and the
@@ -137,4 +156,4 @@ def centre_crop(plane: np.ndarray, size: int) -> np.ndarray:
     """The central ``size`` x ``size`` square (smaller sides kept whole)."""
     h, w = plane.shape[:2]
     y, x = max((h - size) // 2, 0), max((w - size) // 2, 0)
-    return plane[y:y + size, x:x + size]
+    return plane[y : y + size, x : x + size]

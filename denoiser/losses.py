@@ -52,7 +52,9 @@ class PsnrSsimLoss(keras.losses.Loss):
     image from dominating the batch with an unbounded reward.
     """
 
-    def __init__(self, ssim_weight: float = 1.0, eps: float = 1e-5, name: str = "psnr_ssim", **kwargs):
+    def __init__(
+        self, ssim_weight: float = 1.0, eps: float = 1e-5, name: str = "psnr_ssim", **kwargs
+    ):
         super().__init__(name=name, **kwargs)
         self.ssim_weight = float(ssim_weight)
         self.eps = float(eps)

@@ -68,21 +68,26 @@ def ssim(clean: np.ndarray, test: np.ndarray, data_range: float = 1.0) -> np.nda
     cov = n / (n - 1)
     out = np.empty(len(x))
     for start in range(0, len(x), 512):  # bounded memory on large test sets
-        xs, ys = x[start:start + 512], y[start:start + 512]
+        xs, ys = x[start : start + 512], y[start : start + 512]
         ux, uy = _box_mean(xs), _box_mean(ys)
         vx = cov * (_box_mean(xs * xs) - ux * ux)
         vy = cov * (_box_mean(ys * ys) - uy * uy)
         vxy = cov * (_box_mean(xs * ys) - ux * uy)
-        s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
-        out[start:start + 512] = s.reshape(len(s), -1).mean(axis=1)
+        s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+        out[start : start + 512] = s.reshape(len(s), -1).mean(axis=1)
     return out.reshape(-1, channels).mean(axis=1)
 
 
 def _summary(clean, noisy, denoised, with_ssim: bool = True) -> dict[str, float]:
-    row = {"count": int(len(clean)),
-           "psnr_noisy": float(psnr(clean, noisy).mean()), "psnr_denoised": float(psnr(clean, denoised).mean()),
-           "mse_noisy": float(mse(clean, noisy).mean()), "mse_denoised": float(mse(clean, denoised).mean()),
-           "bce_noisy": float(bce(clean, noisy).mean()), "bce_denoised": float(bce(clean, denoised).mean())}
+    row = {
+        "count": int(len(clean)),
+        "psnr_noisy": float(psnr(clean, noisy).mean()),
+        "psnr_denoised": float(psnr(clean, denoised).mean()),
+        "mse_noisy": float(mse(clean, noisy).mean()),
+        "mse_denoised": float(mse(clean, denoised).mean()),
+        "bce_noisy": float(bce(clean, noisy).mean()),
+        "bce_denoised": float(bce(clean, denoised).mean()),
+    }
     if with_ssim:
         row["ssim_noisy"] = float(ssim(clean, noisy).mean())
         row["ssim_denoised"] = float(ssim(clean, denoised).mean())
@@ -90,9 +95,14 @@ def _summary(clean, noisy, denoised, with_ssim: bool = True) -> dict[str, float]
     return row
 
 
-def evaluate_arrays(clean: np.ndarray, noisy: np.ndarray, denoised: np.ndarray,
-                    levels: np.ndarray | None = None, labels: np.ndarray | None = None,
-                    level_bins: int = 6) -> dict:
+def evaluate_arrays(
+    clean: np.ndarray,
+    noisy: np.ndarray,
+    denoised: np.ndarray,
+    levels: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    level_bins: int = 6,
+) -> dict:
     """Overall figures, and the same per noise level and per class label.
 
     Levels are grouped by exact value when there are few distinct ones (a
@@ -110,12 +120,16 @@ def evaluate_arrays(clean: np.ndarray, noisy: np.ndarray, denoised: np.ndarray,
             groups = [(f"{edges[i]:.3g}-{edges[i + 1]:.3g}", idx == i) for i in range(level_bins)]
         for name, mask in groups:
             if mask.any():
-                result["per_level"].append({"level": name, **_summary(clean[mask], noisy[mask], denoised[mask])})
+                result["per_level"].append(
+                    {"level": name, **_summary(clean[mask], noisy[mask], denoised[mask])}
+                )
     if labels is not None:
         labels = np.asarray(labels)
         for value in np.unique(labels):
             mask = labels == value
-            result["per_class"].append({"label": int(value), **_summary(clean[mask], noisy[mask], denoised[mask])})
+            result["per_class"].append(
+                {"label": int(value), **_summary(clean[mask], noisy[mask], denoised[mask])}
+            )
     return result
 
 
@@ -131,11 +145,23 @@ def _mean_row(rows: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in keys}
 
 
-SCORES = ("psnr_noisy", "psnr_denoised", "psnr_gain", "ssim_noisy", "ssim_denoised", "mse_noisy", "mse_denoised")
+SCORES = (
+    "psnr_noisy",
+    "psnr_denoised",
+    "psnr_gain",
+    "ssim_noisy",
+    "ssim_denoised",
+    "mse_noisy",
+    "mse_denoised",
+)
 
 
-def evaluate_per_sigma(clean: list[np.ndarray], noisy: dict[float, list[np.ndarray]],
-                       denoised: dict[float, list[np.ndarray]], names: list[str] | None = None) -> dict:
+def evaluate_per_sigma(
+    clean: list[np.ndarray],
+    noisy: dict[float, list[np.ndarray]],
+    denoised: dict[float, list[np.ndarray]],
+    names: list[str] | None = None,
+) -> dict:
     """Whole test images of any sizes, each scored at every sigma: a row per
     image and sigma (``per_image``), their means per sigma (``per_sigma``),
     and the mean of those over the sigmas (``overall``, whose ``psnr_gain``
@@ -147,11 +173,32 @@ def evaluate_per_sigma(clean: list[np.ndarray], noisy: dict[float, list[np.ndarr
         rows = []
         for i, (c, y, d) in enumerate(zip(clean, noisy[sigma], denoised[sigma], strict=True)):
             before, after = score_image(c, y), score_image(c, d)
-            rows.append({"image": names[i], "height": int(c.shape[0]), "width": int(c.shape[1]),
-                         "sigma": float(sigma), "psnr_noisy": before["psnr"], "psnr_denoised": after["psnr"],
-                         "psnr_gain": after["psnr"] - before["psnr"], "ssim_noisy": before["ssim"],
-                         "ssim_denoised": after["ssim"], "mse_noisy": before["mse"], "mse_denoised": after["mse"]})
+            rows.append(
+                {
+                    "image": names[i],
+                    "height": int(c.shape[0]),
+                    "width": int(c.shape[1]),
+                    "sigma": float(sigma),
+                    "psnr_noisy": before["psnr"],
+                    "psnr_denoised": after["psnr"],
+                    "psnr_gain": after["psnr"] - before["psnr"],
+                    "ssim_noisy": before["ssim"],
+                    "ssim_denoised": after["ssim"],
+                    "mse_noisy": before["mse"],
+                    "mse_denoised": after["mse"],
+                }
+            )
         per_image += rows
         per_sigma.append({"sigma": float(sigma), "count": len(rows), **_mean_row(rows, SCORES)})
-    overall = {"count": len(clean), "sigmas": [float(s) for s in noisy], **_mean_row(per_sigma, SCORES)}
-    return {"overall": overall, "per_sigma": per_sigma, "per_image": per_image, "per_level": [], "per_class": []}
+    overall = {
+        "count": len(clean),
+        "sigmas": [float(s) for s in noisy],
+        **_mean_row(per_sigma, SCORES),
+    }
+    return {
+        "overall": overall,
+        "per_sigma": per_sigma,
+        "per_image": per_image,
+        "per_level": [],
+        "per_class": [],
+    }

@@ -26,7 +26,8 @@ def _spec(name: str):
         return ARCHITECTURES[name]
     except KeyError:
         raise ModelError(
-            f"unknown architecture {name!r}; known: {', '.join(available_architectures())}") from None
+            f"unknown architecture {name!r}; known: {', '.join(available_architectures())}"
+        ) from None
 
 
 def architecture_recipe(name: str) -> dict[str, Any]:
@@ -63,8 +64,10 @@ def check_model_file(path: Path, expected_sha256: str | None = None) -> None:
     if expected_sha256:
         actual = file_sha256(path)
         if actual != expected_sha256:
-            raise ModelError(f"{path}: corrupt model file (sha256 {actual[:16]}... does not match "
-                             f"the card's {expected_sha256[:16]}...)")
+            raise ModelError(
+                f"{path}: corrupt model file (sha256 {actual[:16]}... does not match "
+                f"the card's {expected_sha256[:16]}...)"
+            )
 
 
 def load_model(path: str | os.PathLike, expected_sha256: str | None = None):
@@ -83,4 +86,6 @@ def load_model(path: str | os.PathLike, expected_sha256: str | None = None):
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=False)
     except Exception as exc:  # noqa: BLE001 - Keras raises many kinds
-        raise ModelError(f"cannot load model {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ModelError(
+            f"cannot load model {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None

@@ -40,14 +40,18 @@ def level_from_uniform(u, lo: float, hi: float, density: str = "rising"):
     array or a TensorFlow tensor (bench/quality.py draws inside the graph).
     """
     if density == "rising":
-        u = u ** 0.5
+        u = u**0.5
     elif density != "uniform":
         raise ValueError(f"unknown level density {density!r}; known: {', '.join(DENSITIES)}")
     return lo + (hi - lo) * u
 
 
-def draw_levels(level: float | tuple[float, float] | list[float], n: int,
-                rng: np.random.Generator, density: str = "rising") -> np.ndarray:
+def draw_levels(
+    level: float | tuple[float, float] | list[float],
+    n: int,
+    rng: np.random.Generator,
+    density: str = "rising",
+) -> np.ndarray:
     """One level per image: the value itself, or drawn from [lo, hi] with
     ``density`` (see :func:`level_from_uniform`)."""
     if isinstance(level, (tuple, list)):
@@ -62,8 +66,9 @@ def _per_image(levels: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.asarray(levels, dtype=np.float64).reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def add_noise(clean: np.ndarray, kind: str, levels: np.ndarray | float,
-              rng: np.random.Generator) -> np.ndarray:
+def add_noise(
+    clean: np.ndarray, kind: str, levels: np.ndarray | float, rng: np.random.Generator
+) -> np.ndarray:
     """Noisy float32 images, in [0, 1] except for awgn (see :func:`add_awgn`).
 
     gaussian: the reference's ``clip(x + f * N(0, 1), 0, 1)``; salt_and_pepper:
@@ -101,7 +106,9 @@ PHOTO_SIGMA_RANGE = (0.0, 55.0)  # DnCNN-B's blind range
 
 
 def _check_sigma(sigma: np.ndarray) -> None:
-    if sigma.size and (np.nanmin(sigma) < 0 or np.nanmax(sigma) > SIGMA_MAX or np.isnan(sigma).any()):
+    if sigma.size and (
+        np.nanmin(sigma) < 0 or np.nanmax(sigma) > SIGMA_MAX or np.isnan(sigma).any()
+    ):
         raise ValueError(f"awgn sigma must be in [0, {SIGMA_MAX:g}] (0-255 units)")
 
 
@@ -118,8 +125,12 @@ def add_awgn(clean: np.ndarray, sigma: float | np.ndarray, rng: np.random.Genera
     return (x + noise).astype(np.float32)
 
 
-def add_awgn_tf(clean_batch: Any, sigma_range: tuple[float, float] | list[float], seed: int | None = None,
-                density: str = "uniform") -> Any:
+def add_awgn_tf(
+    clean_batch: Any,
+    sigma_range: tuple[float, float] | list[float],
+    seed: int | None = None,
+    density: str = "uniform",
+) -> Any:
     """Noisy copy of a (batch, H, W, C) float tensor for the training graph:
     one sigma per image drawn from ``sigma_range`` (0-255 units) with
     ``density`` (see :func:`level_from_uniform`), then unclipped awgn. Fresh
@@ -134,11 +145,15 @@ def add_awgn_tf(clean_batch: Any, sigma_range: tuple[float, float] | list[float]
     x = tf.convert_to_tensor(clean_batch)
     dtype = x.dtype if x.dtype.is_floating else tf.float32
     x = tf.cast(x, dtype)
-    seeds = (None, None) if seed is None else (seed, seed + 1)  # one seed for two ops repeats a stream
+    seeds = (
+        (None, None) if seed is None else (seed, seed + 1)
+    )  # one seed for two ops repeats a stream
     u = tf.random.uniform(tf.shape(x)[:1], dtype=tf.float32, seed=seeds[0])
     sigma = tf.cast(level_from_uniform(u, lo, hi, density), dtype) / 255.0
     noise = tf.random.normal(tf.shape(x), dtype=dtype, seed=seeds[1])
-    return x + noise * tf.reshape(sigma, tf.concat([tf.shape(x)[:1], tf.ones(tf.rank(x) - 1, tf.int32)], 0))
+    return x + noise * tf.reshape(
+        sigma, tf.concat([tf.shape(x)[:1], tf.ones(tf.rank(x) - 1, tf.int32)], 0)
+    )
 
 
 def default_noise_for(dataset: str | DataConfig) -> NoiseConfig:

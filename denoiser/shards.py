@@ -80,15 +80,26 @@ class _ShardPlan:
         return f"{self.split}-{self.number:05d}.parquet"
 
 
-def shard_set_key(dataset: dict, noise: dict, train_limit: int | None, test_limit: int | None) -> str:
+def shard_set_key(
+    dataset: dict, noise: dict, train_limit: int | None, test_limit: int | None
+) -> str:
     """16 hex digits over everything that decides the shards' bytes."""
     sources = {role: rec.get("payload_sha256") for role, rec in sorted(dataset["files"].items())}
-    fields = {"format": FORMAT_VERSION, "dataset": dataset["dataset"], "sources": sources,
-              "noise": noise, "train_limit": train_limit, "test_limit": test_limit}
+    fields = {
+        "format": FORMAT_VERSION,
+        "dataset": dataset["dataset"],
+        "sources": sources,
+        "noise": noise,
+        "train_limit": train_limit,
+        "test_limit": test_limit,
+    }
     if dataset.get("kind") == "images":  # only then, so that IDX sets keep their keys
         test = dataset.get("test") or {"files": {}}
-        fields.update(kind="patches", held_out_test=dataset.get("held_out_test"),
-                      test_sources={n: r.get("payload_sha256") for n, r in sorted(test["files"].items())})
+        fields.update(
+            kind="patches",
+            held_out_test=dataset.get("held_out_test"),
+            test_sources={n: r.get("payload_sha256") for n, r in sorted(test["files"].items())},
+        )
     payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -97,7 +108,9 @@ def split_train_validation(n: int, validation_fraction: float) -> int:
     """Where validation starts: Keras' ``validation_split`` holds out the last share."""
     split_at = int(n * (1.0 - validation_fraction))
     if split_at < 1 or split_at >= n:
-        raise ShardError(f"{n} training images cannot be split with validation_fraction={validation_fraction}")
+        raise ShardError(
+            f"{n} training images cannot be split with validation_fraction={validation_fraction}"
+        )
     return split_at
 
 
@@ -127,7 +140,9 @@ def _binary_column(pixels: np.ndarray):
     flat = np.ascontiguousarray(pixels.reshape(len(pixels), -1))
     size = flat.shape[1]
     offsets = np.arange(0, (len(flat) + 1) * size, size, dtype=np.int32)
-    return pa.Array.from_buffers(pa.binary(), len(flat), [None, pa.py_buffer(offsets), pa.py_buffer(flat)])
+    return pa.Array.from_buffers(
+        pa.binary(), len(flat), [None, pa.py_buffer(offsets), pa.py_buffer(flat)]
+    )
 
 
 def _blob_column(pixels: Sequence[np.ndarray]):
@@ -137,11 +152,12 @@ def _blob_column(pixels: Sequence[np.ndarray]):
     flat = [np.ascontiguousarray(p).reshape(-1) for p in pixels]
     offsets = np.zeros(len(flat) + 1, dtype=np.int64)
     np.cumsum([len(f) for f in flat], out=offsets[1:])
-    if offsets[-1] >= 2 ** 31:
+    if offsets[-1] >= 2**31:
         return pa.array([f.tobytes() for f in flat], type=pa.large_binary())
     data = np.concatenate(flat) if flat else np.zeros(0, np.uint8)
-    return pa.Array.from_buffers(pa.binary(), len(flat),
-                                 [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)])
+    return pa.Array.from_buffers(
+        pa.binary(), len(flat), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)]
+    )
 
 
 def _plane(image: np.ndarray) -> np.ndarray:
@@ -168,7 +184,7 @@ def _cut_patches(arrays: SplitArrays, img_idx: np.ndarray, rng: np.random.Genera
         xs = rng.integers(0, w - p + 1, len(rows))
         ts = rng.integers(0, 8, len(rows))
         for r, y, x, t in zip(rows, ys, xs, ts, strict=True):
-            out[r] = _orient(img[y:y + p, x:x + p], int(t))
+            out[r] = _orient(img[y : y + p, x : x + p], int(t))
     return out
 
 
@@ -186,13 +202,15 @@ def _clean_table(plan: _ShardPlan, arrays: SplitArrays, rng: np.random.Generator
         heights = np.array([p.shape[0] for p in planes], dtype=np.int32)
         widths = np.array([p.shape[1] for p in planes], dtype=np.int32)
         column, shape = _blob_column(planes), None
-    return pa.table({
-        "clean": column,
-        "height": pa.array(heights, type=pa.int32()),
-        "width": pa.array(widths, type=pa.int32()),
-        "index": pa.array(np.asarray(arrays.index)[img_idx].astype(np.int64)),
-        "label": pa.array(np.asarray(arrays.labels)[img_idx].astype(np.uint8)),
-    }).replace_schema_metadata({SHAPE_KEY: json.dumps(shape).encode()})
+    return pa.table(
+        {
+            "clean": column,
+            "height": pa.array(heights, type=pa.int32()),
+            "width": pa.array(widths, type=pa.int32()),
+            "index": pa.array(np.asarray(arrays.index)[img_idx].astype(np.int64)),
+            "label": pa.array(np.asarray(arrays.labels)[img_idx].astype(np.uint8)),
+        }
+    ).replace_schema_metadata({SHAPE_KEY: json.dumps(shape).encode()})
 
 
 def _reason(exc: BaseException) -> str:
@@ -216,14 +234,16 @@ def _pair_table(plan: _ShardPlan, arrays: SplitArrays, noise: dict, seed: np.ran
     levels = draw_levels(noise["level"], rows, rng, noise.get("density", "rising"))
     noisy = quantize(add_noise(clean.astype(np.float32) / 255.0, noise["kind"], levels, rng))
     shape = list(clean.shape[1:])
-    return pa.table({
-        "clean": _binary_column(clean),
-        "noisy": _binary_column(noisy),
-        "label": pa.array(arrays.labels[img_idx].astype(np.uint8)),
-        "index": pa.array(arrays.index[img_idx].astype(np.int64)),
-        "noise_kind": pa.array([noise["kind"]] * rows, type=pa.string()),
-        "noise_level": pa.array(levels.astype(np.float32)),
-    }).replace_schema_metadata({SHAPE_KEY: json.dumps(shape).encode()})
+    return pa.table(
+        {
+            "clean": _binary_column(clean),
+            "noisy": _binary_column(noisy),
+            "label": pa.array(arrays.labels[img_idx].astype(np.uint8)),
+            "index": pa.array(arrays.index[img_idx].astype(np.int64)),
+            "noise_kind": pa.array([noise["kind"]] * rows, type=pa.string()),
+            "noise_level": pa.array(levels.astype(np.float32)),
+        }
+    ).replace_schema_metadata({SHAPE_KEY: json.dumps(shape).encode()})
 
 
 def _fsync_file(path: Path) -> None:
@@ -243,19 +263,25 @@ def _whole_shard(path: Path, rows: int) -> bool:
         return False
 
 
-def _write_shard(out_dir: Path, plan: _ShardPlan, arrays: SplitArrays, noise: dict,
-                 seed: np.random.SeedSequence) -> dict:
+def _write_shard(
+    out_dir: Path, plan: _ShardPlan, arrays: SplitArrays, noise: dict, seed: np.random.SeedSequence
+) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     final = out_dir / plan.filename
     rows = plan.stop - plan.start
     if final.exists() and not _whole_shard(final, rows):
-        logger.warning("%s: an unfinished or damaged shard without a manifest to check it; rewriting it", final)
+        logger.warning(
+            "%s: an unfinished or damaged shard without a manifest to check it; rewriting it", final
+        )
         final.unlink()
     if not final.exists():
-        table = (_clean_table(plan, arrays, np.random.default_rng(seed))
-                 if noise.get("applied") == "in_training" else _pair_table(plan, arrays, noise, seed))
+        table = (
+            _clean_table(plan, arrays, np.random.default_rng(seed))
+            if noise.get("applied") == "in_training"
+            else _pair_table(plan, arrays, noise, seed)
+        )
         tmp = temp_path(final, "tmp")
         try:
             pq.write_table(table, tmp, compression="zstd", row_group_size=2048)
@@ -263,13 +289,20 @@ def _write_shard(out_dir: Path, plan: _ShardPlan, arrays: SplitArrays, noise: di
             os.replace(tmp, final)
         except (OSError, pa.ArrowException) as exc:
             tmp.unlink(missing_ok=True)
-            raise ShardError(f"{out_dir}: cannot write shard {plan.filename}: {_reason(exc)}") from None
+            raise ShardError(
+                f"{out_dir}: cannot write shard {plan.filename}: {_reason(exc)}"
+            ) from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         failpoint("shards.after_shard")
-    return {"file": plan.filename, "split": plan.split, "rows": rows, "bytes": final.stat().st_size,
-            "sha256": file_sha256(final)}
+    return {
+        "file": plan.filename,
+        "split": plan.split,
+        "rows": rows,
+        "bytes": final.stat().st_size,
+        "sha256": file_sha256(final),
+    }
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
@@ -285,13 +318,25 @@ def _write_manifest(out: Path, manifest: dict) -> None:
         raise ShardError(f"{out}: cannot write manifest.json: {_reason(exc)}") from None
 
 
-def _write_shards(out: Path, plans: list[_ShardPlan], seeds: list, splits: dict[str, SplitArrays],
-                  noise: dict, workers: int) -> list[dict]:
+def _write_shards(
+    out: Path,
+    plans: list[_ShardPlan],
+    seeds: list,
+    splits: dict[str, SplitArrays],
+    noise: dict,
+    workers: int,
+) -> list[dict]:
     if workers > 1 and len(plans) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(lambda ps: _write_shard(out, ps[0], splits[ps[0].split], noise, ps[1]),
-                                 zip(plans, seeds, strict=True)))
-    return [_write_shard(out, p, splits[p.split], noise, s) for p, s in zip(plans, seeds, strict=True)]
+            return list(
+                pool.map(
+                    lambda ps: _write_shard(out, ps[0], splits[ps[0].split], noise, ps[1]),
+                    zip(plans, seeds, strict=True),
+                )
+            )
+    return [
+        _write_shard(out, p, splits[p.split], noise, s) for p, s in zip(plans, seeds, strict=True)
+    ]
 
 
 def _unlink_damaged(out: Path, log: Any) -> dict[str, str]:
@@ -323,7 +368,11 @@ def _image_shape(splits: dict[str, SplitArrays]) -> list[int] | None:
 
 
 def _split_record(arrays: SplitArrays) -> dict:
-    record = {"images": len(arrays.images), "copies": arrays.copies, "rows": len(arrays.images) * arrays.copies}
+    record = {
+        "images": len(arrays.images),
+        "copies": arrays.copies,
+        "rows": len(arrays.images) * arrays.copies,
+    }
     if arrays.patch_size is not None:
         size = arrays.patch_size
         record.update(patches_per_image=arrays.copies, image_shape=[size, size, 1])
@@ -332,9 +381,16 @@ def _split_record(arrays: SplitArrays) -> dict:
     return record
 
 
-def write_shard_set(out_dir: str | os.PathLike, splits: dict[str, SplitArrays], noise: dict,
-                    shard_rows: int, seed: int, meta: dict[str, Any] | None = None,
-                    workers: int = 2, log: Any = logger) -> Path:
+def write_shard_set(
+    out_dir: str | os.PathLike,
+    splits: dict[str, SplitArrays],
+    noise: dict,
+    shard_rows: int,
+    seed: int,
+    meta: dict[str, Any] | None = None,
+    workers: int = 2,
+    log: Any = logger,
+) -> Path:
     """Write, finish or repair a shard set and its manifest; returns the folder.
 
     ``noise`` is ``{"kind", "level"}`` (level a float or [lo, hi]), and
@@ -360,10 +416,16 @@ def write_shard_set(out_dir: str | os.PathLike, splits: dict[str, SplitArrays], 
     plans = _plan(splits, shard_rows)
     seeds = np.random.SeedSequence(seed).spawn(len(plans))
     records = _write_shards(out, plans, seeds, splits, noise, workers)
-    differ = [r["file"] for r in records if r["file"] in rebuilt and r["sha256"] != rebuilt[r["file"]]]
+    differ = [
+        r["file"] for r in records if r["file"] in rebuilt and r["sha256"] != rebuilt[r["file"]]
+    ]
     if differ:
-        log.warning("%s: rewritten %s differs from the sha256 the manifest recorded (another pyarrow or "
-                    "numpy?); rebuilding the whole set", out, differ[0])
+        log.warning(
+            "%s: rewritten %s differs from the sha256 the manifest recorded (another pyarrow or "
+            "numpy?); rebuilding the whole set",
+            out,
+            differ[0],
+        )
         for rec in records:
             (out / rec["file"]).unlink(missing_ok=True)
         records = _write_shards(out, plans, seeds, splits, noise, workers)
@@ -386,6 +448,7 @@ def write_shard_set(out_dir: str | os.PathLike, splits: dict[str, SplitArrays], 
 
 # --------------------------------------------------------------------------- verification
 
+
 def _load_manifest(shards_dir: str | os.PathLike) -> dict:
     """The manifest, checked for the fields verification needs; ShardError otherwise.
     ``shards_dir`` may be a local folder or a URL (``s3://...``)."""
@@ -399,8 +462,12 @@ def _load_manifest(shards_dir: str | os.PathLike) -> dict:
         raise ShardError(f"{path}: unreadable manifest ({_reason(exc)})") from None
     shards = manifest.get("shards") if isinstance(manifest, dict) else None
     if not isinstance(shards, list) or not all(
-            isinstance(r, dict) and isinstance(r.get("file"), str) and isinstance(r.get("sha256"), str)
-            and "/" not in r["file"] for r in shards):
+        isinstance(r, dict)
+        and isinstance(r.get("file"), str)
+        and isinstance(r.get("sha256"), str)
+        and "/" not in r["file"]
+        for r in shards
+    ):
         raise ShardError(f"{path}: unreadable manifest (no list of shards with file and sha256)")
     return manifest
 
@@ -448,11 +515,14 @@ def check_shard_set(shards_dir: str | os.PathLike) -> dict:
     if problems:
         name, reason = next(iter(problems.items()))
         more = f"; {len(problems) - 1} more damaged" if len(problems) > 1 else ""
-        raise ShardError(f"{join_location(shards_dir, name)}: corrupt shard ({reason}){more}; rerun the pipeline to rebuild it")
+        raise ShardError(
+            f"{join_location(shards_dir, name)}: corrupt shard ({reason}){more}; rerun the pipeline to rebuild it"
+        )
     return manifest
 
 
 # --------------------------------------------------------------------------- readers
+
 
 def read_manifest(shards_dir: str | os.PathLike) -> dict:
     manifest = _load_manifest(shards_dir)
@@ -463,7 +533,11 @@ def read_manifest(shards_dir: str | os.PathLike) -> dict:
         fs.invalidate_cache(base)
         present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)}
     for rec in manifest["shards"]:
-        there = rec["file"] in present if is_url(shards_dir) else (Path(shards_dir) / rec["file"]).is_file()
+        there = (
+            rec["file"] in present
+            if is_url(shards_dir)
+            else (Path(shards_dir) / rec["file"]).is_file()
+        )
         if not there:
             raise ShardError(f"{shards_dir}: shard {rec['file']} listed in the manifest is missing")
     return manifest
@@ -494,7 +568,9 @@ def _decode_images(column, shape: Sequence[int]) -> np.ndarray:
         _, off_buf, data_buf = chunk.buffers()
         offsets = np.frombuffer(off_buf, dtype=np.int32)[chunk.offset : chunk.offset + n + 1]
         if n and (offsets[-1] - offsets[0] != n * size or chunk.null_count):
-            raise ShardError(f"image column holds blobs of the wrong size (expected {size} bytes each)")
+            raise ShardError(
+                f"image column holds blobs of the wrong size (expected {size} bytes each)"
+            )
         data = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[0] + n * size]
         parts.append(data.reshape((n, *shape)))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -510,12 +586,16 @@ def _decode_varying(column, heights: np.ndarray, widths: np.ndarray) -> list[np.
         for blob in chunk.to_pylist():
             h, w = int(heights[len(out)]), int(widths[len(out)])
             if blob is None or len(blob) != h * w:
-                raise ShardError(f"image column holds a blob of the wrong size (expected {h}x{w} bytes)")
+                raise ShardError(
+                    f"image column holds a blob of the wrong size (expected {h}x{w} bytes)"
+                )
             out.append(np.frombuffer(blob, dtype=np.uint8).reshape(h, w, 1))
     return out
 
 
-def _batch_to_arrays(batch, shape: Sequence[int] | None) -> dict[str, np.ndarray | list[np.ndarray]]:
+def _batch_to_arrays(
+    batch, shape: Sequence[int] | None
+) -> dict[str, np.ndarray | list[np.ndarray]]:
     out: dict[str, Any] = {}
     names = batch.schema.names
     for name in names:
@@ -523,8 +603,11 @@ def _batch_to_arrays(batch, shape: Sequence[int] | None) -> dict[str, np.ndarray
             out[name] = batch.column(name).to_numpy(zero_copy_only=False)
     for name in names:
         if name in IMAGE_COLUMNS:
-            out[name] = (_decode_images(batch.column(name), shape) if shape is not None
-                         else _decode_varying(batch.column(name), out["height"], out["width"]))
+            out[name] = (
+                _decode_images(batch.column(name), shape)
+                if shape is not None
+                else _decode_varying(batch.column(name), out["height"], out["width"])
+            )
     return {name: out[name] for name in names}
 
 
@@ -544,8 +627,9 @@ def _corrupt(path: str | os.PathLike, exc: BaseException) -> ShardError:
     return ShardError(f"{path}: corrupt shard ({_reason(exc)})")
 
 
-def _file_batches(path: str | os.PathLike, shape: Sequence[int] | None, batch_rows: int,
-                  columns: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
+def _file_batches(
+    path: str | os.PathLike, shape: Sequence[int] | None, batch_rows: int, columns: Sequence[str]
+) -> Iterator[dict[str, np.ndarray]]:
     """One shard's record batches; any failure to open or decode names the file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -559,7 +643,7 @@ def _file_batches(path: str | os.PathLike, shape: Sequence[int] | None, batch_ro
         pf = pq.ParquetFile(handle or path)
     except errors as exc:
         raise _corrupt(path, exc) from None
-    with pf, (handle or nullcontext()):
+    with pf, handle or nullcontext():
         batches = pf.iter_batches(batch_size=batch_rows, columns=list(columns))
         while True:
             try:
@@ -572,9 +656,13 @@ def _file_batches(path: str | os.PathLike, shape: Sequence[int] | None, batch_ro
             yield arrays
 
 
-def iter_batches(shards_dir: str | os.PathLike, split: str, batch_rows: int = 1024,
-                 columns: Sequence[str] | None = None,
-                 file_order_seed: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+def iter_batches(
+    shards_dir: str | os.PathLike,
+    split: str,
+    batch_rows: int = 1024,
+    columns: Sequence[str] | None = None,
+    file_order_seed: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """Stream a split a record batch at a time: memory stays bounded by the batch.
     A shard that fails to open or decode raises ShardError naming it (checksums
     are :func:`check_shard_set`'s job, once before a whole pass).
@@ -594,8 +682,9 @@ def iter_batches(shards_dir: str | os.PathLike, split: str, batch_rows: int = 10
         yield from _file_batches(path, shape, batch_rows, columns)
 
 
-def load_split(shards_dir: str | os.PathLike, split: str, limit: int | None = None
-               ) -> dict[str, np.ndarray | list[np.ndarray]]:
+def load_split(
+    shards_dir: str | os.PathLike, split: str, limit: int | None = None
+) -> dict[str, np.ndarray | list[np.ndarray]]:
     """A whole split in memory (fine for validation and test). Each shard read is
     checked against the manifest first; a damaged one raises ShardError naming it.
 
@@ -629,6 +718,10 @@ def load_split(shards_dir: str | os.PathLike, split: str, limit: int | None = No
             break
     if not parts:
         raise ShardError(f"{shards_dir}: the {split!r} split is empty")
-    merged = {k: [x for p in parts for x in p[k]] if isinstance(parts[0][k], list)
-              else np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    merged = {
+        k: [x for p in parts for x in p[k]]
+        if isinstance(parts[0][k], list)
+        else np.concatenate([p[k] for p in parts])
+        for k in parts[0]
+    }
     return {k: v[:limit] for k, v in merged.items()} if limit is not None else merged

@@ -61,7 +61,7 @@ def pad_bottom_right(x: np.ndarray, ph: int, pw: int, axis: int = 0) -> np.ndarr
     its edge repeated."""
     if ph == 0 and pw == 0:
         return x
-    h, w = x.shape[axis:axis + 2]
+    h, w = x.shape[axis : axis + 2]
     mode = "reflect" if ph < h and pw < w else "symmetric" if ph <= h and pw <= w else "edge"
     widths = [(0, 0)] * x.ndim
     widths[axis], widths[axis + 1] = (0, ph), (0, pw)
@@ -95,7 +95,7 @@ def split(plane: np.ndarray, spec: TileSpec) -> TiledImage:
     padded = pad_bottom_right(plane, ph, pw)
     H, W = padded.shape
     positions = [(y, x) for y in starts(H, th, spec.overlap) for x in starts(W, tw, spec.overlap)]
-    tiles = np.stack([padded[y:y + th, x:x + tw] for y, x in positions])
+    tiles = np.stack([padded[y : y + th, x : x + tw] for y, x in positions])
     return TiledImage((h, w), (H, W), (th, tw), positions, tiles)
 
 
@@ -107,15 +107,17 @@ class Blender:
         self.acc = np.zeros(tiled.padded, dtype=np.float32)
         self.weight = np.zeros(tiled.padded, dtype=np.float32)
         th, tw = tiled.tile_shape
-        self.win = np.outer(window(th), window(tw)) if len(tiled) > 1 else np.ones((th, tw), np.float32)
+        self.win = (
+            np.outer(window(th), window(tw)) if len(tiled) > 1 else np.ones((th, tw), np.float32)
+        )
         self.remaining = len(tiled)
 
     def add(self, index: int, output: np.ndarray) -> bool:
         """Blend tile ``index``'s output; True when the image is complete."""
         y, x = self.tiled.positions[index]
         th, tw = self.tiled.tile_shape
-        self.acc[y:y + th, x:x + tw] += output * self.win
-        self.weight[y:y + th, x:x + tw] += self.win
+        self.acc[y : y + th, x : x + tw] += output * self.win
+        self.weight[y : y + th, x : x + tw] += self.win
         self.remaining -= 1
         return self.remaining == 0
 

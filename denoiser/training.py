@@ -57,8 +57,10 @@ class DeviceInfo:
     def describe(self) -> str:
         if self.kind == "cpu":
             return "CPU"
-        return f"{self.replicas} GPU{'s' if self.replicas > 1 else ''} ({', '.join(self.names)})" + (
-            ", mixed precision" if self.mixed_precision else "")
+        return (
+            f"{self.replicas} GPU{'s' if self.replicas > 1 else ''} ({', '.join(self.names)})"
+            + (", mixed precision" if self.mixed_precision else "")
+        )
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -73,11 +75,20 @@ def plan_device(gpus: list[str], mixed_precision: str = "auto") -> dict:
         raise ValueError(f"mixed_precision must be auto, on or off, not {mixed_precision!r}")
     if not gpus:
         # float16 on a CPU is slower and less accurate; "on" is honoured only on GPUs
-        return {"kind": "cpu", "names": ["CPU"], "replicas": 1, "mixed_precision": False,
-                "strategy_name": "default"}
-    return {"kind": "gpu", "names": list(gpus), "replicas": len(gpus),
-            "mixed_precision": mixed_precision in ("auto", "on"),
-            "strategy_name": "mirrored" if len(gpus) > 1 else "one_device"}
+        return {
+            "kind": "cpu",
+            "names": ["CPU"],
+            "replicas": 1,
+            "mixed_precision": False,
+            "strategy_name": "default",
+        }
+    return {
+        "kind": "gpu",
+        "names": list(gpus),
+        "replicas": len(gpus),
+        "mixed_precision": mixed_precision in ("auto", "on"),
+        "strategy_name": "mirrored" if len(gpus) > 1 else "one_device",
+    }
 
 
 def select_device(mixed_precision: str = "auto") -> DeviceInfo:
@@ -91,7 +102,9 @@ def select_device(mixed_precision: str = "auto") -> DeviceInfo:
         except RuntimeError:  # already initialised
             pass
     plan = plan_device([g.name for g in gpus], mixed_precision)
-    keras.mixed_precision.set_global_policy("mixed_float16" if plan["mixed_precision"] else "float32")
+    keras.mixed_precision.set_global_policy(
+        "mixed_float16" if plan["mixed_precision"] else "float32"
+    )
     if plan["strategy_name"] == "mirrored":
         strategy = tf.distribute.MirroredStrategy()
     elif plan["strategy_name"] == "one_device":
@@ -103,8 +116,15 @@ def select_device(mixed_precision: str = "auto") -> DeviceInfo:
     return info
 
 
-def _shuffled_batches(shards_dir, split: str, batch_size: int, buffer_rows: int, seed: int | None,
-                      read_rows: int = 2048, columns: tuple[str, ...] = ("noisy", "clean")):
+def _shuffled_batches(
+    shards_dir,
+    split: str,
+    batch_size: int,
+    buffer_rows: int,
+    seed: int | None,
+    read_rows: int = 2048,
+    columns: tuple[str, ...] = ("noisy", "clean"),
+):
     """Whole batches from a block shuffle: rows are mixed within a buffer of
     ``buffer_rows`` (and shard files are visited in a seeded order). Shuffling
     and batching in numpy costs one Python step per batch, not per image, so
@@ -124,13 +144,14 @@ def _shuffled_batches(shards_dir, split: str, batch_size: int, buffer_rows: int,
             arrays = [a[order] for a in arrays]
         cut = n if final else (n // batch_size) * batch_size
         for i in range(0, cut, batch_size):
-            yield tuple(a[i:i + batch_size] for a in arrays)
+            yield tuple(a[i : i + batch_size] for a in arrays)
         for c, a in zip(columns, arrays, strict=True):
             parts[c][:] = [a[cut:]] if cut < n else []
 
     order_seed = None if rng is None else int(rng.integers(2**31))
-    for batch in iter_batches(shards_dir, split, batch_rows=read_rows, columns=columns,
-                              file_order_seed=order_seed):
+    for batch in iter_batches(
+        shards_dir, split, batch_rows=read_rows, columns=columns, file_order_seed=order_seed
+    ):
         for c in columns:
             parts[c].append(batch[c])
         held += len(batch[columns[0]])
@@ -141,16 +162,24 @@ def _shuffled_batches(shards_dir, split: str, batch_size: int, buffer_rows: int,
         yield from drain(final=True)
 
 
-VALIDATION_NOISE_SEED = 1234  # the validation patches' noise: the same every epoch, so val_loss compares
+VALIDATION_NOISE_SEED = (
+    1234  # the validation patches' noise: the same every epoch, so val_loss compares
+)
 
 
 def sigma_range(noise: dict) -> tuple[float, float]:
     """The awgn sigma range (0-255 units) a patch set's manifest asks the training graph for."""
     if noise.get("kind") != "awgn":
-        raise ModelError(f"a patch set is trained with awgn noise added in the graph, not {noise.get('kind')!r}; "
-                         "write the shards again with noise kind awgn")
+        raise ModelError(
+            f"a patch set is trained with awgn noise added in the graph, not {noise.get('kind')!r}; "
+            "write the shards again with noise kind awgn"
+        )
     level = noise["level"]
-    return (float(level[0]), float(level[1])) if isinstance(level, (list, tuple)) else (float(level),) * 2
+    return (
+        (float(level[0]), float(level[1]))
+        if isinstance(level, (list, tuple))
+        else (float(level),) * 2
+    )
 
 
 def awgn_batch(clean, sigmas: tuple[float, float], seed, density: str = "uniform"):
@@ -174,8 +203,15 @@ def awgn_batch(clean, sigmas: tuple[float, float], seed, density: str = "uniform
     return clean + noise * tf.reshape(sigma, [-1, 1, 1, 1])
 
 
-def make_dataset(shards_dir: str | os.PathLike, split: str, batch_size: int, shuffle_buffer: int = 10_000,
-                 seed: int = 0, training: bool = True, reframe: float = 0.0):
+def make_dataset(
+    shards_dir: str | os.PathLike,
+    split: str,
+    batch_size: int,
+    shuffle_buffer: int = 10_000,
+    seed: int = 0,
+    training: bool = True,
+    reframe: float = 0.0,
+):
     """(noisy, clean) float32 batches streamed from the shards.
 
     Memory is bounded by the shuffle buffer and a few record batches whatever
@@ -206,11 +242,18 @@ def make_dataset(shards_dir: str | os.PathLike, split: str, batch_size: int, shu
         epoch_seed = seed * 100_003 + epoch["n"] if training else None
         # patch sets: a noise seed per row (a batch uses its first row's), new each training epoch,
         # the same every validation pass
-        noise_rng = np.random.default_rng([seed, epoch["n"], 1] if training else [VALIDATION_NOISE_SEED])
+        noise_rng = np.random.default_rng(
+            [seed, epoch["n"], 1] if training else [VALIDATION_NOISE_SEED]
+        )
         epoch["n"] += 1
-        for arrays in _shuffled_batches(shards_dir, split, block,
-                                        max(shuffle_buffer, block) if training else block, epoch_seed,
-                                        columns=columns):
+        for arrays in _shuffled_batches(
+            shards_dir,
+            split,
+            block,
+            max(shuffle_buffer, block) if training else block,
+            epoch_seed,
+            columns=columns,
+        ):
             if patches:
                 arrays = (*arrays, noise_rng.integers(0, 2**62, len(arrays[0]), dtype=np.int64))
             yield arrays
@@ -224,7 +267,7 @@ def make_dataset(shards_dir: str | os.PathLike, split: str, batch_size: int, shu
             from denoiser.augment import reframe as recut_pairs
 
             both = recut_pairs(tf.concat([noisy, clean], -1), reframe)
-            noisy, clean = both[..., :shape[-1]], both[..., shape[-1]:]
+            noisy, clean = both[..., : shape[-1]], both[..., shape[-1] :]
         return noisy, clean
 
     if patches:
@@ -237,6 +280,7 @@ def make_dataset(shards_dir: str | os.PathLike, split: str, batch_size: int, shu
 
         ds = ds.map(noisy_pair, num_parallel_calls=tf.data.AUTOTUNE)
     else:
+
         def to_float(noisy, clean):
             return recut(tf.cast(noisy, tf.float32) / 255.0, tf.cast(clean, tf.float32) / 255.0)
 
@@ -272,8 +316,11 @@ def _epoch_log_callbacks(path: Path, on_epoch_end: Callable | None, epochs: int)
 
         def on_epoch_end(self, epoch, logs=None):
             interrupts.hold()  # a signal from here to the backup waits for it (released by EpochDone)
-            self.record = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - self._t0, 3),
-                           **{k: float(v) for k, v in (logs or {}).items()}}
+            self.record = {
+                "epoch": epoch + 1,
+                "seconds": round(time.perf_counter() - self._t0, 3),
+                **{k: float(v) for k, v in (logs or {}).items()},
+            }
             with open(path, "a") as fh:
                 fh.write(json.dumps(self.record) + "\n")
                 fh.flush()
@@ -330,9 +377,12 @@ def _atomic_backup(state_dir: Path):
         def on_train_begin(self, logs=None):
             keep = os.readlink(current) if current.is_symlink() else None
             _drop_other_generations(state_dir, keep=keep)
-            if keep is not None and not all((current / n).is_file()
-                                            for n in ("latest.weights.h5", "training_metadata.json")):
-                raise CheckpointUnreadable(f"{state_dir}: the current generation {keep} is incomplete")
+            if keep is not None and not all(
+                (current / n).is_file() for n in ("latest.weights.h5", "training_metadata.json")
+            ):
+                raise CheckpointUnreadable(
+                    f"{state_dir}: the current generation {keep} is incomplete"
+                )
             try:
                 self._load_model()
             except Exception as exc:  # noqa: BLE001 - any unreadable state: start the run over
@@ -432,10 +482,14 @@ def resolve_architecture(training: TrainConfig, shards_dir: str | os.PathLike) -
     if training.architecture != "auto":
         return training
     photos = shard_domain(read_manifest(shards_dir)) == "photos"
-    return training.model_copy(update={"architecture": photo_architecture() if photos else DEFAULT_ARCHITECTURE})
+    return training.model_copy(
+        update={"architecture": photo_architecture() if photos else DEFAULT_ARCHITECTURE}
+    )
 
 
-def check_training_request(data: DataConfig, noise: NoiseConfig, training: TrainConfig) -> TrainConfig:
+def check_training_request(
+    data: DataConfig, noise: NoiseConfig, training: TrainConfig
+) -> TrainConfig:
     """Checks across the configs, before any download or training, each a
     one-line ConfigError naming the parameter (and its ``denoise train``
     flag); returns ``training`` with ``architecture: auto`` made concrete:
@@ -446,28 +500,36 @@ def check_training_request(data: DataConfig, noise: NoiseConfig, training: Train
     training = TrainConfig.model_validate(training)
     photos = is_image_dataset(data.dataset)
     if training.architecture == "auto":
-        training = training.model_copy(update={"architecture": photo_architecture() if photos
-                                               else DEFAULT_ARCHITECTURE})
+        training = training.model_copy(
+            update={"architecture": photo_architecture() if photos else DEFAULT_ARCHITECTURE}
+        )
     if not photos:
         return training
     if noise.kind != "awgn":
-        raise ConfigError(f"invalid noise.kind (--noise-kind): photographs train with awgn, added fresh to "
-                          f"every batch, not {noise.kind}")
+        raise ConfigError(
+            f"invalid noise.kind (--noise-kind): photographs train with awgn, added fresh to "
+            f"every batch, not {noise.kind}"
+        )
     recipe = architecture_recipe(training.architecture)
     if not recipe.get("fully_convolutional"):
-        raise ConfigError(f"invalid training.architecture (--architecture): {training.architecture} takes "
-                          f"{tuple(recipe['input_shape'][:2])} images only; photographs need a fully "
-                          "convolutional one")
+        raise ConfigError(
+            f"invalid training.architecture (--architecture): {training.architecture} takes "
+            f"{tuple(recipe['input_shape'][:2])} images only; photographs need a fully "
+            "convolutional one"
+        )
     size = noise.patch_size or recipe.get("patch_size") or DEFAULT_PATCH_SIZE
     multiple = int(recipe.get("size_multiple", 1))
     if size % multiple:
-        raise ConfigError(f"invalid noise.patch_size (--patch-size): {size} is not a multiple of "
-                          f"{training.architecture}'s size multiple {multiple}")
+        raise ConfigError(
+            f"invalid noise.patch_size (--patch-size): {size} is not a multiple of "
+            f"{training.architecture}'s size multiple {multiple}"
+        )
     return training
 
 
-def apply_recipe_defaults(data: DataConfig, noise: NoiseConfig,
-                          training: TrainConfig) -> tuple[NoiseConfig, TrainConfig]:
+def apply_recipe_defaults(
+    data: DataConfig, noise: NoiseConfig, training: TrainConfig
+) -> tuple[NoiseConfig, TrainConfig]:
     """For a photo dataset, what the user left unset comes from the
     architecture's recipe (patch size, batch size, epochs), so the default
     command trains what the probes measured best; anything set explicitly
@@ -480,22 +542,37 @@ def apply_recipe_defaults(data: DataConfig, noise: NoiseConfig,
     recipe = architecture_recipe(training.architecture)
     if noise.patch_size is None and recipe.get("patch_size"):
         noise = noise.model_copy(update={"patch_size": int(recipe["patch_size"])})
-    unset = {k: recipe[k] for k in ("batch_size", "epochs")
-             if k in recipe and k not in training.model_fields_set}
+    unset = {
+        k: recipe[k]
+        for k in ("batch_size", "epochs")
+        if k in recipe and k not in training.model_fields_set
+    }
     if unset:
-        training = TrainConfig.model_validate({**training.model_dump(exclude_unset=True), **unset,
-                                               "architecture": training.architecture})
+        training = TrainConfig.model_validate(
+            {
+                **training.model_dump(exclude_unset=True),
+                **unset,
+                "architecture": training.architecture,
+            }
+        )
     return noise, training
 
 
 def data_facts(shards_dir: str | os.PathLike, manifest: dict) -> dict:
     """What the model card records about the data a model learned from."""
     where = str(shards_dir) if is_url(shards_dir) else str(Path(shards_dir).resolve())
-    return {"shards_dir": where, "manifest_sha256": manifest_hash(shards_dir),
-            "dataset": manifest.get("dataset"), "domain": shard_domain(manifest),
-            "shard_kind": manifest.get("kind", "pairs"), "test_dataset": manifest.get("test_dataset"),
-            "patch_size": manifest.get("patch_size"), "patches_per_image": manifest.get("patches_per_image"),
-            "noise": manifest.get("noise"), "rows": manifest.get("splits")}
+    return {
+        "shards_dir": where,
+        "manifest_sha256": manifest_hash(shards_dir),
+        "dataset": manifest.get("dataset"),
+        "domain": shard_domain(manifest),
+        "shard_kind": manifest.get("kind", "pairs"),
+        "test_dataset": manifest.get("test_dataset"),
+        "patch_size": manifest.get("patch_size"),
+        "patches_per_image": manifest.get("patches_per_image"),
+        "noise": manifest.get("noise"),
+        "rows": manifest.get("splits"),
+    }
 
 
 def manifest_hash(shards_dir: str | os.PathLike) -> str:
@@ -503,9 +580,14 @@ def manifest_hash(shards_dir: str | os.PathLike) -> str:
         return hashlib.sha256(fh.read()).hexdigest()
 
 
-def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: str | os.PathLike,
-                backup_dir: str | os.PathLike, version: str | None = None,
-                on_epoch_end: Callable[[int, int, dict], None] | None = None) -> dict:
+def train_model(
+    shards_dir: str | os.PathLike,
+    training: TrainConfig,
+    out_dir: str | os.PathLike,
+    backup_dir: str | os.PathLike,
+    version: str | None = None,
+    on_epoch_end: Callable[[int, int, dict], None] | None = None,
+) -> dict:
     """Train, keeping a backup each epoch so a killed run resumes where it stopped.
 
     Writes ``model.keras`` (best validation weights), ``model.json`` (the card's
@@ -526,7 +608,11 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
     device = select_device(training.mixed_precision)
     recipe = architecture_recipe(training.architecture)
     loss_name = recipe.get("loss", "mse") if training.loss == "auto" else training.loss
-    schedule = recipe.get("lr_schedule", "constant") if training.lr_schedule == "auto" else training.lr_schedule
+    schedule = (
+        recipe.get("lr_schedule", "constant")
+        if training.lr_schedule == "auto"
+        else training.lr_schedule
+    )
     base_lr = training.learning_rate or recipe["learning_rate"]
     reframe = recipe["reframe"] if training.reframe is None else training.reframe
 
@@ -536,11 +622,14 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
     shape = tuple(manifest["image_shape"])
     fixed = recipe.get("input_shape")
     if not recipe.get("fully_convolutional") and fixed and tuple(fixed) != shape:
-        raise ModelError(f"architecture {training.architecture} takes {tuple(fixed)} images, "
-                         f"the shards hold {shape}")
+        raise ModelError(
+            f"architecture {training.architecture} takes {tuple(fixed)} images, "
+            f"the shards hold {shape}"
+        )
     global_batch = training.batch_size * device.replicas
-    train_ds = make_dataset(shards_dir, "train", global_batch, training.shuffle_buffer, training.seed, True,
-                            reframe)
+    train_ds = make_dataset(
+        shards_dir, "train", global_batch, training.shuffle_buffer, training.seed, True, reframe
+    )
     val_ds = make_dataset(shards_dir, "validation", global_batch, training=False)
 
     model_path = out / "model.keras"
@@ -548,43 +637,71 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
     start = time.perf_counter()
     model = _finished_model(model_path)
     if model is None:
+
         def compiled_model():
-            with device.strategy.scope() if device.strategy is not None else contextlib.nullcontext():
-                built = build_model(training.architecture,
-                                    shape if not recipe.get("fully_convolutional") else None)
+            with (
+                device.strategy.scope() if device.strategy is not None else contextlib.nullcontext()
+            ):
+                built = build_model(
+                    training.architecture, shape if not recipe.get("fully_convolutional") else None
+                )
                 steps = math.ceil(split_rows(shards_dir, "train") / global_batch)
-                built.compile(optimizer=keras.optimizers.Adam(learning_rate(base_lr, schedule,
-                                                                             training.epochs * steps)),
-                              loss=make_loss(loss_name))
+                built.compile(
+                    optimizer=keras.optimizers.Adam(
+                        learning_rate(base_lr, schedule, training.epochs * steps)
+                    ),
+                    loss=make_loss(loss_name),
+                )
             return built
 
         def fit(fresh):
-            epoch_log, epoch_done = _epoch_log_callbacks(history_path, on_epoch_end, training.epochs)
+            epoch_log, epoch_done = _epoch_log_callbacks(
+                history_path, on_epoch_end, training.epochs
+            )
             callbacks = [
                 epoch_log,
                 _atomic_backup(backup / "state"),
-                keras.callbacks.EarlyStopping(monitor="val_loss", patience=training.patience,
-                                              restore_best_weights=True),
+                keras.callbacks.EarlyStopping(
+                    monitor="val_loss", patience=training.patience, restore_best_weights=True
+                ),
                 keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), write_graph=False),
                 epoch_done,
             ]
             try:
-                fresh.fit(train_ds, validation_data=val_ds, epochs=training.epochs, callbacks=callbacks,
-                          shuffle=False, verbose=0)  # the dataset shuffles itself
+                fresh.fit(
+                    train_ds,
+                    validation_data=val_ds,
+                    epochs=training.epochs,
+                    callbacks=callbacks,
+                    shuffle=False,
+                    verbose=0,
+                )  # the dataset shuffles itself
             finally:
                 interrupts.release()  # a stretch cut short by an error; a pending signal is delivered
 
         model = compiled_model()
-        logger.info("training %s (%s parameters, loss %s, %s learning rate from %g, batch %d, %d%% reframed) "
-                    "on %s", training.architecture, f"{count_params(model):,}", loss_name, schedule, base_lr,
-                    global_batch, round(100 * reframe), device.describe())
+        logger.info(
+            "training %s (%s parameters, loss %s, %s learning rate from %g, batch %d, %d%% reframed) "
+            "on %s",
+            training.architecture,
+            f"{count_params(model):,}",
+            loss_name,
+            schedule,
+            base_lr,
+            global_batch,
+            round(100 * reframe),
+            device.describe(),
+        )
         try:
             fit(model)
         except CheckpointUnreadable as exc:
             import shutil
 
-            logger.warning("the interrupted run's checkpoint cannot be loaded (%s); training it again "
-                           "from epoch 1", str(exc).splitlines()[0])
+            logger.warning(
+                "the interrupted run's checkpoint cannot be loaded (%s); training it again "
+                "from epoch 1",
+                str(exc).splitlines()[0],
+            )
             shutil.rmtree(backup / "state", ignore_errors=True)
             history_path.unlink(missing_ok=True)
             model = compiled_model()
@@ -593,7 +710,10 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
         failpoint("train.after_model_saved")
         seconds = time.perf_counter() - start
     else:  # killed after saving the model: the fit is done, only the card is missing
-        file_facts = {"model_sha256": file_sha256(model_path), "model_bytes": model_path.stat().st_size}
+        file_facts = {
+            "model_sha256": file_sha256(model_path),
+            "model_bytes": model_path.stat().st_size,
+        }
         seconds = None
 
     history = _read_history(history_path)
@@ -612,8 +732,14 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
         "version": version,
         "architecture": training.architecture,
         "params": count_params(model),
-        "recipe": {**recipe, "loss": loss_name, "lr_schedule": schedule, "learning_rate": base_lr,
-                   "reframe": reframe, "input_shape": list(recipe["input_shape"])},
+        "recipe": {
+            **recipe,
+            "loss": loss_name,
+            "lr_schedule": schedule,
+            "learning_rate": base_lr,
+            "reframe": reframe,
+            "input_shape": list(recipe["input_shape"]),
+        },
         "training": training.model_dump(mode="json"),
         "data": data_facts(shards_dir, manifest),
         "image_shape": list(shape),
@@ -623,24 +749,39 @@ def train_model(shards_dir: str | os.PathLike, training: TrainConfig, out_dir: s
         "best_val_loss": best,
         "history": history,
         **file_facts,
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "python": platform.python_version(),
+        },
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     _write_atomic(out / "model.json", json.dumps(card, indent=2))
     keras.mixed_precision.set_global_policy("float32")
-    return {"version": version, "dir": str(out), "model_path": str(out / "model.keras"),
-            "architecture": training.architecture, "params": card["params"],
-            "device": device.describe(), "seconds": card["seconds"], "epochs_run": len(history),
-            "best_val_loss": best}
+    return {
+        "version": version,
+        "dir": str(out),
+        "model_path": str(out / "model.keras"),
+        "architecture": training.architecture,
+        "params": card["params"],
+        "device": device.describe(),
+        "seconds": card["seconds"],
+        "epochs_run": len(history),
+        "best_val_loss": best,
+    }
 
 
-def train_in_run(shards_dir: str | os.PathLike, training: TrainConfig, models_root: str | os.PathLike,
-                 checkpoints_root: str | os.PathLike, new_version: Callable[[], str],
-                 flow_run_id: str | None = None,
-                 on_start: Callable[[CheckpointRun], None] | None = None,
-                 on_epoch_end: Callable[[int, int, dict], None] | None = None,
-                 log: Callable[..., None] = logger.info) -> dict:
+def train_in_run(
+    shards_dir: str | os.PathLike,
+    training: TrainConfig,
+    models_root: str | os.PathLike,
+    checkpoints_root: str | os.PathLike,
+    new_version: Callable[[], str],
+    flow_run_id: str | None = None,
+    on_start: Callable[[CheckpointRun], None] | None = None,
+    on_epoch_end: Callable[[int, int, dict], None] | None = None,
+    log: Callable[..., None] = logger.info,
+) -> dict:
     """Train as one checkpoint run: clean up what dead runs left, resume the run
     of this request whose owner died (or start a new one beside live ones),
     train into ``models_root/<version>``. On success the run stays open (its
@@ -651,7 +792,9 @@ def train_in_run(shards_dir: str | os.PathLike, training: TrainConfig, models_ro
     training = resolve_architecture(training, shards_dir)
     checkpoints_root = Path(checkpoints_root)
     clean_checkpoints(checkpoints_root, models_root, log=log)
-    run = claim_run(checkpoints_root / checkpoint_key(shards_dir, training), new_version, flow_run_id)
+    run = claim_run(
+        checkpoints_root / checkpoint_key(shards_dir, training), new_version, flow_run_id
+    )
     try:
         if run.resumed:
             done = run.epochs_done()
@@ -659,8 +802,14 @@ def train_in_run(shards_dir: str | os.PathLike, training: TrainConfig, models_ro
             log("resuming interrupted run %s %s (model %s)", run.run_id, where, run.version)
         if on_start is not None:
             on_start(run)
-        result = train_model(shards_dir, training, Path(models_root) / run.version, run.dir,
-                             version=run.version, on_epoch_end=on_epoch_end)
+        result = train_model(
+            shards_dir,
+            training,
+            Path(models_root) / run.version,
+            run.dir,
+            version=run.version,
+            on_epoch_end=on_epoch_end,
+        )
     except BaseException:
         run.release()
         raise

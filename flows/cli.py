@@ -70,49 +70,94 @@ def _sigmas(text: str) -> list[float]:
     try:
         return [float(p) for p in text.split(",") if p.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of numbers: {text!r}"
+        ) from None
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true",
-                   help=f"small subset and few epochs (digits: {QUICK}; photographs: {QUICK_PHOTOS}); "
-                   "a few minutes on 2 CPU cores")
-    p.add_argument("--dataset", default="mnist", metavar="NAME_OR_PATH_OR_URL",
-                   help="mnist, fashion-mnist, train400 (photographs), or a folder of your own images: "
-                   "a path, file:// or http(s):// URL (default: mnist)")
-    p.add_argument("--test-dataset", metavar="NAME_OR_PATH_OR_URL",
-                   help="photographs only: images to test on (default: the dataset's own, train400: set12; "
-                   "a folder of yours: a held-out share of it)")
-    p.add_argument("--patch-size", type=int, help="photographs only: side of the square training patches "
-                   "(default: 40)")
-    p.add_argument("--patches-per-image", type=int,
-                   help="photographs only: patches cut from each training image per epoch (default: 64)")
-    p.add_argument("--sigmas", type=_sigmas, help="photographs only: awgn sigmas (0-255) the test images are "
-                   "scored at, e.g. 15,25,50 (the default)")
-    p.add_argument("--source", help="mirror: http(s) URL, file:// URL or folder "
-                   "(default: $DENOISE_DATA_SOURCE, then the dataset's origin)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small subset and few epochs (digits: {QUICK}; photographs: {QUICK_PHOTOS}); "
+        "a few minutes on 2 CPU cores",
+    )
+    p.add_argument(
+        "--dataset",
+        default="mnist",
+        metavar="NAME_OR_PATH_OR_URL",
+        help="mnist, fashion-mnist, train400 (photographs), or a folder of your own images: "
+        "a path, file:// or http(s):// URL (default: mnist)",
+    )
+    p.add_argument(
+        "--test-dataset",
+        metavar="NAME_OR_PATH_OR_URL",
+        help="photographs only: images to test on (default: the dataset's own, train400: set12; "
+        "a folder of yours: a held-out share of it)",
+    )
+    p.add_argument(
+        "--patch-size",
+        type=int,
+        help="photographs only: side of the square training patches (default: 40)",
+    )
+    p.add_argument(
+        "--patches-per-image",
+        type=int,
+        help="photographs only: patches cut from each training image per epoch (default: 64)",
+    )
+    p.add_argument(
+        "--sigmas",
+        type=_sigmas,
+        help="photographs only: awgn sigmas (0-255) the test images are "
+        "scored at, e.g. 15,25,50 (the default)",
+    )
+    p.add_argument(
+        "--source",
+        help="mirror: http(s) URL, file:// URL or folder "
+        "(default: $DENOISE_DATA_SOURCE, then the dataset's origin)",
+    )
     p.add_argument("--train-limit", type=int, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, help="use only the first N test images")
     # no defaults here: an option left out leaves the config's own default (shown in the help)
     noise = NoiseConfig.model_fields
-    p.add_argument("--noise-kind", choices=get_args(NoiseKind),
-                   help=f"noise model (default: {noise['kind'].default})")
-    p.add_argument("--noise-level", type=_noise_level,
-                   help=f"a level or a range drawn per image, e.g. 0.1,0.7 (default: {noise['level'].default})")
-    p.add_argument("--level-density", choices=get_args(LevelDensity),
-                   help="how a range is drawn: rising (more heavy noise) or uniform "
-                   f"(default: {noise['level_density'].default})")
-    p.add_argument("--copies", type=int, help=f"noisy draws per clean image (default: {noise['copies'].default})")
+    p.add_argument(
+        "--noise-kind",
+        choices=get_args(NoiseKind),
+        help=f"noise model (default: {noise['kind'].default})",
+    )
+    p.add_argument(
+        "--noise-level",
+        type=_noise_level,
+        help=f"a level or a range drawn per image, e.g. 0.1,0.7 (default: {noise['level'].default})",
+    )
+    p.add_argument(
+        "--level-density",
+        choices=get_args(LevelDensity),
+        help="how a range is drawn: rising (more heavy noise) or uniform "
+        f"(default: {noise['level_density'].default})",
+    )
+    p.add_argument(
+        "--copies",
+        type=int,
+        help=f"noisy draws per clean image (default: {noise['copies'].default})",
+    )
     p.add_argument("--architecture", help="model architecture (default: the best one)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--loss", choices=get_args(LossName))
     p.add_argument("--lr-schedule", choices=get_args(LrSchedule))
-    p.add_argument("--reframe", type=float, help="share of training pairs recut from mosaics "
-                   "(default: the architecture's recipe; 0 trains on the frames as they are)")
-    p.add_argument("--seed", type=int,
-                   help=f"seed for noise and training (default: {TrainConfig.model_fields['seed'].default})")
+    p.add_argument(
+        "--reframe",
+        type=float,
+        help="share of training pairs recut from mosaics "
+        "(default: the architecture's recipe; 0 trains on the frames as they are)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help=f"seed for noise and training (default: {TrainConfig.model_fields['seed'].default})",
+    )
     p.add_argument("--min-psnr-gain", type=float, help="quality gate in dB over the noisy input")
 
 
@@ -138,16 +183,38 @@ def _train_configs(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         return value if value is not None else quick.get(name)
 
-    training = given(architecture=args.architecture, epochs=pick("epochs"), batch_size=args.batch_size,
-                     learning_rate=args.learning_rate, loss=args.loss, lr_schedule=args.lr_schedule,
-                     reframe=args.reframe, seed=args.seed)
-    data = DataConfig(**given(dataset=args.dataset, source=args.source, test_dataset=args.test_dataset,
-                              train_limit=pick("train_limit"), test_limit=pick("test_limit")))
-    chosen = given(kind=args.noise_kind, level=args.noise_level, level_density=args.level_density,
-                   copies=args.copies, seed=args.seed, patch_size=args.patch_size,
-                   patches_per_image=pick("patches_per_image"))
+    training = given(
+        architecture=args.architecture,
+        epochs=pick("epochs"),
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        loss=args.loss,
+        lr_schedule=args.lr_schedule,
+        reframe=args.reframe,
+        seed=args.seed,
+    )
+    data = DataConfig(
+        **given(
+            dataset=args.dataset,
+            source=args.source,
+            test_dataset=args.test_dataset,
+            train_limit=pick("train_limit"),
+            test_limit=pick("test_limit"),
+        )
+    )
+    chosen = given(
+        kind=args.noise_kind,
+        level=args.noise_level,
+        level_density=args.level_density,
+        copies=args.copies,
+        seed=args.seed,
+        patch_size=args.patch_size,
+        patches_per_image=pick("patches_per_image"),
+    )
     # a photo dataset starts from the blind awgn defaults (another kind is refused below, by name)
-    base = default_noise_for(data).model_dump() if photos and args.noise_kind in (None, "awgn") else {}
+    base = (
+        default_noise_for(data).model_dump() if photos and args.noise_kind in (None, "awgn") else {}
+    )
     noise = NoiseConfig(**{**base, **chosen})
     # every check before a server starts; the flow fills in the recipe's defaults itself
     apply_recipe_defaults(data, noise, TrainConfig(**training))
@@ -166,7 +233,9 @@ def _run_train(args: argparse.Namespace) -> int:
     from flows.session import ensure_api
     from flows.training import train_pipeline
 
-    Store.at(args.store).check()  # a missing bucket or refused credentials: one line, nothing written
+    Store.at(
+        args.store
+    ).check()  # a missing bucket or refused credentials: one line, nothing written
     check_registry(args.store)  # a broken registry fails now, not after the training
     import_tensorflow_quietly(args.debug)
     ensure_api()
@@ -182,16 +251,29 @@ def _print_train_summary(result: dict) -> None:
 
     m, model = result["metrics"], result["model"]
     console = Console()
-    console.print(f"model [bold]{model['version']}[/] ({model['architecture']}, "
-                  f"{model['params']:,} parameters, trained on {model['device']} in {model['seconds']:.0f} s)")
+    console.print(
+        f"model [bold]{model['version']}[/] ({model['architecture']}, "
+        f"{model['params']:,} parameters, trained on {model['device']} in {model['seconds']:.0f} s)"
+    )
     table = Table()
     if m.get("per_sigma"):  # photographs: a row per sigma, then their mean
-        for col in ("sigma", "PSNR noisy (dB)", "PSNR denoised (dB)", "SSIM noisy", "SSIM denoised"):
+        for col in (
+            "sigma",
+            "PSNR noisy (dB)",
+            "PSNR denoised (dB)",
+            "SSIM noisy",
+            "SSIM denoised",
+        ):
             table.add_column(col)
         for r in [*m["per_sigma"], {**m, "sigma": "mean"}]:
             sigma = r["sigma"] if isinstance(r["sigma"], str) else f"{r['sigma']:g}"
-            table.add_row(sigma, f"{r['psnr_noisy']:.2f}", f"{r['psnr_denoised']:.2f}", f"{r['ssim_noisy']:.3f}",
-                          f"{r['ssim_denoised']:.3f}")
+            table.add_row(
+                sigma,
+                f"{r['psnr_noisy']:.2f}",
+                f"{r['psnr_denoised']:.2f}",
+                f"{r['ssim_noisy']:.3f}",
+                f"{r['ssim_denoised']:.3f}",
+            )
     else:
         for col in ("", "PSNR (dB)", "SSIM"):
             table.add_column(col)
@@ -210,15 +292,21 @@ def _add_global_arguments(parser: argparse.ArgumentParser, top: bool) -> None:
     """--store and --debug, accepted before or after the sub-command (as git
     and pip accept theirs); a sub-command's copy never resets the top one."""
     default = None if top else argparse.SUPPRESS
-    parser.add_argument("--store", default=default,
-                        help="output store root (default: $DENOISE_STORE, then ./store)")
-    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
-                        help="show tracebacks and TensorFlow's own logs")
+    parser.add_argument(
+        "--store", default=default, help="output store root (default: $DENOISE_STORE, then ./store)"
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="show tracebacks and TensorFlow's own logs",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="denoise", description="Learn to remove noise from images, then clean folders of them.")
+        prog="denoise", description="Learn to remove noise from images, then clean folders of them."
+    )
     _add_global_arguments(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -234,7 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, add, run in (
         ("folder", "denoise every image in a folder", add_folder_arguments, run_folder_command),
         ("models", "list model versions; promote one", add_models_arguments, run_models_command),
-        ("serve", "serve the scheduled deployments from this process", add_serve_arguments, run_serve_command),
+        (
+            "serve",
+            "serve the scheduled deployments from this process",
+            add_serve_arguments,
+            run_serve_command,
+        ),
     ):
         command = sub.add_parser(name, help=help_text)
         _add_global_arguments(command, top=False)
@@ -290,8 +383,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except httpx.TransportError as exc:
         if args.debug:
             raise
-        print(f"denoise: error: lost the Prefect API ({type(exc).__name__}: {_one_line(exc)}); "
-              "finished files are kept, rerun to finish", file=sys.stderr)
+        print(
+            f"denoise: error: lost the Prefect API ({type(exc).__name__}: {_one_line(exc)}); "
+            "finished files are kept, rerun to finish",
+            file=sys.stderr,
+        )
         return 1
     except ValidationError as exc:
         if args.debug:
@@ -306,8 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if args.debug:
             raise
-        print(f"denoise: unexpected error: {type(exc).__name__}: {_one_line(exc)} "
-              "(rerun with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"denoise: unexpected error: {type(exc).__name__}: {_one_line(exc)} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

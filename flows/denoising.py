@@ -51,17 +51,30 @@ def denoise_folder(
         return denoise_images(input_dir, output_dir, chosen, overwrite, pattern, format, store_root)
     runner = dask_task_runner(workers, dask_address)
     return denoise_in_chunks.with_options(task_runner=runner)(
-        input_dir, output_dir, chosen, overwrite, pattern, format, store_root, chunk_files)
+        input_dir, output_dir, chosen, overwrite, pattern, format, store_root, chunk_files
+    )
 
 
 @flow(name="denoise-folder-chunks", log_prints=True)
-def denoise_in_chunks(input_dir: str, output_dir: str, chosen: dict, overwrite: bool, pattern: str,
-                      format: str, store_root: str, chunk_files: int) -> dict:
+def denoise_in_chunks(
+    input_dir: str,
+    output_dir: str,
+    chosen: dict,
+    overwrite: bool,
+    pattern: str,
+    format: str,
+    store_root: str,
+    chunk_files: int,
+) -> dict:
     """The folder as chunks of files, one ``denoise_chunk`` task each, merged into one report."""
     plan = plan_denoise_chunks(input_dir, output_dir, pattern, format, overwrite, chunk_files)
-    futures = [denoise_chunk.submit(input_dir, output_dir, rels, chosen, overwrite, format)
-               for rels in plan["chunks"]]
-    return report_folder_run(input_dir, output_dir, plan, [f.result() for f in futures], chosen, store_root)
+    futures = [
+        denoise_chunk.submit(input_dir, output_dir, rels, chosen, overwrite, format)
+        for rels in plan["chunks"]
+    ]
+    return report_folder_run(
+        input_dir, output_dir, plan, [f.result() for f in futures], chosen, store_root
+    )
 
 
 def dask_task_runner(workers: int | None, address: str | None):
@@ -70,30 +83,63 @@ def dask_task_runner(workers: int | None, address: str | None):
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
-        raise ConfigError('--workers and --dask-address need prefect-dask: pip install -e ".[dask]"') from None
+        raise ConfigError(
+            '--workers and --dask-address need prefect-dask: pip install -e ".[dask]"'
+        ) from None
     if address:
         return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                          cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        },
+    )
 
 
 def add_folder_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input_dir", metavar="IN", help="folder of noisy images (never written to)")
     parser.add_argument("output_dir", metavar="OUT", help="where the cleaned images go (same tree)")
-    parser.add_argument("--model", help="model version, folder or .keras file (default: the production "
-                        "model for the images' domain, photographs or digits)")
-    parser.add_argument("--overwrite", action="store_true", help="redo files whose output is up to date")
-    parser.add_argument("--pattern", default="*", help="only file names matching this glob (default: *)")
-    parser.add_argument("--format", choices=["same", "png"], default="same",
-                        help="output format: the input's (default) or PNG")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="denoise in chunks on a local Dask cluster of N processes")
-    parser.add_argument("--dask-address", default=os.environ.get(DASK_ENV), metavar="tcp://HOST:PORT",
-                        help=f"denoise in chunks on an existing Dask cluster (default: ${DASK_ENV}); "
-                        "needs PREFECT_API_URL set to a server the workers reach")
-    parser.add_argument("--chunk-files", type=int, default=DEFAULT_CHUNK_FILES, metavar="K",
-                        help=f"files per chunk task with --workers or --dask-address (default: {DEFAULT_CHUNK_FILES})")
+    parser.add_argument(
+        "--model",
+        help="model version, folder or .keras file (default: the production "
+        "model for the images' domain, photographs or digits)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="redo files whose output is up to date"
+    )
+    parser.add_argument(
+        "--pattern", default="*", help="only file names matching this glob (default: *)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=["same", "png"],
+        default="same",
+        help="output format: the input's (default) or PNG",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="denoise in chunks on a local Dask cluster of N processes",
+    )
+    parser.add_argument(
+        "--dask-address",
+        default=os.environ.get(DASK_ENV),
+        metavar="tcp://HOST:PORT",
+        help=f"denoise in chunks on an existing Dask cluster (default: ${DASK_ENV}); "
+        "needs PREFECT_API_URL set to a server the workers reach",
+    )
+    parser.add_argument(
+        "--chunk-files",
+        type=int,
+        default=DEFAULT_CHUNK_FILES,
+        metavar="K",
+        help=f"files per chunk task with --workers or --dask-address (default: {DEFAULT_CHUNK_FILES})",
+    )
 
 
 def check_dask_options(workers: int | None, address: str | None, chunk_files: int) -> None:
@@ -101,21 +147,27 @@ def check_dask_options(workers: int | None, address: str | None, chunk_files: in
     if workers is not None and not 1 <= workers <= MAX_WORKERS:
         raise ConfigError(f"--workers must be between 1 and {MAX_WORKERS}, not {workers}")
     if workers and address:
-        raise ConfigError("--workers starts a local cluster and --dask-address uses an existing one; give one")
+        raise ConfigError(
+            "--workers starts a local cluster and --dask-address uses an existing one; give one"
+        )
     if chunk_files < 1:
         raise ConfigError(f"--chunk-files must be at least 1, not {chunk_files}")
     if not address:
         return
     if not os.environ.get("PREFECT_API_URL"):
-        raise ConfigError("--dask-address: the Dask workers report to Prefect; set PREFECT_API_URL to a "
-                          "Prefect server they can reach (a temporary server of this command is not)")
+        raise ConfigError(
+            "--dask-address: the Dask workers report to Prefect; set PREFECT_API_URL to a "
+            "Prefect server they can reach (a temporary server of this command is not)"
+        )
     host, _, port = address.removeprefix("tcp://").rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--dask-address {address}: expected tcp://HOST:PORT")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except OSError as exc:
-        raise ConfigError(f"--dask-address {address}: no Dask scheduler answers ({exc.strerror or exc})") from None
+        raise ConfigError(
+            f"--dask-address {address}: no Dask scheduler answers ({exc.strerror or exc})"
+        ) from None
 
 
 def run_folder_command(args: argparse.Namespace) -> int:
@@ -137,15 +189,25 @@ def run_folder_command(args: argparse.Namespace) -> int:
     # worker processes inherit the environment: one server for all, not one each
     os.environ["PREFECT_API_URL"] = ensure_api()
     with finished_despite_api("denoise_images") as outcome:
-        outcome.value = denoise_folder(args.input_dir, args.output_dir, model=args.model,
-                                       overwrite=args.overwrite, pattern=args.pattern, format=args.format,
-                                       store=args.store, workers=args.workers, dask_address=args.dask_address,
-                                       chunk_files=args.chunk_files)
+        outcome.value = denoise_folder(
+            args.input_dir,
+            args.output_dir,
+            model=args.model,
+            overwrite=args.overwrite,
+            pattern=args.pattern,
+            format=args.format,
+            store=args.store,
+            workers=args.workers,
+            dask_address=args.dask_address,
+            chunk_files=args.chunk_files,
+        )
     summary = outcome.value
     c = summary["counts"]
     console = Console(stderr=False)
-    console.print(f"{c['denoised']} denoised, {c['skipped']} skipped, {c['failed']} failed "
-                  f"in {summary['seconds']:.1f} s with model {summary['model']['version']}")
+    console.print(
+        f"{c['denoised']} denoised, {c['skipped']} skipped, {c['failed']} failed "
+        f"in {summary['seconds']:.1f} s with model {summary['model']['version']}"
+    )
     if summary.get("warning"):
         console.print(f"[yellow]warning:[/] {summary['warning']}", soft_wrap=True)
     console.print(f"output: {summary['output_dir']}")

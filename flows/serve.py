@@ -23,7 +23,9 @@ def _schedules(spec: dict) -> list:
 
     out = []
     for s in spec.get("schedules") or []:
-        active = bool(s.get("active", True))  # an inactive one is kept, off, to be switched on in the UI
+        active = bool(
+            s.get("active", True)
+        )  # an inactive one is kept, off, to be switched on in the UI
         if "cron" in s:
             out.append(Cron(s["cron"], timezone=s.get("timezone"), active=active))
         elif "interval" in s:
@@ -35,23 +37,31 @@ def build_deployments(path: Path = PREFECT_YAML) -> list:
     from flows.denoising import denoise_folder
     from flows.training import train_pipeline
 
-    flows = {"flows/training.py:train_pipeline": train_pipeline,
-             "flows/denoising.py:denoise_folder": denoise_folder}
+    flows = {
+        "flows/training.py:train_pipeline": train_pipeline,
+        "flows/denoising.py:denoise_folder": denoise_folder,
+    }
     deployments = []
     for spec in deployment_specs(path):
         flow = flows[spec["entrypoint"]]
-        deployments.append(flow.to_deployment(
-            name=spec["name"], schedules=_schedules(spec), parameters=spec.get("parameters") or {},
-            description=spec.get("description"), tags=spec.get("tags"),
-            concurrency_limit=spec.get("concurrency_limit"),
-            enforce_parameter_schema=spec.get("enforce_parameter_schema", True),
-        ))
+        deployments.append(
+            flow.to_deployment(
+                name=spec["name"],
+                schedules=_schedules(spec),
+                parameters=spec.get("parameters") or {},
+                description=spec.get("description"),
+                tags=spec.get("tags"),
+                concurrency_limit=spec.get("concurrency_limit"),
+                enforce_parameter_schema=spec.get("enforce_parameter_schema", True),
+            )
+        )
     return deployments
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--limit", type=int, default=1,
-                        help="flow runs at a time in this process (default 1)")
+    parser.add_argument(
+        "--limit", type=int, default=1, help="flow runs at a time in this process (default 1)"
+    )
 
 
 def run_serve_command(args: argparse.Namespace) -> int:

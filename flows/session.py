@@ -51,8 +51,14 @@ _guards: list[subprocess.Popen] = []  # kept open: their pipes close when this p
 
 
 def _guard(pid: int) -> None:
-    _guards.append(subprocess.Popen([sys.executable, "-c", _GUARD, str(pid)], stdin=subprocess.PIPE,
-                                    start_new_session=True, close_fds=True))
+    _guards.append(
+        subprocess.Popen(
+            [sys.executable, "-c", _GUARD, str(pid)],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+        )
+    )
 
 
 def ensure_api() -> str:
@@ -83,6 +89,7 @@ def ensure_api() -> str:
 
 # ----------------------------------------------------------------- the run ledger
 
+
 def _ledger_dir() -> Path:
     from prefect.settings import PREFECT_HOME
 
@@ -111,8 +118,14 @@ def record_running(flow, flow_run, state) -> None:
     folder = _ledger_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        entry = {"flow_run_id": str(flow_run.id), "flow": flow.name, "name": flow_run.name,
-                 "pid": os.getpid(), "started": _process_start(os.getpid()), "host": socket.gethostname()}
+        entry = {
+            "flow_run_id": str(flow_run.id),
+            "flow": flow.name,
+            "name": flow_run.name,
+            "pid": os.getpid(),
+            "started": _process_start(os.getpid()),
+            "host": socket.gethostname(),
+        }
         tmp = folder / f".{flow_run.id}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(entry))
         os.replace(tmp, folder / f"{flow_run.id}.json")
@@ -121,7 +134,9 @@ def record_running(flow, flow_run, state) -> None:
     try:
         mark_crashed_runs()
     except Exception as exc:  # noqa: BLE001 - book-keeping must never fail a run
-        logger.warning("cannot mark the runs of dead processes Crashed: %s: %s", type(exc).__name__, exc)
+        logger.warning(
+            "cannot mark the runs of dead processes Crashed: %s: %s", type(exc).__name__, exc
+        )
 
 
 def forget_run(flow, flow_run, state) -> None:
@@ -129,8 +144,13 @@ def forget_run(flow, flow_run, state) -> None:
     (_ledger_dir() / f"{flow_run.id}.json").unlink(missing_ok=True)
 
 
-STATE_HOOKS = {"on_running": [record_running], "on_completion": [forget_run], "on_failure": [forget_run],
-               "on_cancellation": [forget_run], "on_crashed": [forget_run]}
+STATE_HOOKS = {
+    "on_running": [record_running],
+    "on_completion": [forget_run],
+    "on_failure": [forget_run],
+    "on_cancellation": [forget_run],
+    "on_crashed": [forget_run],
+}
 
 
 def mark_crashed_runs() -> list[str]:
@@ -142,7 +162,7 @@ def mark_crashed_runs() -> list[str]:
         FlowRunFilter,
         FlowRunFilterId,
         TaskRunFilter,
-    TaskRunFilterState,
+        TaskRunFilterState,
         TaskRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
@@ -172,23 +192,34 @@ def mark_crashed_runs() -> list[str]:
             except Exception:  # noqa: BLE001 - the API is not answering now: the next run tries again
                 continue
             if run.state is not None and not run.state.is_final():
-                message = (f"the denoise process (pid {entry.get('pid')}) ended without reporting this run; "
-                           "marked Crashed by a later run")
+                message = (
+                    f"the denoise process (pid {entry.get('pid')}) ended without reporting this run; "
+                    "marked Crashed by a later run"
+                )
                 unfinished = client.read_task_runs(
                     flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
-                    task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
-                        any_=[StateType.RUNNING, StateType.PENDING]))))
+                    task_run_filter=TaskRunFilter(
+                        state=TaskRunFilterState(
+                            type=TaskRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])
+                        )
+                    ),
+                )
                 for task_run in unfinished:
                     client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
                 client.set_flow_run_state(run.id, Crashed(message=message), force=True)
-                logger.warning("flow run %s (%s) was left %s by a dead process; marked Crashed",
-                               entry.get("name"), run_id, run.state.name)
+                logger.warning(
+                    "flow run %s (%s) was left %s by a dead process; marked Crashed",
+                    entry.get("name"),
+                    run_id,
+                    run.state.name,
+                )
                 marked.append(run_id)
             path.unlink(missing_ok=True)
     return marked
 
 
 # ----------------------------------------------------------------- losing the API
+
 
 @dataclass
 class Outcome:
@@ -224,8 +255,11 @@ def finished_despite_api(task_key: str) -> Iterator[Outcome]:
             raise
         outcome.value = finished
     if api_unreachable():
-        print("denoise: the Prefect API was unreachable during the run; the UI missed updates "
-              "(the files and the report are complete)", file=sys.stderr)
+        print(
+            "denoise: the Prefect API was unreachable during the run; the UI missed updates "
+            "(the files and the report are complete)",
+            file=sys.stderr,
+        )
 
 
 def install_signal_handlers() -> None:

@@ -42,17 +42,28 @@ def train_pipeline(
     Store.at(store_root).check()  # an unreachable store fails now, with one line
     check_registry(store_root)  # a broken registry fails now, not after a whole training
     # cached across runs, unless the files a cached result names are gone or fail their checksums
-    dataset = unless_output_invalid(download_dataset, verify_download(data, store_root))(data, store_root)
+    dataset = unless_output_invalid(download_dataset, verify_download(data, store_root))(
+        data, store_root
+    )
     limits = (data.train_limit, data.test_limit)
-    write = unless_output_invalid(write_noisy_shards, verify_shards(dataset, noise, store_root, *limits))
+    write = unless_output_invalid(
+        write_noisy_shards, verify_shards(dataset, noise, store_root, *limits)
+    )
     shards_dir = write(dataset, noise, store_root, *limits)
     model = train_autoencoder(shards_dir, training, store_root)
     metrics = evaluate_denoiser(model["dir"], shards_dir, evaluation)
     if not metrics["passed"]:
         logger.warning(
             "Model %s FAILED the quality gate: PSNR gain %.2f dB < %.2f dB required",
-            model["version"], metrics["psnr_gain"], evaluation.min_psnr_gain,
+            model["version"],
+            metrics["psnr_gain"],
+            evaluation.min_psnr_gain,
         )
     registry = register_model_version(model["dir"], metrics, store_root, model.get("checkpoint"))
-    return {"store": store_root, "shards": shards_dir, "model": model, "metrics": metrics,
-            "registry": registry}
+    return {
+        "store": store_root,
+        "shards": shards_dir,
+        "model": model,
+        "metrics": metrics,
+        "registry": registry,
+    }

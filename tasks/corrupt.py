@@ -50,27 +50,46 @@ def noise_fields(dataset: dict, noise: NoiseConfig) -> dict:
     the patch defaults filled in."""
     if not _is_images(dataset):
         return noise.model_dump(mode="json", exclude=PATCH_FIELDS)
-    return {**noise.model_dump(mode="json"), "patch_size": noise.patch_size or DEFAULT_PATCH_SIZE,
-            "patches_per_image": noise.patches_per_image or DEFAULT_PATCHES_PER_IMAGE}
+    return {
+        **noise.model_dump(mode="json"),
+        "patch_size": noise.patch_size or DEFAULT_PATCH_SIZE,
+        "patches_per_image": noise.patches_per_image or DEFAULT_PATCHES_PER_IMAGE,
+    }
 
 
-def shard_dir_for(dataset: dict, noise: NoiseConfig, store_root: str,
-                  train_limit: int | None, test_limit: int | None) -> str:
+def shard_dir_for(
+    dataset: dict,
+    noise: NoiseConfig,
+    store_root: str,
+    train_limit: int | None,
+    test_limit: int | None,
+) -> str:
     """The shard set's location in the store (a path, or a URL for a remote store)."""
     noise = NoiseConfig.model_validate(noise)
     key = shard_set_key(dataset, noise_fields(dataset, noise), train_limit, test_limit)
     return Store.at(store_root).join("shards", f"{dataset['dataset']}-{key}")
 
 
-def verify_shards(dataset: dict, noise: NoiseConfig, store_root: str,
-                  train_limit: int | None = None, test_limit: int | None = None) -> list[str]:
+def verify_shards(
+    dataset: dict,
+    noise: NoiseConfig,
+    store_root: str,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+) -> list[str]:
     """The files of the shard set a cached result would hand on that are missing
     or damaged (empty when all verify): decides whether the cache may be trusted."""
     return verify_shard_set(shard_dir_for(dataset, noise, store_root, train_limit, test_limit))
 
 
-def _write_pairs(out: Path, dataset: dict, noise: NoiseConfig, train_limit: int | None,
-                 test_limit: int | None, logger) -> None:
+def _write_pairs(
+    out: Path,
+    dataset: dict,
+    noise: NoiseConfig,
+    train_limit: int | None,
+    test_limit: int | None,
+    logger,
+) -> None:
     images, labels = load_images(dataset, "train", train_limit)
     test_images, test_labels = load_images(dataset, "test", test_limit)
     cut = split_train_validation(len(images), noise.validation_fraction)
@@ -80,29 +99,71 @@ def _write_pairs(out: Path, dataset: dict, noise: NoiseConfig, train_limit: int 
         "validation": SplitArrays(images[cut:], labels[cut:], index[cut:]),
         "test": SplitArrays(test_images, test_labels, np.arange(len(test_images))),
     }
-    meta = {"dataset": dataset["dataset"], "key": out.name.rsplit("-", 1)[1],
-            "config": noise_fields(dataset, noise), "train_limit": train_limit, "test_limit": test_limit,
-            "sources": {r: f["payload_sha256"] for r, f in dataset["files"].items()}}
-    write_shard_set(out, splits, {"kind": noise.kind, "level": noise.level, "density": noise.level_density},
-                    noise.shard_rows, noise.seed, meta=meta, log=logger)
+    meta = {
+        "dataset": dataset["dataset"],
+        "key": out.name.rsplit("-", 1)[1],
+        "config": noise_fields(dataset, noise),
+        "train_limit": train_limit,
+        "test_limit": test_limit,
+        "sources": {r: f["payload_sha256"] for r, f in dataset["files"].items()},
+    }
+    write_shard_set(
+        out,
+        splits,
+        {"kind": noise.kind, "level": noise.level, "density": noise.level_density},
+        noise.shard_rows,
+        noise.seed,
+        meta=meta,
+        log=logger,
+    )
 
 
-def _write_patches(out: Path, dataset: dict, noise: NoiseConfig, train_limit: int | None,
-                   test_limit: int | None, logger) -> None:
+def _write_patches(
+    out: Path,
+    dataset: dict,
+    noise: NoiseConfig,
+    train_limit: int | None,
+    test_limit: int | None,
+    logger,
+) -> None:
     fields = noise_fields(dataset, noise)
-    splits, meta = build_image_splits(dataset, noise.validation_fraction, fields["patch_size"],
-                                      fields["patches_per_image"], train_limit, test_limit, log=logger)
+    splits, meta = build_image_splits(
+        dataset,
+        noise.validation_fraction,
+        fields["patch_size"],
+        fields["patches_per_image"],
+        train_limit,
+        test_limit,
+        log=logger,
+    )
     test = dataset.get("test")
-    meta.update({"dataset": dataset["dataset"], "key": out.name.rsplit("-", 1)[1], "config": fields,
-                 "train_limit": train_limit, "test_limit": test_limit,
-                 "sources": {"dataset": dataset.get("location"), "test": test and test.get("location")}})
-    applied = {"kind": noise.kind, "level": noise.level, "density": noise.level_density, "applied": "in_training"}
+    meta.update(
+        {
+            "dataset": dataset["dataset"],
+            "key": out.name.rsplit("-", 1)[1],
+            "config": fields,
+            "train_limit": train_limit,
+            "test_limit": test_limit,
+            "sources": {"dataset": dataset.get("location"), "test": test and test.get("location")},
+        }
+    )
+    applied = {
+        "kind": noise.kind,
+        "level": noise.level,
+        "density": noise.level_density,
+        "applied": "in_training",
+    }
     write_shard_set(out, splits, applied, noise.shard_rows, noise.seed, meta=meta, log=logger)
 
 
 @task(name="write_noisy_shards", cache_policy=CACHE_ACROSS_RUNS, persist_result=True)
-def write_noisy_shards(dataset: dict, noise: NoiseConfig, store_root: str,
-                       train_limit: int | None = None, test_limit: int | None = None) -> str:
+def write_noisy_shards(
+    dataset: dict,
+    noise: NoiseConfig,
+    store_root: str,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+) -> str:
     """Returns the shard folder; the same request reuses a finished folder once
     its shards verify, and rebuilds only the damaged ones of a finished set."""
     logger = get_run_logger()
@@ -132,39 +193,60 @@ def _examples(out: str, manifest: dict, noise: NoiseConfig) -> tuple[str, str, s
     validation patches over the same patches with sample awgn (photos)."""
     if manifest.get("kind") != "patches":
         sample = load_split(out, "test", limit=8)
-        return (grid_png([sample["clean"], sample["noisy"]], scale=3),
-                "Top row clean, bottom row noisy (test split)", "clean and noisy test images")
+        return (
+            grid_png([sample["clean"], sample["noisy"]], scale=3),
+            "Top row clean, bottom row noisy (test split)",
+            "clean and noisy test images",
+        )
     clean = load_split(out, "validation", limit=8)["clean"]
-    noisy = add_awgn(clean.astype(np.float32) / 255.0, EXAMPLE_SIGMA, np.random.default_rng(EXAMPLE_SEED))
-    return (grid_png([clean, np.clip(noisy, 0.0, 1.0)], scale=3),
-            f"Top row clean validation patches, bottom row the same with sample awgn at sigma "
-            f"{EXAMPLE_SIGMA:g} (seed {EXAMPLE_SEED}); training adds {noise.kind} at {noise.level} "
-            "fresh to every batch", "clean patches and the same with sample noise")
+    noisy = add_awgn(
+        clean.astype(np.float32) / 255.0, EXAMPLE_SIGMA, np.random.default_rng(EXAMPLE_SEED)
+    )
+    return (
+        grid_png([clean, np.clip(noisy, 0.0, 1.0)], scale=3),
+        f"Top row clean validation patches, bottom row the same with sample awgn at sigma "
+        f"{EXAMPLE_SIGMA:g} (seed {EXAMPLE_SEED}); training adds {noise.kind} at {noise.level} "
+        "fresh to every batch",
+        "clean patches and the same with sample noise",
+    )
 
 
 def _publish(out: str, name: str, noise: NoiseConfig) -> None:
     manifest = read_manifest(out)
     patches = manifest.get("kind") == "patches"
-    rows = [{"split": r["split"], "file": r["file"], "rows": r["rows"], "sha256": r["sha256"][:16]}
-            for r in manifest["shards"]]
-    create_table_artifact(key=artifact_key("shards", name), table=table_rows(rows),
-                          description=f"{'Patch' if patches else 'Noisy'} Parquet shards in {out}")
+    rows = [
+        {"split": r["split"], "file": r["file"], "rows": r["rows"], "sha256": r["sha256"][:16]}
+        for r in manifest["shards"]
+    ]
+    create_table_artifact(
+        key=artifact_key("shards", name),
+        table=table_rows(rows),
+        description=f"{'Patch' if patches else 'Noisy'} Parquet shards in {out}",
+    )
     grid, caption, alt = _examples(out, manifest, noise)
-    splits = [{"split": s, **{k: v for k, v in rec.items() if k != "image_shape"}}
-              for s, rec in manifest["splits"].items()]
+    splits = [
+        {"split": s, **{k: v for k, v in rec.items() if k != "image_shape"}}
+        for s, rec in manifest["splits"].items()
+    ]
     if patches:
         size = manifest["patch_size"]
         title = "Patch shards"
-        what = (f"{manifest['patches_per_image']} patches of {size}x{size} per training image and epoch, "
-                f"whole test images; noise **{noise.kind}**, level {noise.level} ({noise.level_density}), "
-                f"added in training; seed {noise.seed}; {len(manifest.get('skipped', []))} file(s) skipped.")
+        what = (
+            f"{manifest['patches_per_image']} patches of {size}x{size} per training image and epoch, "
+            f"whole test images; noise **{noise.kind}**, level {noise.level} ({noise.level_density}), "
+            f"added in training; seed {noise.seed}; {len(manifest.get('skipped', []))} file(s) skipped."
+        )
     else:
         title = "Noisy shards"
-        what = (f"Noise: **{noise.kind}**, level {noise.level}, {noise.copies} cop"
-                f"{'y' if noise.copies == 1 else 'ies'} per training image, seed {noise.seed}.")
+        what = (
+            f"Noise: **{noise.kind}**, level {noise.level}, {noise.copies} cop"
+            f"{'y' if noise.copies == 1 else 'ies'} per training image, seed {noise.seed}."
+        )
     create_markdown_artifact(
         key=artifact_key("shards", name, "examples"),
-        markdown=(f"# {title} of {name}\n\n`{out}`\n\n{what}\n\n{markdown_table(splits)}\n\n{caption}:\n\n"
-                  f"{markdown_image(grid, alt)}\n"),
+        markdown=(
+            f"# {title} of {name}\n\n`{out}`\n\n{what}\n\n{markdown_table(splits)}\n\n{caption}:\n\n"
+            f"{markdown_image(grid, alt)}\n"
+        ),
         description=f"Examples from the shards of {name}",
     )

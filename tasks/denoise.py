@@ -40,8 +40,9 @@ REPORT_ROWS_IN_UI = 500
 
 
 @task(name="resolve_denoiser", cache_policy=NO_CACHE)
-def resolve_denoiser(model: str | None, store_root: str, input_dir: str | None = None,
-                     pattern: str = "*") -> dict:
+def resolve_denoiser(
+    model: str | None, store_root: str, input_dir: str | None = None, pattern: str = "*"
+) -> dict:
     """The model to use, traceable: version, card facts and data manifest hash.
     Without ``model``, the production model of the domain of ``input_dir``'s
     images (photographs or digits) when it can be told, else the overall one;
@@ -49,7 +50,9 @@ def resolve_denoiser(model: str | None, store_root: str, input_dir: str | None =
     logger = get_run_logger()
     domain = folder_domain(input_dir, pattern) if input_dir else None
     ref = resolve_model(store_root, model, domain if model is None else None)
-    logger.info("using model %s (%s, %s) from %s", ref.version, ref.status, ref.domain, ref.model_path)
+    logger.info(
+        "using model %s (%s, %s) from %s", ref.version, ref.status, ref.domain, ref.model_path
+    )
     warning = domain_mismatch(store_root, ref, domain)
     if warning:
         logger.warning(warning)
@@ -100,11 +103,14 @@ def _thumbnails(results: list[FileResult], input_dir: Path, k: int = 4) -> str:
             continue
     if not before:
         return ""
-    return "Top: input, bottom: denoised.\n\n" + markdown_image(grid_png([np.stack(before), np.stack(after)]),
-                                                              "before and after")
+    return "Top: input, bottom: denoised.\n\n" + markdown_image(
+        grid_png([np.stack(before), np.stack(after)]), "before and after"
+    )
 
 
-_LOADED: dict[tuple[str, str | None], tuple] = {}  # per process: a Dask worker loads each model once
+_LOADED: dict[
+    tuple[str, str | None], tuple
+] = {}  # per process: a Dask worker loads each model once
 
 
 def _predictor(model: dict):
@@ -112,15 +118,27 @@ def _predictor(model: dict):
     key = (str(model["model_path"]), model.get("model_sha256"))
     if key not in _LOADED:
         # checked against the card's checksum when the model has one
-        keras_model = load_model(local_copy(model["model_path"], model.get("model_sha256")),
-                                 expected_sha256=model.get("model_sha256"))
-        _LOADED[key] = (BatchPredictor(keras_model), tile_spec_for_model(keras_model, model.get("architecture")))
+        keras_model = load_model(
+            local_copy(model["model_path"], model.get("model_sha256")),
+            expected_sha256=model.get("model_sha256"),
+        )
+        _LOADED[key] = (
+            BatchPredictor(keras_model),
+            tile_spec_for_model(keras_model, model.get("architecture")),
+        )
     return _LOADED[key]
 
 
 @task(name="denoise_images", cache_policy=NO_CACHE)
-def denoise_images(input_dir: str, output_dir: str, model: dict, overwrite: bool, pattern: str,
-                   format: str, store_root: str) -> dict:
+def denoise_images(
+    input_dir: str,
+    output_dir: str,
+    model: dict,
+    overwrite: bool,
+    pattern: str,
+    format: str,
+    store_root: str,
+) -> dict:
     """The whole folder in this process, with a live progress bar and artifact."""
     logger = get_run_logger()
     predictor, spec = _predictor(model)
@@ -137,38 +155,73 @@ def denoise_images(input_dir: str, output_dir: str, model: dict, overwrite: bool
         progress(result, done, total)
 
     try:
-        results = denoise_tree(input_dir, output_dir, predictor, spec, pattern=pattern, fmt=format,
-                               overwrite=overwrite, on_result=on_result)
+        results = denoise_tree(
+            input_dir,
+            output_dir,
+            predictor,
+            spec,
+            pattern=pattern,
+            fmt=format,
+            overwrite=overwrite,
+            on_result=on_result,
+        )
     except BaseException:
         publisher.close(timeout=1)  # its thread ends with the task, whatever ended it
         raise
     finally:
         if progress is not None:
             progress.close()
-    return _report(results, input_dir, output_dir, model, time.perf_counter() - started, store_root,
-                   logger, publisher)
+    return _report(
+        results,
+        input_dir,
+        output_dir,
+        model,
+        time.perf_counter() - started,
+        store_root,
+        logger,
+        publisher,
+    )
 
 
 @task(name="plan_denoise_chunks", cache_policy=NO_CACHE)
-def plan_denoise_chunks(input_dir: str, output_dir: str, pattern: str, format: str, overwrite: bool,
-                        chunk_files: int) -> dict:
+def plan_denoise_chunks(
+    input_dir: str, output_dir: str, pattern: str, format: str, overwrite: bool, chunk_files: int
+) -> dict:
     """Scan the folder once; the chunks (relative paths) each become a task."""
-    plan = plan_folder(input_dir, output_dir, pattern=pattern, fmt=format, overwrite=overwrite,
-                       chunk_files=chunk_files)
-    get_run_logger().info("%d files to look at in %d chunks of up to %d; %d decided by the scan",
-                          sum(map(len, plan.chunks)), len(plan.chunks), chunk_files, len(plan.verdicts))
-    return {"verdicts": [asdict(r) for r in plan.verdicts], "chunks": plan.chunks, "total": plan.total,
-            "started": time.time()}
+    plan = plan_folder(
+        input_dir,
+        output_dir,
+        pattern=pattern,
+        fmt=format,
+        overwrite=overwrite,
+        chunk_files=chunk_files,
+    )
+    get_run_logger().info(
+        "%d files to look at in %d chunks of up to %d; %d decided by the scan",
+        sum(map(len, plan.chunks)),
+        len(plan.chunks),
+        chunk_files,
+        len(plan.verdicts),
+    )
+    return {
+        "verdicts": [asdict(r) for r in plan.verdicts],
+        "chunks": plan.chunks,
+        "total": plan.total,
+        "started": time.time(),
+    }
 
 
 # a worker that dies mid-chunk makes Dask run the chunk again elsewhere; a failure
 # inside it is retried here; either way a rerun redoes only what is not finished
 @task(name="denoise_chunk", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def denoise_chunk(input_dir: str, output_dir: str, rels: list[str], model: dict, overwrite: bool,
-                  format: str) -> list[dict]:
+def denoise_chunk(
+    input_dir: str, output_dir: str, rels: list[str], model: dict, overwrite: bool, format: str
+) -> list[dict]:
     logger = get_run_logger()
     predictor, spec = _predictor(model)
-    results = denoise_chunk_files(input_dir, output_dir, rels, predictor, spec, fmt=format, overwrite=overwrite)
+    results = denoise_chunk_files(
+        input_dir, output_dir, rels, predictor, spec, fmt=format, overwrite=overwrite
+    )
     for r in results:
         if r.status == "failed":
             logger.warning("%s: %s", r.path, r.error)
@@ -178,58 +231,122 @@ def denoise_chunk(input_dir: str, output_dir: str, rels: list[str], model: dict,
 
 
 @task(name="report_folder_run", cache_policy=NO_CACHE)
-def report_folder_run(input_dir: str, output_dir: str, plan: dict, chunks: list[list[dict]], model: dict,
-                      store_root: str) -> dict:
+def report_folder_run(
+    input_dir: str,
+    output_dir: str,
+    plan: dict,
+    chunks: list[list[dict]],
+    model: dict,
+    store_root: str,
+) -> dict:
     """Merge the chunks' results into the run's report, summary and artifacts."""
     logger = get_run_logger()
     compact_journal(output_dir)
-    if stale := remove_stale_parts(Path(output_dir).expanduser().resolve()):  # of a worker killed mid-file
+    if stale := remove_stale_parts(
+        Path(output_dir).expanduser().resolve()
+    ):  # of a worker killed mid-file
         logger.info("removed %d temporary files of writers that died", stale)
-    results = [FileResult(**r) for r in plan["verdicts"]] + [FileResult(**r) for part in chunks for r in part]
-    return _report(results, input_dir, output_dir, model, time.time() - plan["started"], store_root,
-                   logger, Publisher(logger))
+    results = [FileResult(**r) for r in plan["verdicts"]] + [
+        FileResult(**r) for part in chunks for r in part
+    ]
+    return _report(
+        results,
+        input_dir,
+        output_dir,
+        model,
+        time.time() - plan["started"],
+        store_root,
+        logger,
+        Publisher(logger),
+    )
 
 
-def _report(results: list[FileResult], input_dir: str, output_dir: str, model: dict, seconds: float,
-            store_root: str, logger, publisher: Publisher) -> dict:
+def _report(
+    results: list[FileResult],
+    input_dir: str,
+    output_dir: str,
+    model: dict,
+    seconds: float,
+    store_root: str,
+    logger,
+    publisher: Publisher,
+) -> dict:
     """The per-file CSV (by path, however the work was split) and summary.json
     in the store's reports, and the artifacts."""
     results = sorted(results, key=lambda r: r.path)
     counts = count(results)
     run_name = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{flow_run.name or 'local'}"
-    with Store.at(store_root).stage() as stage:  # a remote store's report is written here, then pushed
+    with Store.at(
+        store_root
+    ).stage() as stage:  # a remote store's report is written here, then pushed
         report_dir = stage.reports_root / run_name
         write_report(results, report_dir / "report.csv")
         report = f"{stage.url_of(report_dir)}/report.csv"
-        summary = {"input_dir": str(Path(input_dir).resolve()), "output_dir": str(Path(output_dir).resolve()),
-                   "counts": counts, "seconds": round(seconds, 2), "report": report,
-                   "model": model, "warning": model.get("warning"),
-                   "flow_run_id": str(flow_run.id) if flow_run.id else None}
+        summary = {
+            "input_dir": str(Path(input_dir).resolve()),
+            "output_dir": str(Path(output_dir).resolve()),
+            "counts": counts,
+            "seconds": round(seconds, 2),
+            "report": report,
+            "model": model,
+            "warning": model.get("warning"),
+            "flow_run_id": str(flow_run.id) if flow_run.id else None,
+        }
         write_atomic(report_dir / "summary.json", json.dumps(summary, indent=2).encode())
         stage.push(report_dir, last=("summary.json",))
 
-    rows = [{"path": r.path, "bytes": r.bytes, "mode": r.mode,
-             "size": f"{r.width}x{r.height}" if r.width else "", "status": r.status, "error": r.error,
-             "reason": r.reason, "ms": r.ms} for r in results]
-    publisher.publish(create_table_artifact, key="denoise-report", table=table_rows(rows[:REPORT_ROWS_IN_UI]),
-                          description=f"Per-file report ({len(rows)} files; all in {report})")
+    rows = [
+        {
+            "path": r.path,
+            "bytes": r.bytes,
+            "mode": r.mode,
+            "size": f"{r.width}x{r.height}" if r.width else "",
+            "status": r.status,
+            "error": r.error,
+            "reason": r.reason,
+            "ms": r.ms,
+        }
+        for r in results
+    ]
+    publisher.publish(
+        create_table_artifact,
+        key="denoise-report",
+        table=table_rows(rows[:REPORT_ROWS_IN_UI]),
+        description=f"Per-file report ({len(rows)} files; all in {report})",
+    )
     facts = [{"": k, "files": v} for k, v in counts.items()]
-    model_facts = markdown_table([{"model": model["version"], "status": model["status"],
-                                   "domain": model.get("domain"), "architecture": model["architecture"],
-                                   "test PSNR": model["psnr"],
-                                   "data manifest sha256": (model.get("data_manifest_sha256") or "")[:16]}])
+    model_facts = markdown_table(
+        [
+            {
+                "model": model["version"],
+                "status": model["status"],
+                "domain": model.get("domain"),
+                "architecture": model["architecture"],
+                "test PSNR": model["psnr"],
+                "data manifest sha256": (model.get("data_manifest_sha256") or "")[:16],
+            }
+        ]
+    )
     publisher.publish(
         create_markdown_artifact,
         key="denoise-summary",
-        markdown=(f"# Denoised {summary['input_dir']}\n\ninto `{summary['output_dir']}` in {seconds:.1f} s\n\n"
-                  + (f"**Warning:** {summary['warning']}\n\n" if summary["warning"] else "") +
-                  f"{markdown_table(facts)}\n\n## Model\n\n{model_facts}\n\nModel file `{model['model_path']}`"
-                  f" (its card: `model.json` beside it).\n\nFull report: `{report}`\n\n"
-                  f"{_thumbnails(results, Path(input_dir))}\n"),
+        markdown=(
+            f"# Denoised {summary['input_dir']}\n\ninto `{summary['output_dir']}` in {seconds:.1f} s\n\n"
+            + (f"**Warning:** {summary['warning']}\n\n" if summary["warning"] else "")
+            + f"{markdown_table(facts)}\n\n## Model\n\n{model_facts}\n\nModel file `{model['model_path']}`"
+            f" (its card: `model.json` beside it).\n\nFull report: `{report}`\n\n"
+            f"{_thumbnails(results, Path(input_dir))}\n"
+        ),
         description="Folder denoising summary",
     )
-    logger.info("%d denoised, %d skipped, %d failed in %.1f s; report %s", counts["denoised"],
-                counts["skipped"], counts["failed"], seconds, report)
+    logger.info(
+        "%d denoised, %d skipped, %d failed in %.1f s; report %s",
+        counts["denoised"],
+        counts["skipped"],
+        counts["failed"],
+        seconds,
+        report,
+    )
     remember_outcome("denoise_images", summary)
     publisher.close()
     return summary

@@ -22,7 +22,9 @@ from tasks.common import CACHE_ACROSS_RUNS
 
 
 def download_location(data: DataConfig, store_root: str) -> str:
-    return Store.at(store_root).join("downloads", dataset_slug(DataConfig.model_validate(data).dataset))
+    return Store.at(store_root).join(
+        "downloads", dataset_slug(DataConfig.model_validate(data).dataset)
+    )
 
 
 def _remote_cache_problems(store: Store, location: str) -> list[str]:
@@ -38,9 +40,16 @@ def _remote_cache_problems(store: Store, location: str) -> list[str]:
         return ["manifest.json"]
     sizes = store.sizes(location)
     images = recorded.get("kind") == "images"
-    names = {(key if images else rec.get("name")): rec.get("bytes") for key, rec in files.items()
-             if isinstance(rec, dict)}
-    return [name for name, size in names.items() if name not in sizes or (size is not None and sizes[name] != size)]
+    names = {
+        (key if images else rec.get("name")): rec.get("bytes")
+        for key, rec in files.items()
+        if isinstance(rec, dict)
+    }
+    return [
+        name
+        for name, size in names.items()
+        if name not in sizes or (size is not None and sizes[name] != size)
+    ]
 
 
 def _test_name(data: DataConfig) -> str | None:
@@ -55,7 +64,9 @@ def verify_download(data: DataConfig, store_root: str) -> list[str]:
     data = DataConfig.model_validate(data)
     store = Store.at(store_root)
     test = _test_name(data) if is_image_dataset(data.dataset) else None
-    caches = [download_location(data, store_root)] + ([store.join("downloads", dataset_slug(test))] if test else [])
+    caches = [download_location(data, store_root)] + (
+        [store.join("downloads", dataset_slug(test))] if test else []
+    )
     if store.remote:
         return [name for cache in caches for name in _remote_cache_problems(store, cache)]
     problems = [name for cache in caches for name in verify_download_cache(cache)]
@@ -89,12 +100,16 @@ def download_dataset(data: DataConfig, store_root: str) -> dict:
     """Fetch (or find cached) the dataset's files; returns the dataset manifest."""
     logger = get_run_logger()
     data = DataConfig.model_validate(data)
-    with Store.at(store_root).stage() as stage:  # a remote store's cache is staged, checked, and pushed back
+    with Store.at(
+        store_root
+    ).stage() as stage:  # a remote store's cache is staged, checked, and pushed back
         test = _test_name(data) if is_image_dataset(data.dataset) else None
         folders = [stage.pull(stage.local(download_location(data, store_root)))]
         if test:
             folders.append(stage.pull(stage.downloads(dataset_slug(test))))
-        manifest = fetch_dataset(data.dataset, data.source, folders[0], log=logger, test_dataset=data.test_dataset)
+        manifest = fetch_dataset(
+            data.dataset, data.source, folders[0], log=logger, test_dataset=data.test_dataset
+        )
         for folder in folders:
             stage.push(folder, last=("manifest.json",))  # only what was fetched; the manifest last
         manifest = stage.to_urls(manifest)
@@ -103,23 +118,61 @@ def download_dataset(data: DataConfig, store_root: str) -> dict:
         return manifest
     rows = []
     for role, rec in manifest["files"].items():
-        logger.info("%s %s (%s bytes) from %s", rec["status"], rec["name"], f"{rec['bytes']:,}", rec["source"])
-        rows.append({"role": role, "file": rec["name"], "bytes": rec["bytes"], "sha256": rec["sha256"],
-                     "payload_sha256": rec["payload_sha256"], "source": rec["source"], "status": rec["status"]})
+        logger.info(
+            "%s %s (%s bytes) from %s",
+            rec["status"],
+            rec["name"],
+            f"{rec['bytes']:,}",
+            rec["source"],
+        )
+        rows.append(
+            {
+                "role": role,
+                "file": rec["name"],
+                "bytes": rec["bytes"],
+                "sha256": rec["sha256"],
+                "payload_sha256": rec["payload_sha256"],
+                "source": rec["source"],
+                "status": rec["status"],
+            }
+        )
     create_table_artifact(
-        key=artifact_key("dataset", data.dataset), table=table_rows(rows),
+        key=artifact_key("dataset", data.dataset),
+        table=table_rows(rows),
         description=f"Raw files of {data.dataset}, verified and cached in {manifest['dir']}",
     )
     return manifest
 
 
 def _image_rows(manifest: dict, used_as: str) -> list[dict]:
-    rows = [{"dataset": manifest["dataset"], "as": used_as, "file": rec["name"], "bytes": rec["bytes"],
-             "size": f"{rec['width']}x{rec['height']}", "mode": rec["mode"], "sha256": rec["sha256"],
-             "status": rec["status"], "source": rec["source"]} for rec in manifest["files"].values()]
-    rows += [{"dataset": manifest["dataset"], "as": used_as, "file": s["name"], "bytes": s.get("bytes"),
-              "size": "", "mode": "", "sha256": s.get("sha256", ""), "status": f"skipped: {s['reason']}",
-              "source": manifest.get("location") or ""} for s in manifest["skipped"]]
+    rows = [
+        {
+            "dataset": manifest["dataset"],
+            "as": used_as,
+            "file": rec["name"],
+            "bytes": rec["bytes"],
+            "size": f"{rec['width']}x{rec['height']}",
+            "mode": rec["mode"],
+            "sha256": rec["sha256"],
+            "status": rec["status"],
+            "source": rec["source"],
+        }
+        for rec in manifest["files"].values()
+    ]
+    rows += [
+        {
+            "dataset": manifest["dataset"],
+            "as": used_as,
+            "file": s["name"],
+            "bytes": s.get("bytes"),
+            "size": "",
+            "mode": "",
+            "sha256": s.get("sha256", ""),
+            "status": f"skipped: {s['reason']}",
+            "source": manifest.get("location") or "",
+        }
+        for s in manifest["skipped"]
+    ]
     return rows
 
 
@@ -130,15 +183,25 @@ def _publish_images(manifest: dict, logger) -> None:
         if not part:
             continue
         statuses = [r["status"] for r in part["files"].values()]
-        logger.info("%s: %d images (%d fetched, %d cached), %d skipped, from %s", part["dataset"], len(statuses),
-                    statuses.count("fetched"), statuses.count("cached"), len(part["skipped"]),
-                    part.get("location") or "the cache")
+        logger.info(
+            "%s: %d images (%d fetched, %d cached), %d skipped, from %s",
+            part["dataset"],
+            len(statuses),
+            statuses.count("fetched"),
+            statuses.count("cached"),
+            len(part["skipped"]),
+            part.get("location") or "the cache",
+        )
         rows += _image_rows(part, used_as)
     if manifest.get("held_out_test"):
-        logger.info("no test dataset: %.0f%% of %s held out as the test split (by content hash)",
-                    100 * manifest["held_out_test"], manifest["dataset"])
+        logger.info(
+            "no test dataset: %.0f%% of %s held out as the test split (by content hash)",
+            100 * manifest["held_out_test"],
+            manifest["dataset"],
+        )
     create_table_artifact(
-        key=artifact_key("dataset", manifest["dataset"]), table=table_rows(rows),
+        key=artifact_key("dataset", manifest["dataset"]),
+        table=table_rows(rows),
         description=f"Image files of {manifest['dataset']}"
         + (f" (test: {manifest['test']['dataset']})" if manifest.get("test") else "")
         + f", verified and cached in {manifest['dir']}",

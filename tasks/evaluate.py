@@ -25,9 +25,11 @@ from denoiser.plots import grid_png
 from denoiser.shards import load_split, read_manifest
 from tasks.publish import Publisher
 
-CONVENTION = ("PSNR is the per-image mean on [0, 1] floats (10·log10(1/MSE) per image, then the "
-              "mean; outputs clipped to [0, 1]); SSIM uses scikit-image's defaults (7x7 uniform window), "
-              "data range 1.")
+CONVENTION = (
+    "PSNR is the per-image mean on [0, 1] floats (10·log10(1/MSE) per image, then the "
+    "mean; outputs clipped to [0, 1]); SSIM uses scikit-image's defaults (7x7 uniform window), "
+    "data range 1."
+)
 
 
 def _write(path: Path, data: bytes | str) -> None:
@@ -52,7 +54,12 @@ def evaluate_denoiser(model_dir: str, shards_dir: str, evaluation: EvalConfig) -
         folder = stage.pull(model_dir, files=("model.json", "model.keras"))
         result = _evaluate(folder, shards_dir, EvalConfig.model_validate(evaluation))
         where = stage.push(folder, last=("model.json",))
-    return {**result, "report": f"{where}/report.md", "samples": f"{where}/samples.png", "model_dir": where}
+    return {
+        **result,
+        "report": f"{where}/report.md",
+        "samples": f"{where}/samples.png",
+        "model_dir": where,
+    }
 
 
 def _evaluate(folder: Path, shards_dir: str, evaluation: EvalConfig) -> dict:
@@ -67,23 +74,36 @@ def _evaluate(folder: Path, shards_dir: str, evaluation: EvalConfig) -> dict:
     metrics, samples, rows, table, caption = judged
     overall = metrics["overall"]
     passed = overall["psnr_gain"] >= evaluation.min_psnr_gain
-    gate = {"min_psnr_gain": evaluation.min_psnr_gain, "psnr_gain": overall["psnr_gain"], "passed": passed}
+    gate = {
+        "min_psnr_gain": evaluation.min_psnr_gain,
+        "psnr_gain": overall["psnr_gain"],
+        "passed": passed,
+    }
     if "per_sigma" in metrics:
         gate["over"] = f"mean over sigmas {', '.join(f'{s:g}' for s in overall['sigmas'])}"
 
     _write(folder / "samples.png", samples)
     _write(folder / "metrics.json", json.dumps({**metrics, "quality_gate": gate}, indent=2))
     failpoint("evaluate.before_card")
-    card = {**json.loads((folder / "model.json").read_text()), "metrics": overall, "quality_gate": gate}
-    _write(folder / "model.json", json.dumps(card, indent=2))  # model_sha256 and the rest kept as read
+    card = {
+        **json.loads((folder / "model.json").read_text()),
+        "metrics": overall,
+        "quality_gate": gate,
+    }
+    _write(
+        folder / "model.json", json.dumps(card, indent=2)
+    )  # model_sha256 and the rest kept as read
 
     verdict = "PASSED" if passed else "FAILED"
     cols = list(dict.fromkeys(c for r in rows for c in r))
     publisher = Publisher(logger)
-    publisher.publish(create_table_artifact, key="evaluation-metrics",
-                      table=table_rows([{c: r.get(c) for c in cols} for r in rows]),
-                      description=f"Test-set metrics of {card['version']}")
-    gain_text = ("mean PSNR gain over the sigmas" if "per_sigma" in metrics else "PSNR gain")
+    publisher.publish(
+        create_table_artifact,
+        key="evaluation-metrics",
+        table=table_rows([{c: r.get(c) for c in cols} for r in rows]),
+        description=f"Test-set metrics of {card['version']}",
+    )
+    gain_text = "mean PSNR gain over the sigmas" if "per_sigma" in metrics else "PSNR gain"
     report = (
         f"# Evaluation of {card['version']} ({card['architecture']}, {card['params']:,} parameters)\n\n"
         f"Quality gate **{verdict}**: {gain_text} {overall['psnr_gain']:.2f} dB "
@@ -93,24 +113,56 @@ def _evaluate(folder: Path, shards_dir: str, evaluation: EvalConfig) -> dict:
     )
     # report.md links the PNG beside it; the artifact inlines it (the PNG encoded once, here)
     _write(folder / "report.md", report + "![clean, noisy and denoised](samples.png)\n")
-    publisher.publish(create_markdown_artifact, key="evaluation-report",
-                      markdown=report + markdown_image(samples, "clean, noisy and denoised test images") + "\n",
-                      description=f"Evaluation report of {card['version']}")
+    publisher.publish(
+        create_markdown_artifact,
+        key="evaluation-report",
+        markdown=report + markdown_image(samples, "clean, noisy and denoised test images") + "\n",
+        description=f"Evaluation report of {card['version']}",
+    )
     publisher.close()
     log = logger.info if passed else logger.warning
-    log("%s: PSNR %.2f dB (noisy %.2f dB), SSIM %.3f; quality gate %s", card["version"],
-        overall["psnr_denoised"], overall["psnr_noisy"], overall["ssim_denoised"], verdict)
+    log(
+        "%s: PSNR %.2f dB (noisy %.2f dB), SSIM %.3f; quality gate %s",
+        card["version"],
+        overall["psnr_denoised"],
+        overall["psnr_noisy"],
+        overall["ssim_denoised"],
+        verdict,
+    )
     for row in metrics.get("per_sigma", []):
-        logger.info("sigma %g: PSNR %.2f dB (noisy %.2f dB), SSIM %.3f", row["sigma"], row["psnr_denoised"],
-                    row["psnr_noisy"], row["ssim_denoised"])
-    return {"psnr_noisy": overall["psnr_noisy"], "psnr_denoised": overall["psnr_denoised"],
-            "psnr_gain": overall["psnr_gain"], "ssim_noisy": overall["ssim_noisy"],
-            "ssim_denoised": overall["ssim_denoised"], "mse_denoised": overall["mse_denoised"],
-            "bce_denoised": overall.get("bce_denoised"), "passed": passed,
-            "min_psnr_gain": evaluation.min_psnr_gain, "test_images": overall["count"],
-            "per_sigma": [{k: r[k] for k in ("sigma", "psnr_noisy", "psnr_denoised", "psnr_gain", "ssim_noisy",
-                                             "ssim_denoised")} for r in metrics.get("per_sigma", [])],
+        logger.info(
+            "sigma %g: PSNR %.2f dB (noisy %.2f dB), SSIM %.3f",
+            row["sigma"],
+            row["psnr_denoised"],
+            row["psnr_noisy"],
+            row["ssim_denoised"],
+        )
+    return {
+        "psnr_noisy": overall["psnr_noisy"],
+        "psnr_denoised": overall["psnr_denoised"],
+        "psnr_gain": overall["psnr_gain"],
+        "ssim_noisy": overall["ssim_noisy"],
+        "ssim_denoised": overall["ssim_denoised"],
+        "mse_denoised": overall["mse_denoised"],
+        "bce_denoised": overall.get("bce_denoised"),
+        "passed": passed,
+        "min_psnr_gain": evaluation.min_psnr_gain,
+        "test_images": overall["count"],
+        "per_sigma": [
+            {
+                k: r[k]
+                for k in (
+                    "sigma",
+                    "psnr_noisy",
+                    "psnr_denoised",
+                    "psnr_gain",
+                    "ssim_noisy",
+                    "ssim_denoised",
+                )
             }
+            for r in metrics.get("per_sigma", [])
+        ],
+    }
 
 
 def _judge_pairs(model, card: dict, shards_dir: str, evaluation: EvalConfig):
@@ -119,22 +171,49 @@ def _judge_pairs(model, card: dict, shards_dir: str, evaluation: EvalConfig):
     recipe = architecture_recipe(card["architecture"])
     test = load_split(shards_dir, "test")
     clean, noisy = test["clean"] / 255.0, test["noisy"] / 255.0
-    denoised = predict_array(model, noisy, evaluation.batch_size,
-                             recipe.get("size_multiple", 1) if recipe.get("fully_convolutional") else 1)
+    denoised = predict_array(
+        model,
+        noisy,
+        evaluation.batch_size,
+        recipe.get("size_multiple", 1) if recipe.get("fully_convolutional") else 1,
+    )
     metrics = evaluate_arrays(clean, noisy, denoised, test.get("noise_level"), test.get("label"))
     overall = metrics["overall"]
     k = evaluation.sample_count
     samples = grid_png([clean[:k], noisy[:k], denoised[:k]], scale=3)
     rows = [{"group": "overall", **overall}]
-    rows += [{"group": f"noise level {r['level']}", **{k2: v for k2, v in r.items() if k2 != "level"}}
-             for r in metrics["per_level"]]
-    rows += [{"group": f"class {r['label']}", **{k2: v for k2, v in r.items() if k2 != "label"}}
-             for r in metrics["per_class"]]
-    cols = ["group", "count", "psnr_noisy", "psnr_denoised", "psnr_gain", "ssim_noisy", "ssim_denoised",
-            "mse_noisy", "mse_denoised", "bce_noisy", "bce_denoised"]
-    table = [{"": "noisy input", "PSNR (dB)": overall["psnr_noisy"], "SSIM": overall["ssim_noisy"]},
-             {"": "denoised", "PSNR (dB)": overall["psnr_denoised"], "SSIM": overall["ssim_denoised"]}]
-    return metrics, samples, [{c: r.get(c) for c in cols} for r in rows], table, "Rows: clean, noisy, denoised."
+    rows += [
+        {"group": f"noise level {r['level']}", **{k2: v for k2, v in r.items() if k2 != "level"}}
+        for r in metrics["per_level"]
+    ]
+    rows += [
+        {"group": f"class {r['label']}", **{k2: v for k2, v in r.items() if k2 != "label"}}
+        for r in metrics["per_class"]
+    ]
+    cols = [
+        "group",
+        "count",
+        "psnr_noisy",
+        "psnr_denoised",
+        "psnr_gain",
+        "ssim_noisy",
+        "ssim_denoised",
+        "mse_noisy",
+        "mse_denoised",
+        "bce_noisy",
+        "bce_denoised",
+    ]
+    table = [
+        {"": "noisy input", "PSNR (dB)": overall["psnr_noisy"], "SSIM": overall["ssim_noisy"]},
+        {"": "denoised", "PSNR (dB)": overall["psnr_denoised"], "SSIM": overall["ssim_denoised"]},
+    ]
+    return (
+        metrics,
+        samples,
+        [{c: r.get(c) for c in cols} for r in rows],
+        table,
+        "Rows: clean, noisy, denoised.",
+    )
 
 
 CROP = 128  # side of the report's crops, shown at 1:1
@@ -151,27 +230,60 @@ def _judge_photos(model, card: dict, shards_dir: str, evaluation: EvalConfig):
     clean = [np.asarray(x[..., 0], np.float32) / 255.0 for x in test["clean"]]
     entries = manifest.get("images") or []
     names = [entries[int(i)]["name"] if int(i) < len(entries) else str(i) for i in test["index"]]
-    metrics, noisy, denoised = evaluate_planes(model, card.get("architecture"), clean, evaluation.sigmas,
-                                               evaluation.batch_size, names)
+    metrics, noisy, denoised = evaluate_planes(
+        model, card.get("architecture"), clean, evaluation.sigmas, evaluation.batch_size, names
+    )
     sigma = min(noisy, key=lambda s: abs(s - CROP_SIGMA))
     k = min(evaluation.sample_count, CROP_IMAGES, len(clean))
     side = min(CROP, *(min(c.shape) for c in clean[:k]))
-    crops = [np.stack([centre_crop(np.clip(p, 0.0, 1.0), side) for p in planes[:k]])
-             for planes in (clean, noisy[sigma], denoised[sigma])]
+    crops = [
+        np.stack([centre_crop(np.clip(p, 0.0, 1.0), side) for p in planes[:k]])
+        for planes in (clean, noisy[sigma], denoised[sigma])
+    ]
     samples = grid_png(crops, scale=1)
-    rows = [{"group": f"sigma {r['sigma']:g}", **{c: v for c, v in r.items() if c != "sigma"}}
-            for r in metrics["per_sigma"]]
-    rows.append({"group": "mean over sigmas", **{c: v for c, v in metrics["overall"].items() if c != "sigmas"}})
-    rows += [{"group": f"{r['image']} sigma {r['sigma']:g}", "count": 1,
-              **{c: v for c, v in r.items() if c not in ("image", "sigma", "height", "width")}}
-             for r in metrics["per_image"]]
-    table = [{"sigma": f"{r['sigma']:g}", "PSNR noisy (dB)": r["psnr_noisy"], "PSNR denoised (dB)": r["psnr_denoised"],
-              "gain (dB)": r["psnr_gain"], "SSIM noisy": r["ssim_noisy"], "SSIM denoised": r["ssim_denoised"]}
-             for r in metrics["per_sigma"]]
+    rows = [
+        {"group": f"sigma {r['sigma']:g}", **{c: v for c, v in r.items() if c != "sigma"}}
+        for r in metrics["per_sigma"]
+    ]
+    rows.append(
+        {
+            "group": "mean over sigmas",
+            **{c: v for c, v in metrics["overall"].items() if c != "sigmas"},
+        }
+    )
+    rows += [
+        {
+            "group": f"{r['image']} sigma {r['sigma']:g}",
+            "count": 1,
+            **{c: v for c, v in r.items() if c not in ("image", "sigma", "height", "width")},
+        }
+        for r in metrics["per_image"]
+    ]
+    table = [
+        {
+            "sigma": f"{r['sigma']:g}",
+            "PSNR noisy (dB)": r["psnr_noisy"],
+            "PSNR denoised (dB)": r["psnr_denoised"],
+            "gain (dB)": r["psnr_gain"],
+            "SSIM noisy": r["ssim_noisy"],
+            "SSIM denoised": r["ssim_denoised"],
+        }
+        for r in metrics["per_sigma"]
+    ]
     o = metrics["overall"]
-    table.append({"sigma": "mean", "PSNR noisy (dB)": o["psnr_noisy"], "PSNR denoised (dB)": o["psnr_denoised"],
-                  "gain (dB)": o["psnr_gain"], "SSIM noisy": o["ssim_noisy"], "SSIM denoised": o["ssim_denoised"]})
-    caption = (f"Noise: awgn at each sigma (0-255 units), unclipped, one fixed draw (seed {EVAL_NOISE_SEED}); "
-               f"whole images through the folder denoiser's tiling. Rows: clean, noisy, denoised; "
-               f"central {side}x{side} crops at 1:1 of {k} test image(s) at sigma {sigma:g}.")
+    table.append(
+        {
+            "sigma": "mean",
+            "PSNR noisy (dB)": o["psnr_noisy"],
+            "PSNR denoised (dB)": o["psnr_denoised"],
+            "gain (dB)": o["psnr_gain"],
+            "SSIM noisy": o["ssim_noisy"],
+            "SSIM denoised": o["ssim_denoised"],
+        }
+    )
+    caption = (
+        f"Noise: awgn at each sigma (0-255 units), unclipped, one fixed draw (seed {EVAL_NOISE_SEED}); "
+        f"whole images through the folder denoiser's tiling. Rows: clean, noisy, denoised; "
+        f"central {side}x{side} crops at 1:1 of {k} test image(s) at sigma {sigma:g}."
+    )
     return metrics, samples, rows, table, caption

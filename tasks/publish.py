@@ -65,7 +65,8 @@ def mute_api_logs_while_down() -> None:
         log = logging.getLogger(name)
         for handler in getattr(log, "handlers", []):
             if isinstance(handler, APILogHandler) and not any(
-                    isinstance(f, _MuteWhileDown) for f in handler.filters):
+                isinstance(f, _MuteWhileDown) for f in handler.filters
+            ):
                 handler.addFilter(_MuteWhileDown())
     for noisy in ("prefect.events.clients", "prefect._internal.concurrency"):
         _add_once(logging.getLogger(noisy), _DropWhileDown)
@@ -129,8 +130,11 @@ class Publisher:
         if self._thread.is_alive():
             self.missed += self._queue.qsize()
         if self.missed:
-            self.log.warning("the Prefect UI missed %d update(s) of this task (API unreachable); "
-                             "the files in the store are complete", self.missed)
+            self.log.warning(
+                "the Prefect UI missed %d update(s) of this task (API unreachable); "
+                "the files in the store are complete",
+                self.missed,
+            )
 
     # -- the background thread ----------------------------------------------
     def _run(self) -> None:
@@ -172,9 +176,16 @@ class Publisher:
         self._down_until = time.monotonic() + RETRY_AFTER
         if not _api_down.is_set():
             _api_down.set()
-            reason = f"{type(failure[0]).__name__}: {failure[0]}" if failure else f"no answer in {CALL_TIMEOUT:.0f} s"
-            self.log.warning("the Prefect API is unreachable (%s); the work goes on and the UI misses "
-                             "updates until it is back", str(reason).splitlines()[0])
+            reason = (
+                f"{type(failure[0]).__name__}: {failure[0]}"
+                if failure
+                else f"no answer in {CALL_TIMEOUT:.0f} s"
+            )
+            self.log.warning(
+                "the Prefect API is unreachable (%s); the work goes on and the UI misses "
+                "updates until it is back",
+                str(reason).splitlines()[0],
+            )
 
 
 class ProgressArtifact:
@@ -192,6 +203,8 @@ class ProgressArtifact:
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
         if self._id is None:
-            self._id = create_progress_artifact(progress=percent, key=self.key, description=self.description)
+            self._id = create_progress_artifact(
+                progress=percent, key=self.key, description=self.description
+            )
         else:
             update_progress_artifact(self._id, progress=percent)

@@ -15,8 +15,9 @@ from tasks.publish import Publisher
 
 
 @task(name="register_model_version", cache_policy=NO_CACHE)
-def register_model_version(model_dir: str, metrics: dict, store_root: str,
-                           checkpoint: str | None = None) -> dict:
+def register_model_version(
+    model_dir: str, metrics: dict, store_root: str, checkpoint: str | None = None
+) -> dict:
     """Record the version; then its training run's checkpoint can go."""
     logger = get_run_logger()
     run_id = str(flow_run.id) if flow_run.id else None
@@ -30,13 +31,23 @@ def register_model_version(model_dir: str, metrics: dict, store_root: str,
     models = list_models(store_root)
     this = next(m for m in models if m.version == decision["version"])
     s = this.summary()
-    facts = [{"field": k, "value": v} for k, v in {
-        "status": decision["status"], "domain": s["domain"], "dataset": s["dataset"], "why": decision["reason"],
-        "architecture": s["architecture"],
-        "parameters": f"{s['params']:,}" if s["params"] else "", "test PSNR (dB)": s["psnr"],
-        "test SSIM": s["ssim"], "quality gate": "passed" if s["passed"] else "failed",
-        "data manifest sha256": s["data_manifest_sha256"], "flow run": run_id, "model file": s["model_path"],
-    }.items()]
+    facts = [
+        {"field": k, "value": v}
+        for k, v in {
+            "status": decision["status"],
+            "domain": s["domain"],
+            "dataset": s["dataset"],
+            "why": decision["reason"],
+            "architecture": s["architecture"],
+            "parameters": f"{s['params']:,}" if s["params"] else "",
+            "test PSNR (dB)": s["psnr"],
+            "test SSIM": s["ssim"],
+            "quality gate": "passed" if s["passed"] else "failed",
+            "data manifest sha256": s["data_manifest_sha256"],
+            "flow run": run_id,
+            "model file": s["model_path"],
+        }.items()
+    ]
     publisher = Publisher(logger)
     publisher.publish(
         create_markdown_artifact,
@@ -44,9 +55,18 @@ def register_model_version(model_dir: str, metrics: dict, store_root: str,
         markdown=f"# Model {decision['version']}\n\n{markdown_table(facts)}\n",
         description=f"Model version {decision['version']} ({decision['status']})",
     )
-    rows = [{k: m.summary()[k] for k in ("version", "status", "domain", "architecture", "psnr", "ssim", "passed")}
-            for m in models[:50]]
-    publisher.publish(create_table_artifact, key="model-registry", table=table_rows(rows),
-                      description="Model versions in the store, newest first")
+    rows = [
+        {
+            k: m.summary()[k]
+            for k in ("version", "status", "domain", "architecture", "psnr", "ssim", "passed")
+        }
+        for m in models[:50]
+    ]
+    publisher.publish(
+        create_table_artifact,
+        key="model-registry",
+        table=table_rows(rows),
+        description="Model versions in the store, newest first",
+    )
     publisher.close()
     return decision

@@ -34,17 +34,29 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
 
     def on_epoch_end(epoch: int, epochs: int, logs: dict) -> None:
         progress.update(100.0 * epoch / epochs)
-        logger.info("epoch %d/%d: loss %.5f, val_loss %.5f (%.1f s)", epoch, epochs,
-                    logs.get("loss", float("nan")), logs.get("val_loss", float("nan")),
-                    logs.get("seconds", 0.0))
+        logger.info(
+            "epoch %d/%d: loss %.5f, val_loss %.5f (%.1f s)",
+            epoch,
+            epochs,
+            logs.get("loss", float("nan")),
+            logs.get("val_loss", float("nan")),
+            logs.get("seconds", 0.0),
+        )
 
     # a remote store's model is made on a local stage, then pushed
     try:
         with store.stage() as stage:
-            result = train_in_run(shards_dir, training, stage.models_root, store.checkpoints_root,
-                                  lambda: new_model_version(training.architecture),
-                                  flow_run_id=str(flow_run.id) if flow_run.id else None,
-                                  on_start=on_start, on_epoch_end=on_epoch_end, log=logger.info)
+            result = train_in_run(
+                shards_dir,
+                training,
+                stage.models_root,
+                store.checkpoints_root,
+                lambda: new_model_version(training.architecture),
+                flow_run_id=str(flow_run.id) if flow_run.id else None,
+                on_start=on_start,
+                on_epoch_end=on_epoch_end,
+                log=logger.info,
+            )
             card = json.loads((Path(result["dir"]) / "model.json").read_text())
             stage.push(result["dir"])  # the card last: no card without its model
             result = stage.to_urls(result)
@@ -54,14 +66,30 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
     if progress is not None:
         progress.update(100.0)
     version = result["version"]
-    logger.info("trained %s on %s in %.1f s (%d epochs); model in %s", version, result["device"],
-                result["seconds"], result["epochs_run"], result["dir"])
+    logger.info(
+        "trained %s on %s in %.1f s (%d epochs); model in %s",
+        version,
+        result["device"],
+        result["seconds"],
+        result["epochs_run"],
+        result["dir"],
+    )
 
-    losses = [{k: h.get(k) for k in ("epoch", "loss", "val_loss", "seconds")} for h in card["history"]]
-    publisher.publish(create_table_artifact, key="training-losses", table=table_rows(losses),
-                      description=f"Loss per epoch of {version}")
-    publisher.publish(create_markdown_artifact, key="model-card", markdown=render_model_card(card),
-                      description=f"Model card of {version}")
+    losses = [
+        {k: h.get(k) for k in ("epoch", "loss", "val_loss", "seconds")} for h in card["history"]
+    ]
+    publisher.publish(
+        create_table_artifact,
+        key="training-losses",
+        table=table_rows(losses),
+        description=f"Loss per epoch of {version}",
+    )
+    publisher.publish(
+        create_markdown_artifact,
+        key="model-card",
+        markdown=render_model_card(card),
+        description=f"Model card of {version}",
+    )
     publisher.close()
     return result
 
@@ -73,24 +101,37 @@ def render_model_card(card: dict) -> str:
         {"field": "architecture", "value": card["architecture"]},
         {"field": "parameters", "value": f"{card['params']:,}"},
         {"field": "loss", "value": card["recipe"]["loss"]},
-        {"field": "learning rate", "value": f"{card['recipe']['learning_rate']:g} "
-                                            f"({card['recipe']['lr_schedule']})"},
+        {
+            "field": "learning rate",
+            "value": f"{card['recipe']['learning_rate']:g} ({card['recipe']['lr_schedule']})",
+        },
         {"field": "reframed pairs", "value": f"{card['recipe']['reframe']:.0%}"},
         {"field": "device", "value": card["device"]["description"]},
         {"field": "training time (s)", "value": card["seconds"]},
         {"field": "epochs run", "value": card["epochs_run"]},
         {"field": "best validation loss", "value": card["best_val_loss"]},
-        {"field": "trained on", "value": f"{card['data'].get('dataset')} ({card['data'].get('domain', 'digits')}, "
-                                         f"{card['data'].get('shard_kind', 'pairs')})"},
-        {"field": "test images", "value": card["data"].get("test_dataset") or "the dataset's own test split"},
+        {
+            "field": "trained on",
+            "value": f"{card['data'].get('dataset')} ({card['data'].get('domain', 'digits')}, "
+            f"{card['data'].get('shard_kind', 'pairs')})",
+        },
+        {
+            "field": "test images",
+            "value": card["data"].get("test_dataset") or "the dataset's own test split",
+        },
         {"field": "patch size", "value": card["data"].get("patch_size") or "whole images"},
         {"field": "data manifest sha256", "value": card["data"]["manifest_sha256"]},
         {"field": "shards", "value": card["data"]["shards_dir"]},
         {"field": "model file sha256", "value": card.get("model_sha256", "not recorded")},
-        {"field": "TensorFlow / Keras", "value": f"{card['versions']['tensorflow']} / {card['versions']['keras']}"},
+        {
+            "field": "TensorFlow / Keras",
+            "value": f"{card['versions']['tensorflow']} / {card['versions']['keras']}",
+        },
     ]
     if gate:
         facts.append({"field": "quality gate", "value": "PASSED" if gate["passed"] else "FAILED"})
     config = "\n".join(f"- `{k}`: {v}" for k, v in card["training"].items())
-    return (f"# Model card: {card['version']}\n\n{markdown_table(facts)}\n\n"
-            f"## Training config\n\n{config}\n\n## Noise\n\n`{json.dumps(card['data']['noise'])}`\n")
+    return (
+        f"# Model card: {card['version']}\n\n{markdown_table(facts)}\n\n"
+        f"## Training config\n\n{config}\n\n## Noise\n\n`{json.dumps(card['data']['noise'])}`\n"
+    )

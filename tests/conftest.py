@@ -30,7 +30,9 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def mnist_mirror() -> Path:
     if not (MNIST_MIRROR / "SHA256SUMS").exists():
-        pytest.fail(f"MNIST mirror not found at {MNIST_MIRROR} (CI puts ../shared beside the clone)")
+        pytest.fail(
+            f"MNIST mirror not found at {MNIST_MIRROR} (CI puts ../shared beside the clone)"
+        )
     return MNIST_MIRROR
 
 
@@ -45,11 +47,18 @@ def tiny_shards(tmp_path_factory) -> Path:
     images = (rng.random((80, 28, 28, 1)) < 0.2).astype(np.uint8) * 255
     labels = rng.integers(0, 10, 80).astype(np.uint8)
     idx = np.arange(80)
-    splits = {"train": SplitArrays(images[:56], labels[:56], idx[:56]),
-              "validation": SplitArrays(images[56:64], labels[56:64], idx[56:64]),
-              "test": SplitArrays(images[64:], labels[64:], idx[64:])}
-    return write_shard_set(tmp_path_factory.mktemp("shards") / "tiny", splits,
-                           {"kind": "gaussian", "level": 0.5}, shard_rows=20, seed=0)
+    splits = {
+        "train": SplitArrays(images[:56], labels[:56], idx[:56]),
+        "validation": SplitArrays(images[56:64], labels[56:64], idx[56:64]),
+        "test": SplitArrays(images[64:], labels[64:], idx[64:]),
+    }
+    return write_shard_set(
+        tmp_path_factory.mktemp("shards") / "tiny",
+        splits,
+        {"kind": "gaussian", "level": 0.5},
+        shard_rows=20,
+        seed=0,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -24,13 +24,31 @@ class PrefectServer:
         self.url = f"http://127.0.0.1:{self.port}/api"
         home.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DENOISE_"))}
-        env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   PREFECT_UI_API_URL=self.url, PREFECT_API_URL=self.url)
+        env.update(
+            PREFECT_HOME=str(home),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_UI_API_URL=self.url,
+            PREFECT_API_URL=self.url,
+        )
         self.log = open(home / "server.log", "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def healthy(self) -> bool:
         try:
@@ -43,8 +61,10 @@ class PrefectServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited {self.proc.returncode}: "
-                                   f"{tail((self.home / 'server.log').read_text(errors='replace'))}")
+                raise RuntimeError(
+                    f"prefect server exited {self.proc.returncode}: "
+                    f"{tail((self.home / 'server.log').read_text(errors='replace'))}"
+                )
             if self.healthy():
                 return self.url
             time.sleep(0.5)
@@ -76,7 +96,9 @@ class S3Server:
     def __init__(self):
         from moto.server import ThreadedMotoServer
 
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+        logging.getLogger("werkzeug").setLevel(
+            logging.ERROR
+        )  # one access-log line per request otherwise
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
         host, port = self.server.get_host_and_port()
@@ -84,8 +106,12 @@ class S3Server:
 
     def env(self) -> dict[str, str]:
         """What a client needs, from the usual places: fake credentials, the endpoint."""
-        return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint}
+        return {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
 
     def reset(self) -> None:
         req = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST")

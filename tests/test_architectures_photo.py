@@ -31,8 +31,11 @@ def test_photo_unet_has_at_most_dncnns_parameters(model):
 
 
 def test_builder_variants_build_and_bad_options_are_refused():
-    for kw in ({"batch_norm": True}, {"skip": "concat"},
-               {"filters": (8, 16, 32, 48), "convs": (1, 1, 1), "middle": 1, "block": "res"}):
+    for kw in (
+        {"batch_norm": True},
+        {"skip": "concat"},
+        {"filters": (8, 16, 32, 48), "convs": (1, 1, 1), "middle": 1, "block": "res"},
+    ):
         m = build_photo_unet((None, None, 1), **kw)
         assert m(np.zeros((1, 16, 24, 1), np.float32)).shape == (1, 16, 24, 1)
     with pytest.raises(ValueError):

@@ -35,7 +35,7 @@ def test_every_recut_image_is_a_window_of_its_mosaic():
         m = _mosaic(x, i)
         # pixel values are unique, so the top-left value gives the offset
         oy, ox = (int(v[0]) for v in np.nonzero(m[..., 0] == y[i, 0, 0, 0]))
-        assert np.array_equal(m[oy:oy + 12, ox:ox + 12], y[i])
+        assert np.array_equal(m[oy : oy + 12, ox : ox + 12], y[i])
         offsets.add((oy, ox))
     assert len(offsets) > 8  # random offsets, not one shared cut
 

@@ -59,8 +59,13 @@ CONFIG = {"architecture": "unet-small", "epochs": 3, "batch_size": 16, "patience
 
 
 def _env(failpoints: str | None = None) -> dict:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_NUM_INTRAOP_THREADS": "1",
-           "TF_NUM_INTEROP_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "TF_NUM_INTRAOP_THREADS": "1",
+        "TF_NUM_INTEROP_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     env.pop(FAILPOINTS_ENV, None)
     if failpoints:
         env[FAILPOINTS_ENV] = failpoints
@@ -68,8 +73,14 @@ def _env(failpoints: str | None = None) -> dict:
 
 
 def _hold(key_dir: Path, version: str, then: str) -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(key_dir), version, then], cwd=REPO,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(key_dir), version, then],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     info = json.loads(proc.stdout.readline())
     if then == "die":
         assert proc.wait(timeout=30) == -signal.SIGKILL
@@ -89,11 +100,23 @@ def _age(folder: Path, seconds: float) -> None:
         os.utime(path, (then, then))
 
 
-def _start_training(store: Path, shards: Path, failpoints: str | None = None, **training) -> subprocess.Popen:
-    args = {"training": {**CONFIG, **training}, "shards": str(shards), "models": str(store / "models"),
-            "checkpoints": str(store / "checkpoints")}
-    return subprocess.Popen([sys.executable, "-c", TRAIN, json.dumps(args)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(failpoints))
+def _start_training(
+    store: Path, shards: Path, failpoints: str | None = None, **training
+) -> subprocess.Popen:
+    args = {
+        "training": {**CONFIG, **training},
+        "shards": str(shards),
+        "models": str(store / "models"),
+        "checkpoints": str(store / "checkpoints"),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", TRAIN, json.dumps(args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(failpoints),
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, dict | None, str]:
@@ -108,6 +131,7 @@ def _history_epochs(model_dir: Path) -> list[int]:
 
 # --- leases, without TensorFlow ----------------------------------------------------------------
 
+
 def test_a_live_runs_folder_is_never_claimed_a_dead_ones_is(tmp_path):
     key = tmp_path / "checkpoints" / "k"
     live, live_info = _hold(key, "v-live", "hold")
@@ -115,12 +139,20 @@ def test_a_live_runs_folder_is_never_claimed_a_dead_ones_is(tmp_path):
         ours = claim_run(key, lambda: "v-ours", flow_run_id="f1")
         assert not ours.resumed and ours.run_id != live_info["run_id"] and ours.version == "v-ours"
         meta = json.loads((ours.dir / RUN_FILE).read_text())
-        assert meta["run_id"] == ours.run_id and meta["version"] == "v-ours" and meta["flow_run_id"] == "f1"
+        assert (
+            meta["run_id"] == ours.run_id
+            and meta["version"] == "v-ours"
+            and meta["flow_run_id"] == "f1"
+        )
         assert meta["pid"] == os.getpid() and meta["host"] and meta["created"]
         ours.release()  # as if this process had died: its run is resumable now
 
         again = claim_run(key, lambda: "v-never")
-        assert again.resumed and (again.run_id, again.version, again.dir) == (ours.run_id, "v-ours", ours.dir)
+        assert again.resumed and (again.run_id, again.version, again.dir) == (
+            ours.run_id,
+            "v-ours",
+            ours.dir,
+        )
         again.release()
     finally:
         _release(live)
@@ -136,7 +168,9 @@ def test_a_run_killed_with_sigkill_is_resumed_as_itself(tmp_path):
     _, dead = _hold(key, "v-dead", "die")
     run = claim_run(key, lambda: "v-new")
     assert run.resumed and run.run_id == dead["run_id"] and run.version == "v-dead"
-    assert claim_run(key, lambda: "v-other").run_id != run.run_id  # ours is live now: a new run beside it
+    assert (
+        claim_run(key, lambda: "v-other").run_id != run.run_id
+    )  # ours is live now: a new run beside it
     run.finish()
     assert not Path(dead["dir"]).exists()
 
@@ -163,12 +197,22 @@ def test_clean_up_removes_what_dead_runs_left_and_nothing_live(tmp_path):
         lines = []
         removed = clean_checkpoints(checkpoints, models, log=lambda fmt, *a: lines.append(fmt % a))
 
-        assert set(removed) == {Path(stale["dir"]), leftover, models / "v-stale", models / "v-orphan"}
+        assert set(removed) == {
+            Path(stale["dir"]),
+            leftover,
+            models / "v-stale",
+            models / "v-orphan",
+        }
         assert not Path(stale["dir"]).exists() and not leftover.exists()
         assert sorted(p.name for p in checkpoints.iterdir()) == ["k2", "k3"]
         assert Path(recent["dir"]).exists() and Path(busy["dir"]).exists()  # resumable; live
-        assert sorted(p.name for p in models.iterdir()) == ["registry.json", "v-busy", "v-done", "v-recent",
-                                                            "v-young"]
+        assert sorted(p.name for p in models.iterdir()) == [
+            "registry.json",
+            "v-busy",
+            "v-done",
+            "v-recent",
+            "v-young",
+        ]
         assert len(lines) == 4 and all("removed" in line for line in lines)
         assert clean_checkpoints(checkpoints, models, log=lines.append) == []
     finally:
@@ -177,11 +221,16 @@ def test_clean_up_removes_what_dead_runs_left_and_nothing_live(tmp_path):
 
 # --- real trainings ------------------------------------------------------------------------------
 
+
 def test_two_trainings_with_the_same_settings_keep_their_own_runs(tiny_shards, tmp_path):
     store = tmp_path / "store"
-    key_dir = store / "checkpoints" / checkpoint_key(tiny_shards, TrainConfig(**{**CONFIG, "epochs": 2}))
+    key_dir = (
+        store / "checkpoints" / checkpoint_key(tiny_shards, TrainConfig(**{**CONFIG, "epochs": 2}))
+    )
     # each waits after its first epoch so that both runs are alive at once
-    procs = [_start_training(store, tiny_shards, "train.epoch_end=sleep:6@1", epochs=2) for _ in range(2)]
+    procs = [
+        _start_training(store, tiny_shards, "train.epoch_end=sleep:6@1", epochs=2) for _ in range(2)
+    ]
     most = 0
     while any(p.poll() is None for p in procs):
         runs = [d for d in key_dir.glob("*") if (d / RUN_FILE).exists()] if key_dir.exists() else []
@@ -206,13 +255,19 @@ def test_a_training_killed_after_an_epoch_resumes_its_own_run(tiny_shards, tmp_p
     assert code == -signal.SIGKILL, err[-3000:]
     (run_dir,) = [d for d in (store / "checkpoints").glob("*/*")]
     meta = json.loads((run_dir / RUN_FILE).read_text())
-    assert [json.loads(line)["epoch"] for line in (run_dir / "history.jsonl").read_text().splitlines()] == [1]
+    assert [
+        json.loads(line)["epoch"] for line in (run_dir / "history.jsonl").read_text().splitlines()
+    ] == [1]
     assert not (store / "models" / meta["version"] / "model.keras").exists()
 
     code, result, err = _finish(_start_training(store, tiny_shards))
     assert code == 0, err[-3000:]
     assert f"resuming interrupted run {meta['run_id']} at epoch 2" in err
-    assert result["resumed"] and result["run_id"] == meta["run_id"] and result["version"] == meta["version"]
+    assert (
+        result["resumed"]
+        and result["run_id"] == meta["run_id"]
+        and result["version"] == meta["version"]
+    )
     assert result["dir"] == str(store / "models" / meta["version"])
     assert _history_epochs(Path(result["dir"])) == [1, 2, 3] and result["epochs_run"] == 3
     assert sorted(p.name for p in (store / "models").iterdir()) == [meta["version"]]
@@ -228,7 +283,9 @@ def test_a_damaged_checkpoint_trains_its_run_again_instead_of_failing(tiny_shard
     (current,) = [p for p in state.iterdir() if p.name.startswith("gen-")]  # one generation kept
     assert (state / "current").resolve() == current.resolve()
     weights = current / "latest.weights.h5"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # torn, as a crash mid-write would
+    weights.write_bytes(
+        weights.read_bytes()[: weights.stat().st_size // 2]
+    )  # torn, as a crash mid-write would
 
     code, result, err = _finish(_start_training(store, tiny_shards))
     assert code == 0, err[-3000:]
@@ -237,7 +294,9 @@ def test_a_damaged_checkpoint_trains_its_run_again_instead_of_failing(tiny_shard
     assert list((store / "checkpoints").iterdir()) == []
 
 
-def test_a_training_killed_before_its_model_is_registered_is_not_trained_again(tiny_shards, tmp_path):
+def test_a_training_killed_before_its_model_is_registered_is_not_trained_again(
+    tiny_shards, tmp_path
+):
     store = tmp_path / "store"
     code, _, err = _finish(_start_training(store, tiny_shards, "test.before_registration=kill"))
     assert code == -signal.SIGKILL, err[-3000:]
@@ -256,7 +315,9 @@ def test_a_training_killed_before_its_model_is_registered_is_not_trained_again(t
 
 def test_a_training_killed_after_saving_its_model_only_writes_the_card(tiny_shards, tmp_path):
     store = tmp_path / "store"
-    code, _, err = _finish(_start_training(store, tiny_shards, "train.after_model_saved=kill", epochs=1))
+    code, _, err = _finish(
+        _start_training(store, tiny_shards, "train.after_model_saved=kill", epochs=1)
+    )
     assert code == -signal.SIGKILL, err[-3000:]
     (model_dir,) = (store / "models").iterdir()
     saved = (model_dir / "model.keras").stat()

@@ -14,20 +14,34 @@ from flows.cli import main
 from flows.serve import PREFECT_YAML, build_deployments
 
 
-@pytest.mark.parametrize("argv, message, by_argparse", [
-    (["train", "--noise-level", "-1"], "level", False),
-    (["train", "--epochs", "0"], "epochs", False),
-    (["train", "--architecture", "resnet-9000"], "unknown architecture", False),
-    (["train", "--reframe", "1.5"], "reframe", False),
-    (["train", "--architecture", "seed", "--reframe", "0.5"], "invalid options: architecture seed "
-     "is tied to its input frame", False),
-    (["train", "--epochs", "0"], "invalid --epochs: Input should be greater than or equal to 1", False),
-    (["train", "--train-limit", "3"], "invalid --train-limit", False),
-    (["train", "--noise-level", "7"], "a gaussian level is the standard deviation on [0, 1] pixels, from 0 to 2", False),
-    (["train", "--noise-kind", "awgn", "--noise-level", "0,300"], "from 0 to 255", False),
-    (["train", "--noise-kind", "pink"], "invalid choice: 'pink'", True),
-    (["train", "--noise-level", "a,b"], "not a number", True),
-])
+@pytest.mark.parametrize(
+    "argv, message, by_argparse",
+    [
+        (["train", "--noise-level", "-1"], "level", False),
+        (["train", "--epochs", "0"], "epochs", False),
+        (["train", "--architecture", "resnet-9000"], "unknown architecture", False),
+        (["train", "--reframe", "1.5"], "reframe", False),
+        (
+            ["train", "--architecture", "seed", "--reframe", "0.5"],
+            "invalid options: architecture seed is tied to its input frame",
+            False,
+        ),
+        (
+            ["train", "--epochs", "0"],
+            "invalid --epochs: Input should be greater than or equal to 1",
+            False,
+        ),
+        (["train", "--train-limit", "3"], "invalid --train-limit", False),
+        (
+            ["train", "--noise-level", "7"],
+            "a gaussian level is the standard deviation on [0, 1] pixels, from 0 to 2",
+            False,
+        ),
+        (["train", "--noise-kind", "awgn", "--noise-level", "0,300"], "from 0 to 255", False),
+        (["train", "--noise-kind", "pink"], "invalid choice: 'pink'", True),
+        (["train", "--noise-level", "a,b"], "not a number", True),
+    ],
+)
 def test_train_rejects_bad_options_with_one_line(argv, message, by_argparse, capsys, tmp_path):
     with pytest.raises(SystemExit) if by_argparse else _no_raise():
         code = main(["--store", str(tmp_path), *argv])
@@ -52,7 +66,9 @@ def test_serve_builds_the_deployments_of_prefect_yaml():
     nightly, inbox = deployments["nightly"], deployments["inbox"]
     # the photographs' nightly: the same flow pointed at train400 by a parameter, its schedule off
     photos = deployments["nightly-photos"]
-    assert photos.flow_name == "train-denoiser" and photos.parameters == {"data": {"dataset": "train400"}}
+    assert photos.flow_name == "train-denoiser" and photos.parameters == {
+        "data": {"dataset": "train400"}
+    }
     assert [s.active for s in photos.schedules] == [False] and nightly.schedules[0].active
     assert "train400" in nightly.description
     assert nightly.flow_name == "train-denoiser" and inbox.flow_name == "denoise-folder"
@@ -89,8 +105,9 @@ def flaky_mirror(mnist_mirror):
                 return
             super().do_GET()
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(Handler, directory=str(mnist_mirror)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(mnist_mirror))
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/", seen
     server.shutdown()
@@ -104,7 +121,9 @@ def test_download_task_retries_transient_errors_only(prefect_harness, flaky_mirr
     from tasks.download import download_dataset
 
     url, seen = flaky_mirror
-    fast = download_dataset.with_options(retry_delay_seconds=0, cache_policy=None, persist_result=False)
+    fast = download_dataset.with_options(
+        retry_delay_seconds=0, cache_policy=None, persist_result=False
+    )
 
     @flow
     def fetch(source: str, store: str) -> dict:
@@ -126,8 +145,19 @@ def test_train_options_become_the_flow_configs():
     from denoiser.config import NoiseConfig, TrainConfig
     from flows.cli import _train_configs, build_parser
 
-    args = build_parser().parse_args(["train", "--noise-level", "0.1,0.7", "--level-density", "uniform",
-                                      "--loss", "mse", "--epochs", "3"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--noise-level",
+            "0.1,0.7",
+            "--level-density",
+            "uniform",
+            "--loss",
+            "mse",
+            "--epochs",
+            "3",
+        ]
+    )
     configs = _train_configs(args)
     assert configs["noise"].level == (0.1, 0.7) and configs["noise"].level_density == "uniform"
     assert configs["training"].loss == "mse" and configs["training"].epochs == 3
@@ -144,11 +174,14 @@ def test_train_options_become_the_flow_configs():
         build_parser().parse_args(["train", "--level-density", "falling"])
 
 
-@pytest.mark.parametrize("argv", [
-    ["--store", "{store}", "models"],
-    ["models", "--store", "{store}"],
-    ["models", "--store={store}", "list"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--store", "{store}", "models"],
+        ["models", "--store", "{store}"],
+        ["models", "--store={store}", "list"],
+    ],
+)
 def test_global_options_work_before_or_after_the_command(argv, capsys, tmp_path):
     store = tmp_path / "elsewhere"
     assert main([a.format(store=store) for a in argv]) == 0

@@ -34,15 +34,25 @@ def prefect_api(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
-    return save_model(tmp_path_factory.mktemp("model") / "identity", identity_model()) / "model.keras"
+    return (
+        save_model(tmp_path_factory.mktemp("model") / "identity", identity_model()) / "model.keras"
+    )
 
 
-def start(args: list[str], tmp: Path, api: str | None, failpoints: str | None = None) -> subprocess.Popen:
+def start(
+    args: list[str], tmp: Path, api: str | None, failpoints: str | None = None
+) -> subprocess.Popen:
     env = denoise_env(tmp / "store", tmp / "prefect-home", api, None, failpoints)
     if api is None:
         env.pop("PREFECT_API_URL", None)
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=tmp, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=tmp,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
@@ -51,26 +61,61 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]
 
 
 def outputs(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    }
 
 
 def report_rows(stdout: str) -> list[dict]:
-    path = next(line.split("report: ", 1)[1].strip() for line in stdout.splitlines() if line.startswith("report: "))
+    path = next(
+        line.split("report: ", 1)[1].strip()
+        for line in stdout.splitlines()
+        if line.startswith("report: ")
+    )
     with open(path, newline="") as fh:
-        return [{k: v for k, v in row.items() if k not in ("ms", "output")} for row in csv.DictReader(fh)]
+        return [
+            {k: v for k, v in row.items() if k not in ("ms", "output")}
+            for row in csv.DictReader(fh)
+        ]
 
 
 def test_chunks_on_two_workers_match_the_in_process_run(prefect_api, model_file, tmp_path):
     src = tmp_path / "in"
     expected = build_folder(src)
-    code1, out1, err1 = finish(start(["folder", str(src), str(tmp_path / "one"), "--model", str(model_file)],
-                                     tmp_path, prefect_api))
-    code2, out2, err2 = finish(start(["folder", str(src), str(tmp_path / "many"), "--model", str(model_file),
-                                      "--workers", "2", "--chunk-files", "3"], tmp_path, prefect_api))
-    assert code1 == code2 == 1, (tail(err1), tail(err2))  # the corpus has bad files: exit 1 both ways
+    code1, out1, err1 = finish(
+        start(
+            ["folder", str(src), str(tmp_path / "one"), "--model", str(model_file)],
+            tmp_path,
+            prefect_api,
+        )
+    )
+    code2, out2, err2 = finish(
+        start(
+            [
+                "folder",
+                str(src),
+                str(tmp_path / "many"),
+                "--model",
+                str(model_file),
+                "--workers",
+                "2",
+                "--chunk-files",
+                "3",
+            ],
+            tmp_path,
+            prefect_api,
+        )
+    )
+    assert code1 == code2 == 1, (
+        tail(err1),
+        tail(err2),
+    )  # the corpus has bad files: exit 1 both ways
     one, many = outputs(tmp_path / "one"), outputs(tmp_path / "many")
-    assert one == many and len(one) == sum(v == "denoised" for v in expected.values()) + 1  # + bomb.png
+    assert (
+        one == many and len(one) == sum(v == "denoised" for v in expected.values()) + 1
+    )  # + bomb.png
     assert report_rows(out1) == report_rows(out2)
     assert "distributed.scheduler" not in err2  # Dask's lifecycle lines only with --debug
 
@@ -80,15 +125,34 @@ def test_without_an_api_the_workers_share_the_commands_one_temporary_server(mode
     src.mkdir()
     for i in range(6):
         Image.fromarray(np.full((30, 30), i * 40, np.uint8)).save(src / f"{i}.png")
-    code, out, err = finish(start(["folder", str(src), str(tmp_path / "out"), "--model", str(model_file),
-                                   "--workers", "2", "--chunk-files", "2"], tmp_path, None))
+    code, out, err = finish(
+        start(
+            [
+                "folder",
+                str(src),
+                str(tmp_path / "out"),
+                "--model",
+                str(model_file),
+                "--workers",
+                "2",
+                "--chunk-files",
+                "2",
+            ],
+            tmp_path,
+            None,
+        )
+    )
     assert code == 0, tail(err)
     assert err.count("Starting temporary server") == 1, tail(err, 40)
     assert len(outputs(tmp_path / "out")) == 6
 
 
 def _workers(pid: int) -> list[int]:
-    return [p for p in descendants(pid) if "spawn_main" in command_line(p) or "distributed" in command_line(p)]
+    return [
+        p
+        for p in descendants(pid)
+        if "spawn_main" in command_line(p) or "distributed" in command_line(p)
+    ]
 
 
 def test_a_worker_killed_mid_run_loses_nothing(prefect_api, model_file, tmp_path):
@@ -98,8 +162,22 @@ def test_a_worker_killed_mid_run_loses_nothing(prefect_api, model_file, tmp_path
     for i in range(40):
         Image.fromarray(rng.integers(0, 256, (48, 48), dtype=np.uint8)).save(src / f"{i:02d}.png")
     out = tmp_path / "out"
-    proc = start(["folder", str(src), str(out), "--model", str(model_file), "--workers", "2",
-                  "--chunk-files", "4"], tmp_path, prefect_api, failpoints="folder.after_output=sleep:0.3")
+    proc = start(
+        [
+            "folder",
+            str(src),
+            str(out),
+            "--model",
+            str(model_file),
+            "--workers",
+            "2",
+            "--chunk-files",
+            "4",
+        ],
+        tmp_path,
+        prefect_api,
+        failpoints="folder.after_output=sleep:0.3",
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(list(out.glob("*.png"))) < 6:
         assert proc.poll() is None, tail(proc.stderr.read())
@@ -127,13 +205,27 @@ def test_bad_dask_options_are_one_line_and_exit_2(model_file, tmp_path, prefect_
     src.mkdir()
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(src / "a.png")
     address = f"tcp://127.0.0.1:{free_port()}"
-    args = {"nothing listening": ["--dask-address", address], "no api": ["--dask-address", address],
-            "both": ["--dask-address", address, "--workers", "2"], "bad workers": ["--workers", "0"]}[case]
-    code, _, err = finish(start(["folder", str(src), str(tmp_path / "out"), "--model", str(model_file), *args],
-                                tmp_path, None if case == "no api" else prefect_api), timeout=120)
+    args = {
+        "nothing listening": ["--dask-address", address],
+        "no api": ["--dask-address", address],
+        "both": ["--dask-address", address, "--workers", "2"],
+        "bad workers": ["--workers", "0"],
+    }[case]
+    code, _, err = finish(
+        start(
+            ["folder", str(src), str(tmp_path / "out"), "--model", str(model_file), *args],
+            tmp_path,
+            None if case == "no api" else prefect_api,
+        ),
+        timeout=120,
+    )
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    expected = {"nothing listening": "no Dask scheduler answers", "no api": "PREFECT_API_URL",
-                "both": "give one", "bad workers": "--workers must be between"}[case]
+    expected = {
+        "nothing listening": "no Dask scheduler answers",
+        "no api": "PREFECT_API_URL",
+        "both": "give one",
+        "bad workers": "--workers must be between",
+    }[case]
     assert expected in lines[0]
     assert not (tmp_path / "out").exists()

@@ -38,8 +38,12 @@ def tiny(tmp_path: Path, monkeypatch):
     rng = np.random.default_rng(0)
     mirror = tmp_path / "mirror"
     mirror.mkdir()
-    arrays = {"train_images": rng.integers(0, 256, (12, 28, 28)), "train_labels": rng.integers(0, 10, 12),
-              "test_images": rng.integers(0, 256, (5, 28, 28)), "test_labels": rng.integers(0, 10, 5)}
+    arrays = {
+        "train_images": rng.integers(0, 256, (12, 28, 28)),
+        "train_labels": rng.integers(0, 10, 12),
+        "test_images": rng.integers(0, 256, (5, 28, 28)),
+        "test_labels": rng.integers(0, 10, 5),
+    }
     files, sums = {}, []
     for role, arr in arrays.items():
         name = datasets._IDX_NAMES[role]
@@ -47,7 +51,9 @@ def tiny(tmp_path: Path, monkeypatch):
         blob = gzip.compress(payload, mtime=0)
         (mirror / name).write_bytes(blob)
         sums.append(f"{hashlib.sha256(blob).hexdigest()}  {name}")
-        files[role] = FileSpec(name, hashlib.md5(blob).hexdigest(), hashlib.sha256(payload).hexdigest(), len(payload))
+        files[role] = FileSpec(
+            name, hashlib.md5(blob).hexdigest(), hashlib.sha256(payload).hexdigest(), len(payload)
+        )
     (mirror / "SHA256SUMS").write_text("\n".join(sums) + "\n")
     spec = DatasetSpec("tiny", "http://127.0.0.1:9/never/", files)
     monkeypatch.setitem(datasets.DATASETS, "tiny", spec)
@@ -69,7 +75,9 @@ def served(tiny):
             hits.append(self.path)
             super().do_GET()
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(mirror)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(mirror))
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/", hits, mirror
     server.shutdown()
@@ -136,7 +144,10 @@ def test_http_fetch_then_cache_hit_touches_no_network(served, tmp_path):
     third = fetch_dataset("tiny", url, cache)
     assert third["files"]["test_labels"]["status"] == "fetched"
     assert third["files"]["test_images"]["status"] == "cached"
-    assert hits == ["/t10k-labels-idx1-ubyte.gz"] or hits == ["/SHA256SUMS", "/t10k-labels-idx1-ubyte.gz"]
+    assert hits == ["/t10k-labels-idx1-ubyte.gz"] or hits == [
+        "/SHA256SUMS",
+        "/t10k-labels-idx1-ubyte.gz",
+    ]
 
 
 def test_checksum_mismatch_fails_and_leaves_nothing(served, tmp_path):
@@ -164,7 +175,9 @@ def test_without_sha256sums_the_registry_checksums_are_used(tiny, tmp_path):
     mirror, _ = tiny
     (mirror / "SHA256SUMS").unlink()
     fetch_dataset("tiny", str(mirror), tmp_path / "ok")
-    (mirror / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros((12, 28, 28)))))
+    (mirror / "train-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(idx_bytes(np.zeros((12, 28, 28))))
+    )
     with pytest.raises(ChecksumError, match="train-images-idx3-ubyte.gz"):
         fetch_dataset("tiny", str(mirror), tmp_path / "bad")
     assert not (tmp_path / "bad" / "train-images-idx3-ubyte.gz").exists()
@@ -213,6 +226,7 @@ def test_real_mnist_mirror_passes_its_checksums(mnist_mirror, tmp_path):
 
 # --------------------------------------------------------------------------- verification, write errors, leftovers
 
+
 def test_verify_download_cache_names_damaged_files(tiny, tmp_path):
     mirror, _ = tiny
     cache = tmp_path / "cache"
@@ -223,7 +237,10 @@ def test_verify_download_cache_names_damaged_files(tiny, tmp_path):
     blob[40] ^= 0xFF
     (cache / "t10k-images-idx3-ubyte.gz").write_bytes(bytes(blob))
     (cache / "train-labels-idx1-ubyte.gz").unlink()
-    assert verify_download_cache(cache) == ["train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz"]
+    assert verify_download_cache(cache) == [
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+    ]
     (cache / "manifest.json").write_text("[]")
     assert verify_download_cache(cache) == ["manifest.json"]
 
@@ -239,8 +256,10 @@ def test_a_damaged_cached_file_is_fetched_again_with_a_warning(tiny, tmp_path, c
     assert again["files"]["train_images"]["status"] == "cached"
     assert verify_download_cache(cache) == []
     lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert lines == [f"{cache / 't10k-images-idx3-ubyte.gz'}: sha256 mismatch with the cache manifest; "
-                     "fetching it again"]
+    assert lines == [
+        f"{cache / 't10k-images-idx3-ubyte.gz'}: sha256 mismatch with the cache manifest; "
+        "fetching it again"
+    ]
 
 
 def _fetch_with_file_size_limit(cache: Path, source: Path, limit: int) -> tuple[str, str, str]:
@@ -260,8 +279,13 @@ def _fetch_with_file_size_limit(cache: Path, source: Path, limit: int) -> tuple[
         "except DenoiseError as exc:\n"
         "    print(type(exc).__module__, type(exc).__name__, exc, sep='|')\n"
     )
-    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                           cwd=Path(__file__).resolve().parent.parent)
+    child = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     module, name, message = (child.stdout.strip().split("|", 2) + ["", ""])[:3]
     assert name, child.stdout + child.stderr
     return module, name, message
@@ -275,7 +299,9 @@ def test_a_cache_write_error_is_permanent_and_not_retried(mnist_mirror, tmp_path
     cache = tmp_path / "cache"
     _, name, message = _fetch_with_file_size_limit(cache, mnist_mirror, 100_000)
     assert name == "DownloadError"
-    assert message == f"train-images-idx3-ubyte.gz: cannot write to the cache {cache}: File too large"
+    assert (
+        message == f"train-images-idx3-ubyte.gz: cannot write to the cache {cache}: File too large"
+    )
     assert not [p.name for p in cache.iterdir() if p.name.endswith(".part")]
 
     assert _retry_network_errors(None, None, Failed(data=DownloadError(message))) is False
@@ -301,8 +327,12 @@ def _dead_pid() -> int:
     import subprocess
     import sys
 
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                           capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(child.stdout)
 
 
@@ -312,11 +342,18 @@ def test_killed_mid_file_the_rerun_fetches_it_whole(mnist_mirror, tmp_path):
     import sys
 
     cache = tmp_path / "cache"
-    script = ("from denoiser.datasets import fetch_dataset\n"
-              f"fetch_dataset('mnist', {str(mnist_mirror)!r}, {str(cache)!r})\n")
+    script = (
+        "from denoiser.datasets import fetch_dataset\n"
+        f"fetch_dataset('mnist', {str(mnist_mirror)!r}, {str(cache)!r})\n"
+    )
     env = {**os.environ, "DENOISE_FAILPOINTS": "download.mid_file=kill@2"}
-    child = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True,
-                             cwd=Path(__file__).resolve().parent.parent)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     _, stderr = child.communicate(timeout=120)
     assert child.returncode == -signal.SIGKILL, stderr
     parts = [p for p in cache.iterdir() if p.name.endswith(".part")]

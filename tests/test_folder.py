@@ -36,9 +36,16 @@ def identity_model(fixed: int | None = None):
 def save_model(folder: Path, model, architecture: str = "custom") -> Path:
     folder.mkdir(parents=True)
     model.save(folder / "model.keras")
-    (folder / "model.json").write_text(json.dumps({"version": folder.name, "architecture": architecture,
-                                                   "params": model.count_params(),
-                                                   "quality_gate": {"passed": True}}))
+    (folder / "model.json").write_text(
+        json.dumps(
+            {
+                "version": folder.name,
+                "architecture": architecture,
+                "params": model.count_params(),
+                "quality_gate": {"passed": True},
+            }
+        )
+    )
     return folder
 
 
@@ -80,7 +87,11 @@ def build_folder(root: Path) -> dict[str, str]:
     save("sub/rgba.png", Image.fromarray(rgba))
     save("sub/palette.gif", Image.fromarray(noisy_gray(30, 30)).convert("P"))
     save("sub/la.png", Image.merge("LA", [Image.fromarray(noisy_gray(20, 20))] * 2))
-    save("sub/deeper/pic.webp", Image.fromarray(RNG.integers(0, 256, (28, 28, 3), dtype=np.uint8)), lossless=True)
+    save(
+        "sub/deeper/pic.webp",
+        Image.fromarray(RNG.integers(0, 256, (28, 28, 3), dtype=np.uint8)),
+        lossless=True,
+    )
     save("sub/deeper/pic.tiff", Image.fromarray(noisy_gray(64, 48)))
     save("sub/deeper/pic.bmp", Image.fromarray(noisy_gray(28, 28)))
     save("big.png", Image.fromarray(noisy_gray(700, 650)))
@@ -130,7 +141,9 @@ def folder_case(tmp_path, monkeypatch):
 def run(src: Path, dst: Path, model, **kw):
     from denoiser.inference import tile_spec_for_model
 
-    return denoise_tree(src, dst, BatchPredictor(model, batch_size=32), tile_spec_for_model(model), **kw)
+    return denoise_tree(
+        src, dst, BatchPredictor(model, batch_size=32), tile_spec_for_model(model), **kw
+    )
 
 
 def test_every_good_file_is_denoised_and_every_bad_one_reported(folder_case, tmp_path):
@@ -150,21 +163,35 @@ def test_every_good_file_is_denoised_and_every_bad_one_reported(folder_case, tmp
     assert errors["truncated.png"] and errors["truncated.jpg"]
 
     out = tmp_path / "out"
-    checks = {"gray.png": ("L", (28, 28)), "odd.png": ("L", (53, 37)), "sixteen.png": ("I;16", (30, 30)),
-              "rgb.jpg": ("RGB", (60, 40)), "sub/rgba.png": ("RGBA", (32, 32)), "sub/palette.gif": ("P", (30, 30)),
-              "sub/la.png": ("LA", (20, 20)), "sub/deeper/pic.webp": ("RGB", (28, 28)),
-              "sub/deeper/pic.tiff": ("L", (48, 64)), "sub/deeper/pic.bmp": ("L", (28, 28)),
-              "big.png": ("L", (650, 700)), "rotated.jpg": ("L", (20, 10))}
+    checks = {
+        "gray.png": ("L", (28, 28)),
+        "odd.png": ("L", (53, 37)),
+        "sixteen.png": ("I;16", (30, 30)),
+        "rgb.jpg": ("RGB", (60, 40)),
+        "sub/rgba.png": ("RGBA", (32, 32)),
+        "sub/palette.gif": ("P", (30, 30)),
+        "sub/la.png": ("LA", (20, 20)),
+        "sub/deeper/pic.webp": ("RGB", (28, 28)),
+        "sub/deeper/pic.tiff": ("L", (48, 64)),
+        "sub/deeper/pic.bmp": ("L", (28, 28)),
+        "big.png": ("L", (650, 700)),
+        "rotated.jpg": ("L", (20, 10)),
+    }
     for rel, (mode, size) in checks.items():
         with Image.open(out / rel) as img:
             assert (img.mode, img.size) == (mode, size), rel
             assert img.format == Image.open(src / rel).format
     # identity model: 8- and 16-bit grey come back exactly; alpha is untouched
-    np.testing.assert_array_equal(np.asarray(Image.open(out / "gray.png")), np.asarray(Image.open(src / "gray.png")))
-    np.testing.assert_array_equal(np.asarray(Image.open(out / "sixteen.png")),
-                                  np.asarray(Image.open(src / "sixteen.png")))
-    np.testing.assert_array_equal(np.asarray(Image.open(out / "sub/rgba.png"))[..., 3],
-                                  np.asarray(Image.open(src / "sub/rgba.png"))[..., 3])
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(out / "gray.png")), np.asarray(Image.open(src / "gray.png"))
+    )
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(out / "sixteen.png")), np.asarray(Image.open(src / "sixteen.png"))
+    )
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(out / "sub/rgba.png"))[..., 3],
+        np.asarray(Image.open(src / "sub/rgba.png"))[..., 3],
+    )
     assert os.path.exists(os.path.join(os.fsencode(out), b"caf\xe9.png"))
     assert not list(out.rglob("*.denoise.part"))
 
@@ -175,7 +202,9 @@ def test_png_format_option_and_output_inside_input(folder_case):
     results = run(src, inside, identity_model(), fmt="png", pattern="*.jpg")
     assert {r.path for r in results} == {"rgb.jpg", "rotated.jpg", "truncated.jpg"}
     assert (inside / "rgb.png").is_file() and not (inside / "rgb.jpg").exists()
-    again = run(src, inside, identity_model(), fmt="png", pattern="*.jpg")  # the output tree is not walked
+    again = run(
+        src, inside, identity_model(), fmt="png", pattern="*.jpg"
+    )  # the output tree is not walked
     assert {r.path for r in again} == {"rgb.jpg", "rotated.jpg", "truncated.jpg"}
 
 
@@ -191,8 +220,11 @@ def test_constant_and_smooth_images_survive_tiling_without_seams():
     # a smoothing model across tile borders: constant in, constant out, whatever the tiling
     fcn = TileSpec(tile=64, overlap=16, multiple=4, whole_max=32)
     assert len(split(np.zeros((300, 200), np.float32), fcn)) > 1
-    np.testing.assert_allclose(denoise_plane(np.full((300, 200), 0.8, np.float32), fcn,
-                                             BatchPredictor(identity_model())), 0.8, atol=1e-5)
+    np.testing.assert_allclose(
+        denoise_plane(np.full((300, 200), 0.8, np.float32), fcn, BatchPredictor(identity_model())),
+        0.8,
+        atol=1e-5,
+    )
 
 
 def test_a_fixed_size_model_denoises_any_size_through_tiles(tmp_path):
@@ -201,8 +233,9 @@ def test_a_fixed_size_model_denoises_any_size_through_tiles(tmp_path):
     Image.fromarray(noisy_gray(90, 61)).save(src / "a.png")
     results = run(src, tmp_path / "out", identity_model(28))
     assert [r.status for r in results] == ["denoised"]
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "a.png")),
-                                  np.asarray(Image.open(src / "a.png")))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "out" / "a.png")), np.asarray(Image.open(src / "a.png"))
+    )
 
 
 class Stop(Exception):
@@ -253,9 +286,13 @@ def test_cli_runs_the_flow_and_reports_failures(prefect_harness, folder_case, tm
     from flows.cli import main
 
     src, expected = folder_case
-    model_dir = save_model(tmp_path / "store" / "models" / "20260101-000000-custom-0001", identity_model())
+    model_dir = save_model(
+        tmp_path / "store" / "models" / "20260101-000000-custom-0001", identity_model()
+    )
     store = str(tmp_path / "store")
-    assert main(["--store", store, "folder", str(src), str(tmp_path / "out")]) == 1  # some files failed
+    assert (
+        main(["--store", store, "folder", str(src), str(tmp_path / "out")]) == 1
+    )  # some files failed
     report = next((tmp_path / "store" / "reports").glob("*/report.csv"))
     rows = list(csv.DictReader(report.open()))
     assert {r["path"]: r["status"] for r in rows} == expected
@@ -267,7 +304,20 @@ def test_cli_runs_the_flow_and_reports_failures(prefect_harness, folder_case, tm
     good = tmp_path / "good"
     good.mkdir()
     Image.fromarray(noisy_gray(28, 28)).save(good / "x.png")
-    assert main(["--store", store, "folder", str(good), str(tmp_path / "out2"), "--model", str(model_dir)]) == 0
+    assert (
+        main(
+            [
+                "--store",
+                store,
+                "folder",
+                str(good),
+                str(tmp_path / "out2"),
+                "--model",
+                str(model_dir),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "out2" / "x.png").is_file()
 
 
@@ -276,11 +326,17 @@ def test_cli_usage_errors_fail_fast_with_one_line(tmp_path, capsys):
 
     good = tmp_path / "good"
     good.mkdir()
-    assert main(["--store", str(tmp_path), "folder", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
+    assert (
+        main(["--store", str(tmp_path), "folder", str(tmp_path / "missing"), str(tmp_path / "o")])
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     assert main(["--store", str(tmp_path), "folder", str(good), str(good)]) == 2
     assert "is the input folder" in capsys.readouterr().err
-    assert main(["--store", str(tmp_path / "empty-store"), "folder", str(good), str(tmp_path / "o")]) == 1
+    assert (
+        main(["--store", str(tmp_path / "empty-store"), "folder", str(good), str(tmp_path / "o")])
+        == 1
+    )
     err = capsys.readouterr().err
     assert "run `denoise train` first" in err and len(err.strip().splitlines()) == 1
 
@@ -352,7 +408,9 @@ CHEAP_SPEC = TileSpec(tile=28, overlap=14)
 
 def run_cheap(src: Path, dst: Path, model: CountingIdentity | None = None, **kw):
     # batches of one: the model sees exactly the tiles there are, no padding
-    return denoise_tree(src, dst, BatchPredictor(model or CountingIdentity(), batch_size=1), CHEAP_SPEC, **kw)
+    return denoise_tree(
+        src, dst, BatchPredictor(model or CountingIdentity(), batch_size=1), CHEAP_SPEC, **kw
+    )
 
 
 def dead_pid() -> int:
@@ -377,7 +435,11 @@ def test_an_output_folder_holding_the_input_is_refused_and_the_input_untouched(t
     (noisy / ".notes.part").write_text("a user's notes")
     os.symlink(d, tmp_path / "link-to-d")
     before = snapshot(tmp_path)
-    for out in (d, tmp_path, tmp_path / "link-to-d"):  # a parent, a grandparent, a parent through a symlink
+    for out in (
+        d,
+        tmp_path,
+        tmp_path / "link-to-d",
+    ):  # a parent, a grandparent, a parent through a symlink
         with pytest.raises(ConfigError) as err:
             run_cheap(noisy, out)
         assert "contains the input folder" in str(err.value) and "\n" not in str(err.value)
@@ -390,7 +452,11 @@ def test_a_users_part_files_in_the_output_folder_survive_a_run(tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     small_tree(src, 3)
     (out / "sub").mkdir(parents=True)
-    mine = {out / ".notes.part": "notes", out / "sub" / ".x.part": "x", out / ".00.png.999.part": "old style"}
+    mine = {
+        out / ".notes.part": "notes",
+        out / "sub" / ".x.part": "x",
+        out / ".00.png.999.part": "old style",
+    }
     for path, text in mine.items():
         path.write_text(text)
     assert [r.status for r in run_cheap(src, out)] == ["denoised"] * 3
@@ -433,8 +499,11 @@ def test_only_dead_runs_temporary_files_are_removed(tmp_path):
         sleeper.wait()
 
 
-@pytest.mark.parametrize("name", ["a" * 246 + ".png", "\u00e9" * 123 + ".png", "\u732b" * 82 + ".png"],
-                         ids=["ascii", "two-byte", "three-byte"])
+@pytest.mark.parametrize(
+    "name",
+    ["a" * 246 + ".png", "\u00e9" * 123 + ".png", "\u732b" * 82 + ".png"],
+    ids=["ascii", "two-byte", "three-byte"],
+)
 def test_a_250_byte_file_name_is_denoised(tmp_path, name):
     assert len(name.encode()) == 250
     src, out = tmp_path / "in", tmp_path / "out"
@@ -445,9 +514,15 @@ def test_a_250_byte_file_name_is_denoised(tmp_path, name):
     Image.fromarray(noisy_gray(28, 28)).save(src / name)
     results = run_cheap(src, out)
     assert results and all(r.status == "denoised" for r in results), results
-    np.testing.assert_array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(src / name)))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(out / name)), np.asarray(Image.open(src / name))
+    )
     tmp = temp_path(out / name)
-    assert len(os.fsencode(tmp.name)) <= 255 and tmp.name.startswith(".") and tmp.name.endswith(".denoise.part")
+    assert (
+        len(os.fsencode(tmp.name)) <= 255
+        and tmp.name.startswith(".")
+        and tmp.name.endswith(".denoise.part")
+    )
     tmp.name.encode("utf-8")  # cut at a character boundary: still valid UTF-8
     assert temp_path(out / name) != temp_path(out / twin) != temp_path(out / twin)
 
@@ -460,11 +535,16 @@ def test_an_input_replaced_by_an_older_file_is_redone(tmp_path):
     old = time.time() - 3600  # new content, an mtime older than the output's
     os.utime(src / "01.png", (old, old))
     results = {r.path: r for r in run_cheap(src, out)}
-    assert {p: r.status for p, r in results.items()} == {"00.png": "skipped", "01.png": "denoised",
-                                                         "02.png": "skipped"}
+    assert {p: r.status for p, r in results.items()} == {
+        "00.png": "skipped",
+        "01.png": "denoised",
+        "02.png": "skipped",
+    }
     assert results["00.png"].error == "output is up to date"
     assert "input changed" in results["01.png"].reason
-    np.testing.assert_array_equal(np.asarray(Image.open(out / "01.png")), np.asarray(Image.open(src / "01.png")))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(out / "01.png")), np.asarray(Image.open(src / "01.png"))
+    )
 
 
 def test_a_corrupt_output_newer_than_its_input_is_redone(tmp_path):
@@ -477,8 +557,11 @@ def test_a_corrupt_output_newer_than_its_input_is_redone(tmp_path):
     future = time.time() + 60
     os.utime(out / "02.png", (future, future))
     results = {r.path: r for r in run_cheap(src, out)}
-    assert {p: r.status for p, r in results.items()} == {"00.png": "skipped", "01.png": "skipped",
-                                                         "02.png": "denoised"}
+    assert {p: r.status for p, r in results.items()} == {
+        "00.png": "skipped",
+        "01.png": "skipped",
+        "02.png": "denoised",
+    }
     assert "output" in results["02.png"].reason and "record" in results["02.png"].reason
     assert (out / "02.png").read_bytes() == good
 
@@ -527,10 +610,13 @@ print(json.dumps(count(results)))
 
 def folder_run(src: Path, out: Path, failpoints: str) -> subprocess.Popen:
     """A folder run in a process of its own, with ``failpoints`` in its environment."""
-    return subprocess.Popen([sys.executable, "-c", FOLDER_RUN, str(src), str(out)],
-                            env={**os.environ, "DENOISE_FAILPOINTS": failpoints},
-                            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", FOLDER_RUN, str(src), str(out)],
+        env={**os.environ, "DENOISE_FAILPOINTS": failpoints},
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_kill_9_after_an_output_then_a_rerun_denoises_each_file_once(tmp_path):
@@ -540,8 +626,11 @@ def test_kill_9_after_an_output_then_a_rerun_denoises_each_file_once(tmp_path):
     _, stderr = killed.communicate(timeout=300)
     assert killed.returncode == -9, stderr.decode()[-2000:]
     made = {p.name for p in out.glob("*.png")}
-    recorded = {json.loads(line)["output"] for line in (out / JOURNAL_NAME).read_text().splitlines()
-                if line.strip()}
+    recorded = {
+        json.loads(line)["output"]
+        for line in (out / JOURNAL_NAME).read_text().splitlines()
+        if line.strip()
+    }
     assert 5 <= len(made) < 30 and recorded < made  # the 5th output was renamed, never recorded
 
     model = CountingIdentity()
@@ -551,7 +640,9 @@ def test_kill_9_after_an_output_then_a_rerun_denoises_each_file_once(tmp_path):
     assert redone == {f"{i:02d}.png" for i in range(30)} - recorded and model.tiles == len(redone)
     for i in range(30):  # every output decodes and is its input, denoised
         name = f"{i:02d}.png"
-        np.testing.assert_array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(src / name)))
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(out / name)), np.asarray(Image.open(src / name))
+        )
     assert not list(out.rglob("*.denoise.part"))
     assert {r.path for r in run_cheap(src, out) if r.status != "skipped"} == set()
 
@@ -571,7 +662,9 @@ def test_two_runs_into_one_output_folder_at_once_lose_nothing(tmp_path):
         counts = json.loads(stdout)
         assert counts["failed"] == 0 and counts["total"] == 20
     lines = (out / JOURNAL_NAME).read_text().splitlines()
-    assert sorted(json.loads(line)["output"] for line in lines) == [f"{i:02d}.png" for i in range(20)]
+    assert sorted(json.loads(line)["output"] for line in lines) == [
+        f"{i:02d}.png" for i in range(20)
+    ]
     assert not list(out.rglob("*.denoise.part"))
     model = CountingIdentity()
     assert {r.status for r in run_cheap(src, out, model)} == {"skipped"} and model.tiles == 0
@@ -589,7 +682,9 @@ def test_kill_9_before_a_rename_leaves_a_temporary_file_the_rerun_removes(tmp_pa
     assert not list(out.rglob("*.denoise.part"))
     for i in range(12):
         name = f"{i:02d}.png"
-        np.testing.assert_array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(src / name)))
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(out / name)), np.asarray(Image.open(src / name))
+        )
 
 
 def test_a_torn_or_garbled_journal_line_is_ignored_and_later_lines_kept(tmp_path):
@@ -597,11 +692,15 @@ def test_a_torn_or_garbled_journal_line_is_ignored_and_later_lines_kept(tmp_path
     small_tree(src, 3)
     run_cheap(src, out)
     with open(out / JOURNAL_NAME, "ab") as fh:
-        fh.write(b'{"output": "00.png", "input": "00.png", "input_si')  # a line cut short by a crash
+        fh.write(
+            b'{"output": "00.png", "input": "00.png", "input_si'
+        )  # a line cut short by a crash
     assert {r.status for r in run_cheap(src, out)} == {"skipped"}
     with open(out / JOURNAL_NAME, "ab") as fh:
         fh.write(b'\xff garbage {"output": "01.png", "input"')
-    Image.fromarray(noisy_gray(28, 28)).save(src / "02.png")  # its new record goes after the torn line
+    Image.fromarray(noisy_gray(28, 28)).save(
+        src / "02.png"
+    )  # its new record goes after the torn line
     assert {r.path: r.status for r in run_cheap(src, out)}["02.png"] == "denoised"
     assert {r.status for r in run_cheap(src, out)} == {"skipped"}
     assert len((out / JOURNAL_NAME).read_text().splitlines()) == 3  # compacted: one line per output
@@ -612,8 +711,13 @@ def test_two_inputs_with_one_output_name_never_share_it(tmp_path):
     src.mkdir()
     Image.fromarray(np.full((16, 16), 40, np.uint8)).save(src / "x.jpg")
     Image.fromarray(np.full((16, 16), 200, np.uint8)).save(src / "x.png")
-    results = denoise_tree(src, dst, BatchPredictor(CountingIdentity(), batch_size=1), CHEAP_SPEC, fmt="png")
+    results = denoise_tree(
+        src, dst, BatchPredictor(CountingIdentity(), batch_size=1), CHEAP_SPEC, fmt="png"
+    )
     by_path = {r.path: r for r in results}
     assert by_path["x.jpg"].status == "denoised"
-    assert by_path["x.png"].status == "failed" and "already the output of x.jpg" in by_path["x.png"].error
+    assert (
+        by_path["x.png"].status == "failed"
+        and "already the output of x.jpg" in by_path["x.png"].error
+    )
     assert sorted(p.name for p in dst.iterdir() if not p.name.startswith(".")) == ["x.png"]

@@ -57,14 +57,18 @@ def photos(tmp_path: Path) -> Path:
     Image.fromarray(rgb).save(folder / "nested" / "colour.png")
     Image.fromarray(_rng_image(30, 50, 70).astype(np.uint16) * 257).save(folder / "deep16.png")
     Image.fromarray(_rng_image(31, 44, 41)).save(folder / "nested" / "deeper" / "small.tif")
-    Image.fromarray(_rng_image(32, 20, 30)).save(folder / "nested" / "tiny.png")  # below a 40x40 patch
+    Image.fromarray(_rng_image(32, 20, 30)).save(
+        folder / "nested" / "tiny.png"
+    )  # below a 40x40 patch
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (folder / "notes.txt").write_text("not an image")
     return folder
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))
+    }
 
 
 def test_a_folder_is_a_dataset_and_a_bad_file_is_reported_and_skipped(photos, tmp_path, caplog):
@@ -79,15 +83,38 @@ def test_a_folder_is_a_dataset_and_a_bad_file_is_reported_and_skipped(photos, tm
     assert cache.name.startswith("folder-photos-")
     with caplog.at_level("WARNING", logger="denoiser.image_datasets"):
         manifest = fetch_dataset(str(photos), None, cache)
-    assert manifest["kind"] == "images" and manifest["test"] is None and manifest["held_out_test"] == 0.1
+    assert (
+        manifest["kind"] == "images"
+        and manifest["test"] is None
+        and manifest["held_out_test"] == 0.1
+    )
     assert sorted(manifest["files"]) == sorted(
-        [f"grey_{i}.png" for i in range(8)] + ["colour.jpg", "deep16.png", "nested/colour.png",
-                                               "nested/deeper/small.tif", "nested/tiny.png"])
-    assert [(s["name"], s["reason"]) for s in manifest["skipped"]] == [("broken.png", "not an image Pillow can read")]
-    assert any(r.getMessage() == "broken.png: not an image Pillow can read; skipped" for r in caplog.records)
+        [f"grey_{i}.png" for i in range(8)]
+        + [
+            "colour.jpg",
+            "deep16.png",
+            "nested/colour.png",
+            "nested/deeper/small.tif",
+            "nested/tiny.png",
+        ]
+    )
+    assert [(s["name"], s["reason"]) for s in manifest["skipped"]] == [
+        ("broken.png", "not an image Pillow can read")
+    ]
+    assert any(
+        r.getMessage() == "broken.png: not an image Pillow can read; skipped"
+        for r in caplog.records
+    )
     modes = {n: r["mode"] for n, r in manifest["files"].items()}
-    assert modes["colour.jpg"] == "RGB" and modes["grey_0.png"] == "L" and modes["deep16.png"].startswith("I")
-    assert (manifest["files"]["deep16.png"]["width"], manifest["files"]["deep16.png"]["height"]) == (70, 50)
+    assert (
+        modes["colour.jpg"] == "RGB"
+        and modes["grey_0.png"] == "L"
+        and modes["deep16.png"].startswith("I")
+    )
+    assert (
+        manifest["files"]["deep16.png"]["width"],
+        manifest["files"]["deep16.png"]["height"],
+    ) == (70, 50)
     assert verify_download_cache(cache) == []
     assert source_changes(cache) == []
 
@@ -104,7 +131,10 @@ def test_a_folder_is_a_dataset_and_a_bad_file_is_reported_and_skipped(photos, tm
     (photos / "new.png").write_bytes((photos / "grey_1.png").read_bytes())
     assert source_changes(cache) == ["new.png", "grey_0.png"]
     third = fetch_dataset(str(photos), None, cache)
-    assert third["files"]["grey_0.png"]["status"] == "fetched" and third["files"]["grey_1.png"]["status"] == "cached"
+    assert (
+        third["files"]["grey_0.png"]["status"] == "fetched"
+        and third["files"]["grey_1.png"]["status"] == "cached"
+    )
 
     (cache / "nested" / "colour.png").write_bytes(b"damaged")
     assert verify_download_cache(cache) == ["nested/colour.png"]
@@ -114,7 +144,9 @@ def test_nothing_readable_is_fatal_in_one_line(tmp_path):
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "a.png").write_bytes(b"")
-    with pytest.raises(Exception, match=r"no readable image \(first: a.png: empty file \(0 bytes\)\); 1 skipped"):
+    with pytest.raises(
+        Exception, match=r"no readable image \(first: a.png: empty file \(0 bytes\)\); 1 skipped"
+    ):
         fetch_dataset(str(folder), None, tmp_path / "cache")
 
 
@@ -136,7 +168,11 @@ def test_patch_shards_are_byte_identical_across_runs_and_readable(photos, tmp_pa
     runs = []
     for name in ("a", "b"):
         splits, meta = build_image_splits(manifest, 0.2, patch_size=24, patches_per_image=5)
-        runs.append(write_shard_set(tmp_path / name, splits, NOISE, shard_rows=12, seed=7, meta=meta, workers=2))
+        runs.append(
+            write_shard_set(
+                tmp_path / name, splits, NOISE, shard_rows=12, seed=7, meta=meta, workers=2
+            )
+        )
     a, b = runs
     assert digests(a) == digests(b) and len(digests(a)) > 3
     splits, meta = build_image_splits(manifest, 0.2, patch_size=24, patches_per_image=5)
@@ -144,17 +180,32 @@ def test_patch_shards_are_byte_identical_across_runs_and_readable(photos, tmp_pa
     assert digests(other) != digests(a)
 
     m = read_manifest(a)
-    assert m["kind"] == "patches" and m["image_shape"] == [24, 24, 1] and m["noise"]["applied"] == "in_training"
+    assert (
+        m["kind"] == "patches"
+        and m["image_shape"] == [24, 24, 1]
+        and m["noise"]["applied"] == "in_training"
+    )
     assert m["patches_per_image"] == 5 and m["splits"]["train"]["patches_per_image"] == 5
     assert m["skipped"][0]["name"] == "broken.png" and m["too_small"] == ["nested/tiny.png"]
-    by_split = {s: [e["name"] for e in m["images"] if e["split"] == s] for s in ("train", "validation", "test")}
+    by_split = {
+        s: [e["name"] for e in m["images"] if e["split"] == s]
+        for s in ("train", "validation", "test")
+    }
     assert all(by_split.values()) and sum(map(len, by_split.values())) == 13
-    assert m["splits"]["train"]["rows"] == 5 * (len(by_split["train"]) - ("nested/tiny.png" in by_split["train"]))
+    assert m["splits"]["train"]["rows"] == 5 * (
+        len(by_split["train"]) - ("nested/tiny.png" in by_split["train"])
+    )
     assert split_image_shape(m, "train") == [24, 24, 1] and split_image_shape(m, "test") is None
 
     import pyarrow.parquet as pq
 
-    assert pq.read_schema(a / "train-00000.parquet").names == ["clean", "height", "width", "index", "label"]
+    assert pq.read_schema(a / "train-00000.parquet").names == [
+        "clean",
+        "height",
+        "width",
+        "index",
+        "label",
+    ]
     batches = list(iter_batches(a, "train", batch_rows=4))
     assert set(batches[0]) == {"clean"} and batches[0]["clean"].shape == (4, 24, 24, 1)
     train = np.concatenate([b["clean"] for b in batches])
@@ -166,12 +217,16 @@ def test_patch_shards_are_byte_identical_across_runs_and_readable(photos, tmp_pa
     source = load_grey(Path(manifest["dir"]) / first["name"])
     windows = np.lib.stride_tricks.sliding_window_view(source, (24, 24))
     patch = rows["clean"][0, ..., 0]
-    orientations = [np.rot90(patch, k) for k in range(4)] + [np.rot90(patch[:, ::-1], k) for k in range(4)]
+    orientations = [np.rot90(patch, k) for k in range(4)] + [
+        np.rot90(patch[:, ::-1], k) for k in range(4)
+    ]
     assert any((windows == o).all(axis=(-1, -2)).any() for o in orientations)
 
     test = load_split(a, "test")
     assert isinstance(test["clean"], list) and len(test["clean"]) == len(by_split["test"])
-    for img, h, w, idx in zip(test["clean"], test["height"], test["width"], test["index"], strict=True):
+    for img, h, w, idx in zip(
+        test["clean"], test["height"], test["width"], test["index"], strict=True
+    ):
         entry = m["images"][int(idx)]
         assert img.shape == (h, w, 1) == (entry["height"], entry["width"], 1)
         np.testing.assert_array_equal(img[..., 0], load_grey(Path(manifest["dir"]) / entry["name"]))
@@ -180,6 +235,7 @@ def test_patch_shards_are_byte_identical_across_runs_and_readable(photos, tmp_pa
 
 
 # --------------------------------------------------------------------------- train400 + set12 over HTTP
+
 
 @pytest.fixture()
 def mirror_copy(tmp_path: Path) -> Path:
@@ -203,8 +259,9 @@ def served_mirror(mirror_copy):
             hits.append(self.path)
             super().do_GET()
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(Handler, directory=str(mirror_copy)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(mirror_copy))
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/", hits, mirror_copy
     server.shutdown()
@@ -219,8 +276,13 @@ def test_train400_and_set12_from_a_mirror_root_over_http(served_mirror, tmp_path
     assert len(manifest["files"]) == 400 and manifest["skipped"] == []
     assert manifest["test"]["dataset"] == "set12" and len(manifest["test"]["files"]) == 12
     assert manifest["files"]["test_001.png"]["source"] == url + "train400/"
-    assert {(r["width"], r["height"], r["mode"]) for r in manifest["files"].values()} == {(180, 180, "L")}
-    assert verify_download_cache(cache) == [] and verify_download_cache(tmp_path / "downloads" / "set12") == []
+    assert {(r["width"], r["height"], r["mode"]) for r in manifest["files"].values()} == {
+        (180, 180, "L")
+    }
+    assert (
+        verify_download_cache(cache) == []
+        and verify_download_cache(tmp_path / "downloads" / "set12") == []
+    )
     hits.clear()
     again = fetch_dataset("train400", None, cache)
     assert hits == [] and {r["status"] for r in again["files"].values()} == {"cached"}
@@ -231,45 +293,66 @@ def test_a_tampered_image_is_refused_in_one_line_naming_it(served_mirror, tmp_pa
     blob = bytearray((root / "set12" / "05.png").read_bytes())
     blob[200] ^= 0xFF
     (root / "set12" / "05.png").write_bytes(bytes(blob))
-    with pytest.raises(ChecksumError, match=r"^05.png: sha256 [0-9a-f]{64} does not match SHA256SUMS") as err:
+    with pytest.raises(
+        ChecksumError, match=r"^05.png: sha256 [0-9a-f]{64} does not match SHA256SUMS"
+    ) as err:
         fetch_dataset("set12", url, tmp_path / "cache")
     assert "\n" not in str(err.value)
-    assert not list((tmp_path / "cache").glob("05.png*")) and not list((tmp_path / "cache").glob(".*.part"))
+    assert not list((tmp_path / "cache").glob("05.png*")) and not list(
+        (tmp_path / "cache").glob(".*.part")
+    )
     # a mirror whose SHA256SUMS agrees with the tampered file is still checked against the registry
     sums = (root / "set12" / "SHA256SUMS").read_text().splitlines()
     digest = hashlib.sha256(bytes(blob)).hexdigest()
     (root / "set12" / "SHA256SUMS").write_text(
-        "\n".join(f"{digest}  05.png" if line.endswith("05.png") else line for line in sums) + "\n")
-    with pytest.raises(ChecksumError, match=r"^05.png: sha256 [0-9a-f]{64} does not match the expected "):
+        "\n".join(f"{digest}  05.png" if line.endswith("05.png") else line for line in sums) + "\n"
+    )
+    with pytest.raises(
+        ChecksumError, match=r"^05.png: sha256 [0-9a-f]{64} does not match the expected "
+    ):
         fetch_dataset("set12", url + "set12/", tmp_path / "cache")
 
 
 def test_http_folder_needs_sha256sums_and_one_mirror_root_serves_mnist(served_mirror, tmp_path):
     url, _, root = served_mirror
     (root / "set12" / "SHA256SUMS").unlink()
-    with pytest.raises(ConfigError, match=r"set12/: a folder of images served over HTTP needs a SHA256SUMS"):
+    with pytest.raises(
+        ConfigError, match=r"set12/: a folder of images served over HTTP needs a SHA256SUMS"
+    ):
         fetch_dataset(url + "set12/", None, tmp_path / "cache")
-    user = fetch_dataset(url + "train400", None, tmp_path / "user")  # a user's folder over HTTP, with sums
+    user = fetch_dataset(
+        url + "train400", None, tmp_path / "user"
+    )  # a user's folder over HTTP, with sums
     assert len(user["files"]) == 400 and user["dataset"].startswith("folder-train400-")
     assert json.loads((tmp_path / "user" / "manifest.json").read_text())["complete"] is True
 
     # the mirror root of ../shared/datasets serves MNIST as well (its folder per dataset)
     manifest = fetch_dataset("mnist", str(MIRROR), tmp_path / "mnist")
-    assert Path(manifest["files"]["train_images"]["source"]).resolve() == (MIRROR / "mnist").resolve()
+    assert (
+        Path(manifest["files"]["train_images"]["source"]).resolve() == (MIRROR / "mnist").resolve()
+    )
 
 
 # --------------------------------------------------------------------------- tasks
+
 
 def test_mnist_shard_folders_keep_their_keys(tmp_path):
     from denoiser.config import NoiseConfig
     from denoiser.datasets import DATASETS, ROLES
     from tasks.corrupt import shard_dir_for
 
-    mnist = {"dataset": "mnist", "files": {r: {"payload_sha256": DATASETS["mnist"].files[r].payload_sha256}
-                                           for r in ROLES}}
+    mnist = {
+        "dataset": "mnist",
+        "files": {r: {"payload_sha256": DATASETS["mnist"].files[r].payload_sha256} for r in ROLES},
+    }
     # the keys of the shard sets written before image datasets existed
-    assert shard_dir_for(mnist, NoiseConfig(), str(tmp_path), None, None).name == "mnist-175005f1530951ef"
-    assert shard_dir_for(mnist, NoiseConfig(), str(tmp_path), 300, 50).name == "mnist-2d006cda525220f2"
+    assert (
+        shard_dir_for(mnist, NoiseConfig(), str(tmp_path), None, None).name
+        == "mnist-175005f1530951ef"
+    )
+    assert (
+        shard_dir_for(mnist, NoiseConfig(), str(tmp_path), 300, 50).name == "mnist-2d006cda525220f2"
+    )
     speckle = NoiseConfig(kind="speckle", level=(0.1, 0.5), copies=2)
     assert shard_dir_for(mnist, speckle, str(tmp_path), None, None).name == "mnist-e16653f589112ed5"
 
@@ -294,9 +377,15 @@ def test_download_and_patch_tasks_on_a_folder(prefect_harness, photos, tmp_path)
     assert verify_download(data, store) == [] and verify_shards(dataset, noise, store) == []
     manifest = read_manifest(out)
     assert manifest["kind"] == "patches" and manifest["noise"] == {
-        "kind": "awgn", "level": [0.0, 55.0], "density": "uniform", "applied": "in_training"}
+        "kind": "awgn",
+        "level": [0.0, 55.0],
+        "density": "uniform",
+        "applied": "in_training",
+    }
     assert manifest["test_dataset"] == str(photos / "nested") and manifest["held_out_test"] is None
-    assert manifest["splits"]["test"]["images"] == 3  # the nested folder's images, tiny one included
+    assert (
+        manifest["splits"]["test"]["images"] == 3
+    )  # the nested folder's images, tiny one included
     assert {e["split"] for e in manifest["images"] if e["source"] == "test"} == {"test"}
     assert Path(out).name.startswith(dataset["dataset"] + "-")
     bigger = noise.model_copy(update={"patch_size": 32})

@@ -26,13 +26,17 @@ print(",".join(events))
 
 
 def test_a_signal_in_a_held_stretch_waits_for_its_end():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "stretch done,handler,after"
 
 
 def test_outside_a_stretch_signals_are_untouched():
     script = SCRIPT.replace("interrupts.hold()", "").replace("interrupts.release()", "")
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert out.stdout.strip() == "handler,stretch done,after"
     assert signal.getsignal(signal.SIGTERM) is not None

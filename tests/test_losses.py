@@ -23,7 +23,9 @@ def _pairs():
 def test_ssim_per_image_equals_the_metric():
     clean, noisy, hazy = _pairs()
     for other in (noisy, hazy, clean):
-        np.testing.assert_allclose(np.asarray(ssim_per_image(clean, other)), ssim(clean, other), atol=2e-5)
+        np.testing.assert_allclose(
+            np.asarray(ssim_per_image(clean, other)), ssim(clean, other), atol=2e-5
+        )
 
 
 def test_psnr_ssim_loss_is_minus_psnr_over_ten_plus_ssim_gap():

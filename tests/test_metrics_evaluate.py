@@ -33,8 +33,12 @@ def test_ssim_equals_scikit_image(shape):
     ours = ssim(a, b)
     for i in range(shape[0]):
         kwargs = {"channel_axis": -1} if len(shape) == 4 and shape[-1] > 1 else {}
-        ref = structural_similarity(a[i].squeeze() if not kwargs else a[i], b[i].squeeze() if not kwargs else b[i],
-                                    data_range=1.0, **kwargs)
+        ref = structural_similarity(
+            a[i].squeeze() if not kwargs else a[i],
+            b[i].squeeze() if not kwargs else b[i],
+            data_range=1.0,
+            **kwargs,
+        )
         assert abs(ours[i] - ref) < 1e-6
 
 
@@ -56,7 +60,11 @@ def test_evaluate_arrays_groups_by_level_and_class():
     labels = np.array([1, 2, 1, 2, 1, 2])
     result = evaluate_arrays(clean, noisy, denoised, levels, labels)
     assert result["overall"]["count"] == 6 and result["overall"]["psnr_denoised"] == 100.0
-    assert [(r["level"], r["count"]) for r in result["per_level"]] == [("0.3", 2), ("0.5", 3), ("0.7", 1)]
+    assert [(r["level"], r["count"]) for r in result["per_level"]] == [
+        ("0.3", 2),
+        ("0.5", 3),
+        ("0.7", 1),
+    ]
     assert [(r["label"], r["count"]) for r in result["per_class"]] == [(1, 3), (2, 3)]
     ranged = evaluate_arrays(clean, noisy, denoised, np.linspace(0.1, 0.7, 6), level_bins=3)
     assert [r["count"] for r in ranged["per_level"]] == [2, 2, 2]
@@ -76,11 +84,18 @@ def test_evaluation_task_writes_metrics_card_and_artifacts(prefect_harness, tmp_
     from tasks.evaluate import evaluate_denoiser
 
     rng = np.random.default_rng(0)
-    blocks = (rng.random((30, 4, 4)) < 0.3).astype(np.uint8) * 255  # smooth shapes: a mean filter helps
+    blocks = (rng.random((30, 4, 4)) < 0.3).astype(
+        np.uint8
+    ) * 255  # smooth shapes: a mean filter helps
     images = np.kron(blocks, np.ones((7, 7), np.uint8))[..., None]
     arr = SplitArrays(images, np.arange(30) % 10, np.arange(30))
-    shards = write_shard_set(tmp_path / "shards", {"train": arr, "validation": arr, "test": arr},
-                             {"kind": "gaussian", "level": 0.5}, 100, seed=0)
+    shards = write_shard_set(
+        tmp_path / "shards",
+        {"train": arr, "validation": arr, "test": arr},
+        {"kind": "gaussian", "level": 0.5},
+        100,
+        seed=0,
+    )
     model_dir = tmp_path / "models" / "v1"
     model_dir.mkdir(parents=True)
     # a 3x3 mean filter: a real (if weak) denoiser with known behaviour
@@ -88,12 +103,15 @@ def test_evaluation_task_writes_metrics_card_and_artifacts(prefect_harness, tmp_
     conv = keras.layers.Conv2D(1, 3, padding="same", use_bias=False, kernel_initializer="ones")
     model = keras.Model(inputs, keras.layers.Rescaling(1 / 9)(conv(inputs)))
     model.save(model_dir / "model.keras")
-    (model_dir / "model.json").write_text(json.dumps(
-        {"version": "v1", "architecture": "unet", "params": model.count_params()}))
+    (model_dir / "model.json").write_text(
+        json.dumps({"version": "v1", "architecture": "unet", "params": model.count_params()})
+    )
 
     @flow
     def judge(min_gain: float) -> dict:
-        return evaluate_denoiser(str(model_dir), str(shards), EvalConfig(min_psnr_gain=min_gain, sample_count=5))
+        return evaluate_denoiser(
+            str(model_dir), str(shards), EvalConfig(min_psnr_gain=min_gain, sample_count=5)
+        )
 
     result = judge(1.0)
     assert result["passed"] and result["psnr_denoised"] > result["psnr_noisy"] + 1.0
@@ -111,8 +129,11 @@ def test_evaluation_task_writes_metrics_card_and_artifacts(prefect_harness, tmp_
 
     async def keys():
         async with get_client() as client:
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=["evaluation-metrics", "evaluation-report"])))
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=["evaluation-metrics", "evaluation-report"])
+                )
+            )
         return {a.key: a for a in found}
 
     artifacts = asyncio.run(keys())

@@ -38,7 +38,11 @@ def test_fully_convolutional_models_keep_the_input_shape(name):
     # photographs' models (awgn recipes) get DnCNN's budget and a linear residual output, clipped outside
     photo = recipe.get("noise") == "awgn"
     expected = {"unet": 411_297, "unet-small": 118_945}
-    assert model.count_params() <= 556_000 if photo else model.count_params() == expected[name] <= 440_865
+    assert (
+        model.count_params() <= 556_000
+        if photo
+        else model.count_params() == expected[name] <= 440_865
+    )
     m = recipe["size_multiple"]
     for h, w in [(28, 28), (8 * m, 3 * m), (64, 96)]:
         out = model(np.random.default_rng(0).random((1, h, w, 1)).astype(np.float32))
@@ -118,8 +122,12 @@ def test_a_truncated_or_replaced_model_file_is_refused_in_one_line(tmp_path):
     data = path.read_bytes()
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0xFF
-    for name, damaged in (("truncated", data[:len(data) // 2]), ("flipped", bytes(flipped)),
-                          ("empty", b""), ("garbage", b"\x00garbage" * 100)):
+    for name, damaged in (
+        ("truncated", data[: len(data) // 2]),
+        ("flipped", bytes(flipped)),
+        ("empty", b""),
+        ("garbage", b"\x00garbage" * 100),
+    ):
         bad = tmp_path / f"{name}.keras"
         bad.write_bytes(damaged)
         with pytest.raises(ModelError) as caught:
@@ -172,34 +180,52 @@ def test_training_resumes_after_an_interruption(tiny_shards, tmp_path):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train_model(tiny_shards, config, tmp_path / "m1", tmp_path / "backup", on_epoch_end=die_after_first)
+        train_model(
+            tiny_shards, config, tmp_path / "m1", tmp_path / "backup", on_epoch_end=die_after_first
+        )
     assert not (tmp_path / "m1" / "model.keras").exists()
 
-    result = train_model(tiny_shards, config, tmp_path / "m1", tmp_path / "backup",
-                         on_epoch_end=lambda e, n, logs: seen.append(e))
+    result = train_model(
+        tiny_shards,
+        config,
+        tmp_path / "m1",
+        tmp_path / "backup",
+        on_epoch_end=lambda e, n, logs: seen.append(e),
+    )
     assert seen == [1, 2, 3]  # the rerun started at epoch 2
     card = json.loads((tmp_path / "m1" / "model.json").read_text())
     assert [h["epoch"] for h in card["history"]] == [1, 2, 3]
     assert result["epochs_run"] == 3 and result["device"] == "CPU"
     assert card["recipe"]["loss"] == "psnr_ssim" and card["recipe"]["lr_schedule"] == "cosine"
-    assert card["recipe"]["learning_rate"] == architecture_recipe("unet")["learning_rate"]  # config left it None
+    assert (
+        card["recipe"]["learning_rate"] == architecture_recipe("unet")["learning_rate"]
+    )  # config left it None
     assert (tmp_path / "m1" / "history.csv").read_text().startswith("epoch,")
     assert card["data"]["manifest_sha256"] and card["versions"]["tensorflow"]
     assert any((tmp_path / "m1" / "tensorboard").rglob("*tfevents*"))
 
 
 def test_seed_trains_with_bce(tiny_shards, tmp_path):
-    result = train_model(tiny_shards, TrainConfig(architecture="seed", epochs=1, batch_size=16),
-                         tmp_path / "seed", tmp_path / "b2")
+    result = train_model(
+        tiny_shards,
+        TrainConfig(architecture="seed", epochs=1, batch_size=16),
+        tmp_path / "seed",
+        tmp_path / "b2",
+    )
     card = json.loads((tmp_path / "seed" / "model.json").read_text())
     assert card["recipe"]["loss"] == "bce" and result["params"] == 440_865
     assert card["recipe"]["lr_schedule"] == "constant"  # the reference's recipe, untouched
     assert card["recipe"]["learning_rate"] == 1e-3  # Keras' Adam default, as in the blog
     assert load_model(result["model_path"]).count_params() == 440_865
     model_file = tmp_path / "seed" / "model.keras"
-    assert card["model_sha256"] == file_sha256(model_file) and card["model_bytes"] == model_file.stat().st_size
+    assert (
+        card["model_sha256"] == file_sha256(model_file)
+        and card["model_bytes"] == model_file.stat().st_size
+    )
     assert load_model(model_file, expected_sha256=card["model_sha256"]).count_params() == 440_865
-    assert not [p.name for p in (tmp_path / "seed").iterdir() if p.name.startswith(".")]  # no temporary left
+    assert not [
+        p.name for p in (tmp_path / "seed").iterdir() if p.name.startswith(".")
+    ]  # no temporary left
 
 
 def test_dataset_reframes_training_pairs_only(tiny_shards):
@@ -212,9 +238,15 @@ def test_dataset_reframes_training_pairs_only(tiny_shards):
     for i in range(n):
         # a recut pair is one window of the 2x2 mosaic of images i..i+3, noisy and clean at one offset
         idx = [(i + k) % n for k in range(4)]
-        mc, mn = (np.block([[a[idx[0]], a[idx[1]]], [a[idx[2]], a[idx[3]]]]) for a in (clean0, noisy0))
-        assert any(np.array_equal(mc[y:y + h, x:x + w], clean1[i]) and np.array_equal(mn[y:y + h, x:x + w], noisy1[i])
-                   for y in range(h + 1) for x in range(w + 1)), i
+        mc, mn = (
+            np.block([[a[idx[0]], a[idx[1]]], [a[idx[2]], a[idx[3]]]]) for a in (clean0, noisy0)
+        )
+        assert any(
+            np.array_equal(mc[y : y + h, x : x + w], clean1[i])
+            and np.array_equal(mn[y : y + h, x : x + w], noisy1[i])
+            for y in range(h + 1)
+            for x in range(w + 1)
+        ), i
     validation = next(iter(make_dataset(tiny_shards, "validation", 8, training=False, reframe=1.0)))
     as_stored = next(iter(make_dataset(tiny_shards, "validation", 8, training=False)))
     assert np.array_equal(validation[1], as_stored[1])  # never on validation

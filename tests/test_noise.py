@@ -22,7 +22,9 @@ def test_awgn_numpy_matches_sigma_and_is_neither_clipped_nor_quantised():
         assert abs(d.std() - sigma / 255) < 0.02 * sigma / 255
         assert y.min() < 0 and y.max() > 1  # kept outside [0, 1]
         assert not np.allclose(y * 255, np.rint(y * 255))  # not quantised
-    np.testing.assert_array_equal(add_awgn(x, 25, np.random.default_rng(7)), add_awgn(x, 25, np.random.default_rng(7)))
+    np.testing.assert_array_equal(
+        add_awgn(x, 25, np.random.default_rng(7)), add_awgn(x, 25, np.random.default_rng(7))
+    )
     np.testing.assert_array_equal(add_awgn(x, 0, np.random.default_rng(7)), x)
 
 

@@ -12,26 +12,39 @@ from denoiser.errors import ConfigError, ModelError
 from flows.cli import main
 
 
-def make_version(store: Path, version: str, psnr: float, passed: bool = True, data: str = "d1") -> Path:
+def make_version(
+    store: Path, version: str, psnr: float, passed: bool = True, data: str = "d1"
+) -> Path:
     folder = store / "models" / version
     folder.mkdir(parents=True)
     (folder / "model.keras").write_bytes(b"weights")  # the registry never loads it
-    card = {"version": version, "architecture": "unet", "params": 118945, "created": version,
-            "data": {"manifest_sha256": data},
-            "metrics": {"psnr_denoised": psnr, "ssim_denoised": 0.9},
-            "quality_gate": {"passed": passed, "psnr_gain": psnr - 9.4, "min_psnr_gain": 5.0}}
+    card = {
+        "version": version,
+        "architecture": "unet",
+        "params": 118945,
+        "created": version,
+        "data": {"manifest_sha256": data},
+        "metrics": {"psnr_denoised": psnr, "ssim_denoised": 0.9},
+        "quality_gate": {"passed": passed, "psnr_gain": psnr - 9.4, "min_psnr_gain": 5.0},
+    }
     (folder / "model.json").write_text(json.dumps(card))
     return folder
 
 
 def test_promotion_rules(tmp_path):
-    first = register_model(tmp_path, make_version(tmp_path, "20260101-000000-unet-0001", 20.0), None, "run-1")
+    first = register_model(
+        tmp_path, make_version(tmp_path, "20260101-000000-unet-0001", 20.0), None, "run-1"
+    )
     assert first["promoted"] and first["status"] == "production"
     worse = register_model(tmp_path, make_version(tmp_path, "20260102-000000-unet-0002", 19.0))
     assert not worse["promoted"] and "does not beat production" in worse["reason"]
-    failing = register_model(tmp_path, make_version(tmp_path, "20260103-000000-unet-0003", 30.0, passed=False))
+    failing = register_model(
+        tmp_path, make_version(tmp_path, "20260103-000000-unet-0003", 30.0, passed=False)
+    )
     assert not failing["promoted"] and "failed the quality gate" in failing["reason"]
-    other_data = register_model(tmp_path, make_version(tmp_path, "20260104-000000-unet-0004", 25.0, data="d2"))
+    other_data = register_model(
+        tmp_path, make_version(tmp_path, "20260104-000000-unet-0004", 25.0, data="d2")
+    )
     assert not other_data["promoted"] and "different test set" in other_data["reason"]
     better = register_model(tmp_path, make_version(tmp_path, "20260105-000000-unet-0005", 21.0))
     assert better["promoted"] and "beats production" in better["reason"]
@@ -135,7 +148,10 @@ def test_two_processes_registering_lose_no_version_and_the_registry_is_always_va
         make_version(tmp_path, name, psnr / 100)
     stop, results = SPAWN.Event(), SPAWN.Queue()
     poller = _run(_poll_registry, str(tmp_path), stop, results)
-    writers = [_run(_register_all, str(tmp_path), names[0::2]), _run(_register_all, str(tmp_path), names[1::2])]
+    writers = [
+        _run(_register_all, str(tmp_path), names[0::2]),
+        _run(_register_all, str(tmp_path), names[1::2]),
+    ]
     for w in writers:
         w.join(300)
     stop.set()
@@ -159,7 +175,9 @@ def test_registering_while_promoting_by_hand_loses_no_version(tmp_path):
         make_version(tmp_path, name, 20.0 + i / 100)
     stop, started = SPAWN.Event(), SPAWN.Event()
     promoter = _run(_promote_until, str(tmp_path), bases, stop, started)
-    writer = _run(_register_all, str(tmp_path), names, started)  # from the first promotion on: they race
+    writer = _run(
+        _register_all, str(tmp_path), names, started
+    )  # from the first promotion on: they race
     writer.join(300)
     stop.set()
     promoter.join(60)
@@ -171,8 +189,13 @@ def test_registering_while_promoting_by_hand_loses_no_version(tmp_path):
 
 
 GARBAGE = {
-    "empty object": b"{}", "list": b"[]", "null": b"null", "string": b'"x"', "not JSON": b"{not json",
-    "empty file": b"", "not UTF-8": b"\xff\xfe\x00",
+    "empty object": b"{}",
+    "list": b"[]",
+    "null": b"null",
+    "string": b'"x"',
+    "not JSON": b"{not json",
+    "empty file": b"",
+    "not UTF-8": b"\xff\xfe\x00",
     "production a number": b'{"production": 3, "versions": {}}',
     "versions a list": b'{"production": null, "versions": []}',
     "a version not an object": b'{"production": null, "versions": {"v1": "x"}}',
@@ -197,14 +220,21 @@ def _assert_one_line_naming_the_registry(exc: BaseException, store: Path) -> Non
 
 def test_a_garbage_registry_is_one_line_naming_the_file(garbage_store, capsys):
     before = (garbage_store / "models" / "registry.json").read_bytes()
-    for call in (lambda: read_registry(garbage_store), lambda: registry.check_registry(garbage_store),
-                 lambda: register_model(garbage_store, garbage_store / "models" / "v1"),
-                 lambda: promote(garbage_store, "v1"), lambda: list_models(garbage_store),
-                 lambda: resolve_model(garbage_store), lambda: resolve_model(garbage_store, "v1")):
+    for call in (
+        lambda: read_registry(garbage_store),
+        lambda: registry.check_registry(garbage_store),
+        lambda: register_model(garbage_store, garbage_store / "models" / "v1"),
+        lambda: promote(garbage_store, "v1"),
+        lambda: list_models(garbage_store),
+        lambda: resolve_model(garbage_store),
+        lambda: resolve_model(garbage_store, "v1"),
+    ):
         with pytest.raises(ModelError) as info:
             call()
         _assert_one_line_naming_the_registry(info.value, garbage_store)
-    assert (garbage_store / "models" / "registry.json").read_bytes() == before  # left for the user to look at
+    assert (
+        garbage_store / "models" / "registry.json"
+    ).read_bytes() == before  # left for the user to look at
 
     assert main(["--store", str(garbage_store), "models"]) == 1
     err = capsys.readouterr().err
@@ -212,7 +242,9 @@ def test_a_garbage_registry_is_one_line_naming_the_file(garbage_store, capsys):
     assert "unexpected error" not in err
 
 
-def test_a_model_file_or_folder_outside_the_store_needs_no_registry(garbage_store, tmp_path_factory):
+def test_a_model_file_or_folder_outside_the_store_needs_no_registry(
+    garbage_store, tmp_path_factory
+):
     elsewhere = make_version(tmp_path_factory.mktemp("elsewhere"), "mine", 21.0)
     ref = resolve_model(garbage_store, str(elsewhere / "model.keras"))
     assert (ref.model_path, ref.status) == (elsewhere / "model.keras", "candidate")
@@ -232,7 +264,9 @@ def test_check_registry_accepts_a_missing_or_valid_registry(tmp_path):
     registry.check_registry(tmp_path)  # no store yet: an empty registry
     register_model(tmp_path, make_version(tmp_path, "v1", 20.0))
     registry.check_registry(tmp_path)
-    (tmp_path / "models" / "registry.json").write_text('{"versions": {}}')  # production may be left out
+    (tmp_path / "models" / "registry.json").write_text(
+        '{"versions": {}}'
+    )  # production may be left out
     registry.check_registry(tmp_path)
     assert read_registry(tmp_path)["production"] is None
 
@@ -277,15 +311,23 @@ def test_a_registry_lock_held_too_long_is_one_line(tmp_path):
 _REGISTER = "import sys; from artifacts.registry import register_model; register_model(sys.argv[1], sys.argv[2])"
 
 
-@pytest.mark.parametrize("point, registered", [("registry.before_write", False), ("registry.after_write", True)])
+@pytest.mark.parametrize(
+    "point, registered", [("registry.before_write", False), ("registry.after_write", True)]
+)
 def test_a_registration_killed_while_writing_loses_nothing(tmp_path, point, registered):
     register_model(tmp_path, make_version(tmp_path, "v1", 20.0))
     v2 = make_version(tmp_path, "v2", 21.0)
     path = tmp_path / "models" / "registry.json"
     before = path.read_bytes()
     env = {**os.environ, "DENOISE_FAILPOINTS": f"{point}=kill"}
-    killed = subprocess.run([sys.executable, "-c", _REGISTER, str(tmp_path), str(v2)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
+    killed = subprocess.run(
+        [sys.executable, "-c", _REGISTER, str(tmp_path), str(v2)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert killed.returncode == -9, killed.stderr
     state = read_registry(tmp_path)  # valid whichever moment the kill hit
     assert ("v2" in state["versions"]) is registered
@@ -293,12 +335,20 @@ def test_a_registration_killed_while_writing_loses_nothing(tmp_path, point, regi
         assert path.read_bytes() == before
 
     env.pop("DENOISE_FAILPOINTS")
-    rerun = subprocess.run([sys.executable, "-c", _REGISTER, str(tmp_path), str(v2)], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=120)
+    rerun = subprocess.run(
+        [sys.executable, "-c", _REGISTER, str(tmp_path), str(v2)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert rerun.returncode == 0, rerun.stderr
     state = read_registry(tmp_path)
     assert sorted(state["versions"]) == ["v1", "v2"] and state["production"] == "v2"
-    assert not list(tmp_path.glob("models/.*.tmp"))  # the killed writer's temporary file is cleaned up
+    assert not list(
+        tmp_path.glob("models/.*.tmp")
+    )  # the killed writer's temporary file is cleaned up
 
 
 def test_a_promote_killed_before_the_write_keeps_the_previous_production(tmp_path):
@@ -314,7 +364,9 @@ def test_a_promote_killed_before_the_write_keeps_the_previous_production(tmp_pat
     assert read_registry(tmp_path)["production"] == "v2"
 
 
-def test_a_full_disk_while_writing_leaves_the_previous_registry_and_no_temporary_file(tmp_path, monkeypatch):
+def test_a_full_disk_while_writing_leaves_the_previous_registry_and_no_temporary_file(
+    tmp_path, monkeypatch
+):
     register_model(tmp_path, make_version(tmp_path, "v1", 20.0))
     before = (tmp_path / "models" / "registry.json").read_bytes()
     monkeypatch.setenv("DENOISE_FAILPOINTS", "registry.before_write=enospc")

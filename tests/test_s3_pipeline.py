@@ -37,9 +37,18 @@ class Machine:
         self.root = root
         self.cwd = root / "work"
         self.cwd.mkdir(parents=True)
-        self.env = denoise_env(STORE, root / "prefect-home", api, mirror, env_extra={
-            **s3.env(), "DENOISE_STAGE_DIR": str(self._dir("stage")), "DENOISE_CACHE": str(self._dir("cache")),
-            "DENOISE_CHECKPOINTS": str(self._dir("checkpoints"))})
+        self.env = denoise_env(
+            STORE,
+            root / "prefect-home",
+            api,
+            mirror,
+            env_extra={
+                **s3.env(),
+                "DENOISE_STAGE_DIR": str(self._dir("stage")),
+                "DENOISE_CACHE": str(self._dir("cache")),
+                "DENOISE_CHECKPOINTS": str(self._dir("checkpoints")),
+            },
+        )
 
     def _dir(self, name: str) -> Path:
         path = self.root / name
@@ -47,17 +56,29 @@ class Machine:
         return path
 
     def run(self, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=self.cwd, env=self.env,
-                                capture_output=True, text=True, timeout=timeout)
-        assert result.returncode == 0, f"`denoise {' '.join(args)}` exit {result.returncode}:\n{tail(result.stderr, 30)}"
+        result = subprocess.run(
+            [sys.executable, "-m", "flows.cli", *args],
+            cwd=self.cwd,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert result.returncode == 0, (
+            f"`denoise {' '.join(args)}` exit {result.returncode}:\n{tail(result.stderr, 30)}"
+        )
         return result
 
     def local_store_files(self) -> list[str]:
         """Store files on this machine's disk: none may be outside the bucket."""
         names = ("*.parquet", "*.keras", "registry.json", "manifest.json", "*.gz", "report.csv")
         skip = {"cache"}  # the model file cached for inference is a cache, checked separately
-        return [str(p) for pattern in names for p in self.root.rglob(pattern)
-                if not skip.intersection(p.relative_to(self.root).parts)]
+        return [
+            str(p)
+            for pattern in names
+            for p in self.root.rglob(pattern)
+            if not skip.intersection(p.relative_to(self.root).parts)
+        ]
 
 
 def _modified(fs, prefix: str) -> dict[str, object]:
@@ -78,28 +99,46 @@ def test_two_machines_share_one_bucket(s3, prefect_api, mnist_mirror, tmp_path):
 
     keys = set(fs.find("denoise-e2e/team-store"))
     version = json.loads(fs.cat_file("denoise-e2e/team-store/models/registry.json"))["production"]
-    for key in ("downloads/mnist/manifest.json", "downloads/mnist/train-images-idx3-ubyte.gz",
-                "models/registry.json", f"models/{version}/model.keras", f"models/{version}/model.json",
-                f"models/{version}/metrics.json", f"models/{version}/samples.png", f"models/{version}/report.md"):
+    for key in (
+        "downloads/mnist/manifest.json",
+        "downloads/mnist/train-images-idx3-ubyte.gz",
+        "models/registry.json",
+        f"models/{version}/model.keras",
+        f"models/{version}/model.json",
+        f"models/{version}/metrics.json",
+        f"models/{version}/samples.png",
+        f"models/{version}/report.md",
+    ):
         assert f"denoise-e2e/team-store/{key}" in keys, key
-    assert any(k.endswith(".parquet") for k in keys) and any("/shards/" in k and k.endswith("manifest.json")
-                                                             for k in keys)
+    assert any(k.endswith(".parquet") for k in keys) and any(
+        "/shards/" in k and k.endswith("manifest.json") for k in keys
+    )
     card = json.loads(fs.cat_file(f"denoise-e2e/team-store/models/{version}/model.json"))
-    assert card["data"]["shards_dir"].startswith(f"{STORE}/shards/") and card["quality_gate"]["passed"]
-    assert first.local_store_files() == [] and not list(first.cwd.iterdir())  # no local "s3:" folder
+    assert (
+        card["data"]["shards_dir"].startswith(f"{STORE}/shards/") and card["quality_gate"]["passed"]
+    )
+    assert first.local_store_files() == [] and not list(
+        first.cwd.iterdir()
+    )  # no local "s3:" folder
     assert not any((first.root / "stage").iterdir())  # stages are removed
 
     with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
-        cards = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["model-card"])))
+        cards = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["model-card"]))
+        )
     assert any(version in (a.data or "") and STORE in (a.data or "") for a in cards)
 
     # the second machine: same server, same bucket, nothing of the first one's disk
-    before = _modified(fs, "denoise-e2e/team-store/downloads") | _modified(fs, "denoise-e2e/team-store/shards")
+    before = _modified(fs, "denoise-e2e/team-store/downloads") | _modified(
+        fs, "denoise-e2e/team-store/shards"
+    )
     second = Machine(tmp_path / "machine-b", prefect_api, s3, mnist_mirror)
     again = second.run([*TRAIN_ARGS, "--store", STORE])
     assert "reusing finished shards in s3://denoise-e2e/team-store/shards/" in again.stderr
     assert "fetching" not in again.stderr and "cached train-images-idx3-ubyte.gz" in again.stderr
-    after = _modified(fs, "denoise-e2e/team-store/downloads") | _modified(fs, "denoise-e2e/team-store/shards")
+    after = _modified(fs, "denoise-e2e/team-store/downloads") | _modified(
+        fs, "denoise-e2e/team-store/shards"
+    )
     assert after == before  # no download, no corruption: not one object rewritten
     assert second.local_store_files() == []
 
@@ -113,7 +152,12 @@ def test_two_machines_share_one_bucket(s3, prefect_api, mnist_mirror, tmp_path):
     for i in range(4):
         Image.fromarray((rng.random((40, 56)) * 255).astype(np.uint8)).save(noisy / f"{i}.png")
     second.run(["folder", str(noisy), str(second.cwd / "clean"), "--store", STORE])
-    assert sorted(p.name for p in (second.cwd / "clean").glob("*.png")) == ["0.png", "1.png", "2.png", "3.png"]
+    assert sorted(p.name for p in (second.cwd / "clean").glob("*.png")) == [
+        "0.png",
+        "1.png",
+        "2.png",
+        "3.png",
+    ]
     reports = [k for k in fs.find("denoise-e2e/team-store/reports") if k.endswith("summary.json")]
     assert len(reports) == 1
     summary = json.loads(fs.cat_file(reports[0]))

@@ -62,14 +62,25 @@ def test_manifests_are_pushed_after_everything_else(s3, tmp_path, monkeypatch):
     order = []
     fs = store.fs
     real = fs.put_file
-    monkeypatch.setattr(fs, "put_file", lambda lpath, rpath, **kw: (order.append(rpath.rsplit("/", 1)[-1]),
-                                                                    real(lpath, rpath, **kw)))
+    monkeypatch.setattr(
+        fs,
+        "put_file",
+        lambda lpath, rpath, **kw: (
+            order.append(rpath.rsplit("/", 1)[-1]),
+            real(lpath, rpath, **kw),
+        ),
+    )
     with store.stage() as stage:
         folder = stage.pull(stage.models_root / "v1")
         for name in ("model.json", "metrics.json", "model.keras", "zz.png"):
             (folder / name).write_bytes(b"x")
         stage.push(folder)
-    assert order[-1] == "model.json" and sorted(order) == ["metrics.json", "model.json", "model.keras", "zz.png"]
+    assert order[-1] == "model.json" and sorted(order) == [
+        "metrics.json",
+        "model.json",
+        "model.keras",
+        "zz.png",
+    ]
 
 
 def test_shards_are_read_straight_from_the_bucket(s3, tiny_shards):
@@ -132,7 +143,9 @@ def test_racing_threads_lose_no_version_and_readers_always_see_valid_json(s3):
     watcher.join()
     state = read_registry(url)
     assert len(state["versions"]) == 60
-    assert state["production"] == max(state["versions"], key=lambda v: (state["versions"][v]["psnr"], v))
+    assert state["production"] == max(
+        state["versions"], key=lambda v: (state["versions"][v]["psnr"], v)
+    )
     assert reads and not bad
 
 
@@ -145,7 +158,9 @@ def test_racing_processes_lose_no_version(s3):
     s3.bucket("bkt")
     url = "s3://bkt/race-procs"
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_process_entry, args=(url, f"p{k}", 20, s3.env())) for k in range(3)]
+    procs = [
+        ctx.Process(target=_process_entry, args=(url, f"p{k}", 20, s3.env())) for k in range(3)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -162,7 +177,9 @@ def test_a_remote_model_file_is_fetched_once_into_the_local_cache(s3, tmp_path, 
     path = local_copy("s3://bkt/s/models/v1/model.keras", sha)
     assert path.read_bytes() == b"weights" and str(path).startswith(str(tmp_path / "cache"))
     s3.fs().rm("bkt/s/models/v1/model.keras")
-    assert local_copy("s3://bkt/s/models/v1/model.keras", sha) == path  # the cached copy, no request
+    assert (
+        local_copy("s3://bkt/s/models/v1/model.keras", sha) == path
+    )  # the cached copy, no request
 
 
 def test_a_missing_bucket_is_one_line(s3):
@@ -170,7 +187,9 @@ def test_a_missing_bucket_is_one_line(s3):
         Store.at("s3://no-such-bucket/x").check()
 
 
-@pytest.mark.parametrize("case", ["missing bucket", "no endpoint", "unknown scheme", "no credentials"])
+@pytest.mark.parametrize(
+    "case", ["missing bucket", "no endpoint", "unknown scheme", "no credentials"]
+)
 def test_the_cli_turns_a_bad_store_into_one_line_and_exit_2(s3, tmp_path, case):
     from tests.faults.harness import free_port
 
@@ -190,25 +209,46 @@ def test_the_cli_turns_a_bad_store_into_one_line_and_exit_2(s3, tmp_path, case):
             env.pop(key)
         (tmp_path / "home").mkdir()
         env.update(HOME=str(tmp_path / "home"), AWS_EC2_METADATA_DISABLED="true")
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "models", "--store", store],
-                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "models", "--store", store],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    expected = {"missing bucket": "bucket does not exist", "no endpoint": "cannot reach",
-                "unknown scheme": "nosuchfs", "no credentials": "no AWS credentials"}[case]
+    expected = {
+        "missing bucket": "bucket does not exist",
+        "no endpoint": "cannot reach",
+        "unknown scheme": "nosuchfs",
+        "no credentials": "no AWS credentials",
+    }[case]
     assert expected in lines[0], lines[0]
     print(lines[0])
-    assert [p.name for p in tmp_path.iterdir() if p.name != "home"] == []  # nothing written, no local folder named "s3:"
-
+    assert [
+        p.name for p in tmp_path.iterdir() if p.name != "home"
+    ] == []  # nothing written, no local folder named "s3:"
 
 
 def _put_version(fs, bucket_path: str, version: str, psnr: float, data: str = "d1") -> None:
-    card = {"version": version, "architecture": "unet", "params": 118945, "created": version,
-            "data": {"manifest_sha256": data}, "metrics": {"psnr_denoised": psnr, "ssim_denoised": 0.9},
-            "quality_gate": {"passed": True, "psnr_gain": psnr - 9.4, "min_psnr_gain": 5.0}}
-    fs.pipe({f"{bucket_path}/models/{version}/model.keras": b"weights",
-             f"{bucket_path}/models/{version}/model.json": json.dumps(card).encode()})
+    card = {
+        "version": version,
+        "architecture": "unet",
+        "params": 118945,
+        "created": version,
+        "data": {"manifest_sha256": data},
+        "metrics": {"psnr_denoised": psnr, "ssim_denoised": 0.9},
+        "quality_gate": {"passed": True, "psnr_gain": psnr - 9.4, "min_psnr_gain": 5.0},
+    }
+    fs.pipe(
+        {
+            f"{bucket_path}/models/{version}/model.keras": b"weights",
+            f"{bucket_path}/models/{version}/model.json": json.dumps(card).encode(),
+        }
+    )
 
 
 def test_two_trainings_registering_and_a_promote_loop_on_one_bucket(s3):

@@ -34,13 +34,17 @@ LABELS = RNG.integers(0, 10, 50).astype(np.uint8)
 def splits(copies: int = 1) -> dict[str, SplitArrays]:
     cut = split_train_validation(40, 0.1)
     idx = np.arange(50)
-    return {"train": SplitArrays(IMAGES[:cut], LABELS[:cut], idx[:cut], copies),
-            "validation": SplitArrays(IMAGES[cut:40], LABELS[cut:40], idx[cut:40]),
-            "test": SplitArrays(IMAGES[40:], LABELS[40:], idx[40:])}
+    return {
+        "train": SplitArrays(IMAGES[:cut], LABELS[:cut], idx[:cut], copies),
+        "validation": SplitArrays(IMAGES[cut:40], LABELS[cut:40], idx[cut:40]),
+        "test": SplitArrays(IMAGES[40:], LABELS[40:], idx[40:]),
+    }
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))
+    }
 
 
 def test_gaussian_is_the_reference_formula():
@@ -95,8 +99,11 @@ def test_rising_density_draws_more_heavy_noise():
     import tensorflow as tf
 
     u = np.array([0.0, 0.25, 1.0], dtype=np.float32)
-    np.testing.assert_allclose(level_from_uniform(tf.constant(u), 0.1, 0.7).numpy(),
-                               level_from_uniform(u, 0.1, 0.7), rtol=1e-6)
+    np.testing.assert_allclose(
+        level_from_uniform(tf.constant(u), 0.1, 0.7).numpy(),
+        level_from_uniform(u, 0.1, 0.7),
+        rtol=1e-6,
+    )
     np.testing.assert_allclose(level_from_uniform(u, 0.1, 0.7), [0.1, 0.4, 0.7], rtol=1e-6)
     with pytest.raises(ValueError, match="unknown level density"):
         draw_levels((0.1, 0.7), 3, rng, density="falling")
@@ -120,8 +127,12 @@ def test_shards_are_byte_identical_whatever_the_parallelism(tmp_path):
     manifest = read_manifest(a)
     assert manifest["splits"]["train"] == {"images": 36, "copies": 2, "rows": 72}
     assert [r["file"] for r in manifest["shards"] if r["split"] == "train"] == [
-        "train-00000.parquet", "train-00001.parquet", "train-00002.parquet", "train-00003.parquet",
-        "train-00004.parquet"]
+        "train-00000.parquet",
+        "train-00001.parquet",
+        "train-00002.parquet",
+        "train-00003.parquet",
+        "train-00004.parquet",
+    ]
     assert all(r["sha256"] == digests(a)[r["file"]] for r in manifest["shards"])
 
 
@@ -148,7 +159,9 @@ def test_readable_without_this_project(tmp_path):
     frame = pd.read_parquet(path)
     assert len(frame) == 36 and len(frame["clean"][0]) == 64
     assert pl.read_parquet(path)["noise_kind"].unique().to_list() == ["speckle"]
-    assert duckdb.sql(f"select count(*), min(octet_length(noisy)) from '{out}/*.parquet'").fetchall() == [(50, 64)]
+    assert duckdb.sql(
+        f"select count(*), min(octet_length(noisy)) from '{out}/*.parquet'"
+    ).fetchall() == [(50, 64)]
     meta = pq.read_schema(path).metadata
     assert json.loads(meta[b"denoise.image_shape"]) == [8, 8, 1]
     assert pq.ParquetFile(path).metadata.row_group(0).column(0).compression == "ZSTD"
@@ -165,7 +178,9 @@ def test_an_interrupted_set_is_finished_by_a_rerun(tmp_path):
         read_manifest(part)
     write_shard_set(part, splits(), noise, 10, seed=2)
     assert digests(part) == digests(full)
-    assert [r["file"] for r in read_manifest(part)["shards"]] == [r["file"] for r in read_manifest(full)["shards"]]
+    assert [r["file"] for r in read_manifest(part)["shards"]] == [
+        r["file"] for r in read_manifest(full)["shards"]
+    ]
 
 
 def test_the_folder_key_follows_every_input():
@@ -189,13 +204,21 @@ def test_corrupt_task_on_real_mnist(prefect_harness, mnist_mirror, tmp_path):
 
     @flow
     def corrupt() -> str:
-        return write_noisy_shards(dataset, NoiseConfig(kind="salt_and_pepper", level=0.2, shard_rows=100),
-                                  str(tmp_path), 300, 50)
+        return write_noisy_shards(
+            dataset,
+            NoiseConfig(kind="salt_and_pepper", level=0.2, shard_rows=100),
+            str(tmp_path),
+            300,
+            50,
+        )
 
     out = Path(corrupt())
     manifest = read_manifest(out)
     assert out.parent == tmp_path / "shards" and out.name.startswith("mnist-")
-    assert manifest["splits"]["train"]["rows"] == 270 and manifest["splits"]["validation"]["rows"] == 30
+    assert (
+        manifest["splits"]["train"]["rows"] == 270
+        and manifest["splits"]["validation"]["rows"] == 30
+    )
     assert manifest["sources"]["train_images"].startswith("ba891046")
     test = load_split(out, "test")
     assert test["clean"].shape == (50, 28, 28, 1)
@@ -226,8 +249,12 @@ def dead_pid() -> int:
     import subprocess
     import sys
 
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                           capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(child.stdout)
 
 
@@ -240,14 +267,22 @@ def test_verify_names_truncated_flipped_and_missing_shards(tmp_path):
     truncate(out / "train-00001.parquet", 100)
     flip_byte(out / "test-00000.parquet", 200)  # same size, other bytes
     (out / "validation-00000.parquet").unlink()
-    assert verify_shard_set(out) == ["train-00001.parquet", "validation-00000.parquet", "test-00000.parquet"]
+    assert verify_shard_set(out) == [
+        "train-00001.parquet",
+        "validation-00000.parquet",
+        "test-00000.parquet",
+    ]
 
     # a manifest written before sizes were recorded is still checked (by sha256)
     old = json.loads((out / "manifest.json").read_text())
     for rec in old["shards"]:
         del rec["bytes"]
     (out / "manifest.json").write_text(json.dumps(old))
-    assert verify_shard_set(out) == ["train-00001.parquet", "validation-00000.parquet", "test-00000.parquet"]
+    assert verify_shard_set(out) == [
+        "train-00001.parquet",
+        "validation-00000.parquet",
+        "test-00000.parquet",
+    ]
 
     (out / "manifest.json").write_text("{not json")
     assert verify_shard_set(out) == ["manifest.json"]
@@ -290,7 +325,9 @@ def test_a_finished_set_with_a_bad_shard_is_repaired(tmp_path, caplog):
     after = mtimes(out)
     assert [n for n in after if after[n] != times[n]] == ["train-00003.parquet"]
     lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert lines == [f"{out / 'train-00003.parquet'}: sha256 mismatch with the manifest; rebuilding it"]
+    assert lines == [
+        f"{out / 'train-00003.parquet'}: sha256 mismatch with the manifest; rebuilding it"
+    ]
 
 
 def test_a_shard_that_cannot_be_rebuilt_identically_rebuilds_the_set(tmp_path, caplog):
@@ -334,7 +371,9 @@ def test_killed_after_the_second_shard_the_rerun_finishes_without_rewriting(tmp_
 
     out = tmp_path / "s"
     env = {**os.environ, "DENOISE_FAILPOINTS": "shards.after_shard=kill@2"}
-    child = subprocess.Popen([sys.executable, "-c", _write_script(out)], env=env, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _write_script(out)], env=env, stderr=subprocess.PIPE, text=True
+    )
     _, stderr = child.communicate(timeout=120)
     assert child.returncode == -signal.SIGKILL, stderr
     assert not (out / "manifest.json").exists()
@@ -357,14 +396,19 @@ def test_a_write_error_is_one_line_naming_the_folder(tmp_path):
     import sys
 
     out = tmp_path / "s"
-    script = ("import resource, signal\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))\n"
-              "from denoiser.errors import DenoiseError\n"
-              "try:\n" + "".join("    " + line + "\n" for line in _write_script(out).splitlines()) +
-              "except DenoiseError as exc:\n"
-              "    print(type(exc).__name__, exc, sep='|')\n")
-    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    script = (
+        "import resource, signal\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))\n"
+        "from denoiser.errors import DenoiseError\n"
+        "try:\n"
+        + "".join("    " + line + "\n" for line in _write_script(out).splitlines())
+        + "except DenoiseError as exc:\n"
+        "    print(type(exc).__name__, exc, sep='|')\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     name, _, message = child.stdout.strip().partition("|")
     assert name == "ShardError", child.stdout + child.stderr
     assert message.startswith(f"{out}: cannot write ") and "File too large" in message
@@ -374,9 +418,11 @@ def test_a_truncated_shard_with_its_manifest_gone_is_rewritten_not_recorded(tmp_
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (60, 28, 28, 1), dtype=np.uint8)
     labels, idx = np.zeros(60, np.uint8), np.arange(60)
-    splits = {"train": SplitArrays(images[:40], labels[:40], idx[:40]),
-              "validation": SplitArrays(images[40:50], labels[40:50], idx[40:50]),
-              "test": SplitArrays(images[50:], labels[50:], idx[50:])}
+    splits = {
+        "train": SplitArrays(images[:40], labels[:40], idx[:40]),
+        "validation": SplitArrays(images[40:50], labels[40:50], idx[40:50]),
+        "test": SplitArrays(images[50:], labels[50:], idx[50:]),
+    }
     noise = {"kind": "gaussian", "level": 0.5}
     out = write_shard_set(tmp_path / "set", splits, noise, shard_rows=20, seed=0)
     reference = json.loads((out / "manifest.json").read_text())

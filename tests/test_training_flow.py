@@ -79,9 +79,7 @@ def test_invalid_parameters_are_refused_with_the_field_named():
 def test_flow_rejects_bad_parameters_before_any_work(prefect_harness, tmp_path):
     from flows.training import train_pipeline
 
-    state = train_pipeline(
-        noise={"level": -1.0}, store=str(tmp_path), return_state=True
-    )
+    state = train_pipeline(noise={"level": -1.0}, store=str(tmp_path), return_state=True)
     assert state.is_failed()
     assert "level" in str(state.message)
     assert not (tmp_path / "downloads").exists()
@@ -100,8 +98,14 @@ def test_flow_downloads_over_http_trains_and_reuses_cache(prefect_harness, http_
     assert result["metrics"]["psnr_noisy"] < 12  # noise 0.5 on MNIST is about 9.4 dB
     assert (Path(result["shards"]) / "manifest.json").is_file()
 
-    keys = ["dataset-mnist", "shards-mnist", "training-losses", "model-card",
-            "evaluation-metrics", "evaluation-report"]
+    keys = [
+        "dataset-mnist",
+        "shards-mnist",
+        "training-losses",
+        "model-card",
+        "evaluation-metrics",
+        "evaluation-report",
+    ]
     assert set(keys) <= asyncio.run(_artifact_keys(keys))
 
     states = asyncio.run(_task_states(first.state_details.flow_run_id))

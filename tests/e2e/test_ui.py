@@ -47,8 +47,10 @@ def chromium() -> str:
     (a failure under CI=true, where the browser is part of the install)."""
     path = find_chromium()
     if path is None:
-        message = ("no Chromium for the end-to-end UI test: `apt-get install chromium` (as root) or "
-                   "`python -m playwright install chromium`")
+        message = (
+            "no Chromium for the end-to-end UI test: `apt-get install chromium` (as root) or "
+            "`python -m playwright install chromium`"
+        )
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
@@ -80,17 +82,19 @@ def server(tmp_path_factory, mnist_mirror):
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ,
-           "PREFECT_HOME": str(home),
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_API_URL": api,
-           "PREFECT_API_URL": api,
-           "PREFECT_LOCAL_STORAGE_PATH": str(home / "results"),
-           "DENOISE_DATA_SOURCE": str(mnist_mirror),
-           "TF_CPP_MIN_LOG_LEVEL": "3",
-           "PWD": str(REPO),
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": api,
+        "PREFECT_API_URL": api,
+        "PREFECT_LOCAL_STORAGE_PATH": str(home / "results"),
+        "DENOISE_DATA_SOURCE": str(mnist_mirror),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PWD": str(REPO),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("PREFECT_PROFILES_PATH", None)
     logs = home / "logs"
     logs.mkdir()
@@ -98,15 +102,29 @@ def server(tmp_path_factory, mnist_mirror):
 
     def spawn(name: str, *args: str) -> subprocess.Popen:
         out = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([str(BIN / "prefect"), *args], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(BIN / "prefect"), *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         procs.append(proc)
         return proc
 
     def run(*args: str) -> str:
-        done = subprocess.run([str(BIN / "prefect"), *args], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=180)
-        assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+        done = subprocess.run(
+            [str(BIN / "prefect"), *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 0, (
+            f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+        )
         return done.stdout
 
     try:
@@ -154,11 +172,15 @@ def run_deployment_and_wait(server, name: str, parameters: dict, timeout: float 
         if state.is_final():
             break
         if time.monotonic() > deadline:
-            pytest.fail(f"{name} did not finish in {timeout} s (state {state.name}); worker log:\n"
-                        + (server["logs"] / "worker.log").read_text()[-4000:])
+            pytest.fail(
+                f"{name} did not finish in {timeout} s (state {state.name}); worker log:\n"
+                + (server["logs"] / "worker.log").read_text()[-4000:]
+            )
         time.sleep(3)
-    assert state.is_completed(), f"{name} ended {state.name}: {state.message}\n" + (
-        server["logs"] / "worker.log").read_text()[-4000:]
+    assert state.is_completed(), (
+        f"{name} ended {state.name}: {state.message}\n"
+        + (server["logs"] / "worker.log").read_text()[-4000:]
+    )
     return run
 
 
@@ -166,28 +188,38 @@ def test_deployments_run_and_the_ui_shows_their_artifacts(chromium, server, mnis
     from PIL import Image
 
     store = tmp_path / "store"
+
     # a bad parameter from the API is refused by the parameter schema
     async def bad(client):
         deployment = await client.read_deployment_by_name("train-denoiser/nightly")
-        return await client.create_flow_run_from_deployment(deployment.id, parameters={"training": {"epochs": 0}})
+        return await client.create_flow_run_from_deployment(
+            deployment.id, parameters={"training": {"epochs": 0}}
+        )
 
     with pytest.raises(Exception, match="(?i)epochs|validation|schema"):
         client_call(server, bad)
 
-    training = run_deployment_and_wait(server, "train-denoiser/nightly", {
-        "data": {"source": str(mnist_mirror), "train_limit": 600, "test_limit": 200},
-        "training": {"epochs": 1, "batch_size": 64},
-        "evaluation": {"min_psnr_gain": -100.0},
-        "store": str(store),
-    })
+    training = run_deployment_and_wait(
+        server,
+        "train-denoiser/nightly",
+        {
+            "data": {"source": str(mnist_mirror), "train_limit": 600, "test_limit": 200},
+            "training": {"epochs": 1, "batch_size": 64},
+            "evaluation": {"min_psnr_gain": -100.0},
+            "store": str(store),
+        },
+    )
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(inbox / f"{i}.png")
     (inbox / "broken.png").write_text("not an image")
-    folder = run_deployment_and_wait(server, "denoise-folder/inbox", {
-        "input_dir": str(inbox), "output_dir": str(tmp_path / "clean"), "store": str(store)})
+    folder = run_deployment_and_wait(
+        server,
+        "denoise-folder/inbox",
+        {"input_dir": str(inbox), "output_dir": str(tmp_path / "clean"), "store": str(store)},
+    )
     assert sorted(p.name for p in (tmp_path / "clean").glob("*.png")) == ["0.png", "1.png", "2.png"]
 
     async def deployments(client):
@@ -202,9 +234,17 @@ def test_deployments_run_and_the_ui_shows_their_artifacts(chromium, server, mnis
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     ui = server["ui"]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
 
@@ -224,7 +264,9 @@ def test_deployments_run_and_the_ui_shows_their_artifacts(chromium, server, mnis
                 page.goto(f"{ui}/artifacts", wait_until="networkidle")
                 page.get_by_text(key, exact=True).first.click()  # the key's history...
                 page.wait_for_load_state("networkidle")
-                page.locator("a[href*='/artifacts/artifact/']").first.click()  # ...its latest version
+                page.locator(
+                    "a[href*='/artifacts/artifact/']"
+                ).first.click()  # ...its latest version
                 page.wait_for_load_state("networkidle")
                 page.wait_for_timeout(1000)
                 page.screenshot(path=str(SCREENSHOTS / f"{key}.png"), full_page=True)

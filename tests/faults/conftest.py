@@ -31,6 +31,7 @@ SPARE_SERVER_FIXTURE = "spare_prefect_api"
 
 # --------------------------------------------------------------------------- Prefect servers
 
+
 @pytest.fixture(scope="session")
 def fault_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("faults")
@@ -40,7 +41,9 @@ def fault_dir(tmp_path_factory) -> Path:
 def _spare_server(request, fault_dir):
     """A second server for the scenario that kills one, started early (in the
     background) only when that scenario was collected."""
-    wanted = any(SPARE_SERVER_FIXTURE in getattr(item, "fixturenames", ()) for item in request.session.items)
+    wanted = any(
+        SPARE_SERVER_FIXTURE in getattr(item, "fixturenames", ()) for item in request.session.items
+    )
     server = PrefectServer(fault_dir / "spare-server") if wanted else None
     yield server
     if server is not None:
@@ -66,6 +69,7 @@ def spare_prefect_api(_spare_server) -> PrefectServer:
 
 # --------------------------------------------------------------------------- the runner
 
+
 @dataclass
 class Runner:
     """Runs ``python -m flows.cli --store STORE ...`` with this test's Prefect home."""
@@ -75,14 +79,29 @@ class Runner:
     logs: Path
     data_source: Path | str | None
 
-    def start(self, args: list[str], store: Path, env_extra: dict | None = None, failpoints: str | None = None,
-              api_url: str | None | bool = True, preexec=None) -> Command:
+    def start(
+        self,
+        args: list[str],
+        store: Path,
+        env_extra: dict | None = None,
+        failpoints: str | None = None,
+        api_url: str | None | bool = True,
+        preexec=None,
+    ) -> Command:
         url = self.api_url if api_url is True else (api_url or None)
         env = denoise_env(store, self.home, url, self.data_source, failpoints, env_extra)
         return start_denoise(["--store", str(store), *args], env, self.logs, preexec)
 
-    def run(self, args: list[str], store: Path, env_extra: dict | None = None, failpoints: str | None = None,
-            timeout: float = 300, api_url: str | None | bool = True, preexec=None) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        args: list[str],
+        store: Path,
+        env_extra: dict | None = None,
+        failpoints: str | None = None,
+        timeout: float = 300,
+        api_url: str | None | bool = True,
+        preexec=None,
+    ) -> subprocess.CompletedProcess:
         return self.start(args, store, env_extra, failpoints, api_url, preexec).wait(timeout)
 
 
@@ -99,6 +118,7 @@ def run_denoise(denoise):
 
 # --------------------------------------------------------------------------- a model trained once
 
+
 @dataclass(frozen=True)
 class Golden:
     """A store with the downloads, the shards and one registered model (the
@@ -110,7 +130,9 @@ class Golden:
     live: Path
     version: str
 
-    def copy_to(self, dst: Path, parts: tuple[str, ...] = ("downloads", "shards", "models")) -> Path:
+    def copy_to(
+        self, dst: Path, parts: tuple[str, ...] = ("downloads", "shards", "models")
+    ) -> Path:
         dst.mkdir(parents=True, exist_ok=True)
         for part in parts:
             shutil.copytree(self.copy / part, dst / part, symlinks=True)
@@ -132,7 +154,9 @@ def golden(fault_dir, prefect_api, mnist_mirror) -> Golden:
     live = fault_dir / "store"
     result = runner.run(TRAIN_ARGS, live, timeout=600)
     if result.returncode != 0:
-        pytest.fail(f"the shared training run failed (exit {result.returncode}):\n{tail(result.stderr)}")
+        pytest.fail(
+            f"the shared training run failed (exit {result.returncode}):\n{tail(result.stderr)}"
+        )
     version = model_version(result)
     copy = fault_dir / "golden-store"
     shutil.copytree(live, copy, symlinks=True)
@@ -143,6 +167,7 @@ def golden(fault_dir, prefect_api, mnist_mirror) -> Golden:
 
 # --------------------------------------------------------------------------- inputs
 
+
 def _write_images(root: Path, count: int = 36, seed: int = 0) -> None:
     from PIL import Image
 
@@ -152,10 +177,13 @@ def _write_images(root: Path, count: int = 36, seed: int = 0) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         h, w = 48 + 4 * (i % 5), 64
         if i % 6 == 5:
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"pic{i:03d}.jpg",
-                                                                                  quality=90)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                folder / f"pic{i:03d}.jpg", quality=90
+            )
         else:
-            Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
+            Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(
+                folder / f"img{i:03d}.png"
+            )
 
 
 @pytest.fixture(scope="session")
@@ -181,6 +209,7 @@ def model_store(tmp_path, golden) -> Path:
 
 # --------------------------------------------------------------------------- a small disk
 
+
 class SmallDisk:
     """A folder that fills up: a tmpfs of ``size`` bytes when mounting works
     here, else a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) applied to the
@@ -189,8 +218,9 @@ class SmallDisk:
     def __init__(self, path: Path, size: int):
         self.path, self.size = path, size
         path.mkdir(parents=True, exist_ok=True)
-        probe = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                               capture_output=True)
+        probe = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        )
         self.kind = "tmpfs" if probe.returncode == 0 else "rlimit"
         self.limited = True
 
@@ -231,6 +261,7 @@ def small_disk():
 
 # --------------------------------------------------------------------------- the tally
 
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -254,9 +285,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     width = max(len(name) for name, *_ in TALLY)
     tr.section("fault-injection suite")
-    tr.write_line(f"faults tried {len(TALLY)}, survived {sum(s for _, s, _, _ in TALLY)}, "
-                  f"files checked {sum(c for *_, c, _ in TALLY)}, files lost {sum(lost for *_, lost in TALLY)}")
+    tr.write_line(
+        f"faults tried {len(TALLY)}, survived {sum(s for _, s, _, _ in TALLY)}, "
+        f"files checked {sum(c for *_, c, _ in TALLY)}, files lost {sum(lost for *_, lost in TALLY)}"
+    )
     tr.write_line(f"{'scenario':<{width}}  {'survived':>8}  {'checked':>7}  {'lost':>4}")
     for name, survived, checked, lost in TALLY:
         tr.write_line(f"{name:<{width}}  {'yes' if survived else 'NO':>8}  {checked:>7}  {lost:>4}")
-

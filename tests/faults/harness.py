@@ -26,16 +26,38 @@ from denoiser.files import file_sha256 as sha256_file
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 # small data everywhere: seconds per command, not minutes
-TRAIN_ARGS = ["train", "--train-limit", "200", "--test-limit", "50", "--epochs", "2", "--batch-size", "32",
-              "--architecture", "unet-small", "--min-psnr-gain", "-50"]
+TRAIN_ARGS = [
+    "train",
+    "--train-limit",
+    "200",
+    "--test-limit",
+    "50",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "32",
+    "--architecture",
+    "unet-small",
+    "--min-psnr-gain",
+    "-50",
+]
 # one output every few tenths of a second: a kill lands mid-run, not after it
 PACED = "folder.after_output=sleep:0.3"
 # environment the test process may carry that must not leak into a command
-_SCRUBBED = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH", "PREFECT_PROFILES_PATH",
-             "DENOISE_STORE", "DENOISE_DATA_SOURCE", "DENOISE_FAILPOINTS", "PREFECT_UI_API_URL")
+_SCRUBBED = (
+    "PREFECT_API_URL",
+    "PREFECT_HOME",
+    "PREFECT_LOCAL_STORAGE_PATH",
+    "PREFECT_PROFILES_PATH",
+    "DENOISE_STORE",
+    "DENOISE_DATA_SOURCE",
+    "DENOISE_FAILPOINTS",
+    "PREFECT_UI_API_URL",
+)
 
 
 # --------------------------------------------------------------------------- processes
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -63,11 +85,16 @@ class Command:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"`denoise {' '.join(self.argv)}` still running after {timeout:.0f} s; "
-                                 f"stderr tail:\n{tail(self.err.read_text(errors='replace'))}") from None
-        return subprocess.CompletedProcess(self.argv, self.proc.returncode,
-                                           self.out.read_text(errors="replace"),
-                                           self.err.read_text(errors="replace"))
+            raise AssertionError(
+                f"`denoise {' '.join(self.argv)}` still running after {timeout:.0f} s; "
+                f"stderr tail:\n{tail(self.err.read_text(errors='replace'))}"
+            ) from None
+        return subprocess.CompletedProcess(
+            self.argv,
+            self.proc.returncode,
+            self.out.read_text(errors="replace"),
+            self.err.read_text(errors="replace"),
+        )
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:
@@ -78,12 +105,24 @@ def tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def denoise_env(store: Path, home: Path, api_url: str | None, data_source: Path | str | None,
-                failpoints: str | None = None, env_extra: dict | None = None) -> dict:
+def denoise_env(
+    store: Path,
+    home: Path,
+    api_url: str | None,
+    data_source: Path | str | None,
+    failpoints: str | None = None,
+    env_extra: dict | None = None,
+) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
-    env.update(PREFECT_HOME=str(home), PREFECT_LOCAL_STORAGE_PATH=str(home / "storage"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", TF_CPP_MIN_LOG_LEVEL="2",
-               DENOISE_STORE=str(store), PYTHONUNBUFFERED="1", COLUMNS="200")
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_LOCAL_STORAGE_PATH=str(home / "storage"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        DENOISE_STORE=str(store),
+        PYTHONUNBUFFERED="1",
+        COLUMNS="200",
+    )
     if api_url:
         env["PREFECT_API_URL"] = api_url
     if data_source:
@@ -94,18 +133,32 @@ def denoise_env(store: Path, home: Path, api_url: str | None, data_source: Path 
     return env
 
 
-def start_denoise(args: list[str], env: dict, logs: Path, preexec: Callable | None = None) -> Command:
+def start_denoise(
+    args: list[str], env: dict, logs: Path, preexec: Callable | None = None
+) -> Command:
     logs.mkdir(parents=True, exist_ok=True)
     stamp = f"{time.monotonic_ns()}"
     out, err = logs / f"{stamp}.out", logs / f"{stamp}.err"
     with open(out, "wb") as o, open(err, "wb") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env,
-                                stdout=o, stderr=e, stdin=subprocess.DEVNULL, preexec_fn=preexec)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", *args],
+            cwd=REPO,
+            env=env,
+            stdout=o,
+            stderr=e,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=preexec,
+        )
     return Command(proc, args, out, err, time.monotonic())
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, cmd: Command | None = None,
-             poll: float = 0.05) -> None:
+def wait_for(
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    cmd: Command | None = None,
+    poll: float = 0.05,
+) -> None:
     """Until ``condition()`` holds; fails if the command ends first or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -114,8 +167,10 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, cmd: Comm
         if cmd is not None and cmd.proc.poll() is not None:
             if condition():
                 return
-            raise AssertionError(f"the command ended (exit {cmd.proc.returncode}) before {what}; stderr tail:\n"
-                                 f"{tail(cmd.err.read_text(errors='replace'))}")
+            raise AssertionError(
+                f"the command ended (exit {cmd.proc.returncode}) before {what}; stderr tail:\n"
+                f"{tail(cmd.err.read_text(errors='replace'))}"
+            )
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
@@ -153,7 +208,9 @@ def alive(pid: int, start: int) -> bool:
 
 def command_line(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
     except OSError:
         return "?"
 
@@ -169,12 +226,15 @@ def kill_survivors(procs: dict[int, int]) -> None:
 
 # --------------------------------------------------------------------------- snapshots
 
+
 def is_temporary(name: str) -> bool:
     """A temporary file of a writer (ours or the pipeline's): hidden, ending .tmp/.part."""
     return name.startswith(".") and (name.endswith((".tmp", ".part")) or ".tmp." in name)
 
 
-def tree_hashes(root: Path, keep: Callable[[Path], bool] = lambda p: True) -> dict[str, tuple[str, int]]:
+def tree_hashes(
+    root: Path, keep: Callable[[Path], bool] = lambda p: True
+) -> dict[str, tuple[str, int]]:
     """relative path -> (sha256, mtime_ns) of every regular file under ``root``."""
     out = {}
     if not root.exists():
@@ -191,8 +251,12 @@ def tree_hashes(root: Path, keep: Callable[[Path], bool] = lambda p: True) -> di
 def count_outputs(out: Path) -> int:
     if not out.is_dir():
         return 0
-    return sum(1 for _, _, names in os.walk(out) for n in names
-               if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES)
+    return sum(
+        1
+        for _, _, names in os.walk(out)
+        for n in names
+        if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES
+    )
 
 
 def finished_files(root: Path) -> dict[str, tuple[str, int]]:
@@ -201,6 +265,7 @@ def finished_files(root: Path) -> dict[str, tuple[str, int]]:
 
 
 # --------------------------------------------------------------------------- the tally
+
 
 @dataclass
 class Scenario:
@@ -223,14 +288,18 @@ class Scenario:
             self.problems.append(what)
 
     def assert_ok(self) -> None:
-        assert not self.problems, (f"{self.name}: {len(self.problems)} problem(s), {self.lost} file(s) lost "
-                                   f"of {self.checked} checked:\n  " + "\n  ".join(self.problems[:40]))
+        assert not self.problems, (
+            f"{self.name}: {len(self.problems)} problem(s), {self.lost} file(s) lost "
+            f"of {self.checked} checked:\n  " + "\n  ".join(self.problems[:40])
+        )
 
 
 # --------------------------------------------------------------------------- checks
 
-def check_unchanged(sc: Scenario, before: dict[str, tuple[str, int]], root: Path, what: str,
-                    redo_allowed: int = 0) -> list[str]:
+
+def check_unchanged(
+    sc: Scenario, before: dict[str, tuple[str, int]], root: Path, what: str, redo_allowed: int = 0
+) -> list[str]:
     """Every finished file of ``before`` is still there, same bytes, same mtime
     (not recomputed). ``redo_allowed``: how many may have been redone (files a
     kill caught between their rename and their record); returns those."""
@@ -243,8 +312,10 @@ def check_unchanged(sc: Scenario, before: dict[str, tuple[str, int]], root: Path
         elif path.stat().st_mtime_ns != mtime or sha256_file(path) != sha:
             redone.append(rel)
     if len(redone) > redo_allowed:
-        sc.problem(f"{what}: {len(redone)} file(s) finished before the fault were recomputed "
-                   f"(allowed {redo_allowed}): {', '.join(redone[:5])}")
+        sc.problem(
+            f"{what}: {len(redone)} file(s) finished before the fault were recomputed "
+            f"(allowed {redo_allowed}): {', '.join(redone[:5])}"
+        )
     return redone
 
 
@@ -277,7 +348,9 @@ def model_error(path: Path) -> str | None:
             load_model(path)
             _loaded_models[key] = None
         except Exception as exc:  # noqa: BLE001 - any failure to load is the finding
-            _loaded_models[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            _loaded_models[key] = (
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
     return _loaded_models[key]
 
 
@@ -315,8 +388,9 @@ def _check_file(sc: Scenario, path: Path, root: Path, keras_files: bool) -> None
         sc.lose(f"{rel}: unreadable {suffix} ({type(exc).__name__}: {str(exc)[:120]})")
 
 
-def check_tree(sc: Scenario, root: Path, label: str, temps_ok: bool = False,
-               ignore: Iterable[str] = ()) -> None:
+def check_tree(
+    sc: Scenario, root: Path, label: str, temps_ok: bool = False, ignore: Iterable[str] = ()
+) -> None:
     """Every file under ``root`` is valid for its type; no temporary file is
     left (unless ``temps_ok``: right after a kill, before the rerun).
     ``ignore``: relative paths of the user's own files (checked elsewhere)."""
@@ -426,6 +500,7 @@ def check_outputs(sc: Scenario, inputs: Path, out: Path, ignore: Iterable[str] =
 
 
 # --------------------------------------------------------------------------- command results
+
 
 def model_version(result: subprocess.CompletedProcess) -> str:
     """The version a finished ``denoise train`` made (its summary's first line)."""

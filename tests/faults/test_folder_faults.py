@@ -31,13 +31,18 @@ from tests.faults.harness import (
 )
 
 NO_SPACE = ("No space left on device", "File too large")
-MISSED = re.compile(r"(?i)(prefect|\bui\b|\bapi\b|server).*(miss|unreachable|not reach|lost|could not|cannot)")
+MISSED = re.compile(
+    r"(?i)(prefect|\bui\b|\bapi\b|server).*(miss|unreachable|not reach|lost|could not|cannot)"
+)
 
 
 def outputs(out: Path) -> dict:
     """Finished outputs (final names) in OUT."""
-    return {k: v for k, v in finished_files(out).items()
-            if Path(k).suffix.lower() in IMAGE_SUFFIXES and not Path(k).name.startswith(".")}
+    return {
+        k: v
+        for k, v in finished_files(out).items()
+        if Path(k).suffix.lower() in IMAGE_SUFFIXES and not Path(k).name.startswith(".")
+    }
 
 
 def plant_user_files(out: Path) -> dict:
@@ -68,7 +73,9 @@ def test_signal_in_a_folder_run(sig, denoise, model_store, noisy_folder, scenari
     scenario.expect(code != 0, f"a folder run ended by {sig} exited 0")
     done = outputs(out)
     scenario.expect(len(done) < count_outputs(noisy_folder), "the run finished before the signal")
-    check_tree(scenario, out, "OUT after the signal", temps_ok=True, ignore=mine)  # what has a final name is whole
+    check_tree(
+        scenario, out, "OUT after the signal", temps_ok=True, ignore=mine
+    )  # what has a final name is whole
 
     rerun = denoise.run(args, model_store)
     if expect_success(scenario, rerun, "the rerun"):
@@ -81,16 +88,24 @@ def test_signal_in_a_folder_run(sig, denoise, model_store, noisy_folder, scenari
     scenario.assert_ok()
 
 
-def test_full_disk_during_a_folder_run(denoise, model_store, noisy_folder, scenario, small_disk, tmp_path):
+def test_full_disk_during_a_folder_run(
+    denoise, model_store, noisy_folder, scenario, small_disk, tmp_path
+):
     out = tmp_path / "out"
     disk = small_disk(out, 40 * 1024)
     inputs = tree_hashes(noisy_folder)
     args = ["folder", str(noisy_folder), str(out)]
     full = denoise.run(args, model_store, preexec=disk.preexec())
     text = full.stdout + full.stderr
-    scenario.expect(full.returncode not in (0, -signal.SIGKILL), f"exit {full.returncode} on a full disk")
-    scenario.expect(any(s in text for s in NO_SPACE), f"no line says the disk is full ({disk.kind})")
-    check_tree(scenario, out, "OUT on a full disk", temps_ok=True)  # nothing half-written under a final name
+    scenario.expect(
+        full.returncode not in (0, -signal.SIGKILL), f"exit {full.returncode} on a full disk"
+    )
+    scenario.expect(
+        any(s in text for s in NO_SPACE), f"no line says the disk is full ({disk.kind})"
+    )
+    check_tree(
+        scenario, out, "OUT on a full disk", temps_ok=True
+    )  # nothing half-written under a final name
     done = outputs(out)
 
     disk.grow()
@@ -103,19 +118,26 @@ def test_full_disk_during_a_folder_run(denoise, model_store, noisy_folder, scena
     scenario.assert_ok()
 
 
-def test_prefect_server_killed_during_a_folder_run(denoise, spare_prefect_api, model_store, noisy_folder,
-                                                  scenario, tmp_path):
+def test_prefect_server_killed_during_a_folder_run(
+    denoise, spare_prefect_api, model_store, noisy_folder, scenario, tmp_path
+):
     out = tmp_path / "out"
     inputs = tree_hashes(noisy_folder)
-    cmd = denoise.start(["folder", str(noisy_folder), str(out)], model_store, failpoints=PACED,
-                        api_url=spare_prefect_api.url)
+    cmd = denoise.start(
+        ["folder", str(noisy_folder), str(out)],
+        model_store,
+        failpoints=PACED,
+        api_url=spare_prefect_api.url,
+    )
     wait_for(lambda: count_outputs(out) >= 5, 180, "5 outputs", cmd)
     spare_prefect_api.kill()
     killed_at = time.monotonic()
     result = cmd.wait(240)
     seconds = time.monotonic() - killed_at
-    scenario.expect(result.returncode == 0, f"exit {result.returncode} after the server died; "
-                    f"last line: {last_error_line(result)!r}")
+    scenario.expect(
+        result.returncode == 0,
+        f"exit {result.returncode} after the server died; last line: {last_error_line(result)!r}",
+    )
     scenario.expect(seconds < 90, f"{seconds:.0f} s from the server's death to the end of the run")
     said = [ln for ln in (result.stdout + result.stderr).splitlines() if MISSED.search(ln)]
     scenario.expect(bool(said), "no line says the UI missed updates")
@@ -138,8 +160,12 @@ def test_out_a_parent_of_in(denoise, model_store, noisy_folder, scenario, tmp_pa
 
     result = denoise.run(["folder", str(src), str(parent)], model_store)
     line = last_error_line(result)
-    scenario.expect(result.returncode == 2, f"OUT a parent of IN: exit {result.returncode}, not 2 (refused)")
-    scenario.expect(bool(line) and "unexpected" not in line, f"no one-line refusal; last line {line!r}")
+    scenario.expect(
+        result.returncode == 2, f"OUT a parent of IN: exit {result.returncode}, not 2 (refused)"
+    )
+    scenario.expect(
+        bool(line) and "unexpected" not in line, f"no one-line refusal; last line {line!r}"
+    )
     check_input_untouched(scenario, before, parent)
     scenario.assert_ok()
 
@@ -180,8 +206,10 @@ def test_input_replaced_with_an_older_mtime(denoise, model_store, noisy_folder, 
     rerun = denoise.run(args, model_store)
     if expect_success(scenario, rerun, "the rerun"):
         check_outputs(scenario, noisy_folder, out)
-    scenario.expect(tree_hashes(out)["img001.png"][0] != done["img001.png"][0],
-                    "the output of the replaced input was kept (stale)")
+    scenario.expect(
+        tree_hashes(out)["img001.png"][0] != done["img001.png"][0],
+        "the output of the replaced input was kept (stale)",
+    )
     # the damaged output (newer than its input) must have been redone: check_outputs decodes it
     others = {k: v for k, v in done.items() if k not in ("img001.png", "img002.png")}
     check_unchanged(scenario, others, out, "outputs")

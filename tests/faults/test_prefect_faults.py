@@ -31,7 +31,9 @@ def kill_and_expect_no_survivors(scenario, cmd, family: dict[int, int], what: st
     scenario.expect(not survivors, f"processes outlived {what}: " + "; ".join(survivors))
 
 
-def test_killed_command_leaves_no_temporary_server(denoise, model_store, noisy_folder, scenario, tmp_path):
+def test_killed_command_leaves_no_temporary_server(
+    denoise, model_store, noisy_folder, scenario, tmp_path
+):
     out = tmp_path / "out"
     args = ["folder", str(noisy_folder), str(out)]
     # no PREFECT_API_URL: the command starts its own temporary server
@@ -40,7 +42,9 @@ def test_killed_command_leaves_no_temporary_server(denoise, model_store, noisy_f
     try:
         wait_for(lambda: count_outputs(out) >= 3, 240, "3 outputs", cmd)
         family = descendants(cmd.pid)
-        scenario.expect(bool(family), "no child process found: where does the temporary server run?")
+        scenario.expect(
+            bool(family), "no child process found: where does the temporary server run?"
+        )
         kill_and_expect_no_survivors(scenario, cmd, family, "the killed command")
     finally:
         kill_survivors(family)
@@ -53,17 +57,24 @@ def test_killed_command_leaves_no_temporary_server(denoise, model_store, noisy_f
     scenario.checked += len(runs)
     scenario.expect(len(runs) == 2, f"expected the killed run and the next one, found {runs}")
     if runs:
-        scenario.expect(runs[0][1] == "CRASHED", f"the killed run {runs[0][0]} is {runs[0][1]}, not CRASHED")
-        scenario.expect(all(state != "RUNNING" for _, state in runs), f"a run stays RUNNING: {runs}")
+        scenario.expect(
+            runs[0][1] == "CRASHED", f"the killed run {runs[0][0]} is {runs[0][1]}, not CRASHED"
+        )
+        scenario.expect(
+            all(state != "RUNNING" for _, state in runs), f"a run stays RUNNING: {runs}"
+        )
     scenario.assert_ok()
 
 
-def test_command_killed_while_its_temporary_server_boots(denoise, model_store, noisy_folder, scenario, tmp_path):
+def test_command_killed_while_its_temporary_server_boots(
+    denoise, model_store, noisy_folder, scenario, tmp_path
+):
     """SIGKILL in the seconds the temporary server takes to answer: it must die too."""
     args = ["folder", str(noisy_folder), str(tmp_path / "out")]
     cmd = denoise.start(args, model_store, api_url=None)
     family: dict[int, int] = {}
     try:
+
         def server_spawned() -> bool:
             family.update(descendants(cmd.pid))
             return any("uvicorn" in command_line(p) for p in family)

@@ -33,13 +33,17 @@ NO_SPACE = ("No space left on device", "File too large", "disk is full", "full d
 
 def data_files(store: Path) -> dict:
     """Finished downloads and shards (the cache manifest is rewritten on purpose)."""
-    files = {f"downloads/{k}": v for k, v in finished_files(store / "downloads").items()
-             if not k.endswith("manifest.json")}
+    files = {
+        f"downloads/{k}": v
+        for k, v in finished_files(store / "downloads").items()
+        if not k.endswith("manifest.json")
+    }
     files.update({f"shards/{k}": v for k, v in finished_files(store / "shards").items()})
     return files
 
 
 # --------------------------------------------------------------------------- kill in the download
+
 
 @pytest.fixture()
 def slow_mirror(mnist_mirror):
@@ -69,8 +73,9 @@ def slow_mirror(mnist_mirror):
                 return
             super().do_GET()
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(Handler, directory=str(mnist_mirror)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(mnist_mirror))
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/", requests, release
     release.set()
@@ -85,8 +90,14 @@ def test_sigkill_in_download(denoise, slow_mirror, scenario, tmp_path):
     cmd = denoise.start(TRAIN_ARGS, store, env_extra={"DENOISE_DATA_SOURCE": url})
 
     def midway() -> bool:
-        return any(p.name.startswith(".t10k-images") and p.stat().st_size >= 1 << 20
-                   for p in cache.glob(".*")) if cache.is_dir() else False
+        return (
+            any(
+                p.name.startswith(".t10k-images") and p.stat().st_size >= 1 << 20
+                for p in cache.glob(".*")
+            )
+            if cache.is_dir()
+            else False
+        )
 
     wait_for(midway, 120, "the test images half downloaded", cmd)
     cmd.signal(signal.SIGKILL)
@@ -100,19 +111,24 @@ def test_sigkill_in_download(denoise, slow_mirror, scenario, tmp_path):
         check_store(scenario, store, [model_version(rerun)])
     check_unchanged(scenario, before, cache, "downloads")
     for name in before:
-        scenario.expect(requests.count(name) == 1, f"{name} fetched {requests.count(name)} times, "
-                        "though it was finished before the kill")
+        scenario.expect(
+            requests.count(name) == 1,
+            f"{name} fetched {requests.count(name)} times, though it was finished before the kill",
+        )
     scenario.assert_ok()
 
 
 # --------------------------------------------------------------------------- kill in shard writing
+
 
 def test_sigkill_in_shard_writing(denoise, golden, scenario, tmp_path):
     store = golden.copy_to(tmp_path / "store", ("downloads",))
     killed = denoise.run(TRAIN_ARGS, store, failpoints="shards.after_shard=kill@1")
     assert killed.returncode == KILLED, killed.stderr[-2000:]
     before = finished_files(store / "shards")
-    assert any(k.endswith(".parquet") for k in before), f"no finished shard before the kill: {before}"
+    assert any(k.endswith(".parquet") for k in before), (
+        f"no finished shard before the kill: {before}"
+    )
 
     rerun = denoise.run(TRAIN_ARGS, store)
     if expect_success(scenario, rerun, "the rerun"):
@@ -122,6 +138,7 @@ def test_sigkill_in_shard_writing(denoise, golden, scenario, tmp_path):
 
 
 # --------------------------------------------------------------------------- kill / SIGTERM in an epoch
+
 
 @pytest.mark.parametrize("fault", ["sigkill_failpoint", "sigterm_from_outside"])
 def test_fault_in_an_epoch(fault, denoise, golden, scenario, tmp_path):
@@ -133,8 +150,13 @@ def test_fault_in_an_epoch(fault, denoise, golden, scenario, tmp_path):
         assert killed.returncode == KILLED, killed.stderr[-2000:]
     else:
         cmd = denoise.start(TRAIN_ARGS, store)
-        wait_for(lambda: checkpoints.is_dir() and len(epoch_records(checkpoints)) >= 1, 180,
-                 "the first epoch", cmd, poll=0.02)
+        wait_for(
+            lambda: checkpoints.is_dir() and len(epoch_records(checkpoints)) >= 1,
+            180,
+            "the first epoch",
+            cmd,
+            poll=0.02,
+        )
         cmd.signal(signal.SIGTERM)
         scenario.expect(cmd.wait(60).returncode != 0, "a train ended by SIGTERM exited 0")
     done = {rec["epoch"]: rec for rec in epoch_records(checkpoints)}
@@ -150,13 +172,18 @@ def test_fault_in_an_epoch(fault, denoise, golden, scenario, tmp_path):
         scenario.expect(c["epochs_run"] == 2, f"epochs_run {c['epochs_run']}, not 2")
         first = c["history"][0] if c["history"] else {}
         same = all(first.get(k) == v for k, v in done[1].items())
-        scenario.expect(same, f"epoch 1 was rerun: the card says {first}, the killed run logged {done[1]}")
-        scenario.expect(not epoch_records(checkpoints), "the finished run's checkpoint was not cleaned up")
+        scenario.expect(
+            same, f"epoch 1 was rerun: the card says {first}, the killed run logged {done[1]}"
+        )
+        scenario.expect(
+            not epoch_records(checkpoints), "the finished run's checkpoint was not cleaned up"
+        )
     check_unchanged(scenario, data, store, "data")
     scenario.assert_ok()
 
 
 # --------------------------------------------------------------------------- kill in evaluation / registration
+
 
 @pytest.mark.parametrize("point", ["evaluate.before_card", "registry.before_write"])
 def test_sigkill_in_evaluation_and_registration(point, denoise, golden, scenario, tmp_path):
@@ -164,26 +191,42 @@ def test_sigkill_in_evaluation_and_registration(point, denoise, golden, scenario
     killed = denoise.run(TRAIN_ARGS, store, failpoints=f"{point}=kill")
     assert killed.returncode == KILLED, killed.stderr[-2000:]
     before = data_files(store)
-    before.update({f"models/{golden.version}/{k}": v
-                   for k, v in finished_files(store / "models" / golden.version).items()})
-    trained = [p.parent.name for p in (store / "models").glob("*/model.keras") if p.parent.name != golden.version]
+    before.update(
+        {
+            f"models/{golden.version}/{k}": v
+            for k, v in finished_files(store / "models" / golden.version).items()
+        }
+    )
+    trained = [
+        p.parent.name
+        for p in (store / "models").glob("*/model.keras")
+        if p.parent.name != golden.version
+    ]
     weights = {v: (store / "models" / v / "model.keras").stat().st_mtime_ns for v in trained}
 
     rerun = denoise.run(TRAIN_ARGS, store)
     if expect_success(scenario, rerun, "the rerun"):
         version = model_version(rerun)
         state = check_store(scenario, store, [golden.version, version])
-        scenario.expect(state.get("production") in state.get("versions", {}), "no valid production model")
+        scenario.expect(
+            state.get("production") in state.get("versions", {}), "no valid production model"
+        )
         # the killed run had finished training: the rerun registers that model, it does not train another
-        scenario.expect(trained == [version], f"the rerun trained {version}; the killed run had trained {trained}")
+        scenario.expect(
+            trained == [version],
+            f"the rerun trained {version}; the killed run had trained {trained}",
+        )
         model = store / "models" / version / "model.keras"
-        scenario.expect(model.is_file() and model.stat().st_mtime_ns == weights.get(version),
-                        "the trained model was written again")
+        scenario.expect(
+            model.is_file() and model.stat().st_mtime_ns == weights.get(version),
+            "the trained model was written again",
+        )
     check_unchanged(scenario, before, store, "store")
     scenario.assert_ok()
 
 
 # --------------------------------------------------------------------------- full disk while writing shards
+
 
 def test_full_disk_during_shards(denoise, golden, scenario, small_disk, tmp_path):
     store = golden.copy_to(tmp_path / "store", ("downloads",))
@@ -193,12 +236,18 @@ def test_full_disk_during_shards(denoise, golden, scenario, small_disk, tmp_path
     seconds = time.monotonic() - started
     line = last_error_line(full)
     scenario.expect(full.returncode not in (0, KILLED), f"exit {full.returncode} on a full disk")
-    scenario.expect(any(s in line for s in NO_SPACE),
-                    f"no one-line 'no space' error ({disk.kind}); last line: {line!r}")
-    scenario.expect(seconds < 90, f"a full disk took {seconds:.0f} s to report (retried like a network error?)")
+    scenario.expect(
+        any(s in line for s in NO_SPACE),
+        f"no one-line 'no space' error ({disk.kind}); last line: {line!r}",
+    )
+    scenario.expect(
+        seconds < 90, f"a full disk took {seconds:.0f} s to report (retried like a network error?)"
+    )
     check_tree(scenario, store, "store after the full disk")
     for folder in (store / "shards").glob("*"):
-        scenario.expect(not (folder / "manifest.json").exists(), "a shard set looks finished on a full disk")
+        scenario.expect(
+            not (folder / "manifest.json").exists(), "a shard set looks finished on a full disk"
+        )
 
     disk.grow()
     rerun = denoise.run(TRAIN_ARGS, store)
@@ -208,6 +257,7 @@ def test_full_disk_during_shards(denoise, golden, scenario, small_disk, tmp_path
 
 
 # --------------------------------------------------------------------------- two trainings and a promote loop
+
 
 def test_two_trainings_and_a_promote_loop(denoise, golden, scenario, tmp_path):
     store = golden.copy_to(tmp_path / "store")
@@ -219,24 +269,33 @@ def test_two_trainings_and_a_promote_loop(denoise, golden, scenario, tmp_path):
             promotions += 1
     results = [t.wait(300) for t in trains]
     versions = [model_version(r) for r in results if expect_success(scenario, r, "a training")]
-    scenario.expect(len(set(versions)) == len(versions), f"two trainings made the same version {versions}")
+    scenario.expect(
+        len(set(versions)) == len(versions), f"two trainings made the same version {versions}"
+    )
     state = check_store(scenario, store, [golden.version, *versions])
     by_hand = [h for h in state.get("history", []) if h.get("reason") == "promoted by hand"]
-    scenario.expect(len(by_hand) == promotions,
-                    f"{promotions} promotions done, {len(by_hand)} in the registry's history (lost updates)")
+    scenario.expect(
+        len(by_hand) == promotions,
+        f"{promotions} promotions done, {len(by_hand)} in the registry's history (lost updates)",
+    )
     histories = []
     for version in versions:
         c = card(store, version)
         epochs = [h["epoch"] for h in c["history"]]
-        scenario.expect(epochs == [1, 2] and c["epochs_run"] == 2,
-                        f"{version}: history epochs {epochs}, epochs_run {c['epochs_run']} (not its own run)")
+        scenario.expect(
+            epochs == [1, 2] and c["epochs_run"] == 2,
+            f"{version}: history epochs {epochs}, epochs_run {c['epochs_run']} (not its own run)",
+        )
         histories.append(c["history"])
     if len(histories) == 2:
-        scenario.expect(histories[0] != histories[1], "the two cards carry the same history (shared checkpoint)")
+        scenario.expect(
+            histories[0] != histories[1], "the two cards carry the same history (shared checkpoint)"
+        )
     scenario.assert_ok()
 
 
 # --------------------------------------------------------------------------- corrupt files under a cache hit
+
 
 def test_truncated_shard(denoise, golden, scenario):
     store = golden.restore_live(denoise)
@@ -246,7 +305,9 @@ def test_truncated_shard(denoise, golden, scenario):
     manifest = shard_dir / "manifest.json"
     manifest_sha = sha256_file(manifest)
     # the repair may rewrite the manifest, but not change it
-    before = {k: v for k, v in data_files(store).items() if not k.endswith((victim.name, manifest.name))}
+    before = {
+        k: v for k, v in data_files(store).items() if not k.endswith((victim.name, manifest.name))
+    }
 
     rerun = denoise.run(TRAIN_ARGS, store)
     said = [ln for ln in (rerun.stdout + rerun.stderr).splitlines() if victim.name in ln]
@@ -263,7 +324,7 @@ def test_corrupt_cached_download(denoise, golden, scenario, mnist_mirror):
     name = "train-images-idx3-ubyte.gz"
     victim = store / "downloads" / "mnist" / name
     data = bytearray(victim.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 4096] = bytes(4096)
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)
     victim.write_bytes(bytes(data))
     before = {k: v for k, v in data_files(store).items() if not k.endswith(name)}
 
@@ -281,8 +342,10 @@ def test_corrupt_cached_download(denoise, golden, scenario, mnist_mirror):
 
 # --------------------------------------------------------------------------- a garbage registry
 
-@pytest.mark.parametrize("garbage", ["{}", "[]", "null", "not json {"],
-                         ids=["empty_object", "list", "null", "not_json"])
+
+@pytest.mark.parametrize(
+    "garbage", ["{}", "[]", "null", "not json {"], ids=["empty_object", "list", "null", "not_json"]
+)
 def test_garbage_registry(garbage, denoise, golden, scenario, tmp_path, noisy_folder):
     store = golden.copy_to(tmp_path / "store")
     registry = store / "models" / "registry.json"
@@ -291,12 +354,18 @@ def test_garbage_registry(garbage, denoise, golden, scenario, tmp_path, noisy_fo
 
     refused = denoise.run(TRAIN_ARGS, store)
     line = last_error_line(refused)
-    scenario.expect(refused.returncode not in (0, KILLED), f"a training with registry {garbage!r} "
-                    f"exited {refused.returncode}")
-    scenario.expect("registry.json" in line and "unexpected error" not in line,
-                    f"no one line naming the registry; last line: {line!r}")
+    scenario.expect(
+        refused.returncode not in (0, KILLED),
+        f"a training with registry {garbage!r} exited {refused.returncode}",
+    )
+    scenario.expect(
+        "registry.json" in line and "unexpected error" not in line,
+        f"no one line naming the registry; last line: {line!r}",
+    )
     models_after = sorted(p.name for p in (store / "models").iterdir())
-    scenario.expect(models_after == models_before, f"trained before checking the registry: {models_after}")
+    scenario.expect(
+        models_after == models_before, f"trained before checking the registry: {models_after}"
+    )
     scenario.expect(registry.read_text() == garbage, "the registry was rewritten")
     scenario.checked += 1
     if garbage == "not json {":
@@ -304,8 +373,9 @@ def test_garbage_registry(garbage, denoise, golden, scenario, tmp_path, noisy_fo
         model = store / "models" / golden.version / "model.keras"
         out = tmp_path / "out"
         result = denoise.run(["folder", str(noisy_folder), str(out), "--model", str(model)], store)
-        if expect_success(scenario, result, "denoise folder --model file.keras beside a non-JSON registry"):
+        if expect_success(
+            scenario, result, "denoise folder --model file.keras beside a non-JSON registry"
+        ):
             check_tree(scenario, out, "OUT")
     check_tree(scenario, store / "models" / golden.version, "model")
     scenario.assert_ok()
-
