@@ -37,7 +37,7 @@ import numpy as np
 
 from denoiser.errors import ConfigError, DenoiseError, ImageError
 from denoiser.faults import failpoint
-from denoiser.files import host_tag, pid_alive
+from denoiser.files import host_tag, is_url, pid_alive
 from denoiser.images import (
     IMAGE_SUFFIXES,
     LoadedImage,
@@ -121,6 +121,12 @@ class Job:
 
 
 def check_folders(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> tuple[Path, Path]:
+    for role, where in (("input", input_dir), ("output", output_dir)):
+        if is_url(where):
+            raise ConfigError(
+                f"{role} folder {where}: folders in object storage are not supported yet; "
+                "give a local or shared-file-system folder (the store may be a bucket)"
+            )
     src = Path(input_dir).expanduser()
     if not src.is_dir():
         raise ConfigError(f"input folder {src} does not exist or is not a folder")
