@@ -35,7 +35,6 @@ registry.json without ``production_by_domain`` reads as before: its
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -587,60 +586,3 @@ def promote(store_root: str | os.PathLike | None, version: str) -> ModelRef:
 
     update_registry(store, make_production)
     return ModelRef(version, ref.dir, ref.model_path, ref.card, "production")
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_models_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="models_command", metavar="ACTION")
-    sub.add_parser("list", help="list model versions (the default)")
-    promote_parser = sub.add_parser("promote", help="make VERSION the production model")
-    promote_parser.add_argument("version")
-
-
-def run_models_command(args: argparse.Namespace) -> int:
-    import sys
-
-    from rich.console import Console
-    from rich.table import Table
-
-    # piped output (scripts, tests) gets whole lines rather than truncated cells
-    console = Console() if sys.stdout.isatty() else Console(width=200)
-    if getattr(args, "models_command", None) == "promote":
-        ref = promote(args.store, args.version)
-        console.print(f"[green]{ref.version}[/] is now the production model for {ref.domain}")
-        return 0
-    Store.at(args.store).check()
-    models = list_models(args.store)
-    if not models:
-        console.print(f"no models in {resolve_store_root(args.store)}; run `denoise train` first")
-        return 0
-    table = Table(title=f"models in {Store.at(args.store).join('models')}")
-    for col in (
-        "version",
-        "status",
-        "domain",
-        "architecture",
-        "params",
-        "PSNR (dB)",
-        "SSIM",
-        "gate",
-        "created",
-    ):
-        table.add_column(col)
-    for m in models:
-        s = m.summary()
-        table.add_row(
-            m.version,
-            "[bold green]production[/]" if m.status == "production" else "candidate",
-            m.domain,
-            str(s["architecture"]),
-            f"{s['params']:,}" if s["params"] else "",
-            f"{s['psnr']:.2f}" if s["psnr"] is not None else "",
-            f"{s['ssim']:.3f}" if s["ssim"] is not None else "",
-            ("passed" if m.passed else "failed") if m.card.get("quality_gate") else "not evaluated",
-            str(s["created"] or ""),
-        )
-    console.print(table)
-    return 0

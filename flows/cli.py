@@ -13,7 +13,18 @@ import sys
 from collections.abc import Sequence
 from typing import get_args
 
-from denoiser.config import LevelDensity, LossName, LrSchedule, NoiseConfig, NoiseKind, TrainConfig
+from denoiser.config import (
+    DEFAULT_CHUNK_FILES,
+    LevelDensity,
+    LossName,
+    LrSchedule,
+    NoiseConfig,
+    NoiseKind,
+    TrainConfig,
+)
+
+DASK_ENV = "DENOISE_DASK_ADDRESS"
+MAX_WORKERS = 256
 
 QUICK = {"train_limit": 6000, "test_limit": 1000, "epochs": 3}
 # photographs: every training image, fewer patches of each, the first test images; a few minutes
@@ -315,10 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(train)
     train.set_defaults(handler=_run_train)
 
-    from artifacts.registry import add_models_arguments, run_models_command
-    from flows.denoising import add_folder_arguments, run_folder_command
-    from flows.serve import add_serve_arguments, run_serve_command
-
     for name, help_text, add, run in (
         ("folder", "denoise every image in a folder", add_folder_arguments, run_folder_command),
         ("models", "list model versions; promote one", add_models_arguments, run_models_command),
@@ -334,6 +341,214 @@ def build_parser() -> argparse.ArgumentParser:
         add(command)
         command.set_defaults(handler=run)
     return parser
+
+
+# --------------------------------------------------------------------------- denoise folder
+
+
+def add_folder_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input_dir", metavar="IN", help="folder of noisy images (never written to)")
+    parser.add_argument("output_dir", metavar="OUT", help="where the cleaned images go (same tree)")
+    parser.add_argument(
+        "--model",
+        help="model version, folder or .keras file (default: the production "
+        "model for the images' domain, photographs or digits)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="redo files whose output is up to date"
+    )
+    parser.add_argument(
+        "--pattern", default="*", help="only file names matching this glob (default: *)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=["same", "png"],
+        default="same",
+        help="output format: the input's (default) or PNG",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="denoise in chunks on a local Dask cluster of N processes",
+    )
+    parser.add_argument(
+        "--dask-address",
+        default=os.environ.get(DASK_ENV),
+        metavar="tcp://HOST:PORT",
+        help=f"denoise in chunks on an existing Dask cluster (default: ${DASK_ENV}); "
+        "needs PREFECT_API_URL set to a server the workers reach",
+    )
+    parser.add_argument(
+        "--chunk-files",
+        type=int,
+        default=DEFAULT_CHUNK_FILES,
+        metavar="K",
+        help=f"files per chunk task with --workers or --dask-address (default: {DEFAULT_CHUNK_FILES})",
+    )
+
+
+def check_dask_options(workers: int | None, address: str | None, chunk_files: int) -> None:
+    """Every bound of the Dask options, and a cluster that answers, before any work."""
+    import socket
+
+    from denoiser.errors import ConfigError
+
+    if workers is not None and not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be between 1 and {MAX_WORKERS}, not {workers}")
+    if workers and address:
+        raise ConfigError(
+            "--workers starts a local cluster and --dask-address uses an existing one; give one"
+        )
+    if chunk_files < 1:
+        raise ConfigError(f"--chunk-files must be at least 1, not {chunk_files}")
+    if not address:
+        return
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError(
+            "--dask-address: the Dask workers report to Prefect; set PREFECT_API_URL to a "
+            "Prefect server they can reach (a temporary server of this command is not)"
+        )
+    host, _, port = address.removeprefix("tcp://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--dask-address {address}: expected tcp://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"--dask-address {address}: no Dask scheduler answers ({exc.strerror or exc})"
+        ) from None
+
+
+def run_folder_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from artifacts.registry import resolve_model
+    from artifacts.store import Store
+    from denoiser.folder import check_folders
+    from flows.denoising import denoise_folder
+
+    # usage errors and a missing model fail fast, before a Prefect server starts
+    check_folders(args.input_dir, args.output_dir)
+    check_dask_options(args.workers, args.dask_address, args.chunk_files)
+    Store.at(args.store).check()
+    resolve_model(args.store, args.model)
+    from flows.cli import import_tensorflow_quietly
+    from flows.session import ensure_api, finished_despite_api
+
+    import_tensorflow_quietly(args.debug)
+    # worker processes inherit the environment: one server for all, not one each
+    os.environ["PREFECT_API_URL"] = ensure_api()
+    with finished_despite_api("denoise_images") as outcome:
+        outcome.value = denoise_folder(
+            args.input_dir,
+            args.output_dir,
+            model=args.model,
+            overwrite=args.overwrite,
+            pattern=args.pattern,
+            format=args.format,
+            store=args.store,
+            workers=args.workers,
+            dask_address=args.dask_address,
+            chunk_files=args.chunk_files,
+        )
+    summary = outcome.value
+    c = summary["counts"]
+    console = Console(stderr=False)
+    console.print(
+        f"{c['denoised']} denoised, {c['skipped']} skipped, {c['failed']} failed "
+        f"in {summary['seconds']:.1f} s with model {summary['model']['version']}"
+    )
+    if summary.get("warning"):
+        console.print(f"[yellow]warning:[/] {summary['warning']}", soft_wrap=True)
+    console.print(f"output: {summary['output_dir']}")
+    console.print(f"report: {summary['report']}")
+    if c["failed"]:
+        console.print(f"[red]{c['failed']} file(s) failed[/]; see the report for why")
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- denoise models
+
+
+def add_models_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="models_command", metavar="ACTION")
+    sub.add_parser("list", help="list model versions (the default)")
+    promote_parser = sub.add_parser("promote", help="make VERSION the production model")
+    promote_parser.add_argument("version")
+
+
+def run_models_command(args: argparse.Namespace) -> int:
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from artifacts.registry import list_models, promote
+    from artifacts.store import Store, resolve_store_root
+
+    # piped output (scripts, tests) gets whole lines rather than truncated cells
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    if getattr(args, "models_command", None) == "promote":
+        ref = promote(args.store, args.version)
+        console.print(f"[green]{ref.version}[/] is now the production model for {ref.domain}")
+        return 0
+    Store.at(args.store).check()
+    models = list_models(args.store)
+    if not models:
+        console.print(f"no models in {resolve_store_root(args.store)}; run `denoise train` first")
+        return 0
+    table = Table(title=f"models in {Store.at(args.store).join('models')}")
+    for col in (
+        "version",
+        "status",
+        "domain",
+        "architecture",
+        "params",
+        "PSNR (dB)",
+        "SSIM",
+        "gate",
+        "created",
+    ):
+        table.add_column(col)
+    for m in models:
+        s = m.summary()
+        table.add_row(
+            m.version,
+            "[bold green]production[/]" if m.status == "production" else "candidate",
+            m.domain,
+            str(s["architecture"]),
+            f"{s['params']:,}" if s["params"] else "",
+            f"{s['psnr']:.2f}" if s["psnr"] is not None else "",
+            f"{s['ssim']:.3f}" if s["ssim"] is not None else "",
+            ("passed" if m.passed else "failed") if m.card.get("quality_gate") else "not evaluated",
+            str(s["created"] or ""),
+        )
+    console.print(table)
+    return 0
+
+
+# --------------------------------------------------------------------------- denoise serve
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--limit", type=int, default=1, help="flow runs at a time in this process (default 1)"
+    )
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    from prefect import serve
+
+    from flows.serve import build_deployments
+
+    deployments = build_deployments()
+    names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
+    print(f"serving {names}; Ctrl-C to stop")
+    serve(*deployments, limit=args.limit)
+    return 0
 
 
 #: config fields whose flag is not simply --field-name

@@ -5,7 +5,6 @@ two ways of running cannot drift apart."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -56,19 +55,3 @@ def build_deployments(path: Path = PREFECT_YAML) -> list:
             )
         )
     return deployments
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--limit", type=int, default=1, help="flow runs at a time in this process (default 1)"
-    )
-
-
-def run_serve_command(args: argparse.Namespace) -> int:
-    from prefect import serve
-
-    deployments = build_deployments()
-    names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
-    print(f"serving {names}; Ctrl-C to stop")
-    serve(*deployments, limit=args.limit)
-    return 0
