@@ -300,11 +300,17 @@ def _update_remote_registry(store: Store, change: Callable[[dict], tuple[dict, T
 
 
 def _card(folder: str | os.PathLike) -> dict:
+    """The version's card; {} when there is none or it is not JSON. Any other
+    failure to read it (a network error on object storage) is a ModelError, so
+    a registry decision is never taken on a card that could not be read."""
+    where = join_location(folder, "model.json")
     try:
-        with open_read(join_location(folder, "model.json")) as fh:
+        with open_read(where) as fh:
             return json.loads(fh.read())
-    except (OSError, ValueError):
+    except (FileNotFoundError, NotADirectoryError, ValueError):
         return {}
+    except OSError as exc:
+        raise ModelError(f"{where}: cannot read the model card ({exc})") from None
 
 
 def _version_ref(
@@ -320,6 +326,8 @@ def _version_ref(
     folder = store.join("models", version)
     if not store.exists(join_location(folder, "model.keras")):
         return None
+    if store.remote and not store.exists(join_location(folder, "model.json")):
+        return None  # the card is pushed last: without it the version is not finished
     folder = folder if store.remote else Path(folder)
     return ModelRef(
         version,
@@ -355,7 +363,13 @@ def list_models(store_root: str | os.PathLike | None) -> list[ModelRef]:
     if store.remote:  # one listing, not a request per version
         found = store.sizes(store.join("models"))
         names = sorted(
-            {k.split("/")[0] for k in found if k.count("/") == 1 and k.endswith("/model.keras")},
+            {
+                k.split("/")[0]
+                for k in found
+                if k.count("/") == 1
+                and k.endswith("/model.json")
+                and f"{k[:-10]}model.keras" in found
+            },
             reverse=True,
         )
     else:

@@ -53,6 +53,7 @@ from denoiser.files import is_url
 
 DEFAULT_STORE = "store"
 STORE_ENV = "DENOISE_STORE"
+SMALL_FILE = 4 << 20  # bytes; files up to this size are compared by content on push
 READ_ATTEMPTS = 20  # reads of an object replaced while being read
 S3_HINT = 'pip install -e ".[s3]"'
 
@@ -310,6 +311,15 @@ class Store:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+TEMPORARY_ENDINGS = (".part", ".tmp", ".tmp.keras")
+
+
+def is_temporary_name(name: str) -> bool:
+    """A writer's temporary file (``.<name>.<owner>.part``/``.tmp``): never pushed.
+    A user's own hidden file (``.thumbs/a.png``) is an ordinary file."""
+    return name.startswith(".") and name.endswith(TEMPORARY_ENDINGS)
+
+
 def _error_code(exc: BaseException) -> str | None:
     cause = exc.__cause__ or exc.__context__
     response = getattr(cause, "response", None) or getattr(exc, "response", None)
@@ -352,6 +362,40 @@ class Stage(Store):
             raise StoreError(f"{text} is not in the store {self.store.url}")
         return Path(self.url) / text[len(self.store.url) + 1 :]
 
+    @staticmethod
+    def _signature(path: Path) -> tuple[int, int, str | None]:
+        """Size, mtime and, for small files (manifests, cards), the sha256: a
+        small file rewritten with the same bytes is not uploaded again."""
+        from denoiser.files import file_sha256
+
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns, file_sha256(path) if st.st_size <= SMALL_FILE else None
+
+    def _unchanged(self, path: Path) -> bool:
+        pulled = self._pulled.get(str(path))
+        if pulled is None:
+            return False
+        now = self._signature(path)
+        return now[:2] == pulled[:2] or (pulled[2] is not None and now[2] == pulled[2])
+
+    def store_json_urls(self, path: str | os.PathLike) -> None:
+        """Rewrite a staged JSON file (a cache manifest) with store locations
+        instead of staged paths, so what is stored means something on any machine."""
+        if not self.syncs:
+            return
+        import json
+
+        file = Path(path)
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, ValueError):
+            return
+        stored = self.to_urls(data)
+        if stored != data:
+            tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(stored, indent=2, sort_keys=True))
+            os.replace(tmp, file)
+
     def to_urls(self, value: Any) -> Any:
         """``value`` (a manifest: dicts, lists, strings) with every staged path
         replaced by its store location, so it is valid on any machine."""
@@ -393,46 +437,45 @@ class Stage(Store):
                 continue
             dest = local / rel
             self.store.fetch(f"{where}/{rel}", dest)
-            st = dest.stat()
-            self._pulled[str(dest)] = (st.st_size, st.st_mtime_ns)
+            self._pulled[str(dest)] = self._signature(dest)
         return local
 
     def push(
         self,
         path: str | os.PathLike,
         last: Iterable[str] = ("manifest.json", "model.json"),
-        skip: Iterable[str] = (),
+        retract: bool = False,
     ) -> str:
         """Upload what the task made in a staged folder (files that are new or
-        changed since the pull; hidden temporary files never), one PUT per object,
-        the ``last`` names after all others; returns the folder's store location."""
+        changed since the pull; writers' temporary files never), one PUT per
+        object, the ``last`` names (relative to the folder) after all others;
+        returns the folder's store location. ``retract``: when other files
+        change, delete the store's ``last`` files first, so that while objects
+        are replaced the folder reads as unfinished (a shard set being rebuilt),
+        never as an old manifest over new shards."""
         local = Path(path)
         if not self.syncs:
             return str(local)
         last = list(last)
-        skipped = set(skip)
+
+        def rel(p: Path) -> str:
+            return p.relative_to(local).as_posix()
+
         files = [
-            p
-            for p in sorted(local.rglob("*"))
-            if p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(local).parts)
-            and p.relative_to(local).parts[0] not in skipped
+            p for p in sorted(local.rglob("*")) if p.is_file() and not is_temporary_name(p.name)
         ]
-        files.sort(
-            key=lambda p: (
-                p.relative_to(local).as_posix() in last,
-                last.index(p.name) if p.relative_to(local).as_posix() in last else 0,
-            )
-        )
+        files.sort(key=lambda p: (rel(p) in last, last.index(rel(p)) if rel(p) in last else 0))
+        changed = [p for p in files if not self._unchanged(p)]
         where = self.url_of(local)
-        for p in files:
-            st = p.stat()
-            if self._pulled.get(str(p)) == (st.st_size, st.st_mtime_ns):
-                continue
-            self.store.fs.put_file(
-                str(p), self.store._path(f"{where}/{p.relative_to(local).as_posix()}")
-            )
-        self.store.fs.invalidate_cache(self.store._path(where))
+        fs = self.store.fs
+        if retract and any(rel(p) not in last for p in changed):
+            for name in last:
+                target = self.store._path(f"{where}/{name}")
+                if fs.exists(target):
+                    fs.rm_file(target)
+        for p in changed:
+            fs.put_file(str(p), self.store._path(f"{where}/{rel(p)}"))
+        fs.invalidate_cache(self.store._path(where))
         return where
 
 

@@ -19,9 +19,11 @@ def is_url(location: str | os.PathLike) -> bool:
 def open_read(location: str | os.PathLike):
     """A binary file handle on a local path or a URL (through fsspec)."""
     if is_url(location):
-        import fsspec
+        from fsspec.core import url_to_fs
 
-        return fsspec.open(str(location), "rb").open()
+        fs, path = url_to_fs(str(location))
+        fs.invalidate_cache(path)  # another process may have replaced it since it was listed
+        return fs.open(path, "rb")
     return open(location, "rb")
 
 
@@ -36,6 +38,7 @@ def location_size(location: str | os.PathLike) -> int:
         from fsspec.core import url_to_fs
 
         fs, path = url_to_fs(str(location))
+        fs.invalidate_cache(path)
         return int(fs.info(path)["size"])
     return Path(location).stat().st_size
 

@@ -1,7 +1,8 @@
-"""The folder flow and the ``denoise folder IN OUT`` command."""
+"""The folder flow: in this process, or in chunks on a Dask cluster."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from prefect import flow
@@ -11,6 +12,7 @@ from denoiser.config import DEFAULT_CHUNK_FILES
 from denoiser.errors import ConfigError
 from flows.session import STATE_HOOKS
 from tasks.denoise import (
+    chunk_outcome,
     denoise_chunk,
     denoise_images,
     plan_denoise_chunks,
@@ -40,6 +42,8 @@ def denoise_folder(
     ``chunk_files`` files, one task each, run by Dask; otherwise one task in
     this process."""
     store_root = str(resolve_store_root(store))
+    # absolute, so that every worker (any cwd, any host sharing the file system) finds them
+    input_dir, output_dir = (str(Path(d).expanduser().resolve()) for d in (input_dir, output_dir))
     chosen = resolve_denoiser(model, store_root, input_dir, pattern)
     if not workers and not dask_address:
         return denoise_images(input_dir, output_dir, chosen, overwrite, pattern, format, store_root)
@@ -67,7 +71,7 @@ def denoise_in_chunks(
         for rels in plan["chunks"]
     ]
     return report_folder_run(
-        input_dir, output_dir, plan, [f.result() for f in futures], chosen, store_root
+        input_dir, output_dir, plan, [chunk_outcome(f) for f in futures], chosen, store_root
     )
 
 

@@ -183,7 +183,9 @@ def write_noisy_shards(
                     stage.pull(folder)
             write = _write_patches if _is_images(dataset) else _write_pairs
             write(out, dataset, noise, train_limit, test_limit, logger)
-            stage.push(out, last=("manifest.json",))
+            stage.store_json_urls(out / "manifest.json")
+            stage.push(out, last=("manifest.json",), retract=True)
+            logger.info("stored the shard set in %s", where)
     _publish(where, dataset["dataset"], noise)
     return where
 

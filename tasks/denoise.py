@@ -26,6 +26,7 @@ from denoiser.folder import (
     count,
     denoise_chunk_files,
     denoise_tree,
+    display_path,
     plan_folder,
     remove_stale_parts,
     write_report,
@@ -230,12 +231,22 @@ def denoise_chunk(
     return [asdict(r) for r in results]
 
 
+def chunk_outcome(future) -> list[dict] | str:
+    """A chunk task's file results, or, when it failed for good (its worker
+    died once too often, the model did not load there), why, in one line: the
+    report then lists its files as failed instead of the run losing its report."""
+    outcome = future.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException):
+        return f"{type(outcome).__name__}: {str(outcome).strip().splitlines()[0] if str(outcome).strip() else ''}"
+    return outcome
+
+
 @task(name="report_folder_run", cache_policy=NO_CACHE)
 def report_folder_run(
     input_dir: str,
     output_dir: str,
     plan: dict,
-    chunks: list[list[dict]],
+    chunks: list[list[dict] | str],
     model: dict,
     store_root: str,
 ) -> dict:
@@ -246,9 +257,15 @@ def report_folder_run(
         Path(output_dir).expanduser().resolve()
     ):  # of a worker killed mid-file
         logger.info("removed %d temporary files of writers that died", stale)
-    results = [FileResult(**r) for r in plan["verdicts"]] + [
-        FileResult(**r) for part in chunks for r in part
-    ]
+    results = [FileResult(**r) for r in plan["verdicts"]]
+    for rels, part in zip(plan["chunks"], chunks, strict=True):
+        if isinstance(part, str):  # the chunk failed for good: its files are reported, not lost
+            logger.error("a chunk of %d files failed: %s", len(rels), part)
+            results += [
+                FileResult(display_path(rel), "failed", f"chunk failed: {part}") for rel in rels
+            ]
+        else:
+            results += [FileResult(**r) for r in part]
     return _report(
         results,
         input_dir,

@@ -110,8 +110,9 @@ def download_dataset(data: DataConfig, store_root: str) -> dict:
         manifest = fetch_dataset(
             data.dataset, data.source, folders[0], log=logger, test_dataset=data.test_dataset
         )
-        for folder in folders:
-            stage.push(folder, last=("manifest.json",))  # only what was fetched; the manifest last
+        for folder in folders:  # only what was fetched; the manifest last
+            stage.store_json_urls(folder / "manifest.json")
+            stage.push(folder, last=("manifest.json",), retract=True)
         manifest = stage.to_urls(manifest)
     if manifest.get("kind") == "images":
         _publish_images(manifest, logger)

@@ -27,8 +27,14 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
     publisher = Publisher(logger)
     progress = None
 
+    stages: list = []
+
     def on_start(run: CheckpointRun) -> None:
         nonlocal progress
+        if run.resumed and stages and stages[0].syncs:
+            # a resumed run may have saved (even pushed and registered) its model already:
+            # stage it, so that it is reused as it is instead of saved again
+            stages[0].pull(stages[0].model_dir(run.version))
         progress = ProgressArtifact(publisher, "training-progress", f"Training {run.version}")
         progress.update(0.0)
 
@@ -46,6 +52,7 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
     # a remote store's model is made on a local stage, then pushed
     try:
         with store.stage() as stage:
+            stages.append(stage)
             result = train_in_run(
                 shards_dir,
                 training,
