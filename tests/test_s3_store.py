@@ -294,3 +294,93 @@ def test_two_trainings_registering_and_a_promote_loop_on_one_bucket(s3):
     state = read_registry(url)
     assert sorted(state["versions"]) == sorted(names + more)
     assert all(e["version"] in state["versions"] for e in state["history"])
+
+
+def test_a_push_keeps_users_hidden_files_and_drops_only_writers_temporary_files(s3):
+    s3.bucket("bkt")
+    store = Store.at("s3://bkt/s")
+    with store.stage() as stage:
+        folder = stage.pull(stage.downloads("mine"))
+        (folder / ".thumbs").mkdir()
+        (folder / ".thumbs" / "a.png").write_bytes(b"png")
+        (folder / ".b.png.abc123-77-beef.part").write_bytes(b"half")
+        (folder / ".manifest.json.77.tmp").write_bytes(b"{")
+        (folder / "manifest.json").write_text("{}")
+        stage.push(folder)
+    assert store.sizes("s3://bkt/s/downloads/mine") == {".thumbs/a.png": 3, "manifest.json": 2}
+
+
+def test_a_rebuilt_set_retracts_its_manifest_before_replacing_shards(s3, monkeypatch):
+    s3.bucket("bkt")
+    store = Store.at("s3://bkt/s")
+    with store.stage() as stage:
+        folder = stage.pull(stage.shards_root / "set")
+        (folder / "train-00000.parquet").write_bytes(b"old")
+        (folder / "manifest.json").write_text('{"v": 1}')
+        stage.push(folder, last=("manifest.json",), retract=True)
+    events = []
+    fs = store.fs
+    real_put, real_rm = fs.put_file, fs.rm_file
+    monkeypatch.setattr(
+        fs,
+        "put_file",
+        lambda lp, rp, **kw: (
+            events.append(("put", rp.rsplit("/", 1)[-1])),
+            real_put(lp, rp, **kw),
+        ),
+    )
+    monkeypatch.setattr(
+        fs,
+        "rm_file",
+        lambda rp, **kw: (events.append(("rm", rp.rsplit("/", 1)[-1])), real_rm(rp, **kw)),
+    )
+    with store.stage() as stage:
+        folder = stage.pull("s3://bkt/s/shards/set")
+        (folder / "train-00000.parquet").write_bytes(b"new!")
+        (folder / "manifest.json").write_text('{"v": 2}')
+        stage.push(folder, last=("manifest.json",), retract=True)
+    assert events == [
+        ("rm", "manifest.json"),
+        ("put", "train-00000.parquet"),
+        ("put", "manifest.json"),
+    ]
+    # a manifest rewritten with the same bytes (same content, new mtime) is not uploaded again
+    events.clear()
+    with store.stage() as stage:
+        folder = stage.pull("s3://bkt/s/shards/set")
+        (folder / "manifest.json").write_text('{"v": 2}')
+        stage.push(folder, last=("manifest.json",), retract=True)
+    assert events == []
+
+
+def test_a_remote_version_without_its_card_is_not_listed(s3):
+    from artifacts.registry import list_models, resolve_model
+    from denoiser.errors import ModelError
+
+    s3.bucket("bkt")
+    _put_version(s3.fs(), "bkt/s", "20260101-000000-unet-0001", 21.0)
+    s3.fs().pipe_file(
+        "bkt/s/models/20260101-000000-unet-0002/model.keras", b"weights"
+    )  # push cut short
+    assert [m.version for m in list_models("s3://bkt/s")] == ["20260101-000000-unet-0001"]
+    with pytest.raises(ModelError, match="not found"):
+        resolve_model("s3://bkt/s", "20260101-000000-unet-0002")
+
+
+def test_a_card_that_cannot_be_read_stops_a_registration(s3, monkeypatch):
+    import artifacts.registry as registry
+    from denoiser.errors import ModelError
+
+    s3.bucket("bkt")
+    _put_version(s3.fs(), "bkt/s", "20260101-000000-unet-0001", 21.0)
+    real = registry.open_read
+
+    def flaky(location):
+        if str(location).endswith("model.json"):
+            raise ConnectionError("connection reset by peer")
+        return real(location)
+
+    monkeypatch.setattr(registry, "open_read", flaky)
+    with pytest.raises(ModelError, match="cannot read the model card"):
+        registry.register_model("s3://bkt/s", "s3://bkt/s/models/20260101-000000-unet-0001")
+    assert not s3.fs().exists("bkt/s/models/registry.json")  # no decision taken on an unread card
