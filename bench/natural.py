@@ -314,6 +314,11 @@ def main() -> None:
     )
     parser.add_argument("--save", type=Path, help="save the trained model here (.keras)")
     parser.add_argument(
+        "--score",
+        type=Path,
+        help="score this saved model (.keras, from --save) instead of training one",
+    )
+    parser.add_argument(
         "--threads", type=int, default=0, help="TF intra-op threads (0: TF's default)"
     )
     parser.add_argument(
@@ -349,15 +354,25 @@ def main() -> None:
     rows = {"noisy input": {s: mean_psnr(clean_test, noisy_test[s]) for s in SIGMAS}}
     meta = {"noisy input": {"params": 0, "s_per_512": 0.0}}
 
-    model, curve = train(args, clean_test, noisy_test, log=lambda point: None)
+    if args.score:  # a model saved by an earlier run (--save): scored, not trained
+        from denoiser.models import load_model
+
+        model = load_model(args.score)
+        curve = [{"minutes": float("nan")}]
+    else:
+        model, curve = train(args, clean_test, noisy_test, log=lambda point: None)
     from denoiser.models import architecture_recipe
 
     multiple = int(architecture_recipe(args.architecture).get("size_multiple", 1))
     predict = lambda plane: denoise_whole(model, plane, multiple)  # noqa: E731
-    label = f"{args.architecture} blind, {curve[-1]['minutes']:g} min (measured)"
+    label = (
+        f"{args.architecture} blind, {Path(args.score).name} (measured)"
+        if args.score
+        else f"{args.architecture} blind, {curve[-1]['minutes']:g} min (measured)"
+    )
     rows[label] = score_model(predict, clean_test, noisy_test, SIGMAS)
     meta[label] = {"params": model.count_params(), "s_per_512": seconds_per_512(predict)}
-    if args.save:
+    if args.save and not args.score:
         model.save(args.save)
 
     if args.mnist_model:
