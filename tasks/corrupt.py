@@ -185,7 +185,8 @@ def write_noisy_shards(
             write(out, dataset, noise, train_limit, test_limit, logger)
             stage.store_json_urls(out / "manifest.json")
             stage.push(out, last=("manifest.json",), retract=True)
-            logger.info("stored the shard set in %s", where)
+            if stage.syncs:
+                logger.info("stored the shard set in %s", where)
     _publish(where, dataset["dataset"], noise)
     return where
 
