@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -89,17 +90,43 @@ class PrefectServer:
         self.log.close()
 
 
+def _atomic_writes(app):
+    """The WSGI app with writes (PUT, POST, DELETE) one at a time. moto checks
+    a conditional PUT's If-Match and stores the object without a lock, so
+    racing writers can both win: 8 threads x 50 If-Match increments of one
+    object ended at 399 after 400 successful PUTs (measured, moto 5.2.1). S3
+    itself makes the check and the write one step; so does this."""
+    lock = threading.Lock()
+
+    def wrapped(environ, start_response):
+        if environ.get("REQUEST_METHOD") in ("PUT", "POST", "DELETE"):
+            with lock:
+                return list(app(environ, start_response))
+        return app(environ, start_response)
+
+    return wrapped
+
+
 class S3Server:
     """moto's S3 API on a free loopback port (in-process ``mock_aws`` breaks
-    s3fs); :meth:`reset` empties it between tests."""
+    s3fs), with S3's atomic conditional writes; :meth:`reset` empties it
+    between tests."""
 
     def __init__(self):
-        from moto.server import ThreadedMotoServer
+        from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+        from moto.server import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
 
-        logging.getLogger("werkzeug").setLevel(
-            logging.ERROR
-        )  # one access-log line per request otherwise
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        class AtomicMotoServer(ThreadedMotoServer):
+            def _server_entry(self) -> None:
+                app = _atomic_writes(DomainDispatcherApplication(create_backend_app))
+                self._server = make_server(self._ip_address, self._port, app, True)
+                self._server_ready_event.set()
+                self._server.serve_forever()
+
+        # one access-log line per request otherwise
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self.server = AtomicMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
         host, port = self.server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"
