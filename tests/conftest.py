@@ -101,3 +101,16 @@ def s3(s3_server, monkeypatch) -> S3:
     S3FileSystem.clear_instance_cache()
     yield S3(s3_server)
     S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """The URL of one real ``prefect server`` for the session's command-line
+    tests (tests/faults/ has its own, beside a spare one it kills)."""
+    from tests.servers import PrefectServer
+
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-server") / "server")
+    try:
+        yield server.wait_healthy()
+    finally:
+        server.stop()

@@ -19,17 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.faults.harness import command_line, denoise_env, descendants, free_port, tail
-from tests.servers import PrefectServer
 from tests.test_folder import build_folder, identity_model, save_model
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    server = PrefectServer(tmp_path_factory.mktemp("dask-prefect") / "server")
-    try:
-        yield server.wait_healthy()
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,9 @@ from denoiser.errors import ConfigError, ModelError
 from flows.cli import main
 
 
-def make_version(
-    store: Path, version: str, psnr: float, passed: bool = True, data: str = "d1"
-) -> Path:
-    folder = store / "models" / version
-    folder.mkdir(parents=True)
-    (folder / "model.keras").write_bytes(b"weights")  # the registry never loads it
-    card = {
+def version_card(version: str, psnr: float, passed: bool = True, data: str = "d1") -> dict:
+    """The card fields the registry decides on."""
+    return {
         "version": version,
         "architecture": "unet",
         "params": 118945,
@@ -27,7 +23,15 @@ def make_version(
         "metrics": {"psnr_denoised": psnr, "ssim_denoised": 0.9},
         "quality_gate": {"passed": passed, "psnr_gain": psnr - 9.4, "min_psnr_gain": 5.0},
     }
-    (folder / "model.json").write_text(json.dumps(card))
+
+
+def make_version(
+    store: Path, version: str, psnr: float, passed: bool = True, data: str = "d1"
+) -> Path:
+    folder = store / "models" / version
+    folder.mkdir(parents=True)
+    (folder / "model.keras").write_bytes(b"weights")  # the registry never loads it
+    (folder / "model.json").write_text(json.dumps(version_card(version, psnr, passed, data)))
     return folder
 
 
@@ -140,18 +144,13 @@ def _run(target, *args):
     return proc
 
 
-def test_two_processes_registering_lose_no_version_and_the_registry_is_always_valid(tmp_path):
-    rng = random.Random(13)
-    psnrs = rng.sample(range(1500, 2500), 200)
-    names = [f"20260101-000000-unet-{i:04d}" for i in range(200)]
-    for name, psnr in zip(names, psnrs, strict=True):
-        make_version(tmp_path, name, psnr / 100)
+def race_two_registrars(store: str, names: list[str], psnrs: list[float]) -> dict:
+    """Two processes register interleaved halves of ``names`` (already in the
+    store, with ``psnrs``) while a third reads the registry as fast as it can:
+    every read valid, no version lost, the best one production. Returns the state."""
     stop, results = SPAWN.Event(), SPAWN.Queue()
-    poller = _run(_poll_registry, str(tmp_path), stop, results)
-    writers = [
-        _run(_register_all, str(tmp_path), names[0::2]),
-        _run(_register_all, str(tmp_path), names[1::2]),
-    ]
+    poller = _run(_poll_registry, store, stop, results)
+    writers = [_run(_register_all, store, names[0::2]), _run(_register_all, store, names[1::2])]
     for w in writers:
         w.join(300)
     stop.set()
@@ -159,10 +158,37 @@ def test_two_processes_registering_lose_no_version_and_the_registry_is_always_va
     poller.join(60)
     assert [w.exitcode for w in writers] == [0, 0]
     assert errors == [] and reads > 0
-    state = read_registry(tmp_path)
-    assert sorted(state["versions"]) == names
+    state = read_registry(store)
+    assert sorted(state["versions"]) == sorted(names)
     # every decision was taken on the fresh state: the best model won
     assert state["production"] == names[psnrs.index(max(psnrs))]
+    return state
+
+
+def race_register_and_promote(store: str, bases: list[str], names: list[str]) -> dict:
+    """One process registers ``names`` while another promotes ``bases`` by hand
+    in a loop, from the first promotion on: no version lost. Returns the state."""
+    stop, started = SPAWN.Event(), SPAWN.Event()
+    promoter = _run(_promote_until, store, bases, stop, started)
+    writer = _run(_register_all, store, names, started)
+    writer.join(300)
+    stop.set()
+    promoter.join(60)
+    assert (writer.exitcode, promoter.exitcode) == (0, 0)
+    state = read_registry(store)
+    assert set(bases + names) <= set(state["versions"])
+    assert all(e["version"] in state["versions"] for e in state["history"])
+    return state
+
+
+def test_two_processes_registering_lose_no_version_and_the_registry_is_always_valid(tmp_path):
+    rng = random.Random(13)
+    psnrs = [x / 100 for x in rng.sample(range(1500, 2500), 200)]
+    names = [f"20260101-000000-unet-{i:04d}" for i in range(200)]
+    for name, psnr in zip(names, psnrs, strict=True):
+        make_version(tmp_path, name, psnr)
+    state = race_two_registrars(str(tmp_path), names, psnrs)
+    assert sorted(state["versions"]) == names
     assert not list(tmp_path.glob("models/.*.tmp"))
 
 
@@ -173,18 +199,8 @@ def test_registering_while_promoting_by_hand_loses_no_version(tmp_path):
     names = [f"20260101-000000-unet-{i:04d}" for i in range(60)]
     for i, name in enumerate(names):
         make_version(tmp_path, name, 20.0 + i / 100)
-    stop, started = SPAWN.Event(), SPAWN.Event()
-    promoter = _run(_promote_until, str(tmp_path), bases, stop, started)
-    writer = _run(
-        _register_all, str(tmp_path), names, started
-    )  # from the first promotion on: they race
-    writer.join(300)
-    stop.set()
-    promoter.join(60)
-    assert (writer.exitcode, promoter.exitcode) == (0, 0)
-    state = read_registry(tmp_path)
+    state = race_register_and_promote(str(tmp_path), bases, names)
     assert sorted(state["versions"]) == sorted(bases + names)
-    assert all(e["version"] in state["versions"] for e in state["history"])
     assert len(state["history"]) > 10  # the promotions went on while the versions were registered
 
 

@@ -12,22 +12,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from tests.faults.harness import TRAIN_ARGS, denoise_env, tail
-from tests.servers import PrefectServer
 
 STORE = "s3://denoise-e2e/team-store"
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    server = PrefectServer(tmp_path_factory.mktemp("s3-prefect") / "server")
-    try:
-        yield server.wait_healthy()
-    finally:
-        server.stop()
 
 
 class Machine:

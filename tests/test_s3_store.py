@@ -233,29 +233,24 @@ def test_the_cli_turns_a_bad_store_into_one_line_and_exit_2(s3, tmp_path, case):
     ] == []  # nothing written, no local folder named "s3:"
 
 
-def _put_version(fs, bucket_path: str, version: str, psnr: float, data: str = "d1") -> None:
-    card = {
-        "version": version,
-        "architecture": "unet",
-        "params": 118945,
-        "created": version,
-        "data": {"manifest_sha256": data},
-        "metrics": {"psnr_denoised": psnr, "ssim_denoised": 0.9},
-        "quality_gate": {"passed": True, "psnr_gain": psnr - 9.4, "min_psnr_gain": 5.0},
-    }
+def _put_version(fs, bucket_path: str, version: str, psnr: float) -> None:
+    from tests.test_registry import version_card
+
     fs.pipe(
         {
             f"{bucket_path}/models/{version}/model.keras": b"weights",
-            f"{bucket_path}/models/{version}/model.json": json.dumps(card).encode(),
+            f"{bucket_path}/models/{version}/model.json": json.dumps(
+                version_card(version, psnr)
+            ).encode(),
         }
     )
 
 
 def test_two_trainings_registering_and_a_promote_loop_on_one_bucket(s3):
     """The local store's race tests (tests/test_registry.py), on S3: two
-    processes register interleaved versions while a third promotes by hand in
-    a loop and a fourth reads the registry as fast as it can."""
-    from tests.test_registry import SPAWN, _poll_registry, _promote_until, _register_all, _run
+    processes register interleaved versions while a third reads the registry
+    as fast as it can; then one registers while another promotes by hand in a loop."""
+    from tests.test_registry import race_register_and_promote, race_two_registrars
 
     s3.bucket("bkt")
     fs, url = s3.fs(), "s3://bkt/shared"
@@ -264,36 +259,12 @@ def test_two_trainings_registering_and_a_promote_loop_on_one_bucket(s3):
     names = [f"20260101-000000-unet-{i:04d}" for i in range(40)]
     for name, psnr in zip(names, psnrs, strict=True):
         _put_version(fs, "bkt/shared", name, psnr)
-    # first the two registering processes alone: the best model must win
-    stop, results = SPAWN.Event(), SPAWN.Queue()
-    poller = _run(_poll_registry, url, stop, results)
-    writers = [_run(_register_all, url, names[0::2]), _run(_register_all, url, names[1::2])]
-    for w in writers:
-        w.join(300)
-    stop.set()
-    reads, errors = results.get(timeout=60)
-    poller.join(60)
-    assert [w.exitcode for w in writers] == [0, 0]
-    assert errors == [] and reads > 0
-    state = read_registry(url)
-    assert sorted(state["versions"]) == names
-    assert state["production"] == names[psnrs.index(max(psnrs))]
-
-    # then registrations racing a promote-by-hand loop: no version lost
-    bases = names[:3]
+    race_two_registrars(url, names, psnrs)
     more = [f"20270101-000000-unet-{i:04d}" for i in range(20)]
     for i, name in enumerate(more):
         _put_version(fs, "bkt/shared", name, 20.0 + i / 100)
-    stop, started = SPAWN.Event(), SPAWN.Event()
-    promoter = _run(_promote_until, url, bases, stop, started)
-    writer = _run(_register_all, url, more, started)
-    writer.join(300)
-    stop.set()
-    promoter.join(60)
-    assert (writer.exitcode, promoter.exitcode) == (0, 0)
-    state = read_registry(url)
+    state = race_register_and_promote(url, names[:3], more)
     assert sorted(state["versions"]) == sorted(names + more)
-    assert all(e["version"] in state["versions"] for e in state["history"])
 
 
 def test_a_push_keeps_users_hidden_files_and_drops_only_writers_temporary_files(s3):
