@@ -417,17 +417,21 @@ def resolve_model(
             hint = " (none passed its quality gate)" if models else ""
             raise ModelError(f"no trained model in {store}{hint}; run `denoise train` first")
         return chosen
-    if Store.at(store).remote and Path(spec).name == spec:  # a version name in a remote store
+    remote = Store.at(store).remote
+    if remote and Path(spec).name == spec:  # a version name in a remote store
         ref = _version_ref(store, spec, production_by_domain(store, read_registry(store)).values())
         if ref is None:
             raise ModelError(f"model {spec!r} not found (not a version in {store})")
         return ref
     models_root = (
-        Store.at(store).models_root if not Store.at(store).remote else Path("/nonexistent")
-    )
-    by_version = models_root / spec
-    named = Path(spec).name == spec and (by_version / "model.keras").is_file()  # a name, not a path
-    path = by_version if named else Path(spec).expanduser()
+        None if remote else Store.at(store).models_root
+    )  # a local path is never in a bucket
+    named = (
+        models_root is not None
+        and Path(spec).name == spec
+        and (models_root / spec / "model.keras").is_file()
+    )  # a name, not a path
+    path = models_root / spec if named else Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model.keras").is_file():
             raise ModelError(f"{path} holds no model.keras")
@@ -439,7 +443,7 @@ def resolve_model(
     if path.suffix != ".keras":
         raise ModelError(f"{path}: not a .keras model file")
     folder = path.parent
-    in_store = folder.resolve().parent == models_root
+    in_store = models_root is not None and folder.resolve().parent == models_root
     productions: set[str] = set()
     if named:
         productions = set(production_by_domain(store, read_registry(store)).values())
