@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from denoiser.errors import ConfigError
-from denoiser.files import is_url
+from denoiser.files import describe_remote_error, is_url
 
 DEFAULT_STORE = "store"
 STORE_ENV = "DENOISE_STORE"
@@ -90,32 +90,6 @@ def _remote_fs(url: str):
         raise StoreError(f"--store {url}: no driver for {scheme}:// ({hint})") from None
     except ValueError as exc:
         raise StoreError(f"--store {url}: {exc}") from None
-
-
-def describe_remote_error(url: str, exc: BaseException) -> str:
-    """One line for an object-storage failure: what is wrong and with which URL."""
-    name = type(exc).__name__
-    text = str(exc).splitlines()[0] if str(exc) else name
-    if isinstance(exc, FileNotFoundError) and "bucket" in text.lower():
-        return f"{url}: the bucket does not exist ({text})"
-    if (
-        isinstance(exc, PermissionError)
-        or "AccessDenied" in text
-        or "InvalidAccessKeyId" in text
-        or "SignatureDoesNotMatch" in text
-        or "Forbidden" in text
-    ):
-        return f"{url}: access denied; check the AWS credentials ({text})"
-    if "NoCredentials" in name or "Unable to locate credentials" in text:
-        return f"{url}: no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or a profile)"
-    if (
-        "EndpointConnectionError" in name
-        or "Could not connect" in text
-        or "Connect" in name
-        or isinstance(exc, ConnectionError | TimeoutError)
-    ):
-        return f"{url}: cannot reach the object-storage endpoint ({text})"
-    return f"{url}: {text}"
 
 
 @dataclass(frozen=True)

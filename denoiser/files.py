@@ -3,6 +3,7 @@ file, and making a rename durable."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
@@ -53,6 +54,33 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def describe_remote_error(url: str, exc: BaseException) -> str:
+    """One line for an object-storage failure: what is wrong and with which URL."""
+    name = type(exc).__name__
+    text = str(exc).splitlines()[0] if str(exc) else name
+    if isinstance(exc, FileNotFoundError) and "bucket" in text.lower():
+        return f"{url}: the bucket does not exist ({text})"
+    if (
+        isinstance(exc, PermissionError)
+        or "AccessDenied" in text
+        or "InvalidAccessKeyId" in text
+        or "SignatureDoesNotMatch" in text
+        or "Forbidden" in text
+    ):
+        return f"{url}: access denied; check the AWS credentials ({text})"
+    if "NoCredentials" in name or "Unable to locate credentials" in text:
+        return f"{url}: no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or a profile)"
+    if (
+        "EndpointConnectionError" in name
+        or "Could not connect" in text
+        or "Connect" in name
+        or isinstance(exc, ConnectionError | TimeoutError)
+    ):
+        return f"{url}: cannot reach the object-storage endpoint ({text})"
+    return f"{url}: {text}"
+
+
+@functools.cache
 def host_tag() -> str:
     """Six hex digits naming this host, so a temporary file's pid is only
     judged on the host it belongs to (folders may be shared between hosts)."""

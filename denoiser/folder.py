@@ -24,6 +24,8 @@ import io
 import json
 import logging
 import os
+import posixpath
+import secrets
 import stat
 import threading
 import time
@@ -37,23 +39,25 @@ import numpy as np
 
 from denoiser.errors import ConfigError, DenoiseError, ImageError
 from denoiser.faults import failpoint
-from denoiser.files import host_tag, is_url, pid_alive
+from denoiser.files import host_tag, pid_alive
 from denoiser.images import (
     IMAGE_SUFFIXES,
     LoadedImage,
     decode_image,
-    encode_image,
+    encode_output,
     output_format,
-    read_bytes,
-    rebuild_image,
     temp_owner,
     write_atomic,
 )
 from denoiser.tiling import Blender, TiledImage, TileSpec, split
+from denoiser.trees import RemoteTree, Tree, open_tree, same_or_inside
 
 logger = logging.getLogger(__name__)
 
 JOURNAL_NAME = ".denoise-journal.jsonl"
+JOURNAL_PARTS = ".denoise-journal.d"  # in object storage: one object per batch of records
+JOURNAL_BATCH = 256  # records written to the journal at once ...
+JOURNAL_SECONDS = 0.25  # ... or after this long, whichever comes first
 JOURNAL_LOCK_NAME = ".denoise-journal.lock"
 JOURNAL_LOCK_TIMEOUT = (
     120.0  # seconds; the lock is only held to append a line or rewrite the journal
@@ -105,9 +109,10 @@ _RECORD_TYPES = {f.name: (int if f.type == "int" else str) for f in fields(Outpu
 
 @dataclass
 class Job:
-    source: Path
+    source: Path | str  # a path in the input tree
     rel: str
-    target: Path
+    target: Path | str  # a path in the output tree
+    target_rel: str
     bytes: int
     reason: str = WHY_NEW
     record: OutputRecord | None = None  # set when only the contents can tell whether to skip
@@ -120,35 +125,26 @@ class Job:
     blender: Blender | None = None
 
 
-def check_folders(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> tuple[Path, Path]:
-    for role, where in (("input", input_dir), ("output", output_dir)):
-        if is_url(where):
+def check_folders(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> tuple[Tree, Tree]:
+    """The input and output trees (local folders or object-storage prefixes);
+    a ConfigError when the input is missing or the output would hold it."""
+    src = open_tree(input_dir, "input", must_exist=True)
+    dst = open_tree(output_dir, "output", must_exist=False)
+    if same_or_inside(src, dst):
+        if str(src.root) == str(dst.root):
             raise ConfigError(
-                f"{role} folder {where}: folders in object storage are not supported yet; "
-                "give a local or shared-file-system folder (the store may be a bucket)"
+                "the output folder is the input folder; give another one (the input is never written)"
             )
-    src = Path(input_dir).expanduser()
-    if not src.is_dir():
-        raise ConfigError(f"input folder {src} does not exist or is not a folder")
-    src = src.resolve()
-    dst = Path(output_dir).expanduser().resolve()
-    if dst == src:
-        raise ConfigError(
-            "the output folder is the input folder; give another one (the input is never written)"
-        )
-    if dst in src.parents:
         raise ConfigError(
             f"the output folder {display_path(str(dst))} contains the input folder "
             f"{display_path(str(src))}; give one outside it (the input is never written)"
         )
-    if dst.exists() and not dst.is_dir():
-        raise ConfigError(f"output {dst} exists and is not a folder")
     return src, dst
 
 
-def _target(dst_root: Path, rel: str, fmt: str) -> Path:
-    target = dst_root / rel
-    return target.with_suffix(".png") if fmt == "png" else target
+def _target_rel(rel: str, fmt: str) -> str:
+    """The output's path in the output tree: the input's, or with ``.png`` for ``fmt`` png."""
+    return posixpath.splitext(rel)[0] + ".png" if fmt == "png" else rel
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -156,22 +152,38 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def scan(
-    src: Path,
-    dst: Path,
+    src: Tree,
+    dst: Tree,
     pattern: str = "*",
     fmt: str = "same",
     overwrite: bool = False,
     records: dict[str, OutputRecord] | None = None,
 ) -> Iterator[Job | FileResult]:
-    """Walk ``src`` (never following symlinked folders); yield work or verdicts.
+    """Walk the input tree; yield work or verdicts.
 
     ``records`` (from the output folder's journal) say what each existing
     output was made from; whether it is still up to date is decided by the
     reader, which hashes the input anyway.
     """
-    records = records or {}
+    if isinstance(src, RemoteTree) or isinstance(dst, RemoteTree):
+        yield from _scan_listing(src, dst, pattern, fmt, overwrite, records or {})
+    else:
+        yield from _scan_local(src.root, dst.root, pattern, fmt, overwrite, records or {})
+
+
+def _scan_local(
+    src: Path,
+    dst: Path,
+    pattern: str,
+    fmt: str,
+    overwrite: bool,
+    records: dict[str, OutputRecord],
+) -> Iterator[Job | FileResult]:
+    """A local input into a local output: symlinked folders are never
+    followed, symlinks out of the input and outputs through symlinked folders
+    out of the output are refused."""
     writable: dict[Path, bool] = {}  # output folders, resolved once each
-    claimed: dict[Path, str] = {}  # output -> the input it is made from (x.jpg and x.png -> x.png)
+    claimed: dict[str, str] = {}  # output -> the input it is made from (x.jpg and x.png -> x.png)
     stack = [src]
     while stack:
         folder = stack.pop()
@@ -215,7 +227,8 @@ def scan(
                 if path.suffix.lower() not in IMAGE_SUFFIXES:
                     yield FileResult(shown, "skipped", "not an image file type", bytes=st.st_size)
                     continue
-                target_path = _target(dst, rel, fmt)
+                target_rel = _target_rel(rel, fmt)
+                target_path = dst / target_rel
                 parent = target_path.parent
                 if parent not in writable:
                     writable[parent] = _inside(parent.resolve(), dst)
@@ -228,44 +241,135 @@ def scan(
                         st.st_size,
                     )
                     continue
-                if target_path in claimed:
-                    yield FileResult(
-                        shown,
-                        "failed",
-                        f"its output {display_path(os.path.relpath(target_path, dst))} "
-                        f"is already the output of {claimed[target_path]}; not written",
-                        st.st_size,
-                    )
+                if clash := _claim(claimed, target_rel, shown, st.st_size):
+                    yield clash
                     continue
-                claimed[target_path] = shown
-                yield _job(path, rel, target_path, st.st_size, dst, overwrite, records)
+                yield _job(
+                    path,
+                    rel,
+                    target_path,
+                    target_rel,
+                    st.st_size,
+                    target_path.exists(),
+                    overwrite,
+                    records,
+                )
             except OSError as exc:
                 yield FileResult(shown, "failed", f"cannot stat: {exc.strerror or exc}")
         stack.extend(reversed(subdirs))
 
 
+def _claim(claimed: dict[str, str], target_rel: str, shown: str, size: int) -> FileResult | None:
+    """None when the output is free (it is now this input's), else the verdict."""
+    if target_rel in claimed:
+        return FileResult(
+            shown,
+            "failed",
+            f"its output {display_path(target_rel)} is already the output of "
+            f"{claimed[target_rel]}; not written",
+            size,
+        )
+    claimed[target_rel] = shown
+    return None
+
+
+def _scan_listing(
+    src: Tree,
+    dst: Tree,
+    pattern: str,
+    fmt: str,
+    overwrite: bool,
+    records: dict[str, OutputRecord],
+) -> Iterator[Job | FileResult]:
+    """Any pair with an object-storage side: one listing of each tree (no
+    request per file). In object storage there are no symlinks; the output
+    prefix is skipped when it lies inside the input."""
+    inputs = _listing(src)
+    outputs = _listing(dst)
+    skip = None
+    if same_or_inside(dst, src):
+        skip = posixpath.relpath(str(dst.root), str(src.root)) + "/"
+    claimed: dict[str, str] = {}
+    for rel in sorted(inputs):
+        size = inputs[rel]
+        if skip and rel.startswith(skip):
+            continue
+        name = posixpath.basename(rel)
+        if not fnmatch.fnmatch(name, pattern):
+            continue
+        shown = display_path(rel)
+        if size == NOT_REGULAR:
+            yield FileResult(shown, "failed", "not a regular file (symlinks are not followed here)")
+            continue
+        if posixpath.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+            yield FileResult(shown, "skipped", "not an image file type", bytes=size)
+            continue
+        target_rel = _target_rel(rel, fmt)
+        if clash := _claim(claimed, target_rel, shown, size):
+            yield clash
+            continue
+        yield _job(
+            src.path(rel),
+            rel,
+            dst.path(target_rel),
+            target_rel,
+            size,
+            target_rel in outputs,
+            overwrite,
+            records,
+        )
+
+
+NOT_REGULAR = -1
+
+
+def _listing(tree: Tree) -> dict[str, int]:
+    """Every file under a tree, relative path -> size (for a local tree,
+    NOT_REGULAR for symlinks and other non-regular files: not followed)."""
+    if isinstance(tree, RemoteTree):
+        return tree.listing()
+    found: dict[str, int] = {}
+    if not tree.root.is_dir():
+        return found
+    for dirpath, _, names in os.walk(tree.root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            rel = os.path.relpath(path, tree.root).replace(os.sep, "/")
+            found[rel] = st.st_size if stat.S_ISREG(st.st_mode) else NOT_REGULAR
+    return found
+
+
 def _job(
-    path: Path,
+    source: Path | str,
     rel: str,
-    target: Path,
-    size: int,
-    dst: Path,
+    target: Path | str,
+    target_rel: str,
+    size: int | None,
+    exists: bool | None,
     overwrite: bool,
     records: dict[str, OutputRecord],
 ) -> Job:
     """The work for one input, with why it is done (or the record that the
-    reader, which hashes the input anyway, compares to decide skipping)."""
-    job = Job(path, rel, target, size)
+    reader, which hashes the input anyway, compares to decide skipping).
+    ``size`` and ``exists`` None: not known before reading (object storage
+    asked nothing per file); a record then decides, checked by the reader."""
+    job = Job(source, rel, target, target_rel, size)
+    record = records.get(target_rel)
     if overwrite:
         job.reason = WHY_OVERWRITE
-    elif target.exists():
-        record = records.get(os.path.relpath(target, dst))
-        if record is None or record.input != rel:
+    elif exists is False:
+        pass  # WHY_NEW
+    elif record is None or record.input != rel:
+        if exists:
             job.reason = WHY_NO_RECORD
-        elif record.input_size != size:
-            job.reason = WHY_INPUT_CHANGED
-        else:
-            job.record = record
+    elif size is not None and record.input_size != size:
+        job.reason = WHY_INPUT_CHANGED
+    else:
+        job.record = record
     return job
 
 
@@ -297,12 +401,10 @@ def plan_folder(
     if chunk_files < 1:
         raise ConfigError(f"--chunk-files must be at least 1, not {chunk_files}")
     src, dst = check_folders(input_dir, output_dir)
-    items = list(
-        scan(src, dst, pattern, fmt, overwrite, Journal(dst).read() if dst.is_dir() else {})
-    )
+    journal = journal_for(dst)
+    items = list(scan(src, dst, pattern, fmt, overwrite, journal.read()))
     rels = [i.rel for i in items if isinstance(i, Job)]
-    dst.mkdir(parents=True, exist_ok=True)
-    if stale := remove_stale_parts(dst):
+    if stale := prepare_output(dst):
         logger.info("removed %d temporary files left by an interrupted run", stale)
     return FolderPlan(
         [i for i in items if isinstance(i, FileResult)],
@@ -325,32 +427,57 @@ def denoise_chunk_files(
     """Denoise one chunk of a :class:`FolderPlan`, with the same rules as
     :func:`denoise_tree` (skips by the journal, atomic outputs, per-file
     verdicts). A file gone or changed into something else since the plan is
-    reported, not fatal."""
+    reported, not fatal. In object storage nothing is asked per file before
+    it is read (no HEAD): its size and its output's state come from reading."""
     src, dst = check_folders(input_dir, output_dir)
-    journal = Journal(dst)
+    journal = journal_for(dst)
     records = journal.read()
     jobs: list[Job] = []
     results: list[FileResult] = []
     for rel in rels:
-        path = src / rel
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            results.append(
-                FileResult(display_path(rel), "failed", f"cannot stat: {exc.strerror or exc}")
+        target_rel = _target_rel(rel, fmt)
+        if isinstance(src, RemoteTree) or isinstance(dst, RemoteTree):
+            size, exists = None, None
+        else:
+            try:
+                size = os.stat(src.path(rel)).st_size
+            except OSError as exc:
+                results.append(
+                    FileResult(display_path(rel), "failed", f"cannot stat: {exc.strerror or exc}")
+                )
+                continue
+            exists = dst.exists(dst.path(target_rel))
+        jobs.append(
+            _job(
+                src.path(rel),
+                rel,
+                dst.path(target_rel),
+                target_rel,
+                size,
+                exists,
+                overwrite,
+                records,
             )
-            continue
-        jobs.append(_job(path, rel, _target(dst, rel, fmt), st.st_size, dst, overwrite, records))
-    return _run(jobs, results, len(rels), journal, predict, spec, fmt, 2, 2, 512, on_result)
+        )
+    return _run(jobs, results, len(rels), src, dst, journal, predict, spec, fmt, on_result)
 
 
 def compact_journal(output_dir: str | os.PathLike) -> None:
     """One record per existing output, after a run (best effort: appended lines stay valid)."""
-    journal = Journal(Path(output_dir).expanduser().resolve())
+    journal = journal_for(open_tree(output_dir, "output", must_exist=False))
     try:
         journal.compact()
     except (OSError, DenoiseError, TimeoutError) as exc:
-        logger.warning("could not compact %s: %s", journal.path, exc)
+        logger.warning("could not compact the journal of %s: %s", output_dir, exc)
+
+
+def prepare_output(dst: Tree) -> int:
+    """Make the output folder (local) and remove the temporary files killed
+    writers left in it; how many. Objects have no temporary names."""
+    if isinstance(dst, RemoteTree):
+        return 0
+    dst.root.mkdir(parents=True, exist_ok=True)
+    return remove_stale_parts(dst.root)
 
 
 def temp_abandoned(name: str, mtime: float, now: float) -> bool:
@@ -402,23 +529,24 @@ def parse_journal(data: bytes) -> dict[str, OutputRecord]:
 
 
 def format_record(record: OutputRecord) -> bytes:
-    return json.dumps(asdict(record)).encode("ascii") + b"\n"
+    return (
+        json.dumps({name: getattr(record, name) for name in _RECORD_TYPES}).encode("ascii") + b"\n"
+    )
 
 
 class Journal:
     """The output folder's record of finished outputs (JOURNAL_NAME): one JSON
-    line per output, appended as outputs are written, compacted at the end of
-    a run. A lock file serialises appends and rewrites, so runs into the same
-    output folder at the same time lose none of each other's lines."""
+    line per output, appended in batches as outputs are written, compacted at
+    the end of a run. A lock file serialises appends and rewrites, so runs
+    into the same output folder at the same time lose none of each other's lines."""
 
     def __init__(self, dst: Path):
         from filelock import FileLock
 
         self.root = dst
         self.path = dst / JOURNAL_NAME
-        self._mutex = (
-            threading.Lock()
-        )  # the file lock is per process; this one orders the writer threads
+        # the file lock is per process; this one orders the writer threads
+        self._mutex = threading.Lock()
         self._lock = FileLock(
             dst / JOURNAL_LOCK_NAME, timeout=JOURNAL_LOCK_TIMEOUT, thread_local=False
         )
@@ -429,15 +557,15 @@ class Journal:
         except (FileNotFoundError, NotADirectoryError):
             return {}
 
-    def append(self, record: OutputRecord) -> None:
-        line = format_record(record)
+    def append(self, records: list[OutputRecord]) -> None:
+        lines = b"".join(format_record(r) for r in records)
         with self._mutex, self._lock:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
             try:
                 size = os.fstat(fd).st_size
                 if size and os.pread(fd, 1, size - 1) != b"\n":
-                    line = b"\n" + line  # a torn last line stays a line of its own
-                view = memoryview(line)
+                    lines = b"\n" + lines  # a torn last line stays a line of its own
+                view = memoryview(lines)
                 while view:
                     view = view[os.write(fd, view) :]
             finally:
@@ -461,15 +589,88 @@ class Journal:
             return True
 
 
-def output_matches(target: Path, record: OutputRecord) -> bool:
-    """Whether the output file still holds exactly the bytes recorded for it."""
-    try:
-        with open(target, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size != record.output_size:
-                return False
-            return hashlib.file_digest(fh, "sha256").hexdigest() == record.output_sha256
-    except OSError:
-        return False
+class RemoteJournal:
+    """The journal of an output prefix in object storage, where nothing can be
+    appended to: each batch of records is an object of its own under
+    JOURNAL_PARTS (named by time, so later records win), and compaction merges
+    them into JOURNAL_NAME and deletes the parts it merged. Concurrent runs
+    write different parts; a record lost to a race between two compactions
+    only means its output is made again."""
+
+    def __init__(self, tree: RemoteTree):
+        self.tree = tree
+        self.path = tree.path(JOURNAL_NAME)
+
+    def _read_all(self) -> tuple[dict[str, OutputRecord], list[str], bytes]:
+        parts = sorted(
+            self.tree.path(rel)
+            for rel in self.tree.listing(JOURNAL_PARTS)
+            if rel.endswith(".jsonl")
+        )
+        got = self.tree.read_many([self.path, *parts])
+        main = got.get(self.path)
+        main = main if isinstance(main, bytes) else b""
+        chunks = [main] + [got[p] for p in parts if isinstance(got.get(p), bytes)]
+        data = b"\n".join(chunks)
+        return parse_journal(data), [p for p in parts if isinstance(got.get(p), bytes)], main
+
+    def read(self) -> dict[str, OutputRecord]:
+        return self._read_all()[0]
+
+    def append(self, records: list[OutputRecord]) -> None:
+        name = f"{time.time_ns():020d}-{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
+        self.tree.write(
+            self.tree.path(f"{JOURNAL_PARTS}/{name}"), b"".join(map(format_record, records))
+        )
+
+    def compact(self) -> bool:
+        records, parts, main = self._read_all()
+        existing = self.tree.listing()
+        compacted = b"".join(format_record(r) for r in records.values() if r.output in existing)
+        if compacted == main and not parts:
+            return False
+        if compacted != main:
+            self.tree.write(self.path, compacted)
+        self.tree.remove(parts)
+        return True
+
+
+def journal_for(dst: Tree) -> Journal | RemoteJournal:
+    return RemoteJournal(dst) if isinstance(dst, RemoteTree) else Journal(dst.root)
+
+
+class JournalWriter:
+    """Records of finished outputs, written to the journal in batches
+    (JOURNAL_BATCH records or JOURNAL_SECONDS, whichever first), each batch
+    only after the outputs it names are durable. A crash loses at most the
+    records of the last batch: those outputs are made again by the next run."""
+
+    def __init__(self, dst: Tree, journal: Journal | RemoteJournal):
+        self.dst = dst
+        self.journal = journal
+        self.pending: list[OutputRecord] = []
+        self.lock = threading.Lock()
+        self.flushing = threading.Lock()
+        self.since = time.monotonic()
+
+    def add(self, record: OutputRecord) -> None:
+        with self.lock:
+            self.pending.append(record)
+            due = (
+                len(self.pending) >= JOURNAL_BATCH
+                or time.monotonic() - self.since > JOURNAL_SECONDS
+            )
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.flushing:
+            with self.lock:
+                batch, self.pending = self.pending, []
+                self.since = time.monotonic()
+            if batch:
+                self.dst.flush()
+                self.journal.append(batch)
 
 
 class BatchPredictor:
@@ -499,18 +700,32 @@ class BatchPredictor:
         return out
 
 
-def _load(job: Job, spec: TileSpec) -> Job:
+def _read(tree: Tree, path) -> bytes:
+    """An input's bytes; an ImageError saying why they cannot be read."""
+    try:
+        return tree.read(path)
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except IsADirectoryError:
+        raise ImageError("not a regular file") from None
+    except FileNotFoundError:
+        raise ImageError("cannot read: no such file (gone since the scan)") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read: {exc.strerror or exc}") from None
+
+
+def _load(job: Job, spec: TileSpec, src: Tree, dst: Tree) -> Job:
     """Read the input once: hash it, decide whether its output is up to date,
     else decode it from memory and cut it into tiles."""
     job.started = time.perf_counter()
-    data = read_bytes(job.source)
-    job.input_size = len(data)
+    data = _read(src, job.source)
+    job.bytes = job.input_size = len(data)
     job.input_sha256 = hashlib.sha256(data).hexdigest()
     record = job.record
     if record is not None:
         if (job.input_size, job.input_sha256) != (record.input_size, record.input_sha256):
             job.reason = WHY_INPUT_CHANGED
-        elif output_matches(job.target, record):
+        elif dst.matches(job.target, record.output_size, record.output_sha256):
             job.up_to_date = True
             return job
         else:
@@ -522,15 +737,16 @@ def _load(job: Job, spec: TileSpec) -> Job:
     return job
 
 
-def _save(job: Job, fmt: str, journal: Journal) -> FileResult:
+def _save(job: Job, fmt: str, dst: Tree, writer: JournalWriter) -> FileResult:
     loaded = job.loaded
-    img = rebuild_image(loaded, job.blender.result())
-    data = encode_image(img, output_format(job.source, loaded.format, fmt))
-    write_atomic(job.target, data)
+    data = encode_output(
+        loaded, job.blender.result(), output_format(Path(job.rel), loaded.format, fmt)
+    )
+    dst.write(job.target, data)
     failpoint("folder.after_output")
-    journal.append(
+    writer.add(
         OutputRecord(
-            os.path.relpath(job.target, journal.root),
+            job.target_rel,
             job.rel,
             job.input_size,
             job.input_sha256,
@@ -548,7 +764,7 @@ def _save(job: Job, fmt: str, journal: Journal) -> FileResult:
         w,
         h,
         round((time.perf_counter() - job.started) * 1000, 1),
-        display_path(str(job.target)),
+        display_path(dst.show(job.target)),
         job.reason,
     )
     job.loaded = job.tiled = job.blender = None  # free the pixels now
@@ -564,12 +780,10 @@ def denoise_tree(
     pattern: str = "*",
     fmt: str = "same",
     overwrite: bool = False,
-    readers: int = 2,
-    writers: int = 2,
-    max_pending: int = 512,
     on_result: Callable[[FileResult, int, int], None] | None = None,
 ) -> list[FileResult]:
-    """Denoise every image under ``input_dir`` into ``output_dir``.
+    """Denoise every image under ``input_dir`` into ``output_dir`` (each a
+    local folder or an object-storage prefix).
 
     An image is skipped while its output exists and both still match the
     output's record in the journal (``overwrite`` redoes everything); each
@@ -581,50 +795,61 @@ def denoise_tree(
     if fmt not in ("same", "png"):
         raise ConfigError(f"format must be 'same' or 'png', not {fmt!r}")
     src, dst = check_folders(input_dir, output_dir)
-    journal = Journal(dst)
+    journal = journal_for(dst)
     items = list(scan(src, dst, pattern, fmt, overwrite, journal.read()))
     jobs = [i for i in items if isinstance(i, Job)]
     results: list[FileResult] = [i for i in items if isinstance(i, FileResult)]
-    total = len(items)
-    dst.mkdir(parents=True, exist_ok=True)
-    if stale := remove_stale_parts(dst):
+    if stale := prepare_output(dst):
         logger.info("removed %d temporary files left by an interrupted run", stale)
     try:
-        return _run(
-            jobs,
-            results,
-            total,
-            journal,
-            predict,
-            spec,
-            fmt,
-            readers,
-            writers,
-            max_pending,
-            on_result,
-        )
+        return _run(jobs, results, len(items), src, dst, journal, predict, spec, fmt, on_result)
     finally:
         try:
             journal.compact()
-        except (
-            OSError,
-            DenoiseError,
-            TimeoutError,
-        ) as exc:  # the appended lines stay valid as they are
-            logger.warning("could not compact %s: %s", journal.path, exc)
+        except (OSError, DenoiseError, TimeoutError) as exc:  # appended lines stay valid
+            logger.warning("could not compact the journal of %s: %s", dst, exc)
+
+
+MAX_PENDING_TILES = 512 * 64  # tiles read ahead and waiting for a batch: bounds memory
+READ_AHEAD_BYTES = 16 << 20  # encoded input bytes being read and decoded at once ...
+READ_AHEAD_FILES = 1024  # ... in at most this many files
+UNKNOWN_SIZE = 1 << 20  # what an input of unknown size counts for in that budget
 
 
 def _run(
     jobs: list[Job],
     results: list[FileResult],
     total: int,
-    journal: Journal,
+    src: Tree,
+    dst: Tree,
+    journal: Journal | RemoteJournal,
+    predict: BatchPredictor,
+    spec: TileSpec,
+    fmt: str,
+    on_result: Callable[[FileResult, int, int], None] | None,
+) -> list[FileResult]:
+    readers, writers = src.threads, dst.threads
+    writer = JournalWriter(dst, journal)
+    try:
+        return _pipeline(
+            jobs, results, total, src, dst, writer, predict, spec, fmt, readers, writers, on_result
+        )
+    finally:
+        writer.flush()  # the records of every output written, whatever ended the run
+
+
+def _pipeline(
+    jobs: list[Job],
+    results: list[FileResult],
+    total: int,
+    src: Tree,
+    dst: Tree,
+    writer: JournalWriter,
     predict: BatchPredictor,
     spec: TileSpec,
     fmt: str,
     readers: int,
     writers: int,
-    max_pending: int,
     on_result: Callable[[FileResult, int, int], None] | None,
 ) -> list[FileResult]:
     for r in results:
@@ -664,7 +889,7 @@ def _run(
             outputs = predict(tiles)[..., 0]
             for (job, i), out in zip(take, outputs, strict=True):
                 if job.blender.add(i, out):
-                    fut = writer_pool.submit(_save, job, fmt, journal)
+                    fut = writer_pool.submit(_save, job, fmt, dst, writer)
                     fut.job = job  # type: ignore[attr-defined]
                     writes.append(fut)
             drain_writes(block=False)
@@ -673,19 +898,28 @@ def _run(
         ThreadPoolExecutor(readers, thread_name_prefix="read") as reader_pool,
         ThreadPoolExecutor(writers, thread_name_prefix="write") as writer_pool,
     ):
-        reads: deque[tuple[Job, Future]] = deque()
+        reads: deque[tuple[Job, Future, int]] = deque()
         queue_iter = iter(jobs)
         pending_tiles = 0
+        reading = 0  # bytes of the inputs being read and decoded
         try:
             while True:
-                while len(reads) < readers * 4 and pending_tiles < max_pending * 64:
+                # read ahead enough for the readers to stay busy while the model
+                # runs a batch, within a budget of input bytes (bounds memory)
+                while (
+                    len(reads) < readers * 4
+                    or (reading < READ_AHEAD_BYTES and len(reads) < READ_AHEAD_FILES)
+                ) and pending_tiles < MAX_PENDING_TILES:
                     job = next(queue_iter, None)
                     if job is None:
                         break
-                    reads.append((job, reader_pool.submit(_load, job, spec)))
+                    size = job.bytes if job.bytes is not None else UNKNOWN_SIZE
+                    reading += size
+                    reads.append((job, reader_pool.submit(_load, job, spec, src, dst), size))
                 if not reads:
                     break
-                job, fut = reads.popleft()
+                job, fut, size = reads.popleft()
+                reading -= size
                 try:
                     fut.result()
                 except ImageError as exc:
@@ -715,7 +949,7 @@ def _run(
                 pending_tiles = sum(len(q) for q in groups.values())
                 run_group(shape, force=False)
                 # keep memory bounded: too many part-done images -> flush the fullest group
-                if sum(len(q) for q in groups.values()) > max_pending * 64 or len(groups) > 8:
+                if sum(len(q) for q in groups.values()) > MAX_PENDING_TILES or len(groups) > 8:
                     biggest = max(groups, key=lambda s: len(groups[s]))
                     run_group(biggest, force=True)
                 pending_tiles = sum(len(q) for q in groups.values())

@@ -19,12 +19,15 @@ import numpy as np
 class TileSpec:
     """How a model wants its input: ``tile`` x ``tile`` pieces overlapping by
     ``overlap``, or (``whole_max`` > 0) whole images up to that side, padded
-    to a multiple of ``multiple``."""
+    to a multiple of ``multiple``. With ``fit`` (models of any input size)
+    each side of an image is cut into the fewest equal tiles of at most
+    ``tile`` that overlap by at least ``overlap``, so little is computed twice."""
 
     tile: int
     overlap: int
     multiple: int = 1
     whole_max: int = 0
+    fit: bool = False  # tiles sized to the image, at most ``tile``: as few pixels as can be
 
     def __post_init__(self):
         if self.tile < 1 or not 0 <= self.overlap < self.tile:
@@ -34,7 +37,7 @@ class TileSpec:
 def tile_spec_for(recipe: dict) -> TileSpec:
     if recipe.get("fully_convolutional"):
         m = int(recipe.get("size_multiple", 1))
-        return TileSpec(tile=256, overlap=32, multiple=m, whole_max=512)
+        return TileSpec(tile=768, overlap=32, multiple=m, whole_max=512, fit=True)
     h = int(recipe["input_shape"][0])
     return TileSpec(tile=h, overlap=h // 2)
 
@@ -82,6 +85,18 @@ class TiledImage:
         return len(self.positions)
 
 
+def _fit_axis(length: int, spec: TileSpec) -> tuple[int, list[int]]:
+    """The tile length (a multiple of ``spec.multiple``) and origins that
+    cover ``length`` with the fewest tiles of at most ``spec.tile``."""
+    m, tile, overlap = spec.multiple, spec.tile, spec.overlap
+    if length <= tile:
+        return -(-length // m) * m, [0]
+    n = -(-(length - overlap) // (tile - overlap))
+    t = -(-(length + (n - 1) * overlap) // n)
+    t = -(-t // m) * m
+    return t, starts(length, t, overlap)
+
+
 def split(plane: np.ndarray, spec: TileSpec) -> TiledImage:
     plane = np.asarray(plane, dtype=np.float32)
     h, w = plane.shape
@@ -90,6 +105,12 @@ def split(plane: np.ndarray, spec: TileSpec) -> TiledImage:
         ph, pw = (-h) % m, (-w) % m
         padded = pad_bottom_right(plane, ph, pw)
         return TiledImage((h, w), padded.shape, padded.shape, [(0, 0)], padded[None])
+    if spec.fit:
+        (th, ys), (tw, xs) = _fit_axis(h, spec), _fit_axis(w, spec)
+        padded = pad_bottom_right(plane, max(th - h, 0), max(tw - w, 0))
+        positions = [(y, x) for y in ys for x in xs]
+        tiles = np.stack([padded[y : y + th, x : x + tw] for y, x in positions])
+        return TiledImage((h, w), padded.shape, (th, tw), positions, tiles)
     th = tw = spec.tile
     ph, pw = max(th - h, 0), max(tw - w, 0)
     padded = pad_bottom_right(plane, ph, pw)
@@ -100,29 +121,35 @@ def split(plane: np.ndarray, spec: TileSpec) -> TiledImage:
 
 
 class Blender:
-    """Accumulates weighted tile outputs of one image."""
+    """Accumulates weighted tile outputs of one image (an image that is one
+    tile is its output: nothing to blend)."""
 
     def __init__(self, tiled: TiledImage):
         self.tiled = tiled
-        self.acc = np.zeros(tiled.padded, dtype=np.float32)
-        self.weight = np.zeros(tiled.padded, dtype=np.float32)
-        th, tw = tiled.tile_shape
-        self.win = (
-            np.outer(window(th), window(tw)) if len(tiled) > 1 else np.ones((th, tw), np.float32)
-        )
         self.remaining = len(tiled)
+        self.single: np.ndarray | None = None
+        if len(tiled) > 1:
+            th, tw = tiled.tile_shape
+            self.acc = np.zeros(tiled.padded, dtype=np.float32)
+            self.weight = np.zeros(tiled.padded, dtype=np.float32)
+            self.win = np.outer(window(th), window(tw))
 
     def add(self, index: int, output: np.ndarray) -> bool:
         """Blend tile ``index``'s output; True when the image is complete."""
-        y, x = self.tiled.positions[index]
-        th, tw = self.tiled.tile_shape
-        self.acc[y : y + th, x : x + tw] += output * self.win
-        self.weight[y : y + th, x : x + tw] += self.win
+        if len(self.tiled) == 1:
+            self.single = np.asarray(output, dtype=np.float32)
+        else:
+            y, x = self.tiled.positions[index]
+            th, tw = self.tiled.tile_shape
+            self.acc[y : y + th, x : x + tw] += output * self.win
+            self.weight[y : y + th, x : x + tw] += self.win
         self.remaining -= 1
         return self.remaining == 0
 
     def result(self) -> np.ndarray:
         h, w = self.tiled.shape
+        if self.single is not None:
+            return self.single[:h, :w]
         return (self.acc / self.weight)[:h, :w]
 
 

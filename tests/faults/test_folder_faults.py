@@ -35,6 +35,8 @@ MISSED = re.compile(
     r"(?i)(prefect|\bui\b|\bapi\b|server).*(miss|unreachable|not reach|lost|could not|cannot)"
 )
 
+REDO_AFTER_A_KILL = 4  # 2 writers: 2 outputs not yet recorded + 2 in the unwritten batch
+
 
 def outputs(out: Path) -> dict:
     """Finished outputs (final names) in OUT."""
@@ -81,8 +83,10 @@ def test_signal_in_a_folder_run(sig, denoise, model_store, noisy_folder, scenari
     if expect_success(scenario, rerun, "the rerun"):
         check_outputs(scenario, noisy_folder, out, ignore=mine)
         check_store(scenario, model_store)
-    # a kill between an output's rename and its record may leave it to be redone
-    check_unchanged(scenario, done, out, "outputs", redo_allowed=2)
+    # records are written in batches (JOURNAL_SECONDS apart at most): a kill loses
+    # the batch being gathered and the outputs between rename and record, which
+    # are redone; paced at 0.3 s an output per writer, that is at most 2 + 2
+    check_unchanged(scenario, done, out, "outputs", redo_allowed=REDO_AFTER_A_KILL)
     check_unchanged(scenario, mine, out, "the user's files in OUT")
     check_input_untouched(scenario, inputs, noisy_folder)
     scenario.assert_ok()
@@ -113,7 +117,7 @@ def test_full_disk_during_a_folder_run(
     if expect_success(scenario, rerun, "the rerun after space came back"):
         check_outputs(scenario, noisy_folder, out)
         check_store(scenario, model_store)
-    check_unchanged(scenario, done, out, "outputs", redo_allowed=2)
+    check_unchanged(scenario, done, out, "outputs", redo_allowed=REDO_AFTER_A_KILL)
     check_input_untouched(scenario, inputs, noisy_folder)
     scenario.assert_ok()
 

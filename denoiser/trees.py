@@ -1,0 +1,219 @@
+"""The input and output folders of a folder run: a local folder or a prefix
+in object storage (``s3://bucket/noisy``), behind one small interface.
+
+A tree reads and writes whole files by their path inside it. Writes are
+atomic on both: locally a unique temporary name renamed into place (made
+durable in batches by :meth:`LocalTree.flush`, not one fsync per file), in
+object storage one PUT per object. Object-storage calls block on fsspec's IO
+loop without holding the GIL, so reader and writer threads overlap their
+requests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import os
+import posixpath
+from pathlib import Path
+
+from denoiser.errors import ConfigError
+from denoiser.files import describe_remote_error, is_url
+
+
+class LocalTree:
+    """A folder on a local or shared file system."""
+
+    remote = False
+    threads = 2  # readers and writers each: decoding and encoding hold the GIL
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def rel(self, path: Path) -> str:
+        return os.path.relpath(path, self.root)
+
+    def show(self, path: Path) -> str:
+        return str(path)
+
+    def read(self, path: Path) -> bytes:
+        """A file's bytes (OSError if it cannot be read)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            chunks = []
+            while True:  # until end of file: it may have grown since the fstat
+                block = os.read(fd, max(size, 1 << 16))
+                if not block:
+                    return b"".join(chunks)
+                chunks.append(block)
+        finally:
+            os.close(fd)
+
+    def write(self, path: Path, data: bytes) -> None:
+        from denoiser.images import write_atomic
+
+        write_atomic(path, data, sync=False)
+
+    def exists(self, path: Path) -> bool:
+        return os.path.lexists(path)
+
+    def matches(self, path: Path, size: int, sha256: str) -> bool:
+        """Whether the file holds exactly these bytes."""
+        try:
+            with open(path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size != size:
+                    return False
+                return hashlib.file_digest(fh, "sha256").hexdigest() == sha256
+        except OSError:
+            return False
+
+    def flush(self) -> None:
+        """Make every file written so far durable: one ``syncfs`` of the
+        folder's file system (``sync`` where there is none) instead of an
+        fsync per file, as git's batch mode does."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            if _syncfs is None or _syncfs(fd) != 0:
+                os.sync()
+        finally:
+            os.close(fd)
+
+
+def _load_syncfs():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        return libc.syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_syncfs = _load_syncfs()
+
+
+class RemoteTree:
+    """A prefix in object storage (any fsspec file system), read and written
+    by whole objects; credentials and endpoint come from the environment."""
+
+    remote = True
+    threads = 16  # requests in flight per direction; each thread mostly waits
+
+    def __init__(self, url: str):
+        from fsspec.core import url_to_fs
+
+        self.url = url.rstrip("/")
+        try:
+            self.fs, root = url_to_fs(self.url)
+        except ImportError:
+            scheme = url.split("://", 1)[0]
+            raise ConfigError(
+                f'{url}: no driver for {scheme}:// (pip install -e ".[s3]" for s3://)'
+            ) from None
+        self.root = root.rstrip("/")
+        self.protocol = self.url.split("://", 1)[0]
+
+    def __str__(self) -> str:
+        return self.url
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def rel(self, path: str) -> str:
+        return posixpath.relpath(path, self.root)
+
+    def show(self, path: str) -> str:
+        return f"{self.protocol}://{path}"
+
+    def read(self, path: str) -> bytes:
+        return self.fs.cat_file(path)
+
+    def write(self, path: str, data: bytes) -> None:
+        self.fs.pipe_file(path, data)
+
+    def exists(self, path: str) -> bool:
+        self.fs.invalidate_cache(path)
+        return self.fs.exists(path)
+
+    def matches(self, path: str, size: int, sha256: str) -> bool:
+        try:
+            data = self.fs.cat_file(path)
+        except (OSError, ValueError):
+            return False
+        return len(data) == size and hashlib.sha256(data).hexdigest() == sha256
+
+    def flush(self) -> None:
+        """Nothing to do: an object is durable once its PUT returns."""
+
+    def listing(self, prefix: str | None = None) -> dict[str, int]:
+        """Every object under the tree (or ``prefix`` in it): relative path -> size."""
+        base = self.root if prefix is None else self.path(prefix)
+        self.fs.invalidate_cache(base)
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {
+            self.rel(path): int(info.get("size") or 0)
+            for path, info in found.items()
+            if info.get("type", "file") == "file"
+        }
+
+    def read_many(self, paths: list[str]) -> dict[str, bytes | Exception]:
+        """Several objects in concurrent requests."""
+        if not paths:
+            return {}
+        return self.fs.cat(paths, on_error="return")
+
+    def remove(self, paths: list[str]) -> None:
+        if paths:
+            self.fs.rm(paths)
+
+
+Tree = LocalTree | RemoteTree
+
+
+def open_tree(location: str | os.PathLike, role: str, must_exist: bool) -> Tree:
+    """The tree at a local path, ``file://`` URL or object-storage URL; a
+    ConfigError naming ``role`` (input/output) when it cannot be used."""
+    text = str(location)
+    if text.startswith("file://"):
+        text = text[len("file://") :] or "/"
+    if not is_url(text):
+        root = Path(text).expanduser()
+        if must_exist and not root.is_dir():
+            raise ConfigError(f"{role} folder {root} does not exist or is not a folder")
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"{role} {root} exists and is not a folder")
+        return LocalTree(root.resolve())
+    tree = RemoteTree(text)
+    try:
+        if tree.fs.isfile(tree.root):
+            raise ConfigError(f"{role} {text} is an object, not a folder (a prefix)")
+        if must_exist and not tree.fs.isdir(tree.root):
+            raise ConfigError(f"{role} folder {text} does not exist (no object under it)")
+        if not must_exist:
+            bucket = tree.root.split("/", 1)[0]
+            tree.fs.ls(bucket)  # the bucket exists and can be listed
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any client error becomes one line
+        raise ConfigError(describe_remote_error(text, exc)) from None
+    return tree
+
+
+def same_or_inside(inner: Tree, outer: Tree) -> bool:
+    """Whether ``inner`` is ``outer`` or a folder inside it (same file system)."""
+    if inner.remote != outer.remote:
+        return False
+    if inner.remote and inner.protocol != outer.protocol:
+        return False
+    a, b = str(inner.root), str(outer.root)
+    return a == b or a.startswith(b.rstrip("/") + "/")
