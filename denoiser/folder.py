@@ -284,8 +284,8 @@ def _scan_listing(
     """Any pair with an object-storage side: one listing of each tree (no
     request per file). In object storage there are no symlinks; the output
     prefix is skipped when it lies inside the input."""
-    inputs = _listing(src)
-    outputs = _listing(dst)
+    inputs = list_files(src)
+    outputs = list_files(dst)
     skip = None
     if same_or_inside(dst, src):
         skip = posixpath.relpath(str(dst.root), str(src.root)) + "/"
@@ -323,7 +323,7 @@ def _scan_listing(
 NOT_REGULAR = -1
 
 
-def _listing(tree: Tree) -> dict[str, int]:
+def list_files(tree: Tree) -> dict[str, int]:
     """Every file under a tree, relative path -> size (for a local tree,
     NOT_REGULAR for symlinks and other non-regular files: not followed)."""
     if isinstance(tree, RemoteTree):

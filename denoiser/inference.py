@@ -83,29 +83,31 @@ def images_domain(planes: list[np.ndarray]) -> str | None:
 
 
 def folder_domain(folder, pattern: str = "*", sample: int = 16) -> str | None:
-    """The domain of a folder's images, judged on the first ``sample`` of them
-    (by path) that decode; None when none does."""
+    """The domain of a folder's images (a local folder or an object-storage
+    prefix), judged on the first ``sample`` of them (by path) that decode;
+    None when none does or the folder cannot be read."""
     from fnmatch import fnmatch
-    from pathlib import Path
 
     from denoiser.errors import DenoiseError
-    from denoiser.images import IMAGE_SUFFIXES, read_image
+    from denoiser.folder import NOT_REGULAR, list_files
+    from denoiser.images import IMAGE_SUFFIXES, decode_image
+    from denoiser.trees import open_tree
 
-    planes = []
-    root = Path(folder)
-    if not root.is_dir():
+    try:
+        tree = open_tree(folder, "input", must_exist=True)
+        files = list_files(tree)
+    except (DenoiseError, OSError):
         return None
-    for path in sorted(root.rglob("*")):
+    planes = []
+    for rel in sorted(files):
         if len(planes) >= sample:
             break
-        if (
-            path.suffix.lower() not in IMAGE_SUFFIXES
-            or not fnmatch(path.name, pattern)
-            or not path.is_file()
-        ):
+        name = rel.rsplit("/", 1)[-1]
+        suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        if files[rel] == NOT_REGULAR or suffix not in IMAGE_SUFFIXES or not fnmatch(name, pattern):
             continue
         try:
-            planes.append(read_image(path).luma)
+            planes.append(decode_image(tree.read(tree.path(rel))).luma)
         except (DenoiseError, OSError):
             continue
     return images_domain(planes)

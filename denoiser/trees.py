@@ -43,6 +43,10 @@ class LocalTree:
     def show(self, path: Path) -> str:
         return str(path)
 
+    def rel_of_shown(self, shown: str) -> str:
+        """The relative path of a file from what :meth:`show` said of it."""
+        return os.path.relpath(shown, self.root)
+
     def read(self, path: Path) -> bytes:
         """A file's bytes (OSError if it cannot be read)."""
         fd = os.open(path, os.O_RDONLY)
@@ -132,6 +136,9 @@ class RemoteTree:
     def show(self, path: str) -> str:
         return f"{self.protocol}://{path}"
 
+    def rel_of_shown(self, shown: str) -> str:
+        return shown.split("://", 1)[-1][len(self.root) + 1 :]
+
     def read(self, path: str) -> bytes:
         return self.fs.cat_file(path)
 
@@ -180,6 +187,18 @@ class RemoteTree:
 Tree = LocalTree | RemoteTree
 
 
+def resolve_location(location: str | os.PathLike) -> str:
+    """A folder location as every process can use it: a local path made
+    absolute (``file://`` URLs as their path), an object-storage URL without
+    its trailing slash."""
+    text = str(location)
+    if text.startswith("file://"):
+        text = text[len("file://") :] or "/"
+    if is_url(text):
+        return text.rstrip("/")
+    return str(Path(text).expanduser().resolve())
+
+
 def open_tree(location: str | os.PathLike, role: str, must_exist: bool) -> Tree:
     """The tree at a local path, ``file://`` URL or object-storage URL; a
     ConfigError naming ``role`` (input/output) when it cannot be used."""
@@ -195,13 +214,12 @@ def open_tree(location: str | os.PathLike, role: str, must_exist: bool) -> Tree:
         return LocalTree(root.resolve())
     tree = RemoteTree(text)
     try:
+        tree.fs.invalidate_cache()
+        tree.fs.ls(tree.root.split("/", 1)[0], detail=False)  # the bucket exists and can be listed
         if tree.fs.isfile(tree.root):
             raise ConfigError(f"{role} {text} is an object, not a folder (a prefix)")
         if must_exist and not tree.fs.isdir(tree.root):
             raise ConfigError(f"{role} folder {text} does not exist (no object under it)")
-        if not must_exist:
-            bucket = tree.root.split("/", 1)[0]
-            tree.fs.ls(bucket)  # the bucket exists and can be listed
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - any client error becomes one line

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from prefect import flow
@@ -10,6 +9,7 @@ from prefect import flow
 from artifacts.store import resolve_store_root
 from denoiser.config import DEFAULT_CHUNK_FILES
 from denoiser.errors import ConfigError
+from denoiser.trees import resolve_location
 from flows.session import STATE_HOOKS
 from tasks.denoise import (
     chunk_outcome,
@@ -43,7 +43,7 @@ def denoise_folder(
     this process."""
     store_root = str(resolve_store_root(store))
     # absolute, so that every worker (any cwd, any host sharing the file system) finds them
-    input_dir, output_dir = (str(Path(d).expanduser().resolve()) for d in (input_dir, output_dir))
+    input_dir, output_dir = resolve_location(input_dir), resolve_location(output_dir)
     chosen = resolve_denoiser(model, store_root, input_dir, pattern)
     if not workers and not dask_address:
         return denoise_images(input_dir, output_dir, chosen, overwrite, pattern, format, store_root)

@@ -7,7 +7,6 @@ import sys
 import time
 from dataclasses import asdict
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 from prefect import task
@@ -19,6 +18,7 @@ from prefect.runtime import flow_run
 from artifacts.registry import domain_mismatch, resolve_model
 from artifacts.render import markdown_image, markdown_table, table_rows
 from artifacts.store import Store, local_copy
+from denoiser.errors import DenoiseError
 from denoiser.folder import (
     BatchPredictor,
     FileResult,
@@ -28,13 +28,14 @@ from denoiser.folder import (
     denoise_tree,
     display_path,
     plan_folder,
-    remove_stale_parts,
+    prepare_output,
     write_report,
 )
 from denoiser.images import write_atomic
 from denoiser.inference import folder_domain, tile_spec_for_model
 from denoiser.models import load_model
 from denoiser.plots import grid_png
+from denoiser.trees import open_tree, resolve_location
 from tasks.publish import ProgressArtifact, Publisher, remember_outcome
 
 REPORT_ROWS_IN_UI = 500
@@ -89,24 +90,38 @@ class _Progress:
             self.bar.stop()
 
 
-def _thumbnails(results: list[FileResult], input_dir: Path, k: int = 4) -> str:
-    from PIL import Image
+def _thumbnails(results: list[FileResult], input_dir: str, output_dir: str, k: int = 4) -> str:
+    from denoiser.images import decode_image
+    from denoiser.trees import open_tree
 
     before, after = [], []
+    try:
+        src = open_tree(input_dir, "input", must_exist=True)
+        dst = open_tree(output_dir, "output", must_exist=False)
+    except (DenoiseError, OSError):
+        return ""
     for r in results:
         if r.status != "denoised" or len(before) == k:
             continue
         try:
-            with Image.open(input_dir / r.path) as a, Image.open(r.output) as b:
-                before.append(np.asarray(a.convert("L").resize((64, 64))))
-                after.append(np.asarray(b.convert("L").resize((64, 64))))
-        except (OSError, ValueError):
+            a = decode_image(src.read(src.path(r.path))).luma
+            b = decode_image(dst.read(dst.path(dst.rel_of_shown(r.output)))).luma
+        except (DenoiseError, OSError):
             continue
+        before.append(_thumbnail(a))
+        after.append(_thumbnail(b))
     if not before:
         return ""
     return "Top: input, bottom: denoised.\n\n" + markdown_image(
         grid_png([np.stack(before), np.stack(after)]), "before and after"
     )
+
+
+def _thumbnail(plane: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    img = Image.fromarray(np.rint(np.clip(plane, 0, 1) * 255).astype(np.uint8))
+    return np.asarray(img.resize((64, 64)))
 
 
 _LOADED: dict[
@@ -253,9 +268,8 @@ def report_folder_run(
     """Merge the chunks' results into the run's report, summary and artifacts."""
     logger = get_run_logger()
     compact_journal(output_dir)
-    if stale := remove_stale_parts(
-        Path(output_dir).expanduser().resolve()
-    ):  # of a worker killed mid-file
+    # temporary files of a worker killed mid-file
+    if stale := prepare_output(open_tree(output_dir, "output", must_exist=False)):
         logger.info("removed %d temporary files of writers that died", stale)
     results = [FileResult(**r) for r in plan["verdicts"]]
     for rels, part in zip(plan["chunks"], chunks, strict=True):
@@ -300,8 +314,8 @@ def _report(
         write_report(results, report_dir / "report.csv")
         report = f"{stage.url_of(report_dir)}/report.csv"
         summary = {
-            "input_dir": str(Path(input_dir).resolve()),
-            "output_dir": str(Path(output_dir).resolve()),
+            "input_dir": resolve_location(input_dir),
+            "output_dir": resolve_location(output_dir),
             "counts": counts,
             "seconds": round(seconds, 2),
             "report": report,
@@ -352,7 +366,7 @@ def _report(
             + (f"**Warning:** {summary['warning']}\n\n" if summary["warning"] else "")
             + f"{markdown_table(facts)}\n\n## Model\n\n{model_facts}\n\nModel file `{model['model_path']}`"
             f" (its card: `model.json` beside it).\n\nFull report: `{report}`\n\n"
-            f"{_thumbnails(results, Path(input_dir))}\n"
+            f"{_thumbnails(results, input_dir, output_dir)}\n"
         ),
         description="Folder denoising summary",
     )

@@ -1,0 +1,248 @@
+"""Folders in object storage (moto's S3 server on loopback): ``denoise folder
+s3://bucket/noisy s3://bucket/clean`` in this process and in chunks on a
+2-process Dask cluster gives the same objects and report as a local run;
+reruns skip by the journal, which lives in the bucket; bad locations are one
+line."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from denoiser.folder import JOURNAL_NAME, JOURNAL_PARTS, BatchPredictor, count, denoise_tree
+from denoiser.tiling import TileSpec
+from tests.faults.harness import denoise_env, tail
+from tests.test_folder import CountingIdentity, build_folder, identity_model, save_model
+
+pytest.importorskip("s3fs")
+
+CHEAP = TileSpec(tile=28, overlap=14)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    return (
+        save_model(tmp_path_factory.mktemp("model") / "identity", identity_model()) / "model.keras"
+    )
+
+
+def upload(s3, root: Path, url: str) -> set[str]:
+    """The regular files of ``root`` with UTF-8 names (what a bucket can hold) as objects."""
+    fs = s3.fs()
+    sent = set()
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            continue
+        if stat.S_ISREG(path.lstat().st_mode):
+            fs.pipe_file(f"{url.removeprefix('s3://')}/{rel}", path.read_bytes())
+            sent.add(rel)
+    return sent
+
+
+def objects(s3, url: str) -> dict[str, str]:
+    """sha256 of every object under ``url`` but the journal."""
+    fs = s3.fs()
+    base = url.removeprefix("s3://")
+    fs.invalidate_cache()
+    return {
+        p[len(base) + 1 :]: hashlib.sha256(fs.cat_file(p)).hexdigest()
+        for p in fs.find(base)
+        if not p[len(base) + 1 :].startswith(".denoise-journal")
+    }
+
+
+def mirror(src: Path, dst: Path, names: set[str]) -> None:
+    for rel in names:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dst / rel).write_bytes((src / rel).read_bytes())
+
+
+def test_bucket_to_bucket_is_the_local_run_and_reruns_skip_by_the_journal_in_the_bucket(
+    s3, tmp_path
+):
+    bucket = s3.bucket("folders")
+    src = tmp_path / "in"
+    build_folder(src)
+    names = upload(s3, src, f"s3://{bucket}/noisy")
+    local_in = tmp_path / "local-in"
+    mirror(src, local_in, names)
+
+    local = denoise_tree(
+        local_in, tmp_path / "local-out", BatchPredictor(CountingIdentity()), CHEAP
+    )
+    model = CountingIdentity()
+    remote = denoise_tree(
+        f"s3://{bucket}/noisy", f"s3://{bucket}/clean", BatchPredictor(model), CHEAP
+    )
+    strip = lambda rs: sorted((r.path, r.status, r.error, r.reason, r.width) for r in rs)  # noqa: E731
+    assert strip(remote) == strip(local)
+    made = objects(s3, f"s3://{bucket}/clean")
+    on_disk = {
+        p.relative_to(tmp_path / "local-out").as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in (tmp_path / "local-out").rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    }
+    assert made == on_disk and len(made) == count(remote)["denoised"] > 5
+    assert all(r.output.startswith(f"s3://{bucket}/clean/") for r in remote if r.output)
+
+    # the journal is in the bucket, compacted into one object; a rerun reads nothing twice
+    fs = s3.fs()
+    fs.invalidate_cache()
+    assert fs.exists(f"{bucket}/clean/{JOURNAL_NAME}")
+    assert not fs.find(f"{bucket}/clean/{JOURNAL_PARTS}")
+    again = CountingIdentity()
+    rerun = denoise_tree(
+        f"s3://{bucket}/noisy", f"s3://{bucket}/clean", BatchPredictor(again), CHEAP
+    )
+    assert again.tiles == 0
+    assert {r.status for r in rerun if r.path in made} == {"skipped"}
+
+    # a replaced input and a damaged output are made again, nothing else
+    Image.fromarray(np.full((28, 28), 99, np.uint8)).save(local_in / "gray.png")
+    fs.pipe_file(f"{bucket}/noisy/gray.png", (local_in / "gray.png").read_bytes())
+    fs.pipe_file(f"{bucket}/clean/odd.png", b"damaged")
+    third = {
+        r.path: r
+        for r in denoise_tree(
+            f"s3://{bucket}/noisy",
+            f"s3://{bucket}/clean",
+            BatchPredictor(CountingIdentity()),
+            CHEAP,
+        )
+    }
+    assert {p for p, r in third.items() if r.status == "denoised"} == {"gray.png", "odd.png"}
+    assert "input changed" in third["gray.png"].reason
+    assert "does not match its record" in third["odd.png"].reason
+    fs.invalidate_cache()
+    got = np.asarray(Image.open(fs.open(f"{bucket}/clean/gray.png")))
+    assert (got == 99).all()
+
+
+def test_local_input_into_a_bucket_and_a_bucket_into_a_local_folder(s3, tmp_path):
+    bucket = s3.bucket("mixed")
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((20, 30), i * 50, np.uint8)).save(src / f"{i}.png")
+    up = denoise_tree(src, f"s3://{bucket}/out", BatchPredictor(CountingIdentity()), CHEAP)
+    assert count(up)["denoised"] == 5
+    down = denoise_tree(
+        f"s3://{bucket}/out", tmp_path / "back", BatchPredictor(CountingIdentity()), CHEAP
+    )
+    assert count(down)["denoised"] == 5
+    for i in range(5):
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(tmp_path / "back" / f"{i}.png")),
+            np.asarray(Image.open(src / f"{i}.png")),
+        )
+
+
+def run_cli(args: list[str], tmp: Path, api: str, s3) -> tuple[int, str, str]:
+    env = denoise_env(tmp / "store", tmp / "prefect-home", api, None, None)
+    env.update(s3.env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=tmp,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def report_rows(stdout: str) -> list[dict]:
+    path = next(
+        line.split("report: ", 1)[1].strip()
+        for line in stdout.splitlines()
+        if line.startswith("report: ")
+    )
+    with open(path, newline="") as fh:
+        return [
+            {k: v for k, v in row.items() if k not in ("ms", "output")}
+            for row in csv.DictReader(fh)
+        ]
+
+
+def test_denoise_folder_bucket_to_bucket_on_two_workers_matches_the_in_process_run(
+    s3, prefect_api, model_file, tmp_path
+):
+    bucket = s3.bucket("sweep")
+    src = tmp_path / "in"
+    build_folder(src)
+    upload(s3, src, f"s3://{bucket}/noisy")
+    one = run_cli(
+        ["folder", f"s3://{bucket}/noisy", f"s3://{bucket}/one", "--model", str(model_file)],
+        tmp_path,
+        prefect_api,
+        s3,
+    )
+    many = run_cli(
+        [
+            "folder",
+            f"s3://{bucket}/noisy",
+            f"s3://{bucket}/many",
+            "--model",
+            str(model_file),
+            "--workers",
+            "2",
+            "--chunk-files",
+            "3",
+        ],
+        tmp_path,
+        prefect_api,
+        s3,
+    )
+    assert one[0] == many[0] == 1, (tail(one[2]), tail(many[2]))  # bad files: exit 1 both ways
+    made_one, made_many = objects(s3, f"s3://{bucket}/one"), objects(s3, f"s3://{bucket}/many")
+    assert made_one == made_many and len(made_one) >= 10
+    assert report_rows(one[1]) == report_rows(many[1])
+    assert f"output: s3://{bucket}/many" in many[1]
+    assert not list(tmp_path.glob("s3:*"))  # nothing written to a local folder named after the URL
+
+
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        ("s3://no-such-bucket/noisy", "bucket does not exist"),
+        ("s3://{bucket}/nothing-here", "does not exist (no object under it)"),
+    ],
+)
+def test_a_missing_input_in_object_storage_is_one_line(s3, tmp_path, model_file, where, says):
+    bucket = s3.bucket("lines")
+    env = {**os.environ, **s3.env(), "DENOISE_STORE": str(tmp_path / "store")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "folder",
+            where.format(bucket=bucket),
+            f"s3://{bucket}/out",
+            "--model",
+            str(model_file),
+        ],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and says in lines[0], proc.stderr
+    fs = s3.fs()
+    fs.invalidate_cache()
+    assert not fs.find(f"{bucket}/out")
