@@ -1,0 +1,420 @@
+"""Many machines, measured on one: object storage and Dask against the local way.
+
+On 10,000 small noisy PNGs (the MNIST test set, noise 0.5) and 3 images of
+2048x2048, with one real Prefect server and moto's S3 server on loopback
+(each its own process), side by side in one run:
+
+* ``denoise folder`` with the store, the input and the output on the local
+  disk, in this process (``local``);
+* the same with all three in the S3 bucket (``s3``): ratio to local, target >= 0.6;
+* the same on a ``distributed.LocalCluster`` of 2 worker processes through
+  prefect-dask (``dask``): ratio to local, target >= 0.9 on this 2-core machine;
+* how many chunk tasks per second the Prefect server absorbed (a rerun of
+  the Dask way in chunks of 10 files, every file already up to date), and so
+  at how many workers the server, not the model, would be the limit;
+* training (the ``seed`` architecture, batch 64, one epoch) streaming Parquet
+  shards from the bucket against the same shards on local disk: samples/s
+  ratio, target >= 0.9;
+* the peak memory of each way (the command and its worker processes, summed).
+
+This machine switches between two speeds every few seconds (see
+``bench/denoise_throughput.py``), so each other way runs between two local
+runs and is compared with their mean.
+
+    python bench/scale.py [--small 10000] [--large 3] [--samples 20000] [--quick]
+
+The model is an untrained ``unet`` from seed 0 (speed does not depend on
+training, only on the weights' values, hence the seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from _common import REPO, add_mirror_argument, peak_rss_mb, run_child
+
+sys.path.insert(0, str(REPO))
+
+BUCKET = "bench"
+VERSION = "bench-unet"
+SUMMARY = re.compile(r"(\d+) denoised, (\d+) skipped, (\d+) failed in ([\d.]+) s")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 - loopback
+                return
+        except OSError:
+            time.sleep(0.3)
+    sys.exit(f"{what} did not answer at {url}")
+
+
+def start_servers(work: Path) -> tuple[dict[str, str], list[subprocess.Popen]]:
+    """moto's S3 server and a Prefect server, each its own process; the
+    environment a client needs to use both."""
+    s3_port, api_port = free_port(), free_port()
+    logs = work / "logs"
+    logs.mkdir()
+    moto = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+        stdout=open(logs / "moto.log", "wb"),  # noqa: SIM115 - lives as long as the server
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    api = f"http://127.0.0.1:{api_port}/api"
+    server_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    server_env.update(
+        PREFECT_HOME=str(work / "prefect-server"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_API_URL=api,
+        PREFECT_API_URL=api,
+    )
+    prefect = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+        + ["--port", str(api_port)],
+        env=server_env,
+        stdout=open(logs / "prefect.log", "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    wait_http(f"http://127.0.0.1:{s3_port}/", moto, "moto server")
+    wait_http(f"{api}/health", prefect, "prefect server")
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+        "PREFECT_API_URL": api,
+        "PREFECT_HOME": str(work / "prefect-client"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PYTHONPATH": str(REPO),
+    }
+    return env, [moto, prefect]
+
+
+def make_images(mirror: Path, folder: Path, small: int, large: int) -> None:
+    from PIL import Image
+
+    from denoiser.datasets import read_idx
+
+    x = read_idx(mirror / "t10k-images-idx3-ubyte.gz")[:small].astype("float64") / 255.0
+    noisy = np.clip(x + 0.5 * np.random.default_rng(12345).normal(size=x.shape), 0, 1)
+    noisy_u8 = np.rint(noisy * 255).astype(np.uint8)
+    for i in range(len(noisy_u8)):
+        sub = folder / "small" / f"{i // 1000:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(noisy_u8[i]).save(sub / f"{i:05d}.png")
+    rng = np.random.default_rng(1)
+    (folder / "large").mkdir(parents=True)
+    for i in range(large):
+        base = np.kron(x[i % len(x)], np.ones((74, 74)))[:2048, :2048]
+        base = np.pad(base, ((0, 2048 - base.shape[0]), (0, 2048 - base.shape[1])))
+        img = np.clip(base + 0.3 * rng.normal(size=base.shape), 0, 1)
+        Image.fromarray(np.rint(img * 255).astype(np.uint8)).save(folder / "large" / f"big{i}.png")
+
+
+def register_model(stores: list[str], work: Path) -> None:
+    """The same seeded untrained unet as version VERSION in every store."""
+    import keras
+
+    from artifacts.registry import register_model as register
+    from artifacts.store import Store
+    from denoiser.models import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model("unet")
+    folder = work / "model" / VERSION
+    folder.mkdir(parents=True)
+    model.save(folder / "model.keras")
+    card = {
+        "version": VERSION,
+        "architecture": "unet",
+        "params": model.count_params(),
+        "dataset": "mnist",
+        "quality_gate": {"passed": True},
+        "metrics": {"psnr_denoised": 0.0},
+    }
+    (folder / "model.json").write_text(json.dumps(card))
+    for root in stores:
+        store = Store.at(root)
+        target = store.join("models", VERSION) if store.remote else store.models_root / VERSION
+        if store.remote:
+            for name in ("model.keras", "model.json"):
+                store.write_bytes(f"{target}/{name}", (folder / name).read_bytes())
+        else:
+            shutil.copytree(folder, target)
+        register(root, target)
+
+
+class TreeMemory:
+    """Peak of the summed resident memory of a process and its descendants."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.peak = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        continue
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                return
+            time.sleep(0.1)
+
+    def finish(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return self.peak / 2**20
+
+
+def run_folder(env: dict, work: Path, args: list[str], name: str) -> dict:
+    """One ``denoise folder`` command; its summary line, wall time and peak memory."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "folder", *args],
+        cwd=work,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    memory = TreeMemory(proc.pid)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    peak = memory.finish()
+    match = SUMMARY.search(out)
+    if proc.returncode != 0 or match is None:
+        sys.exit(f"{name}: exit {proc.returncode}\n{out[-2000:]}\n{err[-3000:]}")
+    denoised, skipped, failed, seconds = match.groups()
+    return {
+        "denoised": int(denoised),
+        "skipped": int(skipped),
+        "failed": int(failed),
+        "seconds": float(seconds),
+        "wall": wall,
+        "peak_mb": peak,
+    }
+
+
+def train_child(location: str, samples: int) -> dict:
+    """One epoch of the seed architecture streamed from the shards at ``location``."""
+    import keras
+
+    from denoiser.models import build_model
+    from denoiser.training import make_dataset
+
+    keras.utils.set_random_seed(0)
+    model = build_model("seed")
+    model.compile(keras.optimizers.Adam(), loss="binary_crossentropy")
+    ds = make_dataset(location, "train", batch_size=64, shuffle_buffer=10_000, seed=0)
+    model.fit(ds.take(1), epochs=1, verbose=0)  # build and trace first
+    start = time.perf_counter()
+    model.fit(ds, epochs=1, verbose=0)
+    return {"samples": samples, "seconds": time.perf_counter() - start, "peak_mb": peak_rss_mb()}
+
+
+def write_shards(mirror: Path, out: Path, samples: int) -> None:
+    from denoiser.datasets import read_idx
+    from denoiser.shards import SplitArrays, write_shard_set
+
+    images = read_idx(mirror / "train-images-idx3-ubyte.gz")[:samples]
+    labels = read_idx(mirror / "train-labels-idx1-ubyte.gz")[:samples]
+    small = SplitArrays(images[:64], labels[:64], np.arange(64))
+    write_shard_set(
+        out,
+        {
+            "train": SplitArrays(images, labels, np.arange(len(images))),
+            "validation": small,
+            "test": small,
+        },
+        {"kind": "gaussian", "level": 0.5},
+        shard_rows=5_000,
+        seed=0,
+    )
+
+
+def rate(r: dict) -> float:
+    return (r["denoised"] + r["skipped"]) / r["seconds"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=10_000)
+    parser.add_argument("--large", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=20_000, help="training samples")
+    parser.add_argument("--quick", action="store_true", help="1,000 small, 1 large, 5,000 samples")
+    parser.add_argument(
+        "--train-child", nargs=2, metavar=("LOCATION", "SAMPLES"), help=argparse.SUPPRESS
+    )
+    add_mirror_argument(parser)
+    args = parser.parse_args()
+    if args.train_child:
+        print(json.dumps(train_child(args.train_child[0], int(args.train_child[1]))))
+        return
+    if args.quick:
+        args.small, args.large, args.samples = 1_000, 1, 5_000
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    work = Path(tempfile.mkdtemp(prefix="denoise-scale-"))
+    servers: list[subprocess.Popen] = []
+    try:
+        env, servers = start_servers(work)
+        os.environ.update({k: env[k] for k in env if k.startswith("AWS_")})
+        import s3fs
+
+        fs = s3fs.S3FileSystem()
+        fs.mkdir(BUCKET)
+        images = work / "images"
+        make_images(args.mirror, images, args.small, args.large)
+        started = time.perf_counter()
+        fs.put(str(images) + "/", f"{BUCKET}/images", recursive=True)
+        upload_s = time.perf_counter() - started
+        local_store, s3_store = str(work / "store"), f"s3://{BUCKET}/store"
+        register_model([local_store, s3_store], work)
+        total = args.small + args.large
+
+        def local(k: int) -> dict:
+            return run_folder(
+                env,
+                work,
+                [str(images), str(work / f"out-local-{k}"), "--model", VERSION]
+                + ["--store", local_store],
+                "local",
+            )
+
+        runs: dict[str, dict] = {}
+        locals_ = [local(0)]
+        runs["s3"] = run_folder(
+            env,
+            work,
+            [f"s3://{BUCKET}/images", f"s3://{BUCKET}/clean", "--model", VERSION]
+            + ["--store", s3_store],
+            "s3",
+        )
+        locals_.append(local(1))
+        runs["dask"] = run_folder(
+            env,
+            work,
+            [str(images), str(work / "out-dask"), "--model", VERSION, "--store", local_store]
+            + ["--workers", "2"],
+            "dask",
+        )
+        locals_.append(local(2))
+        # every file is up to date now: chunks of 10 cost the orchestration, not the model
+        chunks = run_folder(
+            env,
+            work,
+            [str(images), str(work / "out-dask"), "--model", VERSION, "--store", local_store]
+            + ["--workers", "2", "--chunk-files", "10"],
+            "chunks",
+        )
+
+        shards = work / "shards"
+        write_shards(args.mirror, shards, args.samples)
+        fs.put(str(shards) + "/", f"{BUCKET}/shards", recursive=True)
+        train = [
+            run_child(__file__, ["--train-child", where, str(args.samples)], name, env)
+            for where, name in (
+                (str(shards), "train local"),
+                (f"s3://{BUCKET}/shards", "train s3"),
+                (str(shards), "train local"),
+            )
+        ]
+
+        print(
+            f"{total:,} images ({args.small:,} small 28x28 PNGs + {args.large} of 2048x2048), "
+            f"{os.cpu_count()} CPU cores; moto and Prefect servers on loopback "
+            f"(upload of the images to the bucket: {upload_s:.1f} s)"
+        )
+        print(f"{'way':<28} {'images/s':>9} {'stage s':>8} {'wall s':>7} {'peak MB':>8}")
+        for k, r in enumerate(locals_):
+            print(
+                f"{f'local {k + 1}':<28} {rate(r):>9.0f} {r['seconds']:>8.1f} {r['wall']:>7.1f} {r['peak_mb']:>8.0f}"
+            )
+        for name, r in runs.items():
+            label = {"s3": "s3 store, s3 in and out", "dask": "dask, 2 worker processes"}[name]
+            print(
+                f"{label:<28} {rate(r):>9.0f} {r['seconds']:>8.1f} {r['wall']:>7.1f} {r['peak_mb']:>8.0f}"
+            )
+        s3_ratio = rate(runs["s3"]) / np.mean([rate(locals_[0]), rate(locals_[1])])
+        dask_ratio = rate(runs["dask"]) / np.mean([rate(locals_[1]), rate(locals_[2])])
+        s3_wall = np.mean([locals_[0]["wall"], locals_[1]["wall"]]) / runs["s3"]["wall"]
+        dask_wall = np.mean([locals_[1]["wall"], locals_[2]["wall"]]) / runs["dask"]["wall"]
+        print(
+            f"ratio s3 / local:   {s3_ratio:.2f} (target >= 0.6); by command wall time {s3_wall:.2f}"
+        )
+        print(
+            f"ratio dask / local: {dask_ratio:.2f} (target >= 0.9); by command wall time {dask_wall:.2f}"
+        )
+        n_chunks = -(-total // 10)
+        absorbed = n_chunks / chunks["seconds"]
+        per_worker = (
+            rate(runs["dask"]) / 2 / 256
+        )  # chunk tasks/s one worker finishes at the default size
+        print(
+            f"chunk tasks: {n_chunks} of 10 up-to-date files in {chunks['seconds']:.1f} s = "
+            f"{absorbed:.1f} tasks/s absorbed (with 2 workers; a lower bound for the server)"
+        )
+        print(
+            f"one worker finishes {per_worker:.2f} chunks/s of 256 files here, so the server "
+            f"would be the limit from about {absorbed / per_worker:.0f} such workers"
+        )
+        t_local = [t["samples"] / t["seconds"] for t in (train[0], train[2])]
+        t_s3 = train[1]["samples"] / train[1]["seconds"]
+        print(
+            f"training from shards, seed architecture, {args.samples:,} samples: local "
+            f"{t_local[0]:.0f} and {t_local[1]:.0f} samples/s, s3 {t_s3:.0f}; ratio "
+            f"{t_s3 / np.mean(t_local):.2f} (target >= 0.9); peak MB local "
+            f"{train[0]['peak_mb']:.0f}, s3 {train[1]['peak_mb']:.0f}"
+        )
+    finally:
+        for proc in servers:
+            try:
+                os.killpg(proc.pid, 15)
+                proc.wait(20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, 9)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
