@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from denoiser.errors import ConfigError
-from denoiser.files import describe_remote_error, is_url
+from denoiser.files import describe_remote_error, is_url, local_path
 
 DEFAULT_STORE = "store"
 STORE_ENV = "DENOISE_STORE"
@@ -71,7 +71,7 @@ def resolve_store_root(root: str | os.PathLike | None = None) -> str:
         chosen = chosen[len("file://") :] or "/"
     if is_url(chosen):
         return chosen.rstrip("/")
-    return str(Path(chosen).expanduser().resolve())
+    return str(local_path(chosen))
 
 
 def _remote_fs(url: str):

@@ -9,12 +9,34 @@ import os
 import socket
 from pathlib import Path
 
+from denoiser.errors import ConfigError
+
 
 def is_url(location: str | os.PathLike) -> bool:
     """Whether a location is a URL an fsspec file system serves (``s3://...``),
     as opposed to a local path (``file://`` URLs are local paths)."""
     text = str(location)
     return "://" in text and not text.startswith("file://")
+
+
+HOME_ENV = "DENOISE_HOME"
+
+
+def local_path(text: str | os.PathLike) -> Path:
+    """A local path made absolute: a relative one against ``$DENOISE_HOME``
+    when it is set (a deployment's project folder, so that a worker started
+    in any folder, whose flow runs may work in a temporary one, finds the
+    store and the inbox), else against the current folder."""
+    path = Path(text).expanduser()
+    home = os.environ.get(HOME_ENV)
+    if not path.is_absolute() and home:
+        if not Path(home).is_dir():
+            raise ConfigError(
+                f"{path}: a relative location, and ${HOME_ENV} ({home}) is not a folder on "
+                "this machine; give an absolute path or a URL (s3://bucket/prefix)"
+            )
+        path = Path(home) / path
+    return path.resolve()
 
 
 def open_read(location: str | os.PathLike):

@@ -379,11 +379,14 @@ class FolderPlan:
     denoised anywhere the two folders are visible, in any order, each more than
     once (outputs are atomic and journalled, so a chunk run twice redoes
     nothing); ``verdicts``: the files the scan already decided (not images,
-    bad symlinks, output clashes)."""
+    bad symlinks, output clashes); ``records``: per chunk, the journal's
+    records of its outputs at planning time, so that a chunk need not read
+    the whole journal again (a record gone stale only means a redo)."""
 
     verdicts: list[FileResult]
     chunks: list[list[str]]
     total: int
+    records: list[list[OutputRecord]]
 
 
 def plan_folder(
@@ -402,14 +405,17 @@ def plan_folder(
         raise ConfigError(f"--chunk-files must be at least 1, not {chunk_files}")
     src, dst = check_folders(input_dir, output_dir)
     journal = journal_for(dst)
-    items = list(scan(src, dst, pattern, fmt, overwrite, journal.read()))
-    rels = [i.rel for i in items if isinstance(i, Job)]
+    records = journal.read()
+    items = list(scan(src, dst, pattern, fmt, overwrite, records))
+    jobs = [i for i in items if isinstance(i, Job)]
     if stale := prepare_output(dst):
         logger.info("removed %d temporary files left by an interrupted run", stale)
+    chunks = [jobs[k : k + chunk_files] for k in range(0, len(jobs), chunk_files)]
     return FolderPlan(
         [i for i in items if isinstance(i, FileResult)],
-        [rels[k : k + chunk_files] for k in range(0, len(rels), chunk_files)],
+        [[job.rel for job in chunk] for chunk in chunks],
         len(items),
+        [[records[j.target_rel] for j in chunk if j.target_rel in records] for chunk in chunks],
     )
 
 
@@ -422,16 +428,18 @@ def denoise_chunk_files(
     *,
     fmt: str = "same",
     overwrite: bool = False,
+    records: list[OutputRecord] | None = None,
     on_result: Callable[[FileResult, int, int], None] | None = None,
 ) -> list[FileResult]:
-    """Denoise one chunk of a :class:`FolderPlan`, with the same rules as
+    """Denoise one chunk of a :class:`FolderPlan` (``records``: the plan's
+    records of its outputs; None: read the journal), with the same rules as
     :func:`denoise_tree` (skips by the journal, atomic outputs, per-file
     verdicts). A file gone or changed into something else since the plan is
     reported, not fatal. In object storage nothing is asked per file before
     it is read (no HEAD): its size and its output's state come from reading."""
     src, dst = check_folders(input_dir, output_dir)
     journal = journal_for(dst)
-    records = journal.read()
+    known = journal.read() if records is None else {r.output: r for r in records}
     jobs: list[Job] = []
     results: list[FileResult] = []
     for rel in rels:
@@ -456,7 +464,7 @@ def denoise_chunk_files(
                 size,
                 exists,
                 overwrite,
-                records,
+                known,
             )
         )
     return _run(jobs, results, len(rels), src, dst, journal, predict, spec, fmt, on_result)

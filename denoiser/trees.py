@@ -19,7 +19,7 @@ import posixpath
 from pathlib import Path
 
 from denoiser.errors import ConfigError
-from denoiser.files import describe_remote_error, is_url
+from denoiser.files import describe_remote_error, is_url, local_path
 
 
 class LocalTree:
@@ -196,7 +196,7 @@ def resolve_location(location: str | os.PathLike) -> str:
         text = text[len("file://") :] or "/"
     if is_url(text):
         return text.rstrip("/")
-    return str(Path(text).expanduser().resolve())
+    return str(local_path(text))
 
 
 def open_tree(location: str | os.PathLike, role: str, must_exist: bool) -> Tree:
@@ -206,7 +206,7 @@ def open_tree(location: str | os.PathLike, role: str, must_exist: bool) -> Tree:
     if text.startswith("file://"):
         text = text[len("file://") :] or "/"
     if not is_url(text):
-        root = Path(text).expanduser()
+        root = local_path(text)
         if must_exist and not root.is_dir():
             raise ConfigError(f"{role} folder {root} does not exist or is not a folder")
         if root.exists() and not root.is_dir():

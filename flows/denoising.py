@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from prefect import flow
@@ -67,8 +68,8 @@ def denoise_in_chunks(
     """The folder as chunks of files, one ``denoise_chunk`` task each, merged into one report."""
     plan = plan_denoise_chunks(input_dir, output_dir, pattern, format, overwrite, chunk_files)
     futures = [
-        denoise_chunk.submit(input_dir, output_dir, rels, chosen, overwrite, format)
-        for rels in plan["chunks"]
+        denoise_chunk.submit(input_dir, output_dir, rels, records, chosen, overwrite, format)
+        for rels, records in zip(plan["chunks"], plan["records"], strict=True)
     ]
     return report_folder_run(
         input_dir, output_dir, plan, [chunk_outcome(f) for f in futures], chosen, store_root
@@ -86,6 +87,8 @@ def dask_task_runner(workers: int | None, address: str | None):
         ) from None
     if address:
         return DaskTaskRunner(address=address)
+    # each worker's TensorFlow gets its share of the cores, not all of them each
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={
@@ -93,5 +96,6 @@ def dask_task_runner(workers: int | None, address: str | None):
             "threads_per_worker": 1,
             "processes": True,
             "dashboard_address": None,
+            "env": {"TF_NUM_INTRAOP_THREADS": threads, "OMP_NUM_THREADS": threads},
         },
     )

@@ -37,8 +37,8 @@ def build_deployments(path: Path = PREFECT_YAML) -> list:
     from flows.training import train_pipeline
 
     flows = {
-        "flows/training.py:train_pipeline": train_pipeline,
-        "flows/denoising.py:denoise_folder": denoise_folder,
+        "flows.training.train_pipeline": train_pipeline,
+        "flows.denoising.denoise_folder": denoise_folder,
     }
     deployments = []
     for spec in deployment_specs(path):

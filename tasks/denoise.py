@@ -22,6 +22,7 @@ from denoiser.errors import DenoiseError
 from denoiser.folder import (
     BatchPredictor,
     FileResult,
+    OutputRecord,
     compact_journal,
     count,
     denoise_chunk_files,
@@ -222,6 +223,7 @@ def plan_denoise_chunks(
     return {
         "verdicts": [asdict(r) for r in plan.verdicts],
         "chunks": plan.chunks,
+        "records": [[asdict(r) for r in part] for part in plan.records],
         "total": plan.total,
         "started": time.time(),
     }
@@ -231,12 +233,25 @@ def plan_denoise_chunks(
 # inside it is retried here; either way a rerun redoes only what is not finished
 @task(name="denoise_chunk", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def denoise_chunk(
-    input_dir: str, output_dir: str, rels: list[str], model: dict, overwrite: bool, format: str
+    input_dir: str,
+    output_dir: str,
+    rels: list[str],
+    records: list[dict],
+    model: dict,
+    overwrite: bool,
+    format: str,
 ) -> list[dict]:
     logger = get_run_logger()
     predictor, spec = _predictor(model)
     results = denoise_chunk_files(
-        input_dir, output_dir, rels, predictor, spec, fmt=format, overwrite=overwrite
+        input_dir,
+        output_dir,
+        rels,
+        predictor,
+        spec,
+        fmt=format,
+        overwrite=overwrite,
+        records=[OutputRecord(**r) for r in records],
     )
     for r in results:
         if r.status == "failed":

@@ -246,3 +246,27 @@ def test_a_missing_input_in_object_storage_is_one_line(s3, tmp_path, model_file,
     fs = s3.fs()
     fs.invalidate_cache()
     assert not fs.find(f"{bucket}/out")
+
+
+def test_relative_locations_resolve_against_denoise_home_on_a_worker(tmp_path, monkeypatch):
+    """A deployment's flow run may work in a temporary folder: its relative store
+    and inbox resolve against $DENOISE_HOME (the folder deployed from)."""
+    from artifacts.store import resolve_store_root
+    from denoiser.errors import ConfigError
+    from denoiser.trees import resolve_location
+
+    project, elsewhere = tmp_path / "project", tmp_path / "tmp-run"
+    project.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("DENOISE_STORE", raising=False)
+    assert resolve_store_root(None) == str(elsewhere / "store")  # no DENOISE_HOME: the cwd
+    monkeypatch.setenv("DENOISE_HOME", str(project))
+    assert resolve_store_root(None) == str(project / "store")
+    assert resolve_location("inbox/noisy") == str(project / "inbox" / "noisy")
+    assert resolve_location(str(tmp_path / "abs")) == str(tmp_path / "abs")
+    assert resolve_location("s3://bucket/inbox/") == "s3://bucket/inbox"
+    monkeypatch.setenv("DENOISE_HOME", str(tmp_path / "not-on-this-machine"))
+    with pytest.raises(ConfigError, match="not a folder on this machine"):
+        resolve_store_root(None)
+    assert resolve_store_root("s3://bucket/denoise") == "s3://bucket/denoise"

@@ -100,11 +100,11 @@ def server(tmp_path_factory, mnist_mirror):
     logs.mkdir()
     procs: list[subprocess.Popen] = []
 
-    def spawn(name: str, *args: str) -> subprocess.Popen:
+    def spawn(name: str, *args: str, cwd: Path = REPO) -> subprocess.Popen:
         out = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
             [str(BIN / "prefect"), *args],
-            cwd=REPO,
+            cwd=cwd,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -142,7 +142,11 @@ def server(tmp_path_factory, mnist_mirror):
         run("work-pool", "create", "denoise-pool", "--type", "process")
         deployed = run("--no-prompt", "deploy", "--all")
         assert "nightly" in deployed and "inbox" in deployed
-        spawn("worker", "worker", "start", "--pool", "denoise-pool")
+        # the worker starts in a folder of its own: the deployments import the flows by
+        # module path and move it nowhere (no pull step); its flow runs work in a temporary folder
+        elsewhere = home / "worker-folder"
+        elsewhere.mkdir()
+        spawn("worker", "worker", "start", "--pool", "denoise-pool", cwd=elsewhere)
         yield {"api": api, "ui": f"http://127.0.0.1:{port}", "env": env, "logs": logs}
     finally:
         for proc in reversed(procs):
