@@ -73,6 +73,32 @@ def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 120)
     sys.exit(f"{what} did not answer at {url}")
 
 
+def request_cost(fs, moto_pid: int, n: int = 1000) -> dict[str, tuple[float, float]]:
+    """CPU per request of small objects (800 bytes), in this client (s3fs from 16
+    threads, as a folder run does) and in the moto server: what S3 costs this
+    machine when the server runs on it too."""
+    import resource
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+
+    moto = psutil.Process(moto_pid)
+    data = os.urandom(800)
+    out = {}
+    with ThreadPoolExecutor(16) as pool:
+        for name, call in (
+            ("PUT", lambda i: fs.pipe_file(f"{BUCKET}/cost/{i}.png", data)),
+            ("GET", lambda i: fs.cat_file(f"{BUCKET}/cost/{i}.png")),
+        ):
+            m0, r0 = moto.cpu_times(), resource.getrusage(resource.RUSAGE_SELF)
+            list(pool.map(call, range(n)))
+            m1, r1 = moto.cpu_times(), resource.getrusage(resource.RUSAGE_SELF)
+            client = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+            server = m1.user + m1.system - m0.user - m0.system
+            out[name] = (client / n * 1e3, server / n * 1e3)
+    return out
+
+
 def start_servers(work: Path) -> tuple[dict[str, str], list[subprocess.Popen]]:
     """moto's S3 server and a Prefect server, each its own process; the
     environment a client needs to use both."""
@@ -199,7 +225,7 @@ class TreeMemory:
                 self.peak = max(self.peak, total)
             except psutil.Error:
                 return
-            time.sleep(0.1)
+            time.sleep(0.5)
 
     def finish(self) -> float:
         self.stop.set()
@@ -303,6 +329,7 @@ def main() -> None:
 
         fs = s3fs.S3FileSystem()
         fs.mkdir(BUCKET)
+        cost = request_cost(fs, servers[0].pid)
         images = work / "images"
         make_images(args.mirror, images, args.small, args.large)
         started = time.perf_counter()
@@ -381,6 +408,12 @@ def main() -> None:
         dask_wall = np.mean([locals_[1]["wall"], locals_[2]["wall"]]) / runs["dask"]["wall"]
         print(
             f"ratio s3 / local:   {s3_ratio:.2f} (target >= 0.6); by command wall time {s3_wall:.2f}"
+        )
+        print(
+            "  CPU per small-object request on this machine: "
+            + ", ".join(
+                f"{k} {c:.1f} ms in the client + {m:.1f} ms in moto" for k, (c, m) in cost.items()
+            )
         )
         print(
             f"ratio dask / local: {dask_ratio:.2f} (target >= 0.9); by command wall time {dask_wall:.2f}"
