@@ -410,13 +410,37 @@ def plan_folder(
     jobs = [i for i in items if isinstance(i, Job)]
     if stale := prepare_output(dst):
         logger.info("removed %d temporary files left by an interrupted run", stale)
-    chunks = [jobs[k : k + chunk_files] for k in range(0, len(jobs), chunk_files)]
+    chunks = cut_chunks(jobs, chunk_files)
     return FolderPlan(
         [i for i in items if isinstance(i, FileResult)],
         [[job.rel for job in chunk] for chunk in chunks],
         len(items),
         [[records[j.target_rel] for j in chunk if j.target_rel in records] for chunk in chunks],
     )
+
+
+CHUNK_BYTES = 4 << 20  # a chunk also ends after this much input: large images spread out
+
+
+def cut_chunks(
+    jobs: list[Job], chunk_files: int, chunk_bytes: int = CHUNK_BYTES
+) -> list[list[Job]]:
+    """Consecutive jobs in chunks of at most ``chunk_files`` files and, past
+    its first file, ``chunk_bytes`` of input, so that a few large images in a
+    folder of small ones go to different workers instead of one chunk."""
+    chunks: list[list[Job]] = []
+    current: list[Job] = []
+    size = 0
+    for job in jobs:
+        n = job.bytes or 0
+        if current and (len(current) >= chunk_files or size + n > chunk_bytes):
+            chunks.append(current)
+            current, size = [], 0
+        current.append(job)
+        size += n
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def denoise_chunk_files(

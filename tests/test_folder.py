@@ -735,3 +735,19 @@ def test_small_grey_pngs_written_directly_decode_to_the_same_pixels_as_pillows()
     big = Image.fromarray((rng.random((129, 128)) * 256).astype(np.uint8))
     with Image.open(io.BytesIO(encode_image(big, "PNG"))) as img:
         np.testing.assert_array_equal(np.asarray(img), np.asarray(big))
+
+
+def test_chunks_end_at_a_number_of_files_or_of_input_bytes(tmp_path):
+    from denoiser.folder import plan_folder
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(7):
+        Image.fromarray(noisy_gray(20, 20)).save(src / f"s{i}.png")
+    for i in range(3):  # large noisy images: about 1.6 MB each as PNG
+        Image.fromarray(noisy_gray(1300, 1300)).save(src / f"big{i}.png")
+    plan = plan_folder(src, tmp_path / "out", chunk_files=4)
+    assert sorted(sum(plan.chunks, [])) == sorted(p.name for p in src.iterdir())
+    big = [[name for name in chunk if name.startswith("big")] for chunk in plan.chunks]
+    assert all(len(b) <= 2 for b in big)  # 4 MB of input at most, past a chunk's first file
+    assert all(len(chunk) <= 4 for chunk in plan.chunks) and len(plan.chunks) >= 3
