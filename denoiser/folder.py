@@ -46,6 +46,7 @@ from denoiser.images import (
     decode_image,
     encode_output,
     output_format,
+    read_error,
     temp_owner,
     write_atomic,
 )
@@ -736,14 +737,10 @@ def _read(tree: Tree, path) -> bytes:
     """An input's bytes; an ImageError saying why they cannot be read."""
     try:
         return tree.read(path)
-    except PermissionError:
-        raise ImageError("permission denied") from None
-    except IsADirectoryError:
-        raise ImageError("not a regular file") from None
     except FileNotFoundError:
         raise ImageError("cannot read: no such file (gone since the scan)") from None
     except OSError as exc:
-        raise ImageError(f"cannot read: {exc.strerror or exc}") from None
+        raise read_error(exc) from None
 
 
 def _load(job: Job, spec: TileSpec, src: Tree, dst: Tree) -> Job:

@@ -79,12 +79,17 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     try:
         with open(path, "rb") as fh:
             return fh.read()
-    except PermissionError:
-        raise ImageError("permission denied") from None
-    except IsADirectoryError:
-        raise ImageError("not a regular file") from None
     except OSError as exc:
-        raise ImageError(f"cannot read: {exc.strerror or exc}") from None
+        raise read_error(exc) from None
+
+
+def read_error(exc: OSError) -> ImageError:
+    """Why a file could not be read, as the report says it."""
+    if isinstance(exc, PermissionError):
+        return ImageError("permission denied")
+    if isinstance(exc, IsADirectoryError):
+        return ImageError("not a regular file")
+    return ImageError(f"cannot read: {exc.strerror or exc}")
 
 
 def decode_image(data: bytes) -> LoadedImage:

@@ -6,7 +6,6 @@ line."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import stat
@@ -21,6 +20,7 @@ from PIL import Image
 from denoiser.folder import JOURNAL_NAME, JOURNAL_PARTS, BatchPredictor, count, denoise_tree
 from denoiser.tiling import TileSpec
 from tests.faults.harness import denoise_env, tail
+from tests.test_dask_folder import report_rows
 from tests.test_folder import CountingIdentity, build_folder, identity_model, save_model
 
 pytest.importorskip("s3fs")
@@ -161,19 +161,6 @@ def run_cli(args: list[str], tmp: Path, api: str, s3) -> tuple[int, str, str]:
         timeout=600,
     )
     return proc.returncode, proc.stdout, proc.stderr
-
-
-def report_rows(stdout: str) -> list[dict]:
-    path = next(
-        line.split("report: ", 1)[1].strip()
-        for line in stdout.splitlines()
-        if line.startswith("report: ")
-    )
-    with open(path, newline="") as fh:
-        return [
-            {k: v for k, v in row.items() if k not in ("ms", "output")}
-            for row in csv.DictReader(fh)
-        ]
 
 
 def test_denoise_folder_bucket_to_bucket_on_two_workers_matches_the_in_process_run(
