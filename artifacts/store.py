@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from denoiser.errors import ConfigError
-from denoiser.files import describe_remote_error, is_url, local_path
+from denoiser.files import describe_remote_error, find_sizes, is_url, local_path
 
 DEFAULT_STORE = "store"
 STORE_ENV = "DENOISE_STORE"
@@ -208,17 +208,7 @@ class Store:
 
     def sizes(self, location: str) -> dict[str, int]:
         """Every file under a remote folder, by path relative to it, with its size."""
-        base = self._path(location).rstrip("/")
-        self.fs.invalidate_cache(base)
-        try:
-            found = self.fs.find(base, detail=True)
-        except FileNotFoundError:
-            return {}
-        return {
-            p[len(base) + 1 :]: int(info.get("size") or 0)
-            for p, info in found.items()
-            if info.get("type") != "directory" and p.startswith(base + "/")
-        }
+        return find_sizes(self.fs, self._path(location))
 
     def read_versioned(self, location: str) -> tuple[bytes | None, str | None]:
         """A remote object's bytes and the ETag they belong to; (None, None) if

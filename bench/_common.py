@@ -57,3 +57,24 @@ def run_child(script: str, args: list[str], name: str, env: dict[str, str] | Non
     if proc.returncode:
         sys.exit(f"{name} run failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_mnist_shards(out: Path, images, labels, shard_rows: int) -> None:
+    """A shard set of MNIST-like digits at the blog's noise (gaussian 0.5):
+    ``images`` for training, their first 64 as validation and test."""
+    import numpy as np
+
+    from denoiser.shards import SplitArrays, write_shard_set
+
+    small = SplitArrays(images[:64], labels[:64], np.arange(64))
+    write_shard_set(
+        out,
+        {
+            "train": SplitArrays(images, labels, np.arange(len(images))),
+            "validation": small,
+            "test": small,
+        },
+        {"kind": "gaussian", "level": 0.5},
+        shard_rows=shard_rows,
+        seed=0,
+    )

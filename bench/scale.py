@@ -43,7 +43,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from _common import REPO, add_mirror_argument, peak_rss_mb, run_child
+from _common import REPO, add_mirror_argument, peak_rss_mb, run_child, write_mnist_shards
 
 sys.path.insert(0, str(REPO))
 
@@ -281,22 +281,10 @@ def train_child(location: str, samples: int) -> dict:
 
 def write_shards(mirror: Path, out: Path, samples: int) -> None:
     from denoiser.datasets import read_idx
-    from denoiser.shards import SplitArrays, write_shard_set
 
     images = read_idx(mirror / "train-images-idx3-ubyte.gz")[:samples]
     labels = read_idx(mirror / "train-labels-idx1-ubyte.gz")[:samples]
-    small = SplitArrays(images[:64], labels[:64], np.arange(64))
-    write_shard_set(
-        out,
-        {
-            "train": SplitArrays(images, labels, np.arange(len(images))),
-            "validation": small,
-            "test": small,
-        },
-        {"kind": "gaussian", "level": 0.5},
-        shard_rows=5_000,
-        seed=0,
-    )
+    write_mnist_shards(out, images, labels, shard_rows=5_000)
 
 
 def rate(r: dict) -> float:

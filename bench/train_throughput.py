@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import add_mirror_argument, peak_rss_mb, run_child
+from _common import add_mirror_argument, peak_rss_mb, run_child, write_mnist_shards
 
 
 def _load(mirror: Path, samples: int):
@@ -58,26 +58,13 @@ def run_reference(mirror: Path, samples: int, epochs: int) -> dict:
 
 def run_pipeline(mirror: Path, samples: int, epochs: int) -> dict:
     import keras
-    import numpy as np
 
     from denoiser.models import build_model
-    from denoiser.shards import SplitArrays, write_shard_set
     from denoiser.training import make_dataset
 
     manifest, images, labels = _load(mirror, samples)
     out = Path(tempfile.mkdtemp(prefix="denoise-bench-shards-")) / "shards"
-    small = SplitArrays(images[:64], labels[:64], np.arange(64))
-    write_shard_set(
-        out,
-        {
-            "train": SplitArrays(images, labels, np.arange(len(images))),
-            "validation": small,
-            "test": small,
-        },
-        {"kind": "gaussian", "level": 0.5},
-        shard_rows=10_000,
-        seed=0,
-    )
+    write_mnist_shards(out, images, labels, shard_rows=10_000)
     rows = len(images)
     del images, labels
     keras.utils.set_random_seed(0)

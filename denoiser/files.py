@@ -39,6 +39,23 @@ def local_path(text: str | os.PathLike) -> Path:
     return path.resolve()
 
 
+def find_sizes(fs, base: str) -> dict[str, int]:
+    """Every file under ``base`` in an fsspec file system, by path relative
+    to it, with its size: one listing (no request per file); empty if there
+    is nothing there."""
+    base = base.rstrip("/")
+    fs.invalidate_cache(base)
+    try:
+        found = fs.find(base, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {
+        p[len(base) + 1 :]: int(info.get("size") or 0)
+        for p, info in found.items()
+        if info.get("type") != "directory" and p.startswith(base + "/")
+    }
+
+
 def open_read(location: str | os.PathLike):
     """A binary file handle on a local path or a URL (through fsspec)."""
     if is_url(location):

@@ -19,7 +19,7 @@ import posixpath
 from pathlib import Path
 
 from denoiser.errors import ConfigError
-from denoiser.files import describe_remote_error, is_url, local_path
+from denoiser.files import describe_remote_error, find_sizes, is_url, local_path
 
 
 class LocalTree:
@@ -145,10 +145,6 @@ class RemoteTree:
     def write(self, path: str, data: bytes) -> None:
         self.fs.pipe_file(path, data)
 
-    def exists(self, path: str) -> bool:
-        self.fs.invalidate_cache(path)
-        return self.fs.exists(path)
-
     def matches(self, path: str, size: int, sha256: str) -> bool:
         try:
             data = self.fs.cat_file(path)
@@ -160,18 +156,11 @@ class RemoteTree:
         """Nothing to do: an object is durable once its PUT returns."""
 
     def listing(self, prefix: str | None = None) -> dict[str, int]:
-        """Every object under the tree (or ``prefix`` in it): relative path -> size."""
-        base = self.root if prefix is None else self.path(prefix)
-        self.fs.invalidate_cache(base)
-        try:
-            found = self.fs.find(base, detail=True)
-        except FileNotFoundError:
-            return {}
-        return {
-            self.rel(path): int(info.get("size") or 0)
-            for path, info in found.items()
-            if info.get("type", "file") == "file"
-        }
+        """Every object under the tree (or ``prefix`` in it): path relative to
+        the tree -> size."""
+        if prefix is None:
+            return find_sizes(self.fs, self.root)
+        return {f"{prefix}/{rel}": n for rel, n in find_sizes(self.fs, self.path(prefix)).items()}
 
     def read_many(self, paths: list[str]) -> dict[str, bytes | Exception]:
         """Several objects in concurrent requests."""

@@ -30,9 +30,14 @@ def model_file(tmp_path_factory) -> Path:
 
 
 def start(
-    args: list[str], tmp: Path, api: str | None, failpoints: str | None = None
+    args: list[str],
+    tmp: Path,
+    api: str | None,
+    failpoints: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     env = denoise_env(tmp / "store", tmp / "prefect-home", api, None, failpoints)
+    env.update(extra_env or {})
     if api is None:
         env.pop("PREFECT_API_URL", None)
     return subprocess.Popen(

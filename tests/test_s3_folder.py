@@ -19,8 +19,8 @@ from PIL import Image
 
 from denoiser.folder import JOURNAL_NAME, JOURNAL_PARTS, BatchPredictor, count, denoise_tree
 from denoiser.tiling import TileSpec
-from tests.faults.harness import denoise_env, tail
-from tests.test_dask_folder import report_rows
+from tests.faults.harness import tail
+from tests.test_dask_folder import finish, report_rows, start
 from tests.test_folder import CountingIdentity, build_folder, identity_model, save_model
 
 pytest.importorskip("s3fs")
@@ -150,17 +150,7 @@ def test_local_input_into_a_bucket_and_a_bucket_into_a_local_folder(s3, tmp_path
 
 
 def run_cli(args: list[str], tmp: Path, api: str, s3) -> tuple[int, str, str]:
-    env = denoise_env(tmp / "store", tmp / "prefect-home", api, None, None)
-    env.update(s3.env())
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=tmp,
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=600,
-    )
-    return proc.returncode, proc.stdout, proc.stderr
+    return finish(start(args, tmp, api, extra_env=s3.env()))
 
 
 def test_denoise_folder_bucket_to_bucket_on_two_workers_matches_the_in_process_run(
