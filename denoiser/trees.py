@@ -16,6 +16,7 @@ import ctypes.util
 import hashlib
 import os
 import posixpath
+import threading
 from pathlib import Path
 
 from denoiser.errors import ConfigError
@@ -103,9 +104,101 @@ def _load_syncfs():
 _syncfs = _load_syncfs()
 
 
+class S3Objects:
+    """GET and PUT of whole S3 objects through obstore (Rust; about a fifth
+    of the client CPU per request of s3fs/botocore, and no HEAD before a GET),
+    with the endpoint, region and credentials the s3fs file system ``fs``
+    resolved, so both clients talk to the same place as the same user. Errors
+    come out as the OSErrors fsspec raises."""
+
+    def __init__(self, fs):
+        from obstore.store import S3Store
+
+        meta = fs.s3.meta  # s3fs's botocore client: what it resolved
+        self._credentials = _credential_source(fs)
+        self._stores: dict[str, S3Store] = {}
+        self._config = {
+            "endpoint": meta.endpoint_url,
+            "region": meta.region_name or "us-east-1",
+            "allow_http": meta.endpoint_url.startswith("http://"),
+        }
+
+    def _store(self, bucket: str):
+        store = self._stores.get(bucket)
+        if store is None:
+            from obstore.store import S3Store
+
+            store = S3Store(bucket, credential_provider=self._credentials, **self._config)
+            self._stores[bucket] = store
+        return store
+
+    def get(self, path: str) -> bytes:
+        bucket, key = path.split("/", 1)
+        try:
+            return bytes(self._store(bucket).get(key).bytes())
+        except Exception as exc:  # noqa: BLE001 - obstore's own errors become OSErrors
+            raise _as_oserror(path, exc) from None
+
+    def put(self, path: str, data: bytes) -> None:
+        bucket, key = path.split("/", 1)
+        try:
+            self._store(bucket).put(key, data)
+        except Exception as exc:  # noqa: BLE001
+            raise _as_oserror(path, exc) from None
+
+
+def _has_obstore() -> bool:
+    try:
+        import obstore  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _credential_source(fs):
+    """A credential provider for obstore giving what s3fs uses: its explicit
+    key and secret if it was given some, else botocore's chain (environment,
+    shared config and profiles, container and instance roles)."""
+    import datetime
+
+    if getattr(fs, "key", None) and getattr(fs, "secret", None):
+        frozen = {"access_key_id": fs.key, "secret_access_key": fs.secret, "token": fs.token}
+        return lambda: {**frozen, "expires_at": None}
+    import botocore.session
+
+    session = botocore.session.Session(profile=getattr(fs, "profile", None) or None)
+    credentials = session.get_credentials()
+    if credentials is None:
+        raise OSError("Unable to locate credentials")
+
+    def provide() -> dict:
+        got = credentials.get_frozen_credentials()  # refreshed by botocore when due
+        return {
+            "access_key_id": got.access_key,
+            "secret_access_key": got.secret_key,
+            "token": got.token,
+            "expires_at": datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5),
+        }
+
+    return provide
+
+
+def _as_oserror(path: str, exc: Exception) -> OSError:
+    if isinstance(exc, OSError):  # obstore raises FileNotFoundError, PermissionError
+        return exc
+    name = type(exc).__name__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else name
+    if name == "NotFoundError":
+        return FileNotFoundError(2, "no such object", path)
+    if name in ("PermissionDeniedError", "UnauthenticatedError"):
+        return PermissionError(13, f"AccessDenied: {text}", path)
+    return OSError(5, text, path)
+
+
 class RemoteTree:
     """A prefix in object storage (any fsspec file system), read and written
-    by whole objects; credentials and endpoint come from the environment."""
+    by whole objects; credentials and endpoint come from the environment.
+    S3 objects go through :class:`S3Objects` when obstore is installed."""
 
     remote = True
     threads = 16  # requests in flight per direction; each thread mostly waits
@@ -123,6 +216,21 @@ class RemoteTree:
             ) from None
         self.root = root.rstrip("/")
         self.protocol = self.url.split("://", 1)[0]
+        self._objects: S3Objects | None = None
+        self._objects_lock = threading.Lock()
+        self._objects_known = self.protocol not in ("s3", "s3a")
+
+    @property
+    def objects(self) -> S3Objects | None:
+        """The fast S3 client, made on first use; None where there is none
+        (obstore not installed, another protocol, anonymous access)."""
+        if not self._objects_known:
+            with self._objects_lock:
+                if not self._objects_known:
+                    if _has_obstore() and not getattr(self.fs, "anon", False):
+                        self._objects = S3Objects(self.fs)
+                    self._objects_known = True
+        return self._objects
 
     def __str__(self) -> str:
         return self.url
@@ -140,14 +248,19 @@ class RemoteTree:
         return shown.split("://", 1)[-1][len(self.root) + 1 :]
 
     def read(self, path: str) -> bytes:
-        return self.fs.cat_file(path)
+        objects = self.objects
+        return objects.get(path) if objects else self.fs.cat_file(path)
 
     def write(self, path: str, data: bytes) -> None:
-        self.fs.pipe_file(path, data)
+        objects = self.objects
+        if objects:
+            objects.put(path, data)
+        else:
+            self.fs.pipe_file(path, data)
 
     def matches(self, path: str, size: int, sha256: str) -> bool:
         try:
-            data = self.fs.cat_file(path)
+            data = self.read(path)
         except (OSError, ValueError):
             return False
         return len(data) == size and hashlib.sha256(data).hexdigest() == sha256

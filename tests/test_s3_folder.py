@@ -190,39 +190,78 @@ def test_denoise_folder_bucket_to_bucket_on_two_workers_matches_the_in_process_r
     assert not list(tmp_path.glob("s3:*"))  # nothing written to a local folder named after the URL
 
 
+@pytest.mark.parametrize("client", ["obstore", "s3fs"])
+def test_a_remote_tree_reads_writes_and_fails_alike_through_either_client(
+    s3, monkeypatch, client
+):
+    """Objects go through obstore when it is installed, else through s3fs: the
+    same bytes and the same OSErrors (what the folder report is made from)."""
+    import denoiser.trees as trees
+
+    if client == "s3fs":
+        monkeypatch.setattr(trees, "_has_obstore", lambda: False)
+    bucket = s3.bucket("either")
+    tree = trees.open_tree(f"s3://{bucket}/t", "output", must_exist=False)
+    assert (tree.objects is not None) == (client == "obstore")
+    data = os.urandom(3000)
+    tree.write(tree.path("a/b.png"), data)
+    assert tree.read(tree.path("a/b.png")) == data
+    assert s3.fs().cat_file(f"{bucket}/t/a/b.png") == data  # the same object for s3fs
+    assert tree.matches(tree.path("a/b.png"), 3000, hashlib.sha256(data).hexdigest())
+    assert not tree.matches(tree.path("a/b.png"), 3000, "0" * 64)
+    assert not tree.matches(tree.path("gone.png"), 3000, "0" * 64)
+    with pytest.raises(FileNotFoundError):
+        tree.read(tree.path("gone.png"))
+    assert tree.listing() == {"a/b.png": 3000}
+
+
 @pytest.mark.parametrize(
-    ("where", "says"),
+    ("case", "says"),
     [
-        ("s3://no-such-bucket/noisy", "bucket does not exist"),
-        ("s3://{bucket}/nothing-here", "does not exist (no object under it)"),
+        ("missing bucket", "bucket does not exist"),
+        ("empty prefix", "does not exist (no object under it)"),
+        ("wrong credentials", "access denied; check the AWS credentials"),
+        ("unreachable endpoint", "cannot reach the object-storage endpoint"),
     ],
 )
-def test_a_missing_input_in_object_storage_is_one_line(s3, tmp_path, model_file, where, says):
+def test_a_bad_location_in_object_storage_is_one_line(s3, tmp_path, model_file, case, says):
+    from tests.faults.harness import free_port
+
     bucket = s3.bucket("lines")
+    s3.fs().pipe_file(f"{bucket}/noisy/a.png", b"not read")
+    where = f"s3://{bucket}/noisy"
     env = {**os.environ, **s3.env(), "DENOISE_STORE": str(tmp_path / "store")}
+    if case == "missing bucket":
+        where = "s3://no-such-bucket/noisy"
+    if case == "empty prefix":
+        where = f"s3://{bucket}/nothing-here"
+    checks = pytest.MonkeyPatch()
+    if case == "wrong credentials":
+        import moto.settings
+
+        # moto checks signatures against its IAM users until undone: no such key
+        checks.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+        env.update(AWS_ACCESS_KEY_ID="AKIAWRONGWRONGWRONG1", AWS_SECRET_ACCESS_KEY="wrong")
+    if case == "unreachable endpoint":
+        env.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_MAX_ATTEMPTS="1")
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "folder",
-            where.format(bucket=bucket),
-            f"s3://{bucket}/out",
-            "--model",
-            str(model_file),
-        ],
+        [sys.executable, "-m", "flows.cli", "folder", where, f"s3://{bucket}/out"]
+        + ["--model", str(model_file)],
         cwd=tmp_path,
         env=env,
         text=True,
         capture_output=True,
         timeout=300,
     )
+    checks.undo()  # what follows signs with the test's own fake key
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and says in lines[0], proc.stderr
+    print(lines[0])
     fs = s3.fs()
     fs.invalidate_cache()
     assert not fs.find(f"{bucket}/out")
+    assert not list(tmp_path.glob("s3:*")) and not (tmp_path / "store").exists()
 
 
 def test_relative_locations_resolve_against_denoise_home_on_a_worker(tmp_path, monkeypatch):

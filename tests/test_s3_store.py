@@ -188,9 +188,10 @@ def test_a_missing_bucket_is_one_line(s3):
 
 
 @pytest.mark.parametrize(
-    "case", ["missing bucket", "no endpoint", "unknown scheme", "no credentials"]
+    "case",
+    ["missing bucket", "no endpoint", "unknown scheme", "no credentials", "wrong credentials"],
 )
-def test_the_cli_turns_a_bad_store_into_one_line_and_exit_2(s3, tmp_path, case):
+def test_the_cli_turns_a_bad_store_into_one_line_and_exit_2(s3, tmp_path, case, monkeypatch):
     from tests.faults.harness import free_port
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "DENOISE_"))}
@@ -209,6 +210,14 @@ def test_the_cli_turns_a_bad_store_into_one_line_and_exit_2(s3, tmp_path, case):
             env.pop(key)
         (tmp_path / "home").mkdir()
         env.update(HOME=str(tmp_path / "home"), AWS_EC2_METADATA_DISABLED="true")
+    if case == "wrong credentials":
+        import moto.settings
+
+        s3.bucket("bkt")
+        store = "s3://bkt/store"
+        # moto checks signatures against its IAM users from now on: no such key
+        monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+        env.update(AWS_ACCESS_KEY_ID="AKIAWRONGWRONGWRONG1", AWS_SECRET_ACCESS_KEY="wrong")
     result = subprocess.run(
         [sys.executable, "-m", "flows.cli", "models", "--store", store],
         capture_output=True,
@@ -225,6 +234,7 @@ def test_the_cli_turns_a_bad_store_into_one_line_and_exit_2(s3, tmp_path, case):
         "no endpoint": "cannot reach",
         "unknown scheme": "nosuchfs",
         "no credentials": "no AWS credentials",
+        "wrong credentials": "access denied; check the AWS credentials",
     }[case]
     assert expected in lines[0], lines[0]
     print(lines[0])
