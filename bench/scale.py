@@ -73,22 +73,25 @@ def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 120)
     sys.exit(f"{what} did not answer at {url}")
 
 
-def request_cost(fs, moto_pid: int, n: int = 1000) -> dict[str, tuple[float, float]]:
-    """CPU per request of small objects (800 bytes), in this client (s3fs from 16
-    threads, as a folder run does) and in the moto server: what S3 costs this
-    machine when the server runs on it too."""
+def request_cost(url: str, moto_pid: int, n: int = 1000) -> dict[str, tuple[float, float]]:
+    """CPU per request of small objects (800 bytes) in this client (the folder
+    runs' object client, from 16 threads as a folder run does) and in the moto
+    server: what S3 costs this machine when the server runs on it too."""
     import resource
     from concurrent.futures import ThreadPoolExecutor
 
     import psutil
 
+    from denoiser.trees import open_tree
+
+    tree = open_tree(url, "output", must_exist=False)
     moto = psutil.Process(moto_pid)
     data = os.urandom(800)
     out = {}
     with ThreadPoolExecutor(16) as pool:
         for name, call in (
-            ("PUT", lambda i: fs.pipe_file(f"{BUCKET}/cost/{i}.png", data)),
-            ("GET", lambda i: fs.cat_file(f"{BUCKET}/cost/{i}.png")),
+            ("PUT", lambda i: tree.write(tree.path(f"{i}.png"), data)),
+            ("GET", lambda i: tree.read(tree.path(f"{i}.png"))),
         ):
             m0, r0 = moto.cpu_times(), resource.getrusage(resource.RUSAGE_SELF)
             list(pool.map(call, range(n)))
@@ -233,9 +236,27 @@ class TreeMemory:
         return self.peak / 2**20
 
 
+SERVER_PIDS: dict[str, int] = {}  # moto and prefect: their CPU is counted per run
+
+
+def server_cpu() -> dict[str, float]:
+    import psutil
+
+    out = {}
+    for name, pid in SERVER_PIDS.items():
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+        out[name] = sum(sum(p.cpu_times()[:2]) for p in procs)
+    return out
+
+
 def run_folder(env: dict, work: Path, args: list[str], name: str) -> dict:
-    """One ``denoise folder`` command; its summary line, wall time and peak memory."""
+    """One ``denoise folder`` command; its summary line, wall time, peak
+    memory, and the CPU seconds it and each server used meanwhile."""
+    import resource
+
     start = time.perf_counter()
+    before, cpu0 = server_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "folder", *args],
         cwd=work,
@@ -247,6 +268,7 @@ def run_folder(env: dict, work: Path, args: list[str], name: str) -> dict:
     memory = TreeMemory(proc.pid)
     out, err = proc.communicate()
     wall = time.perf_counter() - start
+    after, cpu1 = server_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN)
     peak = memory.finish()
     match = SUMMARY.search(out)
     if proc.returncode != 0 or match is None:
@@ -259,6 +281,8 @@ def run_folder(env: dict, work: Path, args: list[str], name: str) -> dict:
         "seconds": float(seconds),
         "wall": wall,
         "peak_mb": peak,
+        "cpu": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime,
+        **{f"cpu_{k}": after[k] - before[k] for k in after},
     }
 
 
@@ -312,12 +336,13 @@ def main() -> None:
     servers: list[subprocess.Popen] = []
     try:
         env, servers = start_servers(work)
+        SERVER_PIDS.update(moto=servers[0].pid, prefect=servers[1].pid)
         os.environ.update({k: env[k] for k in env if k.startswith("AWS_")})
         import s3fs
 
         fs = s3fs.S3FileSystem()
         fs.mkdir(BUCKET)
-        cost = request_cost(fs, servers[0].pid)
+        cost = request_cost(f"s3://{BUCKET}/cost", servers[0].pid)
         images = work / "images"
         make_images(args.mirror, images, args.small, args.large)
         started = time.perf_counter()
@@ -380,15 +405,17 @@ def main() -> None:
             f"{os.cpu_count()} CPU cores; moto and Prefect servers on loopback "
             f"(upload of the images to the bucket: {upload_s:.1f} s)"
         )
-        print(f"{'way':<28} {'images/s':>9} {'stage s':>8} {'wall s':>7} {'peak MB':>8}")
-        for k, r in enumerate(locals_):
+        print(
+            f"{'way':<28} {'images/s':>9} {'stage s':>8} {'wall s':>7} {'peak MB':>8}"
+            f" {'CPU s: command':>15} {'moto':>5} {'prefect':>8}"
+        )
+        labels = {"s3": "s3 store, s3 in and out", "dask": "dask, 2 worker processes"}
+        rows = [(f"local {k + 1}", r) for k, r in enumerate(locals_)]
+        for name, r in [*rows, *((labels[n], r) for n, r in runs.items())]:
             print(
-                f"{f'local {k + 1}':<28} {rate(r):>9.0f} {r['seconds']:>8.1f} {r['wall']:>7.1f} {r['peak_mb']:>8.0f}"
-            )
-        for name, r in runs.items():
-            label = {"s3": "s3 store, s3 in and out", "dask": "dask, 2 worker processes"}[name]
-            print(
-                f"{label:<28} {rate(r):>9.0f} {r['seconds']:>8.1f} {r['wall']:>7.1f} {r['peak_mb']:>8.0f}"
+                f"{name:<28} {rate(r):>9.0f} {r['seconds']:>8.1f} {r['wall']:>7.1f}"
+                f" {r['peak_mb']:>8.0f} {r['cpu']:>15.1f} {r['cpu_moto']:>5.1f}"
+                f" {r['cpu_prefect']:>8.1f}"
             )
         s3_ratio = rate(runs["s3"]) / np.mean([rate(locals_[0]), rate(locals_[1])])
         dask_ratio = rate(runs["dask"]) / np.mean([rate(locals_[1]), rate(locals_[2])])

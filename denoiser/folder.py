@@ -492,7 +492,13 @@ def denoise_chunk_files(
                 known,
             )
         )
+    # batches of a quarter of the chunk at most: the model starts on the first
+    # while the rest is read, and the last outputs are written while it runs
+    predict = predict.at_most(max(MIN_CHUNK_BATCH, -(-len(rels) // 4)))
     return _run(jobs, results, len(rels), src, dst, journal, predict, spec, fmt, on_result)
+
+
+MIN_CHUNK_BATCH = 32
 
 
 def compact_journal(output_dir: str | os.PathLike) -> None:
@@ -714,6 +720,12 @@ class BatchPredictor:
         self.model = model
         self.batch_size = batch_size
         self.pixel_budget = pixel_budget
+
+    def at_most(self, batch_size: int) -> BatchPredictor:
+        """The same model in batches of at most ``batch_size``."""
+        if batch_size >= self.batch_size:
+            return self
+        return BatchPredictor(self.model, batch_size, self.pixel_budget)
 
     def batch_for(self, shape: tuple[int, int]) -> int:
         return max(1, min(self.batch_size, self.pixel_budget // max(shape[0] * shape[1], 1)))
@@ -986,7 +998,7 @@ def _pipeline(
                 run_group(shape, force=True)
             drain_writes(block=True)
         except BaseException:
-            for _, fut in reads:
+            for _, fut, _ in reads:
                 fut.cancel()
             for fut in writes:
                 fut.cancel()

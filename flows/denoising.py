@@ -66,14 +66,20 @@ def denoise_in_chunks(
     chunk_files: int,
 ) -> dict:
     """The folder as chunks of files, one ``denoise_chunk`` task each, merged into one report."""
-    plan = plan_denoise_chunks(input_dir, output_dir, pattern, format, overwrite, chunk_files)
-    futures = [
-        denoise_chunk.submit(input_dir, output_dir, rels, records, chosen, overwrite, format)
-        for rels, records in zip(plan["chunks"], plan["records"], strict=True)
-    ]
-    return report_folder_run(
-        input_dir, output_dir, plan, [chunk_outcome(f) for f in futures], chosen, store_root
-    )
+    from tasks.workers import load_denoiser_on_workers, unload_denoiser_from_workers
+
+    loaded = load_denoiser_on_workers(chosen)
+    try:
+        plan = plan_denoise_chunks(input_dir, output_dir, pattern, format, overwrite, chunk_files)
+        futures = [
+            denoise_chunk.submit(input_dir, output_dir, rels, records, chosen, overwrite, format)
+            for rels, records in zip(plan["chunks"], plan["records"], strict=True)
+        ]
+        return report_folder_run(
+            input_dir, output_dir, plan, [chunk_outcome(f) for f in futures], chosen, store_root
+        )
+    finally:
+        unload_denoiser_from_workers(loaded)
 
 
 def dask_task_runner(workers: int | None, address: str | None):

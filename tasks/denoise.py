@@ -146,6 +146,11 @@ def _predictor(model: dict):
     return _LOADED[key]
 
 
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 @task(name="denoise_images", cache_policy=NO_CACHE)
 def denoise_images(
     input_dir: str,
@@ -267,7 +272,7 @@ def chunk_outcome(future) -> list[dict] | str:
     report then lists its files as failed instead of the run losing its report."""
     outcome = future.result(raise_on_failure=False)
     if isinstance(outcome, BaseException):
-        return f"{type(outcome).__name__}: {str(outcome).strip().splitlines()[0] if str(outcome).strip() else ''}"
+        return one_line(outcome)
     return outcome
 
 

@@ -243,13 +243,14 @@ class Stop(Exception):
 
 
 def test_an_interrupted_run_is_finished_by_a_rerun(tmp_path):
+    N = 320
     src = tmp_path / "in"
     src.mkdir()
-    for i in range(40):
-        Image.fromarray(noisy_gray(28, 28)).save(src / f"{i:02d}.png")
+    for i in range(N):  # many batches: the stop comes long before the last output is written
+        Image.fromarray(noisy_gray(28, 28)).save(src / f"{i:03d}.png")
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
-    temp_path(out / "07.png", pid=dead_pid()).write_bytes(b"half")  # litter of a killed run
+    temp_path(out / "007.png", pid=dead_pid()).write_bytes(b"half")  # litter of a killed run
 
     def stop_after_ten(result, done, total):
         if result.status == "denoised" and done >= 10:
@@ -258,15 +259,15 @@ def test_an_interrupted_run_is_finished_by_a_rerun(tmp_path):
     with pytest.raises(Stop):
         run(src, out, identity_model(), on_result=stop_after_ten)
     finished = {p.name for p in out.glob("*.png")}
-    assert 10 <= len(finished) < 40
+    assert 10 <= len(finished) < N
     for name in finished:  # whatever exists under a final name is a whole image
         Image.open(out / name).load()
 
     results = run(src, out, identity_model())
     statuses = {r.path: r.status for r in results}
     assert sum(s == "skipped" for s in statuses.values()) == len(finished)
-    assert sum(s == "denoised" for s in statuses.values()) == 40 - len(finished)
-    assert len(list(out.glob("*.png"))) == 40 and not list(out.rglob("*.denoise.part"))
+    assert sum(s == "denoised" for s in statuses.values()) == N - len(finished)
+    assert len(list(out.glob("*.png"))) == N and not list(out.rglob("*.denoise.part"))
     rerun = run(src, out, identity_model(), overwrite=True)
     assert all(r.status == "denoised" for r in rerun)
 

@@ -1,0 +1,56 @@
+"""Tasks of a folder run on Dask: the model loaded on every worker before
+the chunks are sent (imported only on that path: it needs distributed)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from distributed.diagnostics.plugin import WorkerPlugin
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.logging import get_run_logger
+
+from tasks.denoise import _predictor, one_line
+
+
+class ModelOnWorkers(WorkerPlugin):
+    """Loads the model when a worker starts (or joins later, such as one
+    restarted after a crash), so that chunks find it loaded."""
+
+    def __init__(self, model: dict):
+        self.model = model
+        key = f"{model['model_path']}:{model.get('model_sha256')}".encode()
+        self.name = f"denoise-model-{hashlib.sha256(key).hexdigest()[:12]}"
+
+    def setup(self, worker) -> None:
+        _predictor(self.model)
+
+
+@task(name="load_denoiser_on_workers", cache_policy=NO_CACHE)
+def load_denoiser_on_workers(model: dict) -> str:
+    """Load the model on every Dask worker of this run's task runner before
+    the chunks are sent, all at once (a worker that fails to load it is
+    warned about; its chunks then try again and report why). The plugin's
+    name, to take it off the cluster at the end."""
+    logger = get_run_logger()
+    client = FlowRunContext.get().task_runner.client
+    plugin = ModelOnWorkers(model)
+    started = time.perf_counter()
+    try:
+        client.register_plugin(plugin)
+    except Exception as exc:  # noqa: BLE001 - the chunks report it per file
+        logger.warning("the model did not load on every worker: %s", one_line(exc))
+        return plugin.name
+    workers = len(client.scheduler_info().get("workers", {}))
+    logger.info("model loaded on %d workers in %.1f s", workers, time.perf_counter() - started)
+    return plugin.name
+
+
+def unload_denoiser_from_workers(name: str) -> None:
+    """Take the plugin off the cluster (workers that join later need not load the model)."""
+    try:
+        FlowRunContext.get().task_runner.client.unregister_worker_plugin(name)
+    except Exception:  # noqa: BLE001, S110 - the cluster may be closing already
+        pass
