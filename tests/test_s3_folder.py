@@ -191,9 +191,7 @@ def test_denoise_folder_bucket_to_bucket_on_two_workers_matches_the_in_process_r
 
 
 @pytest.mark.parametrize("client", ["obstore", "s3fs"])
-def test_a_remote_tree_reads_writes_and_fails_alike_through_either_client(
-    s3, monkeypatch, client
-):
+def test_a_remote_tree_reads_writes_and_fails_alike_through_either_client(s3, monkeypatch, client):
     """Objects go through obstore when it is installed, else through s3fs: the
     same bytes and the same OSErrors (what the folder report is made from)."""
     import denoiser.trees as trees
