@@ -15,7 +15,7 @@ from prefect.logging import get_run_logger
 
 from artifacts.render import markdown_image, markdown_table, table_rows
 from artifacts.store import Store
-from denoiser.cards import CARD_FILE, CardMetrics, ModelCard, QualityGate, load_card
+from denoiser.cards import CARD_FILE, CardMetrics, ModelCard, load_card
 from denoiser.config import EvalConfig
 from denoiser.faults import failpoint
 from denoiser.files import is_url
@@ -23,6 +23,7 @@ from denoiser.inference import EVAL_NOISE_SEED, centre_crop, evaluate_planes, pr
 from denoiser.metrics import evaluate_arrays
 from denoiser.models import architecture_recipe, load_model
 from denoiser.plots import grid_png
+from denoiser.quality import judge_quality
 from denoiser.shards import load_split, read_manifest
 from tasks.publish import Publisher
 
@@ -74,14 +75,8 @@ def _evaluate(folder: Path, shards_dir: str, evaluation: EvalConfig) -> dict:
         judged = _judge_pairs(model, card, shards_dir, evaluation)
     metrics, samples, rows, table, caption = judged
     overall = metrics["overall"]
-    passed = overall["psnr_gain"] >= evaluation.min_psnr_gain
-    gate = QualityGate(
-        min_psnr_gain=evaluation.min_psnr_gain, psnr_gain=overall["psnr_gain"], passed=passed
-    )
-    if "per_sigma" in metrics:
-        gate = gate.model_copy(
-            update={"over": f"mean over sigmas {', '.join(f'{s:g}' for s in overall['sigmas'])}"}
-        )
+    gate = judge_quality(metrics, evaluation.min_psnr_gain)
+    passed = gate.passed
 
     _write(folder / "samples.png", samples)
     _write(
