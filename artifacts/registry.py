@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from artifacts.store import Store, resolve_store_root
+from denoiser.cards import CARD_FILE, CardMetrics, ModelCard, QualityGate, parse_card
 from denoiser.errors import ConfigError, ModelError
 from denoiser.faults import failpoint
 from denoiser.files import fsync_dir, is_url, join_location, open_read
@@ -63,17 +64,14 @@ T = TypeVar("T")
 DOMAINS = ("digits", "photos")
 
 
-def card_domain(card: dict) -> str:
+def card_domain(card: ModelCard) -> str:
     """The domain a model card says its model learned: ``photos`` for patch
     sets of image folders, ``digits`` otherwise (28x28 IDX pairs; cards from
     before domains were recorded are all of those)."""
-    data = card.get("data") or {}
-    if data.get("domain") in DOMAINS:
-        return data["domain"]
-    if (
-        data.get("shard_kind") == "patches"
-        or (data.get("noise") or {}).get("applied") == "in_training"
-    ):
+    data = card.data
+    if data.domain in DOMAINS:
+        return data.domain
+    if data.shard_kind == "patches" or (data.noise or {}).get("applied") == "in_training":
         return "photos"
     return "digits"
 
@@ -83,37 +81,37 @@ class ModelRef:
     version: str
     dir: Path | str  # a URL in a remote store
     model_path: Path | str
-    card: dict
+    card: ModelCard
     status: str  # "production" or "candidate"
 
     @property
     def passed(self) -> bool:
-        return bool(self.card.get("quality_gate", {}).get("passed"))
+        return self.card.quality_gate is not None and self.card.quality_gate.passed
 
     @property
     def psnr(self) -> float | None:
-        return self.card.get("metrics", {}).get("psnr_denoised")
+        return self.card.metrics.psnr_denoised if self.card.metrics else None
 
     @property
     def domain(self) -> str:
         return card_domain(self.card)
 
     def summary(self) -> dict[str, Any]:
-        data = self.card.get("data", {})
+        card = self.card
         return {
             "version": self.version,
             "status": self.status,
             "domain": self.domain,
-            "dataset": data.get("dataset"),
-            "architecture": self.card.get("architecture"),
-            "params": self.card.get("params"),
+            "dataset": card.data.dataset,
+            "architecture": card.architecture,
+            "params": card.params,
             "psnr": self.psnr,
-            "ssim": self.card.get("metrics", {}).get("ssim_denoised"),
+            "ssim": card.metrics.ssim_denoised if card.metrics else None,
             "passed": self.passed,
-            "data_manifest_sha256": data.get("manifest_sha256"),
+            "data_manifest_sha256": card.data.manifest_sha256,
             "model_path": str(self.model_path),
-            "model_sha256": self.card.get("model_sha256"),
-            "created": self.card.get("created"),
+            "model_sha256": card.model_sha256,
+            "created": card.created,
         }
 
 
@@ -299,18 +297,20 @@ def _update_remote_registry(store: Store, change: Callable[[dict], tuple[dict, T
     raise ModelError(f"{path}: lost {CAS_ATTEMPTS} races in a row with other writers; retry")
 
 
-def _card(folder: str | os.PathLike) -> dict:
-    """The version's card; {} when there is none or it is not JSON. Any other
-    failure to read it (a network error on object storage) is a ModelError, so
-    a registry decision is never taken on a card that could not be read."""
-    where = join_location(folder, "model.json")
+def _card(folder: str | os.PathLike) -> ModelCard | None:
+    """The version's card; None when there is none or it is not a model card
+    (see :func:`denoiser.cards.parse_card`). Any other failure to read it (a
+    network error on object storage) is a ModelError, so a registry decision
+    is never taken on a card that could not be read."""
+    where = join_location(folder, CARD_FILE)
     try:
         with open_read(where) as fh:
-            return json.loads(fh.read())
-    except (FileNotFoundError, NotADirectoryError, ValueError):
-        return {}
+            raw = fh.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     except OSError as exc:
         raise ModelError(f"{where}: cannot read the model card ({exc})") from None
+    return parse_card(raw)
 
 
 def _version_ref(
@@ -333,7 +333,7 @@ def _version_ref(
         version,
         folder,
         join_location(folder, "model.keras"),
-        _card(folder),
+        _card(folder) or ModelCard(),
         "production" if version in set(productions) else "candidate",
     )
 
@@ -343,7 +343,7 @@ def _version_domain(store_root: str | os.PathLike | None, state: dict, version: 
     recorded = state["versions"].get(version, {}).get("domain")
     if recorded in DOMAINS:
         return recorded
-    return card_domain(_card(Store.at(store_root).join("models", version)))
+    return card_domain(_card(Store.at(store_root).join("models", version)) or ModelCard())
 
 
 def production_by_domain(store_root: str | os.PathLike | None, state: dict) -> dict[str, str]:
@@ -456,7 +456,7 @@ def resolve_model(
         folder.name,
         folder,
         path,
-        _card(folder),
+        _card(folder) or ModelCard(),
         "production" if in_store and folder.name in productions else "candidate",
     )
 
@@ -493,22 +493,19 @@ def domain_mismatch(
     )
 
 
-def _test_set(card: dict) -> str | None:
-    data = card.get("data", {})
-    return data.get("manifest_sha256")
-
-
-def decide_promotion(card: dict, current: ModelRef | None) -> tuple[bool, str]:
-    gate = card.get("quality_gate") or {}
-    psnr = card.get("metrics", {}).get("psnr_denoised")
-    if not gate.get("passed"):
+def decide_promotion(card: ModelCard, current: ModelRef | None) -> tuple[bool, str]:
+    gate = card.quality_gate or QualityGate()
+    psnr = card.metrics.psnr_denoised if card.metrics else None
+    if not gate.passed:
+        nan = float("nan")
         return False, (
-            f"failed the quality gate: PSNR gain {gate.get('psnr_gain', float('nan')):.2f} dB "
-            f"< {gate.get('min_psnr_gain', float('nan')):.2f} dB"
+            f"failed the quality gate: PSNR gain "
+            f"{nan if gate.psnr_gain is None else gate.psnr_gain:.2f} dB "
+            f"< {nan if gate.min_psnr_gain is None else gate.min_psnr_gain:.2f} dB"
         )
     if current is None:
         return True, "passed the quality gate; no production model yet"
-    if _test_set(card) != _test_set(current.card):
+    if card.data.manifest_sha256 != current.card.data.manifest_sha256:
         return False, (
             f"evaluated on a different test set than production {current.version}; "
             f"PSNRs are not comparable (promote by hand with `denoise models promote`)"
@@ -535,10 +532,10 @@ def register_model(
     store = resolve_store_root(store_root)
     folder = model_dir if is_url(model_dir) else Path(model_dir)
     card = _card(folder)
-    if not card:
-        raise ModelError(f"{folder} has no model card (model.json)")
-    if metrics and "metrics" not in card:
-        card["metrics"] = metrics
+    if card is None:
+        raise ModelError(f"{folder} has no model card ({CARD_FILE})")
+    if metrics and card.metrics is None:
+        card = card.model_copy(update={"metrics": CardMetrics.model_validate(metrics)})
     version = str(folder).rstrip("/").rsplit("/", 1)[-1]
     domain = card_domain(card)
     now = datetime.now(UTC).isoformat(timespec="seconds")
@@ -556,10 +553,10 @@ def register_model(
         state["versions"][version] = {
             "registered": now,
             "flow_run_id": flow_run_id,
-            "metrics": card.get("metrics"),
-            "quality_gate": card.get("quality_gate"),
-            "data_manifest_sha256": _test_set(card),
-            "architecture": card.get("architecture"),
+            "metrics": card.metrics.to_dict() if card.metrics else None,
+            "quality_gate": card.quality_gate.to_dict() if card.quality_gate else None,
+            "data_manifest_sha256": card.data.manifest_sha256,
+            "architecture": card.architecture,
             "domain": domain,
             "reason": reason,
         }

@@ -193,11 +193,11 @@ def train(args, clean_test, noisy_test, log) -> tuple[object, list[dict]]:
     from denoiser.models import architecture_recipe, build_model
 
     recipe = architecture_recipe(args.architecture)
-    args.patch = args.patch or int(recipe.get("patch_size", 40))
-    args.batch = args.batch or int(recipe.get("batch_size", 64))
+    args.patch = args.patch or recipe.patch_size or 40
+    args.batch = args.batch or recipe.batch_size or 64
     options = json.loads(args.options) if args.options else {}
     model = build_model(args.architecture, (None, None, 1), **options)
-    multiple = int(recipe.get("size_multiple", 1))
+    multiple = recipe.size_multiple
     if args.patch % multiple:
         sys.exit(
             f"--patch {args.patch} is not a multiple of {args.architecture}'s size multiple {multiple}"
@@ -205,7 +205,7 @@ def train(args, clean_test, noisy_test, log) -> tuple[object, list[dict]]:
     sampler = PatchSampler(
         load_grey_pngs(args.data / "train400"), args.patch, args.batch, args.sigma_max, args.seed
     )
-    base_lr = args.lr or recipe["learning_rate"]
+    base_lr = args.lr or recipe.learning_rate
     optimizer = keras.optimizers.Adam(learning_rate=base_lr)
     loss_fn = {
         "mse": lambda a, b: tf.reduce_mean(tf.square(a - b)),
@@ -363,7 +363,7 @@ def main() -> None:
         model, curve = train(args, clean_test, noisy_test, log=lambda point: None)
     from denoiser.models import architecture_recipe
 
-    multiple = int(architecture_recipe(args.architecture).get("size_multiple", 1))
+    multiple = architecture_recipe(args.architecture).size_multiple
     predict = lambda plane: denoise_whole(model, plane, multiple)  # noqa: E731
     label = (
         f"{args.architecture} blind, {Path(args.score).name} (measured)"

@@ -152,15 +152,15 @@ def train_default(
 
     batch = batch or TrainConfig().batch_size
     recipe = architecture_recipe(arch)
-    lr = lr or recipe["learning_rate"]
-    share = recipe["reframe"] if reframe is None else reframe
+    lr = lr or recipe.learning_rate
+    share = recipe.reframe if reframe is None else reframe
     n = len(x_train_u8) - len(x_train_u8) // 10  # the same 90% the reference trains on
     keras.utils.set_random_seed(0)
     model = build_model(arch, **(options or {}))
     steps = n // batch
     model.compile(
         keras.optimizers.Adam(learning_rate(lr, schedule, epochs * steps)),
-        loss=make_loss(loss or recipe["loss"]),
+        loss=make_loss(loss or recipe.loss),
     )
     lo, hi = (level, level) if not isinstance(level, tuple) else level
 
@@ -400,7 +400,7 @@ def main() -> None:
             lambda x: predict(models[name], x),
         )
 
-    loss_name = architecture_recipe(args.architecture)["loss"]
+    loss_name = architecture_recipe(args.architecture).loss
     arch = args.architecture
     rows = [
         evaluate("noisy input", 0, 0, 0, lambda x: x),

@@ -11,11 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from denoiser.cards import Recipe
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
     builder: Callable[..., Any]
-    recipe: dict[str, Any] = field(default_factory=dict)
+    recipe: Recipe = field(default_factory=Recipe)
     description: str = ""
 
 
@@ -253,53 +255,53 @@ def build_photo_unet(
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "seed": ArchitectureSpec(
         build_seed,
-        {
-            "loss": "bce",
-            "fully_convolutional": False,
-            "input_shape": (28, 28, 1),
-            "size_multiple": 28,
-        },
+        Recipe(
+            loss="bce",
+            fully_convolutional=False,
+            input_shape=(28, 28, 1),
+            size_multiple=28,
+        ),
         "the reference conv autoencoder (Keras blog), 28x28 only",
     ),
     "unet": ArchitectureSpec(
         build_unet,
-        {
-            "loss": "psnr_ssim",
-            "lr_schedule": "cosine",
-            "learning_rate": 2e-3,
-            "reframe": 0.2,
-            "fully_convolutional": True,
-            "input_shape": (None, None, 1),
-            "size_multiple": 4,
-        },
+        Recipe(
+            loss="psnr_ssim",
+            lr_schedule="cosine",
+            learning_rate=2e-3,
+            reframe=0.2,
+            fully_convolutional=True,
+            input_shape=(None, None, 1),
+            size_multiple=4,
+        ),
         "U-Net computing at 1/2 and 1/4 resolution, dilated context block, clipped output; the default",
     ),
     "unet-small": ArchitectureSpec(
         build_unet_small,
-        {
-            "loss": "mse",
-            "fully_convolutional": True,
-            "input_shape": (None, None, 1),
-            "size_multiple": 4,
-        },
+        Recipe(
+            loss="mse",
+            fully_convolutional=True,
+            input_shape=(None, None, 1),
+            size_multiple=4,
+        ),
         "two-level U-Net 16/32/64 (issue 4's calibration probe)",
     ),
     "photo_unet": ArchitectureSpec(
         build_photo_unet,
-        {
-            "loss": "mse",
-            "lr_schedule": "cosine",
-            "learning_rate": 1e-3,
-            "reframe": 0.0,
-            "fully_convolutional": True,
-            "input_shape": (None, None, 1),
-            "size_multiple": 4,
-            "patch_size": 64,
-            "batch_size": 32,
-            "epochs": 8,
-            "noise": "awgn",
-            "sigma_range": (0, 55),
-        },
+        Recipe(
+            loss="mse",
+            lr_schedule="cosine",
+            learning_rate=1e-3,
+            reframe=0.0,
+            fully_convolutional=True,
+            input_shape=(None, None, 1),
+            size_multiple=4,
+            patch_size=64,
+            batch_size=32,
+            epochs=8,
+            noise="awgn",
+            sigma_range=(0.0, 55.0),
+        ),
         "residual U-Net for photographs (issue 14): 16/64/128 channels at 1, 1/2, 1/4 resolution, "
         "added skips, no batch norm, output = input - estimated noise, blind AWGN sigma 0-55",
     ),

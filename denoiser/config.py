@@ -205,7 +205,7 @@ class TrainConfig(_Config):
         if (
             self.reframe
             and self.architecture != "auto"
-            and not architecture_recipe(self.architecture).get("fully_convolutional")
+            and not architecture_recipe(self.architecture).fully_convolutional
         ):
             raise ValueError(
                 f"architecture {self.architecture} is tied to its input frame; "

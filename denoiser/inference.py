@@ -28,14 +28,15 @@ def tile_spec_for_model(model, architecture: str | None = None):
     """Tiling for a loaded model: from its architecture's recipe when known,
     else from its input shape (fixed size -> tiles of that size)."""
     from denoiser.architectures import ARCHITECTURES
+    from denoiser.cards import Recipe
     from denoiser.tiling import tile_spec_for
 
     if architecture in ARCHITECTURES:
         return tile_spec_for(ARCHITECTURES[architecture].recipe)
     shape = tuple(model.input_shape[1:3])
     if None in shape:
-        return tile_spec_for({"fully_convolutional": True, "size_multiple": 8})
-    return tile_spec_for({"fully_convolutional": False, "input_shape": shape})
+        return tile_spec_for(Recipe(fully_convolutional=True, size_multiple=8))
+    return tile_spec_for(Recipe(fully_convolutional=False, input_shape=shape))
 
 
 def denoise_planes(planes: list[np.ndarray], spec, predict) -> list[np.ndarray]:

@@ -6,9 +6,9 @@ import logging
 import os
 import zipfile
 from pathlib import Path
-from typing import Any
 
 from denoiser.architectures import ARCHITECTURES
+from denoiser.cards import Recipe
 from denoiser.errors import ModelError
 from denoiser.files import file_sha256
 
@@ -30,18 +30,18 @@ def _spec(name: str):
         ) from None
 
 
-def architecture_recipe(name: str) -> dict[str, Any]:
+def architecture_recipe(name: str) -> Recipe:
     """Loss, learning rate and shape facts that callers (training, tiling)
     need. An architecture that names no learning rate gets Keras' Adam
     default, 1e-3, which is also the reference's, and no reframing."""
-    return {"learning_rate": 1e-3, "reframe": 0.0, **_spec(name).recipe}
+    return _spec(name).recipe
 
 
 def build_model(name: str = DEFAULT_ARCHITECTURE, input_shape: tuple | None = None, **options):
     """``options`` go to the architecture's builder (``filters``, ``output``...):
     the ablations in ``bench/`` vary one design choice at a time this way."""
     spec = _spec(name)
-    shape = input_shape or spec.recipe.get("input_shape")
+    shape = input_shape or spec.recipe.input_shape
     return spec.builder(shape, **options)
 
 

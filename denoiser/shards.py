@@ -30,15 +30,18 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from denoiser.datasets import remove_orphan_temps, temp_path
+from denoiser.datasets import load_images, remove_orphan_temps, temp_path
 from denoiser.errors import ShardError
 from denoiser.faults import failpoint
 from denoiser.files import file_sha256, fsync_dir, is_url, join_location, location_size, open_read
 from denoiser.noise import add_noise, draw_levels, quantize
+
+if TYPE_CHECKING:
+    from denoiser.config import NoiseConfig
 
 logger = logging.getLogger(__name__)
 
@@ -444,6 +447,140 @@ def write_shard_set(
     _write_manifest(out, manifest)
     log.info("wrote %d shards to %s", len(records), out)
     return out
+
+
+# --------------------------------------------------------------------------- a dataset's shard set
+
+PATCH_FIELDS = {"patch_size", "patches_per_image"}
+
+
+def is_image_set(dataset: dict) -> bool:
+    """True for a dataset manifest of a folder of images (its shards are a
+    patch set), False for an IDX dataset (noisy/clean pairs)."""
+    return dataset.get("kind") == "images"
+
+
+def noise_fields(dataset: dict, noise: NoiseConfig) -> dict:
+    """The config as it decides the shards: IDX sets without the patch fields
+    (their keys and manifests stay as before patches existed), image sets with
+    the patch defaults filled in."""
+    from denoiser.image_datasets import DEFAULT_PATCH_SIZE, DEFAULT_PATCHES_PER_IMAGE
+
+    if not is_image_set(dataset):
+        return noise.model_dump(mode="json", exclude=PATCH_FIELDS)
+    return {
+        **noise.model_dump(mode="json"),
+        "patch_size": noise.patch_size or DEFAULT_PATCH_SIZE,
+        "patches_per_image": noise.patches_per_image or DEFAULT_PATCHES_PER_IMAGE,
+    }
+
+
+def split_pairs(
+    images: np.ndarray,
+    labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    validation_fraction: float,
+    copies: int = 1,
+) -> dict[str, SplitArrays]:
+    """An IDX dataset's splits: the last ``validation_fraction`` of the
+    training images held out for validation (as Keras' ``validation_split``),
+    ``copies`` noisy draws of each training image, the test images as they are."""
+    cut = split_train_validation(len(images), validation_fraction)
+    index = np.arange(len(images))
+    return {
+        "train": SplitArrays(images[:cut], labels[:cut], index[:cut], copies=copies),
+        "validation": SplitArrays(images[cut:], labels[cut:], index[cut:]),
+        "test": SplitArrays(test_images, test_labels, np.arange(len(test_images))),
+    }
+
+
+def write_dataset_shards(
+    out: Path,
+    dataset: dict,
+    noise: NoiseConfig,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    log: Any = logger,
+) -> Path:
+    """Write (finish, repair) the shard set of a fetched dataset into ``out``
+    (a folder ``<dataset>-<key>``): noisy/clean pairs for an IDX dataset, a
+    patch set for a folder of images; the manifest records the config and
+    the sources it was made from."""
+    write = _write_patch_set if is_image_set(dataset) else _write_pair_set
+    return write(Path(out), dataset, noise, train_limit, test_limit, log)
+
+
+def _write_pair_set(
+    out: Path,
+    dataset: dict,
+    noise: NoiseConfig,
+    train_limit: int | None,
+    test_limit: int | None,
+    log: Any,
+) -> Path:
+    images, labels = load_images(dataset, "train", train_limit)
+    test_images, test_labels = load_images(dataset, "test", test_limit)
+    splits = split_pairs(
+        images, labels, test_images, test_labels, noise.validation_fraction, noise.copies
+    )
+    meta = {
+        "dataset": dataset["dataset"],
+        "key": out.name.rsplit("-", 1)[1],
+        "config": noise_fields(dataset, noise),
+        "train_limit": train_limit,
+        "test_limit": test_limit,
+        "sources": {r: f["payload_sha256"] for r, f in dataset["files"].items()},
+    }
+    return write_shard_set(
+        out,
+        splits,
+        {"kind": noise.kind, "level": noise.level, "density": noise.level_density},
+        noise.shard_rows,
+        noise.seed,
+        meta=meta,
+        log=log,
+    )
+
+
+def _write_patch_set(
+    out: Path,
+    dataset: dict,
+    noise: NoiseConfig,
+    train_limit: int | None,
+    test_limit: int | None,
+    log: Any,
+) -> Path:
+    from denoiser.image_datasets import build_image_splits
+
+    fields = noise_fields(dataset, noise)
+    splits, meta = build_image_splits(
+        dataset,
+        noise.validation_fraction,
+        fields["patch_size"],
+        fields["patches_per_image"],
+        train_limit,
+        test_limit,
+        log=log,
+    )
+    test = dataset.get("test")
+    meta.update(
+        {
+            "dataset": dataset["dataset"],
+            "key": out.name.rsplit("-", 1)[1],
+            "config": fields,
+            "train_limit": train_limit,
+            "test_limit": test_limit,
+            "sources": {"dataset": dataset.get("location"), "test": test and test.get("location")},
+        }
+    )
+    applied = {
+        "kind": noise.kind,
+        "level": noise.level,
+        "density": noise.level_density,
+        "applied": "in_training",
+    }
+    return write_shard_set(out, splits, applied, noise.shard_rows, noise.seed, meta=meta, log=log)
 
 
 # --------------------------------------------------------------------------- verification

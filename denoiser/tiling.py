@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from denoiser.cards import Recipe
+
 
 @dataclass(frozen=True)
 class TileSpec:
@@ -34,11 +36,14 @@ class TileSpec:
             raise ValueError(f"bad tiling: tile {self.tile}, overlap {self.overlap}")
 
 
-def tile_spec_for(recipe: dict) -> TileSpec:
-    if recipe.get("fully_convolutional"):
-        m = int(recipe.get("size_multiple", 1))
-        return TileSpec(tile=768, overlap=32, multiple=m, whole_max=512, fit=True)
-    h = int(recipe["input_shape"][0])
+def tile_spec_for(recipe: Recipe | dict) -> TileSpec:
+    """The tiling an architecture's recipe asks for (a dict is read as a recipe)."""
+    recipe = Recipe.model_validate(recipe)
+    if recipe.fully_convolutional:
+        return TileSpec(
+            tile=768, overlap=32, multiple=recipe.size_multiple, whole_max=512, fit=True
+        )
+    h = int(recipe.input_shape[0])
     return TileSpec(tile=h, overlap=h // 2)
 
 

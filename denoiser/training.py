@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from denoiser import interrupts
+from denoiser.cards import CARD_FILE, CardData, ModelCard
 from denoiser.checkpoints import (
     CheckpointRun,
     checkpoint_key,
@@ -471,7 +472,7 @@ def photo_architecture() -> str:
     is for awgn (photo_unet first), else the general ``unet``."""
     from denoiser.architectures import ARCHITECTURES
 
-    photo = [name for name, spec in ARCHITECTURES.items() if spec.recipe.get("noise") == "awgn"]
+    photo = [name for name, spec in ARCHITECTURES.items() if spec.recipe.noise == "awgn"]
     return "photo_unet" if "photo_unet" in photo else (sorted(photo) or [DEFAULT_ARCHITECTURE])[0]
 
 
@@ -511,14 +512,14 @@ def check_training_request(
             f"every batch, not {noise.kind}"
         )
     recipe = architecture_recipe(training.architecture)
-    if not recipe.get("fully_convolutional"):
+    if not recipe.fully_convolutional:
         raise ConfigError(
             f"invalid training.architecture (--architecture): {training.architecture} takes "
-            f"{tuple(recipe['input_shape'][:2])} images only; photographs need a fully "
+            f"{tuple(recipe.input_shape[:2])} images only; photographs need a fully "
             "convolutional one"
         )
-    size = noise.patch_size or recipe.get("patch_size") or DEFAULT_PATCH_SIZE
-    multiple = int(recipe.get("size_multiple", 1))
+    size = noise.patch_size or recipe.patch_size or DEFAULT_PATCH_SIZE
+    multiple = recipe.size_multiple
     if size % multiple:
         raise ConfigError(
             f"invalid noise.patch_size (--patch-size): {size} is not a multiple of "
@@ -540,12 +541,12 @@ def apply_recipe_defaults(
     if not is_image_dataset(data.dataset):
         return noise, training
     recipe = architecture_recipe(training.architecture)
-    if noise.patch_size is None and recipe.get("patch_size"):
-        noise = noise.model_copy(update={"patch_size": int(recipe["patch_size"])})
+    if noise.patch_size is None and recipe.patch_size:
+        noise = noise.model_copy(update={"patch_size": recipe.patch_size})
     unset = {
-        k: recipe[k]
+        k: getattr(recipe, k)
         for k in ("batch_size", "epochs")
-        if k in recipe and k not in training.model_fields_set
+        if getattr(recipe, k) is not None and k not in training.model_fields_set
     }
     if unset:
         training = TrainConfig.model_validate(
@@ -558,21 +559,21 @@ def apply_recipe_defaults(
     return noise, training
 
 
-def data_facts(shards_dir: str | os.PathLike, manifest: dict) -> dict:
+def data_facts(shards_dir: str | os.PathLike, manifest: dict) -> CardData:
     """What the model card records about the data a model learned from."""
     where = str(shards_dir) if is_url(shards_dir) else str(Path(shards_dir).resolve())
-    return {
-        "shards_dir": where,
-        "manifest_sha256": manifest_hash(shards_dir),
-        "dataset": manifest.get("dataset"),
-        "domain": shard_domain(manifest),
-        "shard_kind": manifest.get("kind", "pairs"),
-        "test_dataset": manifest.get("test_dataset"),
-        "patch_size": manifest.get("patch_size"),
-        "patches_per_image": manifest.get("patches_per_image"),
-        "noise": manifest.get("noise"),
-        "rows": manifest.get("splits"),
-    }
+    return CardData(
+        shards_dir=where,
+        manifest_sha256=manifest_hash(shards_dir),
+        dataset=manifest.get("dataset"),
+        domain=shard_domain(manifest),
+        shard_kind=manifest.get("kind", "pairs"),
+        test_dataset=manifest.get("test_dataset"),
+        patch_size=manifest.get("patch_size"),
+        patches_per_image=manifest.get("patches_per_image"),
+        noise=manifest.get("noise"),
+        rows=manifest.get("splits"),
+    )
 
 
 def manifest_hash(shards_dir: str | os.PathLike) -> str:
@@ -607,21 +608,17 @@ def train_model(
     keras.utils.set_random_seed(training.seed)
     device = select_device(training.mixed_precision)
     recipe = architecture_recipe(training.architecture)
-    loss_name = recipe.get("loss", "mse") if training.loss == "auto" else training.loss
-    schedule = (
-        recipe.get("lr_schedule", "constant")
-        if training.lr_schedule == "auto"
-        else training.lr_schedule
-    )
-    base_lr = training.learning_rate or recipe["learning_rate"]
-    reframe = recipe["reframe"] if training.reframe is None else training.reframe
+    loss_name = recipe.loss if training.loss == "auto" else training.loss
+    schedule = recipe.lr_schedule if training.lr_schedule == "auto" else training.lr_schedule
+    base_lr = training.learning_rate or recipe.learning_rate
+    reframe = recipe.reframe if training.reframe is None else training.reframe
 
     # every shard against its recorded sha256: a damaged one fails here in one line naming it,
     # not as a TensorFlow graph error mid-epoch
     manifest = check_shard_set(shards_dir)
     shape = tuple(manifest["image_shape"])
-    fixed = recipe.get("input_shape")
-    if not recipe.get("fully_convolutional") and fixed and tuple(fixed) != shape:
+    fixed = recipe.input_shape
+    if not recipe.fully_convolutional and fixed and tuple(fixed) != shape:
         raise ModelError(
             f"architecture {training.architecture} takes {tuple(fixed)} images, "
             f"the shards hold {shape}"
@@ -643,7 +640,7 @@ def train_model(
                 device.strategy.scope() if device.strategy is not None else contextlib.nullcontext()
             ):
                 built = build_model(
-                    training.architecture, shape if not recipe.get("fully_convolutional") else None
+                    training.architecture, shape if not recipe.fully_convolutional else None
                 )
                 steps = math.ceil(split_rows(shards_dir, "train") / global_batch)
                 built.compile(
@@ -728,44 +725,44 @@ def train_model(
         _write_atomic(out / "history.csv", buf.getvalue())
 
     version = version or out.name
-    card = {
-        "version": version,
-        "architecture": training.architecture,
-        "params": count_params(model),
-        "recipe": {
-            **recipe,
-            "loss": loss_name,
-            "lr_schedule": schedule,
-            "learning_rate": base_lr,
-            "reframe": reframe,
-            "input_shape": list(recipe["input_shape"]),
-        },
-        "training": training.model_dump(mode="json"),
-        "data": data_facts(shards_dir, manifest),
-        "image_shape": list(shape),
-        "device": device.as_dict(),
-        "seconds": round(seconds, 2),
-        "epochs_run": len(history),
-        "best_val_loss": best,
-        "history": history,
+    card = ModelCard(
+        version=version,
+        architecture=training.architecture,
+        params=count_params(model),
+        recipe=recipe.model_copy(
+            update={
+                "loss": loss_name,
+                "lr_schedule": schedule,
+                "learning_rate": base_lr,
+                "reframe": reframe,
+            }
+        ),
+        training=training.model_dump(mode="json"),
+        data=data_facts(shards_dir, manifest),
+        image_shape=list(shape),
+        device=device.as_dict(),
+        seconds=round(seconds, 2),
+        epochs_run=len(history),
+        best_val_loss=best,
+        history=history,
         **file_facts,
-        "versions": {
+        versions={
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
             "python": platform.python_version(),
         },
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    _write_atomic(out / "model.json", json.dumps(card, indent=2))
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    _write_atomic(out / CARD_FILE, card.to_json())
     keras.mixed_precision.set_global_policy("float32")
     return {
         "version": version,
         "dir": str(out),
         "model_path": str(out / "model.keras"),
         "architecture": training.architecture,
-        "params": card["params"],
+        "params": card.params,
         "device": device.describe(),
-        "seconds": card["seconds"],
+        "seconds": card.seconds,
         "epochs_run": len(history),
         "best_val_loss": best,
     }

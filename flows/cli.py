@@ -523,7 +523,7 @@ def run_models_command(args: argparse.Namespace) -> int:
             f"{s['params']:,}" if s["params"] else "",
             f"{s['psnr']:.2f}" if s["psnr"] is not None else "",
             f"{s['ssim']:.3f}" if s["ssim"] is not None else "",
-            ("passed" if m.passed else "failed") if m.card.get("quality_gate") else "not evaluated",
+            ("passed" if m.passed else "failed") if m.card.quality_gate else "not evaluated",
             str(s["created"] or ""),
         )
     console.print(table)

@@ -6,8 +6,6 @@ denoiser/shards.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -16,45 +14,20 @@ from prefect.logging import get_run_logger
 from artifacts.render import artifact_key, markdown_image, markdown_table, table_rows
 from artifacts.store import Store
 from denoiser.config import NoiseConfig
-from denoiser.datasets import load_images
-from denoiser.image_datasets import (
-    DEFAULT_PATCH_SIZE,
-    DEFAULT_PATCHES_PER_IMAGE,
-    build_image_splits,
-)
 from denoiser.noise import add_awgn
 from denoiser.plots import grid_png
 from denoiser.shards import (
-    SplitArrays,
     load_split,
+    noise_fields,
     read_manifest,
     shard_set_key,
-    split_train_validation,
     verify_shard_set,
-    write_shard_set,
+    write_dataset_shards,
 )
 from tasks.common import CACHE_ACROSS_RUNS
 
-PATCH_FIELDS = {"patch_size", "patches_per_image"}
 EXAMPLE_SIGMA = 25.0  # the examples grid's sample noise on photos, drawn with EXAMPLE_SEED
 EXAMPLE_SEED = 0
-
-
-def _is_images(dataset: dict) -> bool:
-    return dataset.get("kind") == "images"
-
-
-def noise_fields(dataset: dict, noise: NoiseConfig) -> dict:
-    """The config as it decides the shards: IDX sets without the patch fields
-    (their keys and manifests stay as before patches existed), image sets with
-    the patch defaults filled in."""
-    if not _is_images(dataset):
-        return noise.model_dump(mode="json", exclude=PATCH_FIELDS)
-    return {
-        **noise.model_dump(mode="json"),
-        "patch_size": noise.patch_size or DEFAULT_PATCH_SIZE,
-        "patches_per_image": noise.patches_per_image or DEFAULT_PATCHES_PER_IMAGE,
-    }
 
 
 def shard_dir_for(
@@ -82,80 +55,6 @@ def verify_shards(
     return verify_shard_set(shard_dir_for(dataset, noise, store_root, train_limit, test_limit))
 
 
-def _write_pairs(
-    out: Path,
-    dataset: dict,
-    noise: NoiseConfig,
-    train_limit: int | None,
-    test_limit: int | None,
-    logger,
-) -> None:
-    images, labels = load_images(dataset, "train", train_limit)
-    test_images, test_labels = load_images(dataset, "test", test_limit)
-    cut = split_train_validation(len(images), noise.validation_fraction)
-    index = np.arange(len(images))
-    splits = {
-        "train": SplitArrays(images[:cut], labels[:cut], index[:cut], copies=noise.copies),
-        "validation": SplitArrays(images[cut:], labels[cut:], index[cut:]),
-        "test": SplitArrays(test_images, test_labels, np.arange(len(test_images))),
-    }
-    meta = {
-        "dataset": dataset["dataset"],
-        "key": out.name.rsplit("-", 1)[1],
-        "config": noise_fields(dataset, noise),
-        "train_limit": train_limit,
-        "test_limit": test_limit,
-        "sources": {r: f["payload_sha256"] for r, f in dataset["files"].items()},
-    }
-    write_shard_set(
-        out,
-        splits,
-        {"kind": noise.kind, "level": noise.level, "density": noise.level_density},
-        noise.shard_rows,
-        noise.seed,
-        meta=meta,
-        log=logger,
-    )
-
-
-def _write_patches(
-    out: Path,
-    dataset: dict,
-    noise: NoiseConfig,
-    train_limit: int | None,
-    test_limit: int | None,
-    logger,
-) -> None:
-    fields = noise_fields(dataset, noise)
-    splits, meta = build_image_splits(
-        dataset,
-        noise.validation_fraction,
-        fields["patch_size"],
-        fields["patches_per_image"],
-        train_limit,
-        test_limit,
-        log=logger,
-    )
-    test = dataset.get("test")
-    meta.update(
-        {
-            "dataset": dataset["dataset"],
-            "key": out.name.rsplit("-", 1)[1],
-            "config": fields,
-            "train_limit": train_limit,
-            "test_limit": test_limit,
-            "sources": {"dataset": dataset.get("location"), "test": test and test.get("location")},
-        }
-    )
-    applied = {
-        "kind": noise.kind,
-        "level": noise.level,
-        "density": noise.level_density,
-        "applied": "in_training",
-    }
-    write_shard_set(out, splits, applied, noise.shard_rows, noise.seed, meta=meta, log=logger)
-
-
 @task(name="write_noisy_shards", cache_policy=CACHE_ACROSS_RUNS, persist_result=True)
 def write_noisy_shards(
     dataset: dict,
@@ -181,8 +80,7 @@ def write_noisy_shards(
                 dataset = stage.to_local(dataset)
                 for folder in {dataset["dir"], (dataset.get("test") or {}).get("dir")} - {None}:
                     stage.pull(folder)
-            write = _write_patches if _is_images(dataset) else _write_pairs
-            write(out, dataset, noise, train_limit, test_limit, logger)
+            write_dataset_shards(out, dataset, noise, train_limit, test_limit, logger)
             stage.store_json_urls(out / "manifest.json")
             stage.push(out, last=("manifest.json",), retract=True)
             if stage.syncs:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict
-from datetime import UTC, datetime
 
 import numpy as np
 from prefect import task
@@ -30,13 +28,12 @@ from denoiser.folder import (
     display_path,
     plan_folder,
     prepare_output,
-    write_report,
 )
-from denoiser.images import write_atomic
 from denoiser.inference import folder_domain, tile_spec_for_model
 from denoiser.models import load_model
 from denoiser.plots import grid_png
-from denoiser.trees import open_tree, resolve_location
+from denoiser.report import SUMMARY_JSON, report_folder_name, write_run_report
+from denoiser.trees import open_tree
 from tasks.publish import ProgressArtifact, Publisher, remember_outcome
 
 REPORT_ROWS_IN_UI = 500
@@ -325,26 +322,21 @@ def _report(
     """The per-file CSV (by path, however the work was split) and summary.json
     in the store's reports, and the artifacts."""
     results = sorted(results, key=lambda r: r.path)
-    counts = count(results)
-    run_name = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{flow_run.name or 'local'}"
-    with Store.at(
-        store_root
-    ).stage() as stage:  # a remote store's report is written here, then pushed
-        report_dir = stage.reports_root / run_name
-        write_report(results, report_dir / "report.csv")
-        report = f"{stage.url_of(report_dir)}/report.csv"
-        summary = {
-            "input_dir": resolve_location(input_dir),
-            "output_dir": resolve_location(output_dir),
-            "counts": counts,
-            "seconds": round(seconds, 2),
-            "report": report,
-            "model": model,
-            "warning": model.get("warning"),
-            "flow_run_id": str(flow_run.id) if flow_run.id else None,
-        }
-        write_atomic(report_dir / "summary.json", json.dumps(summary, indent=2).encode())
-        stage.push(report_dir, last=("summary.json",))
+    # a remote store's report is written here, then pushed
+    with Store.at(store_root).stage() as stage:
+        report_dir = stage.reports_root / report_folder_name(flow_run.name)
+        summary = write_run_report(
+            report_dir,
+            stage.url_of(report_dir),
+            results,
+            input_dir,
+            output_dir,
+            model,
+            seconds,
+            str(flow_run.id) if flow_run.id else None,
+        )
+        stage.push(report_dir, last=(SUMMARY_JSON,))
+    counts, report = summary["counts"], summary["report"]
 
     rows = [
         {

@@ -15,6 +15,7 @@ from prefect.logging import get_run_logger
 
 from artifacts.render import markdown_image, markdown_table, table_rows
 from artifacts.store import Store
+from denoiser.cards import CARD_FILE, CardMetrics, ModelCard, load_card
 from denoiser.config import EvalConfig
 from denoiser.faults import failpoint
 from denoiser.files import is_url
@@ -22,6 +23,7 @@ from denoiser.inference import EVAL_NOISE_SEED, centre_crop, evaluate_planes, pr
 from denoiser.metrics import evaluate_arrays
 from denoiser.models import architecture_recipe, load_model
 from denoiser.plots import grid_png
+from denoiser.quality import judge_quality
 from denoiser.shards import load_split, read_manifest
 from tasks.publish import Publisher
 
@@ -64,35 +66,27 @@ def evaluate_denoiser(model_dir: str, shards_dir: str, evaluation: EvalConfig) -
 
 def _evaluate(folder: Path, shards_dir: str, evaluation: EvalConfig) -> dict:
     logger = get_run_logger()
-    card = json.loads((folder / "model.json").read_text())
+    card = load_card(folder)
     # the model file the card describes, or a one-line ModelError
-    model = load_model(folder / "model.keras", expected_sha256=card.get("model_sha256"))
+    model = load_model(folder / "model.keras", expected_sha256=card.model_sha256)
     if read_manifest(shards_dir).get("kind") == "patches":
         judged = _judge_photos(model, card, shards_dir, evaluation)
     else:
         judged = _judge_pairs(model, card, shards_dir, evaluation)
     metrics, samples, rows, table, caption = judged
     overall = metrics["overall"]
-    passed = overall["psnr_gain"] >= evaluation.min_psnr_gain
-    gate = {
-        "min_psnr_gain": evaluation.min_psnr_gain,
-        "psnr_gain": overall["psnr_gain"],
-        "passed": passed,
-    }
-    if "per_sigma" in metrics:
-        gate["over"] = f"mean over sigmas {', '.join(f'{s:g}' for s in overall['sigmas'])}"
+    gate = judge_quality(metrics, evaluation.min_psnr_gain)
+    passed = gate.passed
 
     _write(folder / "samples.png", samples)
-    _write(folder / "metrics.json", json.dumps({**metrics, "quality_gate": gate}, indent=2))
-    failpoint("evaluate.before_card")
-    card = {
-        **json.loads((folder / "model.json").read_text()),
-        "metrics": overall,
-        "quality_gate": gate,
-    }
     _write(
-        folder / "model.json", json.dumps(card, indent=2)
-    )  # model_sha256 and the rest kept as read
+        folder / "metrics.json", json.dumps({**metrics, "quality_gate": gate.to_dict()}, indent=2)
+    )
+    failpoint("evaluate.before_card")
+    card = load_card(folder).model_copy(
+        update={"metrics": CardMetrics.model_validate(overall), "quality_gate": gate}
+    )
+    _write(folder / CARD_FILE, card.to_json())  # model_sha256 and the rest kept as read
 
     verdict = "PASSED" if passed else "FAILED"
     cols = list(dict.fromkeys(c for r in rows for c in r))
@@ -101,11 +95,11 @@ def _evaluate(folder: Path, shards_dir: str, evaluation: EvalConfig) -> dict:
         create_table_artifact,
         key="evaluation-metrics",
         table=table_rows([{c: r.get(c) for c in cols} for r in rows]),
-        description=f"Test-set metrics of {card['version']}",
+        description=f"Test-set metrics of {card.version}",
     )
     gain_text = "mean PSNR gain over the sigmas" if "per_sigma" in metrics else "PSNR gain"
     report = (
-        f"# Evaluation of {card['version']} ({card['architecture']}, {card['params']:,} parameters)\n\n"
+        f"# Evaluation of {card.version} ({card.architecture}, {card.params:,} parameters)\n\n"
         f"Quality gate **{verdict}**: {gain_text} {overall['psnr_gain']:.2f} dB "
         f"(minimum {evaluation.min_psnr_gain:.2f} dB).\n\n"
         + markdown_table(table)
@@ -117,13 +111,13 @@ def _evaluate(folder: Path, shards_dir: str, evaluation: EvalConfig) -> dict:
         create_markdown_artifact,
         key="evaluation-report",
         markdown=report + markdown_image(samples, "clean, noisy and denoised test images") + "\n",
-        description=f"Evaluation report of {card['version']}",
+        description=f"Evaluation report of {card.version}",
     )
     publisher.close()
     log = logger.info if passed else logger.warning
     log(
         "%s: PSNR %.2f dB (noisy %.2f dB), SSIM %.3f; quality gate %s",
-        card["version"],
+        card.version,
         overall["psnr_denoised"],
         overall["psnr_noisy"],
         overall["ssim_denoised"],
@@ -165,17 +159,17 @@ def _evaluate(folder: Path, shards_dir: str, evaluation: EvalConfig) -> dict:
     }
 
 
-def _judge_pairs(model, card: dict, shards_dir: str, evaluation: EvalConfig):
+def _judge_pairs(model, card: ModelCard, shards_dir: str, evaluation: EvalConfig):
     """MNIST-style test pairs as stored: metrics, the sample grid, the table's
     rows, the report's table and the grid's caption."""
-    recipe = architecture_recipe(card["architecture"])
+    recipe = architecture_recipe(card.architecture)
     test = load_split(shards_dir, "test")
     clean, noisy = test["clean"] / 255.0, test["noisy"] / 255.0
     denoised = predict_array(
         model,
         noisy,
         evaluation.batch_size,
-        recipe.get("size_multiple", 1) if recipe.get("fully_convolutional") else 1,
+        recipe.size_multiple if recipe.fully_convolutional else 1,
     )
     metrics = evaluate_arrays(clean, noisy, denoised, test.get("noise_level"), test.get("label"))
     overall = metrics["overall"]
@@ -221,7 +215,7 @@ CROP_SIGMA = 25.0  # the report's crops are at this sigma (or the nearest one ev
 CROP_IMAGES = 4
 
 
-def _judge_photos(model, card: dict, shards_dir: str, evaluation: EvalConfig):
+def _judge_photos(model, card: ModelCard, shards_dir: str, evaluation: EvalConfig):
     """A patch set's whole test images at every sigma of ``evaluation.sigmas``,
     through the folder denoiser's tiling: metrics per image and per sigma, 1:1
     crops of a few images, the table's rows, the report's table and the caption."""
@@ -231,7 +225,7 @@ def _judge_photos(model, card: dict, shards_dir: str, evaluation: EvalConfig):
     entries = manifest.get("images") or []
     names = [entries[int(i)]["name"] if int(i) < len(entries) else str(i) for i in test["index"]]
     metrics, noisy, denoised = evaluate_planes(
-        model, card.get("architecture"), clean, evaluation.sigmas, evaluation.batch_size, names
+        model, card.architecture, clean, evaluation.sigmas, evaluation.batch_size, names
     )
     sigma = min(noisy, key=lambda s: abs(s - CROP_SIGMA))
     k = min(evaluation.sample_count, CROP_IMAGES, len(clean))

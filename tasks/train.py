@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -13,6 +12,7 @@ from prefect.runtime import flow_run
 
 from artifacts.render import markdown_table, table_rows
 from artifacts.store import Store, new_model_version
+from denoiser.cards import ModelCard, load_card
 from denoiser.checkpoints import CheckpointRun
 from denoiser.config import TrainConfig
 from denoiser.training import resolve_architecture, train_in_run
@@ -64,7 +64,7 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
                 on_epoch_end=on_epoch_end,
                 log=logger.info,
             )
-            card = json.loads((Path(result["dir"]) / "model.json").read_text())
+            card = load_card(result["dir"])
             stage.push(result["dir"])  # the card last: no card without its model
             result = stage.to_urls(result)
     except BaseException:
@@ -82,9 +82,7 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
         result["dir"],
     )
 
-    losses = [
-        {k: h.get(k) for k in ("epoch", "loss", "val_loss", "seconds")} for h in card["history"]
-    ]
+    losses = [{k: h.get(k) for k in ("epoch", "loss", "val_loss", "seconds")} for h in card.history]
     publisher.publish(
         create_table_artifact,
         key="training-losses",
@@ -101,44 +99,43 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
     return result
 
 
-def render_model_card(card: dict) -> str:
-    gate = card.get("quality_gate")
+def render_model_card(card: ModelCard) -> str:
+    recipe, data, gate = card.recipe, card.data, card.quality_gate
     facts = [
-        {"field": "version", "value": card["version"]},
-        {"field": "architecture", "value": card["architecture"]},
-        {"field": "parameters", "value": f"{card['params']:,}"},
-        {"field": "loss", "value": card["recipe"]["loss"]},
+        {"field": "version", "value": card.version},
+        {"field": "architecture", "value": card.architecture},
+        {"field": "parameters", "value": f"{card.params:,}"},
+        {"field": "loss", "value": recipe.loss},
         {
             "field": "learning rate",
-            "value": f"{card['recipe']['learning_rate']:g} ({card['recipe']['lr_schedule']})",
+            "value": f"{recipe.learning_rate:g} ({recipe.lr_schedule})",
         },
-        {"field": "reframed pairs", "value": f"{card['recipe']['reframe']:.0%}"},
-        {"field": "device", "value": card["device"]["description"]},
-        {"field": "training time (s)", "value": card["seconds"]},
-        {"field": "epochs run", "value": card["epochs_run"]},
-        {"field": "best validation loss", "value": card["best_val_loss"]},
+        {"field": "reframed pairs", "value": f"{recipe.reframe:.0%}"},
+        {"field": "device", "value": card.device["description"]},
+        {"field": "training time (s)", "value": card.seconds},
+        {"field": "epochs run", "value": card.epochs_run},
+        {"field": "best validation loss", "value": card.best_val_loss},
         {
             "field": "trained on",
-            "value": f"{card['data'].get('dataset')} ({card['data'].get('domain', 'digits')}, "
-            f"{card['data'].get('shard_kind', 'pairs')})",
+            "value": f"{data.dataset} ({data.domain or 'digits'}, {data.shard_kind})",
         },
         {
             "field": "test images",
-            "value": card["data"].get("test_dataset") or "the dataset's own test split",
+            "value": data.test_dataset or "the dataset's own test split",
         },
-        {"field": "patch size", "value": card["data"].get("patch_size") or "whole images"},
-        {"field": "data manifest sha256", "value": card["data"]["manifest_sha256"]},
-        {"field": "shards", "value": card["data"]["shards_dir"]},
-        {"field": "model file sha256", "value": card.get("model_sha256", "not recorded")},
+        {"field": "patch size", "value": data.patch_size or "whole images"},
+        {"field": "data manifest sha256", "value": data.manifest_sha256},
+        {"field": "shards", "value": data.shards_dir},
+        {"field": "model file sha256", "value": card.model_sha256 or "not recorded"},
         {
             "field": "TensorFlow / Keras",
-            "value": f"{card['versions']['tensorflow']} / {card['versions']['keras']}",
+            "value": f"{card.versions['tensorflow']} / {card.versions['keras']}",
         },
     ]
     if gate:
-        facts.append({"field": "quality gate", "value": "PASSED" if gate["passed"] else "FAILED"})
-    config = "\n".join(f"- `{k}`: {v}" for k, v in card["training"].items())
+        facts.append({"field": "quality gate", "value": "PASSED" if gate.passed else "FAILED"})
+    config = "\n".join(f"- `{k}`: {v}" for k, v in card.training.items())
     return (
-        f"# Model card: {card['version']}\n\n{markdown_table(facts)}\n\n"
-        f"## Training config\n\n{config}\n\n## Noise\n\n`{json.dumps(card['data']['noise'])}`\n"
+        f"# Model card: {card.version}\n\n{markdown_table(facts)}\n\n"
+        f"## Training config\n\n{config}\n\n## Noise\n\n`{json.dumps(data.noise)}`\n"
     )

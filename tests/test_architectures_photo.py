@@ -21,9 +21,9 @@ def model():
 def test_photo_unet_is_registered_with_a_recipe():
     assert "photo_unet" in available_architectures()
     recipe = architecture_recipe("photo_unet")
-    assert recipe["fully_convolutional"] and tuple(recipe["input_shape"]) == (None, None, 1)
-    assert recipe["loss"] in ("mse", "l1", "psnr_ssim") and recipe["learning_rate"] > 0
-    assert recipe["patch_size"] % recipe["size_multiple"] == 0
+    assert recipe.fully_convolutional and tuple(recipe.input_shape) == (None, None, 1)
+    assert recipe.loss in ("mse", "l1", "psnr_ssim") and recipe.learning_rate > 0
+    assert recipe.patch_size % recipe.size_multiple == 0
 
 
 def test_photo_unet_has_at_most_dncnns_parameters(model):
@@ -45,7 +45,7 @@ def test_builder_variants_build_and_bad_options_are_refused():
 
 
 def test_any_multiple_of_the_size_multiple_keeps_its_shape(model):
-    m = architecture_recipe("photo_unet")["size_multiple"]
+    m = architecture_recipe("photo_unet").size_multiple
     rng = np.random.default_rng(0)
     for h, w in [(m, m), (40, 40), (10 * m, 3 * m), (64, 96), (7 * m, 13 * m)]:
         if h % m or w % m:
@@ -56,7 +56,7 @@ def test_any_multiple_of_the_size_multiple_keeps_its_shape(model):
 
 
 def test_odd_sizes_keep_their_shape_after_padding(model):
-    m = architecture_recipe("photo_unet")["size_multiple"]
+    m = architecture_recipe("photo_unet").size_multiple
     rng = np.random.default_rng(1)
     for h, w in [(37, 53), (1, 1), (255, 3)]:
         x = rng.random((1, h, w, 1)).astype(np.float32)

@@ -138,3 +138,28 @@ def test_evaluation_task_writes_metrics_card_and_artifacts(prefect_harness, tmp_
 
     artifacts = asyncio.run(keys())
     assert "data:image/png;base64," in artifacts["evaluation-report"].data
+
+
+def test_the_quality_gate_compares_the_overall_gain_with_the_minimum():
+    from denoiser.quality import judge_quality
+
+    rng = np.random.default_rng(3)
+    clean = rng.random((4, 8, 8, 1))
+    metrics = evaluate_arrays(clean, np.clip(clean + 0.2, 0, 1), clean * 0.99)
+    gain = metrics["overall"]["psnr_gain"]
+    gate = judge_quality(metrics, gain)  # exactly the minimum passes
+    assert gate.passed and gate.psnr_gain == gain and gate.min_psnr_gain == gain
+    assert gate.to_dict() == {"min_psnr_gain": gain, "psnr_gain": gain, "passed": True}
+    assert not judge_quality(metrics, gain + 0.01).passed
+
+
+def test_the_quality_gate_of_a_photo_set_says_it_is_a_mean_over_the_sigmas():
+    from denoiser.metrics import evaluate_per_sigma
+    from denoiser.quality import judge_quality
+
+    clean = [np.full((8, 8), 0.5), np.linspace(0, 1, 80).reshape(8, 10)]
+    noisy = {s: [c + s / 255 for c in clean] for s in (15.0, 25.0)}
+    metrics = evaluate_per_sigma(clean, noisy, {s: clean for s in noisy})
+    gate = judge_quality(metrics, 5.0)
+    assert gate.over == "mean over sigmas 15, 25"
+    assert gate.psnr_gain == metrics["overall"]["psnr_gain"] and gate.passed

@@ -24,7 +24,7 @@ def test_seed_is_the_reference_architecture():
     model = build_model("seed")
     assert model.count_params() == 440_865
     assert model(np.zeros((2, 28, 28, 1), np.float32)).shape == (2, 28, 28, 1)
-    assert architecture_recipe("seed")["loss"] == "bce"
+    assert architecture_recipe("seed").loss == "bce"
     names = [layer.__class__.__name__ for layer in model.layers]
     assert names.count("Conv2DTranspose") == 3 and names.count("Dense") == 2
     assert names.count("MaxPooling2D") == 2 and names.count("UpSampling2D") == 2
@@ -33,17 +33,17 @@ def test_seed_is_the_reference_architecture():
 @pytest.mark.parametrize("name", [n for n in available_architectures() if n != "seed"])
 def test_fully_convolutional_models_keep_the_input_shape(name):
     recipe = architecture_recipe(name)
-    assert recipe["fully_convolutional"]
+    assert recipe.fully_convolutional
     model = build_model(name)
     # photographs' models (awgn recipes) get DnCNN's budget and a linear residual output, clipped outside
-    photo = recipe.get("noise") == "awgn"
+    photo = recipe.noise == "awgn"
     expected = {"unet": 411_297, "unet-small": 118_945}
     assert (
         model.count_params() <= 556_000
         if photo
         else model.count_params() == expected[name] <= 440_865
     )
-    m = recipe["size_multiple"]
+    m = recipe.size_multiple
     for h, w in [(28, 28), (8 * m, 3 * m), (64, 96)]:
         out = model(np.random.default_rng(0).random((1, h, w, 1)).astype(np.float32))
         assert out.shape == (1, h, w, 1)
@@ -76,8 +76,8 @@ def test_default_output_is_clipped_so_background_can_be_exactly_black():
 
 
 def test_builder_options_reach_the_architecture():
-    assert architecture_recipe("unet")["loss"] == "psnr_ssim"
-    assert architecture_recipe("unet")["lr_schedule"] == "cosine"
+    assert architecture_recipe("unet").loss == "psnr_ssim"
+    assert architecture_recipe("unet").lr_schedule == "cosine"
     wide = build_model("unet", filters=(32, 48, 88), full_convs=2)
     assert wide.count_params() == 406_865 and wide.get_layer("full1_conv") is not None
 
@@ -198,7 +198,7 @@ def test_training_resumes_after_an_interruption(tiny_shards, tmp_path):
     assert result["epochs_run"] == 3 and result["device"] == "CPU"
     assert card["recipe"]["loss"] == "psnr_ssim" and card["recipe"]["lr_schedule"] == "cosine"
     assert (
-        card["recipe"]["learning_rate"] == architecture_recipe("unet")["learning_rate"]
+        card["recipe"]["learning_rate"] == architecture_recipe("unet").learning_rate
     )  # config left it None
     assert (tmp_path / "m1" / "history.csv").read_text().startswith("epoch,")
     assert card["data"]["manifest_sha256"] and card["versions"]["tensorflow"]

@@ -242,10 +242,8 @@ def test_train_on_a_folder_quick_end_to_end(trained, capsys):
     assert code == 0
     [model] = list_models(store)
     assert model.status == "production" and model.domain == "photos"
-    assert (
-        model.card["architecture"] == "photo_unet" and model.card["data"]["noise"]["kind"] == "awgn"
-    )
-    assert model.card["data"]["noise"]["level"] == [0.0, 55.0]  # no noise flags: the blind model
+    assert model.card.architecture == "photo_unet" and model.card.data.noise["kind"] == "awgn"
+    assert model.card.data.noise["level"] == [0.0, 55.0]  # no noise flags: the blind model
     metrics = json.loads((model.dir / "metrics.json").read_text())
     assert [r["sigma"] for r in metrics["per_sigma"]] == [15, 25, 50]
     assert all(r["psnr_gain"] > 0 for r in metrics["per_sigma"])
@@ -507,16 +505,16 @@ def test_a_photo_request_takes_what_it_leaves_unset_from_its_recipe():
     recipe = ARCHITECTURES["photo_unet"].recipe
     noise, training = apply_recipe_defaults(photos, default_noise_for(photos), TrainConfig())
     assert (noise.patch_size, training.batch_size, training.epochs) == (
-        recipe["patch_size"],
-        recipe["batch_size"],
-        recipe["epochs"],
+        recipe.patch_size,
+        recipe.batch_size,
+        recipe.epochs,
     )
     noise, training = apply_recipe_defaults(
         photos,
         default_noise_for(photos).model_copy(update={"patch_size": 48}),
         TrainConfig(batch_size=16),
     )
-    assert (noise.patch_size, training.batch_size, training.epochs) == (48, 16, recipe["epochs"])
+    assert (noise.patch_size, training.batch_size, training.epochs) == (48, 16, recipe.epochs)
     digits_noise, digits = apply_recipe_defaults(DataConfig(), NoiseConfig(), TrainConfig())
     assert (digits.architecture, digits.batch_size, digits.epochs) == ("unet", 64, 35)
     assert digits_noise == NoiseConfig()

@@ -69,7 +69,7 @@ def test_resolve_model_by_version_folder_and_file(tmp_path):
     folder = make_version(tmp_path, "v1", 20.0)
     assert resolve_model(tmp_path, "v1").model_path == folder / "model.keras"
     assert resolve_model(tmp_path, str(folder)).version == "v1"
-    assert resolve_model(tmp_path, str(folder / "model.keras")).card["architecture"] == "unet"
+    assert resolve_model(tmp_path, str(folder / "model.keras")).card.architecture == "unet"
     assert resolve_model(tmp_path).version == "v1"  # no production yet: newest that passed
     with pytest.raises(ModelError, match="not found"):
         resolve_model(tmp_path, str(tmp_path / "nowhere.keras"))
@@ -264,7 +264,7 @@ def test_a_model_file_or_folder_outside_the_store_needs_no_registry(
     elsewhere = make_version(tmp_path_factory.mktemp("elsewhere"), "mine", 21.0)
     ref = resolve_model(garbage_store, str(elsewhere / "model.keras"))
     assert (ref.model_path, ref.status) == (elsewhere / "model.keras", "candidate")
-    assert resolve_model(garbage_store, str(elsewhere)).card["architecture"] == "unet"
+    assert resolve_model(garbage_store, str(elsewhere)).card.architecture == "unet"
 
 
 def test_a_model_file_of_the_store_given_as_a_path_needs_no_registry(garbage_store, caplog):

@@ -432,3 +432,63 @@ def test_a_truncated_shard_with_its_manifest_gone_is_rewritten_not_recorded(tmp_
     write_shard_set(out, splits, noise, shard_rows=20, seed=0)
     assert json.loads((out / "manifest.json").read_text())["shards"] == reference["shards"]
     assert verify_shard_set(out) == []
+
+
+# --------------------------------------------------------------------------- a dataset's shard set
+
+
+def test_pair_splits_hold_out_the_last_share_and_keep_the_test_set_whole():
+    from denoiser.shards import split_pairs
+
+    test_images, test_labels = IMAGES[40:], LABELS[40:]
+    out = split_pairs(IMAGES[:40], LABELS[:40], test_images, test_labels, 0.1, copies=3)
+    assert [len(out[s].images) for s in ("train", "validation", "test")] == [36, 4, 10]
+    assert out["train"].copies == 3 and out["validation"].copies == 1
+    assert list(out["validation"].index) == [36, 37, 38, 39]
+    assert list(out["test"].index) == list(range(10))
+    assert np.array_equal(out["validation"].images, IMAGES[36:40])
+    with pytest.raises(ShardError):
+        split_pairs(IMAGES[:1], LABELS[:1], test_images, test_labels, 0.5)
+
+
+def test_noise_fields_leave_patch_fields_out_of_idx_sets_and_fill_them_for_images():
+    from denoiser.config import NoiseConfig
+    from denoiser.image_datasets import DEFAULT_PATCH_SIZE, DEFAULT_PATCHES_PER_IMAGE
+    from denoiser.shards import is_image_set, noise_fields
+
+    noise = NoiseConfig(patch_size=16)
+    idx = {"dataset": "mnist"}
+    assert not is_image_set(idx) and "patch_size" not in noise_fields(idx, noise)
+    assert noise_fields(idx, noise)["kind"] == "gaussian"
+    images = {"dataset": "mine", "kind": "images"}
+    fields = noise_fields(images, noise)
+    assert is_image_set(images) and fields["patch_size"] == 16
+    assert noise_fields(images, NoiseConfig())["patch_size"] == DEFAULT_PATCH_SIZE
+    assert fields["patches_per_image"] == DEFAULT_PATCHES_PER_IMAGE
+
+
+def test_a_dataset_of_idx_files_becomes_a_pair_set(tmp_path):
+    from denoiser.config import NoiseConfig
+    from denoiser.shards import write_dataset_shards
+    from tests.test_datasets import idx_bytes
+
+    files = {}
+    for role, arr in {
+        "train_images": IMAGES[:40, ..., 0],
+        "train_labels": LABELS[:40],
+        "test_images": IMAGES[40:, ..., 0],
+        "test_labels": LABELS[40:],
+    }.items():
+        path = tmp_path / f"{role}.idx"
+        path.write_bytes(idx_bytes(arr))
+        files[role] = {"name": path.name, "path": str(path), "payload_sha256": role}
+    dataset = {"dataset": "tiny", "files": files}
+    out = write_dataset_shards(
+        tmp_path / "shards" / "tiny-0123", dataset, NoiseConfig(shard_rows=16), 30, 5
+    )
+    manifest = read_manifest(out)
+    assert [manifest["splits"][s]["rows"] for s in ("train", "validation", "test")] == [27, 3, 5]
+    assert manifest["key"] == "0123" and manifest["train_limit"] == 30
+    assert manifest["sources"]["test_labels"] == "test_labels"
+    assert "patch_size" not in manifest["config"] and manifest.get("kind") != "patches"
+    assert np.array_equal(load_split(out, "test")["clean"], IMAGES[40:45])
