@@ -444,6 +444,25 @@ def cut_chunks(
     return chunks
 
 
+class ChunkFiles:
+    """One chunk of a plan: its files' relative paths and the plan's journal
+    records of their outputs (as dicts), carried as one object, so that an
+    orchestrator passing it to a task need not look through thousands of
+    entries (Prefect searches lists and dicts of task parameters for futures)."""
+
+    __slots__ = ("rels", "records")
+
+    def __init__(self, rels: list[str], records: list[dict]):
+        self.rels = rels
+        self.records = records
+
+    def __reduce__(self):
+        return (ChunkFiles, (self.rels, self.records))
+
+    def __repr__(self) -> str:
+        return f"ChunkFiles({len(self.rels)} files)"
+
+
 def denoise_chunk_files(
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import zipfile
 from pathlib import Path
 
@@ -89,3 +90,27 @@ def load_model(path: str | os.PathLike, expected_sha256: str | None = None):
         raise ModelError(
             f"cannot load model {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
+
+
+def import_tensorflow_quietly(debug: bool | None = None) -> None:
+    """Import TensorFlow with file descriptor 2 closed to its C++ start-up
+    lines (oneDNN, CUDA probing on CPU-only machines), which no log level
+    silences; with --debug they show. Called once a command knows it will
+    run a model, after its options were checked, and by Dask workers
+    (``debug`` None: debug when ``TF_CPP_MIN_LOG_LEVEL`` is 0, as --debug sets it)."""
+    if debug is None:
+        debug = os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0"
+    if debug or "tensorflow" in sys.modules:
+        import tensorflow  # noqa: F401
+
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

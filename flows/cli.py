@@ -44,27 +44,6 @@ def _quiet_environment(debug: bool = False) -> None:
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if debug else "warning")
 
 
-def import_tensorflow_quietly(debug: bool = False) -> None:
-    """Import TensorFlow with file descriptor 2 closed to its C++ start-up
-    lines (oneDNN, CUDA probing on CPU-only machines), which no log level
-    silences; with --debug they show. Called once a command knows it will
-    run a model, after its options were checked."""
-    if debug or "tensorflow" in sys.modules:
-        import tensorflow  # noqa: F401
-
-        return
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        import tensorflow  # noqa: F401
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def _noise_level(text: str) -> float | tuple[float, float]:
     try:
         parts = [float(p) for p in text.replace(":", ",").split(",")]
@@ -248,6 +227,8 @@ def _run_train(args: argparse.Namespace) -> int:
         args.store
     ).check()  # a missing bucket or refused credentials: one line, nothing written
     check_registry(args.store)  # a broken registry fails now, not after the training
+    from denoiser.models import import_tensorflow_quietly
+
     import_tensorflow_quietly(args.debug)
     ensure_api()
 
@@ -434,10 +415,11 @@ def run_folder_command(args: argparse.Namespace) -> int:
     check_dask_options(args.workers, args.dask_address, args.chunk_files)
     Store.at(args.store).check()
     resolve_model(args.store, args.model)
-    from flows.cli import import_tensorflow_quietly
+    from denoiser.models import import_tensorflow_quietly
     from flows.session import ensure_api, finished_despite_api
 
-    import_tensorflow_quietly(args.debug)
+    if not args.workers and not args.dask_address:  # else only the workers run the model
+        import_tensorflow_quietly(args.debug)
     # worker processes inherit the environment: one server for all, not one each
     os.environ["PREFECT_API_URL"] = ensure_api()
     with finished_despite_api("denoise_images") as outcome:

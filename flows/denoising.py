@@ -6,6 +6,7 @@ import os
 from typing import Literal
 
 from prefect import flow
+from prefect.utilities.annotations import quote
 
 from artifacts.store import resolve_store_root
 from denoiser.config import DEFAULT_CHUNK_FILES
@@ -13,6 +14,7 @@ from denoiser.errors import ConfigError
 from denoiser.trees import resolve_location
 from flows.session import STATE_HOOKS
 from tasks.denoise import (
+    chunk_files_of,
     chunk_outcome,
     denoise_chunk,
     denoise_images,
@@ -72,11 +74,14 @@ def denoise_in_chunks(
     try:
         plan = plan_denoise_chunks(input_dir, output_dir, pattern, format, overwrite, chunk_files)
         futures = [
-            denoise_chunk.submit(input_dir, output_dir, rels, records, chosen, overwrite, format)
-            for rels, records in zip(plan["chunks"], plan["records"], strict=True)
+            denoise_chunk.submit(input_dir, output_dir, files, chosen, overwrite, format)
+            for files in chunk_files_of(plan)
         ]
+        outcomes = [chunk_outcome(f) for f in futures]
+        # quote(): thousands of paths and records passed as they are, not
+        # searched by Prefect for futures (seconds per run otherwise)
         return report_folder_run(
-            input_dir, output_dir, plan, [chunk_outcome(f) for f in futures], chosen, store_root
+            input_dir, output_dir, quote(plan), quote(outcomes), chosen, store_root
         )
     finally:
         unload_denoiser_from_workers(loaded)

@@ -19,6 +19,7 @@ from artifacts.store import Store, local_copy
 from denoiser.errors import DenoiseError
 from denoiser.folder import (
     BatchPredictor,
+    ChunkFiles,
     FileResult,
     OutputRecord,
     compact_journal,
@@ -237,8 +238,7 @@ def plan_denoise_chunks(
 def denoise_chunk(
     input_dir: str,
     output_dir: str,
-    rels: list[str],
-    records: list[dict],
+    files: ChunkFiles,
     model: dict,
     overwrite: bool,
     format: str,
@@ -248,12 +248,12 @@ def denoise_chunk(
     results = denoise_chunk_files(
         input_dir,
         output_dir,
-        rels,
+        files.rels,
         predictor,
         spec,
         fmt=format,
         overwrite=overwrite,
-        records=[OutputRecord(**r) for r in records],
+        records=[OutputRecord(**r) for r in files.records],
     )
     for r in results:
         if r.status == "failed":
@@ -261,6 +261,14 @@ def denoise_chunk(
     c = count(results)
     logger.info("%d denoised, %d skipped, %d failed", c["denoised"], c["skipped"], c["failed"])
     return [asdict(r) for r in results]
+
+
+def chunk_files_of(plan: dict) -> list[ChunkFiles]:
+    """The plan's chunks, each one object for its task (see :class:`ChunkFiles`)."""
+    return [
+        ChunkFiles(rels, records)
+        for rels, records in zip(plan["chunks"], plan["records"], strict=True)
+    ]
 
 
 def chunk_outcome(future) -> list[dict] | str:

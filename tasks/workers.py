@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
 
+from denoiser.models import import_tensorflow_quietly
 from tasks.denoise import _predictor, one_line
 
 
@@ -25,6 +26,7 @@ class ModelOnWorkers(WorkerPlugin):
         self.name = f"denoise-model-{hashlib.sha256(key).hexdigest()[:12]}"
 
     def setup(self, worker) -> None:
+        import_tensorflow_quietly()  # its C++ start-up lines only with --debug, as in the command
         _predictor(self.model)
 
 
