@@ -162,6 +162,11 @@ def _shuffled_batches(
         yield from drain(final=True)
 
 
+# the input's fixed knobs (tf.data's autotuning is off, see _without_autotune_model): batches
+# converted at once, batches made ahead of the model; the conversion is cheap beside a step
+PARALLEL_MAPS = 2
+PREFETCH_BATCHES = 4
+
 VALIDATION_NOISE_SEED = (
     1234  # the validation patches' noise: the same every epoch, so val_loss compares
 )
@@ -278,15 +283,32 @@ def make_dataset(
             clean = tf.cast(clean, tf.float32) / 255.0
             return recut(awgn_batch(clean, sigmas, seeds[0], density), clean)
 
-        ds = ds.map(noisy_pair, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(noisy_pair, num_parallel_calls=PARALLEL_MAPS)
     else:
 
         def to_float(noisy, clean):
             return recut(tf.cast(noisy, tf.float32) / 255.0, tf.cast(clean, tf.float32) / 255.0)
 
-        ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(to_float, num_parallel_calls=PARALLEL_MAPS)
     ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(rows / batch_size)))
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.prefetch(PREFETCH_BATCHES).with_options(_without_autotune_model())
+
+
+def _without_autotune_model():
+    """tf.data options without the autotuning model's thread, so that the
+    input's knobs are the fixed ones above.
+
+    Keras drops each epoch's iterator at the next epoch's first step, and the
+    last one when ``fit`` returns. Deleting an iterator can wait until its
+    tuning thread wakes from its current sleep, a sleep that doubles after
+    each tuning round: seconds of nothing at an epoch boundary or after the
+    last epoch, more the longer the epochs.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
 
 
 def learning_rate(base: float, schedule: str, total_steps: int):
