@@ -64,23 +64,22 @@ def resolve_denoiser(
 
 class _Progress:
     """Progress artifact (throttled: one update a second, sent in the background)
-    and, on a terminal, a rich bar."""
+    and, on a terminal, a rich bar (:class:`denoiser.progress.FilesBar`)."""
 
-    def __init__(self, total: int, publisher: Publisher):
+    def __init__(self, total: int, done: int, publisher: Publisher):
         self.artifact = ProgressArtifact(publisher, "denoise-progress", "Files processed")
         self.artifact.update(0.0)
         self.last = 0.0
         self.bar = None
         if sys.stderr.isatty() and total:
-            from rich.progress import Progress
+            from denoiser.progress import FilesBar
 
-            self.bar = Progress(transient=False)
-            self.bar.start()
-            self.task_id = self.bar.add_task("denoising", total=total)
+            # the files before this one were decided by the scan, all at once: not in the rate
+            self.bar = FilesBar(total, done=max(done - 1, 0))
 
     def __call__(self, result: FileResult, done: int, total: int) -> None:
         if self.bar is not None:
-            self.bar.update(self.task_id, completed=done)
+            self.bar.update(done)
         now = time.monotonic()
         if now - self.last > 1.0 or done == total:
             self.last = now
@@ -88,7 +87,7 @@ class _Progress:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.stop()
+            self.bar.close()
 
 
 def _thumbnails(results: list[FileResult], input_dir: str, output_dir: str, k: int = 4) -> str:
@@ -166,7 +165,7 @@ def denoise_images(
     def on_result(result: FileResult, done: int, total: int) -> None:
         nonlocal progress
         if progress is None:
-            progress = _Progress(total, publisher)
+            progress = _Progress(total, done, publisher)
         if result.status == "failed":
             logger.warning("%s: %s", result.path, result.error)
         progress(result, done, total)
