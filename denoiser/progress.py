@@ -10,6 +10,8 @@ stderr is a terminal, so logs never receive them.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from denoiser.metrics import psnr, ssim
@@ -103,26 +105,28 @@ def epoch_line(
 def _columns():
     """The bars' columns: what, bar, done/total, rate, elapsed, time left.
     A task's fields name its ``unit`` (steps, files), what its rate counts
-    (``rate_unit``) and how many of those one unit holds (``per_unit``)."""
+    (``rate_unit``) and how many of those one unit holds (``per_unit``); a
+    ``rate``, ``elapsed`` or ``left`` field, when set, replaces rich's own."""
     from rich.progress import BarColumn, ProgressColumn, TextColumn
     from rich.text import Text
 
     class Rate(ProgressColumn):
         def render(self, task) -> Text:
-            speed = task.finished_speed or task.speed
             unit = task.fields.get("rate_unit", "")
-            if not speed:
+            if task.fields.get("rate") is not None:
+                rate = task.fields["rate"]
+            else:
+                speed = task.finished_speed or task.speed
+                rate = speed * task.fields.get("per_unit", 1) if speed else None
+            if rate is None:
                 return Text(f"-- {unit}/s", style="progress.data.speed")
-            return Text(
-                f"{speed * task.fields.get('per_unit', 1):,.0f} {unit}/s",
-                style="progress.data.speed",
-            )
+            shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.1f}"  # large photographs: < 1/s
+            return Text(f"{shown} {unit}/s", style="progress.data.speed")
 
     class Elapsed(ProgressColumn):
         def render(self, task) -> Text:
-            return Text(
-                f"{_clock(task.finished_time or task.elapsed or 0)}", style="progress.elapsed"
-            )
+            spent = task.fields.get("elapsed", task.finished_time or task.elapsed or 0)
+            return Text(_clock(spent), style="progress.elapsed")
 
     class Left(ProgressColumn):
         max_refresh = 0.5  # as rich's own: a remaining time that does not flicker
@@ -130,7 +134,7 @@ def _columns():
         def render(self, task) -> Text:
             if task.finished:
                 return Text("done", style="progress.remaining")
-            left = task.time_remaining
+            left = task.fields["left"] if "left" in task.fields else task.time_remaining
             return Text(
                 f"{_clock(left)} left" if left is not None else "-:-- left",
                 style="progress.remaining",
@@ -206,20 +210,37 @@ def epoch_bar(epochs: int, steps: int, val_steps: int, batch_size: int, console=
 
 
 class FilesBar:
-    """A bar over a folder run: files done of the total, images per second,
-    time left. ``done``: files already decided when the bar starts (the
-    scan's verdicts arrive at once, before any file is read): they count as
-    done, not toward the rate."""
+    """A bar over a folder run: files done of the total, images denoised per
+    second, time left. ``done``: files already decided when the bar starts
+    (the scan's verdicts arrive at once, before any file is read): they count
+    as done, not toward the rate. ``started``: when the run began (a
+    ``time.monotonic()``), since the bar itself appears only once the first
+    batch is done. Rate and time left are averages since then: files finish
+    in bursts (a batch of tiles at a time), which rich's own windowed speed
+    would read as thousands a second."""
 
-    def __init__(self, total: int, done: int = 0, console=None):
+    def __init__(self, total: int, done: int = 0, started: float | None = None, console=None):
         self.bar = progress_bar(transient=False, console=console)
         self.task = self.bar.add_task(
             "denoising", total=total, completed=done, unit="files", rate_unit="images"
         )
+        self.total, self.first, self.denoised = total, done, 0
+        self.started = time.monotonic() if started is None else started
         self.bar.start()
 
-    def update(self, done: int) -> None:
-        self.bar.update(self.task, completed=done)
+    def update(self, done: int, denoised: bool = True) -> None:
+        """``done`` files finished in all; the latest one ``denoised`` (not
+        skipped, not failed)."""
+        self.denoised += bool(denoised)
+        spent = max(time.monotonic() - self.started, 1e-6)
+        files_per_second = (done - self.first) / spent
+        self.bar.update(
+            self.task,
+            completed=done,
+            rate=self.denoised / spent,
+            left=(self.total - done) / files_per_second if files_per_second > 0 else None,
+            elapsed=spent,
+        )
 
     def close(self) -> None:
         self.bar.stop()

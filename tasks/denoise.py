@@ -66,7 +66,7 @@ class _Progress:
     """Progress artifact (throttled: one update a second, sent in the background)
     and, on a terminal, a rich bar (:class:`denoiser.progress.FilesBar`)."""
 
-    def __init__(self, total: int, done: int, publisher: Publisher):
+    def __init__(self, total: int, done: int, started: float, publisher: Publisher):
         self.artifact = ProgressArtifact(publisher, "denoise-progress", "Files processed")
         self.artifact.update(0.0)
         self.last = 0.0
@@ -75,11 +75,11 @@ class _Progress:
             from denoiser.progress import FilesBar
 
             # the files before this one were decided by the scan, all at once: not in the rate
-            self.bar = FilesBar(total, done=max(done - 1, 0))
+            self.bar = FilesBar(total, done=max(done - 1, 0), started=started)
 
     def __call__(self, result: FileResult, done: int, total: int) -> None:
         if self.bar is not None:
-            self.bar.update(done)
+            self.bar.update(done, denoised=result.status == "denoised")
         now = time.monotonic()
         if now - self.last > 1.0 or done == total:
             self.last = now
@@ -161,11 +161,12 @@ def denoise_images(
     started = time.perf_counter()
     publisher = Publisher(logger)
     progress = None
+    began = time.monotonic()  # the bar's clock: it appears only with the first finished file
 
     def on_result(result: FileResult, done: int, total: int) -> None:
         nonlocal progress
         if progress is None:
-            progress = _Progress(total, done, publisher)
+            progress = _Progress(total, done, began, publisher)
         if result.status == "failed":
             logger.warning("%s: %s", result.path, result.error)
         progress(result, done, total)

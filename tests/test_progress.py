@@ -163,14 +163,22 @@ def test_epoch_bar_moves_within_the_epoch_and_is_gone_before_its_line():
     assert buf.getvalue()  # drawn on the (terminal) console it was given
 
 
-def test_files_bar_rates_the_files_read_not_the_scan_s_verdicts():
+def test_files_bar_rates_the_denoised_images_not_the_scan_s_verdicts(monkeypatch):
+    import denoiser.progress as progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
     console, buf = _terminal()
-    bar = FilesBar(total=40, done=30, console=console)  # 30 decided by the scan
-    for done in range(31, 41):
-        bar.update(done)
-    task = bar.bar.tasks[0]
+    bar = FilesBar(total=40, done=30, console=console)  # 30 decided by the scan, at once
+    shown = []
+    for done in range(31, 41):  # then one file a second, every other one skipped
+        now[0] += 1.0
+        bar.update(done, denoised=done % 2 == 1)
+        shown.append(_shown(bar.bar))
     bar.close()
-    drawn = buf.getvalue()
-    assert "40/40 files" in drawn and "images/s" in drawn and "done" in drawn
-    # the rate counts the ten files updated here, not the thirty the bar started with
-    assert task.completed == 40 and sum(s.completed for s in task._progress) == 10
+    # after 4 s: 4 files read, 2 denoised (0.5 images/s); 6 to go at a file a second
+    assert "34/40 files" in shown[3] and " 0.5 images/s 0:04 0:06 left" in shown[3]
+    task = bar.bar.tasks[0]
+    assert task.fields["rate"] == pytest.approx(5 / 10)
+    assert "40/40 files" in shown[-1] and shown[-1].rstrip().endswith("done")
+    assert "denoising" in buf.getvalue()
