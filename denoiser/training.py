@@ -41,6 +41,7 @@ from denoiser.models import (
     file_sha256,
     load_model,
 )
+from denoiser.progress import epoch_bar, scores, validation_sample, validation_scores
 from denoiser.shards import check_shard_set, iter_batches, read_manifest, split_rows
 
 logger = logging.getLogger(__name__)
@@ -163,6 +164,11 @@ def _shuffled_batches(
         yield from drain(final=True)
 
 
+# the input's fixed knobs (tf.data's autotuning is off, see _without_autotune_model): batches
+# converted at once, batches made ahead of the model; the conversion is cheap beside a step
+PARALLEL_MAPS = 2
+PREFETCH_BATCHES = 4
+
 VALIDATION_NOISE_SEED = (
     1234  # the validation patches' noise: the same every epoch, so val_loss compares
 )
@@ -279,15 +285,32 @@ def make_dataset(
             clean = tf.cast(clean, tf.float32) / 255.0
             return recut(awgn_batch(clean, sigmas, seeds[0], density), clean)
 
-        ds = ds.map(noisy_pair, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(noisy_pair, num_parallel_calls=PARALLEL_MAPS)
     else:
 
         def to_float(noisy, clean):
             return recut(tf.cast(noisy, tf.float32) / 255.0, tf.cast(clean, tf.float32) / 255.0)
 
-        ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(to_float, num_parallel_calls=PARALLEL_MAPS)
     ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(rows / batch_size)))
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.prefetch(PREFETCH_BATCHES).with_options(_without_autotune_model())
+
+
+def _without_autotune_model():
+    """tf.data options without the autotuning model's thread, so that the
+    input's knobs are the fixed ones above.
+
+    Keras drops each epoch's iterator at the next epoch's first step, and the
+    last one when ``fit`` returns. Deleting an iterator can wait until its
+    tuning thread wakes from its current sleep, a sleep that doubles after
+    each tuning round: seconds of nothing at an epoch boundary or after the
+    last epoch, more the longer the epochs.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
 
 
 def learning_rate(base: float, schedule: str, total_steps: int):
@@ -588,6 +611,8 @@ def train_model(
     backup_dir: str | os.PathLike,
     version: str | None = None,
     on_epoch_end: Callable[[int, int, dict], None] | None = None,
+    show_progress: bool = False,
+    log: Callable[..., None] = logger.info,
 ) -> dict:
     """Train, keeping a backup each epoch so a killed run resumes where it stopped.
 
@@ -595,8 +620,15 @@ def train_model(
     data, with the model file's sha256 and size) and ``history.csv`` into
     ``out_dir``. A ``model.keras`` already in ``out_dir`` is what this run saved
     before it was killed: it is kept, and only the card written.
+
+    Each epoch's record (``on_epoch_end``, the history) holds ``val_psnr`` and
+    ``val_ssim``: the model scored on the first validation pairs
+    (:data:`denoiser.progress.SCORED_IMAGES`), as the evaluation scores.
+    ``show_progress``: a bar within each epoch on stderr (for a terminal).
+    ``log``: where the lines saying what is trained go.
     """
     import keras
+    import numpy as np
     import tensorflow as tf
 
     from denoiser.losses import make_loss
@@ -628,6 +660,7 @@ def train_model(
         shards_dir, "train", global_batch, training.shuffle_buffer, training.seed, True, reframe
     )
     val_ds = make_dataset(shards_dir, "validation", global_batch, training=False)
+    steps = math.ceil(split_rows(shards_dir, "train") / global_batch)
 
     model_path = out / "model.keras"
     history_path = backup / "history.jsonl"
@@ -642,7 +675,6 @@ def train_model(
                 built = build_model(
                     training.architecture, shape if not recipe.fully_convolutional else None
                 )
-                steps = math.ceil(split_rows(shards_dir, "train") / global_batch)
                 built.compile(
                     optimizer=keras.optimizers.Adam(
                         learning_rate(base_lr, schedule, training.epochs * steps)
@@ -651,17 +683,31 @@ def train_model(
                 )
             return built
 
+        scored_noisy, scored_clean = validation_sample(val_ds)  # the same pairs every epoch
+
         def fit(fresh):
             epoch_log, epoch_done = _epoch_log_callbacks(
                 history_path, on_epoch_end, training.epochs
             )
+            bar = (
+                epoch_bar(
+                    training.epochs,
+                    steps,
+                    math.ceil(split_rows(shards_dir, "validation") / global_batch),
+                    global_batch,
+                )
+                if show_progress
+                else None
+            )
             callbacks = [
+                validation_scores(scored_noisy, scored_clean, global_batch),  # first: all see them
                 epoch_log,
                 _atomic_backup(backup / "state"),
                 keras.callbacks.EarlyStopping(
                     monitor="val_loss", patience=training.patience, restore_best_weights=True
                 ),
                 keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), write_graph=False),
+                *([bar] if bar is not None else []),  # gone before epoch_done's line
                 epoch_done,
             ]
             try:
@@ -674,10 +720,12 @@ def train_model(
                     verbose=0,
                 )  # the dataset shuffles itself
             finally:
+                if bar is not None:
+                    bar.close()  # an error or a signal mid-epoch leaves no bar drawn
                 interrupts.release()  # a stretch cut short by an error; a pending signal is delivered
 
         model = compiled_model()
-        logger.info(
+        log(
             "training %s (%s parameters, loss %s, %s learning rate from %g, batch %d, %d%% reframed) "
             "on %s",
             training.architecture,
@@ -689,6 +737,15 @@ def train_model(
             round(100 * reframe),
             device.describe(),
         )
+        if len(scored_clean):
+            noisy_scores = scores(scored_clean, np.clip(scored_noisy, 0.0, 1.0))
+            log(
+                "each epoch is scored on the first %d validation images: PSNR and SSIM of the "
+                "model's outputs (their noisy inputs: PSNR %.2f dB, SSIM %.3f)",
+                len(scored_clean),
+                noisy_scores["psnr"],
+                noisy_scores["ssim"],
+            )
         try:
             fit(model)
         except CheckpointUnreadable as exc:
@@ -778,6 +835,7 @@ def train_in_run(
     on_start: Callable[[CheckpointRun], None] | None = None,
     on_epoch_end: Callable[[int, int, dict], None] | None = None,
     log: Callable[..., None] = logger.info,
+    show_progress: bool = False,
 ) -> dict:
     """Train as one checkpoint run: clean up what dead runs left, resume the run
     of this request whose owner died (or start a new one beside live ones),
@@ -806,6 +864,8 @@ def train_in_run(
             run.dir,
             version=run.version,
             on_epoch_end=on_epoch_end,
+            show_progress=show_progress,
+            log=log,
         )
     except BaseException:
         run.release()

@@ -62,23 +62,22 @@ def resolve_denoiser(
 
 class _Progress:
     """Progress artifact (throttled: one update a second, sent in the background)
-    and, on a terminal, a rich bar."""
+    and, on a terminal, a rich bar (:class:`denoiser.progress.FilesBar`)."""
 
-    def __init__(self, total: int, publisher: Publisher):
+    def __init__(self, total: int, done: int, started: float, publisher: Publisher):
         self.artifact = ProgressArtifact(publisher, "denoise-progress", "Files processed")
         self.artifact.update(0.0)
         self.last = 0.0
         self.bar = None
         if sys.stderr.isatty() and total:
-            from rich.progress import Progress
+            from denoiser.progress import FilesBar
 
-            self.bar = Progress(transient=False)
-            self.bar.start()
-            self.task_id = self.bar.add_task("denoising", total=total)
+            # the files before this one were decided by the scan, all at once: not in the rate
+            self.bar = FilesBar(total, done=max(done - 1, 0), started=started)
 
     def __call__(self, result: FileResult, done: int, total: int) -> None:
         if self.bar is not None:
-            self.bar.update(self.task_id, completed=done)
+            self.bar.update(done, denoised=result.status == "denoised")
         now = time.monotonic()
         if now - self.last > 1.0 or done == total:
             self.last = now
@@ -86,7 +85,7 @@ class _Progress:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.stop()
+            self.bar.close()
 
 
 def _thumbnails(results: list[FileResult], input_dir: str, output_dir: str, k: int = 4) -> str:
@@ -165,11 +164,12 @@ def denoise_images(
     started = time.perf_counter()
     publisher = Publisher(logger)
     progress = None
+    began = time.monotonic()  # the bar's clock: it appears only with the first finished file
 
     def on_result(result: FileResult, done: int, total: int) -> None:
         nonlocal progress
         if progress is None:
-            progress = _Progress(total, publisher)
+            progress = _Progress(total, done, began, publisher)
         if result.status == "failed":
             logger.warning("%s: %s", result.path, result.error)
         progress(result, done, total)

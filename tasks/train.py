@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -15,6 +17,8 @@ from artifacts.store import Store, new_model_version
 from denoiser.cards import ModelCard, load_card
 from denoiser.checkpoints import CheckpointRun
 from denoiser.config import TrainConfig
+from denoiser.progress import SCORED_IMAGES, epoch_line
+from denoiser.shards import split_rows
 from denoiser.training import resolve_architecture, train_in_run
 from tasks.publish import ProgressArtifact, Publisher
 
@@ -26,6 +30,8 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
     store = Store.at(store_root)
     publisher = Publisher(logger)
     progress = None
+    scored = min(SCORED_IMAGES, split_rows(shards_dir, "validation"))
+    started = time.monotonic()
 
     stages: list = []
 
@@ -40,14 +46,7 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
 
     def on_epoch_end(epoch: int, epochs: int, logs: dict) -> None:
         progress.update(100.0 * epoch / epochs)
-        logger.info(
-            "epoch %d/%d: loss %.5f, val_loss %.5f (%.1f s)",
-            epoch,
-            epochs,
-            logs.get("loss", float("nan")),
-            logs.get("val_loss", float("nan")),
-            logs.get("seconds", 0.0),
-        )
+        logger.info(epoch_line(epoch, epochs, logs, time.monotonic() - started, scored))
 
     # a remote store's model is made on a local stage, then pushed
     try:
@@ -63,6 +62,7 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
                 on_start=on_start,
                 on_epoch_end=on_epoch_end,
                 log=logger.info,
+                show_progress=sys.stderr.isatty(),  # a bar on a terminal; logs get the lines only
             )
             card = load_card(result["dir"])
             stage.push(result["dir"])  # the card last: no card without its model
@@ -82,12 +82,14 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
         result["dir"],
     )
 
-    losses = [{k: h.get(k) for k in ("epoch", "loss", "val_loss", "seconds")} for h in card.history]
+    columns = ("epoch", "val_psnr", "val_ssim", "loss", "val_loss", "seconds")
+    losses = [{k: h.get(k) for k in columns} for h in card.history]
     publisher.publish(
         create_table_artifact,
         key="training-losses",
         table=table_rows(losses),
-        description=f"Loss per epoch of {version}",
+        description=f"Validation PSNR (dB), SSIM and loss per epoch of {version} "
+        f"(PSNR and SSIM on the first {scored} validation images)",
     )
     publisher.publish(
         create_markdown_artifact,

@@ -166,6 +166,14 @@ def test_dataset_streams_float_pairs(tiny_shards):
     assert sum(len(b[0]) for b in batches) == 56
 
 
+def test_datasets_run_without_the_autotuning_thread(tiny_shards):
+    """The thread whose sleep a dropped iterator waited for (a pause at each
+    epoch boundary and after the last epoch) is not started."""
+    for split, training in (("train", True), ("validation", False)):
+        ds = make_dataset(tiny_shards, split, batch_size=8, training=training)
+        assert ds.options().autotune.enabled is False
+
+
 class Interrupt(Exception):
     pass
 
