@@ -435,16 +435,19 @@ def main() -> None:
         )
         n_chunks = -(-total // 10)
         absorbed = n_chunks / chunks["seconds"]
-        per_worker = (
-            rate(runs["dask"]) / 2 / 256
-        )  # chunk tasks/s one worker finishes at the default size
+        from denoiser.folder import auto_chunk_files
+
+        chunk = auto_chunk_files(total, 2)  # what the Dask run above used
+        per_worker = rate(runs["dask"]) / 2 / chunk  # chunk tasks/s one worker finishes
         print(
             f"chunk tasks: {n_chunks} of 10 up-to-date files in {chunks['seconds']:.1f} s = "
             f"{absorbed:.1f} tasks/s absorbed (with 2 workers; a lower bound for the server)"
         )
         print(
-            f"one worker finishes {per_worker:.2f} chunks/s of 256 files here, so the server "
-            f"would be the limit from about {absorbed / per_worker:.0f} such workers"
+            f"one worker finishes {per_worker:.2f} chunks/s of {chunk} files here "
+            f"({per_worker * chunk / 256:.2f} of 256), so the server would be the limit from "
+            f"about {absorbed / per_worker:.0f} such workers ({absorbed / per_worker / chunk * 256:.0f} "
+            "with chunks of 256)"
         )
         t_local = [t["samples"] / t["seconds"] for t in (train[0], train[2])]
         t_s3 = train[1]["samples"] / train[1]["seconds"]

@@ -16,8 +16,6 @@ LevelDensity = Literal["rising", "uniform"]
 LossName = Literal["auto", "psnr_ssim", "bce", "mse", "l1"]
 LrSchedule = Literal["auto", "constant", "cosine"]
 
-DEFAULT_CHUNK_FILES = 256  # files per chunk task of a folder run on Dask
-
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -397,12 +397,14 @@ def plan_folder(
     pattern: str = "*",
     fmt: str = "same",
     overwrite: bool = False,
-    chunk_files: int = 256,
+    chunk_files: int | None = None,
+    workers: int = 1,
 ) -> FolderPlan:
-    """Scan ``input_dir`` once and cut the work into chunks of at most ``chunk_files``."""
+    """Scan ``input_dir`` once and cut the work into chunks of at most
+    ``chunk_files`` (None: :func:`auto_chunk_files` for ``workers``)."""
     if fmt not in ("same", "png"):
         raise ConfigError(f"format must be 'same' or 'png', not {fmt!r}")
-    if chunk_files < 1:
+    if chunk_files is not None and chunk_files < 1:
         raise ConfigError(f"--chunk-files must be at least 1, not {chunk_files}")
     src, dst = check_folders(input_dir, output_dir)
     journal = journal_for(dst)
@@ -411,7 +413,7 @@ def plan_folder(
     jobs = [i for i in items if isinstance(i, Job)]
     if stale := prepare_output(dst):
         logger.info("removed %d temporary files left by an interrupted run", stale)
-    chunks = cut_chunks(jobs, chunk_files)
+    chunks = cut_chunks(jobs, chunk_files or auto_chunk_files(len(jobs), workers))
     return FolderPlan(
         [i for i in items if isinstance(i, FileResult)],
         [[job.rel for job in chunk] for chunk in chunks],
@@ -421,6 +423,16 @@ def plan_folder(
 
 
 CHUNK_BYTES = 4 << 20  # a chunk also ends after this much input: large images spread out
+CHUNKS_PER_WORKER = 4  # enough for the last chunks to even out between workers
+CHUNK_FILES_RANGE = (64, 1024)  # below, orchestration per file shows; above, balance suffers
+
+
+def auto_chunk_files(files: int, workers: int) -> int:
+    """Files per chunk when none is asked for: about CHUNKS_PER_WORKER chunks
+    per worker, within CHUNK_FILES_RANGE."""
+    low, high = CHUNK_FILES_RANGE
+    per = -(-files // max(1, workers * CHUNKS_PER_WORKER))
+    return max(low, min(high, per))
 
 
 def cut_chunks(

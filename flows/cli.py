@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import get_args
 
 from denoiser.config import (
-    DEFAULT_CHUNK_FILES,
     LevelDensity,
     LossName,
     LrSchedule,
@@ -364,13 +363,14 @@ def add_folder_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunk-files",
         type=int,
-        default=DEFAULT_CHUNK_FILES,
+        default=None,
         metavar="K",
-        help=f"files per chunk task with --workers or --dask-address (default: {DEFAULT_CHUNK_FILES})",
+        help="files per chunk task with --workers or --dask-address "
+        "(default: about four chunks per worker, 64 to 1,024 files each)",
     )
 
 
-def check_dask_options(workers: int | None, address: str | None, chunk_files: int) -> None:
+def check_dask_options(workers: int | None, address: str | None, chunk_files: int | None) -> None:
     """Every bound of the Dask options, and a cluster that answers, before any work."""
     import socket
 
@@ -382,7 +382,7 @@ def check_dask_options(workers: int | None, address: str | None, chunk_files: in
         raise ConfigError(
             "--workers starts a local cluster and --dask-address uses an existing one; give one"
         )
-    if chunk_files < 1:
+    if chunk_files is not None and chunk_files < 1:
         raise ConfigError(f"--chunk-files must be at least 1, not {chunk_files}")
     if not address:
         return

@@ -9,7 +9,6 @@ from prefect import flow
 from prefect.utilities.annotations import quote
 
 from artifacts.store import resolve_store_root
-from denoiser.config import DEFAULT_CHUNK_FILES
 from denoiser.errors import ConfigError
 from denoiser.trees import resolve_location
 from flows.session import STATE_HOOKS
@@ -35,14 +34,15 @@ def denoise_folder(
     store: str | None = None,
     workers: int | None = None,
     dask_address: str | None = None,
-    chunk_files: int = DEFAULT_CHUNK_FILES,
+    chunk_files: int | None = None,
 ) -> dict:
     """Denoise every image under ``input_dir`` into ``output_dir`` (same tree).
     ``model``: a version, a model folder or a .keras file; default: the
     production model of the images' domain (photographs or digits).
     ``workers`` (a local Dask cluster of that many processes) or
     ``dask_address`` (an existing cluster): the folder is cut into chunks of
-    ``chunk_files`` files, one task each, run by Dask; otherwise one task in
+    ``chunk_files`` files (default: about four per worker, 64 to 1,024 files),
+    one task each, run by Dask; otherwise one task in
     this process."""
     store_root = str(resolve_store_root(store))
     # absolute, so that every worker (any cwd, any host sharing the file system) finds them
@@ -65,14 +65,16 @@ def denoise_in_chunks(
     pattern: str,
     format: str,
     store_root: str,
-    chunk_files: int,
+    chunk_files: int | None,
 ) -> dict:
     """The folder as chunks of files, one ``denoise_chunk`` task each, merged into one report."""
     from tasks.workers import load_denoiser_on_workers, unload_denoiser_from_workers
 
     loaded = load_denoiser_on_workers(chosen)
     try:
-        plan = plan_denoise_chunks(input_dir, output_dir, pattern, format, overwrite, chunk_files)
+        plan = plan_denoise_chunks(
+            input_dir, output_dir, pattern, format, overwrite, chunk_files, loaded["workers"]
+        )
         futures = [
             denoise_chunk.submit(input_dir, output_dir, files, chosen, overwrite, format)
             for files in chunk_files_of(plan)

@@ -205,7 +205,13 @@ def denoise_images(
 
 @task(name="plan_denoise_chunks", cache_policy=NO_CACHE)
 def plan_denoise_chunks(
-    input_dir: str, output_dir: str, pattern: str, format: str, overwrite: bool, chunk_files: int
+    input_dir: str,
+    output_dir: str,
+    pattern: str,
+    format: str,
+    overwrite: bool,
+    chunk_files: int | None,
+    workers: int,
 ) -> dict:
     """Scan the folder once; the chunks (relative paths) each become a task."""
     plan = plan_folder(
@@ -215,12 +221,14 @@ def plan_denoise_chunks(
         fmt=format,
         overwrite=overwrite,
         chunk_files=chunk_files,
+        workers=workers,
     )
     get_run_logger().info(
-        "%d files to look at in %d chunks of up to %d; %d decided by the scan",
+        "%d files to look at in %d chunks of up to %d (for %d workers); %d decided by the scan",
         sum(map(len, plan.chunks)),
         len(plan.chunks),
-        chunk_files,
+        max(map(len, plan.chunks), default=0),
+        workers,
         len(plan.verdicts),
     )
     return {

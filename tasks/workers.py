@@ -31,11 +31,11 @@ class ModelOnWorkers(WorkerPlugin):
 
 
 @task(name="load_denoiser_on_workers", cache_policy=NO_CACHE)
-def load_denoiser_on_workers(model: dict) -> str:
+def load_denoiser_on_workers(model: dict) -> dict:
     """Load the model on every Dask worker of this run's task runner before
     the chunks are sent, all at once (a worker that fails to load it is
     warned about; its chunks then try again and report why). The plugin's
-    name, to take it off the cluster at the end."""
+    name, to take it off the cluster at the end, and how many workers there are."""
     logger = get_run_logger()
     client = FlowRunContext.get().task_runner.client
     plugin = ModelOnWorkers(model)
@@ -44,15 +44,22 @@ def load_denoiser_on_workers(model: dict) -> str:
         client.register_plugin(plugin)
     except Exception as exc:  # noqa: BLE001 - the chunks report it per file
         logger.warning("the model did not load on every worker: %s", one_line(exc))
-        return plugin.name
-    workers = len(client.scheduler_info().get("workers", {}))
+        return {"plugin": plugin.name, "workers": count_workers(client)}
+    workers = count_workers(client)
     logger.info("model loaded on %d workers in %.1f s", workers, time.perf_counter() - started)
-    return plugin.name
+    return {"plugin": plugin.name, "workers": workers}
 
 
-def unload_denoiser_from_workers(name: str) -> None:
+def count_workers(client) -> int:
+    try:
+        return max(1, len(client.scheduler_info().get("workers", {})))
+    except Exception:  # noqa: BLE001 - only sizes the chunks
+        return 1
+
+
+def unload_denoiser_from_workers(loaded: dict) -> None:
     """Take the plugin off the cluster (workers that join later need not load the model)."""
     try:
-        FlowRunContext.get().task_runner.client.unregister_worker_plugin(name)
+        FlowRunContext.get().task_runner.client.unregister_worker_plugin(loaded["plugin"])
     except Exception:  # noqa: BLE001, S110 - the cluster may be closing already
         pass

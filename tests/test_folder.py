@@ -752,3 +752,20 @@ def test_chunks_end_at_a_number_of_files_or_of_input_bytes(tmp_path):
     big = [[name for name in chunk if name.startswith("big")] for chunk in plan.chunks]
     assert all(len(b) <= 2 for b in big)  # 4 MB of input at most, past a chunk's first file
     assert all(len(chunk) <= 4 for chunk in plan.chunks) and len(plan.chunks) >= 3
+
+
+def test_without_a_chunk_size_each_worker_gets_about_four_chunks_within_bounds(tmp_path):
+    from denoiser.folder import CHUNK_FILES_RANGE, auto_chunk_files, plan_folder
+
+    low, high = CHUNK_FILES_RANGE
+    assert auto_chunk_files(10_000, 2) == 1024  # 1,250 would be over the bound
+    assert auto_chunk_files(10_000, 13) == 193  # 52 chunks: 4 for each of 13 workers
+    assert auto_chunk_files(100, 2) == low and auto_chunk_files(0, 4) == low
+    assert auto_chunk_files(10**6, 1000) == 250
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(300):
+        (src / f"{i:03d}.png").write_bytes(small_grey_png(np.full((8, 8), i % 256, np.uint8)))
+    plan = plan_folder(src, tmp_path / "out", workers=2)
+    assert [len(c) for c in plan.chunks] == [64, 64, 64, 64, 44]
