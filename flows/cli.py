@@ -219,7 +219,7 @@ def _run_train(args: argparse.Namespace) -> int:
     configs = _train_configs(args)
     from artifacts.registry import check_registry
     from artifacts.store import Store
-    from flows.session import ensure_api
+    from flows.session import start_api
     from flows.training import train_pipeline
 
     Store.at(
@@ -228,8 +228,9 @@ def _run_train(args: argparse.Namespace) -> int:
     check_registry(args.store)  # a broken registry fails now, not after the training
     from denoiser.models import import_tensorflow_quietly
 
+    api = start_api()  # a temporary server boots while TensorFlow is imported
     import_tensorflow_quietly(args.debug)
-    ensure_api()
+    api()
 
     result = train_pipeline(**configs, store=args.store)
     _print_train_summary(result)
@@ -416,12 +417,13 @@ def run_folder_command(args: argparse.Namespace) -> int:
     Store.at(args.store).check()
     resolve_model(args.store, args.model)
     from denoiser.models import import_tensorflow_quietly
-    from flows.session import ensure_api, finished_despite_api
+    from flows.session import finished_despite_api, start_api
 
+    api = start_api()  # a temporary server boots while TensorFlow is imported
     if not args.workers and not args.dask_address:  # else only the workers run the model
         import_tensorflow_quietly(args.debug)
     # worker processes inherit the environment: one server for all, not one each
-    os.environ["PREFECT_API_URL"] = ensure_api()
+    os.environ["PREFECT_API_URL"] = api()
     with finished_despite_api("denoise_images") as outcome:
         outcome.value = denoise_folder(
             args.input_dir,

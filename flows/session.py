@@ -24,7 +24,8 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,11 +62,12 @@ def _guard(pid: int) -> None:
     )
 
 
-def ensure_api() -> str:
+def ensure_api(on_spawn: Callable[[], None] | None = None) -> str:
     """The API URL this command talks to; starts a guarded temporary server
     when none is configured (Prefect's own code then reuses it). The guard
     starts with the server's process, before its start-up wait, so a command
-    killed while the server boots leaves nothing behind either."""
+    killed while the server boots leaves nothing behind either. ``on_spawn``
+    is called once the server's process exists."""
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
@@ -80,11 +82,49 @@ def ensure_api() -> str:
         def spawn_guarded():
             proc = spawn()
             _guard(proc.pid)
+            if on_spawn:
+                on_spawn()
             return proc
 
         server._run_uvicorn_command = spawn_guarded
     server.start()
     return server.api_url
+
+
+def start_api() -> Callable[[], str]:
+    """:func:`ensure_api` begun in a thread, so that a temporary server boots
+    in its own process while this one imports TensorFlow and loads the model
+    (two cores at work instead of one after the other). Returns once the
+    server's process exists (before TensorFlow's import silences file
+    descriptor 2, which the server inherits); the function it returns waits
+    for the server and gives its URL, or raises what ensure_api raised."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if url:
+        return lambda: url
+    spawned = threading.Event()
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["url"] = ensure_api(on_spawn=spawned.set)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by wait()
+            outcome["error"] = exc
+        finally:
+            spawned.set()
+
+    thread = threading.Thread(target=run, name="start-prefect-server", daemon=True)
+    thread.start()
+    spawned.wait()
+
+    def wait() -> str:
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["url"]
+
+    return wait
 
 
 # ----------------------------------------------------------------- the run ledger
