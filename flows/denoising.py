@@ -14,7 +14,7 @@ from denoiser.trees import resolve_location
 from flows.session import STATE_HOOKS
 from tasks.denoise import (
     chunk_files_of,
-    chunk_outcome,
+    collect_chunks,
     denoise_chunk,
     denoise_images,
     plan_denoise_chunks,
@@ -79,7 +79,7 @@ def denoise_in_chunks(
             denoise_chunk.submit(input_dir, output_dir, files, chosen, overwrite, format)
             for files in chunk_files_of(plan)
         ]
-        outcomes = [chunk_outcome(f) for f in futures]
+        outcomes = collect_chunks(futures, plan)
         # quote(): thousands of paths and records passed as they are, not
         # searched by Prefect for futures (seconds per run otherwise)
         return report_folder_run(

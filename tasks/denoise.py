@@ -83,6 +83,13 @@ class _Progress:
             self.last = now
             self.artifact.update(100.0 * done / max(total, 1))
 
+    def chunk(self, done: int, total: int, denoised: int) -> None:
+        """A chunk of files finished, ``denoised`` of them denoised."""
+        if self.bar is not None:
+            self.bar.denoised += denoised
+            self.bar.update(done, denoised=False)
+        self.artifact.update(100.0 * done / max(total, 1))
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -277,6 +284,32 @@ def chunk_files_of(plan: dict) -> list[ChunkFiles]:
         ChunkFiles(rels, records)
         for rels, records in zip(plan["chunks"], plan["records"], strict=True)
     ]
+
+
+def collect_chunks(futures: list, plan: dict) -> list[list[dict] | str]:
+    """Every chunk's outcome (:func:`chunk_outcome`), in the plan's order,
+    gathered as chunks finish: the run's progress artifact and, on a
+    terminal, a bar over the files move with each one."""
+    from prefect.futures import as_completed
+
+    sizes = {id(f): len(rels) for f, rels in zip(futures, plan["chunks"], strict=True)}
+    decided = len(plan["verdicts"])
+    publisher = Publisher(get_run_logger())
+    progress = _Progress(plan["total"], decided + 1, time.monotonic(), publisher)
+    outcomes: dict[int, list[dict] | str] = {}
+    done = decided
+    try:
+        for future in as_completed(futures):
+            outcome = outcomes[id(future)] = chunk_outcome(future)
+            denoised = (
+                sum(r["status"] == "denoised" for r in outcome) if isinstance(outcome, list) else 0
+            )
+            done += sizes[id(future)]
+            progress.chunk(done, plan["total"], denoised)
+    finally:
+        progress.close()
+        publisher.close(timeout=5)
+    return [outcomes[id(f)] for f in futures]
 
 
 def chunk_outcome(future) -> list[dict] | str:

@@ -76,9 +76,21 @@ def report_rows(stdout: str) -> list[dict]:
         ]
 
 
+def progress_artifacts(api: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["denoise-progress"]))
+        )
+
+
 def test_chunks_on_two_workers_match_the_in_process_run(prefect_api, model_file, tmp_path):
     src = tmp_path / "in"
     expected = build_folder(src)
+    before = {a.id for a in progress_artifacts(prefect_api)}
     code1, out1, err1 = finish(
         start(
             ["folder", str(src), str(tmp_path / "one"), "--model", str(model_file)],
@@ -113,6 +125,9 @@ def test_chunks_on_two_workers_match_the_in_process_run(prefect_api, model_file,
     )  # + bomb.png
     assert report_rows(out1) == report_rows(out2)
     assert "distributed.scheduler" not in err2  # Dask's lifecycle lines only with --debug
+    # each run moved its progress artifact to the end, the chunked one as chunks finished
+    made = [a for a in progress_artifacts(prefect_api) if a.id not in before]
+    assert len(made) == 2 and all(float(a.data) == 100.0 for a in made), made
 
 
 def test_without_an_api_the_workers_share_the_commands_one_temporary_server(model_file, tmp_path):
