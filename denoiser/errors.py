@@ -2,6 +2,13 @@
 one clear line and an exit code instead of a traceback."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its class name when it
+    has none: what one-line reports of foreign errors quote."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class DenoiseError(Exception):
     """Base of every error this project raises on purpose."""
 

@@ -9,7 +9,7 @@ import os
 import socket
 from pathlib import Path
 
-from denoiser.errors import ConfigError
+from denoiser.errors import ConfigError, first_line
 
 
 def is_url(location: str | os.PathLike) -> bool:
@@ -96,7 +96,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 def describe_remote_error(url: str, exc: BaseException) -> str:
     """One line for an object-storage failure: what is wrong and with which URL."""
     name = type(exc).__name__
-    text = str(exc).splitlines()[0] if str(exc) else name
+    text = first_line(exc)
     if isinstance(exc, FileNotFoundError) and "bucket" in text.lower():
         return f"{url}: the bucket does not exist ({text})"
     if (

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from denoiser.architectures import ARCHITECTURES
 from denoiser.cards import Recipe
-from denoiser.errors import ModelError
+from denoiser.errors import ModelError, first_line
 from denoiser.files import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -87,9 +87,7 @@ def load_model(path: str | os.PathLike, expected_sha256: str | None = None):
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=False)
     except Exception as exc:  # noqa: BLE001 - Keras raises many kinds
-        raise ModelError(
-            f"cannot load model {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from None
+        raise ModelError(f"cannot load model {path}: {first_line(exc)}") from None
 
 
 def import_tensorflow_quietly(debug: bool | None = None) -> None:

@@ -228,10 +228,11 @@ class FilesBar:
         self.started = time.monotonic() if started is None else started
         self.bar.start()
 
-    def update(self, done: int, denoised: bool = True) -> None:
-        """``done`` files finished in all; the latest one ``denoised`` (not
-        skipped, not failed)."""
-        self.denoised += bool(denoised)
+    def update(self, done: int, denoised: int = 1) -> None:
+        """``done`` files finished in all; ``denoised`` of those finished since
+        the last update were denoised (not skipped, not failed): a bool for
+        one file, a count for a chunk of them."""
+        self.denoised += int(denoised)
         spent = max(time.monotonic() - self.started, 1e-6)
         files_per_second = (done - self.first) / spent
         self.bar.update(

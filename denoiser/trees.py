@@ -19,7 +19,7 @@ import posixpath
 import threading
 from pathlib import Path
 
-from denoiser.errors import ConfigError
+from denoiser.errors import ConfigError, first_line
 from denoiser.files import describe_remote_error, find_sizes, is_url, local_path
 
 
@@ -187,7 +187,7 @@ def _as_oserror(path: str, exc: Exception) -> OSError:
     if isinstance(exc, OSError):  # obstore raises FileNotFoundError, PermissionError
         return exc
     name = type(exc).__name__
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else name
+    text = first_line(exc)
     if name == "NotFoundError":
         return FileNotFoundError(2, "no such object", path)
     if name in ("PermissionDeniedError", "UnauthenticatedError"):

@@ -98,11 +98,6 @@ def start_api() -> Callable[[], str]:
     server's process exists (before TensorFlow's import silences file
     descriptor 2, which the server inherits); the function it returns waits
     for the server and gives its URL, or raises what ensure_api raised."""
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    if url:
-        return lambda: url
     spawned = threading.Event()
     outcome: dict = {}
 

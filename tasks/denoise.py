@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 from artifacts.registry import domain_mismatch, resolve_model
 from artifacts.render import markdown_image, markdown_table, table_rows
 from artifacts.store import Store, local_copy
-from denoiser.errors import DenoiseError
+from denoiser.errors import DenoiseError, first_line
 from denoiser.folder import (
     BatchPredictor,
     ChunkFiles,
@@ -86,8 +86,7 @@ class _Progress:
     def chunk(self, done: int, total: int, denoised: int) -> None:
         """A chunk of files finished, ``denoised`` of them denoised."""
         if self.bar is not None:
-            self.bar.denoised += denoised
-            self.bar.update(done, denoised=False)
+            self.bar.update(done, denoised=denoised)
         self.artifact.update(100.0 * done / max(total, 1))
 
     def close(self) -> None:
@@ -151,8 +150,9 @@ def _predictor(model: dict):
 
 
 def one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    """An exception as ``Class: first line of its message``."""
+    name = type(exc).__name__
+    return f"{name}: {first_line(exc)}" if str(exc).strip() else name
 
 
 @task(name="denoise_images", cache_policy=NO_CACHE)
