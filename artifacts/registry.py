@@ -290,7 +290,10 @@ def _update_remote_registry(store: Store, change: Callable[[dict], tuple[dict, T
         if problem:
             raise ModelError(f"{path}: refusing to write an invalid registry: {problem}")
         failpoint("registry.before_write")
-        if store.write_if(path, json.dumps(state, indent=2, sort_keys=True).encode(), etag):
+        if (
+            store.write_if(path, json.dumps(state, indent=2, sort_keys=True).encode(), etag)
+            is not None
+        ):
             failpoint("registry.after_write")
             return result
         time.sleep(random.uniform(0, min(1.0, 0.02 * 2**attempt)))

@@ -33,6 +33,7 @@ Nothing here creates files or connections at import.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -135,9 +136,9 @@ class Store:
     @property
     def checkpoints_root(self) -> Path:
         """Training checkpoints: in the store when it is local; for a remote
-        store on the training machine's disk (``$DENOISE_CHECKPOINTS``, default
-        ``~/.cache/denoise-flow/checkpoints/<store hash>``), where the run's
-        flock lease means something, so a rerun on that machine resumes."""
+        store the training machine's working copies of the runs kept in
+        :attr:`checkpoints_url` (``$DENOISE_CHECKPOINTS``, default
+        ``~/.cache/denoise-flow/checkpoints/<store hash>``)."""
         if not self.remote:
             return self.root / "checkpoints"
         base = (
@@ -145,6 +146,12 @@ class Store:
             or Path.home() / ".cache" / "denoise-flow" / "checkpoints"
         )
         return Path(base).expanduser() / hashlib.sha256(self.url.encode()).hexdigest()[:12]
+
+    @property
+    def checkpoints_url(self) -> str | None:
+        """Where a remote store keeps training runs (None for a local store:
+        its runs live in :attr:`checkpoints_root`)."""
+        return self.join("checkpoints") if self.remote else None
 
     def join(self, *parts: str) -> str:
         """The location of a key: a local path or a URL."""
@@ -227,26 +234,39 @@ class Store:
                     raise
         raise OSError(errno.EBUSY, f"{location} kept changing while being read")
 
-    def write_if(self, location: str, data: bytes, etag: str | None) -> bool:
+    def write_if(self, location: str, data: bytes, etag: str | None) -> str | None:
         """A conditional PUT: replace the object only if it still has ``etag``
-        (create it only if there is none, for ``etag`` None). False when another
-        writer got there first (HTTP 412 or 409), so the caller retries on the fresh state."""
+        (create it only if there is none, for ``etag`` None). Returns the new
+        object's ETag; None when another writer got there first (HTTP 412 or
+        409), so the caller retries on the fresh state."""
         path = self._path(location)
         try:
             if etag is None:
-                self.fs.pipe_file(path, data, mode="create")
+                response = self.fs.pipe_file(path, data, mode="create")
             else:
-                self.fs.pipe_file(path, data, IfMatch=etag)
+                response = self.fs.pipe_file(path, data, IfMatch=etag)
         except FileExistsError:
-            return False
+            return None
         except OSError as exc:
             code = _error_code(exc)
             if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
-                return False
+                return None
             raise
         finally:
             self.fs.invalidate_cache(path)
-        return True
+        new = response.get("ETag") if isinstance(response, dict) else None
+        return new or self.read_versioned(location)[1] or ""
+
+    def put_file(self, path: str | os.PathLike, location: str) -> None:
+        """Upload one local file as one object (one PUT: readers see old or new)."""
+        self.fs.put_file(str(path), self._path(location))
+
+    def remove(self, location: str) -> None:
+        """Delete a remote object or everything under a remote folder; nothing if absent."""
+        path = self._path(location)
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(path, recursive=True)
+        self.fs.invalidate_cache(path)
 
     def fetch(self, location: str, dest: Path) -> Path:
         """Copy one remote file to ``dest`` (a unique temporary name, renamed)."""

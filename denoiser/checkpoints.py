@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class CheckpointRun:
     version: str
     resumed: bool
     lease: FileLock = field(repr=False)
+    remote: RemoteRun | None = field(default=None, repr=False)
 
     @property
     def history_path(self) -> Path:
@@ -92,32 +94,56 @@ class CheckpointRun:
             return 0
 
     def finish(self) -> None:
-        """Delete the folder of a run that succeeded, while still holding its lease."""
+        """Delete the folder of a run that succeeded (and its copy in the
+        store), while still holding its lease."""
+        if self.remote is not None:
+            self.remote.finish()
         _remove_run_dir(self.dir)
         self.release()
         with contextlib.suppress(OSError):
             self.dir.parent.rmdir()  # the key's folder, once no run is left in it
 
+    def save_epoch(self) -> None:
+        """After each epoch's backup: copy it to the store, for a run kept there."""
+        if self.remote is not None:
+            self.remote.push(self.dir)
+
     def release(self) -> None:
+        if self.remote is not None:
+            self.remote.release()
         if self.lease.is_locked:
             self.lease.release()
 
 
-_open_runs: dict[str, CheckpointRun] = {}
+_open_runs: dict[str, tuple[CheckpointRun, str | None]] = {}
 
 
-def keep_open(run: CheckpointRun) -> None:
+def keep_open(run: CheckpointRun, flow_run_id: str | None = None) -> None:
     """A trained run whose model is not registered yet: its lease stays held by
     this process (the kernel drops it if the process dies, and the run is
-    resumed, past its training) until :func:`finish_run`."""
-    _open_runs[str(run.dir)] = run
+    resumed, past its training) until :func:`finish_run`, or until
+    :func:`release_open_runs` for the flow run that trained it."""
+    _open_runs[str(run.dir)] = (run, flow_run_id)
+
+
+def release_open_runs(flow_run_id: str | None) -> list[str]:
+    """Let go of the runs a flow run kept open (it failed after training, in a
+    process that lives on): a rerun, here or on another machine, resumes them
+    past their training. Returns their folders."""
+    released = []
+    for run_dir, (run, owner) in list(_open_runs.items()):
+        if owner == flow_run_id:
+            del _open_runs[run_dir]
+            run.release()
+            released.append(run_dir)
+    return released
 
 
 def finish_run(run_dir: str | os.PathLike | None) -> None:
     """Delete a run's checkpoint once its model is registered; idempotent."""
     if not run_dir:
         return
-    run = _open_runs.pop(str(run_dir), None)
+    run, _ = _open_runs.pop(str(run_dir), (None, None))
     if run is not None:
         run.finish()
         return
@@ -334,3 +360,308 @@ def clean_checkpoints(
             folder,
         )
     return removed + orphans
+
+
+# ------------------------------------------------------------------ runs kept in object storage
+#
+# Layout under the store's ``checkpoints/<key>/<run-id>/``::
+#
+#     head.json        run id, model version, owner, last renewal, current generation
+#     gen-<epoch>-<random>/   latest.weights.h5, training_metadata.json, history.jsonl
+#
+# The head is the lease: its owner renews it every RENEW_SECONDS and every
+# change to it is a conditional PUT on the ETag that owner wrote last, so two
+# machines never both own a run, and an owner that was taken over learns it at
+# its next write. Generations are written once and named uniquely; the head
+# names the current one only after all its files are in, so a reader never
+# resumes from half a generation. The training itself works on a local copy
+# (a run folder as above, under ``$DENOISE_CHECKPOINTS``).
+
+HEAD_FILE = "head.json"
+LEASE_SECONDS = 60.0  # a head not renewed for this long belongs to a dead owner (clocks in sync)
+RENEW_SECONDS = 10.0
+GENERATION_FILES = ("latest.weights.h5", "training_metadata.json")
+
+
+class LeaseLost(RuntimeError):
+    """Another process took this run over: ours stopped renewing its lease for
+    longer than a lease lasts (a long pause, a lost network)."""
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_alive(pid: object) -> bool:
+    try:
+        os.kill(int(pid), 0)  # type: ignore[arg-type]
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True  # another user's process, or no pid: assume it lives
+    return True
+
+
+def this_owner() -> dict:
+    """Who holds a lease: machine (host and boot), process, and a token of this claim."""
+    return {
+        "host": socket.gethostname(),
+        "boot": _boot_id(),
+        "pid": os.getpid(),
+        "token": secrets.token_hex(6),
+    }
+
+
+def head_is_free(head: dict, now: float | None = None) -> bool:
+    """Whether a run's owner let it go, died on this machine, or stopped renewing."""
+    now = time.time() if now is None else now
+    if head.get("released"):
+        return True
+    owner, me = head.get("owner") or {}, this_owner()
+    if (
+        owner.get("boot")
+        and (owner.get("host"), owner.get("boot")) == (me["host"], me["boot"])
+        and not _pid_alive(owner.get("pid"))
+    ):
+        return True  # its process is gone: no need to wait for the lease to run out
+    try:
+        lease = float(head.get("lease_seconds", LEASE_SECONDS))
+    except (TypeError, ValueError):
+        lease = LEASE_SECONDS
+    return now - _renewed(head) > lease
+
+
+def _renewed(head: dict) -> float:
+    try:
+        return float(head["renewed"])
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+
+
+def _parse_head(raw: bytes | None) -> dict | None:
+    if raw is None:
+        return None
+    try:
+        head = json.loads(raw)
+    except ValueError:
+        return None
+    if (
+        not isinstance(head, dict)
+        or not head.get("run_id")
+        or not isinstance(head.get("version"), str)
+    ):
+        return None
+    return head
+
+
+class RemoteRun:
+    """A run's checkpoint in the store, owned by this process while it is open.
+
+    ``objects`` is the store (``artifacts.store.Store``): ``read_versioned``,
+    ``write_if``, ``put_file``, ``fetch``, ``list_names`` and ``remove``."""
+
+    def __init__(self, objects, url: str, head: dict, etag: str):
+        self.objects, self.url, self.head, self.etag = objects, url, head, etag
+        self.closed = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._renew, name=f"checkpoint lease {head['run_id']}", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def head_url(self) -> str:
+        return f"{self.url}/{HEAD_FILE}"
+
+    def _write_head(self, **changes) -> None:
+        with self._lock:
+            if self.closed:
+                raise LeaseLost(f"{self.url}: this process no longer owns the training run")
+            head = {**self.head, **changes, "renewed": time.time()}
+            etag = self.objects.write_if(self.head_url, json.dumps(head).encode(), self.etag)
+            if etag is None:
+                self.closed = True
+                raise LeaseLost(
+                    f"{self.url}: another process took this training run over (this one did "
+                    f"not renew its lease for {LEASE_SECONDS:.0f} s); stopping without writing to it"
+                )
+            self.head, self.etag = head, etag
+
+    def _renew(self) -> None:
+        failures = 0
+        while not self._stop.wait(RENEW_SECONDS):
+            try:
+                self._write_head()
+                failures = 0
+            except LeaseLost as exc:
+                if not self._stop.is_set():
+                    logger.warning("%s", exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - a store that fails for a moment: next beat
+                failures += 1
+                if failures == 1:
+                    logger.warning(
+                        "%s: cannot renew the training run's lease (%s); retrying",
+                        self.url,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                    )
+
+    def push(self, run_dir: Path) -> None:
+        """Copy the local run's current generation (and history) to the store,
+        then make it the head's; the previous generation goes. LeaseLost if
+        another process owns the run now."""
+        state = run_dir / STATE_DIR
+        try:
+            gen = os.readlink(state / "current")
+        except OSError:
+            return
+        if gen == self.head.get("generation"):
+            return
+        meta = json.loads((state / gen / "training_metadata.json").read_text())
+        for name in GENERATION_FILES:
+            self.objects.put_file(state / gen / name, f"{self.url}/{gen}/{name}")
+        if (run_dir / HISTORY_FILE).exists():
+            self.objects.put_file(run_dir / HISTORY_FILE, f"{self.url}/{gen}/{HISTORY_FILE}")
+        old = self.head.get("generation")
+        self._write_head(generation=gen, epoch=int(meta["epoch"]))
+        if old:
+            with contextlib.suppress(OSError):
+                self.objects.remove(f"{self.url}/{old}")
+
+    def restore(self, run_dir: Path) -> None:
+        """Lay the head's generation out in a local run folder, as the training left it."""
+        gen = self.head.get("generation")
+        if not gen:
+            return  # ended before its first epoch
+        for name in GENERATION_FILES:
+            self.objects.fetch(f"{self.url}/{gen}/{name}", run_dir / STATE_DIR / gen / name)
+        with contextlib.suppress(FileNotFoundError):
+            self.objects.fetch(f"{self.url}/{gen}/{HISTORY_FILE}", run_dir / HISTORY_FILE)
+        os.symlink(gen, run_dir / STATE_DIR / "current")
+
+    def release(self) -> None:
+        """Let go (a failed run): another process may resume it at once."""
+        self._stop.set()
+        if not self.closed:
+            with contextlib.suppress(Exception):
+                self._write_head(released=True)
+            self.closed = True
+
+    def finish(self) -> None:
+        """Delete the run from the store (it succeeded): the head is marked
+        first, so nobody resumes it while its generations go, and removed last."""
+        self._stop.set()
+        try:
+            self._write_head(finishing=True)
+        except LeaseLost:
+            return  # another process owns it now; its head is not ours to delete
+        self.closed = True
+        for name in self.objects.list_names(self.url):
+            if name != HEAD_FILE:
+                self.objects.remove(f"{self.url}/{name}")
+        self.objects.remove(self.head_url)
+
+
+def claim_remote_run(
+    objects,
+    key_url: str,
+    local_key_dir: str | os.PathLike,
+    new_version: Callable[[], str],
+    flow_run_id: str | None = None,
+) -> CheckpointRun:
+    """:func:`claim_run` for a store in object storage: take over the oldest
+    run of this request whose owner let go or died (a conditional PUT of its
+    head, so one claimant wins), restore its current generation into a local
+    run folder and return it; or start a new run."""
+    local_key_dir = Path(local_key_dir)
+    me = this_owner()
+    for name in objects.list_names(key_url):
+        run_url = f"{key_url}/{name}"
+        raw, etag = objects.read_versioned(f"{run_url}/{HEAD_FILE}")
+        head = _parse_head(raw)
+        if head is None or head.get("finishing") or not head_is_free(head):
+            continue
+        taken = {**head, "owner": me, "renewed": time.time(), "released": False}
+        new_etag = objects.write_if(f"{run_url}/{HEAD_FILE}", json.dumps(taken).encode(), etag)
+        if new_etag is None:
+            continue  # another claimant was first
+        remote = RemoteRun(objects, run_url, taken, new_etag)
+        try:
+            run_dir, lease = _local_copy(local_key_dir, head, me)
+            remote.restore(run_dir)
+        except BaseException:
+            remote.release()
+            raise
+        return CheckpointRun(str(head["run_id"]), run_dir, head["version"], True, lease, remote)
+
+    run_id, version = new_run_id(), new_version()
+    head = {
+        "run_id": run_id,
+        "version": version,
+        "flow_run_id": flow_run_id,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "owner": me,
+        "renewed": time.time(),
+        "lease_seconds": LEASE_SECONDS,
+        "generation": None,
+        "epoch": 0,
+    }
+    run_url = f"{key_url}/{run_id}"
+    etag = objects.write_if(f"{run_url}/{HEAD_FILE}", json.dumps(head).encode(), None)
+    if etag is None:  # a fresh, unique name: nobody else can have written it
+        raise RuntimeError(f"{run_url}: a new run's head exists already")
+    remote = RemoteRun(objects, run_url, head, etag)
+    try:
+        run_dir, lease = _local_copy(local_key_dir, head, me)
+    except BaseException:
+        remote.release()
+        raise
+    return CheckpointRun(run_id, run_dir, version, False, lease, remote)
+
+
+def _local_copy(local_key_dir: Path, head: dict, me: dict) -> tuple[Path, FileLock]:
+    """A fresh local run folder for this claim (its own name: a dead owner's
+    copy on this machine is left to the clean-up), with run.json and its flock."""
+    run_dir = local_key_dir / f"{head['run_id']}-{me['token']}"
+    run_dir.mkdir(parents=True)
+    lease = _try_lease(run_dir / LEASE_FILE)
+    if lease is None:
+        raise RuntimeError(f"{run_dir}: lease of a new run folder is held")
+    info = {k: head.get(k) for k in ("run_id", "version", "flow_run_id", "created")}
+    _write_json(run_dir / RUN_FILE, {**info, "host": me["host"], "pid": me["pid"]})
+    return run_dir, lease
+
+
+def remove_stale_remote_runs(
+    objects, checkpoints_url: str, max_age: float = STALE_RUN_SECONDS, now: float | None = None
+) -> list[str]:
+    """Remove the store's runs whose owner is gone and that were not renewed
+    for ``max_age`` seconds, and those a crash left half-deleted. The head is
+    taken (a conditional PUT) before anything is deleted. Returns their URLs."""
+    now = time.time() if now is None else now
+    removed = []
+    for key in objects.list_names(checkpoints_url):
+        for name in objects.list_names(f"{checkpoints_url}/{key}"):
+            run_url = f"{checkpoints_url}/{key}/{name}"
+            raw, etag = objects.read_versioned(f"{run_url}/{HEAD_FILE}")
+            head = _parse_head(raw)
+            if head is None or not head_is_free(head, now):
+                continue
+            if not head.get("finishing") and now - _renewed(head) <= max_age:
+                continue
+            marked = {**head, "finishing": True, "owner": this_owner(), "renewed": now}
+            if (
+                objects.write_if(f"{run_url}/{HEAD_FILE}", json.dumps(marked).encode(), etag)
+                is None
+            ):
+                continue
+            for entry in objects.list_names(run_url):
+                if entry != HEAD_FILE:
+                    objects.remove(f"{run_url}/{entry}")
+            objects.remove(f"{run_url}/{HEAD_FILE}")
+            removed.append(run_url)
+    return removed

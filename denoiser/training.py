@@ -25,12 +25,15 @@ from denoiser.cards import CARD_FILE, CardData, ModelCard
 from denoiser.checkpoints import (
     CheckpointRun,
     checkpoint_key,
+    claim_remote_run,
     claim_run,
     clean_checkpoints,
     keep_open,
+    remove_stale_remote_runs,
+    remove_stale_runs,
 )
 from denoiser.config import DataConfig, NoiseConfig, TrainConfig
-from denoiser.errors import ConfigError, ModelError
+from denoiser.errors import ConfigError, ModelError, first_line
 from denoiser.faults import failpoint
 from denoiser.files import fsync_dir, is_url, join_location, open_read
 from denoiser.models import (
@@ -836,6 +839,8 @@ def train_in_run(
     on_epoch_end: Callable[[int, int, dict], None] | None = None,
     log: Callable[..., None] = logger.info,
     show_progress: bool = False,
+    objects=None,
+    checkpoints_url: str | None = None,
 ) -> dict:
     """Train as one checkpoint run: clean up what dead runs left, resume the run
     of this request whose owner died (or start a new one beside live ones),
@@ -843,13 +848,38 @@ def train_in_run(
     lease held by this process) until :func:`denoiser.checkpoints.finish_run`
     is called once the model is registered: a crash in between (in evaluation,
     in registration) leaves a run the rerun resumes, without training again.
-    On failure the lease is released."""
+    On failure the lease is released.
+
+    ``checkpoints_url`` (with ``objects``, the store holding it): runs are kept
+    there, each epoch copied as it ends (:class:`denoiser.checkpoints.RemoteRun`),
+    and ``checkpoints_root`` holds only the local working copies, so a rerun on
+    any machine resumes them."""
     training = resolve_architecture(training, shards_dir)
     checkpoints_root = Path(checkpoints_root)
-    clean_checkpoints(checkpoints_root, models_root, log=log)
-    run = claim_run(
-        checkpoints_root / checkpoint_key(shards_dir, training), new_version, flow_run_id
-    )
+    key = checkpoint_key(shards_dir, training)
+    if checkpoints_url is None:
+        clean_checkpoints(checkpoints_root, models_root, log=log)
+        run = claim_run(checkpoints_root / key, new_version, flow_run_id)
+    else:
+        remove_stale_runs(checkpoints_root, max_age=0)  # working copies of runs no one holds
+        for url in remove_stale_remote_runs(objects, checkpoints_url):
+            log("removed stale checkpoint %s (no live owner, no renewal for %d days)", url, 7)
+        run = claim_remote_run(
+            objects, f"{checkpoints_url}/{key}", checkpoints_root / key, new_version, flow_run_id
+        )
+
+    def epoch_end(epoch: int, epochs: int, record: dict) -> None:
+        try:
+            run.save_epoch()
+        except OSError as exc:  # the store failed for a moment: the next epoch tries again
+            logger.warning(
+                "could not copy epoch %d's checkpoint to the store (%s); the next epoch retries",
+                epoch,
+                first_line(exc),
+            )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, epochs, record)
+
     try:
         if run.resumed:
             done = run.epochs_done()
@@ -863,12 +893,12 @@ def train_in_run(
             Path(models_root) / run.version,
             run.dir,
             version=run.version,
-            on_epoch_end=on_epoch_end,
+            on_epoch_end=epoch_end,
             show_progress=show_progress,
             log=log,
         )
     except BaseException:
         run.release()
         raise
-    keep_open(run)
+    keep_open(run, flow_run_id)
     return {**result, "run_id": run.run_id, "resumed": run.resumed, "checkpoint": str(run.dir)}

@@ -179,12 +179,22 @@ def forget_run(flow, flow_run, state) -> None:
     (_ledger_dir() / f"{flow_run.id}.json").unlink(missing_ok=True)
 
 
+def release_training_runs(flow, flow_run, state) -> None:
+    """Flow hook (on_failure, on_cancellation, on_crashed): a run that trained
+    but failed later (evaluation, registration) lets go of its checkpoint, so a
+    rerun resumes it even while this process lives on (a served deployment)."""
+    from denoiser.checkpoints import release_open_runs
+
+    for run_dir in release_open_runs(str(flow_run.id)):
+        logger.info("released training run %s: a rerun resumes it", run_dir)
+
+
 STATE_HOOKS = {
     "on_running": [record_running],
     "on_completion": [forget_run],
-    "on_failure": [forget_run],
-    "on_cancellation": [forget_run],
-    "on_crashed": [forget_run],
+    "on_failure": [forget_run, release_training_runs],
+    "on_cancellation": [forget_run, release_training_runs],
+    "on_crashed": [forget_run, release_training_runs],
 }
 
 

@@ -63,6 +63,8 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
                 on_epoch_end=on_epoch_end,
                 log=logger.info,
                 show_progress=sys.stderr.isatty(),  # a bar on a terminal; logs get the lines only
+                objects=store,
+                checkpoints_url=store.checkpoints_url,  # a remote store keeps the runs
             )
             card = load_card(result["dir"])
             stage.push(result["dir"])  # the card last: no card without its model

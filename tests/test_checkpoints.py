@@ -17,6 +17,8 @@ from denoiser.checkpoints import (
     checkpoint_key,
     claim_run,
     clean_checkpoints,
+    finish_run,
+    keep_open,
 )
 from denoiser.config import TrainConfig
 from denoiser.faults import FAILPOINTS_ENV
@@ -161,6 +163,25 @@ def test_a_live_runs_folder_is_never_claimed_a_dead_ones_is(tmp_path):
     assert resumed.resumed and resumed.run_id == live_info["run_id"] and resumed.version == "v-live"
     resumed.finish()
     assert not Path(live_info["dir"]).exists() and Path(ours.dir).exists()
+
+
+def test_a_failed_flow_lets_go_of_the_runs_it_kept_open_and_of_no_other(tmp_path):
+    from types import SimpleNamespace
+
+    from flows.session import STATE_HOOKS, release_training_runs
+
+    assert release_training_runs in STATE_HOOKS["on_failure"] + STATE_HOOKS["on_crashed"]
+    key = tmp_path / "checkpoints" / "k"
+    a, b = claim_run(key, lambda: "v-a"), claim_run(key, lambda: "v-b")
+    keep_open(a, "flow-a")  # trained, then evaluation failed in a process that lives on
+    keep_open(b, "flow-b")  # another flow of the same process, still running
+    release_training_runs(None, SimpleNamespace(id="flow-a"), None)
+    again = claim_run(key, lambda: "v-never")
+    assert again.resumed and (again.run_id, again.version) == (a.run_id, "v-a")
+    assert claim_run(key, lambda: "v-c").version == "v-c"  # b is still held
+    again.finish()
+    finish_run(str(b.dir))  # registered: the open run is finished by this process
+    assert not b.dir.exists()
 
 
 def test_a_run_killed_with_sigkill_is_resumed_as_itself(tmp_path):
