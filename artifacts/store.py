@@ -9,7 +9,8 @@ Layout under the root (``--store`` / ``$DENOISE_STORE``, default ``./store``)::
     models/<version>/           model.keras, model.json (card), metrics.json,
                                 samples.png, history.csv, tensorboard/
     checkpoints/<key>/<run>/    one training run's run.json, history.jsonl,
-                                state/ and lease (deleted when the run ends)
+                                state/ and lease (deleted when the run ends);
+                                in a bucket head.json and gen-*/ instead
     reports/<name>/             folder-denoising reports
 
 The root is a local path, a ``file://`` URL or an fsspec URL such as

@@ -110,6 +110,9 @@ def test_two_machines_share_one_bucket(s3, prefect_api, mnist_mirror, tmp_path):
         first.cwd.iterdir()
     )  # no local "s3:" folder
     assert not any((first.root / "stage").iterdir())  # stages are removed
+    # the run's checkpoint lived in the bucket while it trained; finished, it is gone from both
+    assert not any("/checkpoints/" in k for k in keys)
+    assert not [p for p in (first.root / "checkpoints").rglob("*") if p.is_file()]
 
     with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
         cards = client.read_artifacts(
