@@ -380,7 +380,6 @@ def clean_checkpoints(
 HEAD_FILE = "head.json"
 LEASE_SECONDS = 60.0  # a head not renewed for this long belongs to a dead owner (clocks in sync)
 RENEW_SECONDS = 10.0
-GENERATION_FILES = ("latest.weights.h5", "training_metadata.json")
 
 
 class LeaseLost(RuntimeError):
@@ -522,7 +521,7 @@ class RemoteRun:
         if gen == self.head.get("generation"):
             return
         meta = json.loads((state / gen / "training_metadata.json").read_text())
-        for name in GENERATION_FILES:
+        for name in sorted(os.listdir(state / gen)):  # weights, metadata, early stopping's state
             self.objects.put_file(state / gen / name, f"{self.url}/{gen}/{name}")
         if (run_dir / HISTORY_FILE).exists():
             self.objects.put_file(run_dir / HISTORY_FILE, f"{self.url}/{gen}/{HISTORY_FILE}")
@@ -537,10 +536,9 @@ class RemoteRun:
         gen = self.head.get("generation")
         if not gen:
             return  # ended before its first epoch
-        for name in GENERATION_FILES:
-            self.objects.fetch(f"{self.url}/{gen}/{name}", run_dir / STATE_DIR / gen / name)
-        with contextlib.suppress(FileNotFoundError):
-            self.objects.fetch(f"{self.url}/{gen}/{HISTORY_FILE}", run_dir / HISTORY_FILE)
+        for name in self.objects.list_names(f"{self.url}/{gen}"):
+            dest = run_dir / (HISTORY_FILE if name == HISTORY_FILE else f"{STATE_DIR}/{gen}/{name}")
+            self.objects.fetch(f"{self.url}/{gen}/{name}", dest)
         os.symlink(gen, run_dir / STATE_DIR / "current")
 
     def release(self) -> None:

@@ -369,11 +369,18 @@ class CheckpointUnreadable(Exception):
     """A run's backed-up training state cannot be loaded (a damaged file)."""
 
 
-def _atomic_backup(state_dir: Path):
+EARLY_STOPPING_FILE = "early_stopping.json"
+BEST_WEIGHTS_FILE = "best.weights.npz"
+
+
+def _atomic_backup(state_dir: Path, early_stopping=None):
     """Keras' BackupAndRestore, all-or-nothing: each save goes to a fresh
     generation folder and a symlink swap makes it current, so a crash or a
     signal at any moment leaves the previous complete state (Keras' own save
-    rewrites the weights file in place, and a torn one cannot be loaded)."""
+    rewrites the weights file in place, and a torn one cannot be loaded).
+    A generation also keeps ``early_stopping``'s state and best weights, so a
+    resumed run stops when the whole run would have and ends with the best
+    weights of all its epochs (:func:`_resumable_early_stopping`)."""
     import secrets
 
     import keras
@@ -391,7 +398,9 @@ def _atomic_backup(state_dir: Path):
             self.model.save_weights(str(gen / "latest.weights.h5"), overwrite=True)
             meta = json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen})
             (gen / "training_metadata.json").write_text(meta)
-            for name in ("latest.weights.h5", "training_metadata.json"):
+            if early_stopping is not None:
+                _save_early_stopping(early_stopping, gen)
+            for name in os.listdir(gen):
                 with open(gen / name, "rb") as fh:
                     os.fsync(fh.fileno())
             fsync_dir(gen)
@@ -416,6 +425,45 @@ def _atomic_backup(state_dir: Path):
                 raise CheckpointUnreadable(f"{state_dir}: {type(exc).__name__}: {exc}") from exc
 
     return AtomicBackup()
+
+
+def _save_early_stopping(es, gen: Path) -> None:
+    import numpy as np
+
+    best = None if es.best is None else float(es.best)
+    state = {"best": best, "wait": int(es.wait), "best_epoch": int(es.best_epoch)}
+    (gen / EARLY_STOPPING_FILE).write_text(json.dumps(state))
+    if es.best_weights is not None:
+        with open(gen / BEST_WEIGHTS_FILE, "wb") as fh:
+            np.savez(fh, *es.best_weights)
+
+
+def _resumable_early_stopping(state_dir: Path, monitor: str, patience: int):
+    """Keras' EarlyStopping that takes up a resumed run's state (best value,
+    epochs without improvement, best weights) from the backup's current
+    generation in ``state_dir`` instead of starting over. It must come before
+    the backup among the callbacks, so that each generation holds the state
+    after its own epoch."""
+    import keras
+    import numpy as np
+
+    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            folder = state_dir / "current"
+            if not (folder / EARLY_STOPPING_FILE).is_file():
+                return  # a new run, or one saved before this state was kept
+            try:
+                state = json.loads((folder / EARLY_STOPPING_FILE).read_text())
+                self.best, self.wait = state["best"], int(state["wait"])
+                self.best_epoch = int(state["best_epoch"])
+                if (folder / BEST_WEIGHTS_FILE).is_file():
+                    with np.load(folder / BEST_WEIGHTS_FILE) as saved:
+                        self.best_weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+            except Exception as exc:  # noqa: BLE001 - any unreadable state: start the run over
+                raise CheckpointUnreadable(f"{folder}: {type(exc).__name__}: {exc}") from exc
+
+    return ResumableEarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True)
 
 
 def _drop_other_generations(state_dir: Path, keep: str | None) -> None:
@@ -702,13 +750,14 @@ def train_model(
                 if show_progress
                 else None
             )
+            early_stopping = _resumable_early_stopping(
+                backup / "state", "val_loss", training.patience
+            )
             callbacks = [
                 validation_scores(scored_noisy, scored_clean, global_batch),  # first: all see them
                 epoch_log,
-                _atomic_backup(backup / "state"),
-                keras.callbacks.EarlyStopping(
-                    monitor="val_loss", patience=training.patience, restore_best_weights=True
-                ),
+                early_stopping,  # before the backup: a generation holds its own epoch's state
+                _atomic_backup(backup / "state", early_stopping),
                 keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), write_graph=False),
                 *([bar] if bar is not None else []),  # gone before epoch_done's line
                 epoch_done,

@@ -276,9 +276,12 @@ def test_a_training_killed_after_an_epoch_resumes_its_own_run(tiny_shards, tmp_p
     assert code == -signal.SIGKILL, err[-3000:]
     (run_dir,) = [d for d in (store / "checkpoints").glob("*/*")]
     meta = json.loads((run_dir / RUN_FILE).read_text())
-    assert [
-        json.loads(line)["epoch"] for line in (run_dir / "history.jsonl").read_text().splitlines()
-    ] == [1]
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1]
+    # the generation holds early stopping's state after its epoch, and the best weights
+    state = json.loads((run_dir / "state" / "current" / "early_stopping.json").read_text())
+    assert state == {"best": history[0]["val_loss"], "wait": 0, "best_epoch": 0}
+    assert (run_dir / "state" / "current" / "best.weights.npz").is_file()
     assert not (store / "models" / meta["version"] / "model.keras").exists()
 
     code, result, err = _finish(_start_training(store, tiny_shards))
@@ -352,3 +355,35 @@ def test_a_training_killed_after_saving_its_model_only_writes_the_card(tiny_shar
     assert card["model_sha256"] == file_sha256(model_dir / "model.keras")
     assert card["model_bytes"] == saved.st_size and _history_epochs(model_dir) == [1]
     assert list((store / "checkpoints").iterdir()) == []
+
+
+def test_a_resumed_run_stops_and_restores_weights_as_the_whole_run_would(tmp_path):
+    """Early stopping takes up the killed run's state: epochs without
+    improvement count on, and the best weights may come from before the kill."""
+    import keras
+    import numpy as np
+
+    from denoiser.training import _resumable_early_stopping, _save_early_stopping
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    best = [np.full_like(w, 7.0) for w in model.get_weights()]
+    before = keras.callbacks.EarlyStopping(patience=2, restore_best_weights=True)
+    before.best, before.wait, before.best_epoch, before.best_weights = 0.1, 1, 0, best
+    gen = tmp_path / "state" / "gen-00002-abcdef"
+    gen.mkdir(parents=True)
+    _save_early_stopping(before, gen)
+    (tmp_path / "state" / "current").symlink_to(gen.name)
+
+    resumed = _resumable_early_stopping(tmp_path / "state", "val_loss", patience=2)
+    resumed.set_model(model)
+    resumed.on_train_begin()
+    assert (resumed.best, resumed.wait, resumed.best_epoch) == (0.1, 1, 0)
+    resumed.on_epoch_end(2, {"val_loss": 0.5})  # worse than epoch 1, before the kill
+    assert model.stop_training  # patience 2 ran out over the kill
+    resumed.on_train_end()
+    assert all(np.array_equal(w, b) for w, b in zip(model.get_weights(), best, strict=True))
+
+    fresh = _resumable_early_stopping(tmp_path / "elsewhere", "val_loss", patience=2)
+    fresh.set_model(model)
+    fresh.on_train_begin()  # no backup: a new run starts with nothing
+    assert fresh.best_weights is None and fresh.wait == 0
