@@ -365,20 +365,27 @@ def test_download_and_patch_tasks_on_a_folder(prefect_harness, photos, tmp_path)
     from prefect import flow
 
     from denoiser.noise import default_noise_for
-    from tasks.corrupt import shard_dir_for, verify_shards, write_noisy_shards
-    from tasks.download import download_dataset, verify_download
+    from tasks.corrupt import shard_dir_for, write_noisy_shards
+    from tasks.download import download_dataset
 
     data = DataConfig(dataset=str(photos), test_dataset=str(photos / "nested"))
     noise = default_noise_for(data).model_copy(update={"patch_size": 24, "patches_per_image": 3})
     store = str(tmp_path / "store")
 
     @flow
-    def prepare() -> tuple[dict, str]:
-        dataset = download_dataset(data, store)
-        return dataset, write_noisy_shards(dataset, noise, store)
+    def prepare() -> list[tuple[str, object]]:
+        """Each task's state name and value."""
+        fetched = download_dataset(data, store, return_state=True)
+        written = write_noisy_shards(fetched.result(), noise, store, return_state=True)
+        return [(state.name, state.result()) for state in (fetched, written)]
 
-    dataset, out = prepare()
-    assert verify_download(data, store) == [] and verify_shards(dataset, noise, store) == []
+    (fetched, dataset), (written, out) = prepare()
+    assert (fetched, written) == ("Completed", "Completed")
+    (fetched, again), (written, same) = prepare()  # found in the store and verified: reused
+    assert (fetched, written, same) == ("Cached", "Cached", out)
+    assert {r["status"] for part in (again, again["test"]) for r in part["files"].values()} == {
+        "cached"
+    }
     manifest = read_manifest(out)
     assert manifest["kind"] == "patches" and manifest["noise"] == {
         "kind": "awgn",
@@ -396,4 +403,6 @@ def test_download_and_patch_tasks_on_a_folder(prefect_harness, photos, tmp_path)
     assert shard_dir_for(dataset, bigger, store, None, None) != Path(out)
 
     Image.fromarray(_rng_image(77, 50, 50)).save(photos / "added.png")  # the user's folder changes
-    assert verify_download(data, store) == ["added.png"]
+    (fetched, changed), (written, other) = prepare()
+    assert (fetched, written) == ("Completed", "Completed") and other != out
+    assert [n for n, r in changed["files"].items() if r["status"] != "cached"] == ["added.png"]

@@ -110,7 +110,7 @@ def test_two_machines_share_one_bucket(s3, prefect_api, mnist_mirror, tmp_path):
     trained = first.run([*TRAIN_ARGS, "--store", STORE])
     assert "reusing finished shards" not in trained.stderr
     states = _last_training_states(prefect_api)
-    assert states["download_dataset"] == states["write_noisy_shards"] == "Completed"
+    assert (states["download_dataset"], states["write_noisy_shards"]) == ("Completed", "Completed")
 
     keys = set(fs.find("denoise-e2e/team-store"))
     version = json.loads(fs.cat_file("denoise-e2e/team-store/models/registry.json"))["production"]
@@ -157,7 +157,7 @@ def test_two_machines_share_one_bucket(s3, prefect_api, mnist_mirror, tmp_path):
     assert after == before  # no download, no corruption: not one object rewritten
     # found in the bucket, not in this machine's Prefect result cache: shown as Cached all the same
     states = _last_training_states(prefect_api)
-    assert states["download_dataset"] == states["write_noisy_shards"] == "Cached"
+    assert (states["download_dataset"], states["write_noisy_shards"]) == ("Cached", "Cached")
     assert second.local_store_files() == []
 
     listed = second.run(["models", "--store", STORE]).stdout
