@@ -529,28 +529,6 @@ def _cached_file_problem(path: Path, rec: dict) -> str | None:
     return None
 
 
-def verify_download_cache(cache_dir: str | os.PathLike) -> list[str]:
-    """The cached files whose sha256 does not match the cache manifest (or that are
-    gone); ``["manifest.json"]`` if the manifest is missing, unreadable or
-    unfinished. Empty means the cache holds every file as fetched."""
-    cache = Path(cache_dir)
-    try:
-        recorded = json.loads((cache / "manifest.json").read_text())
-        complete = recorded.get("complete")
-    except (OSError, ValueError, AttributeError):
-        recorded, complete = {}, False
-    if complete and recorded.get("kind") == "images":
-        from denoiser.image_datasets import verify_image_cache
-
-        return verify_image_cache(cache)
-    files = _read_cache_manifest(cache)
-    if not complete or files is None or set(files) != set(ROLES):
-        return ["manifest.json"]
-    return [
-        files[r]["name"] for r in ROLES if _cached_file_problem(cache / files[r]["name"], files[r])
-    ]
-
-
 def fetch_dataset(
     name: str,
     source: str | None,

@@ -814,48 +814,6 @@ def fetch_image_dataset(
     return manifest
 
 
-def verify_image_cache(cache_dir: str | os.PathLike) -> list[str]:
-    """As :func:`denoiser.datasets.verify_download_cache` for a folder of images."""
-    cache = Path(cache_dir)
-    recorded = _read_folder_manifest(cache)
-    files = recorded.get("files")
-    if (
-        not recorded.get("complete")
-        or not isinstance(files, dict)
-        or not all(isinstance(r, dict) and isinstance(r.get("sha256"), str) for r in files.values())
-    ):
-        return ["manifest.json"]
-    return [
-        name
-        for name, rec in files.items()
-        if _cached_file_problem(cache / name, {**rec, "name": name})
-    ]
-
-
-def source_changes(cache_dir: str | os.PathLike) -> list[str]:
-    """For a user's local folder: the files added, removed or changed since it
-    was cached (a cached download result would otherwise hand on stale images).
-    Empty for registered datasets and HTTP folders, whose lists are fixed by
-    the registry or SHA256SUMS checked at fetch."""
-    recorded = _read_folder_manifest(Path(cache_dir))
-    location = recorded.get("location")
-    if not recorded or recorded.get("name") in IMAGE_DATASETS or not location or _is_url(location):
-        return []
-    if not Path(location).is_dir():
-        return [location]
-    sums = read_sha256sums(location)
-    listed = list_location(location, sums)
-    before = {
-        **{s["name"]: s.get("sha256") for s in recorded.get("skipped", [])},
-        **{n: r.get("sha256") for n, r in recorded.get("files", {}).items()},
-    }
-    changed = sorted(set(before) ^ set(listed))
-    for rel in sorted(set(before) & set(listed)):
-        if (listed[rel] or _local_sha(location, rel)) != before[rel]:
-            changed.append(rel)
-    return changed
-
-
 # --------------------------------------------------------------------------- splits and patches
 
 

@@ -13,9 +13,8 @@ from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
 from denoiser.noise import default_noise_for
 from denoiser.training import apply_recipe_defaults
 from flows.session import STATE_HOOKS
-from tasks.common import unless_output_invalid
-from tasks.corrupt import verify_shards, write_noisy_shards
-from tasks.download import download_dataset, verify_download
+from tasks.corrupt import write_noisy_shards
+from tasks.download import download_dataset
 from tasks.evaluate import evaluate_denoiser
 from tasks.register import register_model_version
 from tasks.train import train_autoencoder
@@ -41,15 +40,11 @@ def train_pipeline(
     store_root = resolve_store_root(store)
     Store.at(store_root).check()  # an unreachable store fails now, with one line
     check_registry(store_root)  # a broken registry fails now, not after a whole training
-    # cached across runs, unless the files a cached result names are gone or fail their checksums
-    dataset = unless_output_invalid(download_dataset, verify_download(data, store_root))(
-        data, store_root
-    )
+    # each reuses its output found verified in the store (state Cached), else makes or repairs it;
+    # such a task returns a State, so its value is taken from the run's state
+    dataset = download_dataset(data, store_root, return_state=True).result()
     limits = (data.train_limit, data.test_limit)
-    write = unless_output_invalid(
-        write_noisy_shards, verify_shards(dataset, noise, store_root, *limits)
-    )
-    shards_dir = write(dataset, noise, store_root, *limits)
+    shards_dir = write_noisy_shards(dataset, noise, store_root, *limits, return_state=True).result()
     model = train_autoencoder(shards_dir, training, store_root)
     metrics = evaluate_denoiser(model["dir"], shards_dir, evaluation)
     if not metrics["passed"]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
+from prefect.states import State
 
 from artifacts.render import artifact_key, markdown_image, markdown_table, table_rows
 from artifacts.store import Store
@@ -24,7 +26,7 @@ from denoiser.shards import (
     verify_shard_set,
     write_dataset_shards,
 )
-from tasks.common import CACHE_ACROSS_RUNS
+from tasks.common import reused
 
 EXAMPLE_SIGMA = 25.0  # the examples grid's sample noise on photos, drawn with EXAMPLE_SEED
 EXAMPLE_SEED = 0
@@ -43,32 +45,23 @@ def shard_dir_for(
     return Store.at(store_root).join("shards", f"{dataset['dataset']}-{key}")
 
 
-def verify_shards(
-    dataset: dict,
-    noise: NoiseConfig,
-    store_root: str,
-    train_limit: int | None = None,
-    test_limit: int | None = None,
-) -> list[str]:
-    """The files of the shard set a cached result would hand on that are missing
-    or damaged (empty when all verify): decides whether the cache may be trusted."""
-    return verify_shard_set(shard_dir_for(dataset, noise, store_root, train_limit, test_limit))
-
-
-@task(name="write_noisy_shards", cache_policy=CACHE_ACROSS_RUNS, persist_result=True)
+@task(name="write_noisy_shards", cache_policy=NO_CACHE)  # reuse: the verified set at its key
 def write_noisy_shards(
     dataset: dict,
     noise: NoiseConfig,
     store_root: str,
     train_limit: int | None = None,
     test_limit: int | None = None,
-) -> str:
+) -> str | State:
     """Returns the shard folder; the same request reuses a finished folder once
-    its shards verify, and rebuilds only the damaged ones of a finished set."""
+    its shards verify (the state is then named Cached: call with
+    ``return_state=True`` and take ``.result()``, see tasks/common.py), and
+    rebuilds only the damaged ones of a finished set."""
     logger = get_run_logger()
     noise = NoiseConfig.model_validate(noise)
     where = shard_dir_for(dataset, noise, store_root, train_limit, test_limit)
-    if not verify_shard_set(where):
+    found = not verify_shard_set(where)
+    if found:
         logger.info("reusing finished shards in %s", where)
     else:
         # a remote store's set is written on a local stage from the staged raw files, then
@@ -86,7 +79,7 @@ def write_noisy_shards(
             if stage.syncs:
                 logger.info("stored the shard set in %s", where)
     _publish(where, dataset["dataset"], noise)
-    return where
+    return reused(where, f"every shard found verified in {where}") if found else where
 
 
 def _examples(out: str, manifest: dict, noise: NoiseConfig) -> tuple[str, str, str]:

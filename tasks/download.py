@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 from prefect import task
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
+from prefect.states import State
 
 from artifacts.render import artifact_key, table_rows
 from artifacts.store import Store
@@ -15,10 +15,9 @@ from denoiser.datasets import (
     TransientDownloadError,
     fetch_dataset,
     is_image_dataset,
-    verify_download_cache,
 )
-from denoiser.image_datasets import IMAGE_DATASETS, dataset_slug, source_changes
-from tasks.common import CACHE_ACROSS_RUNS
+from denoiser.image_datasets import IMAGE_DATASETS, dataset_slug
+from tasks.common import reused
 
 
 def download_location(data: DataConfig, store_root: str) -> str:
@@ -27,54 +26,15 @@ def download_location(data: DataConfig, store_root: str) -> str:
     )
 
 
-def _remote_cache_problems(store: Store, location: str) -> list[str]:
-    """A remote download cache's problems without reading its files: no finished
-    manifest, or files missing or of another size than recorded (the task that
-    uses them checks their sha256 when it stages them)."""
-    try:
-        recorded = json.loads(store.read_bytes(f"{location}/manifest.json"))
-        files = recorded["files"] if recorded.get("complete") else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        files = None
-    if not isinstance(files, dict):
-        return ["manifest.json"]
-    sizes = store.sizes(location)
-    images = recorded.get("kind") == "images"
-    names = {
-        (key if images else rec.get("name")): rec.get("bytes")
-        for key, rec in files.items()
-        if isinstance(rec, dict)
-    }
-    return [
-        name
-        for name, size in names.items()
-        if name not in sizes or (size is not None and sizes[name] != size)
-    ]
-
-
 def _test_name(data: DataConfig) -> str | None:
     spec = IMAGE_DATASETS.get(data.dataset)
     return data.test_dataset or (spec.test if spec else None)
 
 
-def verify_download(data: DataConfig, store_root: str) -> list[str]:
-    """The cached files a cached download result would hand on that are missing or
-    damaged (empty when all verify), and for a user's local folder of images the
-    files added, removed or changed there since: decides whether the cache may be trusted."""
-    data = DataConfig.model_validate(data)
-    store = Store.at(store_root)
-    test = _test_name(data) if is_image_dataset(data.dataset) else None
-    caches = [download_location(data, store_root)] + (
-        [store.join("downloads", dataset_slug(test))] if test else []
-    )
-    if store.remote:
-        return [name for cache in caches for name in _remote_cache_problems(store, cache)]
-    problems = [name for cache in caches for name in verify_download_cache(cache)]
-    if not is_image_dataset(data.dataset):
-        return problems
-    if not problems:  # hashing the user's folder is only worth it while the cache itself verifies
-        problems = [name for cache in caches for name in source_changes(cache)]
-    return problems
+def _fetched(manifest: dict) -> int:
+    """How many of the dataset's files (its test folder's too) had to be fetched."""
+    parts = [manifest, manifest.get("test")]
+    return sum(r["status"] != "cached" for part in parts if part for r in part["files"].values())
 
 
 def _retry_network_errors(task, task_run, state) -> bool:
@@ -93,11 +53,12 @@ def _retry_network_errors(task, task_run, state) -> bool:
     retries=3,
     retry_delay_seconds=[2, 8, 30],
     retry_condition_fn=_retry_network_errors,
-    cache_policy=CACHE_ACROSS_RUNS,
-    persist_result=True,
+    cache_policy=NO_CACHE,  # reuse is decided by the files in the store, verified
 )
-def download_dataset(data: DataConfig, store_root: str) -> dict:
-    """Fetch (or find cached) the dataset's files; returns the dataset manifest."""
+def download_dataset(data: DataConfig, store_root: str) -> dict | State:
+    """Fetch (or find cached) the dataset's files; returns the dataset manifest,
+    in a state named Cached when every file was found verified in the store
+    (call with ``return_state=True`` and take ``.result()``, see tasks/common.py)."""
     logger = get_run_logger()
     data = DataConfig.model_validate(data)
     with Store.at(
@@ -116,7 +77,15 @@ def download_dataset(data: DataConfig, store_root: str) -> dict:
         manifest = stage.to_urls(manifest)
     if manifest.get("kind") == "images":
         _publish_images(manifest, logger)
+    else:
+        _publish_files(manifest, data.dataset, logger)
+    if _fetched(manifest):
         return manifest
+    return reused(manifest, f"every file found verified in {manifest['dir']}, none fetched")
+
+
+def _publish_files(manifest: dict, dataset: str, logger) -> None:
+    """One log line per file and the file table artifact."""
     rows = []
     for role, rec in manifest["files"].items():
         logger.info(
@@ -138,11 +107,10 @@ def download_dataset(data: DataConfig, store_root: str) -> dict:
             }
         )
     create_table_artifact(
-        key=artifact_key("dataset", data.dataset),
+        key=artifact_key("dataset", dataset),
         table=table_rows(rows),
-        description=f"Raw files of {data.dataset}, verified and cached in {manifest['dir']}",
+        description=f"Raw files of {dataset}, verified and cached in {manifest['dir']}",
     )
-    return manifest
 
 
 def _image_rows(manifest: dict, used_as: str) -> list[dict]:

@@ -121,9 +121,7 @@ def test_download_task_retries_transient_errors_only(prefect_harness, flaky_mirr
     from tasks.download import download_dataset
 
     url, seen = flaky_mirror
-    fast = download_dataset.with_options(
-        retry_delay_seconds=0, cache_policy=None, persist_result=False
-    )
+    fast = download_dataset.with_options(retry_delay_seconds=0)
 
     @flow
     def fetch(source: str, store: str) -> dict:

@@ -22,7 +22,6 @@ from denoiser.datasets import (
     fetch_dataset,
     load_images,
     read_idx,
-    verify_download_cache,
 )
 from denoiser.errors import ChecksumError, ConfigError, DownloadError, IDXFormatError
 
@@ -227,22 +226,26 @@ def test_real_mnist_mirror_passes_its_checksums(mnist_mirror, tmp_path):
 # --------------------------------------------------------------------------- verification, write errors, leftovers
 
 
-def test_verify_download_cache_names_damaged_files(tiny, tmp_path):
+def _statuses(manifest: dict) -> dict[str, str]:
+    return {rec["name"]: rec["status"] for rec in manifest["files"].values()}
+
+
+def test_only_missing_or_damaged_cached_files_are_fetched_again(tiny, tmp_path):
     mirror, _ = tiny
     cache = tmp_path / "cache"
-    assert verify_download_cache(cache) == ["manifest.json"]
-    fetch_dataset("tiny", str(mirror), cache)
-    assert verify_download_cache(cache) == []
+    assert set(_statuses(fetch_dataset("tiny", str(mirror), cache)).values()) == {"fetched"}
+    assert set(_statuses(fetch_dataset("tiny", str(mirror), cache)).values()) == {"cached"}
     blob = bytearray((cache / "t10k-images-idx3-ubyte.gz").read_bytes())
-    blob[40] ^= 0xFF
+    blob[40] ^= 0xFF  # same size: only its sha256 tells
     (cache / "t10k-images-idx3-ubyte.gz").write_bytes(bytes(blob))
     (cache / "train-labels-idx1-ubyte.gz").unlink()
-    assert verify_download_cache(cache) == [
+    statuses = _statuses(fetch_dataset("tiny", str(mirror), cache))
+    assert [name for name, status in statuses.items() if status == "fetched"] == [
         "train-labels-idx1-ubyte.gz",
         "t10k-images-idx3-ubyte.gz",
     ]
     (cache / "manifest.json").write_text("[]")
-    assert verify_download_cache(cache) == ["manifest.json"]
+    assert set(_statuses(fetch_dataset("tiny", str(mirror), cache)).values()) == {"fetched"}
 
 
 def test_a_damaged_cached_file_is_fetched_again_with_a_warning(tiny, tmp_path, caplog):
@@ -254,7 +257,7 @@ def test_a_damaged_cached_file_is_fetched_again_with_a_warning(tiny, tmp_path, c
         again = fetch_dataset("tiny", str(mirror), cache)
     assert again["files"]["test_images"]["status"] == "fetched"
     assert again["files"]["train_images"]["status"] == "cached"
-    assert verify_download_cache(cache) == []
+    assert set(_statuses(fetch_dataset("tiny", str(mirror), cache)).values()) == {"cached"}
     lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert lines == [
         f"{cache / 't10k-images-idx3-ubyte.gz'}: sha256 mismatch with the cache manifest; "
@@ -362,5 +365,5 @@ def test_killed_mid_file_the_rerun_fetches_it_whole(mnist_mirror, tmp_path):
     manifest = fetch_dataset("mnist", str(mnist_mirror), cache)
     assert manifest["files"]["train_images"]["status"] == "cached"
     assert (cache / "train-images-idx3-ubyte.gz").stat().st_mtime_ns == first
-    assert verify_download_cache(cache) == []
+    assert set(_statuses(fetch_dataset("mnist", str(mnist_mirror), cache)).values()) == {"cached"}
     assert not [p for p in cache.iterdir() if p.name.endswith(".part")]

@@ -18,13 +18,12 @@ from PIL import Image
 
 from denoiser import datasets
 from denoiser.config import DataConfig
-from denoiser.datasets import fetch_dataset, verify_download_cache
+from denoiser.datasets import fetch_dataset
 from denoiser.errors import ChecksumError, ConfigError
 from denoiser.image_datasets import (
     build_image_splits,
     dataset_slug,
     load_grey,
-    source_changes,
     split_by_content,
 )
 from denoiser.shards import (
@@ -115,8 +114,6 @@ def test_a_folder_is_a_dataset_and_a_bad_file_is_reported_and_skipped(photos, tm
         manifest["files"]["deep16.png"]["width"],
         manifest["files"]["deep16.png"]["height"],
     ) == (70, 50)
-    assert verify_download_cache(cache) == []
-    assert source_changes(cache) == []
 
     # grey uint8 from the luma the folder denoiser reads
     np.testing.assert_array_equal(load_grey(cache / "grey_3.png"), _rng_image(3, 60, 58))
@@ -129,15 +126,17 @@ def test_a_folder_is_a_dataset_and_a_bad_file_is_reported_and_skipped(photos, tm
 
     Image.fromarray(_rng_image(99, 48, 64)).save(photos / "grey_0.png")  # the user changes a file
     (photos / "new.png").write_bytes((photos / "grey_1.png").read_bytes())
-    assert source_changes(cache) == ["new.png", "grey_0.png"]
     third = fetch_dataset(str(photos), None, cache)
-    assert (
-        third["files"]["grey_0.png"]["status"] == "fetched"
-        and third["files"]["grey_1.png"]["status"] == "cached"
-    )
+    assert sorted(n for n, r in third["files"].items() if r["status"] == "fetched") == [
+        "grey_0.png",
+        "new.png",
+    ]
 
     (cache / "nested" / "colour.png").write_bytes(b"damaged")
-    assert verify_download_cache(cache) == ["nested/colour.png"]
+    fourth = fetch_dataset(str(photos), None, cache)
+    assert [n for n, r in fourth["files"].items() if r["status"] == "fetched"] == [
+        "nested/colour.png"
+    ]
 
 
 def test_nothing_readable_is_fatal_in_one_line(tmp_path):
@@ -279,13 +278,11 @@ def test_train400_and_set12_from_a_mirror_root_over_http(served_mirror, tmp_path
     assert {(r["width"], r["height"], r["mode"]) for r in manifest["files"].values()} == {
         (180, 180, "L")
     }
-    assert (
-        verify_download_cache(cache) == []
-        and verify_download_cache(tmp_path / "downloads" / "set12") == []
-    )
     hits.clear()
     again = fetch_dataset("train400", None, cache)
-    assert hits == [] and {r["status"] for r in again["files"].values()} == {"cached"}
+    assert hits == [] and {
+        r["status"] for part in (again, again["test"]) for r in part["files"].values()
+    } == {"cached"}
 
 
 def test_a_tampered_image_is_refused_in_one_line_naming_it(served_mirror, tmp_path):
@@ -365,20 +362,27 @@ def test_download_and_patch_tasks_on_a_folder(prefect_harness, photos, tmp_path)
     from prefect import flow
 
     from denoiser.noise import default_noise_for
-    from tasks.corrupt import shard_dir_for, verify_shards, write_noisy_shards
-    from tasks.download import download_dataset, verify_download
+    from tasks.corrupt import shard_dir_for, write_noisy_shards
+    from tasks.download import download_dataset
 
     data = DataConfig(dataset=str(photos), test_dataset=str(photos / "nested"))
     noise = default_noise_for(data).model_copy(update={"patch_size": 24, "patches_per_image": 3})
     store = str(tmp_path / "store")
 
     @flow
-    def prepare() -> tuple[dict, str]:
-        dataset = download_dataset(data, store)
-        return dataset, write_noisy_shards(dataset, noise, store)
+    def prepare() -> list[tuple[str, object]]:
+        """Each task's state name and value."""
+        fetched = download_dataset(data, store, return_state=True)
+        written = write_noisy_shards(fetched.result(), noise, store, return_state=True)
+        return [(state.name, state.result()) for state in (fetched, written)]
 
-    dataset, out = prepare()
-    assert verify_download(data, store) == [] and verify_shards(dataset, noise, store) == []
+    (fetched, dataset), (written, out) = prepare()
+    assert (fetched, written) == ("Completed", "Completed")
+    (fetched, again), (written, same) = prepare()  # found in the store and verified: reused
+    assert (fetched, written, same) == ("Cached", "Cached", out)
+    assert {r["status"] for part in (again, again["test"]) for r in part["files"].values()} == {
+        "cached"
+    }
     manifest = read_manifest(out)
     assert manifest["kind"] == "patches" and manifest["noise"] == {
         "kind": "awgn",
@@ -396,4 +400,6 @@ def test_download_and_patch_tasks_on_a_folder(prefect_harness, photos, tmp_path)
     assert shard_dir_for(dataset, bigger, store, None, None) != Path(out)
 
     Image.fromarray(_rng_image(77, 50, 50)).save(photos / "added.png")  # the user's folder changes
-    assert verify_download(data, store) == ["added.png"]
+    (fetched, changed), (written, other) = prepare()
+    assert (fetched, written) == ("Completed", "Completed") and other != out
+    assert [n for n, r in changed["files"].items() if r["status"] != "cached"] == ["added.png"]

@@ -1,8 +1,8 @@
 """The pipeline with its store in a bucket (moto's S3 server) and one real
 Prefect server: a training writes everything to the bucket and nothing to
 local disk; a second machine (another working directory and PREFECT_HOME)
-reuses the first one's download and shards; the folder denoiser reads its
-model from the bucket and leaves its report there."""
+reuses the first one's download and shards (their task runs show Cached);
+the folder denoiser reads its model from the bucket and leaves its report there."""
 
 from __future__ import annotations
 
@@ -70,6 +70,30 @@ class Machine:
         ]
 
 
+def _last_training_states(api: str) -> dict[str, str]:
+    """The state names of the task runs of the latest training run on the server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["train-denoiser"])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=1,
+        )
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+        )
+    return {t.name.rsplit("-", 1)[0]: t.state.name for t in tasks}
+
+
 def _modified(fs, prefix: str) -> dict[str, object]:
     fs.invalidate_cache()
     return {p: info["LastModified"] for p, info in fs.find(prefix, detail=True).items()}
@@ -85,6 +109,8 @@ def test_two_machines_share_one_bucket(s3, prefect_api, mnist_mirror, tmp_path):
     first = Machine(tmp_path / "machine-a", prefect_api, s3, mnist_mirror)
     trained = first.run([*TRAIN_ARGS, "--store", STORE])
     assert "reusing finished shards" not in trained.stderr
+    states = _last_training_states(prefect_api)
+    assert (states["download_dataset"], states["write_noisy_shards"]) == ("Completed", "Completed")
 
     keys = set(fs.find("denoise-e2e/team-store"))
     version = json.loads(fs.cat_file("denoise-e2e/team-store/models/registry.json"))["production"]
@@ -132,6 +158,9 @@ def test_two_machines_share_one_bucket(s3, prefect_api, mnist_mirror, tmp_path):
         fs, "denoise-e2e/team-store/shards"
     )
     assert after == before  # no download, no corruption: not one object rewritten
+    # found in the bucket, not in this machine's Prefect result cache: shown as Cached all the same
+    states = _last_training_states(prefect_api)
+    assert (states["download_dataset"], states["write_noisy_shards"]) == ("Cached", "Cached")
     assert second.local_store_files() == []
 
     listed = second.run(["models", "--store", STORE]).stdout

@@ -112,7 +112,7 @@ def test_flow_downloads_over_http_trains_and_reuses_cache(prefect_harness, http_
     assert states["download_dataset"] == "Completed"
     assert states["write_noisy_shards"] == "Completed"
 
-    # The same request again: download and shards come from the cache.
+    # The same request again: download and shards are found in the store, verified, and reused.
     second = train_pipeline(**_params(http_mirror, tmp_path), return_state=True)
     assert second.is_completed(), second.message
     states = asyncio.run(_task_states(second.state_details.flow_run_id))
@@ -120,7 +120,7 @@ def test_flow_downloads_over_http_trains_and_reuses_cache(prefect_harness, http_
     assert states["write_noisy_shards"] == "Cached"
     assert second.result()["shards"] == result["shards"]
 
-    # The shards were deleted: the cached result would point at nothing, so they are rebuilt.
+    # The shards were deleted: they are rebuilt.
     import shutil
 
     shutil.rmtree(result["shards"])
@@ -163,8 +163,9 @@ def _mtimes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("*.parquet"))}
 
 
-def test_damaged_cached_files_are_rebuilt_not_reused(prefect_harness, http_mirror, tmp_path):
-    from denoiser.datasets import verify_download_cache
+def test_damaged_cached_files_are_rebuilt_not_reused(
+    prefect_harness, http_mirror, mnist_mirror, tmp_path
+):
     from denoiser.shards import verify_shard_set
     from flows.training import train_pipeline
 
@@ -172,7 +173,7 @@ def test_damaged_cached_files_are_rebuilt_not_reused(prefect_harness, http_mirro
     assert first.is_completed(), first.message
     shards = Path(first.result()["shards"])
 
-    # one shard damaged on disk: a cache hit would hand it to training, so the task runs and rebuilds it alone
+    # one shard damaged on disk: not reused, the task rebuilds it alone
     damaged = shards / "train-00001.parquet"
     _flip_byte(damaged, 500)
     before = _mtimes(shards)
@@ -187,7 +188,8 @@ def test_damaged_cached_files_are_rebuilt_not_reused(prefect_harness, http_mirro
     assert [n for n in after if after[n] != before[n]] == ["train-00001.parquet"]
     assert lines == [f"{damaged}: sha256 mismatch with the manifest; rebuilding it"]
 
-    # a cached download damaged on disk: fetched again, once, with a line naming it
+    # a cached download damaged on disk: fetched again, once, with a line naming it; the
+    # shards made from the same contents are reused
     cached = tmp_path / "downloads" / "mnist" / "t10k-labels-idx1-ubyte.gz"
     _flip_byte(cached, 100)
     with _run_log_lines(tmp_path) as lines:
@@ -195,6 +197,7 @@ def test_damaged_cached_files_are_rebuilt_not_reused(prefect_harness, http_mirro
     assert third.is_completed(), third.message
     states = asyncio.run(_task_states(third.state_details.flow_run_id))
     assert states["download_dataset"] == "Completed"
-    assert verify_download_cache(cached.parent) == []
+    assert states["write_noisy_shards"] == "Cached"
+    assert cached.read_bytes() == (mnist_mirror / cached.name).read_bytes()
     assert lines == [f"{cached}: sha256 mismatch with the cache manifest; fetching it again"]
     assert _mtimes(shards) == after

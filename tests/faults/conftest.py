@@ -123,10 +123,9 @@ def run_denoise(denoise):
 class Golden:
     """A store with the downloads, the shards and one registered model (the
     production one), kept pristine; scenarios copy it. ``live`` is the path it
-    was made at, where Prefect's cache of the download and shard tasks hits."""
+    was made at."""
 
     copy: Path
-    storage: Path
     live: Path
     version: str
 
@@ -138,13 +137,11 @@ class Golden:
             shutil.copytree(self.copy / part, dst / part, symlinks=True)
         return dst
 
-    def restore_live(self, runner: Runner) -> Path:
-        """The store back at its original path with Prefect's result cache beside
-        it, so the next ``denoise train`` hits the cached download and shards."""
+    def restore_live(self) -> Path:
+        """The store back at its original path, so the next ``denoise train``
+        finds the download and shards there and reuses them."""
         shutil.rmtree(self.live, ignore_errors=True)
         shutil.copytree(self.copy, self.live, symlinks=True)
-        shutil.rmtree(runner.home / "storage", ignore_errors=True)
-        shutil.copytree(self.storage, runner.home / "storage")
         return self.live
 
 
@@ -160,9 +157,7 @@ def golden(fault_dir, prefect_api, mnist_mirror) -> Golden:
     version = model_version(result)
     copy = fault_dir / "golden-store"
     shutil.copytree(live, copy, symlinks=True)
-    storage = fault_dir / "golden-storage"
-    shutil.copytree(runner.home / "storage", storage)
-    return Golden(copy, storage, live, version)
+    return Golden(copy, live, version)
 
 
 # --------------------------------------------------------------------------- inputs

@@ -294,11 +294,11 @@ def test_two_trainings_and_a_promote_loop(denoise, golden, scenario, tmp_path):
     scenario.assert_ok()
 
 
-# --------------------------------------------------------------------------- corrupt files under a cache hit
+# --------------------------------------------------------------------------- corrupt files a rerun would reuse
 
 
 def test_truncated_shard(denoise, golden, scenario):
-    store = golden.restore_live(denoise)
+    store = golden.restore_live()
     shard_dir = next((store / "shards").glob("mnist-*"))
     victim = shard_dir / "train-00000.parquet"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
@@ -320,7 +320,7 @@ def test_truncated_shard(denoise, golden, scenario):
 
 
 def test_corrupt_cached_download(denoise, golden, scenario, mnist_mirror):
-    store = golden.restore_live(denoise)
+    store = golden.restore_live()
     name = "train-images-idx3-ubyte.gz"
     victim = store / "downloads" / "mnist" / name
     data = bytearray(victim.read_bytes())
