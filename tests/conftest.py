@@ -9,6 +9,11 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", tempfile.mkdtemp(prefix="denoise-results-"))
+# commands the tests start (`denoise`, `python -c`) import this tree's code, not the
+# checkout an editable install points at (a worktree's tests test the worktree)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(Path(__file__).resolve().parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+)
 
 import prefect.main  # noqa: E402, F401 - sets up Prefect logging now, on the real stderr, not a capsys one
 import pytest  # noqa: E402

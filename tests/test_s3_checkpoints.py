@@ -232,7 +232,7 @@ def _train(store: Store, shards: Path, local: Path, failpoints: str | None = Non
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**_env(failpoints), "PYTHONPATH": str(REPO)},
+        env=_env(failpoints),
     )
     out, err = proc.communicate(timeout=300)
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
