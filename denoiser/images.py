@@ -95,7 +95,21 @@ def read_error(exc: OSError) -> ImageError:
 def decode_image(data: bytes) -> LoadedImage:
     """Decode an encoded image held in memory; every failure is an ImageError.
     Images over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)
-    are refused before decoding."""
+    are refused before decoding. Small 8-bit grey PNGs are decoded without
+    Pillow (:func:`small_grey_pixels`), to the same pixels."""
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    from PIL import Image
+
+    pixels = small_grey_pixels(data)
+    if pixels is not None and not (Image.MAX_IMAGE_PIXELS and pixels.size > Image.MAX_IMAGE_PIXELS):
+        h, w = pixels.shape
+        return LoadedImage("L", (w, h), "PNG", pixels.astype(np.float32) / 255.0)
+    return decode_with_pillow(data)
+
+
+def decode_with_pillow(data: bytes) -> LoadedImage:
+    """:func:`decode_image` by Pillow, for every kind of image."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     limit = Image.MAX_IMAGE_PIXELS
@@ -261,6 +275,104 @@ def small_grey_png(pixels: np.ndarray) -> bytes:
         + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
         + _png_chunk(b"IEND", b"")
     )
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# chunks before the pixels that change nothing in what Pillow decodes (no
+# orientation, transparency, palette or animation)
+_INERT_CHUNKS = frozenset((b"gAMA", b"cHRM", b"sRGB", b"pHYs", b"tIME"))
+SLOW_FILTER_PIXELS = 64  # pixels in Average or Paeth rows unfiltered here; more: Pillow is faster
+
+
+def small_grey_pixels(data: bytes) -> np.ndarray | None:
+    """The pixels (uint8, H x W) of a PNG that is 8-bit grey, not interlaced,
+    at most SMALL_PNG_PIXELS, and holds nothing but its pixels (and the
+    chunks in ``_INERT_CHUNKS``), decoded with zlib alone: Pillow's fixed cost
+    per image is most of the decoding time of small images. None for any
+    other image, and for anything unusual in this one (a bad checksum, a
+    truncated or overlong stream, trailing bytes, many Average or Paeth
+    rows): Pillow then decodes it, or says what is wrong with it."""
+    size = len(data)
+    if size < 57 or data[:8] != _PNG_SIGNATURE or data[8:16] != b"\x00\x00\x00\rIHDR":
+        return None
+    w, h, depth, colour, method, filtering, interlace, crc = struct.unpack_from(
+        ">IIBBBBBI", data, 16
+    )
+    if (depth, colour, method, filtering, interlace) != (8, 0, 0, 0, 0):
+        return None
+    if not (0 < w and 0 < h and w * h <= SMALL_PNG_PIXELS):
+        return None
+    if zlib.crc32(data[12:29]) != crc:
+        return None
+    idat: list[bytes] = []
+    pos = 33
+    while True:
+        if pos + 12 > size:
+            return None
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 12 + length
+        if end > size or zlib.crc32(data[pos + 4 : end - 4]) != int.from_bytes(
+            data[end - 4 : end], "big"
+        ):
+            return None
+        if kind == b"IDAT":
+            idat.append(data[pos + 8 : end - 4])
+        elif kind == b"IEND" and idat and end == size:
+            break
+        elif idat or kind not in _INERT_CHUNKS:  # after the pixels only their end
+            return None
+        pos = end
+    stride = w + 1  # a filter type byte, then the row
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(b"".join(idat), h * stride + 1)
+    except zlib.error:
+        return None
+    if len(raw) != h * stride or not inflater.eof or inflater.unused_data:
+        return None
+    pixels = np.frombuffer(raw, np.uint8).reshape(h, stride)[:, 1:].copy()
+    filters = raw[::stride]  # each row's filter type
+    if filters.count(0) != h:
+        if max(filters) > 4 or (filters.count(3) + filters.count(4)) * w > SLOW_FILTER_PIXELS:
+            return None
+        _unfilter(pixels, filters)
+    return pixels
+
+
+def _unfilter(pixels: np.ndarray, filters: bytes) -> None:
+    """Undo the PNG filters of the rows of ``pixels`` (one byte per pixel), top to bottom."""
+    up = np.zeros(pixels.shape[1], np.uint8)  # the row above the first
+    for y, kind in enumerate(filters):
+        row = pixels[y]
+        if kind == 1:  # Sub: the running sum along the row, modulo 256
+            np.cumsum(row, dtype=np.uint8, out=row)
+        elif kind == 2:  # Up
+            row += up
+        elif kind == 3:
+            row[:] = _average_row(row, up)
+        elif kind == 4:
+            row[:] = _paeth_row(row, up)
+        up = row
+
+
+def _average_row(row: np.ndarray, up: np.ndarray) -> list[int]:
+    out = []
+    left = 0
+    for f, b in zip(row.tolist(), up.tolist(), strict=True):
+        left = (f + ((left + b) >> 1)) & 255
+        out.append(left)
+    return out
+
+
+def _paeth_row(row: np.ndarray, up: np.ndarray) -> list[int]:
+    out = []
+    a = c = 0  # left and upper left, 0 before the first pixel
+    for f, b in zip(row.tolist(), up.tolist(), strict=True):
+        pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - c - c)
+        a = (f + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        out.append(a)
+        c = b
+    return out
 
 
 TEMP_SUFFIX = ".denoise.part"
