@@ -230,10 +230,11 @@ def encode_output(loaded: LoadedImage, luma: np.ndarray, fmt: str) -> bytes:
     return encode_image(rebuild_image(loaded, luma), fmt)
 
 
-def output_format(source: Path, loaded_format: str | None, fmt: str) -> str:
+def output_format(source: str | os.PathLike, loaded_format: str | None, fmt: str) -> str:
+    """The format an output is written in: PNG for ``fmt`` png, else the input's."""
     if fmt == "png":
         return "PNG"
-    return loaded_format or _FORMAT_BY_SUFFIX.get(source.suffix.lower(), "PNG")
+    return loaded_format or _FORMAT_BY_SUFFIX.get(Path(source).suffix.lower(), "PNG")
 
 
 SMALL_PNG_PIXELS = 128 * 128  # up to this size Pillow's fixed cost per PNG dominates
@@ -394,14 +395,20 @@ def _cut_utf8(raw: bytes, limit: int) -> bytes:
     return raw[:end]
 
 
-def temp_path(path: Path, pid: int | None = None, host: str | None = None) -> Path:
+def temp_path(path: str | os.PathLike, pid: int | None = None, host: str | None = None) -> Path:
     """A unique temporary name beside ``path`` that is recognisably ours and says
     which process made it: ``.{name}.{host}-{pid}-{random}.denoise.part``, with
     the name cut so the whole stays within NAME_MAX bytes."""
+    return Path(_temp_file(os.fspath(path), pid, host))
+
+
+def _temp_file(path: str, pid: int | None = None, host: str | None = None) -> str:
+    """:func:`temp_path` as a string."""
+    folder, name = os.path.split(path)
     token = f"{host or host_tag()}-{os.getpid() if pid is None else pid}-{secrets.token_hex(4)}"
     tail = f".{token}{TEMP_SUFFIX}".encode()
-    name = _cut_utf8(os.fsencode(path.name), NAME_MAX - 1 - len(tail))
-    return path.with_name(os.fsdecode(b"." + name + tail))
+    name = os.fsdecode(b"." + _cut_utf8(os.fsencode(name), NAME_MAX - 1 - len(tail)) + tail)
+    return os.path.join(folder, name)
 
 
 def temp_owner(name: str | bytes) -> tuple[str, int] | None:
@@ -410,14 +417,19 @@ def temp_owner(name: str | bytes) -> tuple[str, int] | None:
     return (match["host"].decode(), int(match["pid"])) if match else None
 
 
-def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
+def write_atomic(path: str | os.PathLike, data: bytes, sync: bool = True) -> None:
     """Write ``data`` to a temporary name beside ``path`` (see :func:`temp_path`),
     flush it to disk (unless ``sync`` is False: then the caller makes a batch
-    durable at once), then rename: never a half-written file under the final name."""
-    if not path.parent.is_dir():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    durable at once), then rename: never a half-written file under the final name.
+    A missing folder is made."""
+    path = os.fspath(path)
+    tmp = _temp_file(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(tmp, flags, 0o666)
+    except (FileNotFoundError, NotADirectoryError):  # no folder yet (or a file in its place)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd = os.open(tmp, flags, 0o666)
     try:
         try:
             view = memoryview(data)
@@ -430,5 +442,8 @@ def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
         failpoint("folder.before_rename")
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise
