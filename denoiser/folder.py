@@ -615,10 +615,17 @@ def parse_journal(data: bytes) -> dict[str, OutputRecord]:
     return records
 
 
+_json_str = json.encoder.encode_basestring_ascii  # a string as json.dumps writes it
+
+
 def format_record(record: OutputRecord) -> bytes:
+    """One journal line: the record as ``json.dumps`` of its fields writes it."""
     return (
-        json.dumps({name: getattr(record, name) for name in _RECORD_TYPES}).encode("ascii") + b"\n"
-    )
+        f'{{"output": {_json_str(record.output)}, "input": {_json_str(record.input)}, '
+        f'"input_size": {record.input_size:d}, "input_sha256": {_json_str(record.input_sha256)}, '
+        f'"output_size": {record.output_size:d}, '
+        f'"output_sha256": {_json_str(record.output_sha256)}}}\n'
+    ).encode("ascii")
 
 
 class Journal:
@@ -666,8 +673,11 @@ class Journal:
                 data = self.path.read_bytes()
             except FileNotFoundError:
                 return False
+            root = str(self.root)
             kept = [
-                r for r in parse_journal(data).values() if os.path.lexists(self.root / r.output)
+                r
+                for r in parse_journal(data).values()
+                if os.path.lexists(os.path.join(root, r.output))
             ]
             compacted = b"".join(format_record(r) for r in kept)
             if compacted == data:

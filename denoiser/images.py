@@ -225,7 +225,7 @@ def encode_output(loaded: LoadedImage, luma: np.ndarray, fmt: str) -> bytes:
     :func:`rebuild_image` then :func:`encode_image` give, without Pillow for
     small grey PNGs."""
     if loaded.mode == "L" and fmt == "PNG" and luma.size <= SMALL_PNG_PIXELS:
-        clipped = np.clip(np.asarray(luma, dtype=np.float32), 0.0, 1.0)
+        clipped = np.minimum(np.maximum(np.asarray(luma, dtype=np.float32), 0.0), 1.0)
         return small_grey_png(np.rint(clipped * 255).astype(np.uint8))
     return encode_image(rebuild_image(loaded, luma), fmt)
 
@@ -262,6 +262,9 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+_PNG_END = _png_chunk(b"IEND", b"")
+
+
 def small_grey_png(pixels: np.ndarray) -> bytes:
     """An 8-bit grey PNG of ``pixels`` (uint8, H x W), unfiltered rows in one
     zlib stream: for small images a fifth of what Pillow's encoder costs (it
@@ -274,7 +277,7 @@ def small_grey_png(pixels: np.ndarray) -> bytes:
         b"\x89PNG\r\n\x1a\n"
         + _png_chunk(b"IHDR", header)
         + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
-        + _png_chunk(b"IEND", b"")
+        + _PNG_END
     )
 
 

@@ -914,6 +914,18 @@ def test_small_grey_pngs_decoded_without_pillow_give_pillows_pixels():
         same(data, False)
 
 
+def test_journal_lines_are_json_of_the_records_fields():
+    from dataclasses import asdict
+
+    from denoiser.folder import OutputRecord, format_record, parse_journal
+
+    for name in ["a.png", "sub/b c.png", 'q"uote\\.png', "é/ü.png", "\udcff.png", "tab\t.png"]:
+        record = OutputRecord(name, name + ".jpg", 12, "ab" * 32, 3456, "cd" * 32)
+        line = format_record(record)
+        assert line == json.dumps(asdict(record)).encode("ascii") + b"\n"
+        assert parse_journal(line) == {name: record}
+
+
 def test_chunks_end_at_a_number_of_files_or_of_input_bytes(tmp_path):
     from denoiser.folder import plan_folder
 
