@@ -976,8 +976,8 @@ def _pipeline(
     """Reader threads read and decode the inputs ahead, in tasks of up to
     ``src.task_files`` files; the model runs on batches of tiles from many
     files; writer threads encode and write the finished images, in tasks of up
-    to ``dst.task_files``. Results are reported in the order the files are
-    read, and then written."""
+    to ``dst.task_files``. A file's result is reported once it is read (when
+    it fails or is skipped there) or once it is written."""
     for r in results:
         if on_result:
             on_result(r, len(results), total)
@@ -1020,7 +1020,7 @@ def _pipeline(
         ThreadPoolExecutor(dst.threads, thread_name_prefix="write") as writer_pool,
     ):
         reads: deque[tuple[list[Job], Future, int]] = deque()  # tasks, in the order of the jobs
-        loaded: deque[tuple[Job, Exception | None]] = deque()  # read, not yet taken
+        ready: deque[tuple[Job, Exception | None]] = deque()  # read, not yet taken
         tasks = _tasks(jobs, src.task_files)
         reading = 0  # bytes of the inputs being read and decoded ...
         in_flight = 0  # ... in this many files
@@ -1039,14 +1039,14 @@ def _pipeline(
                     reading += size
                     in_flight += len(task)
                     reads.append((task, reader_pool.submit(_load_all, task, spec, src, dst), size))
-                if not loaded:
+                if not ready:
                     if not reads:
                         break
                     task, fut, size = reads.popleft()
                     reading -= size
                     in_flight -= len(task)
-                    loaded.extend(zip(task, fut.result(), strict=True))
-                job, error = loaded.popleft()
+                    ready.extend(zip(task, fut.result(), strict=True))
+                job, error = ready.popleft()
                 if isinstance(error, ImageError):
                     report(FileResult(display_path(job.rel), "failed", str(error), job.bytes))
                     continue

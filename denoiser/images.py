@@ -360,6 +360,7 @@ def _unfilter(pixels: np.ndarray, filters: bytes) -> None:
 
 
 def _average_row(row: np.ndarray, up: np.ndarray) -> list[int]:
+    """A row under the Average filter, given the row above it, unfiltered."""
     out = []
     left = 0
     for f, b in zip(row.tolist(), up.tolist(), strict=True):
@@ -369,6 +370,7 @@ def _average_row(row: np.ndarray, up: np.ndarray) -> list[int]:
 
 
 def _paeth_row(row: np.ndarray, up: np.ndarray) -> list[int]:
+    """A row under the Paeth filter, given the row above it, unfiltered."""
     out = []
     a = c = 0  # left and upper left, 0 before the first pixel
     for f, b in zip(row.tolist(), up.tolist(), strict=True):
