@@ -18,6 +18,7 @@ input folder is refused.
 from __future__ import annotations
 
 import csv
+import errno
 import fnmatch
 import hashlib
 import io
@@ -25,6 +26,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import secrets
 import stat
 import threading
@@ -183,33 +185,36 @@ def _scan_local(
     """A local input into a local output: symlinked folders are never
     followed, symlinks out of the input and outputs through symlinked folders
     out of the output are refused."""
-    writable: dict[Path, bool] = {}  # output folders, resolved once each
     claimed: dict[str, str] = {}  # output -> the input it is made from (x.jpg and x.png -> x.png)
-    stack = [src]
+    matches = re.compile(fnmatch.translate(pattern)).match  # fnmatch's test, compiled once
+    stack = [("", str(src))]  # (its path relative to the input, with a slash; the folder)
     while stack:
-        folder = stack.pop()
+        prefix, folder = stack.pop()
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
-            rel = os.path.relpath(folder, src)
-            yield FileResult(display_path(rel), "failed", f"cannot list folder: {exc.strerror}")
+            shown = display_path(prefix[:-1] or ".")
+            yield FileResult(shown, "failed", f"cannot list folder: {exc.strerror}")
             continue
+        out_folder = os.path.join(str(dst), prefix)  # where this folder's outputs go
+        writable = None  # whether that is inside the output folder, resolved when needed
         subdirs = []
         for entry in entries:
-            path = Path(entry.path)
-            rel = os.path.relpath(path, src)
+            name = entry.name
+            rel = prefix + name
             shown = display_path(rel)
             try:
                 if entry.is_dir(follow_symlinks=False):
+                    path = Path(entry.path)
                     if path.resolve() == dst:
                         logger.warning("skipping %s: it is the output folder", path)
                         continue
-                    subdirs.append(path)
+                    subdirs.append((rel + "/", entry.path))
                     continue
-                if not fnmatch.fnmatch(entry.name, pattern):
+                if not matches(name):
                     continue
                 if entry.is_symlink():
-                    target = Path(os.path.realpath(path))
+                    target = Path(os.path.realpath(entry.path))
                     if not target.exists():
                         yield FileResult(shown, "failed", "broken symlink")
                         continue
@@ -221,19 +226,16 @@ def _scan_local(
                     if target.is_dir():
                         yield FileResult(shown, "skipped", "symlinked folder; not followed")
                         continue
-                st = os.stat(path)
+                st = os.stat(entry.path)
                 if not stat.S_ISREG(st.st_mode):
                     yield FileResult(shown, "failed", "not a regular file")
                     continue
-                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
                     yield FileResult(shown, "skipped", "not an image file type", bytes=st.st_size)
                     continue
-                target_rel = _target_rel(rel, fmt)
-                target_path = dst / target_rel
-                parent = target_path.parent
-                if parent not in writable:
-                    writable[parent] = _inside(parent.resolve(), dst)
-                if not writable[parent]:
+                if writable is None:
+                    writable = _inside(Path(out_folder).resolve(), dst)
+                if not writable:
                     yield FileResult(
                         shown,
                         "failed",
@@ -242,22 +244,37 @@ def _scan_local(
                         st.st_size,
                     )
                     continue
+                target_name = _target_rel(name, fmt)
+                target_rel = prefix + target_name
                 if clash := _claim(claimed, target_rel, shown, st.st_size):
                     yield clash
                     continue
+                target = out_folder + target_name
                 yield _job(
-                    path,
+                    entry.path,
                     rel,
-                    target_path,
+                    target,
                     target_rel,
                     st.st_size,
-                    target_path.exists(),
+                    _exists(target),
                     overwrite,
                     records,
                 )
             except OSError as exc:
                 yield FileResult(shown, "failed", f"cannot stat: {exc.strerror or exc}")
         stack.extend(reversed(subdirs))
+
+
+def _exists(path: str) -> bool:
+    """Whether ``path`` exists (following symlinks), as ``Path.exists`` says:
+    errors other than a missing file or folder are raised."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+            return False
+        raise
+    return True
 
 
 def _claim(claimed: dict[str, str], target_rel: str, shown: str, size: int) -> FileResult | None:
@@ -598,10 +615,17 @@ def parse_journal(data: bytes) -> dict[str, OutputRecord]:
     return records
 
 
+_json_str = json.encoder.encode_basestring_ascii  # a string as json.dumps writes it
+
+
 def format_record(record: OutputRecord) -> bytes:
+    """One journal line: the record as ``json.dumps`` of its fields writes it."""
     return (
-        json.dumps({name: getattr(record, name) for name in _RECORD_TYPES}).encode("ascii") + b"\n"
-    )
+        f'{{"output": {_json_str(record.output)}, "input": {_json_str(record.input)}, '
+        f'"input_size": {record.input_size:d}, "input_sha256": {_json_str(record.input_sha256)}, '
+        f'"output_size": {record.output_size:d}, '
+        f'"output_sha256": {_json_str(record.output_sha256)}}}\n'
+    ).encode("ascii")
 
 
 class Journal:
@@ -649,8 +673,11 @@ class Journal:
                 data = self.path.read_bytes()
             except FileNotFoundError:
                 return False
+            root = str(self.root)
             kept = [
-                r for r in parse_journal(data).values() if os.path.lexists(self.root / r.output)
+                r
+                for r in parse_journal(data).values()
+                if os.path.lexists(os.path.join(root, r.output))
             ]
             compacted = b"".join(format_record(r) for r in kept)
             if compacted == data:
@@ -811,9 +838,7 @@ def _load(job: Job, spec: TileSpec, src: Tree, dst: Tree) -> Job:
 
 def _save(job: Job, fmt: str, dst: Tree, writer: JournalWriter) -> FileResult:
     loaded = job.loaded
-    data = encode_output(
-        loaded, job.blender.result(), output_format(Path(job.rel), loaded.format, fmt)
-    )
+    data = encode_output(loaded, job.blender.result(), output_format(job.rel, loaded.format, fmt))
     dst.write(job.target, data)
     failpoint("folder.after_output")
     writer.add(
@@ -841,6 +866,34 @@ def _save(job: Job, fmt: str, dst: Tree, writer: JournalWriter) -> FileResult:
     )
     job.loaded = job.tiled = job.blender = None  # free the pixels now
     return result
+
+
+def _load_all(jobs: list[Job], spec: TileSpec, src: Tree, dst: Tree) -> list[Exception | None]:
+    """:func:`_load` each job in turn; what each raised (None: it was read)."""
+    errors: list[Exception | None] = []
+    for job in jobs:
+        try:
+            _load(job, spec, src, dst)
+        except (ImageError, OSError, ValueError, MemoryError) as exc:
+            errors.append(exc)
+        else:
+            errors.append(None)
+    return errors
+
+
+def _save_all(jobs: list[Job], fmt: str, dst: Tree, writer: JournalWriter) -> list[FileResult]:
+    """:func:`_save` each job in turn; the result of each, failed or not."""
+    results = []
+    for job in jobs:
+        try:
+            results.append(_save(job, fmt, dst, writer))
+        except (DenoiseError, OSError, ValueError) as exc:
+            results.append(
+                FileResult(
+                    display_path(job.rel), "failed", f"cannot write output: {exc}", job.bytes
+                )
+            )
+    return results
 
 
 def denoise_tree(
@@ -886,6 +939,7 @@ MAX_PENDING_TILES = 512 * 64  # tiles read ahead and waiting for a batch: bounds
 READ_AHEAD_BYTES = 16 << 20  # encoded input bytes being read and decoded at once ...
 READ_AHEAD_FILES = 1024  # ... in at most this many files
 UNKNOWN_SIZE = 1 << 20  # what an input of unknown size counts for in that budget
+TASK_BYTES = 1 << 20  # a task of a reader or writer thread ends after this much input
 
 
 def _run(
@@ -900,12 +954,9 @@ def _run(
     fmt: str,
     on_result: Callable[[FileResult, int, int], None] | None,
 ) -> list[FileResult]:
-    readers, writers = src.threads, dst.threads
     writer = JournalWriter(dst, journal)
     try:
-        return _pipeline(
-            jobs, results, total, src, dst, writer, predict, spec, fmt, readers, writers, on_result
-        )
+        return _pipeline(jobs, results, total, src, dst, writer, predict, spec, fmt, on_result)
     finally:
         writer.flush()  # the records of every output written, whatever ended the run
 
@@ -920,16 +971,20 @@ def _pipeline(
     predict: BatchPredictor,
     spec: TileSpec,
     fmt: str,
-    readers: int,
-    writers: int,
     on_result: Callable[[FileResult, int, int], None] | None,
 ) -> list[FileResult]:
+    """Reader threads read and decode the inputs ahead, in tasks of up to
+    ``src.task_files`` files; the model runs on batches of tiles from many
+    files; writer threads encode and write the finished images, in tasks of up
+    to ``dst.task_files``. A file's result is reported once it is read (when
+    it fails or is skipped there) or once it is written."""
     for r in results:
         if on_result:
             on_result(r, len(results), total)
 
     done_count = len(results)
     groups: dict[tuple[int, int], deque] = {}
+    pending_tiles = 0  # tiles in ``groups``
     writes: deque[Future] = deque()
 
     def report(result: FileResult) -> None:
@@ -941,66 +996,64 @@ def _pipeline(
 
     def drain_writes(block: bool) -> None:
         while writes and (block or writes[0].done()):
-            fut = writes.popleft()
-            job = fut.job  # type: ignore[attr-defined]
-            try:
-                report(fut.result())
-            except (DenoiseError, OSError, ValueError) as exc:
-                report(
-                    FileResult(
-                        display_path(job.rel), "failed", f"cannot write output: {exc}", job.bytes
-                    )
-                )
+            for result in writes.popleft().result():
+                report(result)
 
     def run_group(shape: tuple[int, int], force: bool) -> None:
+        nonlocal pending_tiles
         queue = groups.get(shape)
         size = predict.batch_for(shape)
         while queue and (len(queue) >= size or force):
             take = [queue.popleft() for _ in range(min(size, len(queue)))]
+            pending_tiles -= len(take)
             tiles = np.stack([job.tiled.tiles[i] for job, i in take])[..., None]
             outputs = predict(tiles)[..., 0]
-            for (job, i), out in zip(take, outputs, strict=True):
-                if job.blender.add(i, out):
-                    fut = writer_pool.submit(_save, job, fmt, dst, writer)
-                    fut.job = job  # type: ignore[attr-defined]
-                    writes.append(fut)
+            finished = [
+                job for (job, i), out in zip(take, outputs, strict=True) if job.blender.add(i, out)
+            ]
+            for task in _tasks(finished, dst.task_files):
+                writes.append(writer_pool.submit(_save_all, task, fmt, dst, writer))
             drain_writes(block=False)
 
     with (
-        ThreadPoolExecutor(readers, thread_name_prefix="read") as reader_pool,
-        ThreadPoolExecutor(writers, thread_name_prefix="write") as writer_pool,
+        ThreadPoolExecutor(src.threads, thread_name_prefix="read") as reader_pool,
+        ThreadPoolExecutor(dst.threads, thread_name_prefix="write") as writer_pool,
     ):
-        reads: deque[tuple[Job, Future, int]] = deque()
-        queue_iter = iter(jobs)
-        pending_tiles = 0
-        reading = 0  # bytes of the inputs being read and decoded
+        reads: deque[tuple[list[Job], Future, int]] = deque()  # tasks, in the order of the jobs
+        ready: deque[tuple[Job, Exception | None]] = deque()  # read, not yet taken
+        tasks = _tasks(jobs, src.task_files)
+        reading = 0  # bytes of the inputs being read and decoded ...
+        in_flight = 0  # ... in this many files
         try:
             while True:
                 # read ahead enough for the readers to stay busy while the model
                 # runs a batch, within a budget of input bytes (bounds memory)
                 while (
-                    len(reads) < readers * 4
-                    or (reading < READ_AHEAD_BYTES and len(reads) < READ_AHEAD_FILES)
+                    in_flight < src.threads * 4
+                    or (reading < READ_AHEAD_BYTES and in_flight < READ_AHEAD_FILES)
                 ) and pending_tiles < MAX_PENDING_TILES:
-                    job = next(queue_iter, None)
-                    if job is None:
+                    task = next(tasks, None)
+                    if task is None:
                         break
-                    size = job.bytes if job.bytes is not None else UNKNOWN_SIZE
+                    size = sum(_budget(job) for job in task)
                     reading += size
-                    reads.append((job, reader_pool.submit(_load, job, spec, src, dst), size))
-                if not reads:
-                    break
-                job, fut, size = reads.popleft()
-                reading -= size
-                try:
-                    fut.result()
-                except ImageError as exc:
-                    report(FileResult(display_path(job.rel), "failed", str(exc), job.bytes))
+                    in_flight += len(task)
+                    reads.append((task, reader_pool.submit(_load_all, task, spec, src, dst), size))
+                if not ready:
+                    if not reads:
+                        break
+                    task, fut, size = reads.popleft()
+                    reading -= size
+                    in_flight -= len(task)
+                    ready.extend(zip(task, fut.result(), strict=True))
+                job, error = ready.popleft()
+                if isinstance(error, ImageError):
+                    report(FileResult(display_path(job.rel), "failed", str(error), job.bytes))
                     continue
-                except (OSError, ValueError, MemoryError) as exc:
+                if error is not None:
                     report(
                         FileResult(
-                            display_path(job.rel), "failed", f"cannot read: {exc}", job.bytes
+                            display_path(job.rel), "failed", f"cannot read: {error}", job.bytes
                         )
                     )
                     continue
@@ -1018,13 +1071,12 @@ def _pipeline(
                     continue
                 shape = job.tiled.tile_shape
                 groups.setdefault(shape, deque()).extend((job, i) for i in range(len(job.tiled)))
-                pending_tiles = sum(len(q) for q in groups.values())
+                pending_tiles += len(job.tiled)
                 run_group(shape, force=False)
                 # keep memory bounded: too many part-done images -> flush the fullest group
-                if sum(len(q) for q in groups.values()) > MAX_PENDING_TILES or len(groups) > 8:
+                if pending_tiles > MAX_PENDING_TILES or len(groups) > 8:
                     biggest = max(groups, key=lambda s: len(groups[s]))
                     run_group(biggest, force=True)
-                pending_tiles = sum(len(q) for q in groups.values())
             for shape in list(groups):
                 run_group(shape, force=True)
             drain_writes(block=True)
@@ -1035,6 +1087,27 @@ def _pipeline(
                 fut.cancel()
             raise
     return results
+
+
+def _budget(job: Job) -> int:
+    """What an input counts for in the read-ahead budget: its size, if known."""
+    return job.bytes if job.bytes is not None else UNKNOWN_SIZE
+
+
+def _tasks(jobs: list[Job], files: int) -> Iterator[list[Job]]:
+    """Consecutive jobs in tasks of at most ``files`` files, each ending once
+    it holds TASK_BYTES of input: the fixed cost of a task (a future, waking a
+    thread) is shared by many small files, while large ones go alone."""
+    task: list[Job] = []
+    size = 0
+    for job in jobs:
+        task.append(job)
+        size += _budget(job)
+        if len(task) >= files or size >= TASK_BYTES:
+            yield task
+            task, size = [], 0
+    if task:
+        yield task
 
 
 REPORT_FIELDS = [f for f in FileResult.__dataclass_fields__]

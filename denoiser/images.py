@@ -95,7 +95,21 @@ def read_error(exc: OSError) -> ImageError:
 def decode_image(data: bytes) -> LoadedImage:
     """Decode an encoded image held in memory; every failure is an ImageError.
     Images over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)
-    are refused before decoding."""
+    are refused before decoding. Small 8-bit grey PNGs are decoded without
+    Pillow (:func:`small_grey_pixels`), to the same pixels."""
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    from PIL import Image
+
+    pixels = small_grey_pixels(data)
+    if pixels is not None and not (Image.MAX_IMAGE_PIXELS and pixels.size > Image.MAX_IMAGE_PIXELS):
+        h, w = pixels.shape
+        return LoadedImage("L", (w, h), "PNG", pixels.astype(np.float32) / 255.0)
+    return decode_with_pillow(data)
+
+
+def decode_with_pillow(data: bytes) -> LoadedImage:
+    """:func:`decode_image` by Pillow, for every kind of image."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     limit = Image.MAX_IMAGE_PIXELS
@@ -211,15 +225,16 @@ def encode_output(loaded: LoadedImage, luma: np.ndarray, fmt: str) -> bytes:
     :func:`rebuild_image` then :func:`encode_image` give, without Pillow for
     small grey PNGs."""
     if loaded.mode == "L" and fmt == "PNG" and luma.size <= SMALL_PNG_PIXELS:
-        clipped = np.clip(np.asarray(luma, dtype=np.float32), 0.0, 1.0)
+        clipped = np.minimum(np.maximum(np.asarray(luma, dtype=np.float32), 0.0), 1.0)
         return small_grey_png(np.rint(clipped * 255).astype(np.uint8))
     return encode_image(rebuild_image(loaded, luma), fmt)
 
 
-def output_format(source: Path, loaded_format: str | None, fmt: str) -> str:
+def output_format(source: str | os.PathLike, loaded_format: str | None, fmt: str) -> str:
+    """The format an output is written in: PNG for ``fmt`` png, else the input's."""
     if fmt == "png":
         return "PNG"
-    return loaded_format or _FORMAT_BY_SUFFIX.get(source.suffix.lower(), "PNG")
+    return loaded_format or _FORMAT_BY_SUFFIX.get(Path(source).suffix.lower(), "PNG")
 
 
 SMALL_PNG_PIXELS = 128 * 128  # up to this size Pillow's fixed cost per PNG dominates
@@ -247,6 +262,9 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+_PNG_END = _png_chunk(b"IEND", b"")
+
+
 def small_grey_png(pixels: np.ndarray) -> bytes:
     """An 8-bit grey PNG of ``pixels`` (uint8, H x W), unfiltered rows in one
     zlib stream: for small images a fifth of what Pillow's encoder costs (it
@@ -259,8 +277,108 @@ def small_grey_png(pixels: np.ndarray) -> bytes:
         b"\x89PNG\r\n\x1a\n"
         + _png_chunk(b"IHDR", header)
         + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
-        + _png_chunk(b"IEND", b"")
+        + _PNG_END
     )
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# chunks before the pixels that change nothing in what Pillow decodes (no
+# orientation, transparency, palette or animation)
+_INERT_CHUNKS = frozenset((b"gAMA", b"cHRM", b"sRGB", b"pHYs", b"tIME"))
+SLOW_FILTER_PIXELS = 64  # pixels in Average or Paeth rows unfiltered here; more: Pillow is faster
+
+
+def small_grey_pixels(data: bytes) -> np.ndarray | None:
+    """The pixels (uint8, H x W) of a PNG that is 8-bit grey, not interlaced,
+    at most SMALL_PNG_PIXELS, and holds nothing but its pixels (and the
+    chunks in ``_INERT_CHUNKS``), decoded with zlib alone: Pillow's fixed cost
+    per image is most of the decoding time of small images. None for any
+    other image, and for anything unusual in this one (a bad checksum, a
+    truncated or overlong stream, trailing bytes, many Average or Paeth
+    rows): Pillow then decodes it, or says what is wrong with it."""
+    size = len(data)
+    if size < 57 or data[:8] != _PNG_SIGNATURE or data[8:16] != b"\x00\x00\x00\rIHDR":
+        return None
+    w, h, depth, colour, method, filtering, interlace, crc = struct.unpack_from(
+        ">IIBBBBBI", data, 16
+    )
+    if (depth, colour, method, filtering, interlace) != (8, 0, 0, 0, 0):
+        return None
+    if not (0 < w and 0 < h and w * h <= SMALL_PNG_PIXELS):
+        return None
+    if zlib.crc32(data[12:29]) != crc:
+        return None
+    idat: list[bytes] = []
+    pos = 33
+    while True:
+        if pos + 12 > size:
+            return None
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 12 + length
+        if end > size or zlib.crc32(data[pos + 4 : end - 4]) != int.from_bytes(
+            data[end - 4 : end], "big"
+        ):
+            return None
+        if kind == b"IDAT":
+            idat.append(data[pos + 8 : end - 4])
+        elif kind == b"IEND" and idat and end == size:
+            break
+        elif idat or kind not in _INERT_CHUNKS:  # after the pixels only their end
+            return None
+        pos = end
+    stride = w + 1  # a filter type byte, then the row
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(b"".join(idat), h * stride + 1)
+    except zlib.error:
+        return None
+    if len(raw) != h * stride or not inflater.eof or inflater.unused_data:
+        return None
+    pixels = np.frombuffer(raw, np.uint8).reshape(h, stride)[:, 1:].copy()
+    filters = raw[::stride]  # each row's filter type
+    if filters.count(0) != h:
+        if max(filters) > 4 or (filters.count(3) + filters.count(4)) * w > SLOW_FILTER_PIXELS:
+            return None
+        _unfilter(pixels, filters)
+    return pixels
+
+
+def _unfilter(pixels: np.ndarray, filters: bytes) -> None:
+    """Undo the PNG filters of the rows of ``pixels`` (one byte per pixel), top to bottom."""
+    up = np.zeros(pixels.shape[1], np.uint8)  # the row above the first
+    for y, kind in enumerate(filters):
+        row = pixels[y]
+        if kind == 1:  # Sub: the running sum along the row, modulo 256
+            np.cumsum(row, dtype=np.uint8, out=row)
+        elif kind == 2:  # Up
+            row += up
+        elif kind == 3:
+            row[:] = _average_row(row, up)
+        elif kind == 4:
+            row[:] = _paeth_row(row, up)
+        up = row
+
+
+def _average_row(row: np.ndarray, up: np.ndarray) -> list[int]:
+    """A row under the Average filter, given the row above it, unfiltered."""
+    out = []
+    left = 0
+    for f, b in zip(row.tolist(), up.tolist(), strict=True):
+        left = (f + ((left + b) >> 1)) & 255
+        out.append(left)
+    return out
+
+
+def _paeth_row(row: np.ndarray, up: np.ndarray) -> list[int]:
+    """A row under the Paeth filter, given the row above it, unfiltered."""
+    out = []
+    a = c = 0  # left and upper left, 0 before the first pixel
+    for f, b in zip(row.tolist(), up.tolist(), strict=True):
+        pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - c - c)
+        a = (f + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        out.append(a)
+        c = b
+    return out
 
 
 TEMP_SUFFIX = ".denoise.part"
@@ -282,14 +400,20 @@ def _cut_utf8(raw: bytes, limit: int) -> bytes:
     return raw[:end]
 
 
-def temp_path(path: Path, pid: int | None = None, host: str | None = None) -> Path:
+def temp_path(path: str | os.PathLike, pid: int | None = None, host: str | None = None) -> Path:
     """A unique temporary name beside ``path`` that is recognisably ours and says
     which process made it: ``.{name}.{host}-{pid}-{random}.denoise.part``, with
     the name cut so the whole stays within NAME_MAX bytes."""
+    return Path(_temp_file(os.fspath(path), pid, host))
+
+
+def _temp_file(path: str, pid: int | None = None, host: str | None = None) -> str:
+    """:func:`temp_path` as a string."""
+    folder, name = os.path.split(path)
     token = f"{host or host_tag()}-{os.getpid() if pid is None else pid}-{secrets.token_hex(4)}"
     tail = f".{token}{TEMP_SUFFIX}".encode()
-    name = _cut_utf8(os.fsencode(path.name), NAME_MAX - 1 - len(tail))
-    return path.with_name(os.fsdecode(b"." + name + tail))
+    name = os.fsdecode(b"." + _cut_utf8(os.fsencode(name), NAME_MAX - 1 - len(tail)) + tail)
+    return os.path.join(folder, name)
 
 
 def temp_owner(name: str | bytes) -> tuple[str, int] | None:
@@ -298,14 +422,19 @@ def temp_owner(name: str | bytes) -> tuple[str, int] | None:
     return (match["host"].decode(), int(match["pid"])) if match else None
 
 
-def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
+def write_atomic(path: str | os.PathLike, data: bytes, sync: bool = True) -> None:
     """Write ``data`` to a temporary name beside ``path`` (see :func:`temp_path`),
     flush it to disk (unless ``sync`` is False: then the caller makes a batch
-    durable at once), then rename: never a half-written file under the final name."""
-    if not path.parent.is_dir():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    durable at once), then rename: never a half-written file under the final name.
+    A missing folder is made."""
+    path = os.fspath(path)
+    tmp = _temp_file(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(tmp, flags, 0o666)
+    except (FileNotFoundError, NotADirectoryError):  # no folder yet (or a file in its place)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd = os.open(tmp, flags, 0o666)
     try:
         try:
             view = memoryview(data)
@@ -318,5 +447,8 @@ def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
         failpoint("folder.before_rename")
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise

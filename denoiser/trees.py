@@ -28,6 +28,7 @@ class LocalTree:
 
     remote = False
     threads = 2  # readers and writers each: decoding and encoding hold the GIL
+    task_files = 16  # files per task of a reader or writer thread: small files go in numbers
 
     def __init__(self, root: Path):
         self.root = root
@@ -202,6 +203,7 @@ class RemoteTree:
 
     remote = True
     threads = 16  # requests in flight per direction; each thread mostly waits
+    task_files = 1  # one request per task: as many in flight as there are threads
 
     def __init__(self, url: str):
         from fsspec.core import url_to_fs

@@ -4,20 +4,33 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
-from denoiser.errors import ConfigError
+from denoiser.errors import ConfigError, ImageError
 from denoiser.folder import JOURNAL_NAME, BatchPredictor, check_folders, denoise_tree
-from denoiser.images import encode_image, read_image, rebuild_image, small_grey_png, temp_path
+from denoiser.images import (
+    decode_image,
+    decode_with_pillow,
+    encode_image,
+    read_image,
+    rebuild_image,
+    small_grey_pixels,
+    small_grey_png,
+    temp_path,
+)
 from denoiser.tiling import TileSpec, denoise_plane, split
 
 RNG = np.random.default_rng(0)
@@ -736,6 +749,181 @@ def test_small_grey_pngs_written_directly_decode_to_the_same_pixels_as_pillows()
     big = Image.fromarray((rng.random((129, 128)) * 256).astype(np.uint8))
     with Image.open(io.BytesIO(encode_image(big, "PNG"))) as img:
         np.testing.assert_array_equal(np.asarray(img), np.asarray(big))
+
+
+def _png(
+    w: int,
+    h: int,
+    scanlines: bytes,
+    *,
+    colour: int = 0,
+    depth: int = 8,
+    interlace: int = 0,
+    before: list[tuple[bytes, bytes]] = (),
+    parts: int = 1,
+) -> bytes:
+    """A PNG of these filtered scanlines, the chunks ``before`` ahead of the
+    pixels, the zlib stream cut into ``parts`` IDAT chunks."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+        )
+
+    stream = zlib.compress(scanlines, 6)
+    cut = [len(stream) * i // parts for i in range(parts + 1)]
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, colour, 0, 0, interlace))
+        + b"".join(chunk(k, d) for k, d in before)
+        + b"".join(chunk(b"IDAT", stream[a:b]) for a, b in zip(cut, cut[1:], strict=False))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _filtered(pixels: np.ndarray, kinds: list[int]) -> bytes:
+    """Grey 8-bit rows under PNG filter ``kinds[y]`` (0 None ... 4 Paeth)."""
+    out = bytearray()
+    up = [0] * pixels.shape[1]
+    for row, kind in zip(pixels.astype(int).tolist(), kinds, strict=True):
+        out.append(kind)
+        for x, v in enumerate(row):
+            a, b, c = (row[x - 1], up[x], up[x - 1]) if x else (0, up[x], 0)
+            p = a + b - c
+            pred = (
+                [0, a, b, (a + b) // 2][kind]
+                if kind < 4
+                else min((abs(p - a), 0, a), (abs(p - b), 1, b), (abs(p - c), 2, c))[2]
+            )
+            out.append((v - pred) % 256)
+        up = row
+    return bytes(out)
+
+
+def _adam7(pixels: np.ndarray) -> bytes:
+    """Grey 8-bit scanlines of an interlaced PNG (filter None)."""
+    out = bytearray()
+    for x0, y0, dx, dy in [
+        (0, 0, 8, 8),
+        (4, 0, 8, 8),
+        (0, 4, 4, 8),
+        (2, 0, 4, 4),
+        (0, 2, 2, 4),
+        (1, 0, 2, 2),
+        (0, 1, 1, 2),
+    ]:
+        for row in pixels[y0::dy, x0::dx]:
+            if row.size:
+                out += b"\0" + row.tobytes()
+    return bytes(out)
+
+
+def _decoded(decode, data: bytes):
+    """What a decoder makes of ``data``: the planes, or the error it reports."""
+    try:
+        img = decode(data)
+    except ImageError as exc:
+        return str(exc)
+    planes = [
+        p if p is None else (p.dtype, p.shape, p.tobytes())
+        for p in (img.luma, img.chroma, img.alpha)
+    ]
+    return img.mode, img.size, img.format, img.max_value, planes
+
+
+def test_small_grey_pngs_decoded_without_pillow_give_pillows_pixels():
+    rng = np.random.default_rng(7)
+
+    def same(data: bytes, fast: bool | None) -> None:
+        """Both decoders agree; ``fast``: whether Pillow is bypassed (None: either)."""
+        assert fast is None or (small_grey_pixels(data) is not None) == fast
+        assert _decoded(decode_image, data) == _decoded(decode_with_pillow, data)
+
+    def pillow_png(img: Image.Image, **kw) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", **kw)
+        return buf.getvalue()
+
+    for h, w in [(1, 1), (1, 97), (28, 28), (64, 3), (128, 128), (77, 113)]:
+        pixels = (rng.random((h, w)) * 256).astype(np.uint8)
+        smooth = np.add.outer(np.arange(h), np.arange(w)).astype(np.uint8)
+        same(small_grey_png(pixels), True)
+        same(pillow_png(Image.fromarray(pixels)), None)  # Pillow chooses the filters
+        same(pillow_png(Image.fromarray(smooth)), None)
+        few = rng.integers(0, 8, (h, w)).astype(np.uint8)  # ties in Paeth's choice
+        slow_rows = min(h, max(1, 64 // w))
+        for image, kinds in itertools.product(
+            (pixels, few),
+            (
+                [0] * h,
+                [1] * h,
+                [2] * h,
+                [y % 3 for y in range(h)],
+                [int(k) for k in rng.integers(0, 5, h)],  # Average and Paeth: fast only if few
+                [3] + [4] * (slow_rows - 1) + [0] * (h - slow_rows),  # as many as are fast
+                [0] * (h - 1) + [4],
+            ),
+        ):
+            for parts in (1, 3):
+                data = _png(w, h, _filtered(image, kinds), parts=parts)
+                with Image.open(io.BytesIO(data)) as img:  # the test's own writer is right
+                    np.testing.assert_array_equal(np.asarray(img), image)
+                slow = sum(k in (3, 4) for k in kinds) * w
+                same(data, slow <= 64)
+                assert small_grey_pixels(data) is None or np.array_equal(
+                    small_grey_pixels(data), image
+                )
+        inert = [(b"gAMA", (45455).to_bytes(4, "big")), (b"pHYs", bytes(9))]
+        same(_png(w, h, _filtered(pixels, [0] * h), before=inert), True)
+
+    pixels = (rng.random((28, 28)) * 256).astype(np.uint8)
+    plain = _png(28, 28, _filtered(pixels, [0] * 28))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: Pillow turns it upright
+    info = PngInfo()
+    info.add_text("Comment", "hello")
+    interlaced = _png(28, 28, _adam7(pixels), interlace=1)
+    with Image.open(io.BytesIO(interlaced)) as img:  # the test's interlaced writer is right
+        np.testing.assert_array_equal(np.asarray(img), pixels)
+    odd = [
+        pillow_png(Image.fromarray(pixels), exif=exif.tobytes()),
+        pillow_png(Image.fromarray(pixels), transparency=7),
+        pillow_png(Image.fromarray(pixels), pnginfo=info),
+        pillow_png(Image.fromarray(pixels).convert("P")),
+        pillow_png(Image.fromarray(pixels).convert("1")),
+        pillow_png(Image.fromarray(pixels).convert("LA")),
+        pillow_png(Image.fromarray(pixels).convert("RGB")),
+        pillow_png(Image.fromarray(pixels.astype(np.uint16) * 257)),
+        pillow_png(Image.fromarray((rng.random((129, 128)) * 256).astype(np.uint8))),
+        interlaced,
+        _png(28, 28, _filtered(pixels, [5] + [0] * 27)),  # no such filter
+        _png(28, 28, _filtered(pixels[:27], [0] * 27)),  # a row short
+        _png(28, 28, _filtered(pixels, [0] * 28) + b"\0" * 29),  # a row too many
+        _png(0, 28, b""),
+        plain + b"trailing",
+        plain[:-20],
+        plain[:40],
+        plain[:-13] + bytes([plain[-13] ^ 1]) + plain[-12:],  # a damaged IDAT checksum
+        plain[:20] + b"\x01" + plain[21:],  # a damaged header
+        plain[:33] + plain[-12:],  # no pixels
+        plain[:-12],  # no end
+        b"\x89PNG\r\n\x1a\n",
+        b"not an image",
+    ]
+    for data in odd:
+        same(data, False)
+
+
+def test_journal_lines_are_json_of_the_records_fields():
+    from dataclasses import asdict
+
+    from denoiser.folder import OutputRecord, format_record, parse_journal
+
+    for name in ["a.png", "sub/b c.png", 'q"uote\\.png', "é/ü.png", "\udcff.png", "tab\t.png"]:
+        record = OutputRecord(name, name + ".jpg", 12, "ab" * 32, 3456, "cd" * 32)
+        line = format_record(record)
+        assert line == json.dumps(asdict(record)).encode("ascii") + b"\n"
+        assert parse_journal(line) == {name: record}
 
 
 def test_chunks_end_at_a_number_of_files_or_of_input_bytes(tmp_path):
