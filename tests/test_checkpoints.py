@@ -111,9 +111,14 @@ def _start_training(
         "models": str(store / "models"),
         "checkpoints": str(store / "checkpoints"),
     }
+    return start_script(TRAIN, args, REPO, failpoints)
+
+
+def start_script(script: str, args: dict, cwd: Path, failpoints: str | None = None):
+    """``python -c script`` with ``args`` as JSON, its output piped (see :func:`_finish`)."""
     return subprocess.Popen(
-        [sys.executable, "-c", TRAIN, json.dumps(args)],
-        cwd=REPO,
+        [sys.executable, "-c", script, json.dumps(args)],
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -24,7 +24,7 @@ from denoiser.checkpoints import (
     head_is_free,
     remove_stale_remote_runs,
 )
-from tests.test_checkpoints import CONFIG, REPO, _env, _history_epochs
+from tests.test_checkpoints import CONFIG, REPO, _env, _finish, _history_epochs, start_script
 
 KEY = "checkpoints/k"
 
@@ -226,17 +226,7 @@ def _train(store: Store, shards: Path, local: Path, failpoints: str | None = Non
         "local": str(local / "checkpoints"),
         "store": store.url,
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-c", TRAIN, json.dumps(args)],
-        cwd=local,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(failpoints),
-    )
-    out, err = proc.communicate(timeout=300)
-    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-    return proc.returncode, json.loads(lines[-1][7:]) if lines else None, err
+    return _finish(start_script(TRAIN, args, local, failpoints))
 
 
 def test_a_training_killed_on_one_machine_resumes_from_the_bucket_on_another(
