@@ -34,6 +34,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from denoiser.config import TrainConfig
+from denoiser.errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -456,6 +457,21 @@ def _parse_head(raw: bytes | None) -> dict | None:
     return head
 
 
+def _put_head(objects, run_url: str, head: dict, etag: str | None) -> str | None:
+    """Write a run's head if it still has ``etag`` (None: if there is none);
+    its new ETag, or None when another writer changed it first."""
+    return objects.write_if(f"{run_url}/{HEAD_FILE}", json.dumps(head).encode(), etag)
+
+
+def _delete_remote_run(objects, run_url: str) -> None:
+    """Everything of a run whose head is marked ``finishing``; the head last,
+    so a crash midway leaves a run the clean-up still finds."""
+    for name in objects.list_names(run_url):
+        if name != HEAD_FILE:
+            objects.remove(f"{run_url}/{name}")
+    objects.remove(f"{run_url}/{HEAD_FILE}")
+
+
 class RemoteRun:
     """A run's checkpoint in the store, owned by this process while it is open.
 
@@ -481,7 +497,7 @@ class RemoteRun:
             if self.closed:
                 raise LeaseLost(f"{self.url}: this process no longer owns the training run")
             head = {**self.head, **changes, "renewed": time.time()}
-            etag = self.objects.write_if(self.head_url, json.dumps(head).encode(), self.etag)
+            etag = _put_head(self.objects, self.url, head, self.etag)
             if etag is None:
                 self.closed = True
                 raise LeaseLost(
@@ -506,7 +522,7 @@ class RemoteRun:
                     logger.warning(
                         "%s: cannot renew the training run's lease (%s); retrying",
                         self.url,
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                        first_line(exc),
                     )
 
     def push(self, run_dir: Path) -> None:
@@ -558,10 +574,7 @@ class RemoteRun:
         except LeaseLost:
             return  # another process owns it now; its head is not ours to delete
         self.closed = True
-        for name in self.objects.list_names(self.url):
-            if name != HEAD_FILE:
-                self.objects.remove(f"{self.url}/{name}")
-        self.objects.remove(self.head_url)
+        _delete_remote_run(self.objects, self.url)
 
 
 def claim_remote_run(
@@ -584,17 +597,9 @@ def claim_remote_run(
         if head is None or head.get("finishing") or not head_is_free(head):
             continue
         taken = {**head, "owner": me, "renewed": time.time(), "released": False}
-        new_etag = objects.write_if(f"{run_url}/{HEAD_FILE}", json.dumps(taken).encode(), etag)
-        if new_etag is None:
-            continue  # another claimant was first
-        remote = RemoteRun(objects, run_url, taken, new_etag)
-        try:
-            run_dir, lease = _local_copy(local_key_dir, head, me)
-            remote.restore(run_dir)
-        except BaseException:
-            remote.release()
-            raise
-        return CheckpointRun(str(head["run_id"]), run_dir, head["version"], True, lease, remote)
+        new_etag = _put_head(objects, run_url, taken, etag)
+        if new_etag is not None:  # else another claimant was first
+            return _open_claim(objects, run_url, taken, new_etag, local_key_dir, resumed=True)
 
     run_id, version = new_run_id(), new_version()
     head = {
@@ -609,29 +614,34 @@ def claim_remote_run(
         "epoch": 0,
     }
     run_url = f"{key_url}/{run_id}"
-    etag = objects.write_if(f"{run_url}/{HEAD_FILE}", json.dumps(head).encode(), None)
+    etag = _put_head(objects, run_url, head, None)
     if etag is None:  # a fresh, unique name: nobody else can have written it
         raise RuntimeError(f"{run_url}: a new run's head exists already")
+    return _open_claim(objects, run_url, head, etag, local_key_dir, resumed=False)
+
+
+def _open_claim(
+    objects, run_url: str, head: dict, etag: str, local_key_dir: Path, resumed: bool
+) -> CheckpointRun:
+    """The run whose head this process just wrote: its lease renewed from now
+    on, and a fresh local run folder for this claim (its own name: a dead
+    owner's copy on this machine is left to the clean-up), with run.json, its
+    flock and the head's generation."""
     remote = RemoteRun(objects, run_url, head, etag)
     try:
-        run_dir, lease = _local_copy(local_key_dir, head, me)
+        owner = head["owner"]
+        run_dir = local_key_dir / f"{head['run_id']}-{owner['token']}"
+        run_dir.mkdir(parents=True)
+        lease = _try_lease(run_dir / LEASE_FILE)
+        if lease is None:
+            raise RuntimeError(f"{run_dir}: lease of a new run folder is held")
+        info = {k: head.get(k) for k in ("run_id", "version", "flow_run_id", "created")}
+        _write_json(run_dir / RUN_FILE, {**info, "host": owner["host"], "pid": owner["pid"]})
+        remote.restore(run_dir)
     except BaseException:
         remote.release()
         raise
-    return CheckpointRun(run_id, run_dir, version, False, lease, remote)
-
-
-def _local_copy(local_key_dir: Path, head: dict, me: dict) -> tuple[Path, FileLock]:
-    """A fresh local run folder for this claim (its own name: a dead owner's
-    copy on this machine is left to the clean-up), with run.json and its flock."""
-    run_dir = local_key_dir / f"{head['run_id']}-{me['token']}"
-    run_dir.mkdir(parents=True)
-    lease = _try_lease(run_dir / LEASE_FILE)
-    if lease is None:
-        raise RuntimeError(f"{run_dir}: lease of a new run folder is held")
-    info = {k: head.get(k) for k in ("run_id", "version", "flow_run_id", "created")}
-    _write_json(run_dir / RUN_FILE, {**info, "host": me["host"], "pid": me["pid"]})
-    return run_dir, lease
+    return CheckpointRun(str(head["run_id"]), run_dir, head["version"], resumed, lease, remote)
 
 
 def remove_stale_remote_runs(
@@ -652,14 +662,8 @@ def remove_stale_remote_runs(
             if not head.get("finishing") and now - _renewed(head) <= max_age:
                 continue
             marked = {**head, "finishing": True, "owner": this_owner(), "renewed": now}
-            if (
-                objects.write_if(f"{run_url}/{HEAD_FILE}", json.dumps(marked).encode(), etag)
-                is None
-            ):
+            if _put_head(objects, run_url, marked, etag) is None:
                 continue
-            for entry in objects.list_names(run_url):
-                if entry != HEAD_FILE:
-                    objects.remove(f"{run_url}/{entry}")
-            objects.remove(f"{run_url}/{HEAD_FILE}")
+            _delete_remote_run(objects, run_url)
             removed.append(run_url)
     return removed

@@ -262,6 +262,7 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = _png_chunk(b"IEND", b"")
 
 
@@ -274,14 +275,13 @@ def small_grey_png(pixels: np.ndarray) -> bytes:
     rows[:, 1:] = pixels
     header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
     return (
-        b"\x89PNG\r\n\x1a\n"
+        _PNG_SIGNATURE
         + _png_chunk(b"IHDR", header)
         + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
         + _PNG_END
     )
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # chunks before the pixels that change nothing in what Pillow decodes (no
 # orientation, transparency, palette or animation)
 _INERT_CHUNKS = frozenset((b"gAMA", b"cHRM", b"sRGB", b"pHYs", b"tIME"))

@@ -23,6 +23,7 @@ from typing import Any
 from denoiser import interrupts
 from denoiser.cards import CARD_FILE, CardData, ModelCard
 from denoiser.checkpoints import (
+    STALE_RUN_SECONDS,
     CheckpointRun,
     checkpoint_key,
     claim_remote_run,
@@ -912,7 +913,11 @@ def train_in_run(
     else:
         remove_stale_runs(checkpoints_root, max_age=0)  # working copies of runs no one holds
         for url in remove_stale_remote_runs(objects, checkpoints_url):
-            log("removed stale checkpoint %s (no live owner, no renewal for %d days)", url, 7)
+            log(
+                "removed stale checkpoint %s (no live owner, no renewal for %d days)",
+                url,
+                STALE_RUN_SECONDS // 86400,
+            )
         run = claim_remote_run(
             objects, f"{checkpoints_url}/{key}", checkpoints_root / key, new_version, flow_run_id
         )
