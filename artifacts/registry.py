@@ -53,6 +53,7 @@ from denoiser.cards import CARD_FILE, CardMetrics, ModelCard, QualityGate, parse
 from denoiser.errors import ConfigError, ModelError
 from denoiser.faults import failpoint
 from denoiser.files import fsync_dir, is_url, join_location, open_read
+from denoiser.runtime import LITERT_FILE
 
 REGISTRY_FILE = "registry.json"
 logger = logging.getLogger(__name__)
@@ -111,6 +112,11 @@ class ModelRef:
             "data_manifest_sha256": card.data.manifest_sha256,
             "model_path": str(self.model_path),
             "model_sha256": card.model_sha256,
+            # the LiteRT export beside the model file, when it has one (denoiser.runtime)
+            "litert_path": (
+                str(join_location(self.dir, LITERT_FILE)) if card.litert_sha256 else None
+            ),
+            "litert_sha256": card.litert_sha256,
             "created": card.created,
         }
 

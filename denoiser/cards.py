@@ -117,6 +117,9 @@ class ModelCard(_Open):
     history: list[dict[str, Any]] = Field(default_factory=list)
     model_sha256: str | None = None
     model_bytes: int | None = None
+    # the LiteRT export (model.tflite), when the model converts (denoiser.runtime)
+    litert_sha256: str | None = None
+    litert_bytes: int | None = None
     versions: dict[str, str] = Field(default_factory=dict)
     created: str | None = None
     metrics: CardMetrics | None = None

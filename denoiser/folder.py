@@ -772,12 +772,14 @@ class JournalWriter:
 
 class BatchPredictor:
     """Runs the model on fixed-size batches (padding the last), so the compiled
-    predict function is traced once per tile shape."""
+    predict function is traced once per tile shape (a model whose
+    ``pads_batches`` is False, such as a LiteRT one, gets the last batch as it is)."""
 
     def __init__(self, model, batch_size: int = 256, pixel_budget: int = 1 << 20):
         self.model = model
         self.batch_size = batch_size
         self.pixel_budget = pixel_budget
+        self.pads = getattr(model, "pads_batches", True)
 
     def at_most(self, batch_size: int) -> BatchPredictor:
         """The same model in batches of at most ``batch_size``."""
@@ -795,7 +797,7 @@ class BatchPredictor:
         for start in range(0, n, size):
             chunk = tiles[start : start + size]
             k = len(chunk)
-            if k < size:
+            if k < size and self.pads:
                 chunk = np.concatenate([chunk, np.zeros((size - k, *chunk.shape[1:]), np.float32)])
             out[start : start + k] = np.asarray(
                 self.model.predict_on_batch(chunk), dtype=np.float32
@@ -999,6 +1001,18 @@ def _pipeline(
             for result in writes.popleft().result():
                 report(result)
 
+    def finish_batch() -> None:
+        """Blend the oldest batch's outputs into their images; hand the
+        finished images to the writers."""
+        take, fut = predicting.popleft()
+        outputs = fut.result()[..., 0]
+        finished = [
+            job for (job, i), out in zip(take, outputs, strict=True) if job.blender.add(i, out)
+        ]
+        for task in _tasks(finished, dst.task_files):
+            writes.append(writer_pool.submit(_save_all, task, fmt, dst, writer))
+        drain_writes(block=False)
+
     def run_group(shape: tuple[int, int], force: bool) -> None:
         nonlocal pending_tiles
         queue = groups.get(shape)
@@ -1007,17 +1021,16 @@ def _pipeline(
             take = [queue.popleft() for _ in range(min(size, len(queue)))]
             pending_tiles -= len(take)
             tiles = np.stack([job.tiled.tiles[i] for job, i in take])[..., None]
-            outputs = predict(tiles)[..., 0]
-            finished = [
-                job for (job, i), out in zip(take, outputs, strict=True) if job.blender.add(i, out)
-            ]
-            for task in _tasks(finished, dst.task_files):
-                writes.append(writer_pool.submit(_save_all, task, fmt, dst, writer))
-            drain_writes(block=False)
+            # the model runs this batch in its thread while this one gathers the next
+            predicting.append((take, model_pool.submit(predict, tiles)))
+            while len(predicting) > 1:
+                finish_batch()
 
+    predicting: deque[tuple[list, Future]] = deque()  # batches given to the model, in order
     with (
         ThreadPoolExecutor(src.threads, thread_name_prefix="read") as reader_pool,
         ThreadPoolExecutor(dst.threads, thread_name_prefix="write") as writer_pool,
+        ThreadPoolExecutor(1, thread_name_prefix="model") as model_pool,
     ):
         reads: deque[tuple[list[Job], Future, int]] = deque()  # tasks, in the order of the jobs
         ready: deque[tuple[Job, Exception | None]] = deque()  # read, not yet taken
@@ -1079,9 +1092,13 @@ def _pipeline(
                     run_group(biggest, force=True)
             for shape in list(groups):
                 run_group(shape, force=True)
+            while predicting:
+                finish_batch()
             drain_writes(block=True)
         except BaseException:
             for _, fut, _ in reads:
+                fut.cancel()
+            for _, fut in predicting:
                 fut.cancel()
             for fut in writes:
                 fut.cancel()

@@ -83,10 +83,12 @@ def images_domain(planes: list[np.ndarray]) -> str | None:
     return max(sorted(set(votes)), key=votes.count)
 
 
-def folder_domain(folder, pattern: str = "*", sample: int = 16) -> str | None:
-    """The domain of a folder's images (a local folder or an object-storage
-    prefix), judged on the first ``sample`` of them (by path) that decode;
-    None when none does or the folder cannot be read."""
+def folder_survey(folder, pattern: str = "*", sample: int = 16) -> tuple[str | None, int | None]:
+    """What a folder run needs to know before it loads a model: the domain of
+    the folder's images (a local folder or an object-storage prefix), judged
+    on the first ``sample`` of them (by path) that decode, and how many bytes
+    its image files take (what :func:`denoiser.runtime.choose_runtime` sizes
+    the job by). (None, None) when the folder cannot be read."""
     from fnmatch import fnmatch
 
     from denoiser.errors import DenoiseError
@@ -98,20 +100,22 @@ def folder_domain(folder, pattern: str = "*", sample: int = 16) -> str | None:
         tree = open_tree(folder, "input", must_exist=True)
         files = list_files(tree)
     except (DenoiseError, OSError):
-        return None
+        return None, None
     planes = []
+    image_bytes = 0
     for rel in sorted(files):
-        if len(planes) >= sample:
-            break
         name = rel.rsplit("/", 1)[-1]
         suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
         if files[rel] == NOT_REGULAR or suffix not in IMAGE_SUFFIXES or not fnmatch(name, pattern):
+            continue
+        image_bytes += files[rel]
+        if len(planes) >= sample:
             continue
         try:
             planes.append(decode_image(tree.read(tree.path(rel))).luma)
         except (DenoiseError, OSError):
             continue
-    return images_domain(planes)
+    return images_domain(planes), image_bytes
 
 
 EVAL_NOISE_SEED = (

@@ -46,6 +46,7 @@ from denoiser.models import (
     load_model,
 )
 from denoiser.progress import epoch_bar, scores, validation_sample, validation_scores
+from denoiser.runtime import LITERT_FILE, export_litert
 from denoiser.shards import check_shard_set, iter_batches, read_manifest, split_rows
 
 logger = logging.getLogger(__name__)
@@ -520,6 +521,13 @@ def save_model_file(model, path: Path) -> dict:
     return facts
 
 
+def probe_shape(model) -> tuple[int, ...]:
+    """A small batch shape the model takes (its fixed size, else 32x32), to
+    check an export against."""
+    _, h, w, c = model.input_shape
+    return (2, h or 32, w or 32, c or 1)
+
+
 def _finished_model(path: Path):
     """The model a killed run saved before writing its card, or None. A file at
     ``path`` is always whole (it is renamed into place); one that still fails
@@ -822,6 +830,9 @@ def train_model(
             "model_bytes": model_path.stat().st_size,
         }
         seconds = None
+
+    # a TensorFlow-free copy for short folder runs, when the model converts
+    file_facts |= export_litert(model, out / LITERT_FILE, probe_shape(model))
 
     history = _read_history(history_path)
     if seconds is None:

@@ -30,10 +30,11 @@ from denoiser.folder import (
     plan_folder,
     prepare_output,
 )
-from denoiser.inference import folder_domain, tile_spec_for_model
-from denoiser.models import load_model
+from denoiser.inference import folder_survey, tile_spec_for_model
+from denoiser.models import import_tensorflow_quietly, load_model
 from denoiser.plots import grid_png
 from denoiser.report import SUMMARY_JSON, report_folder_name, write_run_report
+from denoiser.runtime import choose_runtime, load_litert
 from denoiser.trees import open_tree
 from tasks.publish import ProgressArtifact, Publisher, remember_outcome
 
@@ -42,22 +43,34 @@ REPORT_ROWS_IN_UI = 500
 
 @task(name="resolve_denoiser", cache_policy=NO_CACHE)
 def resolve_denoiser(
-    model: str | None, store_root: str, input_dir: str | None = None, pattern: str = "*"
+    model: str | None,
+    store_root: str,
+    input_dir: str | None = None,
+    pattern: str = "*",
+    runtime: str = "auto",
 ) -> dict:
     """The model to use, traceable: version, card facts and data manifest hash.
     Without ``model``, the production model of the domain of ``input_dir``'s
     images (photographs or digits) when it can be told, else the overall one;
-    ``warning``: one line when the model learned another domain than the images'."""
+    ``warning``: one line when the model learned another domain than the images'.
+    ``runtime``: what runs it, Keras or its LiteRT export (``auto``: LiteRT for
+    a small folder, :func:`denoiser.runtime.choose_runtime`)."""
     logger = get_run_logger()
-    domain = folder_domain(input_dir, pattern) if input_dir else None
+    domain, image_bytes = folder_survey(input_dir, pattern) if input_dir else (None, None)
     ref = resolve_model(store_root, model, domain if model is None else None)
+    chosen = choose_runtime(runtime, ref.card.litert_sha256 is not None, image_bytes)
     logger.info(
-        "using model %s (%s, %s) from %s", ref.version, ref.status, ref.domain, ref.model_path
+        "using model %s (%s, %s) from %s, run by %s",
+        ref.version,
+        ref.status,
+        ref.domain,
+        ref.model_path,
+        "LiteRT" if chosen == "litert" else "Keras",
     )
     warning = domain_mismatch(store_root, ref, domain)
     if warning:
         logger.warning(warning)
-    return {**ref.summary(), "images_domain": domain, "warning": warning}
+    return {**ref.summary(), "runtime": chosen, "images_domain": domain, "warning": warning}
 
 
 class _Progress:
@@ -128,23 +141,31 @@ def _thumbnail(plane: np.ndarray) -> np.ndarray:
     return np.asarray(img.resize((64, 64)))
 
 
-_LOADED: dict[
-    tuple[str, str | None], tuple
-] = {}  # per process: a Dask worker loads each model once
+_LOADED: dict[tuple, tuple] = {}  # per process: a Dask worker loads each model once
 
 
 def _predictor(model: dict):
-    """The model's predictor and tile spec, loaded once per process and kept."""
-    key = (str(model["model_path"]), model.get("model_sha256"))
+    """The model's predictor and tile spec, loaded once per process and kept:
+    the Keras model, or its LiteRT export when ``model["runtime"]`` says so
+    (then nothing of TensorFlow is imported). Each file is checked against the
+    card's checksum when the card has one."""
+    runtime = model.get("runtime", "keras")
+    key = (str(model["model_path"]), model.get("model_sha256"), runtime)
     if key not in _LOADED:
-        # checked against the card's checksum when the model has one
-        keras_model = load_model(
-            local_copy(model["model_path"], model.get("model_sha256")),
-            expected_sha256=model.get("model_sha256"),
-        )
+        if runtime == "litert":
+            loaded = load_litert(
+                local_copy(model["litert_path"], model.get("litert_sha256")),
+                expected_sha256=model.get("litert_sha256"),
+            )
+        else:
+            import_tensorflow_quietly()  # its C++ start-up lines only with --debug
+            loaded = load_model(
+                local_copy(model["model_path"], model.get("model_sha256")),
+                expected_sha256=model.get("model_sha256"),
+            )
         _LOADED[key] = (
-            BatchPredictor(keras_model),
-            tile_spec_for_model(keras_model, model.get("architecture")),
+            BatchPredictor(loaded),
+            tile_spec_for_model(loaded, model.get("architecture")),
         )
     return _LOADED[key]
 

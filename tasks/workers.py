@@ -12,7 +12,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
 
-from denoiser.models import import_tensorflow_quietly
 from tasks.denoise import _predictor, one_line
 
 
@@ -26,8 +25,9 @@ class ModelOnWorkers(WorkerPlugin):
         self.name = f"denoise-model-{hashlib.sha256(key).hexdigest()[:12]}"
 
     def setup(self, worker) -> None:
-        import_tensorflow_quietly()  # its C++ start-up lines only with --debug, as in the command
-        _predictor(self.model)
+        _predictor(
+            self.model
+        )  # TensorFlow's C++ start-up lines only with --debug, as in the command
 
 
 @task(name="load_denoiser_on_workers", cache_policy=NO_CACHE)

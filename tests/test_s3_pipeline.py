@@ -132,6 +132,9 @@ def test_two_machines_share_one_bucket(s3, prefect_api, mnist_mirror, tmp_path):
     assert (
         card["data"]["shards_dir"].startswith(f"{STORE}/shards/") and card["quality_gate"]["passed"]
     )
+    # unet-small needs a TensorFlow-only convolution in LiteRT: no export, and the card says none
+    assert "litert_sha256" not in card
+    assert not fs.exists(f"denoise-e2e/team-store/models/{version}/model.tflite")
     assert first.local_store_files() == [] and not list(
         first.cwd.iterdir()
     )  # no local "s3:" folder
@@ -183,3 +186,4 @@ def test_two_machines_share_one_bucket(s3, prefect_api, mnist_mirror, tmp_path):
     assert len(reports) == 1
     summary = json.loads(fs.cat_file(reports[0]))
     assert summary["counts"]["denoised"] == 4 and summary["report"].startswith(f"{STORE}/reports/")
+    assert summary["model"]["runtime"] == "keras"  # a small folder, but no export to run

@@ -16,6 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
+from denoiser.files import file_sha256
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,8 @@ def test_flow_downloads_over_http_trains_and_reuses_cache(prefect_harness, http_
     assert (model_dir / "model.keras").is_file()
     card = json.loads((model_dir / "model.json").read_text())
     assert card["quality_gate"]["passed"] is True
+    # the LiteRT export beside it, for short folder runs (denoiser.runtime)
+    assert card["litert_sha256"] == file_sha256(model_dir / "model.tflite")
     assert result["metrics"]["psnr_noisy"] < 12  # noise 0.5 on MNIST is about 9.4 dB
     assert (Path(result["shards"]) / "manifest.json").is_file()
 

@@ -1,0 +1,169 @@
+"""Running a trained model without TensorFlow: its LiteRT export, for short jobs.
+
+Importing TensorFlow and Keras costs several seconds, more than denoising a
+few dozen images takes. Each trained model is therefore also exported to
+LiteRT (``model.tflite`` beside ``model.keras``, its sha256 on the card),
+when its layers convert to LiteRT's built-in operations and its outputs match
+Keras'. A folder run then picks a runtime (:func:`choose_runtime`): LiteRT for
+small jobs (nothing of TensorFlow is imported), Keras for large ones (faster
+per pixel on large images) and for models without an export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from denoiser.errors import ConfigError, ModelError, first_line
+from denoiser.files import file_sha256, fsync_dir
+
+logger = logging.getLogger(__name__)
+
+LITERT_FILE = "model.tflite"
+RUNTIMES = ("auto", "keras", "litert")
+# "auto" runs LiteRT on a folder whose images take at most this many bytes:
+# there it saves TensorFlow's start-up; past it, Keras' faster large batches win
+SMALL_JOB_BYTES = 4 << 20
+# exported outputs further than this from Keras' on the probe images: not used
+EXPORT_TOLERANCE = 1e-3
+
+
+def litert_available() -> bool:
+    """Whether the LiteRT interpreter (``ai-edge-litert``) is installed."""
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def export_litert(model, path: str | os.PathLike, probe_shape: tuple[int, ...]) -> dict:
+    """Export a Keras ``model`` to LiteRT at ``path`` (a unique temporary name,
+    fsync, rename: whole or absent) and check it against Keras on random
+    images of ``probe_shape`` (N, H, W, C). Returns the card's facts
+    (``litert_sha256``, ``litert_bytes``), or ``{}`` with a log line when the
+    model needs operations outside LiteRT's built-ins or its outputs differ."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp.tflite")
+    try:
+        try:
+            model.export(str(tmp), format="litert", verbose=False)
+            probe = np.random.default_rng(0).random(probe_shape, dtype=np.float32)
+            expected = np.asarray(model.predict_on_batch(probe), np.float32)
+            got = LiteModel(tmp.read_bytes())(probe)
+        except Exception as exc:  # noqa: BLE001 - the converter and interpreter raise many kinds
+            logger.info("no LiteRT export of this model: %s", first_line(exc))
+            return {}
+        gap = float(np.max(np.abs(got - expected)))
+        if not gap <= EXPORT_TOLERANCE:
+            logger.info("no LiteRT export: its outputs differ from Keras' by up to %.2g", gap)
+            return {}
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        facts = {"litert_sha256": file_sha256(tmp), "litert_bytes": tmp.stat().st_size}
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_dir(path.parent)
+    return facts
+
+
+class LiteModel:
+    """A LiteRT model that runs batches of any shape, as ``BatchPredictor``
+    expects of a model (``predict_on_batch``, ``input_shape``). Batches are not
+    padded to a fixed size: one interpreter per recent input shape instead."""
+
+    pads_batches = False
+    KEEP_SHAPES = 4
+
+    def __init__(self, content: bytes, threads: int | None = None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._content = content
+        self._threads = threads or int(
+            os.environ.get("TF_NUM_INTRAOP_THREADS") or os.cpu_count() or 1
+        )
+        self._make = Interpreter
+        self._by_shape: OrderedDict[tuple, tuple] = OrderedDict()
+        first = self._new()
+        details = first.get_input_details()
+        if len(details) != 1 or len(first.get_output_details()) != 1:
+            raise ModelError("a LiteRT model with one input and one output was expected")
+        self.input_shape = tuple(
+            None if d < 0 else int(d) for d in details[0]["shape_signature"].tolist()
+        )
+
+    def _new(self):
+        return self._make(model_content=self._content, num_threads=self._threads)
+
+    def _for(self, shape: tuple):
+        entry = self._by_shape.get(shape)
+        if entry is None:
+            it = self._new()
+            inp = it.get_input_details()[0]["index"]
+            it.resize_tensor_input(inp, list(shape), strict=True)
+            it.allocate_tensors()
+            entry = (it, inp, it.get_output_details()[0]["index"])
+            self._by_shape[shape] = entry
+            if len(self._by_shape) > self.KEEP_SHAPES:
+                self._by_shape.popitem(last=False)
+        else:
+            self._by_shape.move_to_end(shape)
+        return entry
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        it, inp, out = self._for(x.shape)
+        it.set_tensor(inp, x)
+        it.invoke()
+        return it.get_tensor(out).copy()
+
+    __call__ = predict_on_batch
+
+
+def load_litert(path: str | os.PathLike, expected_sha256: str | None = None) -> LiteModel:
+    """The LiteRT model at ``path``, checked against the card's sha256."""
+    import hashlib
+
+    path = Path(path)
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read LiteRT model {path}: {exc.strerror or exc}") from None
+    if expected_sha256 and hashlib.sha256(content).hexdigest() != expected_sha256:
+        raise ModelError(f"{path}: corrupt LiteRT model (sha256 does not match the card's)")
+    try:
+        return LiteModel(content)
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the interpreter raises ValueError, RuntimeError
+        raise ModelError(f"cannot load LiteRT model {path}: {first_line(exc)}") from None
+
+
+def choose_runtime(requested: str, has_export: bool, image_bytes: int | None) -> str:
+    """``keras`` or ``litert`` for a folder run. ``requested``: ``auto`` (LiteRT
+    when the model has an export, the interpreter is installed and the
+    folder's images take at most :data:`SMALL_JOB_BYTES`), or one of the two;
+    ``litert`` without an export or an interpreter is a one-line ConfigError."""
+    if requested not in RUNTIMES:
+        raise ConfigError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {requested!r}")
+    if requested == "keras":
+        return "keras"
+    if requested == "litert":
+        if not has_export:
+            raise ConfigError(
+                "--runtime litert: this model has no LiteRT export (trained before exports, "
+                "or its layers do not convert); use --runtime keras"
+            )
+        if not litert_available():
+            raise ConfigError("--runtime litert needs ai-edge-litert: pip install ai-edge-litert")
+        return "litert"
+    small = image_bytes is not None and image_bytes <= SMALL_JOB_BYTES
+    return "litert" if small and has_export and litert_available() else "keras"
