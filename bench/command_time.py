@@ -4,7 +4,8 @@
 (MNIST test digits with noise 0.5), the model run by its LiteRT export (what
 ``--runtime auto`` picks for such a folder) and by Keras (``--runtime
 keras``), each with a Prefect server running (``PREFECT_API_URL`` set) and
-without one (the command starts a temporary server), in alternating rounds.
+without one (the command starts a temporary server), and LiteRT with the
+server ``denoise server start`` keeps, in alternating rounds.
 The model is an untrained ``unet`` from seed 0 with its export, registered as
 the production model of a local store. Each command is a fresh process
 (``python -m flows.cli``, as a virtualenv's ``denoise`` script runs it).
@@ -77,13 +78,18 @@ def make_images(mirror: Path, folder: Path, n: int = 20) -> None:
         Image.fromarray(img).save(folder / f"{i:02d}.png")
 
 
-def start_server(work: Path) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     import socket
-    import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def start_server(work: Path) -> tuple[subprocess.Popen, str]:
+    import urllib.request
+
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
@@ -134,7 +140,7 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     work = Path(tempfile.mkdtemp(prefix="denoise-command-time-"))
-    server = None
+    server = kept = None
     try:
         store = work / "store"
         make_store(store)
@@ -149,11 +155,16 @@ def main() -> None:
         )
         with_server = {**base, "PREFECT_API_URL": api, "PREFECT_HOME": str(work / "client")}
         no_server = {**base, "PREFECT_HOME": str(work / "ephemeral")}
+        kept = {**base, "PREFECT_HOME": str(work / "kept")}
+        (work / "kept").mkdir()
+        kept_port = free_port()
+        timed(["server", "start", "--port", str(kept_port)], kept, work)
         cases = {
             "denoise --help": (["--help"], with_server),
             "denoise models": (["models"], with_server),
             "folder, LiteRT (auto), server running": (["folder"], with_server),
             "folder, Keras, server running": (["folder", "--runtime", "keras"], with_server),
+            "folder, LiteRT (auto), kept server": (["folder"], kept),
             "folder, LiteRT (auto), no server": (["folder"], no_server),
             "folder, Keras, no server": (["folder", "--runtime", "keras"], no_server),
         }
@@ -170,6 +181,10 @@ def main() -> None:
     finally:
         if server is not None:
             server.kill()
+        if kept is not None:
+            subprocess.run(
+                [sys.executable, "-m", "flows.cli", "server", "stop"], env=kept, cwd=work
+            )
         shutil.rmtree(work, ignore_errors=True)
 
     cpus = os.cpu_count()

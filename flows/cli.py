@@ -1,4 +1,4 @@
-"""The ``denoise`` command line: ``train``, ``folder``, ``models``, ``serve``.
+"""The ``denoise`` command line: ``train``, ``folder``, ``models``, ``serve``, ``server``.
 
 Every expected failure (bad option, missing file, checksum mismatch...) ends as
 one line on stderr and an exit code: 0 success, 1 the work failed, 2 a usage
@@ -316,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
             add_serve_arguments,
             run_serve_command,
         ),
+        (
+            "server",
+            "keep a local Prefect server for later commands (start, stop, status)",
+            add_server_arguments,
+            run_server_command,
+        ),
     ):
         command = sub.add_parser(name, help=help_text)
         _add_global_arguments(command, top=False)
@@ -467,6 +473,41 @@ def run_folder_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- denoise server
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["start", "stop", "status"])
+    parser.add_argument(
+        "--port", type=int, default=4200, help="the server's port on 127.0.0.1 (default: 4200)"
+    )
+
+
+def run_server_command(args: argparse.Namespace) -> int:
+    """A Prefect server kept in the background for this PREFECT_HOME: later
+    commands without PREFECT_API_URL use it instead of starting a temporary
+    one each, and their runs stay visible in its UI."""
+    from denoiser.errors import ConfigError
+    from flows.session import kept_server_url, start_kept_server, stop_kept_server
+
+    if args.action == "start":
+        if not 1 <= args.port <= 65535:
+            raise ConfigError(f"--port must be between 1 and 65535, not {args.port}")
+        url, started = start_kept_server(args.port)
+        ui = url.removesuffix("/api")
+        print(
+            f"Prefect server {'started' if started else 'already running'} at {ui} (UI); "
+            "denoise commands without PREFECT_API_URL use it; stop it with `denoise server stop`"
+        )
+        return 0
+    if args.action == "stop":
+        print("Prefect server stopped" if stop_kept_server() else "no kept Prefect server running")
+        return 0
+    url = kept_server_url()
+    print(f"Prefect server at {url.removesuffix('/api')}" if url else "no kept Prefect server")
+    return 0 if url else 1
+
+
 # --------------------------------------------------------------------------- denoise models
 
 
@@ -576,6 +617,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.store:
         os.environ["DENOISE_STORE"] = args.store
+    if args.command in ("train", "folder", "serve") and not os.environ.get("PREFECT_API_URL"):
+        from flows.session import kept_server_url
+
+        # set before Prefect is imported: it reads its settings once
+        if url := kept_server_url():
+            os.environ["PREFECT_API_URL"] = url
     import httpx
     from pydantic import ValidationError
 

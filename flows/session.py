@@ -1,8 +1,10 @@
 """What a ``denoise`` command owes the Prefect API around its flow runs.
 
-- :func:`ensure_api`: without ``PREFECT_API_URL`` a command starts a temporary
-  local server; a guard process kills that server when the command dies,
-  however it dies (SIGKILL included), so no server is left behind.
+- :func:`ensure_api`: without ``PREFECT_API_URL`` a command uses the server
+  ``denoise server start`` keeps for this PREFECT_HOME (:func:`kept_server_url`),
+  else starts a temporary local server; a guard process kills that server
+  when the command dies, however it dies (SIGKILL included), so no server is
+  left behind.
 - A run ledger (``$PREFECT_HOME/denoise-runs/``): every flow run of these
   flows records its process when it starts running and forgets it when it
   ends. A run whose process died without reporting (killed, or the API was
@@ -120,6 +122,96 @@ def start_api() -> Callable[[], str]:
         return outcome["url"]
 
     return wait
+
+
+# ----------------------------------------------------------------- a kept local server
+
+KEPT_SERVER_FILE = "denoise-server.json"  # in PREFECT_HOME: the URL of `denoise server start`'s
+
+
+def _prefect_home() -> Path:
+    """PREFECT_HOME as Prefect resolves it, read without importing Prefect."""
+    return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+
+
+def _answers(url: str, timeout: float = 1.0) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def kept_server_url() -> str | None:
+    """The API URL of the server ``denoise server start`` left running for
+    this PREFECT_HOME, when it answers; commands without ``PREFECT_API_URL``
+    use it instead of starting a temporary server (about 10 s here)."""
+    try:
+        url = json.loads((_prefect_home() / KEPT_SERVER_FILE).read_text())["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return url if isinstance(url, str) and _answers(url) else None
+
+
+def start_kept_server(port: int, timeout: float = 120) -> tuple[str, bool]:
+    """Start a Prefect server in the background (``prefect server start
+    --background``) on 127.0.0.1:``port`` for this PREFECT_HOME, and record
+    its URL for later commands. Returns (API URL, whether it was started now);
+    one that already answers is kept as it is."""
+    import time
+
+    from denoiser.errors import ConfigError
+
+    url = kept_server_url()
+    if url:
+        return url, False
+    url = f"http://127.0.0.1:{port}/api"
+    if _answers(url, timeout=0.5):
+        raise ConfigError(f"port {port} already serves an API; choose another with --port")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_API_URL=url)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefect", "server", "start", "--background"]
+        + ["--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode:
+        lines = [x.strip() for x in (proc.stderr + proc.stdout).splitlines() if x.strip()]
+        raise ConfigError(f"the Prefect server did not start: {lines[-1] if lines else '?'}")
+    deadline = time.monotonic() + timeout
+    while not _answers(url):
+        if time.monotonic() > deadline:
+            stop_kept_server()
+            raise ConfigError(
+                f"the Prefect server on port {port} did not answer in {timeout:.0f} s"
+            )
+        time.sleep(0.3)
+    home = _prefect_home()
+    tmp = home / f".{KEPT_SERVER_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"url": url}))
+    os.replace(tmp, home / KEPT_SERVER_FILE)
+    return url, True
+
+
+def stop_kept_server() -> bool:
+    """Stop the server ``denoise server start`` started for this PREFECT_HOME
+    (``prefect server stop``); False when none was running."""
+    record = _prefect_home() / KEPT_SERVER_FILE
+    was = record.exists() or (_prefect_home() / "server.pid").exists()
+    record.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    subprocess.run(
+        [sys.executable, "-m", "prefect", "server", "stop"],
+        env=env,
+        capture_output=True,
+        check=False,
+    )
+    return was
 
 
 # ----------------------------------------------------------------- the run ledger

@@ -223,3 +223,50 @@ def test_a_bucket_stores_export_is_fetched_and_run(exported, prefect_api, s3, tm
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
         f"{i}.png" for i in range(4)
     ]
+
+
+def test_a_kept_server_serves_later_commands(exported, tmp_path):
+    """`denoise server start` keeps a Prefect server for this PREFECT_HOME; a
+    folder run without PREFECT_API_URL reports to it (no temporary server),
+    and `denoise server stop` ends it."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.faults.harness import free_port
+
+    _, folder, _ = exported
+    env = denoise_env(folder.parent.parent, tmp_path / "prefect-home", None, None, None)
+    env.pop("PREFECT_API_URL", None)
+    (tmp_path / "prefect-home").mkdir()
+    port = free_port()
+
+    def denoise(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "flows.cli", *args],
+            cwd=tmp_path,
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=300,
+        )
+
+    assert denoise("server", "status").returncode == 1
+    started = denoise("server", "start", "--port", str(port))
+    try:
+        assert started.returncode == 0, started.stderr
+        assert f"started at http://127.0.0.1:{port}" in started.stdout
+        assert denoise("server", "status").returncode == 0
+        src = tmp_path / "in"
+        src.mkdir()
+        Image.fromarray(np.full((28, 28), 99, np.uint8)).save(src / "a.png")
+        run = denoise("folder", str(src), str(tmp_path / "out"))
+        assert run.returncode == 0, run.stderr
+        assert "temporary server" not in run.stderr.lower()
+        api = f"http://127.0.0.1:{port}/api"
+        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            names = {f.name for f in client.read_flows()}
+        assert "denoise-folder" in names  # the run is in the kept server's database
+    finally:
+        stopped = denoise("server", "stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert denoise("server", "status").returncode == 1
