@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from denoiser.architectures import ARCHITECTURES
@@ -90,25 +92,34 @@ def load_model(path: str | os.PathLike, expected_sha256: str | None = None):
         raise ModelError(f"cannot load model {path}: {first_line(exc)}") from None
 
 
-def import_tensorflow_quietly(debug: bool | None = None) -> None:
-    """Import TensorFlow with file descriptor 2 closed to its C++ start-up
-    lines (oneDNN, CUDA probing on CPU-only machines), which no log level
-    silences; with --debug they show. Called once a command knows it will
-    run a model, after its options were checked, and by Dask workers
-    (``debug`` None: debug when ``TF_CPP_MIN_LOG_LEVEL`` is 0, as --debug sets it)."""
+@contextlib.contextmanager
+def quiet_native_stderr(debug: bool | None = None) -> Iterator[None]:
+    """File descriptor 2 closed to native libraries' start-up lines (TensorFlow's
+    oneDNN and CUDA probing, LiteRT's XNNPACK notice), which no log level
+    silences; with --debug they show (``debug`` None: debug when
+    ``TF_CPP_MIN_LOG_LEVEL`` is 0, as --debug sets it)."""
     if debug is None:
         debug = os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0"
-    if debug or "tensorflow" in sys.modules:
-        import tensorflow  # noqa: F401
-
+    if debug:
+        yield
         return
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        import tensorflow  # noqa: F401
+        yield
     finally:
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def import_tensorflow_quietly(debug: bool | None = None) -> None:
+    """Import TensorFlow without its C++ start-up lines (see
+    :func:`quiet_native_stderr`). Called once a command knows it will run a
+    Keras model, after its options were checked, and by Dask workers."""
+    if "tensorflow" in sys.modules:
+        return
+    with quiet_native_stderr(debug):
+        import tensorflow  # noqa: F401

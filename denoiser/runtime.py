@@ -75,6 +75,9 @@ def export_litert(model, path: str | os.PathLike, probe_shape: tuple[int, ...]) 
     return facts
 
 
+_announced = False  # LiteRT's one start-up line of the process went to /dev/null
+
+
 class LiteModel:
     """A LiteRT model that runs batches of any shape, as ``BatchPredictor``
     expects of a model (``predict_on_batch``, ``input_shape``). Batches are not
@@ -109,7 +112,7 @@ class LiteModel:
             it = self._new()
             inp = it.get_input_details()[0]["index"]
             it.resize_tensor_input(inp, list(shape), strict=True)
-            it.allocate_tensors()
+            _allocate(it)
             entry = (it, inp, it.get_output_details()[0]["index"])
             self._by_shape[shape] = entry
             if len(self._by_shape) > self.KEEP_SHAPES:
@@ -126,6 +129,20 @@ class LiteModel:
         return it.get_tensor(out).copy()
 
     __call__ = predict_on_batch
+
+
+def _allocate(interpreter) -> None:
+    """``allocate_tensors``; the process's first one prints "Created TensorFlow
+    Lite XNNPACK delegate for CPU" on file descriptor 2, silenced unless --debug."""
+    global _announced
+    if _announced:
+        interpreter.allocate_tensors()
+        return
+    from denoiser.models import quiet_native_stderr
+
+    with quiet_native_stderr():
+        interpreter.allocate_tensors()
+    _announced = True
 
 
 def load_litert(path: str | os.PathLike, expected_sha256: str | None = None) -> LiteModel:

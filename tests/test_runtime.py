@@ -157,6 +157,7 @@ def _folder_run(tmp: Path, store: Path | str, api: str, src: Path, out: Path, *e
         [sys.executable, "-c", code], cwd=tmp, env=env, text=True, capture_output=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "XNNPACK" not in proc.stderr  # LiteRT's start-up line only with --debug
     summary_path = next(
         line.split("report: ", 1)[1].strip()
         for line in proc.stdout.splitlines()
