@@ -64,7 +64,7 @@ def resolve_denoiser(
         ref.version,
         ref.status,
         ref.domain,
-        ref.model_path,
+        ref.summary()["litert_path"] if chosen == "litert" else ref.model_path,
         "LiteRT" if chosen == "litert" else "Keras",
     )
     warning = domain_mismatch(store_root, ref, domain)
