@@ -3,10 +3,13 @@ file, and making a rename durable."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
+import secrets
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from denoiser.errors import ConfigError, first_line
@@ -153,3 +156,22 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, ending: str) -> Iterator[Path]:
+    """A unique temporary name beside ``path`` (ending in ``ending``, so that
+    it reads as a writer's temporary file) for the body to write; when the
+    body returns, the file is fsynced and renamed over ``path``, so ``path`` is
+    the old file or the whole new one; on an exception it is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}{ending}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_dir(path.parent)

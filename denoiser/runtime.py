@@ -11,17 +11,15 @@ per pixel on large images) and for models without an export.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import secrets
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from denoiser.errors import ConfigError, ModelError, first_line
-from denoiser.files import file_sha256, fsync_dir
+from denoiser.files import atomic_file, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -43,36 +41,37 @@ def litert_available() -> bool:
     return True
 
 
+class _NotExported(Exception):
+    """Why a model gets no LiteRT export."""
+
+
 def export_litert(model, path: str | os.PathLike, probe_shape: tuple[int, ...]) -> dict:
-    """Export a Keras ``model`` to LiteRT at ``path`` (a unique temporary name,
-    fsync, rename: whole or absent) and check it against Keras on random
-    images of ``probe_shape`` (N, H, W, C). Returns the card's facts
-    (``litert_sha256``, ``litert_bytes``), or ``{}`` with a log line when the
-    model needs operations outside LiteRT's built-ins or its outputs differ."""
+    """Export a Keras ``model`` to LiteRT at ``path`` (whole or absent) and
+    check it against Keras on random images of ``probe_shape`` (N, H, W, C).
+    Returns the card's facts (``litert_sha256``, ``litert_bytes``), or ``{}``
+    with a log line when the model needs operations outside LiteRT's
+    built-ins or its outputs differ."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp.tflite")
     try:
-        try:
-            model.export(str(tmp), format="litert", verbose=False)
-            probe = np.random.default_rng(0).random(probe_shape, dtype=np.float32)
-            expected = np.asarray(model.predict_on_batch(probe), np.float32)
-            got = LiteModel(tmp.read_bytes())(probe)
-        except Exception as exc:  # noqa: BLE001 - the converter and interpreter raise many kinds
-            logger.info("no LiteRT export of this model: %s", first_line(exc))
-            return {}
-        gap = float(np.max(np.abs(got - expected)))
-        if not gap <= EXPORT_TOLERANCE:
-            logger.info("no LiteRT export: its outputs differ from Keras' by up to %.2g", gap)
-            return {}
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        facts = {"litert_sha256": file_sha256(tmp), "litert_bytes": tmp.stat().st_size}
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    fsync_dir(path.parent)
-    return facts
+        with atomic_file(path, ".tmp.tflite") as tmp:
+            _export_checked(model, tmp, probe_shape)
+    except _NotExported as exc:
+        logger.info("no LiteRT export of this model: %s", exc)
+        return {}
+    return {"litert_sha256": file_sha256(path), "litert_bytes": path.stat().st_size}
+
+
+def _export_checked(model, tmp: Path, probe_shape: tuple[int, ...]) -> None:
+    try:
+        model.export(str(tmp), format="litert", verbose=False)
+        probe = np.random.default_rng(0).random(probe_shape, dtype=np.float32)
+        expected = np.asarray(model.predict_on_batch(probe), np.float32)
+        got = LiteModel(tmp.read_bytes())(probe)
+    except Exception as exc:  # noqa: BLE001 - the converter and interpreter raise many kinds
+        raise _NotExported(first_line(exc)) from None
+    gap = float(np.max(np.abs(got - expected)))
+    if not gap <= EXPORT_TOLERANCE:
+        raise _NotExported(f"its outputs differ from Keras' by up to {gap:.2g}")
 
 
 _announced = False  # LiteRT's one start-up line of the process went to /dev/null

@@ -36,7 +36,7 @@ from denoiser.checkpoints import (
 from denoiser.config import DataConfig, NoiseConfig, TrainConfig
 from denoiser.errors import ConfigError, ModelError, first_line
 from denoiser.faults import failpoint
-from denoiser.files import fsync_dir, is_url, join_location, open_read
+from denoiser.files import atomic_file, fsync_dir, is_url, join_location, open_read
 from denoiser.models import (
     DEFAULT_ARCHITECTURE,
     architecture_recipe,
@@ -504,21 +504,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def save_model_file(model, path: Path) -> dict:
-    """Save to a unique temporary name beside ``path``, fsync, rename: ``path``
-    is either the old file or the whole new one. Returns the new file's sha256
-    and size, for the card."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp.keras")
-    try:
+    """Save the model as ``path``, atomically (the old file or the whole new
+    one). Returns the file's sha256 and size, for the card."""
+    with atomic_file(path, ".tmp.keras") as tmp:
         model.save(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        facts = {"model_sha256": file_sha256(tmp), "model_bytes": tmp.stat().st_size}
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    fsync_dir(path.parent)
-    return facts
+    return {"model_sha256": file_sha256(path), "model_bytes": path.stat().st_size}
 
 
 def probe_shape(model) -> tuple[int, ...]:
