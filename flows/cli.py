@@ -548,6 +548,7 @@ def run_models_command(args: argparse.Namespace) -> int:
         "PSNR (dB)",
         "SSIM",
         "gate",
+        "LiteRT",
         "created",
     ):
         table.add_column(col)
@@ -562,6 +563,7 @@ def run_models_command(args: argparse.Namespace) -> int:
             f"{s['psnr']:.2f}" if s["psnr"] is not None else "",
             f"{s['ssim']:.3f}" if s["ssim"] is not None else "",
             ("passed" if m.passed else "failed") if m.card.quality_gate else "not evaluated",
+            "yes" if s["litert_sha256"] else "no",  # an export: short folder runs skip TensorFlow
             str(s["created"] or ""),
         )
     console.print(table)

@@ -271,3 +271,23 @@ def test_a_kept_server_serves_later_commands(exported, tmp_path):
         stopped = denoise("server", "stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert denoise("server", "status").returncode == 1
+
+
+def test_models_says_which_versions_have_an_export(exported, tmp_path, capsys, monkeypatch):
+    from flows.cli import main
+
+    _, folder, _ = exported
+    monkeypatch.setenv("COLUMNS", "250")
+    plain = tmp_path / "store" / "models" / "20260101-000000-unet-0002"
+    plain.mkdir(parents=True)
+    (plain / "model.keras").write_bytes((folder / "model.keras").read_bytes())
+    card = json.loads((folder / "model.json").read_text())
+    card = {k: v for k, v in card.items() if not k.startswith("litert")}
+    (plain / "model.json").write_text(json.dumps({**card, "version": plain.name}))
+    for store, answer in ((folder.parent.parent, "yes"), (tmp_path / "store", "no")):
+        assert main(["--store", str(store), "models"]) == 0
+        out = capsys.readouterr().out
+        header = next(line for line in out.splitlines() if "LiteRT" in line)
+        row = next(line for line in out.splitlines() if "-unet-000" in line)
+        cells = [c.strip() for c in row.split("│")]
+        assert cells[[c.strip() for c in header.split("┃")].index("LiteRT")] == answer
