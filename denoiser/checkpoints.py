@@ -35,6 +35,7 @@ from filelock import FileLock, Timeout
 
 from denoiser.config import TrainConfig
 from denoiser.errors import first_line
+from denoiser.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -197,12 +198,7 @@ def _remove_run_dir(run_dir: Path) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(data, indent=2))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def claim_run(

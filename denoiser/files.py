@@ -175,3 +175,9 @@ def atomic_file(path: str | os.PathLike, ending: str) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     fsync_dir(path.parent)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """``text`` as the file ``path``, atomically (see :func:`atomic_file`)."""
+    with atomic_file(path, ".tmp") as tmp:
+        tmp.write_text(text)

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import platform
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,7 +35,14 @@ from denoiser.checkpoints import (
 from denoiser.config import DataConfig, NoiseConfig, TrainConfig
 from denoiser.errors import ConfigError, ModelError, first_line
 from denoiser.faults import failpoint
-from denoiser.files import atomic_file, fsync_dir, is_url, join_location, open_read
+from denoiser.files import (
+    atomic_file,
+    fsync_dir,
+    is_url,
+    join_location,
+    open_read,
+    write_text_atomic,
+)
 from denoiser.models import (
     DEFAULT_ARCHITECTURE,
     architecture_recipe,
@@ -494,15 +500,6 @@ def _read_history(path: Path) -> list[dict]:
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def save_model_file(model, path: Path) -> dict:
     """Save the model as ``path``, atomically (the old file or the whole new
     one). Returns the file's sha256 and size, for the card."""
@@ -833,7 +830,7 @@ def train_model(
         writer = csv.DictWriter(buf, fieldnames=list(history[0].keys()), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
-        _write_atomic(out / "history.csv", buf.getvalue())
+        write_text_atomic(out / "history.csv", buf.getvalue())
 
     version = version or out.name
     card = ModelCard(
@@ -864,7 +861,7 @@ def train_model(
         },
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    _write_atomic(out / CARD_FILE, card.to_json())
+    write_text_atomic(out / CARD_FILE, card.to_json())
     keras.mixed_precision.set_global_policy("float32")
     return {
         "version": version,

@@ -163,6 +163,7 @@ def start_kept_server(port: int, timeout: float = 120) -> tuple[str, bool]:
     import time
 
     from denoiser.errors import ConfigError
+    from denoiser.files import write_text_atomic
 
     url = kept_server_url()
     if url:
@@ -191,10 +192,7 @@ def start_kept_server(port: int, timeout: float = 120) -> tuple[str, bool]:
                 f"the Prefect server on port {port} did not answer in {timeout:.0f} s"
             )
         time.sleep(0.3)
-    home = _prefect_home()
-    tmp = home / f".{KEPT_SERVER_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"url": url}))
-    os.replace(tmp, home / KEPT_SERVER_FILE)
+    write_text_atomic(_prefect_home() / KEPT_SERVER_FILE, json.dumps({"url": url}))
     return url, True
 
 

@@ -59,18 +59,19 @@ def resolve_denoiser(
     domain, image_bytes = folder_survey(input_dir, pattern) if input_dir else (None, None)
     ref = resolve_model(store_root, model, domain if model is None else None)
     chosen = choose_runtime(runtime, ref.card.litert_sha256 is not None, image_bytes)
+    summary = ref.summary()
     logger.info(
         "using model %s (%s, %s) from %s, run by %s",
         ref.version,
         ref.status,
         ref.domain,
-        ref.summary()["litert_path"] if chosen == "litert" else ref.model_path,
+        summary["litert_path"] if chosen == "litert" else summary["model_path"],
         "LiteRT" if chosen == "litert" else "Keras",
     )
     warning = domain_mismatch(store_root, ref, domain)
     if warning:
         logger.warning(warning)
-    return {**ref.summary(), "runtime": chosen, "images_domain": domain, "warning": warning}
+    return {**summary, "runtime": chosen, "images_domain": domain, "warning": warning}
 
 
 class _Progress:

@@ -25,9 +25,8 @@ class ModelOnWorkers(WorkerPlugin):
         self.name = f"denoise-model-{hashlib.sha256(key).hexdigest()[:12]}"
 
     def setup(self, worker) -> None:
-        _predictor(
-            self.model
-        )  # TensorFlow's C++ start-up lines only with --debug, as in the command
+        # loads the run's runtime; TensorFlow's C++ start-up lines only with --debug
+        _predictor(self.model)
 
 
 @task(name="load_denoiser_on_workers", cache_policy=NO_CACHE)
