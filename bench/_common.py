@@ -78,3 +78,54 @@ def write_mnist_shards(out: Path, images, labels, shard_rows: int) -> None:
         shard_rows=shard_rows,
         seed=0,
     )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    """Until ``url`` answers; exits the script if ``proc`` ends or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"{what} exited {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 - loopback
+                return
+        except OSError:
+            time.sleep(0.3)
+    sys.exit(f"{what} did not answer at {url}")
+
+
+def start_prefect_server(home: Path, log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """A ``prefect server`` of its own (``home`` its PREFECT_HOME) on a free
+    loopback port, its own process group; returns it and its API URL once
+    it answers. Output to ``log``, or nowhere."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_API_URL=api,
+        PREFECT_API_URL=api,
+    )
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+        + ["--port", str(port)],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    wait_http(f"{api}/health", proc, "prefect server")
+    return proc, api

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import REPO, add_mirror_argument
+from _common import REPO, add_mirror_argument, free_port, start_prefect_server
 
 sys.path.insert(0, str(REPO))
 
@@ -78,44 +78,6 @@ def make_images(mirror: Path, folder: Path, n: int = 20) -> None:
         Image.fromarray(img).save(folder / f"{i:02d}.png")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(work: Path) -> tuple[subprocess.Popen, str]:
-    import urllib.request
-
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(work / "server-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_API_URL=api,
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
-        + ["--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{api}/health", timeout=2).read()
-            return proc, api
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    sys.exit("the Prefect server did not start")
-
-
 def timed(args: list[str], env: dict, cwd: Path) -> float:
     start = time.perf_counter()
     proc = subprocess.run(
@@ -145,7 +107,7 @@ def main() -> None:
         store = work / "store"
         make_store(store)
         make_images(args.mirror, work / "noisy")
-        server, api = start_server(work)
+        server, api = start_prefect_server(work / "server-home")
         base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         base.update(
             DENOISE_STORE=str(store),

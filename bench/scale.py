@@ -39,38 +39,25 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
-from _common import REPO, add_mirror_argument, peak_rss_mb, run_child, write_mnist_shards
+from _common import (
+    REPO,
+    add_mirror_argument,
+    free_port,
+    peak_rss_mb,
+    run_child,
+    start_prefect_server,
+    wait_http,
+    write_mnist_shards,
+)
 
 sys.path.insert(0, str(REPO))
 
 BUCKET = "bench"
 VERSION = "bench-unet"
 SUMMARY = re.compile(r"(\d+) denoised, (\d+) skipped, (\d+) failed in ([\d.]+) s")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"{what} exited {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 - loopback
-                return
-        except OSError:
-            time.sleep(0.3)
-    sys.exit(f"{what} did not answer at {url}")
 
 
 def request_cost(url: str, moto_pid: int, n: int = 1000) -> dict[str, tuple[float, float]]:
@@ -105,7 +92,7 @@ def request_cost(url: str, moto_pid: int, n: int = 1000) -> dict[str, tuple[floa
 def start_servers(work: Path) -> tuple[dict[str, str], list[subprocess.Popen]]:
     """moto's S3 server and a Prefect server, each its own process; the
     environment a client needs to use both."""
-    s3_port, api_port = free_port(), free_port()
+    s3_port = free_port()
     logs = work / "logs"
     logs.mkdir()
     moto = subprocess.Popen(
@@ -114,24 +101,8 @@ def start_servers(work: Path) -> tuple[dict[str, str], list[subprocess.Popen]]:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    api = f"http://127.0.0.1:{api_port}/api"
-    server_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    server_env.update(
-        PREFECT_HOME=str(work / "prefect-server"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_API_URL=api,
-        PREFECT_API_URL=api,
-    )
-    prefect = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
-        + ["--port", str(api_port)],
-        env=server_env,
-        stdout=open(logs / "prefect.log", "wb"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    prefect, api = start_prefect_server(work / "prefect-server", logs / "prefect.log")
     wait_http(f"http://127.0.0.1:{s3_port}/", moto, "moto server")
-    wait_http(f"{api}/health", prefect, "prefect server")
     env = {
         **os.environ,
         "AWS_ACCESS_KEY_ID": "bench",
