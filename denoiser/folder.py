@@ -132,11 +132,21 @@ class Job:
     blender: Blender | None = None
 
 
-def check_folders(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> tuple[Tree, Tree]:
+def check_folders(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    store: str | os.PathLike | None = None,
+) -> tuple[Tree, Tree]:
     """The input and output trees (local folders or object-storage prefixes);
-    a ConfigError when the input is missing or the output would hold it."""
+    a ConfigError when the input is missing, the output would hold it, or
+    the ``store`` (where the run's report goes) is inside it."""
     src = open_tree(input_dir, "input", must_exist=True)
     dst = open_tree(output_dir, "output", must_exist=False)
+    if store is not None and same_or_inside(open_tree(store, "store", must_exist=False), src):
+        raise ConfigError(
+            f"the store {display_path(str(store))} is inside the input folder "
+            f"{display_path(str(src))}, which is never written; give a store outside it"
+        )
     if same_or_inside(src, dst):
         if str(src.root) == str(dst.root):
             raise ConfigError(
