@@ -454,7 +454,7 @@ def resolve_model(
         )
         if chosen is None:
             hint = " (none passed its quality gate)" if models else ""
-            raise ModelNotFound(f"no trained model in {store}{hint}; run `denoise train` first")
+            raise ModelError(f"no trained model in {store}{hint}; run `denoise train` first")
         return chosen
     remote = Store.at(store).remote
     if remote and Path(spec).name == spec:  # a version name in a remote store
@@ -492,7 +492,7 @@ def resolve_model(
         except ModelError as exc:
             logger.warning("%s; using %s as a candidate", exc, path)
     return ModelRef(
-        folder.name,
+        folder.name or path.name,  # a file in the current folder: its own name
         folder,
         path,
         _card(folder) or ModelCard(),

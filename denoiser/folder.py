@@ -35,7 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -49,6 +49,7 @@ from denoiser.images import (
     LoadedImage,
     decode_image,
     encode_output,
+    image_pixels,
     output_format,
     read_error,
     temp_owner,
@@ -130,6 +131,7 @@ class Job:
     loaded: LoadedImage | None = None
     tiled: TiledImage | None = None
     blender: Blender | None = None
+    pixels: int = 0  # held in the run's PixelBudget from its decode until its output is written
 
 
 def check_folders(
@@ -973,9 +975,44 @@ def _read(tree: Tree, path) -> bytes:
         raise read_error(exc) from None
 
 
-def _load(job: Job, spec: TileSpec, src: Tree, dst: Tree) -> Job:
+class PixelBudget:
+    """Decoded pixels in flight, from an image's decode until its output is
+    written: a reader waits before decoding while the images in flight and
+    its own would pass ``limit`` (one image is always let through, however
+    large). What bounds a run's memory whatever the number and size of its
+    images; the encoded bytes read ahead are bounded apart."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self.waiting = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, pixels: int, own: int = 0) -> None:
+        """Wait for room for ``pixels``; ``own``: pixels the caller already
+        holds (a reader's task, handed over only when the whole task is
+        read): they never make it wait for itself."""
+        with self._cond:
+            self.waiting += 1
+            try:
+                while self.used > own and self.used + pixels > self.limit:
+                    self._cond.wait()
+            finally:
+                self.waiting -= 1
+            self.used += pixels
+            self.peak = max(self.peak, self.used)
+
+    def release(self, pixels: int) -> None:
+        if pixels:
+            with self._cond:
+                self.used -= pixels
+                self._cond.notify_all()
+
+
+def _load(job: Job, spec: TileSpec, src: Tree, dst: Tree, budget: PixelBudget, own: int = 0) -> Job:
     """Read the input once: hash it, decide whether its output is up to date,
-    else decode it from memory and cut it into tiles."""
+    else decode it from memory (within the pixel budget) and cut it into tiles."""
     job.started = time.perf_counter()
     data = _read(src, job.source)
     job.bytes = job.input_size = len(data)
@@ -989,10 +1026,19 @@ def _load(job: Job, spec: TileSpec, src: Tree, dst: Tree) -> Job:
             return job
         else:
             job.reason = WHY_OUTPUT_CHANGED
-    job.loaded = decode_image(data)
-    del data
-    job.tiled = split(job.loaded.luma, spec)
-    job.blender = Blender(job.tiled)
+    pixels = image_pixels(data)
+    budget.acquire(pixels, own)
+    job.pixels = pixels
+    try:
+        job.loaded = decode_image(data)
+        del data
+        job.tiled = split(job.loaded.luma, spec)
+        job.blender = Blender(job.tiled)
+    except BaseException:
+        job.loaded = job.tiled = job.blender = None
+        budget.release(job.pixels)
+        job.pixels = 0
+        raise
     return job
 
 
@@ -1028,12 +1074,14 @@ def _save(job: Job, fmt: str, dst: Tree, writer: JournalWriter) -> FileResult:
     return result
 
 
-def _load_all(jobs: list[Job], spec: TileSpec, src: Tree, dst: Tree) -> list[Exception | None]:
+def _load_all(
+    jobs: list[Job], spec: TileSpec, src: Tree, dst: Tree, budget: PixelBudget
+) -> list[Exception | None]:
     """:func:`_load` each job in turn; what each raised (None: it was read)."""
     errors: list[Exception | None] = []
     for job in jobs:
         try:
-            _load(job, spec, src, dst)
+            _load(job, spec, src, dst, budget, sum(j.pixels for j in jobs))
         except (ImageError, OSError, ValueError, MemoryError) as exc:
             errors.append(exc)
         else:
@@ -1041,8 +1089,11 @@ def _load_all(jobs: list[Job], spec: TileSpec, src: Tree, dst: Tree) -> list[Exc
     return errors
 
 
-def _save_all(jobs: list[Job], fmt: str, dst: Tree, writer: JournalWriter) -> list[FileResult]:
-    """:func:`_save` each job in turn; the result of each, failed or not."""
+def _save_all(
+    jobs: list[Job], fmt: str, dst: Tree, writer: JournalWriter, budget: PixelBudget
+) -> list[FileResult]:
+    """:func:`_save` each job in turn, giving its pixels back to the budget;
+    the result of each, failed or not."""
     results = []
     for job in jobs:
         try:
@@ -1053,6 +1104,10 @@ def _save_all(jobs: list[Job], fmt: str, dst: Tree, writer: JournalWriter) -> li
                     display_path(job.rel), "failed", f"cannot write output: {exc}", job.bytes
                 )
             )
+        finally:
+            job.loaded = job.tiled = job.blender = None
+            budget.release(job.pixels)
+            job.pixels = 0
     return results
 
 
@@ -1098,6 +1153,9 @@ def denoise_tree(
 
 
 MAX_PENDING_TILES = 512 * 64  # tiles read ahead and waiting for a batch: bounds memory
+# decoded pixels in flight (decode to write), whatever the images' number and size;
+# a 36-megapixel photograph is one at a time (see README, "memory")
+PIXELS_IN_FLIGHT = 64 << 20
 READ_AHEAD_BYTES = 16 << 20  # encoded input bytes being read and decoded at once ...
 READ_AHEAD_FILES = 1024  # ... in at most this many files
 UNKNOWN_SIZE = 1 << 20  # what an input of unknown size counts for in that budget
@@ -1170,7 +1228,7 @@ def _pipeline(
             job for (job, i), out in zip(take, outputs, strict=True) if job.blender.add(i, out)
         ]
         for task in _tasks(finished, dst.task_files):
-            writes.append(writer_pool.submit(_save_all, task, fmt, dst, writer))
+            writes.append(writer_pool.submit(_save_all, task, fmt, dst, writer, budget))
         drain_writes(block=False)
 
     def run_group(shape: tuple[int, int], force: bool) -> None:
@@ -1186,7 +1244,16 @@ def _pipeline(
             while len(predicting) > 1:
                 finish_batch()
 
+    def flush_all() -> None:
+        """Every part-done image through the model and to the writers, which
+        give their pixels back: what a reader waiting for the budget needs."""
+        for shape in list(groups):
+            run_group(shape, force=True)
+        while predicting:
+            finish_batch()
+
     predicting: deque[tuple[list, Future]] = deque()  # batches given to the model, in order
+    budget = PixelBudget(PIXELS_IN_FLIGHT)
     with (
         ThreadPoolExecutor(src.threads, thread_name_prefix="read") as reader_pool,
         ThreadPoolExecutor(dst.threads, thread_name_prefix="write") as writer_pool,
@@ -1211,11 +1278,13 @@ def _pipeline(
                     size = sum(_budget(job) for job in task)
                     reading += size
                     in_flight += len(task)
-                    reads.append((task, reader_pool.submit(_load_all, task, spec, src, dst), size))
+                    reads.append(
+                        (task, reader_pool.submit(_load_all, task, spec, src, dst, budget), size)
+                    )
                 if not ready:
                     if not reads:
                         break
-                    task, fut, size = reads.popleft()
+                    task, fut, size = _take_read(reads, budget, flush_all)
                     reading -= size
                     in_flight -= len(task)
                     ready.extend(zip(task, fut.result(), strict=True))
@@ -1264,6 +1333,23 @@ def _pipeline(
                 fut.cancel()
             raise
     return results
+
+
+def _take_read(
+    reads: deque[tuple[list[Job], Future, int]], budget: PixelBudget, flush: Callable[[], None]
+) -> tuple[list[Job], Future, int]:
+    """The first finished read task (in order when the first is done, as it
+    mostly is). While none is and a reader waits for pixels, ``flush`` the
+    images in flight so that their writes give pixels back: a reader waiting
+    on images that only a later read would let go of never deadlocks."""
+    while True:
+        for i, entry in enumerate(reads):
+            if entry[1].done():
+                del reads[i]
+                return entry
+        if budget.waiting:
+            flush()
+        wait([fut for _, fut, _ in reads], timeout=0.05, return_when=FIRST_COMPLETED)
 
 
 def _budget(job: Job) -> int:

@@ -92,6 +92,23 @@ def read_error(exc: OSError) -> ImageError:
     return ImageError(f"cannot read: {exc.strerror or exc}")
 
 
+def image_pixels(data: bytes) -> int:
+    """How many pixels an encoded image holds, from its header alone (a PNG's
+    IHDR, else Pillow's lazy open); 0 when the header cannot tell (the decode
+    then says why)."""
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        w, h = struct.unpack(">II", data[16:24])
+        return w * h
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except Exception:  # noqa: BLE001 - not an image Pillow knows: decoding reports it
+        return 0
+    return w * h
+
+
 def decode_image(data: bytes) -> LoadedImage:
     """Decode an encoded image held in memory; every failure is an ImageError.
     Images over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)

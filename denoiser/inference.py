@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from denoiser.errors import ModelMismatch
 from denoiser.folder import BatchPredictor
 from denoiser.tiling import pad_bottom_right
 
@@ -37,6 +38,43 @@ def tile_spec_for_model(model, architecture: str | None = None):
     if None in shape:
         return tile_spec_for(Recipe(fully_convolutional=True, size_multiple=8))
     return tile_spec_for(Recipe(fully_convolutional=False, input_shape=shape))
+
+
+def check_fits(model, spec, name: str, channels: int = 1) -> None:
+    """Refuse, before any image is read, a model that cannot denoise the
+    folder's tiles: ``channels``-channel images in, the same shape out (its
+    declared input, then one probe tile through it). A ModelMismatch naming
+    the model and what it takes."""
+    shape = tuple(getattr(model, "input_shape", ()) or ())
+    if len(shape) != 4:
+        raise ModelMismatch(
+            f"model {name} takes inputs of shape {shape}; a denoiser takes images "
+            "(batch, height, width, channels)"
+        )
+    if shape[-1] is not None and shape[-1] != channels:
+        words = "grey (1-channel)" if channels == 1 else f"{channels}-channel"
+        raise ModelMismatch(
+            f"model {name} takes {shape[-1]}-channel images; this folder's are given to it "
+            f"as {words} tiles"
+        )
+    side = spec.tile if not spec.whole_max else max(spec.multiple, 1) * 4
+    h, w = (shape[1] or side), (shape[2] or side)
+    probe = np.zeros((1, h, w, channels), np.float32)
+    try:
+        out = np.asarray(model.predict_on_batch(probe))
+    except Exception as exc:  # noqa: BLE001 - any failure on a probe: the model does not fit
+        raise ModelMismatch(f"model {name} fails on a {h}x{w} tile: {exc}") from None
+    if out.shape == probe.shape:
+        return
+    if out.ndim == 4 and out.shape[:3] == probe.shape[:3]:
+        raise ModelMismatch(
+            f"model {name} gives {out.shape[-1]} channels for {channels}; a denoiser gives "
+            "back an image of its input's shape"
+        )
+    raise ModelMismatch(
+        f"model {name} gives an output of shape {out.shape} for a {probe.shape} input; "
+        "a denoiser gives back an image of its input's shape"
+    )
 
 
 def denoise_planes(planes: list[np.ndarray], spec, predict) -> list[np.ndarray]:
@@ -147,7 +185,6 @@ def evaluate_planes(
     through the folder denoiser's tiling. Returns ``(metrics, noisy,
     denoised)``: :func:`denoiser.metrics.evaluate_per_sigma`'s result and the
     images per sigma (the model's outputs clipped to [0, 1])."""
-    from denoiser.folder import BatchPredictor
     from denoiser.metrics import evaluate_per_sigma
 
     spec = tile_spec_for_model(model, architecture)

@@ -219,9 +219,10 @@ def _run_train(args: argparse.Namespace) -> int:
     configs = _train_configs(args)
     from artifacts.registry import check_registry
     from artifacts.store import Store
-    from flows.session import start_api
+    from flows.session import quiet_run_failures, start_api
     from flows.training import train_pipeline
 
+    quiet_run_failures(args.debug)
     Store.at(
         args.store
     ).check()  # a missing bucket or refused credentials: one line, nothing written
@@ -424,7 +425,9 @@ def run_folder_command(args: argparse.Namespace) -> int:
     from artifacts.store import Store, resolve_store_root
     from denoiser.folder import check_folders
     from flows.denoising import denoise_folder
+    from flows.session import quiet_run_failures
 
+    quiet_run_failures(args.debug)
     # usage errors and a missing model fail fast, before a Prefect server starts
     check_folders(args.input_dir, args.output_dir, resolve_store_root(args.store))
     check_dask_options(args.workers, args.dask_address, args.chunk_files)
@@ -617,8 +620,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_environment(debug="--debug" in argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.store is not None and not args.store.strip():
+        print("denoise: error: --store is an empty string; give a folder or a URL", file=sys.stderr)
+        return 2
     if args.store:
         os.environ["DENOISE_STORE"] = args.store
+    if args.debug:
+        os.environ["DENOISE_DEBUG"] = "1"  # Dask workers show their tracebacks too
     if args.command in ("train", "folder", "serve") and not os.environ.get("PREFECT_API_URL"):
         from flows.session import kept_server_url
 

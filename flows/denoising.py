@@ -104,16 +104,18 @@ def dask_task_runner(workers: int | None, address: str | None):
     """Prefect's DaskTaskRunner on an existing cluster (``address``) or on a
     LocalCluster of ``workers`` single-threaded processes."""
     try:
-        from prefect_dask import DaskTaskRunner
+        import prefect_dask  # noqa: F401
+
+        from tasks.workers import QuietDaskTaskRunner
     except ImportError:
         raise ConfigError(
             '--workers and --dask-address need prefect-dask: pip install -e ".[dask]"'
         ) from None
     if address:
-        return DaskTaskRunner(address=address)
+        return QuietDaskTaskRunner(address=address)
     # each worker's TensorFlow gets its share of the cores, not all of them each
     threads = str(max(1, (os.cpu_count() or 1) // workers))
-    return DaskTaskRunner(
+    return QuietDaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={
             "n_workers": workers,

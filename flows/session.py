@@ -135,13 +135,36 @@ def _prefect_home() -> Path:
 
 
 def _answers(url: str, timeout: float = 1.0) -> bool:
+    """Whether a Prefect API answers at ``url``: its health check says
+    ``true`` and its version is a version (a server answering 200 to
+    everything is not one)."""
+    import re
     import urllib.request
 
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
-            return response.status == 200
+            if response.status != 200 or json.loads(response.read(64)) is not True:
+                return False
+        with urllib.request.urlopen(f"{url}/admin/version", timeout=timeout) as response:
+            version = json.loads(response.read(64))
     except (OSError, ValueError):
         return False
+    return isinstance(version, str) and re.fullmatch(r"\d+\.\d+\S*", version) is not None
+
+
+def _remove_stale_pid_file() -> None:
+    """``prefect server start --background`` refuses to start while its pid
+    file exists, even when that server was killed: remove a file whose
+    process is gone."""
+    from denoiser.files import pid_alive
+
+    pid_file = _prefect_home() / "server.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        pid = None
+    if pid_file.exists() and (pid is None or not pid_alive(pid)):
+        pid_file.unlink(missing_ok=True)
 
 
 def kept_server_url() -> str | None:
@@ -171,6 +194,7 @@ def start_kept_server(port: int, timeout: float = 120) -> tuple[str, bool]:
     url = f"http://127.0.0.1:{port}/api"
     if _answers(url, timeout=0.5):
         raise ConfigError(f"port {port} already serves an API; choose another with --port")
+    _remove_stale_pid_file()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_API_URL=url)
     proc = subprocess.run(
@@ -182,8 +206,8 @@ def start_kept_server(port: int, timeout: float = 120) -> tuple[str, bool]:
         check=False,
     )
     if proc.returncode:
-        lines = [x.strip() for x in (proc.stderr + proc.stdout).splitlines() if x.strip()]
-        raise ConfigError(f"the Prefect server did not start: {lines[-1] if lines else '?'}")
+        said = " ".join((proc.stderr + proc.stdout).split())  # one line, however it was wrapped
+        raise ConfigError(f"the Prefect server did not start: {said[-300:] or '?'}")
     deadline = time.monotonic() + timeout
     while not _answers(url):
         if time.monotonic() > deadline:
@@ -408,3 +432,60 @@ def install_signal_handlers() -> None:
         raise Terminated()
 
     signal.signal(signal.SIGTERM, terminate)
+
+
+# ----------------------------------------------------------------- the terminal
+
+DEBUG_ENV = "DENOISE_DEBUG"  # "1" under --debug; Dask workers inherit it
+
+_RUN_LOGGERS = (
+    "prefect.flow_runs",
+    "prefect.task_runs",
+    "prefect.flow_engine",
+    "prefect.task_engine",
+)
+
+
+class _RunFailuresOffTerminal(logging.Filter):
+    """Keeps a failed run's error records (each with its traceback, often the
+    same one twice) off the terminal: the command ends with one line of its
+    own for them. They still reach the run's log in the UI (the API handler
+    is not filtered)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        return not (record.exc_info or record.name.startswith(_RUN_LOGGERS))
+
+
+def quiet_run_failures(debug: bool | None = None) -> None:
+    """Install :class:`_RunFailuresOffTerminal` on Prefect's terminal handler
+    (in this process: the command, or a Dask worker); not under --debug."""
+    if debug is None:
+        debug = os.environ.get(DEBUG_ENV) == "1"
+    if debug:
+        return
+    import prefect.main  # noqa: F401 - Prefect's logging is set up by now
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+            isinstance(f, _RunFailuresOffTerminal) for f in handler.filters
+        ):
+            handler.addFilter(_RunFailuresOffTerminal())
+
+
+@contextlib.contextmanager
+def sigint_ignored_by_children() -> Iterator[None]:
+    """Processes started inside (Dask's workers) ignore SIGINT: Ctrl-C reaches
+    the terminal's whole process group, and the command, not each worker,
+    handles it (it stops the workers). Only the main thread can do this; other
+    threads start children as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

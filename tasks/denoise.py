@@ -30,7 +30,7 @@ from denoiser.folder import (
     plan_folder,
     prepare_output,
 )
-from denoiser.inference import folder_survey, tile_spec_for_model
+from denoiser.inference import check_fits, folder_survey, tile_spec_for_model
 from denoiser.models import import_tensorflow_quietly, load_model
 from denoiser.plots import grid_png
 from denoiser.report import SUMMARY_JSON, report_folder_name, write_run_report
@@ -164,10 +164,9 @@ def _predictor(model: dict):
                 local_copy(model["model_path"], model.get("model_sha256")),
                 expected_sha256=model.get("model_sha256"),
             )
-        _LOADED[key] = (
-            BatchPredictor(loaded),
-            tile_spec_for_model(loaded, model.get("architecture")),
-        )
+        spec = tile_spec_for_model(loaded, model.get("architecture"))
+        check_fits(loaded, spec, model.get("version") or str(model["model_path"]))
+        _LOADED[key] = (BatchPredictor(loaded), spec)
     return _LOADED[key]
 
 

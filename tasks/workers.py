@@ -14,6 +14,23 @@ from prefect.logging import get_run_logger
 
 from tasks.denoise import _predictor, one_line
 
+try:
+    from prefect_dask import DaskTaskRunner
+except ImportError:  # pragma: no cover - checked by flows.denoising.dask_task_runner
+    DaskTaskRunner = object
+
+
+class QuietDaskTaskRunner(DaskTaskRunner):
+    """Prefect's DaskTaskRunner whose local cluster's processes ignore the
+    terminal's Ctrl-C (the command stops them) and keep failed runs'
+    tracebacks off the terminal, as the command does."""
+
+    def __enter__(self):
+        from flows.session import sigint_ignored_by_children
+
+        with sigint_ignored_by_children():
+            return super().__enter__()
+
 
 class ModelOnWorkers(WorkerPlugin):
     """Loads the model when a worker starts (or joins later, such as one
@@ -25,6 +42,9 @@ class ModelOnWorkers(WorkerPlugin):
         self.name = f"denoise-model-{hashlib.sha256(key).hexdigest()[:12]}"
 
     def setup(self, worker) -> None:
+        from flows.session import quiet_run_failures
+
+        quiet_run_failures()  # the worker's failed task runs: one line from the command
         # loads the run's runtime; TensorFlow's C++ start-up lines only with --debug
         _predictor(self.model)
 

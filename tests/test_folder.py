@@ -593,7 +593,9 @@ def test_an_output_without_a_record_is_kept_unless_overwrite(tmp_path):
     out.mkdir()
     (out / "00.png").write_bytes(b"someone else's file, newer than the input")
     results = {r.path: r for r in run_cheap(src, out)}
-    assert results["00.png"].status == "skipped" and "not made by denoise" in results["00.png"].error
+    assert (
+        results["00.png"].status == "skipped" and "not made by denoise" in results["00.png"].error
+    )
     assert (out / "00.png").read_bytes() == b"someone else's file, newer than the input"
     assert results["01.png"].status == "denoised"
     results = {r.path: r for r in run_cheap(src, out, overwrite=True)}
@@ -998,3 +1000,34 @@ def test_a_journal_hard_linked_into_the_input_gets_a_copy_of_its_own(tmp_path):
     assert (clean / JOURNAL_NAME).stat().st_nlink == 1
     # the first folder's journal still skips everything on a rerun
     assert [r.status for r in run_cheap(src, clean)] == ["skipped"] * 3
+
+
+def test_decoded_pixels_in_flight_stay_within_the_budget(tmp_path, monkeypatch):
+    """Memory is bounded by decoded pixels, not encoded bytes: with a budget
+    of three images, never more than three are decoded and not yet written
+    (an image larger than the budget still goes through, alone)."""
+    import denoiser.folder as folder
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(src / f"{i:02d}.png")
+    Image.fromarray(rng.integers(0, 256, (160, 160), dtype=np.uint8)).save(src / "big.png")
+    budgets = []
+
+    class Recorded(folder.PixelBudget):
+        def __init__(self, limit):
+            super().__init__(limit)
+            budgets.append(self)
+
+    monkeypatch.setattr(folder, "PixelBudget", Recorded)
+    monkeypatch.setattr(folder, "PIXELS_IN_FLIGHT", 3 * 64 * 64)
+    # a reader's task (up to 16 files, ending after TASK_BYTES of input) is the
+    # budget's unit: large images, the ones that matter, come one to a task
+    monkeypatch.setattr(folder, "TASK_BYTES", 1)
+    results = run_cheap(src, out)
+    assert [r.status for r in results] == ["denoised"] * 13
+    (budget,) = budgets
+    assert budget.peak == 160 * 160 or 2 * 64 * 64 <= budget.peak <= 3 * 64 * 64
+    assert budget.used == 0 and budget.waiting == 0
