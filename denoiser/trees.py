@@ -319,6 +319,9 @@ def open_tree(location: str | os.PathLike, role: str, must_exist: bool) -> Tree:
             raise ConfigError(f"{role} folder {root} does not exist or is not a folder")
         if root.exists() and not root.is_dir():
             raise ConfigError(f"{role} {root} exists and is not a folder")
+        above = next((p for p in root.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ConfigError(f"{role} folder {root} cannot be made: {above} is a file")
         return LocalTree(root.resolve())
     tree = RemoteTree(text)
     try:

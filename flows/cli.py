@@ -39,8 +39,9 @@ def _quiet_environment(debug: bool = False) -> None:
     os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
     # a temporary server on a busy two-core machine can need more than Prefect's 20 s
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    # Dask's scheduler and worker lifecycle lines (dozens per run) only with --debug
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if debug else "warning")
+    # Dask's lifecycle lines (dozens per run), and the warnings of workers stopped
+    # mid-task by Ctrl-C, only with --debug
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if debug else "error")
 
 
 def _noise_level(text: str) -> float | tuple[float, float]:

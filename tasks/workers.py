@@ -25,11 +25,14 @@ class QuietDaskTaskRunner(DaskTaskRunner):
     terminal's Ctrl-C (the command stops them) and keep failed runs'
     tracebacks off the terminal, as the command does."""
 
-    def __enter__(self):
+    @property
+    def client(self):
+        """The client; the cluster (created on first use) starts its worker
+        processes with SIGINT ignored."""
         from flows.session import sigint_ignored_by_children
 
         with sigint_ignored_by_children():
-            return super().__enter__()
+            return super().client
 
 
 class ModelOnWorkers(WorkerPlugin):

@@ -118,7 +118,7 @@ def denoise_env(
         PREFECT_HOME=str(home),
         PREFECT_LOCAL_STORAGE_PATH=str(home / "storage"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        TF_CPP_MIN_LOG_LEVEL="2",
+        TF_CPP_MIN_LOG_LEVEL="3",  # as the command sets it for its users
         DENOISE_STORE=str(store),
         PYTHONUNBUFFERED="1",
         COLUMNS="200",
