@@ -251,3 +251,26 @@ def test_models_export_adds_the_export_to_a_model_without_one(exported, tmp_path
         assert main(["--store", store, "models", "export", bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and ("unknown model version" in err or "not a model" in err)
+
+
+def test_models_export_in_a_bucket_pushes_both_files_and_the_card_last(exported, s3, capsys):
+    import hashlib
+
+    from flows.cli import main
+
+    _, folder, _ = exported
+    fs = s3.fs()
+    store = f"s3://{s3.bucket('ov-store')}/team"
+    where = f"{store}/models/{VERSION}"
+    card = json.loads((folder / "model.json").read_text())
+    card = {k: v for k, v in card.items() if not k.startswith("openvino")}
+    fs.put_file(str(folder / "model.keras"), f"{where}/model.keras")
+    fs.pipe_file(f"{where}/model.json", json.dumps(card).encode())
+
+    assert main(["--store", store, "models", "export", VERSION]) == 0, capsys.readouterr().err
+    fs.invalidate_cache()
+    card = json.loads(fs.cat_file(f"{where}/model.json"))
+    for name, field in ((XML_FILE, "openvino_xml_sha256"), (BIN_FILE, "openvino_bin_sha256")):
+        assert hashlib.sha256(fs.cat_file(f"{where}/{name}")).hexdigest() == card[field]
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(where, detail=False))
+    assert names == sorted(["model.keras", "model.json", XML_FILE, BIN_FILE])
