@@ -5,17 +5,14 @@ their card says so. Prefect-free."""
 from __future__ import annotations
 
 import os
-import re
 
-from artifacts.registry import _version_ref
+from artifacts.registry import _version_ref, check_version_name
 from artifacts.store import Store, resolve_store_root
 from denoiser.cards import CARD_FILE, load_card
-from denoiser.errors import ConfigError
+from denoiser.errors import ModelNotFound
 from denoiser.files import file_sha256, join_location, write_text_atomic
 from denoiser.openvino_runtime import BIN_FILE, XML_FILE, make_openvino_export
 
-# a version is one folder name in the store's models folder, never a path
-_VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # what an earlier export's evaluation said: void once the export is made again
 _SCORES = ("openvino_psnr", "keras_psnr", "openvino_scored_at")
 
@@ -42,11 +39,9 @@ def export_model_version(store_root: str | os.PathLike | None, version: str) -> 
     from denoiser.training import probe_shape
 
     store_root = resolve_store_root(store_root)
-    if not _VERSION_NAME.fullmatch(version):
-        raise ConfigError(f"not a model version name: {version!r}")
-    ref = _version_ref(store_root, version)
+    ref = _version_ref(store_root, check_version_name(version))
     if ref is None:
-        raise ConfigError(f"unknown model version {version!r} (not in {store_root}/models)")
+        raise ModelNotFound(f"unknown model version {version!r} (not in {store_root}/models)")
     if has_openvino_export(ref.dir, ref.card):
         return None
     with Store.at(store_root).stage() as stage:

@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import random
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -50,7 +51,7 @@ from typing import Any, TypeVar
 
 from artifacts.store import Store, resolve_store_root
 from denoiser.cards import CARD_FILE, CardMetrics, ModelCard, QualityGate, parse_card
-from denoiser.errors import ConfigError, ModelError
+from denoiser.errors import ConfigError, ModelError, ModelNotFound
 from denoiser.faults import failpoint
 from denoiser.files import fsync_dir, is_url, join_location, open_read
 from denoiser.openvino_runtime import BIN_FILE, XML_FILE
@@ -64,6 +65,25 @@ FIX_HINT = "move it aside or fix it"
 T = TypeVar("T")
 
 DOMAINS = ("digits", "photos")
+
+# a version is a folder name under models/, never a path: letters, digits, '.', '_', '-',
+# not starting with a dot (so neither '..' nor a hidden name)
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def is_version_name(name: Any) -> bool:
+    """Whether ``name`` can name a version (and nothing outside the models folder)."""
+    return isinstance(name, str) and VERSION_NAME.fullmatch(name) is not None
+
+
+def check_version_name(name: str) -> str:
+    """``name``, or a ConfigError when it is not a version name (a path, say)."""
+    if not is_version_name(name):
+        raise ConfigError(
+            f"{name!r} is not a version name (letters, digits, '.', '_' and '-', "
+            "such as 20261127-105202-unet-296b)"
+        )
+    return name
 
 
 def card_domain(card: ModelCard) -> str:
@@ -172,6 +192,11 @@ def registry_problem(state: Any) -> str | None:
         return f"'production_by_domain'[{bad!r}] must be a version name or null, not {_type_name(by_domain[bad])}"
     if not isinstance(state.get("history", []), list):
         return f"'history' must be a list, not {_type_name(state['history'])}"
+    names = [("'production'", production), *((f"'versions'[{v!r}]", v) for v in versions)]
+    names += [(f"'production_by_domain'[{d!r}]", v) for d, v in by_domain.items()]
+    bad = next(((where, v) for where, v in names if v is not None and not is_version_name(v)), None)
+    if bad is not None:
+        return f"{bad[0]} is {bad[1]!r}, not a version name"
     return None
 
 
@@ -340,7 +365,7 @@ def _version_ref(
 ) -> ModelRef | None:
     """The store's version folder ``version``, if it holds a model file;
     ``productions``: the production versions (one per domain)."""
-    if not version:
+    if not version or not is_version_name(version):
         return None
     store = Store.at(store_root)
     folder = store.join("models", version)
@@ -397,7 +422,12 @@ def list_models(store_root: str | os.PathLike | None) -> list[ModelRef]:
         if not root.is_dir():
             return []
         names = sorted(
-            (p.name for p in root.iterdir() if (p / "model.keras").is_file()), reverse=True
+            (
+                p.name
+                for p in root.iterdir()
+                if is_version_name(p.name) and (p / "model.keras").is_file()
+            ),
+            reverse=True,
         )
     if not names:
         return []
@@ -435,20 +465,20 @@ def resolve_model(
         )
         if chosen is None:
             hint = " (none passed its quality gate)" if models else ""
-            raise ModelError(f"no trained model in {store}{hint}; run `denoise train` first")
+            raise ModelNotFound(f"no trained model in {store}{hint}; run `denoise train` first")
         return chosen
     remote = Store.at(store).remote
     if remote and Path(spec).name == spec:  # a version name in a remote store
         ref = _version_ref(store, spec, production_by_domain(store, read_registry(store)).values())
         if ref is None:
-            raise ModelError(f"model {spec!r} not found (not a version in {store})")
+            raise ModelNotFound(f"model {spec!r} not found (not a version in {store})")
         return ref
     models_root = (
         None if remote else Store.at(store).models_root
     )  # a local path is never in a bucket
     named = (
         models_root is not None
-        and Path(spec).name == spec
+        and is_version_name(spec)
         and (models_root / spec / "model.keras").is_file()
     )  # a name, not a path
     path = models_root / spec if named else Path(spec).expanduser()
@@ -457,7 +487,7 @@ def resolve_model(
             raise ModelError(f"{path} holds no model.keras")
         path = path / "model.keras"
     if not path.is_file():
-        raise ModelError(
+        raise ModelNotFound(
             f"model {spec!r} not found (not a version in {store}, a folder or a .keras file)"
         )
     if path.suffix != ".keras":
@@ -601,10 +631,10 @@ def register_model(
 
 def promote(store_root: str | os.PathLike | None, version: str) -> ModelRef:
     store = resolve_store_root(store_root)
-    ref = _version_ref(store, version)
+    ref = _version_ref(store, check_version_name(version))
     if ref is None:
         known = ", ".join(m.version for m in list_models(store)[:5]) or "none"
-        raise ConfigError(f"unknown model version {version!r} (newest: {known})")
+        raise ModelNotFound(f"unknown model version {version!r} (newest: {known})")
     now = datetime.now(UTC).isoformat(timespec="seconds")
 
     domain = ref.domain

@@ -68,6 +68,8 @@ def resolve_store_root(root: str | os.PathLike | None = None) -> str:
     """An explicit root wins, then $DENOISE_STORE, then ./store. A local root
     comes back absolute (paths passed between tasks and worker processes stay
     valid), ``file://`` URLs as their path, other URLs without a trailing slash."""
+    if root is not None and not str(root).strip():
+        raise ConfigError("--store is an empty string; give a folder or a URL (s3://bucket/prefix)")
     chosen = str(root or os.environ.get(STORE_ENV) or DEFAULT_STORE)
     if chosen.startswith("file://"):
         chosen = chosen[len("file://") :] or "/"

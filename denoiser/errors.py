@@ -41,5 +41,18 @@ class ModelError(DenoiseError):
     """A model cannot be built, loaded or found."""
 
 
+class ModelNotFound(ModelError, ConfigError):
+    """The model asked for (a version, folder or file) does not exist: a usage error."""
+
+    exit_code = 2
+
+
+class ModelMismatch(ModelError, ConfigError):
+    """A model that loads but cannot denoise these images (channels, output
+    shape): refused before any image is read, a usage error."""
+
+    exit_code = 2
+
+
 class ImageError(DenoiseError):
     """An image cannot be read, decoded or written."""

@@ -30,6 +30,8 @@ def local_path(text: str | os.PathLike) -> Path:
     when it is set (a deployment's project folder, so that a worker started
     in any folder, whose flow runs may work in a temporary one, finds the
     store and the inbox), else against the current folder."""
+    if not str(text).strip():
+        raise ConfigError("an empty path; give a folder ('.' for the current one)")
     path = Path(text).expanduser()
     home = os.environ.get(HOME_ENV)
     if not path.is_absolute() and home:

@@ -17,8 +17,10 @@ input folder is refused.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
+import fcntl
 import fnmatch
 import hashlib
 import io
@@ -72,6 +74,8 @@ WHY_SKIPPED = "input and output match their record"
 WHY_NEW = "no output yet"
 WHY_OVERWRITE = "overwrite requested"
 WHY_NO_RECORD = "output exists but there is no record of it being made from this input"
+WHY_INTERRUPTED = "output written by an interrupted run before its record"
+NOT_OURS = "its output exists and was not made by denoise: kept; --overwrite replaces it"
 WHY_INPUT_CHANGED = "input changed since its output was made"
 WHY_OUTPUT_CHANGED = "output does not match its record (changed or damaged since it was made)"
 
@@ -128,11 +132,21 @@ class Job:
     blender: Blender | None = None
 
 
-def check_folders(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> tuple[Tree, Tree]:
+def check_folders(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    store: str | os.PathLike | None = None,
+) -> tuple[Tree, Tree]:
     """The input and output trees (local folders or object-storage prefixes);
-    a ConfigError when the input is missing or the output would hold it."""
+    a ConfigError when the input is missing, the output would hold it, or
+    the ``store`` (where the run's report goes) is inside it."""
     src = open_tree(input_dir, "input", must_exist=True)
     dst = open_tree(output_dir, "output", must_exist=False)
+    if store is not None and same_or_inside(open_tree(store, "store", must_exist=False), src):
+        raise ConfigError(
+            f"the store {display_path(str(store))} is inside the input folder "
+            f"{display_path(str(src))}, which is never written; give a store outside it"
+        )
     if same_or_inside(src, dst):
         if str(src.root) == str(dst.root):
             raise ConfigError(
@@ -161,17 +175,19 @@ def scan(
     fmt: str = "same",
     overwrite: bool = False,
     records: dict[str, OutputRecord] | None = None,
+    claims: set[str] | frozenset[str] = frozenset(),
 ) -> Iterator[Job | FileResult]:
     """Walk the input tree; yield work or verdicts.
 
     ``records`` (from the output folder's journal) say what each existing
     output was made from; whether it is still up to date is decided by the
-    reader, which hashes the input anyway.
+    reader, which hashes the input anyway. ``claims``: outputs an earlier run
+    claimed (made by denoise even without a record).
     """
     if isinstance(src, RemoteTree) or isinstance(dst, RemoteTree):
-        yield from _scan_listing(src, dst, pattern, fmt, overwrite, records or {})
+        yield from _scan_listing(src, dst, pattern, fmt, overwrite, records or {}, claims)
     else:
-        yield from _scan_local(src.root, dst.root, pattern, fmt, overwrite, records or {})
+        yield from _scan_local(src.root, dst.root, pattern, fmt, overwrite, records or {}, claims)
 
 
 def _scan_local(
@@ -181,6 +197,7 @@ def _scan_local(
     fmt: str,
     overwrite: bool,
     records: dict[str, OutputRecord],
+    claims: set[str] | frozenset[str],
 ) -> Iterator[Job | FileResult]:
     """A local input into a local output: symlinked folders are never
     followed, symlinks out of the input and outputs through symlinked folders
@@ -259,6 +276,7 @@ def _scan_local(
                     _exists(target),
                     overwrite,
                     records,
+                    claims,
                 )
             except OSError as exc:
                 yield FileResult(shown, "failed", f"cannot stat: {exc.strerror or exc}")
@@ -298,6 +316,7 @@ def _scan_listing(
     fmt: str,
     overwrite: bool,
     records: dict[str, OutputRecord],
+    claims: set[str] | frozenset[str],
 ) -> Iterator[Job | FileResult]:
     """Any pair with an object-storage side: one listing of each tree (no
     request per file). In object storage there are no symlinks; the output
@@ -335,6 +354,7 @@ def _scan_listing(
             target_rel in outputs,
             overwrite,
             records,
+            claims,
         )
 
 
@@ -370,9 +390,12 @@ def _job(
     exists: bool | None,
     overwrite: bool,
     records: dict[str, OutputRecord],
-) -> Job:
+    claims: set[str] | frozenset[str] = frozenset(),
+) -> Job | FileResult:
     """The work for one input, with why it is done (or the record that the
-    reader, which hashes the input anyway, compares to decide skipping).
+    reader, which hashes the input anyway, compares to decide skipping), or
+    the verdict that its output is a file denoise did not make (no record of
+    it in the journal): that one is the user's and stays, unless ``overwrite``.
     ``size`` and ``exists`` None: not known before reading (object storage
     asked nothing per file); a record then decides, checked by the reader."""
     job = Job(source, rel, target, target_rel, size)
@@ -381,7 +404,14 @@ def _job(
         job.reason = WHY_OVERWRITE
     elif exists is False:
         pass  # WHY_NEW
-    elif record is None or record.input != rel:
+    elif record is None:
+        if exists and target_rel in claims:
+            job.reason = WHY_INTERRUPTED
+        elif exists:
+            return FileResult(
+                display_path(rel), "skipped", NOT_OURS, size, output=display_path(target_rel)
+            )
+    elif record.input != rel:
         if exists:
             job.reason = WHY_NO_RECORD
     elif size is not None and record.input_size != size:
@@ -425,11 +455,12 @@ def plan_folder(
         raise ConfigError(f"--chunk-files must be at least 1, not {chunk_files}")
     src, dst = check_folders(input_dir, output_dir)
     journal = journal_for(dst)
-    records = journal.read()
-    items = list(scan(src, dst, pattern, fmt, overwrite, records))
+    records, claims = journal.read_all()
+    items = list(scan(src, dst, pattern, fmt, overwrite, records, claims))
     jobs = [i for i in items if isinstance(i, Job)]
     if stale := prepare_output(dst):
         logger.info("removed %d temporary files left by an interrupted run", stale)
+    journal.claim(unclaimed(jobs, claims))
     chunks = cut_chunks(jobs, chunk_files or auto_chunk_files(len(jobs), workers))
     return FolderPlan(
         [i for i in items if isinstance(i, FileResult)],
@@ -442,6 +473,12 @@ def plan_folder(
 CHUNK_BYTES = 4 << 20  # a chunk also ends after this much input: large images spread out
 CHUNKS_PER_WORKER = 4  # enough for the last chunks to even out between workers
 CHUNK_FILES_RANGE = (64, 1024)  # below, orchestration per file shows; above, balance suffers
+
+
+def unclaimed(jobs: list[Job], claims: set[str] | frozenset[str]) -> list[str]:
+    """The outputs of ``jobs`` to claim before any is written: those without
+    a record or an earlier claim."""
+    return [j.target_rel for j in jobs if j.record is None and j.target_rel not in claims]
 
 
 def auto_chunk_files(files: int, workers: int) -> int:
@@ -528,18 +565,20 @@ def denoise_chunk_files(
                 )
                 continue
             exists = dst.exists(dst.path(target_rel))
-        jobs.append(
-            _job(
-                src.path(rel),
-                rel,
-                dst.path(target_rel),
-                target_rel,
-                size,
-                exists,
-                overwrite,
-                known,
-            )
+        # the plan claimed every output of its chunks: one there without a
+        # record was written by an earlier attempt at this chunk
+        work = _job(
+            src.path(rel),
+            rel,
+            dst.path(target_rel),
+            target_rel,
+            size,
+            exists,
+            overwrite,
+            known,
+            frozenset([target_rel]),
         )
+        (jobs if isinstance(work, Job) else results).append(work)
     # batches of a quarter of the chunk at most: the model starts on the first
     # while the rest is read, and the last outputs are written while it runs
     predict = predict.at_most(max(MIN_CHUNK_BATCH, -(-len(rels) // 4)))
@@ -597,17 +636,21 @@ def remove_stale_parts(dst: Path) -> int:
     return removed
 
 
-def parse_journal(data: bytes) -> dict[str, OutputRecord]:
+def parse_journal(data: bytes, claims: set[str] | None = None) -> dict[str, OutputRecord]:
     """The last record of each output in a journal's bytes; lines that are not
-    whole records (a torn last line, garbage) are ignored."""
+    whole records (a torn last line, garbage) are ignored. ``claims``, when
+    given, gets the outputs a run claimed (:func:`format_claim`)."""
     records: dict[str, OutputRecord] = {}
     for line in data.split(b"\n"):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
+            if claims is not None and isinstance(obj.get("claim"), str):
+                claims.add(obj["claim"])
+                continue
             values = {name: obj[name] for name in _RECORD_TYPES}
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, AttributeError):
             continue
         if all(type(v) is _RECORD_TYPES[k] for k, v in values.items()):
             record = OutputRecord(**values)
@@ -628,33 +671,128 @@ def format_record(record: OutputRecord) -> bytes:
     ).encode("ascii")
 
 
+def open_private(path: str, flags: int, what: str, keep: bool = True) -> int:
+    """Open a file of the output folder's own (the journal, its lock) so that
+    nothing is written through a link into another folder: a symlink in its
+    place is removed (it is a name in the output folder, ours by its name),
+    a file hard-linked elsewhere is first replaced by a copy of its own (the
+    other name keeps its bytes; without ``keep``, an empty file), and anything
+    but a regular file is refused. ``flags`` must open it for reading."""
+    for _ in range(3):
+        try:
+            fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            logger.warning("%s %s was a symlink; replaced by a file of its own", what, path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            continue
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ConfigError(f"{path} is not a regular file; move it aside")
+        if st.st_nlink == 1:
+            return fd
+        try:
+            data = os.pread(fd, st.st_size, 0) if keep and st.st_size else b""
+        finally:
+            os.close(fd)
+        logger.warning("%s %s was hard-linked elsewhere; replaced by a copy of its own", what, path)
+        write_atomic(path, data)
+    raise ConfigError(f"{path} keeps being replaced by a link; move it aside")
+
+
+class FolderLock:
+    """An exclusive lock on a file of the output folder (``flock``), opened
+    with :func:`open_private` and never truncated: a link planted in its
+    place can neither be written through nor shared with another folder."""
+
+    def __init__(self, path: str, timeout: float):
+        self.path = path
+        self.timeout = timeout
+        self._fd: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        fd = open_private(self.path, os.O_RDWR | os.O_CREAT, "lock file", keep=False)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise TimeoutError(
+                        f"{self.path}: held by another run for over {self.timeout:.0f} s"
+                    ) from None
+                time.sleep(0.01)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def format_claim(output: str) -> bytes:
+    """One journal line saying a run is about to write ``output``: written
+    before the output's rename, so that an output whose record a killed run
+    never wrote is still known as denoise's (redone), not taken for a user's
+    file (kept)."""
+    return f'{{"claim": {_json_str(output)}}}\n'.encode("ascii")
+
+
 class Journal:
     """The output folder's record of finished outputs (JOURNAL_NAME): one JSON
     line per output, appended in batches as outputs are written, compacted at
     the end of a run. A lock file serialises appends and rewrites, so runs
-    into the same output folder at the same time lose none of each other's lines."""
+    into the same output folder at the same time lose none of each other's
+    lines. Both files are the folder's own (:func:`open_private`)."""
 
     def __init__(self, dst: Path):
-        from filelock import FileLock
-
         self.root = dst
         self.path = dst / JOURNAL_NAME
-        # the file lock is per process; this one orders the writer threads
+        # the file lock orders processes; this one orders the writer threads
         self._mutex = threading.Lock()
-        self._lock = FileLock(
-            dst / JOURNAL_LOCK_NAME, timeout=JOURNAL_LOCK_TIMEOUT, thread_local=False
-        )
+        self._lock = FolderLock(str(dst / JOURNAL_LOCK_NAME), JOURNAL_LOCK_TIMEOUT)
 
     def read(self) -> dict[str, OutputRecord]:
+        return self.read_all()[0]
+
+    def read_all(self) -> tuple[dict[str, OutputRecord], set[str]]:
+        """The journal's records and claims; a symlink in its place counts as
+        no journal (it is replaced at the first append)."""
+        claims: set[str] = set()
         try:
-            return parse_journal(self.path.read_bytes())
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
-            return {}
+            return {}, claims
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return {}, claims
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"{self.path} is not a regular file; move it aside")
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                return parse_journal(fh.read(), claims), claims
+        finally:
+            os.close(fd)
+
+    def claim(self, outputs: list[str]) -> None:
+        """Claim the outputs a run is about to write (:func:`format_claim`)."""
+        if outputs:
+            self._write(b"".join(format_claim(o) for o in outputs))
 
     def append(self, records: list[OutputRecord]) -> None:
-        lines = b"".join(format_record(r) for r in records)
+        self._write(b"".join(format_record(r) for r in records))
+
+    def _write(self, lines: bytes) -> None:
         with self._mutex, self._lock:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+            fd = open_private(str(self.path), os.O_RDWR | os.O_APPEND | os.O_CREAT, "journal")
             try:
                 size = os.fstat(fd).st_size
                 if size and os.pread(fd, 1, size - 1) != b"\n":
@@ -670,16 +808,22 @@ class Journal:
         False when it was already so (then it is not touched)."""
         with self._mutex, self._lock:
             try:
-                data = self.path.read_bytes()
+                fd = open_private(str(self.path), os.O_RDONLY, "journal")
             except FileNotFoundError:
                 return False
+            try:
+                data = os.pread(fd, os.fstat(fd).st_size, 0)
+            finally:
+                os.close(fd)
             root = str(self.root)
-            kept = [
-                r
-                for r in parse_journal(data).values()
-                if os.path.lexists(os.path.join(root, r.output))
-            ]
+            claims: set[str] = set()
+            records = parse_journal(data, claims)
+            kept = [r for r in records.values() if os.path.lexists(os.path.join(root, r.output))]
+            orphans = sorted(
+                c for c in claims - records.keys() if os.path.lexists(os.path.join(root, c))
+            )
             compacted = b"".join(format_record(r) for r in kept)
+            compacted += b"".join(format_claim(c) for c in orphans)
             if compacted == data:
                 return False
             write_atomic(self.path, compacted)
@@ -698,7 +842,7 @@ class RemoteJournal:
         self.tree = tree
         self.path = tree.path(JOURNAL_NAME)
 
-    def _read_all(self) -> tuple[dict[str, OutputRecord], list[str], bytes]:
+    def _read_all(self) -> tuple[dict[str, OutputRecord], set[str], list[str], bytes]:
         parts = sorted(
             self.tree.path(rel)
             for rel in self.tree.listing(JOURNAL_PARTS)
@@ -709,21 +853,35 @@ class RemoteJournal:
         main = main if isinstance(main, bytes) else b""
         chunks = [main] + [got[p] for p in parts if isinstance(got.get(p), bytes)]
         data = b"\n".join(chunks)
-        return parse_journal(data), [p for p in parts if isinstance(got.get(p), bytes)], main
+        claims: set[str] = set()
+        records = parse_journal(data, claims)
+        return records, claims, [p for p in parts if isinstance(got.get(p), bytes)], main
 
     def read(self) -> dict[str, OutputRecord]:
         return self._read_all()[0]
 
+    def read_all(self) -> tuple[dict[str, OutputRecord], set[str]]:
+        records, claims, _, _ = self._read_all()
+        return records, claims
+
+    def claim(self, outputs: list[str]) -> None:
+        if outputs:
+            self._write(b"".join(format_claim(o) for o in outputs))
+
     def append(self, records: list[OutputRecord]) -> None:
+        self._write(b"".join(map(format_record, records)))
+
+    def _write(self, lines: bytes) -> None:
         name = f"{time.time_ns():020d}-{host_tag()}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
-        self.tree.write(
-            self.tree.path(f"{JOURNAL_PARTS}/{name}"), b"".join(map(format_record, records))
-        )
+        self.tree.write(self.tree.path(f"{JOURNAL_PARTS}/{name}"), lines)
 
     def compact(self) -> bool:
-        records, parts, main = self._read_all()
+        records, claims, parts, main = self._read_all()
         existing = self.tree.listing()
         compacted = b"".join(format_record(r) for r in records.values() if r.output in existing)
+        compacted += b"".join(
+            format_claim(c) for c in sorted(claims - records.keys()) if c in existing
+        )
         if compacted == main and not parts:
             return False
         if compacted != main:
@@ -923,11 +1081,13 @@ def denoise_tree(
         raise ConfigError(f"format must be 'same' or 'png', not {fmt!r}")
     src, dst = check_folders(input_dir, output_dir)
     journal = journal_for(dst)
-    items = list(scan(src, dst, pattern, fmt, overwrite, journal.read()))
+    records, claims = journal.read_all()
+    items = list(scan(src, dst, pattern, fmt, overwrite, records, claims))
     jobs = [i for i in items if isinstance(i, Job)]
     results: list[FileResult] = [i for i in items if isinstance(i, FileResult)]
     if stale := prepare_output(dst):
         logger.info("removed %d temporary files left by an interrupted run", stale)
+    journal.claim(unclaimed(jobs, claims))
     try:
         return _run(jobs, results, len(items), src, dst, journal, predict, spec, fmt, on_result)
     finally:

@@ -307,6 +307,10 @@ def open_tree(location: str | os.PathLike, role: str, must_exist: bool) -> Tree:
     """The tree at a local path, ``file://`` URL or object-storage URL; a
     ConfigError naming ``role`` (input/output) when it cannot be used."""
     text = str(location)
+    if not text.strip():
+        raise ConfigError(
+            f"the {role} folder is an empty string; give a path ('.' for the current folder)"
+        )
     if text.startswith("file://"):
         text = text[len("file://") :] or "/"
     if not is_url(text):

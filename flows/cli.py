@@ -426,12 +426,12 @@ def run_folder_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from artifacts.registry import resolve_model
-    from artifacts.store import Store
+    from artifacts.store import Store, resolve_store_root
     from denoiser.folder import check_folders
     from flows.denoising import denoise_folder
 
     # usage errors and a missing model fail fast, before a Prefect server starts
-    check_folders(args.input_dir, args.output_dir)
+    check_folders(args.input_dir, args.output_dir, resolve_store_root(args.store))
     check_dask_options(args.workers, args.dask_address, args.chunk_files)
     Store.at(args.store).check()
     ref = resolve_model(args.store, args.model)

@@ -10,6 +10,7 @@ from prefect.utilities.annotations import quote
 
 from artifacts.store import resolve_store_root
 from denoiser.errors import ConfigError
+from denoiser.folder import check_folders
 from denoiser.trees import resolve_location
 from flows.session import STATE_HOOKS
 from tasks.denoise import (
@@ -50,6 +51,7 @@ def denoise_folder(
     store_root = str(resolve_store_root(store))
     # absolute, so that every worker (any cwd, any host sharing the file system) finds them
     input_dir, output_dir = resolve_location(input_dir), resolve_location(output_dir)
+    check_folders(input_dir, output_dir, store_root)  # a run from the UI gets the CLI's checks
     in_chunks = bool(workers or dask_address)  # large jobs: not LiteRT unless asked
     chosen = resolve_denoiser(model, store_root, input_dir, pattern, runtime, in_chunks)
     if not in_chunks:

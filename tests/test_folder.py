@@ -20,7 +20,13 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from denoiser.errors import ConfigError, ImageError
-from denoiser.folder import JOURNAL_NAME, BatchPredictor, check_folders, denoise_tree
+from denoiser.folder import (
+    JOURNAL_NAME,
+    BatchPredictor,
+    check_folders,
+    denoise_tree,
+    parse_journal,
+)
 from denoiser.images import (
     decode_image,
     decode_with_pillow,
@@ -580,13 +586,20 @@ def test_a_corrupt_output_newer_than_its_input_is_redone(tmp_path):
     assert (out / "02.png").read_bytes() == good
 
 
-def test_an_output_without_a_record_is_redone(tmp_path):
+def test_an_output_without_a_record_is_kept_unless_overwrite(tmp_path):
+    """A file in OUT that denoise did not make (no record) is the user's: kept."""
     src, out = tmp_path / "in", tmp_path / "out"
     small_tree(src, 2)
     out.mkdir()
     (out / "00.png").write_bytes(b"someone else's file, newer than the input")
     results = {r.path: r for r in run_cheap(src, out)}
-    assert results["00.png"].status == "denoised" and "no record" in results["00.png"].reason
+    assert (
+        results["00.png"].status == "skipped" and "not made by denoise" in results["00.png"].error
+    )
+    assert (out / "00.png").read_bytes() == b"someone else's file, newer than the input"
+    assert results["01.png"].status == "denoised"
+    results = {r.path: r for r in run_cheap(src, out, overwrite=True)}
+    assert results["00.png"].status == "denoised"
     Image.open(out / "00.png").load()
 
 
@@ -641,8 +654,7 @@ def test_kill_9_after_an_output_then_a_rerun_denoises_each_file_once(tmp_path):
     assert killed.returncode == -9, stderr.decode()[-2000:]
     made = {p.name for p in out.glob("*.png")}
     journal = out / JOURNAL_NAME  # records are written in batches: the killed one's are lost
-    lines = journal.read_text().splitlines() if journal.exists() else []
-    recorded = {json.loads(line)["output"] for line in lines if line.strip()}
+    recorded = set(parse_journal(journal.read_bytes())) if journal.exists() else set()
     assert 5 <= len(made) < 30 and recorded < made  # the 5th output was renamed, never recorded
 
     model = CountingIdentity()
@@ -957,3 +969,34 @@ def test_without_a_chunk_size_each_worker_gets_about_four_chunks_within_bounds(t
         (src / f"{i:03d}.png").write_bytes(small_grey_png(np.full((8, 8), i % 256, np.uint8)))
     plan = plan_folder(src, tmp_path / "out", workers=2)
     assert [len(c) for c in plan.chunks] == [64, 64, 64, 64, 44]
+
+
+@pytest.mark.parametrize("name", [JOURNAL_NAME, ".denoise-journal.lock"])
+def test_a_journal_or_lock_symlinked_into_the_input_is_not_written_through(tmp_path, name):
+    src, out = tmp_path / "in", tmp_path / "out"
+    small_tree(src, 3)
+    out.mkdir()
+    victim = src / "00.png"
+    before = victim.read_bytes()
+    (out / name).symlink_to(victim)
+    results = run_cheap(src, out)
+    assert [r.status for r in results] == ["denoised"] * 3
+    assert victim.read_bytes() == before
+    assert not (out / name).is_symlink() and (out / name).is_file()
+
+
+def test_a_journal_hard_linked_into_the_input_gets_a_copy_of_its_own(tmp_path):
+    """`cp -al clean clean2` shares the journal's inode: appending to it would
+    change the input folder's journal."""
+    src, clean, clean2 = tmp_path / "in", tmp_path / "clean", tmp_path / "clean2"
+    small_tree(src, 3)
+    run_cheap(src, clean)
+    subprocess.run(["cp", "-al", str(clean), str(clean2)], check=True)
+    before = {p.name: p.read_bytes() for p in clean.iterdir()}
+    results = run_cheap(clean, clean2, overwrite=True, pattern="*.png")
+    assert [r.status for r in results] == ["denoised"] * 3
+    assert {p.name: p.read_bytes() for p in clean.iterdir()} == before
+    assert (clean2 / JOURNAL_NAME).stat().st_nlink == 1
+    assert (clean / JOURNAL_NAME).stat().st_nlink == 1
+    # the first folder's journal still skips everything on a rerun
+    assert [r.status for r in run_cheap(src, clean)] == ["skipped"] * 3

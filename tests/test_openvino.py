@@ -250,7 +250,7 @@ def test_models_export_adds_the_export_to_a_model_without_one(exported, tmp_path
     for bad in ("../models", "nope", f"{VERSION}/..", "/etc"):
         assert main(["--store", store, "models", "export", bad]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and ("unknown model version" in err or "not a model" in err)
+        assert err.count("\n") == 1 and ("unknown model version" in err or "not a version" in err)
 
 
 def test_models_export_in_a_bucket_pushes_both_files_and_the_card_last(exported, s3, capsys):

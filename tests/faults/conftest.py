@@ -87,10 +87,11 @@ class Runner:
         failpoints: str | None = None,
         api_url: str | None | bool = True,
         preexec=None,
+        cwd: Path | None = None,
     ) -> Command:
         url = self.api_url if api_url is True else (api_url or None)
         env = denoise_env(store, self.home, url, self.data_source, failpoints, env_extra)
-        return start_denoise(["--store", str(store), *args], env, self.logs, preexec)
+        return start_denoise(["--store", str(store), *args], env, self.logs, preexec, cwd)
 
     def run(
         self,
@@ -101,8 +102,9 @@ class Runner:
         timeout: float = 300,
         api_url: str | None | bool = True,
         preexec=None,
+        cwd: Path | None = None,
     ) -> subprocess.CompletedProcess:
-        return self.start(args, store, env_extra, failpoints, api_url, preexec).wait(timeout)
+        return self.start(args, store, env_extra, failpoints, api_url, preexec, cwd).wait(timeout)
 
 
 @pytest.fixture()

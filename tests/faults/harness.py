@@ -134,7 +134,11 @@ def denoise_env(
 
 
 def start_denoise(
-    args: list[str], env: dict, logs: Path, preexec: Callable | None = None
+    args: list[str],
+    env: dict,
+    logs: Path,
+    preexec: Callable | None = None,
+    cwd: Path | None = None,
 ) -> Command:
     logs.mkdir(parents=True, exist_ok=True)
     stamp = f"{time.monotonic_ns()}"
@@ -142,7 +146,7 @@ def start_denoise(
     with open(out, "wb") as o, open(err, "wb") as e:
         proc = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", *args],
-            cwd=REPO,
+            cwd=cwd or REPO,
             env=env,
             stdout=o,
             stderr=e,
