@@ -207,18 +207,26 @@ def test_a_folder_is_denoised_by_openvino_without_tensorflow(exported, prefect_a
     assert summary["counts"]["denoised"] == 12
     assert any((tmp_path / "cache" / "openvino").iterdir())  # the next command skips compiling
 
+    # in chunks on Dask: the choice travels to the workers in the model summary
+    out, summary = _folder_run(
+        tmp_path, store, prefect_api, src, tmp_path / "chunks", "--workers", "2"
+    )
+    assert summary["model"]["runtime"] == "openvino"
+    assert summary["counts"]["denoised"] == 12
+
     out, summary = _folder_run(
         tmp_path, store, prefect_api, src, tmp_path / "keras", "--runtime", "keras"
     )
     assert "tensorflow imported: True" in out
-    levels = [
-        np.abs(
-            np.asarray(Image.open(tmp_path / "ov" / p.name), int)
-            - np.asarray(Image.open(tmp_path / "keras" / p.name), int)
-        )
-        for p in sorted(src.iterdir())
-    ]
-    assert max(d.max() for d in levels) <= 1  # the same images, up to float rounding
+    for other in ("chunks", "keras"):
+        levels = [
+            np.abs(
+                np.asarray(Image.open(tmp_path / "ov" / p.name), int)
+                - np.asarray(Image.open(tmp_path / other / p.name), int)
+            )
+            for p in sorted(src.iterdir())
+        ]
+        assert max(d.max() for d in levels) <= 1  # the same images, up to float rounding
 
 
 def test_models_export_adds_the_export_to_a_model_without_one(exported, tmp_path, capsys):
