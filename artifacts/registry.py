@@ -54,6 +54,7 @@ from denoiser.cards import CARD_FILE, CardMetrics, ModelCard, QualityGate, parse
 from denoiser.errors import ConfigError, ModelError, ModelNotFound
 from denoiser.faults import failpoint
 from denoiser.files import fsync_dir, is_url, join_location, open_read
+from denoiser.openvino_runtime import BIN_FILE, XML_FILE
 from denoiser.runtime import LITERT_FILE
 
 REGISTRY_FILE = "registry.json"
@@ -137,6 +138,16 @@ class ModelRef:
                 str(join_location(self.dir, LITERT_FILE)) if card.litert_sha256 else None
             ),
             "litert_sha256": card.litert_sha256,
+            # the OpenVINO export, when it has one (denoiser.openvino_runtime)
+            "openvino_xml_path": (
+                str(join_location(self.dir, XML_FILE)) if card.openvino_xml_sha256 else None
+            ),
+            "openvino_bin_path": (
+                str(join_location(self.dir, BIN_FILE)) if card.openvino_bin_sha256 else None
+            ),
+            "openvino_xml_sha256": card.openvino_xml_sha256,
+            "openvino_bin_sha256": card.openvino_bin_sha256,
+            "openvino_precision": card.openvino_precision,
             "created": card.created,
         }
 

@@ -298,7 +298,7 @@ class Store:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-TEMPORARY_ENDINGS = (".part", ".tmp", ".tmp.keras", ".tmp.tflite")
+TEMPORARY_ENDINGS = (".part", ".tmp", ".tmp.keras", ".tmp.tflite", ".tmp.xml", ".tmp.bin")
 
 
 def is_temporary_name(name: str) -> bool:

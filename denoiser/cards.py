@@ -120,6 +120,15 @@ class ModelCard(_Open):
     # the LiteRT export (model.tflite), when the model converts (denoiser.runtime)
     litert_sha256: str | None = None
     litert_bytes: int | None = None
+    # the OpenVINO export (model.xml, model.bin), when the model converts
+    # (denoiser.openvino_runtime); the evaluation adds the PSNRs its precision is chosen by
+    openvino_xml_sha256: str | None = None
+    openvino_bin_sha256: str | None = None
+    openvino_bytes: int | None = None
+    openvino_precision: str | None = None  # what it is to run at: "bf16" or "f32"
+    openvino_scored_at: str | None = None  # what the CPU ran when it was scored
+    openvino_psnr: float | None = None  # the export's test PSNR at bf16 (the CPU permitting)
+    keras_psnr: float | None = None  # Keras fp32 on the same noisy test images
     versions: dict[str, str] = Field(default_factory=dict)
     created: str | None = None
     metrics: CardMetrics | None = None

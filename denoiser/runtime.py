@@ -1,16 +1,17 @@
-"""Running a trained model without TensorFlow: its LiteRT export, for short jobs.
+"""Running a trained model without TensorFlow, and which runtime a run uses.
 
 Importing TensorFlow and Keras costs several seconds, more than denoising a
 few dozen images takes. Each trained model is therefore also exported to
-LiteRT (``model.tflite`` beside ``model.keras``, its sha256 on the card),
-when its layers convert to LiteRT's built-in operations and its outputs match
-Keras'. A folder run then picks a runtime (:func:`choose_runtime`): LiteRT for
-small jobs (nothing of TensorFlow is imported), Keras for large ones (faster
-per pixel on large images) and for models without an export.
+OpenVINO (:mod:`denoiser.openvino_runtime`) and to LiteRT (``model.tflite``
+beside ``model.keras``, its sha256 on the card), when its layers convert and
+its outputs match Keras'. A run then picks a runtime (:func:`choose_runtime`):
+OpenVINO on a CPU for any job, else LiteRT for small jobs, else Keras (GPUs,
+models without an export, OpenVINO not installed).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections import OrderedDict
@@ -24,7 +25,7 @@ from denoiser.files import atomic_file, file_sha256
 logger = logging.getLogger(__name__)
 
 LITERT_FILE = "model.tflite"
-RUNTIMES = ("auto", "keras", "litert")
+RUNTIMES = ("auto", "keras", "litert", "openvino")
 # "auto" runs LiteRT on a folder whose images take at most this many bytes:
 # there it saves TensorFlow's start-up; past it, Keras' faster large batches win
 SMALL_JOB_BYTES = 4 << 20
@@ -39,6 +40,23 @@ def litert_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def openvino_available() -> bool:
+    """Whether OpenVINO is installed (looked up, not imported)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+def gpu_present() -> bool:
+    """Whether this machine has an NVIDIA GPU that TensorFlow would use,
+    told without importing TensorFlow: the driver lists a GPU and
+    ``CUDA_VISIBLE_DEVICES`` does not hide them all."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+        return False
+    try:
+        return any(Path("/proc/driver/nvidia/gpus").iterdir())
+    except OSError:
+        return False
 
 
 class _NotExported(Exception):
@@ -163,15 +181,29 @@ def load_litert(path: str | os.PathLike, expected_sha256: str | None = None) -> 
         raise ModelError(f"cannot load LiteRT model {path}: {first_line(exc)}") from None
 
 
-def choose_runtime(requested: str, has_export: bool, image_bytes: int | None) -> str:
-    """``keras`` or ``litert`` for a folder run. ``requested``: ``auto`` (LiteRT
-    when the model has an export, the interpreter is installed and the
-    folder's images take at most :data:`SMALL_JOB_BYTES`), or one of the two;
-    ``litert`` without an export or an interpreter is a one-line ConfigError."""
+def choose_runtime(
+    requested: str, has_export: bool, image_bytes: int | None, has_openvino: bool = False
+) -> str:
+    """``keras``, ``litert`` or ``openvino`` for a run. ``has_export``: the
+    model has a LiteRT export; ``has_openvino``: an OpenVINO one.
+    ``requested``: ``auto`` (OpenVINO when the model has its export, OpenVINO
+    is installed and there is no GPU; else LiteRT when the model has an
+    export, the interpreter is installed and the folder's images take at most
+    :data:`SMALL_JOB_BYTES`; else Keras), or one of the three; a runtime
+    asked for without its export or its package is a one-line ConfigError."""
     if requested not in RUNTIMES:
         raise ConfigError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {requested!r}")
     if requested == "keras":
         return "keras"
+    if requested == "openvino":
+        if not has_openvino:
+            raise ConfigError(
+                "--runtime openvino: this model has no OpenVINO export; make one with "
+                "`denoise models export VERSION`, or use --runtime keras"
+            )
+        if not openvino_available():
+            raise ConfigError("--runtime openvino needs OpenVINO: pip install openvino")
+        return "openvino"
     if requested == "litert":
         if not has_export:
             raise ConfigError(
@@ -181,5 +213,7 @@ def choose_runtime(requested: str, has_export: bool, image_bytes: int | None) ->
         if not litert_available():
             raise ConfigError("--runtime litert needs ai-edge-litert: pip install ai-edge-litert")
         return "litert"
+    if has_openvino and openvino_available() and not gpu_present():
+        return "openvino"
     small = image_bytes is not None and image_bytes <= SMALL_JOB_BYTES
     return "litert" if small and has_export and litert_available() else "keras"

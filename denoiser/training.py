@@ -51,6 +51,7 @@ from denoiser.models import (
     file_sha256,
     load_model,
 )
+from denoiser.openvino_runtime import export_openvino
 from denoiser.progress import epoch_bar, scores, validation_sample, validation_scores
 from denoiser.runtime import LITERT_FILE, export_litert
 from denoiser.shards import check_shard_set, iter_batches, read_manifest, split_rows
@@ -820,6 +821,8 @@ def train_model(
 
     # a TensorFlow-free copy for short folder runs, when the model converts
     file_facts |= export_litert(model, out / LITERT_FILE, probe_shape(model))
+    # the CPU runtime of folder runs (model.xml, model.bin), when the model converts
+    file_facts |= export_openvino(model, out, probe_shape(model))
 
     history = _read_history(history_path)
     if seconds is None:

@@ -311,7 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text, add, run in (
         ("folder", "denoise every image in a folder", add_folder_arguments, run_folder_command),
-        ("models", "list model versions; promote one", add_models_arguments, run_models_command),
+        (
+            "models",
+            "list model versions; promote one; export one to OpenVINO",
+            add_models_arguments,
+            run_models_command,
+        ),
         (
             "serve",
             "serve the scheduled deployments from this process",
@@ -379,11 +384,11 @@ def add_folder_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--runtime",
-        choices=["auto", "keras", "litert"],
+        choices=["auto", "keras", "litert", "openvino"],
         default="auto",
-        help="what runs the model: Keras, or its LiteRT export (starts in a fraction of "
-        "the time, slower on large images); auto (default): LiteRT for a folder of at "
-        "most 4 MB of images",
+        help="what runs the model: Keras, or its OpenVINO or LiteRT export (both start "
+        "in a fraction of the time); auto (default): OpenVINO on a CPU when the model has "
+        "its export, else LiteRT for a folder of at most 4 MB of images, else Keras",
     )
 
 
@@ -435,14 +440,21 @@ def run_folder_command(args: argparse.Namespace) -> int:
     Store.at(args.store).check()
     ref = resolve_model(args.store, args.model)
     from denoiser.models import import_tensorflow_quietly
-    from denoiser.runtime import litert_available
+    from denoiser.runtime import gpu_present, litert_available, openvino_available
     from flows.session import finished_despite_api, start_api
 
     api = start_api()  # a temporary server boots while TensorFlow is imported
-    # only the workers run the model in chunks; LiteRT, when it may be chosen, needs no TensorFlow
+    # only the workers run the model in chunks; an export, when it may be chosen, needs no
+    # TensorFlow
     in_chunks = args.workers or args.dask_address
     may_use_litert = args.runtime != "keras" and litert_available() and ref.card.litert_sha256
-    if not in_chunks and not may_use_litert:
+    may_use_openvino = (
+        args.runtime in ("auto", "openvino")
+        and ref.card.openvino_xml_sha256
+        and openvino_available()
+        and (args.runtime == "openvino" or not gpu_present())
+    )
+    if not in_chunks and not may_use_litert and not may_use_openvino:
         import_tensorflow_quietly(args.debug)
     # worker processes inherit the environment: one server for all, not one each
     os.environ["PREFECT_API_URL"] = api()
@@ -520,6 +532,10 @@ def add_models_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_parser("list", help="list model versions (the default)")
     promote_parser = sub.add_parser("promote", help="make VERSION the production model")
     promote_parser.add_argument("version")
+    export_parser = sub.add_parser(
+        "export", help="make the OpenVINO export of VERSION (trained before exports)"
+    )
+    export_parser.add_argument("version")
 
 
 def run_models_command(args: argparse.Namespace) -> int:
@@ -537,6 +553,21 @@ def run_models_command(args: argparse.Namespace) -> int:
         ref = promote(args.store, args.version)
         console.print(f"[green]{ref.version}[/] is now the production model for {ref.domain}")
         return 0
+    if getattr(args, "models_command", None) == "export":
+        from artifacts.exports import export_model_version
+        from denoiser.models import import_tensorflow_quietly
+
+        Store.at(args.store).check()
+        import_tensorflow_quietly(args.debug)
+        facts = export_model_version(args.store, args.version)
+        if facts is None:
+            console.print(f"{args.version} already has an OpenVINO export")
+        else:
+            console.print(
+                f"[green]{args.version}[/]: OpenVINO export made "
+                f"({facts['openvino_bytes']:,} bytes, runs at {facts['openvino_precision']})"
+            )
+        return 0
     Store.at(args.store).check()
     models = list_models(args.store)
     if not models:
@@ -553,6 +584,7 @@ def run_models_command(args: argparse.Namespace) -> int:
         "SSIM",
         "gate",
         "LiteRT",
+        "OpenVINO",
         "created",
     ):
         table.add_column(col)
@@ -568,6 +600,7 @@ def run_models_command(args: argparse.Namespace) -> int:
             f"{s['ssim']:.3f}" if s["ssim"] is not None else "",
             ("passed" if m.passed else "failed") if m.card.quality_gate else "not evaluated",
             "yes" if s["litert_sha256"] else "no",  # an export: short folder runs skip TensorFlow
+            (s["openvino_precision"] or "bf16") if s["openvino_xml_sha256"] else "no",
             str(s["created"] or ""),
         )
     console.print(table)

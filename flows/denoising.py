@@ -36,7 +36,7 @@ def denoise_folder(
     workers: int | None = None,
     dask_address: str | None = None,
     chunk_files: int | None = None,
-    runtime: Literal["auto", "keras", "litert"] = "auto",
+    runtime: Literal["auto", "keras", "litert", "openvino"] = "auto",
 ) -> dict:
     """Denoise every image under ``input_dir`` into ``output_dir`` (same tree).
     ``model``: a version, a model folder or a .keras file; default: the
@@ -45,20 +45,15 @@ def denoise_folder(
     ``dask_address`` (an existing cluster): the folder is cut into chunks of
     ``chunk_files`` files (default: about four per worker, 64 to 1,024 files),
     one task each, run by Dask; otherwise one task in
-    this process. ``runtime``: Keras, or the model's LiteRT export (no
-    TensorFlow start-up); ``auto``: LiteRT for a small folder in this process."""
+    this process. ``runtime``: Keras, or the model's OpenVINO or LiteRT export
+    (no TensorFlow start-up); ``auto``: OpenVINO on a CPU when the model has
+    its export, else LiteRT for a small folder in this process, else Keras."""
     store_root = str(resolve_store_root(store))
     # absolute, so that every worker (any cwd, any host sharing the file system) finds them
     input_dir, output_dir = resolve_location(input_dir), resolve_location(output_dir)
     check_folders(input_dir, output_dir, store_root)  # a run from the UI gets the CLI's checks
-    in_chunks = bool(workers or dask_address)  # large jobs: Keras unless asked otherwise
-    chosen = resolve_denoiser(
-        model,
-        store_root,
-        input_dir,
-        pattern,
-        "keras" if in_chunks and runtime == "auto" else runtime,
-    )
+    in_chunks = bool(workers or dask_address)  # large jobs: not LiteRT unless asked
+    chosen = resolve_denoiser(model, store_root, input_dir, pattern, runtime, in_chunks)
     if not in_chunks:
         return denoise_images(input_dir, output_dir, chosen, overwrite, pattern, format, store_root)
     runner = dask_task_runner(workers, dask_address)

@@ -32,6 +32,7 @@ from denoiser.folder import (
 )
 from denoiser.inference import check_fits, folder_survey, tile_spec_for_model
 from denoiser.models import import_tensorflow_quietly, load_model
+from denoiser.openvino_runtime import DEFAULT_PRECISION, load_openvino
 from denoiser.plots import grid_png
 from denoiser.report import SUMMARY_JSON, report_folder_name, write_run_report
 from denoiser.runtime import choose_runtime, load_litert
@@ -48,25 +49,34 @@ def resolve_denoiser(
     input_dir: str | None = None,
     pattern: str = "*",
     runtime: str = "auto",
+    in_chunks: bool = False,
 ) -> dict:
     """The model to use, traceable: version, card facts and data manifest hash.
     Without ``model``, the production model of the domain of ``input_dir``'s
     images (photographs or digits) when it can be told, else the overall one;
     ``warning``: one line when the model learned another domain than the images'.
-    ``runtime``: what runs it, Keras or its LiteRT export (``auto``: LiteRT for
-    a small folder, :func:`denoiser.runtime.choose_runtime`)."""
+    ``runtime``: what runs it, Keras or one of its exports (``auto``: OpenVINO
+    on a CPU, else LiteRT for a small folder not run ``in_chunks``, see
+    :func:`denoiser.runtime.choose_runtime`)."""
     logger = get_run_logger()
     domain, image_bytes = folder_survey(input_dir, pattern) if input_dir else (None, None)
     ref = resolve_model(store_root, model, domain if model is None else None)
-    chosen = choose_runtime(runtime, ref.card.litert_sha256 is not None, image_bytes)
+    chosen = choose_runtime(
+        runtime,
+        ref.card.litert_sha256 is not None,
+        None if in_chunks else image_bytes,  # chunks are large jobs: never LiteRT unless asked
+        ref.card.openvino_xml_sha256 is not None and ref.card.openvino_bin_sha256 is not None,
+    )
     summary = ref.summary()
+    where, by = {
+        "litert": (summary["litert_path"], "LiteRT"),
+        "openvino": (
+            summary["openvino_xml_path"],
+            f"OpenVINO ({summary['openvino_precision'] or DEFAULT_PRECISION})",
+        ),
+    }.get(chosen, (summary["model_path"], "Keras"))
     logger.info(
-        "using model %s (%s, %s) from %s, run by %s",
-        ref.version,
-        ref.status,
-        ref.domain,
-        summary["litert_path"] if chosen == "litert" else summary["model_path"],
-        "LiteRT" if chosen == "litert" else "Keras",
+        "using model %s (%s, %s) from %s, run by %s", ref.version, ref.status, ref.domain, where, by
     )
     warning = domain_mismatch(store_root, ref, domain)
     if warning:
@@ -147,13 +157,21 @@ _LOADED: dict[tuple, tuple] = {}  # per process: a Dask worker loads each model 
 
 def _predictor(model: dict):
     """The model's predictor and tile spec, loaded once per process and kept:
-    the Keras model, or its LiteRT export when ``model["runtime"]`` says so
-    (then nothing of TensorFlow is imported). Each file is checked against the
-    card's checksum when the card has one."""
+    the Keras model, or its LiteRT or OpenVINO export when ``model["runtime"]``
+    says so (then nothing of TensorFlow is imported). Each file is checked
+    against the card's checksum when the card has one."""
     runtime = model.get("runtime", "keras")
     key = (str(model["model_path"]), model.get("model_sha256"), runtime)
     if key not in _LOADED:
-        if runtime == "litert":
+        if runtime == "openvino":
+            loaded = load_openvino(
+                local_copy(model["openvino_xml_path"], model.get("openvino_xml_sha256")),
+                local_copy(model["openvino_bin_path"], model.get("openvino_bin_sha256")),
+                model.get("openvino_xml_sha256"),
+                model.get("openvino_bin_sha256"),
+                model.get("openvino_precision") or DEFAULT_PRECISION,
+            )
+        elif runtime == "litert":
             loaded = load_litert(
                 local_copy(model["litert_path"], model.get("litert_sha256")),
                 expected_sha256=model.get("litert_sha256"),

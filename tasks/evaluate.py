@@ -22,8 +22,10 @@ from denoiser.files import is_url
 from denoiser.inference import EVAL_NOISE_SEED, centre_crop, evaluate_planes, predict_array
 from denoiser.metrics import evaluate_arrays
 from denoiser.models import architecture_recipe, load_model
+from denoiser.openvino_runtime import BIN_FILE, XML_FILE, load_openvino, precision_to_run
 from denoiser.plots import grid_png
 from denoiser.quality import judge_quality
+from denoiser.runtime import openvino_available
 from denoiser.shards import load_split, read_manifest
 from tasks.publish import Publisher
 
@@ -53,7 +55,7 @@ def evaluate_denoiser(model_dir: str, shards_dir: str, evaluation: EvalConfig) -
     card last."""
     store = Store.at(model_dir.rsplit("/models/", 1)[0] if is_url(model_dir) else model_dir)
     with store.stage() as stage:
-        folder = stage.pull(model_dir, files=("model.json", "model.keras"))
+        folder = stage.pull(model_dir, files=("model.json", "model.keras", XML_FILE, BIN_FILE))
         result = _evaluate(folder, shards_dir, EvalConfig.model_validate(evaluation))
         where = stage.push(folder, last=("model.json",))
     return {
@@ -75,6 +77,7 @@ def _evaluate(folder: Path, shards_dir: str, evaluation: EvalConfig) -> dict:
         judged = _judge_pairs(model, card, shards_dir, evaluation)
     metrics, samples, rows, table, caption = judged
     overall = metrics["overall"]
+    exported = _score_openvino(folder, card, shards_dir, evaluation, overall["psnr_denoised"])
     gate = judge_quality(metrics, evaluation.min_psnr_gain)
     passed = gate.passed
 
@@ -84,7 +87,7 @@ def _evaluate(folder: Path, shards_dir: str, evaluation: EvalConfig) -> dict:
     )
     failpoint("evaluate.before_card")
     card = load_card(folder).model_copy(
-        update={"metrics": CardMetrics.model_validate(overall), "quality_gate": gate}
+        update={"metrics": CardMetrics.model_validate(overall), "quality_gate": gate, **exported}
     )
     _write(folder / CARD_FILE, card.to_json())  # model_sha256 and the rest kept as read
 
@@ -156,6 +159,43 @@ def _evaluate(folder: Path, shards_dir: str, evaluation: EvalConfig) -> dict:
             }
             for r in metrics.get("per_sigma", [])
         ],
+    }
+
+
+def _score_openvino(
+    folder: Path, card: ModelCard, shards_dir: str, evaluation: EvalConfig, keras_psnr: float
+) -> dict:
+    """The OpenVINO export scored at bf16 (where the CPU has it) on the same
+    noisy test images as Keras: the card's ``openvino_psnr``, ``keras_psnr``,
+    ``openvino_scored_at`` and the ``openvino_precision`` it is to run at
+    (f32 when bf16 loses too much). ``{}`` without an export or OpenVINO."""
+    if not (card.openvino_xml_sha256 and card.openvino_bin_sha256) or not openvino_available():
+        return {}
+    logger = get_run_logger()
+    model = load_openvino(
+        folder / XML_FILE,
+        folder / BIN_FILE,
+        card.openvino_xml_sha256,
+        card.openvino_bin_sha256,
+        precision="bf16",
+    )
+    if read_manifest(shards_dir).get("kind") == "patches":
+        got = _judge_photos(model, card, shards_dir, evaluation)[0]["overall"]["psnr_denoised"]
+    else:
+        got = _judge_pairs(model, card, shards_dir, evaluation)[0]["overall"]["psnr_denoised"]
+    precision = precision_to_run(keras_psnr, got, model.precision)
+    (logger.info if precision == "bf16" else logger.warning)(
+        "OpenVINO export at %s: PSNR %.3f dB, Keras fp32 %.3f dB; it runs at %s",
+        model.precision,
+        got,
+        keras_psnr,
+        precision,
+    )
+    return {
+        "openvino_psnr": round(float(got), 4),
+        "keras_psnr": round(float(keras_psnr), 4),
+        "openvino_scored_at": model.precision,
+        "openvino_precision": precision,
     }
 
 

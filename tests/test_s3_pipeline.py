@@ -6,6 +6,7 @@ the folder denoiser reads its model from the bucket and leaves its report there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -135,6 +136,10 @@ def test_two_machines_share_one_bucket(s3, prefect_api, mnist_mirror, tmp_path):
     # unet-small needs a TensorFlow-only convolution in LiteRT: no export, and the card says none
     assert "litert_sha256" not in card
     assert not fs.exists(f"denoise-e2e/team-store/models/{version}/model.tflite")
+    # its OpenVINO export is pushed with it, the card naming both files
+    for name, field in (("model.xml", "openvino_xml_sha256"), ("model.bin", "openvino_bin_sha256")):
+        blob = fs.cat_file(f"denoise-e2e/team-store/models/{version}/{name}")
+        assert hashlib.sha256(blob).hexdigest() == card[field], name
     assert first.local_store_files() == [] and not list(
         first.cwd.iterdir()
     )  # no local "s3:" folder
@@ -186,4 +191,5 @@ def test_two_machines_share_one_bucket(s3, prefect_api, mnist_mirror, tmp_path):
     assert len(reports) == 1
     summary = json.loads(fs.cat_file(reports[0]))
     assert summary["counts"]["denoised"] == 4 and summary["report"].startswith(f"{STORE}/reports/")
-    assert summary["model"]["runtime"] == "keras"  # a small folder, but no export to run
+    # fetched from the bucket, checked against the card and run by OpenVINO on this CPU
+    assert summary["model"]["runtime"] == "openvino"

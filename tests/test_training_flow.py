@@ -98,6 +98,12 @@ def test_flow_downloads_over_http_trains_and_reuses_cache(prefect_harness, http_
     assert card["quality_gate"]["passed"] is True
     # the LiteRT export beside it, for short folder runs (denoiser.runtime)
     assert card["litert_sha256"] == file_sha256(model_dir / "model.tflite")
+    # and the OpenVINO export, scored by the evaluation against Keras (denoiser.openvino_runtime)
+    assert card["openvino_xml_sha256"] == file_sha256(model_dir / "model.xml")
+    assert card["openvino_bin_sha256"] == file_sha256(model_dir / "model.bin")
+    assert card["openvino_precision"] in ("bf16", "f32")
+    assert card["keras_psnr"] == pytest.approx(card["metrics"]["psnr_denoised"], abs=1e-3)
+    assert abs(card["openvino_psnr"] - card["keras_psnr"]) < 0.05
     assert result["metrics"]["psnr_noisy"] < 12  # noise 0.5 on MNIST is about 9.4 dB
     assert (Path(result["shards"]) / "manifest.json").is_file()
 
