@@ -22,6 +22,7 @@ FILES_LANDED = "denoise.inbox.files-landed"
 def _run_facts() -> dict[str, Any]:
     """The current flow run's name, id, flow and UI link (empty outside a run)."""
     from prefect.runtime import flow_run
+    from prefect.utilities.urls import url_for
 
     if not flow_run.id:
         return {}
@@ -29,7 +30,8 @@ def _run_facts() -> dict[str, Any]:
         "flow": flow_run.flow_name,
         "flow_run": flow_run.name,
         "flow_run_id": str(flow_run.id),
-        "flow_run_url": flow_run.ui_url,
+        # the link the UI's own pages use (runs/flow-run/<id>), as the server's templates give
+        "flow_run_url": url_for("flow-run", obj_id=flow_run.id),
     }
 
 
