@@ -255,6 +255,13 @@ def apply_alerts_file(path: str | os.PathLike) -> list[str]:
     return lines
 
 
+def apply_serve_alerts(path: Path = ALERTS_YAML) -> None:
+    """``denoise serve`` brings the project's alerts along: alerts.yaml, applied at start."""
+    if path.is_file():
+        for line in apply_alerts_file(path):
+            print(line)
+
+
 # --------------------------------------------------------------------------- the command
 
 

@@ -604,9 +604,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def run_serve_command(args: argparse.Namespace) -> int:
     from prefect import serve
 
+    from flows.alerts import apply_serve_alerts
     from flows.serve import build_deployments
 
     deployments = build_deployments()
+    apply_serve_alerts()
     names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
     print(f"serving {names}; Ctrl-C to stop")
     serve(*deployments, limit=args.limit)
