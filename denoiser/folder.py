@@ -178,18 +178,23 @@ def scan(
     overwrite: bool = False,
     records: dict[str, OutputRecord] | None = None,
     claims: set[str] | frozenset[str] = frozenset(),
+    settle: float = 0.0,
 ) -> Iterator[Job | FileResult]:
     """Walk the input tree; yield work or verdicts.
 
     ``records`` (from the output folder's journal) say what each existing
     output was made from; whether it is still up to date is decided by the
     reader, which hashes the input anyway. ``claims``: outputs an earlier run
-    claimed (made by denoise even without a record).
+    claimed (made by denoise even without a record). ``settle``: a local file
+    modified less than that many seconds ago may still be being written; it is
+    left (skipped, with that reason) for a later run (an inbox's, see flows/watch.py).
     """
     if isinstance(src, RemoteTree) or isinstance(dst, RemoteTree):
         yield from _scan_listing(src, dst, pattern, fmt, overwrite, records or {}, claims)
     else:
-        yield from _scan_local(src.root, dst.root, pattern, fmt, overwrite, records or {}, claims)
+        yield from _scan_local(
+            src.root, dst.root, pattern, fmt, overwrite, records or {}, claims, settle
+        )
 
 
 def _scan_local(
@@ -200,10 +205,12 @@ def _scan_local(
     overwrite: bool,
     records: dict[str, OutputRecord],
     claims: set[str] | frozenset[str],
+    settle: float = 0.0,
 ) -> Iterator[Job | FileResult]:
     """A local input into a local output: symlinked folders are never
     followed, symlinks out of the input and outputs through symlinked folders
     out of the output are refused."""
+    now = time.time()
     claimed: dict[str, str] = {}  # output -> the input it is made from (x.jpg and x.png -> x.png)
     matches = re.compile(fnmatch.translate(pattern)).match  # fnmatch's test, compiled once
     stack = [("", str(src))]  # (its path relative to the input, with a slash; the folder)
@@ -251,6 +258,15 @@ def _scan_local(
                     continue
                 if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
                     yield FileResult(shown, "skipped", "not an image file type", bytes=st.st_size)
+                    continue
+                if settle and now - st.st_mtime < settle:
+                    yield FileResult(
+                        shown,
+                        "skipped",
+                        f"modified in the last {settle:g} s, maybe still being written; "
+                        "left for a later run",
+                        bytes=st.st_size,
+                    )
                     continue
                 if writable is None:
                     writable = _inside(Path(out_folder).resolve(), dst)
@@ -448,6 +464,7 @@ def plan_folder(
     overwrite: bool = False,
     chunk_files: int | None = None,
     workers: int = 1,
+    settle: float = 0.0,
 ) -> FolderPlan:
     """Scan ``input_dir`` once and cut the work into chunks of at most
     ``chunk_files`` (None: :func:`auto_chunk_files` for ``workers``)."""
@@ -458,7 +475,7 @@ def plan_folder(
     src, dst = check_folders(input_dir, output_dir)
     journal = journal_for(dst)
     records, claims = journal.read_all()
-    items = list(scan(src, dst, pattern, fmt, overwrite, records, claims))
+    items = list(scan(src, dst, pattern, fmt, overwrite, records, claims, settle))
     jobs = [i for i in items if isinstance(i, Job)]
     if stale := prepare_output(dst):
         logger.info("removed %d temporary files left by an interrupted run", stale)
@@ -1121,6 +1138,7 @@ def denoise_tree(
     fmt: str = "same",
     overwrite: bool = False,
     on_result: Callable[[FileResult, int, int], None] | None = None,
+    settle: float = 0.0,
 ) -> list[FileResult]:
     """Denoise every image under ``input_dir`` into ``output_dir`` (each a
     local folder or an object-storage prefix).
@@ -1130,14 +1148,14 @@ def denoise_tree(
     result's ``reason`` says why it was done or skipped.
     ``on_result(result, done, total)`` is called (from this thread) as files
     finish; raising from it stops the run cleanly (finished outputs stay,
-    recorded).
+    recorded). ``settle``: files modified more recently are left (see :func:`scan`).
     """
     if fmt not in ("same", "png"):
         raise ConfigError(f"format must be 'same' or 'png', not {fmt!r}")
     src, dst = check_folders(input_dir, output_dir)
     journal = journal_for(dst)
     records, claims = journal.read_all()
-    items = list(scan(src, dst, pattern, fmt, overwrite, records, claims))
+    items = list(scan(src, dst, pattern, fmt, overwrite, records, claims, settle))
     jobs = [i for i in items if isinstance(i, Job)]
     results: list[FileResult] = [i for i in items if isinstance(i, FileResult)]
     if stale := prepare_output(dst):

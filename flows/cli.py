@@ -329,12 +329,34 @@ def build_parser() -> argparse.ArgumentParser:
             add_server_arguments,
             run_server_command,
         ),
+        *_commands_of_their_own(),
     ):
         command = sub.add_parser(name, help=help_text)
         _add_global_arguments(command, top=False)
         add(command)
         command.set_defaults(handler=run)
     return parser
+
+
+def _commands_of_their_own() -> tuple:
+    """Commands whose arguments and handler live in their own modules."""
+    from flows.alerts import add_alerts_arguments, run_alerts_command
+    from flows.watch import add_watch_arguments, run_watch_command
+
+    return (
+        (
+            "alerts",
+            "messages to a webhook when runs call for attention (add, list, remove, apply)",
+            add_alerts_arguments,
+            run_alerts_command,
+        ),
+        (
+            "watch",
+            "an inbox: denoise files as they land in a folder",
+            add_watch_arguments,
+            run_watch_command,
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- denoise folder
@@ -619,9 +641,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def run_serve_command(args: argparse.Namespace) -> int:
     from prefect import serve
 
+    from flows.alerts import apply_serve_alerts
     from flows.serve import build_deployments
 
     deployments = build_deployments()
+    apply_serve_alerts()
     names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
     print(f"serving {names}; Ctrl-C to stop")
     serve(*deployments, limit=args.limit)

@@ -12,6 +12,7 @@ from artifacts.store import resolve_store_root
 from denoiser.errors import ConfigError
 from denoiser.folder import check_folders
 from denoiser.trees import resolve_location
+from flows.limits import hold_limit, limit_name
 from flows.session import STATE_HOOKS
 from tasks.denoise import (
     chunk_files_of,
@@ -37,6 +38,7 @@ def denoise_folder(
     dask_address: str | None = None,
     chunk_files: int | None = None,
     runtime: Literal["auto", "keras", "litert", "openvino"] = "auto",
+    settle: float = 0.0,
 ) -> dict:
     """Denoise every image under ``input_dir`` into ``output_dir`` (same tree).
     ``model``: a version, a model folder or a .keras file; default: the
@@ -47,18 +49,54 @@ def denoise_folder(
     one task each, run by Dask; otherwise one task in
     this process. ``runtime``: Keras, or the model's OpenVINO or LiteRT export
     (no TensorFlow start-up); ``auto``: OpenVINO on a CPU when the model has
-    its export, else LiteRT for a small folder in this process, else Keras."""
+    its export, else LiteRT for a small folder in this process, else Keras.
+    ``settle``: files modified in the last that many seconds may still be being
+    written and are left for a later run (an inbox, ``denoise watch``).
+    Runs into one output folder take turns (a concurrency limit keyed by it)."""
     store_root = str(resolve_store_root(store))
     # absolute, so that every worker (any cwd, any host sharing the file system) finds them
     input_dir, output_dir = resolve_location(input_dir), resolve_location(output_dir)
     check_folders(input_dir, output_dir, store_root)  # a run from the UI gets the CLI's checks
+    with hold_limit(limit_name("folder", output_dir), f"the run writing into {output_dir}"):
+        return _denoise_folder(
+            input_dir,
+            output_dir,
+            model,
+            overwrite,
+            pattern,
+            format,
+            store_root,
+            workers,
+            dask_address,
+            chunk_files,
+            runtime,
+            settle,
+        )
+
+
+def _denoise_folder(
+    input_dir: str,
+    output_dir: str,
+    model: str | None,
+    overwrite: bool,
+    pattern: str,
+    format: str,
+    store_root: str,
+    workers: int | None,
+    dask_address: str | None,
+    chunk_files: int | None,
+    runtime: str,
+    settle: float,
+) -> dict:
     in_chunks = bool(workers or dask_address)  # large jobs: not LiteRT unless asked
     chosen = resolve_denoiser(model, store_root, input_dir, pattern, runtime, in_chunks)
     if not in_chunks:
-        return denoise_images(input_dir, output_dir, chosen, overwrite, pattern, format, store_root)
+        return denoise_images(
+            input_dir, output_dir, chosen, overwrite, pattern, format, store_root, settle
+        )
     runner = dask_task_runner(workers, dask_address)
     return denoise_in_chunks.with_options(task_runner=runner)(
-        input_dir, output_dir, chosen, overwrite, pattern, format, store_root, chunk_files
+        input_dir, output_dir, chosen, overwrite, pattern, format, store_root, chunk_files, settle
     )
 
 
@@ -72,6 +110,7 @@ def denoise_in_chunks(
     format: str,
     store_root: str,
     chunk_files: int | None,
+    settle: float = 0.0,
 ) -> dict:
     """The folder as chunks of files, one ``denoise_chunk`` task each, merged into one report."""
     from tasks.workers import load_denoiser_on_workers, unload_denoiser_from_workers
@@ -79,7 +118,14 @@ def denoise_in_chunks(
     loaded = load_denoiser_on_workers(chosen)
     try:
         plan = plan_denoise_chunks(
-            input_dir, output_dir, pattern, format, overwrite, chunk_files, loaded["workers"]
+            input_dir,
+            output_dir,
+            pattern,
+            format,
+            overwrite,
+            chunk_files,
+            loaded["workers"],
+            settle,
         )
         futures = [
             denoise_chunk.submit(input_dir, output_dir, files, chosen, overwrite, format)

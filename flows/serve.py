@@ -32,6 +32,13 @@ def _schedules(spec: dict) -> list:
     return out
 
 
+def _triggers(spec: dict) -> list:
+    """A deployment's event triggers (prefect.yaml's ``triggers:``), as ``prefect deploy`` reads them."""
+    from prefect.events import DeploymentEventTrigger
+
+    return [DeploymentEventTrigger(**t) for t in spec.get("triggers") or []]
+
+
 def build_deployments(path: Path = PREFECT_YAML) -> list:
     from flows.denoising import denoise_folder
     from flows.training import train_pipeline
@@ -51,6 +58,7 @@ def build_deployments(path: Path = PREFECT_YAML) -> list:
                 description=spec.get("description"),
                 tags=spec.get("tags"),
                 concurrency_limit=spec.get("concurrency_limit"),
+                triggers=_triggers(spec),
                 enforce_parameter_schema=spec.get("enforce_parameter_schema", True),
             )
         )

@@ -196,7 +196,12 @@ def start_kept_server(port: int, timeout: float = 120) -> tuple[str, bool]:
         raise ConfigError(f"port {port} already serves an API; choose another with --port")
     _remove_stale_pid_file()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_API_URL=url)
+    # PREFECT_UI_URL: the run links in alerts' messages (flows/alerts.py) point at this UI
+    env.update(
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_API_URL=url,
+        PREFECT_UI_URL=url.removesuffix("/api"),
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "prefect", "server", "start", "--background"]
         + ["--host", "127.0.0.1", "--port", str(port)],

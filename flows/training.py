@@ -12,6 +12,7 @@ from artifacts.store import Store, resolve_store_root
 from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
 from denoiser.noise import default_noise_for
 from denoiser.training import apply_recipe_defaults
+from flows.limits import hold_limit, limit_name
 from flows.session import STATE_HOOKS
 from tasks.corrupt import write_noisy_shards
 from tasks.download import download_dataset
@@ -42,19 +43,27 @@ def train_pipeline(
     check_registry(store_root)  # a broken registry fails now, not after a whole training
     # each reuses its output found verified in the store (state Cached), else makes or repairs it;
     # such a task returns a State, so its value is taken from the run's state
-    dataset = download_dataset(data, store_root, return_state=True).result()
-    limits = (data.train_limit, data.test_limit)
-    shards_dir = write_noisy_shards(dataset, noise, store_root, *limits, return_state=True).result()
-    model = train_autoencoder(shards_dir, training, store_root)
-    metrics = evaluate_denoiser(model["dir"], shards_dir, evaluation)
-    if not metrics["passed"]:
-        logger.warning(
-            "Model %s FAILED the quality gate: PSNR gain %.2f dB < %.2f dB required",
-            model["version"],
-            metrics["psnr_gain"],
-            evaluation.min_psnr_gain,
+    # one training at a time per store: a second one waits here (queued), it does not fail
+    with hold_limit(limit_name("train", str(store_root)), "the training of this store"):
+        dataset = download_dataset(data, store_root, return_state=True).result()
+        limits = (data.train_limit, data.test_limit)
+        shards = write_noisy_shards(dataset, noise, store_root, *limits, return_state=True)
+        shards_dir = shards.result()
+        model = train_autoencoder(shards_dir, training, store_root)
+        # a failed gate comes in a state named "Gate failed", with its figures as the message
+        metrics = evaluate_denoiser(
+            model["dir"], shards_dir, evaluation, return_state=True
+        ).result()
+        if not metrics["passed"]:
+            logger.warning(
+                "Model %s FAILED the quality gate: PSNR gain %.2f dB < %.2f dB required",
+                model["version"],
+                metrics["psnr_gain"],
+                evaluation.min_psnr_gain,
+            )
+        registry = register_model_version(
+            model["dir"], metrics, store_root, model.get("checkpoint")
         )
-    registry = register_model_version(model["dir"], metrics, store_root, model.get("checkpoint"))
     return {
         "store": store_root,
         "shards": shards_dir,

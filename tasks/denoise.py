@@ -37,6 +37,7 @@ from denoiser.plots import grid_png
 from denoiser.report import SUMMARY_JSON, report_folder_name, write_run_report
 from denoiser.runtime import choose_runtime, load_litert
 from denoiser.trees import open_tree
+from tasks.events import emit_files_failed
 from tasks.publish import ProgressArtifact, Publisher, remember_outcome
 
 REPORT_ROWS_IN_UI = 500
@@ -203,6 +204,7 @@ def denoise_images(
     pattern: str,
     format: str,
     store_root: str,
+    settle: float = 0.0,
 ) -> dict:
     """The whole folder in this process, with a live progress bar and artifact."""
     logger = get_run_logger()
@@ -230,6 +232,7 @@ def denoise_images(
             fmt=format,
             overwrite=overwrite,
             on_result=on_result,
+            settle=settle,
         )
     except BaseException:
         publisher.close(timeout=1)  # its thread ends with the task, whatever ended it
@@ -258,6 +261,7 @@ def plan_denoise_chunks(
     overwrite: bool,
     chunk_files: int | None,
     workers: int,
+    settle: float = 0.0,
 ) -> dict:
     """Scan the folder once; the chunks (relative paths) each become a task."""
     plan = plan_folder(
@@ -268,6 +272,7 @@ def plan_denoise_chunks(
         overwrite=overwrite,
         chunk_files=chunk_files,
         workers=workers,
+        settle=settle,
     )
     get_run_logger().info(
         "%d files to look at in %d chunks of up to %d (for %d workers); %d decided by the scan",
@@ -478,6 +483,8 @@ def _report(
         seconds,
         report,
     )
+    if counts["failed"]:
+        emit_files_failed(summary)  # what an alert (flows/alerts.py) tells
     remember_outcome("denoise_images", summary)
     publisher.close()
     return summary

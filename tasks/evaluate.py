@@ -12,6 +12,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
+from prefect.states import Completed, State
 
 from artifacts.render import markdown_image, markdown_table, table_rows
 from artifacts.store import Store
@@ -27,6 +28,7 @@ from denoiser.plots import grid_png
 from denoiser.quality import judge_quality
 from denoiser.runtime import openvino_available
 from denoiser.shards import load_split, read_manifest
+from tasks.events import emit_gate_failed
 from tasks.publish import Publisher
 
 CONVENTION = (
@@ -46,24 +48,48 @@ def _write(path: Path, data: bytes | str) -> None:
 
 
 @task(name="evaluate_denoiser", cache_policy=NO_CACHE)
-def evaluate_denoiser(model_dir: str, shards_dir: str, evaluation: EvalConfig) -> dict:
+def evaluate_denoiser(model_dir: str, shards_dir: str, evaluation: EvalConfig) -> State:
     """Scores the model on the shard set's test split: MNIST-style pairs as
     stored, a patch set's whole test images with awgn at each of
     ``evaluation.sigmas``; writes metrics.json, samples.png, report.md and the
     verdict into the card, and publishes the table and the report. ``model_dir``
     may be in a remote store: its files are staged and the new ones pushed, the
-    card last."""
+    card last. Returns the metrics in a COMPLETED state, named "Gate failed"
+    (with the figures as its message, and a ``denoise.quality-gate.failed``
+    event) when the model failed its gate: the UI shows the verdict on the
+    task run; callers take ``return_state=True`` and ``.result()``."""
     store = Store.at(model_dir.rsplit("/models/", 1)[0] if is_url(model_dir) else model_dir)
     with store.stage() as stage:
         folder = stage.pull(model_dir, files=("model.json", "model.keras", XML_FILE, BIN_FILE))
         result = _evaluate(folder, shards_dir, EvalConfig.model_validate(evaluation))
         where = stage.push(folder, last=("model.json",))
-    return {
+    result = {
         **result,
         "report": f"{where}/report.md",
         "samples": f"{where}/samples.png",
         "model_dir": where,
     }
+    if result["passed"]:
+        return Completed(data=result)
+    summary = gate_summary(result)
+    emit_gate_failed(result["version"], gate_figures(result), summary)
+    return Completed(data=result, name="Gate failed", message=summary)
+
+
+def gate_figures(result: dict) -> dict:
+    """The figures a gate verdict is made of, for an event's payload."""
+    keys = ("psnr_gain", "min_psnr_gain", "psnr_denoised", "psnr_noisy", "ssim_denoised")
+    return {k: round(float(result[k]), 4) for k in keys} | {"test_images": result["test_images"]}
+
+
+def gate_summary(result: dict) -> str:
+    """A failed gate in one line, with its figures."""
+    return (
+        f"model {result['version']} failed its quality gate: PSNR gain "
+        f"{result['psnr_gain']:.2f} dB < {result['min_psnr_gain']:.2f} dB required "
+        f"(PSNR {result['psnr_denoised']:.2f} dB denoised, {result['psnr_noisy']:.2f} dB noisy, "
+        f"SSIM {result['ssim_denoised']:.3f}, {result['test_images']:,} test images)"
+    )
 
 
 def _evaluate(folder: Path, shards_dir: str, evaluation: EvalConfig) -> dict:
@@ -143,6 +169,7 @@ def _evaluate(folder: Path, shards_dir: str, evaluation: EvalConfig) -> dict:
         "mse_denoised": overall["mse_denoised"],
         "bce_denoised": overall.get("bce_denoised"),
         "passed": passed,
+        "version": card.version,
         "min_psnr_gain": evaluation.min_psnr_gain,
         "test_images": overall["count"],
         "per_sigma": [

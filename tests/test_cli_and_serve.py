@@ -62,7 +62,13 @@ class _no_raise:
 def test_serve_builds_the_deployments_of_prefect_yaml():
     specs = {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
     deployments = {d.name: d for d in build_deployments()}
-    assert set(deployments) == set(specs) == {"nightly", "nightly-photos", "inbox"}
+    assert (
+        set(deployments) == set(specs) == {"nightly", "nightly-photos", "inbox", "inbox-on-arrival"}
+    )
+    # the inbox run by events: a folder run per burst that `denoise watch --emit-only` announces
+    [trigger] = deployments["inbox-on-arrival"].triggers
+    assert trigger.expect == {"denoise.inbox.files-landed"}
+    assert trigger.parameters["input_dir"] == "{{ event.payload.input_dir }}"
     nightly, inbox = deployments["nightly"], deployments["inbox"]
     # the photographs' nightly: the same flow pointed at train400 by a parameter, its schedule off
     photos = deployments["nightly-photos"]

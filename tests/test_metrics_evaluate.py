@@ -109,9 +109,13 @@ def test_evaluation_task_writes_metrics_card_and_artifacts(prefect_harness, tmp_
 
     @flow
     def judge(min_gain: float) -> dict:
-        return evaluate_denoiser(
-            str(model_dir), str(shards), EvalConfig(min_psnr_gain=min_gain, sample_count=5)
+        state = evaluate_denoiser(
+            str(model_dir),
+            str(shards),
+            EvalConfig(min_psnr_gain=min_gain, sample_count=5),
+            return_state=True,
         )
+        return {**state.result(), "state": state.name, "message": state.message}
 
     result = judge(1.0)
     assert result["passed"] and result["psnr_denoised"] > result["psnr_noisy"] + 1.0
@@ -123,8 +127,13 @@ def test_evaluation_task_writes_metrics_card_and_artifacts(prefect_harness, tmp_
         assert img.format == "PNG" and img.size[0] > 5 * 28 and img.size[1] > 3 * 28
     assert "Quality gate **PASSED**" in Path(result["report"]).read_text()
 
+    assert result["state"] == "Completed"
     failed = judge(50.0)
     assert not failed["passed"]
+    # the verdict is the task run's state in the UI, with the figures as its message
+    assert failed["state"] == "Gate failed"
+    assert failed["message"].startswith("model v1 failed its quality gate: PSNR gain ")
+    assert "< 50.00 dB required" in failed["message"]
     assert json.loads((model_dir / "model.json").read_text())["quality_gate"]["passed"] is False
 
     async def keys():

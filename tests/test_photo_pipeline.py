@@ -174,8 +174,11 @@ def test_photo_evaluation_task_has_per_sigma_rows_and_crops(prefect_harness, pat
     @flow
     def judge() -> dict:
         return evaluate_denoiser(
-            str(model_dir), str(patch_set), EvalConfig(min_psnr_gain=-1, sigmas=[25, 50])
-        )
+            str(model_dir),
+            str(patch_set),
+            EvalConfig(min_psnr_gain=-1, sigmas=[25, 50]),
+            return_state=True,
+        ).result()
 
     result = judge()
     metrics = json.loads((model_dir / "metrics.json").read_text())
