@@ -48,6 +48,22 @@ def one_line(result, code: int, *words: str) -> str:
     return lines[0]
 
 
+@pytest.fixture(autouse=True)
+def _in_the_tally(scenario):
+    """Each case is a row of the fault suite's tally (files checked, lost)."""
+    return scenario
+
+
+def same_files(sc, root: Path, before: dict, keep=lambda p: True) -> None:
+    """Every file of ``before`` under ``root`` byte-identical, same mtime; counted in the tally."""
+    after = tree_hashes(root, keep)
+    for rel, was in before.items():
+        sc.checked += 1
+        if after.get(rel) != was:
+            sc.lose(f"{root / rel} changed or gone")
+    assert after == before, sc.problems
+
+
 def user_images(folder: Path, names=("img0000.png", "img0001.png")) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(7)
@@ -69,7 +85,7 @@ def user_images(folder: Path, names=("img0000.png", "img0001.png")) -> dict:
     ],
     ids=["blank-out", "blank-in", "spaces-out", "blank-store"],
 )
-def test_blank_folder_arguments_are_usage_errors(args, denoise, model_store, tmp_path):
+def test_blank_folder_arguments_are_usage_errors(args, scenario, denoise, model_store, tmp_path):
     """`denoise folder in ""` once took "" for the current folder and replaced
     the user's images there; now blanks are usage errors and nothing is written."""
     home = tmp_path / "home"
@@ -79,7 +95,8 @@ def test_blank_folder_arguments_are_usage_errors(args, denoise, model_store, tmp
     argv = [str(home / a) if a in ("IN", "OUT") else a for a in args]
     result = denoise.run(argv, model_store, cwd=home)
     one_line(result, 2, "empty")
-    assert tree_hashes(home) == before and mine
+    same_files(scenario, home, before)
+    assert mine
     assert not (home / ".denoise-journal.jsonl").exists()
     assert not (home / ".denoise-journal.lock").exists()
 
@@ -87,7 +104,7 @@ def test_blank_folder_arguments_are_usage_errors(args, denoise, model_store, tmp
 # --------------------------------------------------------------------------- a user's files in OUT
 
 
-def test_a_users_files_in_out_are_kept_unless_overwrite(denoise, model_store, tmp_path):
+def test_a_users_files_in_out_are_kept_unless_overwrite(scenario, denoise, model_store, tmp_path):
     """OUT pointed at a folder of the user's own images with the inputs' names:
     nothing is replaced without --overwrite, and the report says why."""
     src, out = tmp_path / "in", tmp_path / "out"
@@ -95,7 +112,7 @@ def test_a_users_files_in_out_are_kept_unless_overwrite(denoise, model_store, tm
     mine = user_images(out)
     result = denoise.run(["folder", str(src), str(out)], model_store)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert tree_hashes(out, lambda p: not p.name.startswith(".")) == mine
+    same_files(scenario, out, mine, lambda p: not p.name.startswith("."))
     assert "0 denoised, 2 skipped" in result.stdout
     report = next(
         Path(ln.split(":", 1)[1].strip())
@@ -112,7 +129,9 @@ def test_a_users_files_in_out_are_kept_unless_overwrite(denoise, model_store, tm
 # --------------------------------------------------------------------------- links between IN and OUT
 
 
-def test_out_hard_linked_to_in_never_writes_into_in(denoise, model_store, noisy_folder, tmp_path):
+def test_out_hard_linked_to_in_never_writes_into_in(
+    scenario, denoise, model_store, noisy_folder, tmp_path
+):
     """OUT made with `cp -al IN OUT` after a run into IN (so IN holds a journal):
     the journal appended through the hard link changed IN; now IN stays byte-identical."""
     clean = tmp_path / "clean"
@@ -124,7 +143,7 @@ def test_out_hard_linked_to_in_never_writes_into_in(denoise, model_store, noisy_
     inodes = {p: p.stat().st_ino for p in clean.rglob("*") if p.is_file()}
     result = denoise.run(["folder", str(clean), str(clean2), "--overwrite"], model_store)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert tree_hashes(clean) == before
+    same_files(scenario, clean, before)
     assert {p: p.stat().st_ino for p in clean.rglob("*") if p.is_file()} == inodes
     # and OUT's own journal is its own file now
     assert (clean2 / ".denoise-journal.jsonl").stat().st_nlink == 1
@@ -134,7 +153,7 @@ def test_out_hard_linked_to_in_never_writes_into_in(denoise, model_store, noisy_
 
 @pytest.mark.parametrize("name", [".denoise-journal.jsonl", ".denoise-journal.lock"])
 def test_journal_or_lock_symlinked_into_in_is_not_written_through(
-    name, denoise, model_store, noisy_folder, tmp_path
+    scenario, name, denoise, model_store, noisy_folder, tmp_path
 ):
     """A journal or lock file in OUT that is a symlink to a file of IN: IN is
     never truncated or appended to, and the run goes on with a file of its own."""
@@ -146,19 +165,19 @@ def test_journal_or_lock_symlinked_into_in_is_not_written_through(
     result = denoise.run(["folder", str(noisy_folder), str(out)], model_store)
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.returncode == 0, result.stderr[-2000:]
-    assert tree_hashes(noisy_folder) == before
+    same_files(scenario, noisy_folder, before)
     assert not (out / name).is_symlink()
     assert count_outputs(out) == count_outputs(noisy_folder)
 
 
-def test_a_store_inside_in_is_refused(denoise, model_store, noisy_folder, tmp_path):
+def test_a_store_inside_in_is_refused(scenario, denoise, model_store, noisy_folder, tmp_path):
     """Reports written into IN when --store was inside it; now refused in one line."""
     store = noisy_folder / "store"
     shutil.copytree(model_store, store)
     before = tree_hashes(noisy_folder)
     result = denoise.run(["folder", str(noisy_folder), str(tmp_path / "out")], store)
     one_line(result, 2, "store", "inside the input folder")
-    assert tree_hashes(noisy_folder) == before
+    same_files(scenario, noisy_folder, before)
     assert not (tmp_path / "out").exists()
 
 
