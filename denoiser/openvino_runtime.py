@@ -98,28 +98,26 @@ def make_openvino_export(model, folder: str | os.PathLike, probe_shape: tuple[in
 
 
 def _without_telemetry() -> None:
-    """OpenVINO's converter reports usage to Google Analytics from forked
-    processes unless its user opted out (a consent file in their home): a
-    fork of this threaded process, network calls the user never asked for,
-    and, offline, children that never end and hold the command at its exit.
-    Its converter modules are pointed at OpenVINO's own no-op stand-in."""
-    import importlib
-
-    from openvino.tools.ovc import telemetry_stub
-
-    for name in ("convert_impl", "telemetry_utils", "utils"):
-        module = importlib.import_module(f"openvino.tools.ovc.{name}")
-        if hasattr(module, "tm"):
-            module.tm = telemetry_stub
+    """OpenVINO's tools report usage to Google Analytics, from forked
+    processes, unless their user opted out with a file in their home (the
+    import of its converter alone sends an event): a fork of this threaded
+    process, network calls nobody asked for, and, offline, children that
+    never end and hold the command at its exit. Its consent check is made to
+    answer "declined" for this process, before the converter is imported."""
+    try:
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+    except ImportError:  # not installed: nothing is reported
+        return
+    OptInChecker.check = lambda self, *args, **kwargs: ConsentCheckResult.DECLINED
 
 
 def _export_checked(model, work: Path, xml: Path, probe_shape: tuple[int, ...]) -> None:
     from denoiser.runtime import EXPORT_TOLERANCE
 
+    _without_telemetry()
     try:
         import openvino as ov
 
-        _without_telemetry()
         with _quiet_logger("tensorflow"):  # "Assets written to ..." at INFO
             model.export(str(work / "saved_model"), format="tf_saved_model", verbose=False)
         converted = ov.convert_model(str(work / "saved_model"))
@@ -172,6 +170,7 @@ class OpenVinoModel:
     pads_batches = False
 
     def __init__(self, xml: bytes, weights: bytes, precision: str = DEFAULT_PRECISION, cache=True):
+        _without_telemetry()
         import openvino as ov
 
         if precision not in PRECISIONS:

@@ -101,6 +101,18 @@ def test_the_export_gives_keras_outputs_at_f32_for_any_batch_shape(exported):
         assert np.max(np.abs(got - want)) < EXPORT_TOLERANCE
 
 
+def test_the_export_forks_no_process(tmp_path):
+    """OpenVINO's converter reported usage from forked children which, offline,
+    never ended: a training was held at its exit. The export forks nothing."""
+    import os
+
+    forks = []
+    os.register_at_fork(before=lambda: forks.append(1))
+    model = unet(seed=1)
+    assert export_openvino(model, tmp_path, probe_shape(model))
+    assert forks == []
+
+
 def test_bf16_outputs_are_close_and_batches_run_at_their_own_size(exported):
     """bf16 where the CPU has it (OpenVINO runs f32 elsewhere): a few 8-bit
     levels at most; batches are not padded."""
