@@ -2,12 +2,14 @@
 
 Folders of 1, 6 and 14 colour JPEGs of 6000x6000 pixels (36 megapixels,
 camera-sized), denoised by ``denoiser.folder.denoise_tree`` with an untrained
-``photo_unet`` (Keras, fp32) in a child process each, whose peak resident
-memory (``ru_maxrss``) is reported; ``--unbounded`` also runs each folder with
-the pixel budget lifted (the pipeline as it was before the budget: only the
-encoded bytes read ahead were bounded).
+``photo_unet`` (Keras, fp32), or ``--model identity`` (a 1x1 convolution:
+the folder pipeline's own memory, minutes instead of an hour on 2 cores), in
+a child process each, whose peak resident memory (``ru_maxrss``) is
+reported; ``--unbounded`` also runs each folder with the pixel budget lifted
+(the pipeline as it was before the budget: only the encoded bytes read ahead
+were bounded).
 
-    python bench/memory.py [--counts 1 6 14] [--side 6000] [--unbounded]
+    python bench/memory.py [--counts 1 6 14] [--side 6000] [--model photo_unet|identity] [--unbounded]
 """
 
 from __future__ import annotations
@@ -41,7 +43,15 @@ def make_images(folder: Path, count: int, side: int) -> None:
         os.link(folder / "0000.jpg", folder / f"{i:04d}.jpg")  # same bytes, separate files
 
 
-def child(folder: str, out: str, unbounded: bool) -> None:
+def identity_model():
+    import keras
+
+    x = keras.Input((None, None, 1))
+    y = keras.layers.Conv2D(1, 1, kernel_initializer="ones", bias_initializer="zeros")(x)
+    return keras.Model(x, y)
+
+
+def child(folder: str, out: str, unbounded: bool, architecture: str) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
 
@@ -53,7 +63,7 @@ def child(folder: str, out: str, unbounded: bool) -> None:
     if unbounded:
         folder_module.PIXELS_IN_FLIGHT = 1 << 40
     keras.utils.set_random_seed(0)
-    model = build_model("photo_unet")
+    model = identity_model() if architecture == "identity" else build_model(architecture)
     started = time.perf_counter()
     results = denoise_tree(
         folder, out, BatchPredictor(model), tile_spec_for_model(model, "photo_unet")
@@ -67,13 +77,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 6, 14])
     parser.add_argument("--side", type=int, default=6000)
+    parser.add_argument("--model", default="photo_unet", help="photo_unet or identity")
     parser.add_argument("--unbounded", action="store_true")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], args.child[2] == "1")
+        child(args.child[0], args.child[1], args.child[2] == "1", args.child[3])
         return
     with tempfile.TemporaryDirectory(prefix="denoise-memory-") as tmp:
+        print(f"model {args.model}, {args.side}x{args.side} colour JPEGs")
         print(f"{'images':>6}  {'budget':>9}  {'peak GB':>7}  {'seconds':>7}")
         for count in args.counts:
             src = Path(tmp) / f"in-{count}"
@@ -81,7 +93,8 @@ def main() -> None:
             for unbounded in [False, True] if args.unbounded else [False]:
                 out = Path(tmp) / f"out-{count}-{int(unbounded)}"
                 run = subprocess.run(
-                    [sys.executable, __file__, "--child", str(src), str(out), str(int(unbounded))],
+                    [sys.executable, __file__, "--child", str(src), str(out)]
+                    + [str(int(unbounded)), args.model],
                     capture_output=True,
                     text=True,
                     check=True,
