@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 from artifacts.registry import domain_mismatch, resolve_model
 from artifacts.render import markdown_image, markdown_table, table_rows
 from artifacts.store import Store, local_copy
+from denoiser.domains import survey_folder
 from denoiser.errors import DenoiseError, first_line
 from denoiser.folder import (
     BatchPredictor,
@@ -30,7 +31,7 @@ from denoiser.folder import (
     plan_folder,
     prepare_output,
 )
-from denoiser.inference import folder_survey, tile_spec_for_model
+from denoiser.inference import tile_spec_for_model
 from denoiser.models import import_tensorflow_quietly, load_model
 from denoiser.plots import grid_png
 from denoiser.report import SUMMARY_JSON, report_folder_name, write_run_report
@@ -56,7 +57,7 @@ def resolve_denoiser(
     ``runtime``: what runs it, Keras or its LiteRT export (``auto``: LiteRT for
     a small folder, :func:`denoiser.runtime.choose_runtime`)."""
     logger = get_run_logger()
-    domain, image_bytes = folder_survey(input_dir, pattern) if input_dir else (None, None)
+    domain, image_bytes = survey_folder(input_dir, pattern) if input_dir else (None, None)
     ref = resolve_model(store_root, model, domain if model is None else None)
     chosen = choose_runtime(runtime, ref.card.litert_sha256 is not None, image_bytes)
     summary = ref.summary()
