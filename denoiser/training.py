@@ -545,6 +545,20 @@ def save_model_file(model, path: Path) -> dict:
     return {"model_sha256": file_sha256(path), "model_bytes": path.stat().st_size}
 
 
+def as_float32(model, architecture: str, shape: tuple, fully_convolutional: bool):
+    """A model trained in mixed precision rebuilt in float32 with its weights
+    (kept in float32 all along), so that the saved model, its export and
+    every later run compute in float32 whatever the CPU."""
+    import keras
+
+    if keras.mixed_precision.global_policy().name == "float32":
+        return model
+    keras.mixed_precision.set_global_policy("float32")
+    plain = build_model(architecture, shape if not fully_convolutional else None)
+    plain.set_weights(model.get_weights())
+    return plain
+
+
 def probe_shape(model) -> tuple[int, ...]:
     """A small batch shape the model takes (its fixed size, else 32x32), to
     check an export against."""
@@ -780,6 +794,7 @@ def train_model(
             history_path.unlink(missing_ok=True)
             model = compiled_model()
             fit(model)
+        model = as_float32(model, training.architecture, shape, recipe.fully_convolutional)
         file_facts = save_model_file(model, model_path)
         failpoint("train.after_model_saved")
         seconds = time.perf_counter() - start
