@@ -51,7 +51,7 @@ def _steps_per_second(model, ds, steps: int, warmup: int = 10) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def shard_set(dataset: str, store: Path, patches_per_image: int) -> Path:
+def shard_set(dataset: str, store: Path, patches_per_image: int, patch: int = PATCH) -> Path:
     """The dataset's patch set (written once into ``store``)."""
     from denoiser.datasets import fetch_dataset
     from denoiser.domains import domain_for_dataset
@@ -59,9 +59,9 @@ def shard_set(dataset: str, store: Path, patches_per_image: int) -> Path:
     domain = domain_for_dataset(dataset)
     manifest = fetch_dataset(dataset, str(MIRROR), store / "downloads" / dataset)
     noise = domain.default_noise().model_copy(
-        update={"patch_size": PATCH, "patches_per_image": patches_per_image}
+        update={"patch_size": patch, "patches_per_image": patches_per_image}
     )
-    out = store / "shards" / f"{dataset}-{patches_per_image}"
+    out = store / "shards" / f"{dataset}-{patches_per_image}-{patch}"
     return domain.write_shards(out, manifest, noise, test_limit=4)
 
 
@@ -97,7 +97,7 @@ def run_pipeline(architecture: str, precision: str, steps: int, shards: str) -> 
     }
 
 
-def run_psnr(architecture: str, precision: str, steps: int, shards: str) -> dict:
+def run_psnr(architecture: str, precision: str, steps: int, shards: str, batch: int) -> dict:
     """PSNR on the shard set's test images at sigma 15/25/50 after ``steps`` steps."""
     import numpy as np
 
@@ -107,7 +107,7 @@ def run_psnr(architecture: str, precision: str, steps: int, shards: str) -> dict
 
     _policy(precision)
     model = _model(architecture)
-    ds = make_dataset(shards, "train", BATCH, seed=0).repeat()
+    ds = make_dataset(shards, "train", batch, seed=0).repeat()
     start = time.perf_counter()
     model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
     seconds = time.perf_counter() - start
@@ -129,13 +129,13 @@ def child(args) -> dict:
         return run_bare(args.architecture, args.precision, args.steps)
     if args.child == "pipeline":
         return run_pipeline(args.architecture, args.precision, args.steps, args.shards)
-    return run_psnr(args.architecture, args.precision, args.psnr_steps, args.shards)
+    return run_psnr(args.architecture, args.precision, args.psnr_steps, args.shards, args.batch)
 
 
 def _spawn(args, kind: str, precision: str, shards: str) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--precision", precision]
     cmd += ["--architecture", args.architecture, "--steps", str(args.steps)]
-    cmd += ["--psnr-steps", str(args.psnr_steps), "--shards", shards]
+    cmd += ["--psnr-steps", str(args.psnr_steps), "--shards", shards, "--batch", str(args.batch)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode:
@@ -150,6 +150,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80, help="timed steps after 10 of warm-up")
     parser.add_argument("--psnr-steps", type=int, default=0, help="0: no PSNR comparison")
     parser.add_argument("--precisions", default="float32,bfloat16")
+    parser.add_argument("--batch", type=int, default=BATCH, help="PSNR comparison's batch")
+    parser.add_argument("--patch", type=int, default=PATCH, help="PSNR comparison's patch side")
+    parser.add_argument("--no-speed", action="store_true", help="only the PSNR comparison")
     parser.add_argument("--child", choices=["bare", "pipeline", "psnr"], help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--shards", default="", help=argparse.SUPPRESS)
@@ -159,6 +162,7 @@ def main() -> None:
         return
     store = Path(tempfile.gettempdir()) / "denoise-bench-speed"
     shards = str(shard_set(args.dataset, store, 16))
+    psnr_shards = str(shard_set(args.dataset, store, 16, args.patch))
     print(
         f"{args.architecture} on {args.dataset}, batch {BATCH}, {PATCH}x{PATCH}, {os.cpu_count()} CPUs"
     )
@@ -166,7 +170,7 @@ def main() -> None:
         "| precision | bare steps/s | pipeline steps/s | pipeline / bare | input alone batches/s |"
     )
     print("|---|---|---|---|---|")
-    for precision in args.precisions.split(","):
+    for precision in args.precisions.split(",") if not args.no_speed else ():
         bare = _spawn(args, "bare", precision, shards)
         pipe = _spawn(args, "pipeline", precision, shards)
         print(
@@ -175,9 +179,12 @@ def main() -> None:
             flush=True,
         )
     if args.psnr_steps:
-        print(f"\nPSNR after {args.psnr_steps} steps (same seed), first 4 test images:")
+        print(
+            f"\nPSNR after {args.psnr_steps} steps of batch {args.batch}, {args.patch}x{args.patch} "
+            "(same seed), first 4 test images:"
+        )
         for precision in args.precisions.split(","):
-            r = _spawn(args, "psnr", precision, shards)
+            r = _spawn(args, "psnr", precision, psnr_shards)
             scores = " / ".join(f"{v:.2f}" for v in r["psnr"].values())
             print(
                 f"- {precision}: {scores} dB (sigma 15 / 25 / 50), {r['seconds']:.0f} s", flush=True
