@@ -769,11 +769,19 @@ def _batch_to_arrays(
 
 def noise_config(manifest: dict) -> NoiseConfig:
     """The noise config a shard set was made with, typed (the manifest's
-    ``config`` is its pydantic dump, with the patch defaults filled in)."""
+    ``config`` is its pydantic dump, with the patch defaults filled in; a set
+    written without one gives what its ``noise`` record says)."""
+    noise = manifest.get("noise") or {}
+    config = manifest.get("config") or {
+        "kind": noise.get("kind"),
+        "level": noise.get("level"),
+        "level_density": noise.get("density", "uniform"),
+    }
     try:
-        return NoiseConfig.model_validate(manifest["config"])
-    except (KeyError, ValueError) as exc:
-        raise ShardError(f"the shard manifest holds no valid noise config ({exc})") from None
+        return NoiseConfig.model_validate(config)
+    except ValueError as exc:
+        reason = str(exc).splitlines()[0]
+        raise ShardError(f"the shard manifest holds no valid noise config ({reason})") from None
 
 
 def split_image_shape(manifest: dict, split: str) -> list[int] | None:
