@@ -21,8 +21,8 @@ the change on a lost race) and no caller changes.
 
 Production is per domain. A model's domain is what it learned from, read from
 its card (:func:`card_domain`): ``digits`` (28x28 IDX images: MNIST and its
-kin, and every model from before domains existed) or ``photos`` (folders of
-images: train400, a user's photographs). Each domain has its own production
+kin, and every model from before domains existed), ``photos`` (folders of
+images: train400, a user's photographs) or ``colour`` (cbsd432). Each domain has its own production
 model (``production_by_domain``), and a newcomer only competes with the
 production model of its own domain, so a digit model never replaces a photo
 model and the other way round. ``denoise folder`` without ``--model`` uses
@@ -64,7 +64,7 @@ FIX_HINT = "move it aside or fix it"
 
 T = TypeVar("T")
 
-DOMAINS = ("digits", "photos")
+DOMAINS = ("digits", "photos", "colour")  # denoiser.domains' names, kept here to import light
 
 # a version is a folder name under models/, never a path: letters, digits, '.', '_', '-',
 # not starting with a dot (so neither '..' nor a hidden name)
@@ -511,10 +511,11 @@ def resolve_model(
     )
 
 
-DOMAIN_WORDS = {"digits": "28x28 digits", "photos": "photographs"}
+DOMAIN_WORDS = {"digits": "28x28 digits", "photos": "photographs", "colour": "colour photographs"}
 TRAIN_HINTS = {
     "photos": "train one with `denoise train --dataset train400` (or --dataset YOUR_FOLDER)",
     "digits": "train one with `denoise train --dataset mnist`",
+    "colour": "train one with `denoise train --dataset cbsd432`",
 }
 
 

@@ -186,6 +186,7 @@ def build_photo_unet(
     block="plain",
     skip="add",
     batch_norm=False,
+    name="photo_unet",
 ):
     """For photographs: a residual U-Net that spends its compute at 1/2 and 1/4
     resolution (issue 14).
@@ -200,6 +201,7 @@ def build_photo_unet(
     clipped inside, so unclipped Gaussian noise trains without dead gradients;
     clip the output to [0, 1] for images and PSNR. No batch norm by default.
     Fully convolutional: any size that is a multiple of 2 ** (levels - 1).
+    The input's channels (``input_shape[-1]``: 1 grey, 3 RGB) are the output's.
     The defaults (521,825 parameters, 66k multiply-adds a pixel) measured best
     of the six-minute probes in docs/natural.md: 32 channels at full
     resolution cost 25% more a pixel for no gain a step, batch norm lost
@@ -247,9 +249,15 @@ def build_photo_unet(
             raise ValueError(f"skip must be add or concat, not {skip!r}")
         for i in range(convs[level]):
             x = unit(x, filters[level], f"dec{level}_{i}")
-    noise = layers.Conv2D(1, 3, padding="same", name="noise")(x)
+    noise = layers.Conv2D(int(input_shape[-1] or 1), 3, padding="same", name="noise")(x)
     outputs = layers.Subtract(dtype="float32", name="denoised")([inputs, noise])
-    return keras.Model(inputs, outputs, name="photo_unet")
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_colour_unet(input_shape=(None, None, 3), **options):
+    """For colour photographs: ``photo_unet``'s layout with RGB in and RGB
+    out, so one network sees the three channels' noise together."""
+    return build_photo_unet(input_shape, **{"name": "colour_unet", **options})
 
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
@@ -304,5 +312,24 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         ),
         "residual U-Net for photographs (issue 14): 16/64/128 channels at 1, 1/2, 1/4 resolution, "
         "added skips, no batch norm, output = input - estimated noise, blind AWGN sigma 0-55",
+    ),
+    "colour_unet": ArchitectureSpec(
+        build_colour_unet,
+        Recipe(
+            loss="mse",
+            lr_schedule="cosine",
+            learning_rate=1e-3,
+            reframe=0.0,
+            fully_convolutional=True,
+            input_shape=(None, None, 3),
+            size_multiple=4,
+            patch_size=64,
+            batch_size=32,
+            epochs=8,
+            noise="awgn",
+            sigma_range=(0.0, 55.0),
+        ),
+        "photo_unet's layout for colour photographs: RGB in, RGB out, awgn in each channel, "
+        "blind sigma 0-55",
     ),
 }

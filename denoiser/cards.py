@@ -65,6 +65,7 @@ class CardData(_Open):
     manifest_sha256: str | None = None
     dataset: str | None = None
     domain: str | None = None
+    channels: int | None = None  # of the images the model takes and gives (1 grey, 3 RGB)
     shard_kind: str = "pairs"
     test_dataset: str | None = None
     patch_size: int | None = None
@@ -111,6 +112,7 @@ class ModelCard(_Open):
     data: CardData = Field(default_factory=CardData)
     image_shape: list[int] | None = None
     device: dict[str, Any] = Field(default_factory=dict)
+    precision: str | None = None  # Keras' policy the model trained in (float32, mixed_bfloat16...)
     seconds: float | None = None
     epochs_run: int | None = None
     best_val_loss: float | None = None

@@ -26,7 +26,8 @@ class DataConfig(_Config):
 
     dataset: str = Field(
         "mnist",
-        description="A registered dataset (mnist, fashion-mnist; train400, set12: photographs), or a "
+        description="A registered dataset (mnist, fashion-mnist; train400, set12: photographs; "
+        "cbsd432, cset9: colour photographs), or a "
         "folder of your own images: a path, a file:// URL or an http(s):// URL (over HTTP a SHA256SUMS "
         "beside the images must list them).",
     )
@@ -184,6 +185,11 @@ class TrainConfig(_Config):
     seed: int = Field(0, ge=0)
     mixed_precision: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: on when training on a GPU."
+    )
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="On a CPU: auto is mixed bfloat16 where the CPU computes it in hardware "
+        "(AMX or AVX512-BF16), float32 elsewhere. GPUs follow mixed_precision (float16).",
     )
 
     @field_validator("architecture")

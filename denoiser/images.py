@@ -68,6 +68,22 @@ def _ycc_to_rgb(y: np.ndarray, chroma: np.ndarray) -> np.ndarray:
     return np.stack([r, g, b], axis=-1)
 
 
+def rgb_pixels(loaded: LoadedImage) -> np.ndarray:
+    """The image as (H, W, 3) float32 RGB in [0, 1] (a grey image repeated in
+    each channel), for colour models and colour metrics."""
+    if loaded.chroma is None:
+        return np.repeat(loaded.luma[..., None], 3, axis=-1)
+    return _ycc_to_rgb(loaded.luma, loaded.chroma).astype(np.float32)
+
+
+def chroma_share(loaded: LoadedImage) -> float:
+    """Mean absolute chroma (Cb and Cr offsets, [0, 1] units): about 0 for a
+    grey image stored as RGB, larger for a colour photograph."""
+    if loaded.chroma is None:
+        return 0.0
+    return float(np.mean(np.abs(loaded.chroma)))
+
+
 def read_image(path: str | os.PathLike) -> LoadedImage:
     """Decode one file; every failure is an ImageError naming what is wrong."""
     return decode_image(read_bytes(path))

@@ -78,7 +78,7 @@ def check_fits(model, spec, name: str, channels: int = 1) -> None:
 
 
 def denoise_planes(planes: list[np.ndarray], spec, predict) -> list[np.ndarray]:
-    """Whole (H, W) float32 planes of any sizes through the folder denoiser's
+    """Whole (H, W) float32 planes (or (H, W, C) images) of any sizes through the folder denoiser's
     tiling (:mod:`denoiser.tiling`: the same tiles, padding and blend, so no
     seams), the tiles of every plane grouped by shape so that ``predict``
     (a :class:`~denoiser.folder.BatchPredictor`) fills its fixed-size batches.
@@ -91,69 +91,13 @@ def denoise_planes(planes: list[np.ndarray], spec, predict) -> list[np.ndarray]:
     for i, t in enumerate(tiled):
         by_shape.setdefault(t.tile_shape, []).extend((i, k) for k in range(len(t)))
     for members in by_shape.values():
-        tiles = np.stack([tiled[i].tiles[k] for i, k in members])[..., None]
-        outputs = np.asarray(predict(tiles))[..., 0]
+        tiles = np.stack([tiled[i].tiles[k] for i, k in members])
+        grey = tiles.ndim == 3  # (H, W) planes; (H, W, C) images go as they are
+        outputs = np.asarray(predict(tiles[..., None] if grey else tiles))
+        outputs = outputs[..., 0] if grey else outputs
         for (i, k), out in zip(members, outputs, strict=True):
             blenders[i].add(k, out)
     return [b.result() for b in blenders]
-
-
-PHOTO_MIN_SIDE = 64  # larger on both sides than this: not a 28x28-style digit image
-SATURATED_SHARE = (
-    0.5  # more of the pixels than this at black or white: line art, digits, scans of text
-)
-
-
-def plane_domain(plane: np.ndarray) -> str:
-    """``photos`` or ``digits`` for one [0, 1] grey plane: a photograph is
-    larger than 64x64 and not mostly saturated (pure black or white), which
-    28x28 digits on black, and other near-binary images, are."""
-    h, w = plane.shape[:2]
-    saturated = float(np.mean((plane <= 0.02) | (plane >= 0.98)))
-    return "photos" if min(h, w) > PHOTO_MIN_SIDE and saturated < SATURATED_SHARE else "digits"
-
-
-def images_domain(planes: list[np.ndarray]) -> str | None:
-    """The domain most of ``planes`` belong to (:func:`plane_domain`); None for none."""
-    votes = [plane_domain(p) for p in planes]
-    if not votes:
-        return None
-    return max(sorted(set(votes)), key=votes.count)
-
-
-def folder_survey(folder, pattern: str = "*", sample: int = 16) -> tuple[str | None, int | None]:
-    """What a folder run needs to know before it loads a model: the domain of
-    the folder's images (a local folder or an object-storage prefix), judged
-    on the first ``sample`` of them (by path) that decode, and how many bytes
-    its image files take (what :func:`denoiser.runtime.choose_runtime` sizes
-    the job by). (None, None) when the folder cannot be read."""
-    from fnmatch import fnmatch
-
-    from denoiser.errors import DenoiseError
-    from denoiser.folder import NOT_REGULAR, list_files
-    from denoiser.images import IMAGE_SUFFIXES, decode_image
-    from denoiser.trees import open_tree
-
-    try:
-        tree = open_tree(folder, "input", must_exist=True)
-        files = list_files(tree)
-    except (DenoiseError, OSError):
-        return None, None
-    planes = []
-    image_bytes = 0
-    for rel in sorted(files):
-        name = rel.rsplit("/", 1)[-1]
-        suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
-        if files[rel] == NOT_REGULAR or suffix not in IMAGE_SUFFIXES or not fnmatch(name, pattern):
-            continue
-        image_bytes += files[rel]
-        if len(planes) >= sample:
-            continue
-        try:
-            planes.append(decode_image(tree.read(tree.path(rel))).luma)
-        except (DenoiseError, OSError):
-            continue
-    return images_domain(planes), image_bytes
 
 
 EVAL_NOISE_SEED = (

@@ -30,18 +30,16 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from denoiser.config import NoiseConfig
 from denoiser.datasets import load_images, remove_orphan_temps, temp_path
 from denoiser.errors import ShardError
 from denoiser.faults import failpoint
 from denoiser.files import file_sha256, fsync_dir, is_url, join_location, location_size, open_read
 from denoiser.noise import add_noise, draw_levels, quantize
-
-if TYPE_CHECKING:
-    from denoiser.config import NoiseConfig
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +55,11 @@ class SplitArrays:
     """Clean images (N, H, W, C) uint8, labels (N,), source indices (N,).
 
     For a patch set (noise applied in training) ``images`` may be any sequence
-    of (H, W) or (H, W, 1) uint8 arrays of varying sizes, read only when a
-    shard needs them; with ``patch_size`` each row is a random square patch
-    (``copies`` per image), without it each row is the whole image, and
-    ``shapes`` ((H, W) per image) sizes the shards of whole images.
+    of (H, W) or (H, W, 1) uint8 arrays (``channels`` 1) or (H, W, 3) ones
+    (``channels`` 3, RGB) of varying sizes, read only when a shard needs them;
+    with ``patch_size`` each row is a random square patch (``copies`` per
+    image), without it each row is the whole image, and ``shapes`` ((H, W)
+    per image) sizes the shards of whole images.
     """
 
     images: np.ndarray | Sequence[np.ndarray]
@@ -69,6 +68,7 @@ class SplitArrays:
     copies: int = 1
     patch_size: int | None = None
     shapes: Sequence[tuple[int, int]] | None = None
+    channels: int = 1
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def _rows_per_shard(arrays: SplitArrays, shard_rows: int) -> int:
     """Whole images of varying size: as many as fit the byte budget of a shard."""
     if arrays.patch_size is not None or not arrays.shapes:
         return shard_rows
-    largest = max(h * w for h, w in arrays.shapes)
+    largest = max(h * w for h, w in arrays.shapes) * arrays.channels
     return max(1, min(shard_rows, WHOLE_IMAGE_SHARD_BYTES // max(largest, 1)))
 
 
@@ -163,9 +163,14 @@ def _blob_column(pixels: Sequence[np.ndarray]):
     )
 
 
-def _plane(image: np.ndarray) -> np.ndarray:
+def _plane(image: np.ndarray, channels: int = 1) -> np.ndarray:
+    """(H, W) uint8 for one channel, (H, W, C) for several."""
     arr = np.asarray(image, dtype=np.uint8)
-    return arr[..., 0] if arr.ndim == 3 else arr
+    if channels == 1:
+        return arr[..., 0] if arr.ndim == 3 else arr
+    if arr.ndim != 3 or arr.shape[-1] != channels:
+        raise ShardError(f"an image of shape {arr.shape} in a set of {channels}-channel images")
+    return arr
 
 
 def _orient(patch: np.ndarray, t: int) -> np.ndarray:
@@ -175,14 +180,16 @@ def _orient(patch: np.ndarray, t: int) -> np.ndarray:
 
 
 def _cut_patches(arrays: SplitArrays, img_idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(rows, P, P) patches: for each image in row order, its rows' offsets then
-    orientations, all drawn from the shard's generator."""
+    """(rows, P, P) patches ((rows, P, P, C) for several channels): for each
+    image in row order, its rows' offsets then orientations, all drawn from the
+    shard's generator."""
     p = arrays.patch_size
-    out = np.empty((len(img_idx), p, p), dtype=np.uint8)
+    extra = (arrays.channels,) if arrays.channels > 1 else ()
+    out = np.empty((len(img_idx), p, p, *extra), dtype=np.uint8)
     for i in dict.fromkeys(img_idx.tolist()):
         rows = np.flatnonzero(img_idx == i)
-        img = _plane(arrays.images[i])
-        h, w = img.shape
+        img = _plane(arrays.images[i], arrays.channels)
+        h, w = img.shape[:2]
         ys = rng.integers(0, h - p + 1, len(rows))
         xs = rng.integers(0, w - p + 1, len(rows))
         ts = rng.integers(0, 8, len(rows))
@@ -199,9 +206,10 @@ def _clean_table(plan: _ShardPlan, arrays: SplitArrays, rng: np.random.Generator
     if arrays.patch_size is not None:
         pixels = _cut_patches(arrays, img_idx, rng)
         heights = widths = np.full(len(img_idx), arrays.patch_size, dtype=np.int32)
-        column, shape = _binary_column(pixels), [arrays.patch_size, arrays.patch_size, 1]
+        column = _binary_column(pixels)
+        shape = [arrays.patch_size, arrays.patch_size, arrays.channels]
     else:
-        planes = [_plane(arrays.images[i]) for i in img_idx]
+        planes = [_plane(arrays.images[i], arrays.channels) for i in img_idx]
         heights = np.array([p.shape[0] for p in planes], dtype=np.int32)
         widths = np.array([p.shape[1] for p in planes], dtype=np.int32)
         column, shape = _blob_column(planes), None
@@ -364,7 +372,7 @@ def _image_shape(splits: dict[str, SplitArrays]) -> list[int] | None:
     """The rows' shape: a pairs set's images, a patch set's patches."""
     for arrays in splits.values():
         if arrays.patch_size is not None:
-            return [arrays.patch_size, arrays.patch_size, 1]
+            return [arrays.patch_size, arrays.patch_size, arrays.channels]
         if isinstance(arrays.images, np.ndarray):
             return list(arrays.images.shape[1:])
     return None
@@ -378,7 +386,7 @@ def _split_record(arrays: SplitArrays) -> dict:
     }
     if arrays.patch_size is not None:
         size = arrays.patch_size
-        record.update(patches_per_image=arrays.copies, image_shape=[size, size, 1])
+        record.update(patches_per_image=arrays.copies, image_shape=[size, size, arrays.channels])
     elif not isinstance(arrays.images, np.ndarray):
         record["image_shape"] = None  # whole images of any size: read their height and width
     return record
@@ -507,18 +515,19 @@ def write_dataset_shards(
     (a folder ``<dataset>-<key>``): noisy/clean pairs for an IDX dataset, a
     patch set for a folder of images; the manifest records the config and
     the sources it was made from."""
-    write = _write_patch_set if is_image_set(dataset) else _write_pair_set
+    write = write_patch_set if is_image_set(dataset) else write_pair_set
     return write(Path(out), dataset, noise, train_limit, test_limit, log)
 
 
-def _write_pair_set(
+def write_pair_set(
     out: Path,
     dataset: dict,
     noise: NoiseConfig,
-    train_limit: int | None,
-    test_limit: int | None,
-    log: Any,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    log: Any = logger,
 ) -> Path:
+    """An IDX dataset's shard set: noisy/clean pairs, the noise drawn once."""
     images, labels = load_images(dataset, "train", train_limit)
     test_images, test_labels = load_images(dataset, "test", test_limit)
     splits = split_pairs(
@@ -543,14 +552,19 @@ def _write_pair_set(
     )
 
 
-def _write_patch_set(
+def write_patch_set(
     out: Path,
     dataset: dict,
     noise: NoiseConfig,
-    train_limit: int | None,
-    test_limit: int | None,
-    log: Any,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    log: Any = logger,
+    channels: int = 1,
+    domain: str | None = None,
 ) -> Path:
+    """A folder of images' shard set: clean patches of ``channels`` channels
+    (1: luma, 3: RGB) and whole test images, the noise added in training; the
+    manifest records ``domain`` when it is not the grey photographs'."""
     from denoiser.image_datasets import build_image_splits
 
     fields = noise_fields(dataset, noise)
@@ -562,7 +576,10 @@ def _write_patch_set(
         train_limit,
         test_limit,
         log=log,
+        channels=channels,
     )
+    if domain is not None and channels != 1:  # grey sets' manifests stay as they were
+        meta["domain"] = domain
     test = dataset.get("test")
     meta.update(
         {
@@ -714,7 +731,8 @@ def _decode_images(column, shape: Sequence[int]) -> np.ndarray:
 
 
 def _decode_varying(column, heights: np.ndarray, widths: np.ndarray) -> list[np.ndarray]:
-    """Binary column of whole images to a list of (H, W, 1) uint8 arrays."""
+    """Binary column of whole images to a list of (H, W, C) uint8 arrays (C
+    is 1 for grey images, 3 for RGB: what each blob's size says)."""
     import pyarrow as pa
 
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
@@ -722,11 +740,12 @@ def _decode_varying(column, heights: np.ndarray, widths: np.ndarray) -> list[np.
     for chunk in chunks:
         for blob in chunk.to_pylist():
             h, w = int(heights[len(out)]), int(widths[len(out)])
-            if blob is None or len(blob) != h * w:
+            if blob is None or len(blob) not in (h * w, 3 * h * w):
                 raise ShardError(
-                    f"image column holds a blob of the wrong size (expected {h}x{w} bytes)"
+                    f"image column holds a blob of the wrong size (expected {h}x{w} bytes, "
+                    "or 3 per pixel)"
                 )
-            out.append(np.frombuffer(blob, dtype=np.uint8).reshape(h, w, 1))
+            out.append(np.frombuffer(blob, dtype=np.uint8).reshape(h, w, -1))
     return out
 
 
@@ -746,6 +765,23 @@ def _batch_to_arrays(
                 else _decode_varying(batch.column(name), out["height"], out["width"])
             )
     return {name: out[name] for name in names}
+
+
+def noise_config(manifest: dict) -> NoiseConfig:
+    """The noise config a shard set was made with, typed (the manifest's
+    ``config`` is its pydantic dump, with the patch defaults filled in; a set
+    written without one gives what its ``noise`` record says)."""
+    noise = manifest.get("noise") or {}
+    config = manifest.get("config") or {
+        "kind": noise.get("kind"),
+        "level": noise.get("level"),
+        "level_density": noise.get("density", "uniform"),
+    }
+    try:
+        return NoiseConfig.model_validate(config)
+    except ValueError as exc:
+        reason = str(exc).splitlines()[0]
+        raise ShardError(f"the shard manifest holds no valid noise config ({reason})") from None
 
 
 def split_image_shape(manifest: dict, split: str) -> list[int] | None:

@@ -78,13 +78,14 @@ def pad_bottom_right(x: np.ndarray, ph: int, pw: int, axis: int = 0) -> np.ndarr
 
 @dataclass
 class TiledImage:
-    """The tiles of one plane and what is needed to put their outputs back."""
+    """The tiles of one plane (or one (H, W, C) image) and what is needed to
+    put their outputs back."""
 
     shape: tuple[int, int]  # the original plane
     padded: tuple[int, int]
     tile_shape: tuple[int, int]
     positions: list[tuple[int, int]]
-    tiles: np.ndarray  # (n, th, tw) float32
+    tiles: np.ndarray  # (n, th, tw) float32, or (n, th, tw, C)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -104,22 +105,22 @@ def _fit_axis(length: int, spec: TileSpec) -> tuple[int, list[int]]:
 
 def split(plane: np.ndarray, spec: TileSpec) -> TiledImage:
     plane = np.asarray(plane, dtype=np.float32)
-    h, w = plane.shape
+    h, w = plane.shape[:2]
     m = spec.multiple
     if spec.whole_max and h <= spec.whole_max and w <= spec.whole_max:
         ph, pw = (-h) % m, (-w) % m
         padded = pad_bottom_right(plane, ph, pw)
-        return TiledImage((h, w), padded.shape, padded.shape, [(0, 0)], padded[None])
+        return TiledImage((h, w), padded.shape[:2], padded.shape[:2], [(0, 0)], padded[None])
     if spec.fit:
         (th, ys), (tw, xs) = _fit_axis(h, spec), _fit_axis(w, spec)
         padded = pad_bottom_right(plane, max(th - h, 0), max(tw - w, 0))
         positions = [(y, x) for y in ys for x in xs]
         tiles = np.stack([padded[y : y + th, x : x + tw] for y, x in positions])
-        return TiledImage((h, w), padded.shape, (th, tw), positions, tiles)
+        return TiledImage((h, w), padded.shape[:2], (th, tw), positions, tiles)
     th = tw = spec.tile
     ph, pw = max(th - h, 0), max(tw - w, 0)
     padded = pad_bottom_right(plane, ph, pw)
-    H, W = padded.shape
+    H, W = padded.shape[:2]
     positions = [(y, x) for y in starts(H, th, spec.overlap) for x in starts(W, tw, spec.overlap)]
     tiles = np.stack([padded[y : y + th, x : x + tw] for y, x in positions])
     return TiledImage((h, w), (H, W), (th, tw), positions, tiles)
@@ -135,9 +136,10 @@ class Blender:
         self.single: np.ndarray | None = None
         if len(tiled) > 1:
             th, tw = tiled.tile_shape
-            self.acc = np.zeros(tiled.padded, dtype=np.float32)
-            self.weight = np.zeros(tiled.padded, dtype=np.float32)
-            self.win = np.outer(window(th), window(tw))
+            extra = np.shape(tiled.tiles)[3:]  # the channels of (H, W, C) images
+            self.acc = np.zeros((*tiled.padded, *extra), dtype=np.float32)
+            self.weight = np.zeros((*tiled.padded, *extra), dtype=np.float32)
+            self.win = np.outer(window(th), window(tw)).reshape((th, tw) + (1,) * len(extra))
 
     def add(self, index: int, output: np.ndarray) -> bool:
         """Blend tile ``index``'s output; True when the image is complete."""

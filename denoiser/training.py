@@ -33,7 +33,8 @@ from denoiser.checkpoints import (
     remove_stale_runs,
 )
 from denoiser.config import DataConfig, NoiseConfig, TrainConfig
-from denoiser.errors import ConfigError, ModelError, first_line
+from denoiser.domains import domain_for_dataset, domain_of_manifest
+from denoiser.errors import ModelError, first_line
 from denoiser.faults import failpoint
 from denoiser.files import (
     atomic_file,
@@ -44,7 +45,6 @@ from denoiser.files import (
     write_text_atomic,
 )
 from denoiser.models import (
-    DEFAULT_ARCHITECTURE,
     architecture_recipe,
     build_model,
     count_params,
@@ -54,7 +54,13 @@ from denoiser.models import (
 from denoiser.openvino_runtime import export_openvino
 from denoiser.progress import epoch_bar, scores, validation_sample, validation_scores
 from denoiser.runtime import LITERT_FILE, export_litert
-from denoiser.shards import check_shard_set, iter_batches, read_manifest, split_rows
+from denoiser.shards import (
+    check_shard_set,
+    iter_batches,
+    noise_config,
+    read_manifest,
+    split_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +72,12 @@ class DeviceInfo:
     replicas: int
     mixed_precision: bool
     strategy_name: str
+    precision: str = "float32"  # Keras' policy: float32, mixed_bfloat16 or mixed_float16
     strategy: Any = field(default=None, repr=False)
 
     def describe(self) -> str:
         if self.kind == "cpu":
-            return "CPU"
+            return "CPU, mixed bfloat16" if self.precision == "mixed_bfloat16" else "CPU"
         return (
             f"{self.replicas} GPU{'s' if self.replicas > 1 else ''} ({', '.join(self.names)})"
             + (", mixed precision" if self.mixed_precision else "")
@@ -83,29 +90,60 @@ class DeviceInfo:
         return d
 
 
-def plan_device(gpus: list[str], mixed_precision: str = "auto") -> dict:
-    """Pure decision: which strategy and precision for the GPUs TensorFlow sees."""
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo: bfloat16 in hardware
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is not there)."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def plan_device(
+    gpus: list[str],
+    mixed_precision: str = "auto",
+    precision: str = "auto",
+    flags: frozenset[str] | None = None,
+) -> dict:
+    """Pure decision: which strategy and precision for the GPUs TensorFlow
+    sees. GPUs: mixed float16 unless ``mixed_precision`` is off. CPUs:
+    ``precision`` auto is mixed bfloat16 where the CPU computes it in hardware
+    (``flags`` holds amx_bf16 or avx512_bf16; elsewhere it is emulated, slower
+    than float32), float32 otherwise; bfloat16 or float32 as asked."""
     if mixed_precision not in ("auto", "on", "off"):
         raise ValueError(f"mixed_precision must be auto, on or off, not {mixed_precision!r}")
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"precision must be auto, float32 or bfloat16, not {precision!r}")
     if not gpus:
         # float16 on a CPU is slower and less accurate; "on" is honoured only on GPUs
+        native = bool(set(BF16_CPU_FLAGS) & set(cpu_flags() if flags is None else flags))
+        bf16 = precision == "bfloat16" or (precision == "auto" and native)
         return {
             "kind": "cpu",
             "names": ["CPU"],
             "replicas": 1,
             "mixed_precision": False,
             "strategy_name": "default",
+            "precision": "mixed_bfloat16" if bf16 else "float32",
         }
+    half = mixed_precision in ("auto", "on")
     return {
         "kind": "gpu",
         "names": list(gpus),
         "replicas": len(gpus),
-        "mixed_precision": mixed_precision in ("auto", "on"),
+        "mixed_precision": half,
         "strategy_name": "mirrored" if len(gpus) > 1 else "one_device",
+        "precision": "mixed_float16" if half else "float32",
     }
 
 
-def select_device(mixed_precision: str = "auto") -> DeviceInfo:
+def select_device(mixed_precision: str = "auto", precision: str = "auto") -> DeviceInfo:
     import keras
     import tensorflow as tf
 
@@ -115,10 +153,8 @@ def select_device(mixed_precision: str = "auto") -> DeviceInfo:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:  # already initialised
             pass
-    plan = plan_device([g.name for g in gpus], mixed_precision)
-    keras.mixed_precision.set_global_policy(
-        "mixed_float16" if plan["mixed_precision"] else "float32"
-    )
+    plan = plan_device([g.name for g in gpus], mixed_precision, precision)
+    keras.mixed_precision.set_global_policy(plan["precision"])
     if plan["strategy_name"] == "mirrored":
         strategy = tf.distribute.MirroredStrategy()
     elif plan["strategy_name"] == "one_device":
@@ -250,7 +286,7 @@ def make_dataset(
     manifest = read_manifest(shards_dir)
     shape = tuple(manifest["image_shape"])
     rows = split_rows(shards_dir, split)
-    patches = manifest.get("kind") == "patches"
+    patches = domain_of_manifest(manifest).shard_kind == "patches"
     columns = ("clean",) if patches else ("noisy", "clean")
     epoch = {"n": 0}
 
@@ -290,8 +326,9 @@ def make_dataset(
         return noisy, clean
 
     if patches:
-        sigmas = sigma_range(manifest["noise"])
-        density = manifest["noise"].get("density", "uniform")
+        noise = noise_config(manifest)
+        sigmas = sigma_range({"kind": noise.kind, "level": noise.level})
+        density = noise.level_density
 
         def noisy_pair(clean, seeds):
             clean = tf.cast(clean, tf.float32) / 255.0
@@ -509,6 +546,20 @@ def save_model_file(model, path: Path) -> dict:
     return {"model_sha256": file_sha256(path), "model_bytes": path.stat().st_size}
 
 
+def as_float32(model, architecture: str, shape: tuple, fully_convolutional: bool):
+    """A model trained in mixed precision rebuilt in float32 with its weights
+    (kept in float32 all along), so that the saved model, its export and
+    every later run compute in float32 whatever the CPU."""
+    import keras
+
+    if keras.mixed_precision.global_policy().name == "float32":
+        return model
+    keras.mixed_precision.set_global_policy("float32")
+    plain = build_model(architecture, shape if not fully_convolutional else None)
+    plain.set_weights(model.get_weights())
+    return plain
+
+
 def probe_shape(model) -> tuple[int, ...]:
     """A small batch shape the model takes (its fixed size, else 32x32), to
     check an export against."""
@@ -532,31 +583,13 @@ def _finished_model(path: Path):
     return model
 
 
-def shard_domain(manifest: dict) -> str:
-    """What a shard set teaches: ``photos`` (a patch set cut from folders of
-    images) or ``digits`` (pairs of 28x28 IDX images: MNIST and its kin)."""
-    return "photos" if manifest.get("kind") == "patches" else "digits"
-
-
-def photo_architecture() -> str:
-    """The architecture photo datasets train by default: the one whose recipe
-    is for awgn (photo_unet first), else the general ``unet``."""
-    from denoiser.architectures import ARCHITECTURES
-
-    photo = [name for name, spec in ARCHITECTURES.items() if spec.recipe.noise == "awgn"]
-    return "photo_unet" if "photo_unet" in photo else (sorted(photo) or [DEFAULT_ARCHITECTURE])[0]
-
-
 def resolve_architecture(training: TrainConfig, shards_dir: str | os.PathLike) -> TrainConfig:
-    """``architecture: auto`` made concrete for the shard set: the photo
-    architecture for a patch set, the default ``unet`` for digits."""
+    """``architecture: auto`` made concrete for the shard set: its domain's."""
     training = TrainConfig.model_validate(training)
     if training.architecture != "auto":
         return training
-    photos = shard_domain(read_manifest(shards_dir)) == "photos"
-    return training.model_copy(
-        update={"architecture": photo_architecture() if photos else DEFAULT_ARCHITECTURE}
-    )
+    domain = domain_of_manifest(read_manifest(shards_dir))
+    return training.model_copy(update={"architecture": domain.default_architecture})
 
 
 def check_training_request(
@@ -565,69 +598,21 @@ def check_training_request(
     """Checks across the configs, before any download or training, each a
     one-line ConfigError naming the parameter (and its ``denoise train``
     flag); returns ``training`` with ``architecture: auto`` made concrete:
-    the photo architecture for image folders, ``unet`` for IDX datasets."""
-    from denoiser.datasets import is_image_dataset
-    from denoiser.image_datasets import DEFAULT_PATCH_SIZE
-
+    the dataset's domain's architecture."""
     training = TrainConfig.model_validate(training)
-    photos = is_image_dataset(data.dataset)
-    if training.architecture == "auto":
-        training = training.model_copy(
-            update={"architecture": photo_architecture() if photos else DEFAULT_ARCHITECTURE}
-        )
-    if not photos:
-        return training
-    if noise.kind != "awgn":
-        raise ConfigError(
-            f"invalid noise.kind (--noise-kind): photographs train with awgn, added fresh to "
-            f"every batch, not {noise.kind}"
-        )
-    recipe = architecture_recipe(training.architecture)
-    if not recipe.fully_convolutional:
-        raise ConfigError(
-            f"invalid training.architecture (--architecture): {training.architecture} takes "
-            f"{tuple(recipe.input_shape[:2])} images only; photographs need a fully "
-            "convolutional one"
-        )
-    size = noise.patch_size or recipe.patch_size or DEFAULT_PATCH_SIZE
-    multiple = recipe.size_multiple
-    if size % multiple:
-        raise ConfigError(
-            f"invalid noise.patch_size (--patch-size): {size} is not a multiple of "
-            f"{training.architecture}'s size multiple {multiple}"
-        )
-    return training
+    return domain_for_dataset(data.dataset).check_request(noise, training)
 
 
 def apply_recipe_defaults(
     data: DataConfig, noise: NoiseConfig, training: TrainConfig
 ) -> tuple[NoiseConfig, TrainConfig]:
-    """For a photo dataset, what the user left unset comes from the
-    architecture's recipe (patch size, batch size, epochs), so the default
-    command trains what the probes measured best; anything set explicitly
-    stays. Digit datasets are returned as they are."""
-    from denoiser.datasets import is_image_dataset
-
-    training = check_training_request(data, noise, training)
-    if not is_image_dataset(data.dataset):
-        return noise, training
-    recipe = architecture_recipe(training.architecture)
-    if noise.patch_size is None and recipe.patch_size:
-        noise = noise.model_copy(update={"patch_size": recipe.patch_size})
-    unset = {
-        k: getattr(recipe, k)
-        for k in ("batch_size", "epochs")
-        if getattr(recipe, k) is not None and k not in training.model_fields_set
-    }
-    if unset:
-        training = TrainConfig.model_validate(
-            {
-                **training.model_dump(exclude_unset=True),
-                **unset,
-                "architecture": training.architecture,
-            }
-        )
-    return noise, training
+    """The request after its domain's checks, with what the user left unset
+    from the architecture's recipe where the domain takes it (photographs:
+    patch size, batch size, epochs), so the default command trains what the
+    probes measured best; anything set explicitly stays."""
+    domain = domain_for_dataset(data.dataset)
+    training = domain.check_request(noise, TrainConfig.model_validate(training))
+    return domain.resolve_request(noise, training)
 
 
 def data_facts(shards_dir: str | os.PathLike, manifest: dict) -> CardData:
@@ -637,7 +622,8 @@ def data_facts(shards_dir: str | os.PathLike, manifest: dict) -> CardData:
         shards_dir=where,
         manifest_sha256=manifest_hash(shards_dir),
         dataset=manifest.get("dataset"),
-        domain=shard_domain(manifest),
+        domain=domain_of_manifest(manifest).name,
+        channels=domain_of_manifest(manifest).channels,
         shard_kind=manifest.get("kind", "pairs"),
         test_dataset=manifest.get("test_dataset"),
         patch_size=manifest.get("patch_size"),
@@ -686,7 +672,7 @@ def train_model(
     out.mkdir(parents=True, exist_ok=True)
     backup.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(training.seed)
-    device = select_device(training.mixed_precision)
+    device = select_device(training.mixed_precision, training.precision)
     recipe = architecture_recipe(training.architecture)
     loss_name = recipe.loss if training.loss == "auto" else training.loss
     schedule = recipe.lr_schedule if training.lr_schedule == "auto" else training.lr_schedule
@@ -809,6 +795,7 @@ def train_model(
             history_path.unlink(missing_ok=True)
             model = compiled_model()
             fit(model)
+        model = as_float32(model, training.architecture, shape, recipe.fully_convolutional)
         file_facts = save_model_file(model, model_path)
         failpoint("train.after_model_saved")
         seconds = time.perf_counter() - start
@@ -852,6 +839,7 @@ def train_model(
         data=data_facts(shards_dir, manifest),
         image_shape=list(shape),
         device=device.as_dict(),
+        precision=device.precision,
         seconds=round(seconds, 2),
         epochs_run=len(history),
         best_val_loss=best,

@@ -28,6 +28,7 @@ MAX_WORKERS = 256
 QUICK = {"train_limit": 6000, "test_limit": 1000, "epochs": 3}
 # photographs: every training image, fewer patches of each, the first test images; a few minutes
 QUICK_PHOTOS = {"patches_per_image": 8, "test_limit": 6, "epochs": 3}
+QUICK_BY_SHARDS = {"pairs": QUICK, "patches": QUICK_PHOTOS}
 
 
 def _quiet_environment(debug: bool = False) -> None:
@@ -76,7 +77,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--dataset",
         default="mnist",
         metavar="NAME_OR_PATH_OR_URL",
-        help="mnist, fashion-mnist, train400 (photographs), or a folder of your own images: "
+        help="mnist, fashion-mnist, train400 (photographs), cbsd432 (colour photographs), "
+        "or a folder of your own images: "
         "a path, file:// or http(s):// URL (default: mnist)",
     )
     p.add_argument(
@@ -149,6 +151,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         help=f"seed for noise and training (default: {TrainConfig.model_fields['seed'].default})",
     )
     p.add_argument("--min-psnr-gain", type=float, help="quality gate in dB over the noisy input")
+    p.add_argument(
+        "--precision",
+        choices=get_args(TrainConfig.model_fields["precision"].annotation),
+        help="CPU training precision: auto (mixed bfloat16 where the CPU has it in hardware, "
+        "AMX or AVX512-BF16; float32 elsewhere), float32 or bfloat16",
+    )
 
 
 def given(**options) -> dict:
@@ -162,12 +170,11 @@ def _train_configs(args: argparse.Namespace) -> dict:
     options gets the blind awgn model (:func:`denoiser.noise.default_noise_for`);
     noise options given for one start from those defaults too."""
     from denoiser.config import DataConfig, EvalConfig
-    from denoiser.datasets import is_image_dataset
-    from denoiser.noise import default_noise_for
+    from denoiser.domains import domain_for_dataset
     from denoiser.training import apply_recipe_defaults
 
-    photos = is_image_dataset(args.dataset)
-    quick = (QUICK_PHOTOS if photos else QUICK) if args.quick else {}
+    domain = domain_for_dataset(args.dataset)
+    quick = QUICK_BY_SHARDS[domain.shard_kind] if args.quick else {}
 
     def pick(name: str):
         value = getattr(args, name)
@@ -182,6 +189,7 @@ def _train_configs(args: argparse.Namespace) -> dict:
         lr_schedule=args.lr_schedule,
         reframe=args.reframe,
         seed=args.seed,
+        precision=args.precision,
     )
     data = DataConfig(
         **given(
@@ -201,9 +209,10 @@ def _train_configs(args: argparse.Namespace) -> dict:
         patch_size=args.patch_size,
         patches_per_image=pick("patches_per_image"),
     )
-    # a photo dataset starts from the blind awgn defaults (another kind is refused below, by name)
+    # the domain's noise is the start (photographs: blind awgn; another kind is refused below)
+    default = domain.default_noise()
     base = (
-        default_noise_for(data).model_dump() if photos and args.noise_kind in (None, "awgn") else {}
+        default.model_dump(exclude_defaults=True) if args.noise_kind in (None, default.kind) else {}
     )
     noise = NoiseConfig(**{**base, **chosen})
     # every check before a server starts; the flow fills in the recipe's defaults itself

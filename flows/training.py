@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 from artifacts.registry import check_registry
 from artifacts.store import Store, resolve_store_root
 from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
-from denoiser.noise import default_noise_for
+from denoiser.domains import domain_for_dataset
 from denoiser.training import apply_recipe_defaults
 from flows.limits import hold_limit, limit_name
 from flows.session import STATE_HOOKS
@@ -31,12 +31,11 @@ def train_pipeline(
 ) -> dict[str, Any]:
     """Learn a denoiser from a dataset; every step leaves files in the store
     and an artifact in the UI. Returns a small summary for the caller.
-    ``data.dataset`` a photo dataset (train400, a folder): without ``noise`` the
-    blind awgn model (sigma 0-55) is trained, by default with the photo
-    architecture, and scored at ``evaluation.sigmas``."""
+    Without ``noise`` the dataset's domain's own is used (photographs, grey
+    or colour: the blind awgn model, sigma 0-55, scored at ``evaluation.sigmas``)."""
     logger = get_run_logger()
-    noise = noise or default_noise_for(data)
-    # every cross-field check before any work; a photo request's unset options from its recipe
+    noise = noise or domain_for_dataset(data.dataset).default_noise()
+    # every cross-field check before any work; unset options from the domain's recipe
     noise, training = apply_recipe_defaults(data, noise, training)
     store_root = resolve_store_root(store)
     Store.at(store_root).check()  # an unreachable store fails now, with one line

@@ -16,6 +16,7 @@ from prefect.states import State
 from artifacts.render import artifact_key, markdown_image, markdown_table, table_rows
 from artifacts.store import Store
 from denoiser.config import NoiseConfig
+from denoiser.domains import domain_for_dataset, domain_of_manifest
 from denoiser.noise import add_awgn
 from denoiser.plots import grid_png
 from denoiser.shards import (
@@ -24,7 +25,6 @@ from denoiser.shards import (
     read_manifest,
     shard_set_key,
     verify_shard_set,
-    write_dataset_shards,
 )
 from tasks.common import reused
 
@@ -73,7 +73,8 @@ def write_noisy_shards(
                 dataset = stage.to_local(dataset)
                 for folder in {dataset["dir"], (dataset.get("test") or {}).get("dir")} - {None}:
                     stage.pull(folder)
-            write_dataset_shards(out, dataset, noise, train_limit, test_limit, logger)
+            domain = domain_for_dataset(dataset.get("name") or dataset["dataset"])
+            domain.write_shards(out, dataset, noise, train_limit, test_limit, logger)
             stage.store_json_urls(out / "manifest.json")
             stage.push(out, last=("manifest.json",), retract=True)
             if stage.syncs:
@@ -84,8 +85,8 @@ def write_noisy_shards(
 
 def _examples(out: str, manifest: dict, noise: NoiseConfig) -> tuple[str, str, str]:
     """The examples grid, its caption and alt text: test pairs, or clean
-    validation patches over the same patches with sample awgn (photos)."""
-    if manifest.get("kind") != "patches":
+    validation patches over the same patches with sample awgn (noise added in training)."""
+    if domain_of_manifest(manifest).shard_kind != "patches":
         sample = load_split(out, "test", limit=8)
         return (
             grid_png([sample["clean"], sample["noisy"]], scale=3),
@@ -107,7 +108,7 @@ def _examples(out: str, manifest: dict, noise: NoiseConfig) -> tuple[str, str, s
 
 def _publish(out: str, name: str, noise: NoiseConfig) -> None:
     manifest = read_manifest(out)
-    patches = manifest.get("kind") == "patches"
+    patches = domain_of_manifest(manifest).shard_kind == "patches"
     rows = [
         {"split": r["split"], "file": r["file"], "rows": r["rows"], "sha256": r["sha256"][:16]}
         for r in manifest["shards"]

@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 from artifacts.registry import domain_mismatch, resolve_model
 from artifacts.render import markdown_image, markdown_table, table_rows
 from artifacts.store import Store, local_copy
+from denoiser.domains import survey_folder
 from denoiser.errors import DenoiseError, first_line
 from denoiser.folder import (
     BatchPredictor,
@@ -30,7 +31,7 @@ from denoiser.folder import (
     plan_folder,
     prepare_output,
 )
-from denoiser.inference import check_fits, folder_survey, tile_spec_for_model
+from denoiser.inference import check_fits, tile_spec_for_model
 from denoiser.models import import_tensorflow_quietly, load_model
 from denoiser.openvino_runtime import DEFAULT_PRECISION, load_openvino
 from denoiser.plots import grid_png
@@ -60,7 +61,7 @@ def resolve_denoiser(
     on a CPU, else LiteRT for a small folder not run ``in_chunks``, see
     :func:`denoiser.runtime.choose_runtime`)."""
     logger = get_run_logger()
-    domain, image_bytes = folder_survey(input_dir, pattern) if input_dir else (None, None)
+    domain, image_bytes = survey_folder(input_dir, pattern) if input_dir else (None, None)
     ref = resolve_model(store_root, model, domain if model is None else None)
     chosen = choose_runtime(
         runtime,

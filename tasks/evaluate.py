@@ -7,7 +7,6 @@ import os
 import secrets
 from pathlib import Path
 
-import numpy as np
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -18,16 +17,14 @@ from artifacts.render import markdown_image, markdown_table, table_rows
 from artifacts.store import Store
 from denoiser.cards import CARD_FILE, CardMetrics, ModelCard, load_card
 from denoiser.config import EvalConfig
+from denoiser.domains import domain_of_manifest
 from denoiser.faults import failpoint
 from denoiser.files import is_url
-from denoiser.inference import EVAL_NOISE_SEED, centre_crop, evaluate_planes, predict_array
-from denoiser.metrics import evaluate_arrays
-from denoiser.models import architecture_recipe, load_model
+from denoiser.models import load_model
 from denoiser.openvino_runtime import BIN_FILE, XML_FILE, load_openvino, precision_to_run
-from denoiser.plots import grid_png
 from denoiser.quality import judge_quality
 from denoiser.runtime import openvino_available
-from denoiser.shards import load_split, read_manifest
+from denoiser.shards import read_manifest
 from tasks.events import emit_gate_failed
 from tasks.publish import Publisher
 
@@ -97,11 +94,8 @@ def _evaluate(folder: Path, shards_dir: str, evaluation: EvalConfig) -> dict:
     card = load_card(folder)
     # the model file the card describes, or a one-line ModelError
     model = load_model(folder / "model.keras", expected_sha256=card.model_sha256)
-    if read_manifest(shards_dir).get("kind") == "patches":
-        judged = _judge_photos(model, card, shards_dir, evaluation)
-    else:
-        judged = _judge_pairs(model, card, shards_dir, evaluation)
-    metrics, samples, rows, table, caption = judged
+    domain = domain_of_manifest(read_manifest(shards_dir))
+    metrics, samples, rows, table, caption = domain.evaluate(model, card, shards_dir, evaluation)
     overall = metrics["overall"]
     exported = _score_openvino(folder, card, shards_dir, evaluation, overall["psnr_denoised"])
     gate = judge_quality(metrics, evaluation.min_psnr_gain)
@@ -193,9 +187,10 @@ def _score_openvino(
     folder: Path, card: ModelCard, shards_dir: str, evaluation: EvalConfig, keras_psnr: float
 ) -> dict:
     """The OpenVINO export scored at bf16 (where the CPU has it) on the same
-    noisy test images as Keras: the card's ``openvino_psnr``, ``keras_psnr``,
-    ``openvino_scored_at`` and the ``openvino_precision`` it is to run at
-    (f32 when bf16 loses too much). ``{}`` without an export or OpenVINO."""
+    noisy test images as Keras, by the domain's own evaluator: the card's
+    ``openvino_psnr``, ``keras_psnr``, ``openvino_scored_at`` and the
+    ``openvino_precision`` it is to run at (f32 when bf16 loses too much).
+    ``{}`` without an export or OpenVINO."""
     if not (card.openvino_xml_sha256 and card.openvino_bin_sha256) or not openvino_available():
         return {}
     logger = get_run_logger()
@@ -206,10 +201,8 @@ def _score_openvino(
         card.openvino_bin_sha256,
         precision="bf16",
     )
-    if read_manifest(shards_dir).get("kind") == "patches":
-        got = _judge_photos(model, card, shards_dir, evaluation)[0]["overall"]["psnr_denoised"]
-    else:
-        got = _judge_pairs(model, card, shards_dir, evaluation)[0]["overall"]["psnr_denoised"]
+    domain = domain_of_manifest(read_manifest(shards_dir))
+    got = domain.evaluate(model, card, shards_dir, evaluation)[0]["overall"]["psnr_denoised"]
     precision = precision_to_run(keras_psnr, got, model.precision)
     (logger.info if precision == "bf16" else logger.warning)(
         "OpenVINO export at %s: PSNR %.3f dB, Keras fp32 %.3f dB; it runs at %s",
@@ -224,127 +217,3 @@ def _score_openvino(
         "openvino_scored_at": model.precision,
         "openvino_precision": precision,
     }
-
-
-def _judge_pairs(model, card: ModelCard, shards_dir: str, evaluation: EvalConfig):
-    """MNIST-style test pairs as stored: metrics, the sample grid, the table's
-    rows, the report's table and the grid's caption."""
-    recipe = architecture_recipe(card.architecture)
-    test = load_split(shards_dir, "test")
-    clean, noisy = test["clean"] / 255.0, test["noisy"] / 255.0
-    denoised = predict_array(
-        model,
-        noisy,
-        evaluation.batch_size,
-        recipe.size_multiple if recipe.fully_convolutional else 1,
-    )
-    metrics = evaluate_arrays(clean, noisy, denoised, test.get("noise_level"), test.get("label"))
-    overall = metrics["overall"]
-    k = evaluation.sample_count
-    samples = grid_png([clean[:k], noisy[:k], denoised[:k]], scale=3)
-    rows = [{"group": "overall", **overall}]
-    rows += [
-        {"group": f"noise level {r['level']}", **{k2: v for k2, v in r.items() if k2 != "level"}}
-        for r in metrics["per_level"]
-    ]
-    rows += [
-        {"group": f"class {r['label']}", **{k2: v for k2, v in r.items() if k2 != "label"}}
-        for r in metrics["per_class"]
-    ]
-    cols = [
-        "group",
-        "count",
-        "psnr_noisy",
-        "psnr_denoised",
-        "psnr_gain",
-        "ssim_noisy",
-        "ssim_denoised",
-        "mse_noisy",
-        "mse_denoised",
-        "bce_noisy",
-        "bce_denoised",
-    ]
-    table = [
-        {"": "noisy input", "PSNR (dB)": overall["psnr_noisy"], "SSIM": overall["ssim_noisy"]},
-        {"": "denoised", "PSNR (dB)": overall["psnr_denoised"], "SSIM": overall["ssim_denoised"]},
-    ]
-    return (
-        metrics,
-        samples,
-        [{c: r.get(c) for c in cols} for r in rows],
-        table,
-        "Rows: clean, noisy, denoised.",
-    )
-
-
-CROP = 128  # side of the report's crops, shown at 1:1
-CROP_SIGMA = 25.0  # the report's crops are at this sigma (or the nearest one evaluated)
-CROP_IMAGES = 4
-
-
-def _judge_photos(model, card: ModelCard, shards_dir: str, evaluation: EvalConfig):
-    """A patch set's whole test images at every sigma of ``evaluation.sigmas``,
-    through the folder denoiser's tiling: metrics per image and per sigma, 1:1
-    crops of a few images, the table's rows, the report's table and the caption."""
-    manifest = read_manifest(shards_dir)
-    test = load_split(shards_dir, "test")
-    clean = [np.asarray(x[..., 0], np.float32) / 255.0 for x in test["clean"]]
-    entries = manifest.get("images") or []
-    names = [entries[int(i)]["name"] if int(i) < len(entries) else str(i) for i in test["index"]]
-    metrics, noisy, denoised = evaluate_planes(
-        model, card.architecture, clean, evaluation.sigmas, evaluation.batch_size, names
-    )
-    sigma = min(noisy, key=lambda s: abs(s - CROP_SIGMA))
-    k = min(evaluation.sample_count, CROP_IMAGES, len(clean))
-    side = min(CROP, *(min(c.shape) for c in clean[:k]))
-    crops = [
-        np.stack([centre_crop(np.clip(p, 0.0, 1.0), side) for p in planes[:k]])
-        for planes in (clean, noisy[sigma], denoised[sigma])
-    ]
-    samples = grid_png(crops, scale=1)
-    rows = [
-        {"group": f"sigma {r['sigma']:g}", **{c: v for c, v in r.items() if c != "sigma"}}
-        for r in metrics["per_sigma"]
-    ]
-    rows.append(
-        {
-            "group": "mean over sigmas",
-            **{c: v for c, v in metrics["overall"].items() if c != "sigmas"},
-        }
-    )
-    rows += [
-        {
-            "group": f"{r['image']} sigma {r['sigma']:g}",
-            "count": 1,
-            **{c: v for c, v in r.items() if c not in ("image", "sigma", "height", "width")},
-        }
-        for r in metrics["per_image"]
-    ]
-    table = [
-        {
-            "sigma": f"{r['sigma']:g}",
-            "PSNR noisy (dB)": r["psnr_noisy"],
-            "PSNR denoised (dB)": r["psnr_denoised"],
-            "gain (dB)": r["psnr_gain"],
-            "SSIM noisy": r["ssim_noisy"],
-            "SSIM denoised": r["ssim_denoised"],
-        }
-        for r in metrics["per_sigma"]
-    ]
-    o = metrics["overall"]
-    table.append(
-        {
-            "sigma": "mean",
-            "PSNR noisy (dB)": o["psnr_noisy"],
-            "PSNR denoised (dB)": o["psnr_denoised"],
-            "gain (dB)": o["psnr_gain"],
-            "SSIM noisy": o["ssim_noisy"],
-            "SSIM denoised": o["ssim_denoised"],
-        }
-    )
-    caption = (
-        f"Noise: awgn at each sigma (0-255 units), unclipped, one fixed draw (seed {EVAL_NOISE_SEED}); "
-        f"whole images through the folder denoiser's tiling. Rows: clean, noisy, denoised; "
-        f"central {side}x{side} crops at 1:1 of {k} test image(s) at sigma {sigma:g}."
-    )
-    return metrics, samples, rows, table, caption

@@ -116,12 +116,14 @@ def render_model_card(card: ModelCard) -> str:
         },
         {"field": "reframed pairs", "value": f"{recipe.reframe:.0%}"},
         {"field": "device", "value": card.device["description"]},
+        {"field": "precision", "value": card.precision or "float32"},
         {"field": "training time (s)", "value": card.seconds},
         {"field": "epochs run", "value": card.epochs_run},
         {"field": "best validation loss", "value": card.best_val_loss},
         {
             "field": "trained on",
-            "value": f"{data.dataset} ({data.domain or 'digits'}, {data.shard_kind})",
+            "value": f"{data.dataset} ({data.domain or 'digits'}, {data.shard_kind}, "
+            f"{data.channels or 1} channel{'s' if (data.channels or 1) > 1 else ''})",
         },
         {
             "field": "test images",

@@ -43,10 +43,10 @@ def test_fully_convolutional_models_keep_the_input_shape(name):
         if photo
         else model.count_params() == expected[name] <= 440_865
     )
-    m = recipe.size_multiple
+    m, c = recipe.size_multiple, recipe.input_shape[-1]  # c: 1 grey, 3 for colour_unet
     for h, w in [(28, 28), (8 * m, 3 * m), (64, 96)]:
-        out = model(np.random.default_rng(0).random((1, h, w, 1)).astype(np.float32))
-        assert out.shape == (1, h, w, 1)
+        out = model(np.random.default_rng(0).random((1, h, w, c)).astype(np.float32))
+        assert out.shape == (1, h, w, c)
         assert photo or (float(np.min(out)) >= 0.0 and float(np.max(out)) <= 1.0)
 
 
@@ -56,7 +56,8 @@ def test_every_architecture_trains_a_step(name):
 
     model = build_model(name)
     model.compile(keras.optimizers.Adam(1e-3), loss="mse")
-    x = np.random.default_rng(0).random((4, 28, 28, 1)).astype(np.float32)
+    channels = architecture_recipe(name).input_shape[-1]
+    x = np.random.default_rng(0).random((4, 28, 28, channels)).astype(np.float32)
     before = [w.copy() for w in model.get_weights()]
     loss = model.train_on_batch(x, x)
     assert np.isfinite(loss)
@@ -105,7 +106,8 @@ def test_models_round_trip_with_safe_mode(tmp_path):
         model = build_model(name)
         model.save(tmp_path / f"{name}.keras")
         loaded = load_model(tmp_path / f"{name}.keras")
-        x = np.random.default_rng(1).random((1, 28, 28, 1)).astype(np.float32)
+        channels = model.input_shape[-1]  # 3 for colour_unet
+        x = np.random.default_rng(1).random((1, 28, 28, channels)).astype(np.float32)
         np.testing.assert_allclose(model(x), loaded(x), atol=1e-6)
     (tmp_path / "junk.keras").write_text("not a model")
     with pytest.raises(ModelError, match="junk.keras"):

@@ -1,0 +1,200 @@
+"""Colour photographs: CSet9 at sigma 15 / 25 / 50 beside CBM3D, as bench/natural.py is for grey.
+
+The protocol of ``../shared/datasets/README.md``: ``y = x + (sigma/255) N(0, 1)``
+added independently to R, G and B in floating point, neither clipped nor
+quantised; outputs clipped to [0, 1]; PSNR on the RGB image (all three
+channels, peak 1) per image, averaged over the set. The noisy images are drawn
+once from a fixed seed, so every row sees the same ones.
+
+Rows: the noisy input; the colour model (``--score``: a ``.keras`` file or a
+model folder), RGB in and out; the grey model (``--grey``) run on R, G and B
+separately, and on the luminance only (what ``denoise folder`` does with a
+colour image: Y denoised, the chroma kept); CBM3D measured
+(``bm3d.bm3d_rgb``, told the true sigma, with its seconds per image;
+``--no-bm3d`` skips it, it takes 14-29 s an image); the published CBSD68
+rows for reference (another test set: a guide, not a comparison). The last
+stdout line is the whole result as JSON.
+
+    python bench/colour.py --score /work/colour-store/models/<version> --grey photo-60.keras
+    python bench/colour.py --quick --score model.keras --no-bm3d   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import REPO  # noqa: E402
+
+DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "cset9"
+SIGMAS = (15, 25, 50)
+PUBLISHED = {  # CBSD68 averages, DRUNet's paper (Zhang et al. 2021), Table 4
+    "CBM3D (published, CBSD68)": (33.52, 30.71, 27.38),
+    "CDnCNN-B (published, CBSD68)": (33.89, 31.23, 27.92),
+    "FFDNet (published, CBSD68)": (33.87, 31.21, 27.96),
+    "DRUNet (published, CBSD68)": (34.30, 31.69, 28.51),
+}
+PARAMS = {"CDnCNN-B": 668_000}
+
+
+def load_rgb_pngs(folder: Path, limit: int | None) -> tuple[list[str], list[np.ndarray]]:
+    """The folder's PNGs, sorted by name, as float32 [0, 1] (H, W, 3) arrays."""
+    from PIL import Image
+
+    paths = sorted(folder.glob("*.png"))[:limit]
+    if not paths:
+        sys.exit(f"no PNG images in {folder}")
+    images = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0 for p in paths]
+    return [p.name for p in paths], images
+
+
+def noisy_set(clean: list[np.ndarray], sigmas, seed: int) -> dict[int, list[np.ndarray]]:
+    """One fixed draw per sigma, independent in each channel, unclipped."""
+    rng = np.random.default_rng(seed)
+    return {
+        s: [(x + (s / 255.0) * rng.standard_normal(x.shape)).astype(np.float32) for x in clean]
+        for s in sigmas
+    }
+
+
+def psnr(clean: np.ndarray, out: np.ndarray) -> float:
+    mse = float(np.mean((np.clip(out, 0.0, 1.0).astype(np.float64) - clean) ** 2))
+    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def load_model(path: str):
+    """A saved model (``.keras``, or a model folder holding ``model.keras``)."""
+    import keras
+
+    p = Path(path)
+    return keras.saving.load_model(p / "model.keras" if p.is_dir() else p, compile=False)
+
+
+def whole(model, x: np.ndarray, multiple: int = 4) -> np.ndarray:
+    """One (H, W, C) image through a fully convolutional model, reflect-padded
+    (bottom and right) to the size multiple."""
+    h, w = x.shape[:2]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    padded = np.pad(x, ((0, ph), (0, pw), (0, 0)), mode="reflect") if ph or pw else x
+    return np.asarray(model(padded[None], training=False), np.float32)[0, :h, :w]
+
+
+def per_channel(grey, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([whole(grey, x[..., c : c + 1]) for c in range(3)], axis=-1)
+
+
+def luminance_only(grey, x: np.ndarray) -> np.ndarray:
+    """What ``denoise folder`` does with a colour image: Y (BT.601) denoised,
+    Cb and Cr kept as they are."""
+    from denoiser.images import _rgb_to_ycc, _ycc_to_rgb
+
+    y, chroma = _rgb_to_ycc(x)
+    return _ycc_to_rgb(whole(grey, y[..., None])[..., 0], chroma)
+
+
+def score(method, names, clean, noisy) -> tuple[dict[int, float], float]:
+    """Mean PSNR per sigma, and seconds per image."""
+    out, seconds = {}, []
+    for s, ys in noisy.items():
+        values = []
+        for x, y in zip(clean, ys, strict=True):
+            t0 = time.perf_counter()
+            d = method(y)
+            seconds.append(time.perf_counter() - t0)
+            values.append(psnr(x, d))
+        out[s] = float(np.mean(values))
+    return out, float(np.median(seconds))
+
+
+def run_cbm3d(clean, noisy) -> tuple[dict[int, float], float]:
+    try:
+        import bm3d
+    except ImportError:
+        sys.exit("CBM3D needs the bm3d package: pip install bm3d (or run with --no-bm3d)")
+    scores, seconds = {}, []
+    for s, ys in noisy.items():
+        values = []
+        for x, y in zip(clean, ys, strict=True):
+            t0 = time.perf_counter()
+            d = np.asarray(bm3d.bm3d_rgb(y, s / 255.0), np.float32)
+            seconds.append(time.perf_counter() - t0)
+            values.append(psnr(x, d))
+        scores[s] = float(np.mean(values))
+        print(f"  CBM3D sigma {s}: {scores[s]:.2f} dB", flush=True)
+    return scores, float(np.mean(seconds))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CSet9's folder")
+    parser.add_argument("--score", help="the colour model: a .keras file or a model folder")
+    parser.add_argument("--grey", help="a grey photo model, run per channel and on luminance")
+    parser.add_argument("--no-bm3d", action="store_true", help="skip CBM3D (14-29 s an image)")
+    parser.add_argument("--seed", type=int, default=12, help="the noise draw")
+    parser.add_argument("--quick", action="store_true", help="first 2 images; CBM3D on 1")
+    args = parser.parse_args()
+
+    names, clean = load_rgb_pngs(args.data, 2 if args.quick else None)
+    noisy = noisy_set(clean, SIGMAS, args.seed)
+    rows: dict[str, dict[int, float]] = {}
+    meta: dict[str, dict] = {}
+    rows["noisy input"], _ = score(lambda y: y, names, clean, noisy)
+    meta["noisy input"] = {"params": 0, "s_per_image": 0.0}
+    if args.score:
+        model = load_model(args.score)
+        label = f"colour model {model.name} (measured)"
+        rows[label], sec = score(lambda y: whole(model, y), names, clean, noisy)
+        meta[label] = {"params": model.count_params(), "s_per_image": sec}
+    if args.grey:
+        grey = load_model(args.grey)
+        for label, method in (
+            (f"grey model {grey.name} per channel (measured)", per_channel),
+            (
+                f"grey model {grey.name} on luminance only, as denoise folder (measured)",
+                luminance_only,
+            ),
+        ):
+            rows[label], sec = score(lambda y, m=method: m(grey, y), names, clean, noisy)
+            meta[label] = {"params": grey.count_params(), "s_per_image": sec}
+    if not args.no_bm3d:
+        subset = 1 if args.quick else len(clean)
+        print(f"CBM3D on {subset} image(s) at each sigma", flush=True)
+        sub_noisy = {s: ys[:subset] for s, ys in noisy.items()}
+        label = "CBM3D, bm3d.bm3d_rgb (measured)" + (" first image" if args.quick else "")
+        rows[label], sec = run_cbm3d(clean[:subset], sub_noisy)
+        meta[label] = {"params": 0, "s_per_image": sec}
+    if not args.quick:
+        for name, figures in PUBLISHED.items():
+            rows[name] = dict(zip(SIGMAS, figures, strict=True))
+            meta[name] = {"params": PARAMS.get(name.split(" ")[0], 0), "s_per_image": float("nan")}
+
+    print(f"\nCSet9 ({len(clean)} images: {', '.join(names)}), mean PSNR (dB) on RGB, clipped")
+    print("| method | params | s / image | " + " | ".join(f"sigma {s}" for s in SIGMAS) + " |")
+    print("|---|---|---|" + "---|" * len(SIGMAS))
+    for name, figures in rows.items():
+        m = meta[name]
+        cells = [f"{figures[s]:.2f}" if s in figures else "-" for s in SIGMAS]
+        sec = "-" if math.isnan(m["s_per_image"]) else f"{m['s_per_image']:.2f}"
+        params = f"{m['params']:,}" if m["params"] else ("-" if "published" in name else "0")
+        print(f"| {name} | {params} | {sec} | " + " | ".join(cells) + " |")
+    print(
+        json.dumps(
+            {
+                "rows": {k: {str(s): round(v, 3) for s, v in r.items()} for k, r in rows.items()},
+                "meta": meta,
+                "images": names,
+                "args": {k: str(v) for k, v in vars(args).items()},
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The domains: digits, grey photographs, colour photographs. Adding one is a
+module defining a :class:`~denoiser.domains.base.Domain` plus its line in
+:data:`DOMAINS` (and its datasets' ``domain`` in the catalog,
+:mod:`denoiser.image_datasets`).
+
+May import the data, model and inference modules; nothing in ``denoiser``
+below the training imports this package.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatch
+
+from denoiser.datasets import is_image_dataset
+from denoiser.domains.base import Domain, Judged
+from denoiser.domains.colour_photos import COLOUR_PHOTOS
+from denoiser.domains.digits import DIGITS
+from denoiser.domains.grey_photos import GREY_PHOTOS
+from denoiser.errors import ConfigError, DenoiseError
+from denoiser.folder import NOT_REGULAR, list_files
+from denoiser.image_datasets import IMAGE_DATASETS
+from denoiser.images import IMAGE_SUFFIXES, LoadedImage, decode_image
+from denoiser.trees import open_tree
+
+__all__ = [
+    "DOMAINS",
+    "Domain",
+    "Judged",
+    "domain_for_dataset",
+    "domain_named",
+    "domain_of_manifest",
+    "image_domain",
+    "survey_folder",
+]
+
+DOMAINS: dict[str, Domain] = {d.name: d for d in (DIGITS, GREY_PHOTOS, COLOUR_PHOTOS)}
+#: the order images are tried in: the most particular domain first, digits last (any image)
+RECOGNITION_ORDER = (COLOUR_PHOTOS, GREY_PHOTOS, DIGITS)
+
+
+def domain_named(name: str) -> Domain:
+    """The registered domain called ``name``; a one-line ConfigError otherwise."""
+    if name not in DOMAINS:
+        raise ConfigError(f"unknown domain {name!r}; known: {', '.join(DOMAINS)}")
+    return DOMAINS[name]
+
+
+def domain_for_dataset(name: str) -> Domain:
+    """The domain a dataset's models learn: the catalog's word for a
+    registered folder of images, grey photographs for a user's folder, digits
+    for an IDX dataset."""
+    if not is_image_dataset(name):
+        return DIGITS
+    spec = IMAGE_DATASETS.get(name)
+    return domain_named(spec.domain) if spec is not None else GREY_PHOTOS
+
+
+def domain_of_manifest(manifest: dict) -> Domain:
+    """The domain a shard set (or a dataset manifest) teaches: the one it
+    records, else a patch set's grey photographs or an IDX set's digits (sets
+    written before domains were recorded)."""
+    named = manifest.get("domain")
+    if named in DOMAINS:
+        return DOMAINS[named]
+    return GREY_PHOTOS if manifest.get("kind") in ("patches", "images") else DIGITS
+
+
+def image_domain(image: LoadedImage) -> str:
+    """The name of the first domain (most particular first) that recognises ``image``."""
+    return next(d.name for d in RECOGNITION_ORDER if d.recognises(image))
+
+
+def _vote(images: list[LoadedImage]) -> str | None:
+    votes = [DOMAINS[image_domain(i)].folder_domain for i in images]
+    if not votes:
+        return None
+    return max(sorted(set(votes)), key=votes.count)
+
+
+def survey_folder(folder, pattern: str = "*", sample: int = 16) -> tuple[str | None, int | None]:
+    """What a folder run needs to know before it loads a model: the domain
+    whose model should denoise the folder's images (a local folder or an
+    object-storage prefix), judged on the first ``sample`` of them (by path)
+    that decode (each domain's ``folder_domain``: colour photographs go to the
+    photo model while the folder pipeline denoises luma), and how many bytes
+    its image files take (what :func:`denoiser.runtime.choose_runtime` sizes
+    the job by). (None, None) when the folder cannot be read."""
+    try:
+        tree = open_tree(folder, "input", must_exist=True)
+        files = list_files(tree)
+    except (DenoiseError, OSError):
+        return None, None
+    images = []
+    image_bytes = 0
+    for rel in sorted(files):
+        name = rel.rsplit("/", 1)[-1]
+        suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        if files[rel] == NOT_REGULAR or suffix not in IMAGE_SUFFIXES or not fnmatch(name, pattern):
+            continue
+        image_bytes += files[rel]
+        if len(images) >= sample:
+            continue
+        try:
+            images.append(decode_image(tree.read(tree.path(rel))))
+        except (DenoiseError, OSError):
+            continue
+    return _vote(images), image_bytes

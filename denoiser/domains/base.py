@@ -1,0 +1,73 @@
+"""What a domain is: one kind of image the pipeline learns to denoise, and
+what each stage needs from it (shards, noise, recipe, evaluation, how a
+folder's images are recognised).
+
+Imports the configs and the cards only; each domain module imports what its
+own stages use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from denoiser.cards import ModelCard
+    from denoiser.config import EvalConfig, NoiseConfig, TrainConfig
+    from denoiser.images import LoadedImage
+
+
+class Judged(NamedTuple):
+    """A model's evaluation on a shard set's test split: the metrics (with
+    ``overall``, whose ``psnr_gain`` the quality gate reads), the sample grid
+    (PNG bytes), the rows of the metrics table, the report's table and the
+    grid's caption."""
+
+    metrics: dict
+    samples: bytes
+    rows: list[dict]
+    table: list[dict]
+    caption: str
+
+
+#: writes (finishes, repairs) a fetched dataset's shard set into a folder
+ShardWriter = Callable[..., Path]
+#: (model, card, shards_dir, evaluation) -> Judged
+Evaluator = Callable[[Any, "ModelCard", str, "EvalConfig"], Judged]
+#: (noise, training) -> (noise, training): checks, and the recipe's defaults filled in
+RequestResolver = Callable[["NoiseConfig", "TrainConfig"], tuple["NoiseConfig", "TrainConfig"]]
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One kind of image, as every stage sees it.
+
+    ``name`` is what cards and the registry record (each domain has its own
+    production model); ``channels`` what the model takes and gives (1 grey,
+    3 RGB); ``shard_kind`` the shard set it trains on (``pairs``: noisy/clean
+    pairs written once; ``patches``: clean patches, noise added in training);
+    ``folder_domain`` the domain whose model ``denoise folder`` runs its
+    images through (itself when the folder pipeline can run its models).
+    """
+
+    name: str
+    words: str  # how messages name its images
+    channels: int
+    shard_kind: str
+    default_architecture: str
+    train_hint: str  # how to get a model of this domain
+    default_noise: Callable[[], NoiseConfig]
+    write_shards: ShardWriter
+    evaluate: Evaluator
+    resolve_request: RequestResolver
+    recognises: Callable[[LoadedImage], bool]
+    folder_domain: str = ""
+
+    def check_request(self, noise: NoiseConfig, training: TrainConfig) -> TrainConfig:
+        """``training`` with ``architecture: auto`` made concrete, after the
+        domain's checks of the request (a one-line ConfigError each)."""
+        if training.architecture == "auto":
+            training = training.model_copy(update={"architecture": self.default_architecture})
+        return self.resolve_request(noise, training)[1]
