@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Literal
 
@@ -52,12 +53,16 @@ def denoise_folder(
     its export, else LiteRT for a small folder in this process, else Keras.
     ``settle``: files modified in the last that many seconds may still be being
     written and are left for a later run (an inbox, ``denoise watch``).
-    Runs into one output folder take turns (a concurrency limit keyed by it)."""
+    An inbox's runs (``settle`` > 0) into one output folder take turns (a
+    concurrency limit keyed by it); other runs may share an output folder (its
+    journal is appended under a lock)."""
     store_root = str(resolve_store_root(store))
     # absolute, so that every worker (any cwd, any host sharing the file system) finds them
     input_dir, output_dir = resolve_location(input_dir), resolve_location(output_dir)
     check_folders(input_dir, output_dir, store_root)  # a run from the UI gets the CLI's checks
-    with hold_limit(limit_name("folder", output_dir), f"the run writing into {output_dir}"):
+    # an inbox's runs (settle > 0) take turns: a concurrency limit keyed by the output folder
+    turns = hold_limit(limit_name("folder", output_dir), f"the run writing into {output_dir}")
+    with turns if settle > 0 else contextlib.nullcontext():
         return _denoise_folder(
             input_dir,
             output_dir,

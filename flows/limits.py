@@ -150,9 +150,19 @@ def _renew(lease_id: str, stop: threading.Event) -> None:
 @contextlib.contextmanager
 def hold_limit(name: str, what: str) -> Iterator[None]:
     """Hold the one slot of limit ``name`` (created with limit 1 if missing)
-    for the block; ``what`` names the holder in the waiting message."""
+    for the block; ``what`` names the holder in the waiting message. Not
+    under a temporary server of this command (see below): only a server that
+    outlives the command (``denoise server start``, ``PREFECT_API_URL``)
+    expires the lease of a holder that was killed."""
     from prefect.client.orchestration import get_client
 
+    from flows.session import TEMPORARY_SERVER
+
+    if TEMPORARY_SERVER:
+        # its leases die with it while the taken slot stays in the database: a killed
+        # holder would block every later run; limits need a server that outlives commands
+        yield
+        return
     with get_client(sync_client=True) as client:
         _create_limit(client, name)
         lease_id = _acquire(client, name, what)

@@ -51,6 +51,9 @@ except ProcessLookupError:
 """
 
 _guards: list[subprocess.Popen] = []  # kept open: their pipes close when this process ends
+# whether this command started a temporary server: one that dies with the command, and
+# with it what the server keeps in memory (the leases of concurrency slots, flows/limits.py)
+TEMPORARY_SERVER = False
 
 
 def _guard(pid: int) -> None:
@@ -77,6 +80,8 @@ def ensure_api(on_spawn: Callable[[], None] | None = None) -> str:
         return url
     from prefect.server.api.server import SubprocessASGIServer
 
+    global TEMPORARY_SERVER
+    TEMPORARY_SERVER = True
     server = SubprocessASGIServer()  # the instance Prefect's clients look up
     if not server.running:
         spawn = server._run_uvicorn_command  # called again if the first port was taken
