@@ -260,6 +260,22 @@ def build_colour_unet(input_shape=(None, None, 3), **options):
     return build_photo_unet(input_shape, **{"name": "colour_unet", **options})
 
 
+# the photographs' recipe (grey and colour alike): patches of 64, blind awgn sigma 0-55
+PHOTO_RECIPE = Recipe(
+    loss="mse",
+    lr_schedule="cosine",
+    learning_rate=1e-3,
+    reframe=0.0,
+    fully_convolutional=True,
+    input_shape=(None, None, 1),
+    size_multiple=4,
+    patch_size=64,
+    batch_size=32,
+    epochs=8,
+    noise="awgn",
+    sigma_range=(0.0, 55.0),
+)
+
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "seed": ArchitectureSpec(
         build_seed,
@@ -296,39 +312,13 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     ),
     "photo_unet": ArchitectureSpec(
         build_photo_unet,
-        Recipe(
-            loss="mse",
-            lr_schedule="cosine",
-            learning_rate=1e-3,
-            reframe=0.0,
-            fully_convolutional=True,
-            input_shape=(None, None, 1),
-            size_multiple=4,
-            patch_size=64,
-            batch_size=32,
-            epochs=8,
-            noise="awgn",
-            sigma_range=(0.0, 55.0),
-        ),
+        PHOTO_RECIPE,
         "residual U-Net for photographs (issue 14): 16/64/128 channels at 1, 1/2, 1/4 resolution, "
         "added skips, no batch norm, output = input - estimated noise, blind AWGN sigma 0-55",
     ),
     "colour_unet": ArchitectureSpec(
         build_colour_unet,
-        Recipe(
-            loss="mse",
-            lr_schedule="cosine",
-            learning_rate=1e-3,
-            reframe=0.0,
-            fully_convolutional=True,
-            input_shape=(None, None, 3),
-            size_multiple=4,
-            patch_size=64,
-            batch_size=32,
-            epochs=8,
-            noise="awgn",
-            sigma_range=(0.0, 55.0),
-        ),
+        PHOTO_RECIPE.model_copy(update={"input_shape": (None, None, 3)}),
         "photo_unet's layout for colour photographs: RGB in, RGB out, awgn in each channel, "
         "blind sigma 0-55",
     ),
