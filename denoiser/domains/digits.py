@@ -8,24 +8,12 @@ from denoiser.config import EvalConfig, NoiseConfig, TrainConfig
 from denoiser.domains.base import Domain, Judged
 from denoiser.images import LoadedImage
 from denoiser.inference import predict_array
-from denoiser.metrics import evaluate_arrays
+from denoiser.metrics import SCORES, evaluate_arrays
 from denoiser.models import DEFAULT_ARCHITECTURE, architecture_recipe
 from denoiser.plots import grid_png
 from denoiser.shards import load_split, write_pair_set
 
-TABLE_COLUMNS = (
-    "group",
-    "count",
-    "psnr_noisy",
-    "psnr_denoised",
-    "psnr_gain",
-    "ssim_noisy",
-    "ssim_denoised",
-    "mse_noisy",
-    "mse_denoised",
-    "bce_noisy",
-    "bce_denoised",
-)
+TABLE_COLUMNS = ("group", "count", *SCORES, "bce_noisy", "bce_denoised")
 
 
 def evaluate_pairs(model, card: ModelCard, shards_dir: str, evaluation: EvalConfig) -> Judged:
