@@ -455,6 +455,21 @@ def check_dask_options(workers: int | None, address: str | None, chunk_files: in
         ) from None
 
 
+def folder_options(args: argparse.Namespace) -> dict:
+    """The folder flow's parameters from the options of :func:`add_folder_arguments`."""
+    return {
+        "model": args.model,
+        "overwrite": args.overwrite,
+        "pattern": args.pattern,
+        "format": args.format,
+        "store": args.store,
+        "workers": args.workers,
+        "dask_address": args.dask_address,
+        "chunk_files": args.chunk_files,
+        "runtime": args.runtime,
+    }
+
+
 def run_folder_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -490,19 +505,7 @@ def run_folder_command(args: argparse.Namespace) -> int:
     # worker processes inherit the environment: one server for all, not one each
     os.environ["PREFECT_API_URL"] = api()
     with finished_despite_api("denoise_images") as outcome:
-        outcome.value = denoise_folder(
-            args.input_dir,
-            args.output_dir,
-            model=args.model,
-            overwrite=args.overwrite,
-            pattern=args.pattern,
-            format=args.format,
-            store=args.store,
-            workers=args.workers,
-            dask_address=args.dask_address,
-            chunk_files=args.chunk_files,
-            runtime=args.runtime,
-        )
+        outcome.value = denoise_folder(args.input_dir, args.output_dir, **folder_options(args))
     summary = outcome.value
     c = summary["counts"]
     console = Console(stderr=False)

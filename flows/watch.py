@@ -181,24 +181,14 @@ def run_watch_command(args: argparse.Namespace) -> int:
 
 def _run_folder(args: argparse.Namespace, input_dir: str, output_dir: str) -> None:
     """One folder run; a failed run is one line, and the watcher goes on."""
+    from flows.cli import folder_options
     from flows.denoising import denoise_folder
     from flows.session import finished_despite_api
 
     try:
         with finished_despite_api("denoise_images") as outcome:
             outcome.value = denoise_folder(
-                input_dir,
-                output_dir,
-                model=args.model,
-                overwrite=args.overwrite,
-                pattern=args.pattern,
-                format=args.format,
-                store=args.store,
-                workers=args.workers,
-                dask_address=args.dask_address,
-                chunk_files=args.chunk_files,
-                runtime=args.runtime,
-                settle=args.settle,
+                input_dir, output_dir, **folder_options(args), settle=args.settle
             )
     except (DenoiseError, OSError, RuntimeError) as exc:
         print(f"denoise watch: the run failed: {type(exc).__name__}: {exc}", flush=True)
