@@ -229,8 +229,9 @@ def _run_train(args: argparse.Namespace) -> int:
     configs = _train_configs(args)
     from artifacts.registry import check_registry
     from artifacts.store import Store
-    from flows.session import quiet_run_failures, start_api
+    from flows.session import start_api
     from flows.training import train_pipeline
+    from tasks.terminal import quiet_run_failures
 
     quiet_run_failures(args.debug)
     Store.at(
@@ -477,7 +478,7 @@ def run_folder_command(args: argparse.Namespace) -> int:
     from artifacts.store import Store, resolve_store_root
     from denoiser.folder import check_folders
     from flows.denoising import denoise_folder
-    from flows.session import quiet_run_failures
+    from tasks.terminal import quiet_run_failures
 
     quiet_run_failures(args.debug)
     # usage errors and a missing model fail fast, before a Prefect server starts

@@ -29,7 +29,7 @@ class QuietDaskTaskRunner(DaskTaskRunner):
     def client(self):
         """The client; the cluster (created on first use) starts its worker
         processes with SIGINT ignored."""
-        from flows.session import sigint_ignored_by_children
+        from tasks.terminal import sigint_ignored_by_children
 
         with sigint_ignored_by_children():
             return super().client
@@ -45,7 +45,7 @@ class ModelOnWorkers(WorkerPlugin):
         self.name = f"denoise-model-{hashlib.sha256(key).hexdigest()[:12]}"
 
     def setup(self, worker) -> None:
-        from flows.session import quiet_run_failures
+        from tasks.terminal import quiet_run_failures
 
         quiet_run_failures()  # the worker's failed task runs: one line from the command
         # loads the run's runtime; TensorFlow's C++ start-up lines only with --debug
