@@ -183,3 +183,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """``text`` as the file ``path``, atomically (see :func:`atomic_file`)."""
     with atomic_file(path, ".tmp") as tmp:
         tmp.write_text(text)
+
+
+def read_checked(path: str | os.PathLike, expected_sha256: str | None, what: str) -> bytes:
+    """The bytes of a model file, checked against the card's sha256 when it
+    has one; a one-line ModelError naming ``what`` (LiteRT, OpenVINO) otherwise."""
+    from denoiser.errors import ModelError
+
+    path = Path(path)
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read {what} model {path}: {exc.strerror or exc}") from None
+    if expected_sha256 and hashlib.sha256(content).hexdigest() != expected_sha256:
+        raise ModelError(f"{path}: corrupt {what} model (sha256 does not match the card's)")
+    return content

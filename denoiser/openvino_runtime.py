@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from denoiser.errors import ModelError, first_line
-from denoiser.files import fsync_dir
+from denoiser.files import fsync_dir, read_checked
 
 logger = logging.getLogger(__name__)
 
@@ -217,15 +217,10 @@ def load_openvino(
 ) -> OpenVinoModel:
     """The OpenVINO model at ``xml_path`` and ``bin_path``, each file checked
     against the card's sha256, compiled for the CPU at ``precision``."""
-    files = []
-    for path, expected in ((Path(xml_path), xml_sha256), (Path(bin_path), bin_sha256)):
-        try:
-            content = path.read_bytes()
-        except OSError as exc:
-            raise ModelError(f"cannot read OpenVINO model {path}: {exc.strerror or exc}") from None
-        if expected and hashlib.sha256(content).hexdigest() != expected:
-            raise ModelError(f"{path}: corrupt OpenVINO model (sha256 does not match the card's)")
-        files.append(content)
+    files = [
+        read_checked(xml_path, xml_sha256, "OpenVINO"),
+        read_checked(bin_path, bin_sha256, "OpenVINO"),
+    ]
     try:
         return OpenVinoModel(*files, precision=precision)
     except ModelError:

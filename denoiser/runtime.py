@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from denoiser.errors import ConfigError, ModelError, first_line
-from denoiser.files import atomic_file, file_sha256
+from denoiser.files import atomic_file, file_sha256, read_checked
 
 logger = logging.getLogger(__name__)
 
@@ -164,15 +164,8 @@ def _allocate(interpreter) -> None:
 
 def load_litert(path: str | os.PathLike, expected_sha256: str | None = None) -> LiteModel:
     """The LiteRT model at ``path``, checked against the card's sha256."""
-    import hashlib
-
     path = Path(path)
-    try:
-        content = path.read_bytes()
-    except OSError as exc:
-        raise ModelError(f"cannot read LiteRT model {path}: {exc.strerror or exc}") from None
-    if expected_sha256 and hashlib.sha256(content).hexdigest() != expected_sha256:
-        raise ModelError(f"{path}: corrupt LiteRT model (sha256 does not match the card's)")
+    content = read_checked(path, expected_sha256, "LiteRT")
     try:
         return LiteModel(content)
     except ModelError:
