@@ -41,6 +41,9 @@ def export_model_version(store_root: str | os.PathLike | None, version: str) -> 
     store_root = resolve_store_root(store_root)
     ref = _version_ref(store_root, check_version_name(version))
     if ref is None:
+        from artifacts.builtin import refuse_builtin_change
+
+        refuse_builtin_change(version, "export (its exports ship with it)")
         raise ModelNotFound(f"unknown model version {version!r} (not in {store_root}/models)")
     if has_openvino_export(ref.dir, ref.card):
         return None

@@ -31,6 +31,9 @@ the production model of the images' domain when it can tell, else the overall
 version of any domain (what readers of the old schema understand). An old
 registry.json without ``production_by_domain`` reads as before: its
 ``production`` is the production model of that version's domain.
+
+Models shipped in the package (:mod:`artifacts.builtin`) stand in for a
+domain the store has no production model of; the registry never writes them.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ class ModelRef:
     dir: Path | str  # a URL in a remote store
     model_path: Path | str
     card: ModelCard
-    status: str  # "production" or "candidate"
+    status: str  # "production", "candidate" or "built in" (in the package: artifacts/builtin.py)
 
     @property
     def passed(self) -> bool:
@@ -449,19 +452,25 @@ def resolve_model(
     store_root: str | os.PathLike | None, spec: str | None = None, domain: str | None = None
 ) -> ModelRef:
     """``spec``: None (the production model of ``domain`` when given and there
-    is one, else the overall production, else the newest that passed its
-    gate), a version name, a model folder, or a ``.keras`` file. Only
+    is one, else the package's built-in model of ``domain``, else the overall
+    production, else the newest that passed its gate, else a built-in model),
+    a version name (the store's, else a built-in one), a model folder, or a
+    ``.keras`` file. Only
     production and version names need the registry: a file or folder given as
     a path is usable whatever state the registry is in (its status is read
     when the registry can be read)."""
+    from artifacts.builtin import builtin_model, find_builtin
+
     store = resolve_store_root(store_root)
     if spec is None:
         models = list_models(store)
         chosen = (
             (domain and production_model(store, domain))
+            or (domain and builtin_model(domain))  # the package's, for the images' domain
             or production_model(store)
             or next((m for m in models if m.status == "production"), None)
             or next((m for m in models if m.passed), None)
+            or builtin_model(None)
         )
         if chosen is None:
             hint = " (none passed its quality gate)" if models else ""
@@ -470,6 +479,7 @@ def resolve_model(
     remote = Store.at(store).remote
     if remote and Path(spec).name == spec:  # a version name in a remote store
         ref = _version_ref(store, spec, production_by_domain(store, read_registry(store)).values())
+        ref = ref or (find_builtin(spec) if is_version_name(spec) else None)
         if ref is None:
             raise ModelNotFound(f"model {spec!r} not found (not a version in {store})")
         return ref
@@ -481,6 +491,10 @@ def resolve_model(
         and is_version_name(spec)
         and (models_root / spec / "model.keras").is_file()
     )  # a name, not a path
+    if not named and is_version_name(spec) and not Path(spec).exists():
+        builtin = find_builtin(spec)  # a version of the package's, the store having none
+        if builtin is not None:
+            return builtin
     path = models_root / spec if named else Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model.keras").is_file():
@@ -533,8 +547,15 @@ def domain_mismatch(
         better = None
     if better is not None and better.domain != images_domain:
         better = None
+    if better is None:
+        from artifacts.builtin import builtin_model
+
+        try:
+            better = builtin_model(images_domain)
+        except ModelError:
+            better = None
     advice = (
-        f"use {better.version}, the production model for {images_domain} (--model {better.version})"
+        f"use {better.version}, the {better.status} model for {images_domain} (--model {better.version})"
         if better is not None
         else TRAIN_HINTS[images_domain]
     )
@@ -634,6 +655,9 @@ def promote(store_root: str | os.PathLike | None, version: str) -> ModelRef:
     store = resolve_store_root(store_root)
     ref = _version_ref(store, check_version_name(version))
     if ref is None:
+        from artifacts.builtin import refuse_builtin_change
+
+        refuse_builtin_change(version, "promote")
         known = ", ".join(m.version for m in list_models(store)[:5]) or "none"
         raise ModelNotFound(f"unknown model version {version!r} (newest: {known})")
     now = datetime.now(UTC).isoformat(timespec="seconds")

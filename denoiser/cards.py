@@ -109,6 +109,8 @@ class ModelCard(_Open):
     params: int | None = None
     recipe: Recipe | None = None
     training: dict[str, Any] = Field(default_factory=dict)
+    # the `denoise train` command with the training flow's parameters (recorded at training time)
+    training_command: str | None = None
     data: CardData = Field(default_factory=CardData)
     image_shape: list[int] | None = None
     device: dict[str, Any] = Field(default_factory=dict)
@@ -135,6 +137,8 @@ class ModelCard(_Open):
     created: str | None = None
     metrics: CardMetrics | None = None
     quality_gate: QualityGate | None = None
+    # a model shipped in the package (artifacts/builtin.py): where it came from, how it was trained
+    built_in: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """The text of ``model.json``."""

@@ -7,6 +7,7 @@ a message naming the field.
 
 from __future__ import annotations
 
+import shlex
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -244,3 +245,69 @@ class EvalConfig(_Config):
         if len(set(value)) != len(value):
             raise ValueError("sigmas must be distinct")
         return value
+
+
+# the `denoise train` flag of each config field that has one (the others keep their defaults)
+TRAIN_FLAGS: dict[str, dict[str, str]] = {
+    "data": {
+        "dataset": "--dataset",
+        "source": "--source",
+        "test_dataset": "--test-dataset",
+        "train_limit": "--train-limit",
+        "test_limit": "--test-limit",
+    },
+    "noise": {
+        "kind": "--noise-kind",
+        "level": "--noise-level",
+        "level_density": "--level-density",
+        "copies": "--copies",
+        "seed": "--seed",
+        "patch_size": "--patch-size",
+        "patches_per_image": "--patches-per-image",
+    },
+    "training": {
+        "architecture": "--architecture",
+        "epochs": "--epochs",
+        "batch_size": "--batch-size",
+        "learning_rate": "--learning-rate",
+        "loss": "--loss",
+        "lr_schedule": "--lr-schedule",
+        "reframe": "--reframe",
+        "seed": "--seed",
+        "precision": "--precision",
+    },
+    "evaluation": {"min_psnr_gain": "--min-psnr-gain", "sigmas": "--sigmas"},
+}
+_CONFIGS = {
+    "data": DataConfig,
+    "noise": NoiseConfig,
+    "training": TrainConfig,
+    "evaluation": EvalConfig,
+}
+
+
+def _flag_value(value) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(_flag_value(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def train_command(parameters: dict) -> str:
+    """The ``denoise train`` command that gives the training flow these
+    parameters (``data``, ``noise``, ``training``, ``evaluation``: configs or
+    their dicts): one flag per field that differs from its default. What a
+    model card records, so that a model can be trained again."""
+    words, seen = ["denoise", "train"], set()
+    for name, flags in TRAIN_FLAGS.items():
+        value = parameters.get(name)
+        if value is None:
+            continue
+        config = _CONFIGS[name].model_validate(value)
+        defaults = _CONFIGS[name]()
+        for field, flag in flags.items():
+            given = getattr(config, field)
+            if given is None or given == getattr(defaults, field) or flag in seen:
+                continue
+            seen.add(flag)
+            words += [flag, shlex.quote(_flag_value(given))]
+    return " ".join(words)

@@ -87,7 +87,7 @@ class DeviceInfo:
         d = asdict(self)
         d.pop("strategy")
         d["description"] = self.describe()
-        return d
+        return d | cpu_facts()  # what trained it, whatever the device: the card says
 
 
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo: bfloat16 in hardware
@@ -103,6 +103,21 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+def cpu_facts(path: str = "/proc/cpuinfo") -> dict:
+    """The CPU's model name (None where /proc/cpuinfo does not say) and how
+    many cores this process may use."""
+    name = None
+    try:
+        with open(path) as fh:
+            name = next(
+                (ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), None
+            )
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu_model": name, "cpu_cores": cores}
 
 
 def plan_device(

@@ -513,6 +513,7 @@ def run_folder_command(args: argparse.Namespace) -> int:
     console.print(
         f"{c['denoised']} denoised, {c['skipped']} skipped, {c['failed']} failed "
         f"in {summary['seconds']:.1f} s with model {summary['model']['version']}"
+        + (" (built in)" if summary["model"]["status"] == "built in" else "")
     )
     if summary.get("warning"):
         console.print(f"[yellow]warning:[/] {summary['warning']}", soft_wrap=True)
@@ -571,6 +572,41 @@ def add_models_arguments(parser: argparse.ArgumentParser) -> None:
         "export", help="make the OpenVINO export of VERSION (trained before exports)"
     )
     export_parser.add_argument("version")
+    show_parser = sub.add_parser("show", help="the card of VERSION (a store's or a built-in one)")
+    show_parser.add_argument("version")
+    build_parser_ = sub.add_parser(
+        "build-in",
+        help="make the store's VERSION the built-in model of its domain, in the package "
+        "(maintainers; $DENOISE_BUILTIN_DIR: another folder)",
+    )
+    build_parser_.add_argument("version")
+
+
+def _run_build_in(args: argparse.Namespace, console) -> int:
+    from artifacts.builtin import build_in_model
+    from artifacts.store import Store
+    from denoiser.models import import_tensorflow_quietly
+
+    Store.at(args.store).check()
+    import_tensorflow_quietly(args.debug)
+    done = build_in_model(args.store, args.version)
+    if not done["made"]:
+        console.print(f"{args.version} is already the built-in model for {done['domain']}")
+        return 0
+    console.print(
+        f"[green]{args.version}[/] is now the built-in model for {done['domain']}: "
+        f"{done['folder']} (OpenVINO export {done['openvino_export']})"
+    )
+    return 0
+
+
+def _run_show(args: argparse.Namespace, console) -> int:
+    from artifacts.registry import resolve_model
+
+    ref = resolve_model(args.store, args.version)
+    console.print(f"{ref.version}: {ref.status}, {ref.domain}, in {ref.dir}", soft_wrap=True)
+    console.print_json(ref.card.to_json())
+    return 0
 
 
 def run_models_command(args: argparse.Namespace) -> int:
@@ -579,6 +615,7 @@ def run_models_command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from artifacts.builtin import builtin_root, list_builtins
     from artifacts.registry import list_models, promote
     from artifacts.store import Store, resolve_store_root
 
@@ -588,6 +625,10 @@ def run_models_command(args: argparse.Namespace) -> int:
         ref = promote(args.store, args.version)
         console.print(f"[green]{ref.version}[/] is now the production model for {ref.domain}")
         return 0
+    if getattr(args, "models_command", None) == "build-in":
+        return _run_build_in(args, console)
+    if getattr(args, "models_command", None) == "show":
+        return _run_show(args, console)
     if getattr(args, "models_command", None) == "export":
         from artifacts.exports import export_model_version
         from denoiser.models import import_tensorflow_quietly
@@ -605,10 +646,14 @@ def run_models_command(args: argparse.Namespace) -> int:
         return 0
     Store.at(args.store).check()
     models = list_models(args.store)
-    if not models:
+    builtins = list_builtins()
+    if not models and not builtins:
         console.print(f"no models in {resolve_store_root(args.store)}; run `denoise train` first")
         return 0
-    table = Table(title=f"models in {Store.at(args.store).join('models')}")
+    table = Table(
+        title=f"models in {Store.at(args.store).join('models')}"
+        + (f" and built in ({builtin_root()})" if builtins else "")
+    )
     for col in (
         "version",
         "status",
@@ -623,11 +668,14 @@ def run_models_command(args: argparse.Namespace) -> int:
         "created",
     ):
         table.add_column(col)
-    for m in models:
+    shadowed = {m.domain for m in models if m.status == "production"}
+    status = {"production": "[bold green]production[/]", "candidate": "candidate"}
+    for m in [*models, *builtins]:
         s = m.summary()
         table.add_row(
             m.version,
-            "[bold green]production[/]" if m.status == "production" else "candidate",
+            status.get(m.status)
+            or ("built in (the store's production first)" if m.domain in shadowed else "built in"),
             m.domain,
             str(s["architecture"]),
             f"{s['params']:,}" if s["params"] else "",

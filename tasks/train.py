@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -14,9 +15,10 @@ from prefect.runtime import flow_run
 
 from artifacts.render import markdown_table, table_rows
 from artifacts.store import Store, new_model_version
-from denoiser.cards import ModelCard, load_card
+from denoiser.cards import CARD_FILE, ModelCard, load_card
 from denoiser.checkpoints import CheckpointRun
-from denoiser.config import TrainConfig
+from denoiser.config import TrainConfig, train_command
+from denoiser.files import write_text_atomic
 from denoiser.progress import SCORED_IMAGES, epoch_line
 from denoiser.shards import split_rows
 from denoiser.training import resolve_architecture, train_in_run
@@ -67,6 +69,11 @@ def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -
                 checkpoints_url=store.checkpoints_url,  # a remote store keeps the runs
             )
             card = load_card(result["dir"])
+            if flow_run.parameters and card.training_command is None:  # how to train it again
+                card = card.model_copy(
+                    update={"training_command": train_command(flow_run.parameters)}
+                )
+                write_text_atomic(Path(result["dir"]) / CARD_FILE, card.to_json())
             stage.push(result["dir"])  # the card last: no card without its model
             result = stage.to_urls(result)
     except BaseException:

@@ -9,6 +9,9 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", tempfile.mkdtemp(prefix="denoise-results-"))
+# the tests' stores start empty of models: none built in unless a test gives its own folder
+# (tests/test_builtin.py), whatever the package ships
+os.environ.setdefault("DENOISE_BUILTIN_DIR", tempfile.mkdtemp(prefix="denoise-no-builtin-"))
 # commands the tests start (`denoise`, `python -c`) import this tree's code, not the
 # checkout an editable install points at (a worktree's tests test the worktree)
 os.environ["PYTHONPATH"] = os.pathsep.join(

@@ -1,0 +1,352 @@
+"""Models in the package (issue 25): a tiny photo model trained by the real
+flow, built in with `denoise models build-in` into a folder that
+$DENOISE_BUILTIN_DIR names (the only difference from the package's own
+folder), then used by `denoise folder` on an empty store without TensorFlow,
+listed, outranked by the store's production model, refused when damaged, and
+replaced atomically."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from artifacts.builtin import BUILTIN_ENV, INDEX_FILE, PACKAGE_DIR
+from denoiser.files import file_sha256
+from denoiser.openvino_runtime import BIN_FILE, XML_FILE
+from flows.cli import main
+from tests.faults.harness import denoise_env
+from tests.test_photo_pipeline import smooth_image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    """Compiled OpenVINO models go to the tests' own cache, not the user's."""
+    monkeypatch.setenv("DENOISE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def trained(prefect_harness, tmp_path_factory):
+    """A store whose production model is a tiny blind photo model (one quick
+    epoch of photo_unet on 12 small grey images), trained by `denoise train`."""
+    photos = tmp_path_factory.mktemp("photos") / "mine"
+    photos.mkdir()
+    for i in range(12):
+        Image.fromarray(smooth_image(i, 80, 80)).save(photos / f"photo_{i:02d}.png")
+    store = tmp_path_factory.mktemp("store")
+    args = ["--dataset", str(photos), "--quick", "--epochs", "1", "--patch-size", "32"]
+    args += ["--patches-per-image", "8", "--batch-size", "32", "--min-psnr-gain=-100"]
+    assert main(["--store", str(store), "train", *args]) == 0
+    [version] = [p.name for p in (store / "models").iterdir() if (p / "model.keras").is_file()]
+    return store, version, photos
+
+
+@pytest.fixture(scope="module")
+def builtin(trained, tmp_path_factory):
+    """The trained model built in, into a folder of the test's own."""
+    store, version, _ = trained
+    root = tmp_path_factory.mktemp("builtin")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(BUILTIN_ENV, str(root))
+        assert main(["--store", str(store), "models", "build-in", version]) == 0
+    return root
+
+
+@pytest.fixture()
+def use_builtin(builtin, monkeypatch):
+    monkeypatch.setenv(BUILTIN_ENV, str(builtin))
+    return builtin
+
+
+def grey_photos(folder: Path, count: int = 4) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(count):
+        x = smooth_image(100 + i, 96, 96).astype(float)
+        y = np.clip(np.rint(x + 25.0 * rng.standard_normal(x.shape)), 0, 255).astype(np.uint8)
+        Image.fromarray(y).save(folder / f"n{i}.png")
+    return folder
+
+
+def test_build_in_writes_a_compact_model_its_export_and_a_card_saying_how_it_was_trained(
+    trained, builtin
+):
+    store, version, photos = trained
+    source = store / "models" / version
+    folder = builtin / version
+    store_card = json.loads((source / "model.json").read_text())
+    card = json.loads((folder / "model.json").read_text())
+    index = json.loads((builtin / INDEX_FILE).read_text())
+    assert index == {
+        "models": {
+            "photos": {"version": version, "card_sha256": file_sha256(folder / "model.json")}
+        }
+    }
+    assert {p.name for p in builtin.iterdir() if not p.name.startswith(".")} == {
+        INDEX_FILE,
+        version,
+    }
+    assert not [p for p in builtin.iterdir() if p.name.endswith(".tmp")]
+    for name, field in (
+        ("model.keras", "model_sha256"),
+        (XML_FILE, "openvino_xml_sha256"),
+        (BIN_FILE, "openvino_bin_sha256"),
+    ):
+        assert card[field] == file_sha256(folder / name)
+    # no optimizer state: smaller than the store's file, the same weights (checked at build-in)
+    assert card["model_bytes"] < store_card["model_bytes"]
+    assert card["built_in"]["source_model_sha256"] == store_card["model_sha256"]
+    assert card["openvino_xml_sha256"] == store_card["openvino_xml_sha256"]  # copied, whole
+
+    record = card["built_in"]
+    # the command was recorded at training time, from the flow's parameters
+    assert store_card["training_command"] == record["training_command"]
+    assert record["training_command"].startswith(f"denoise train --dataset {photos} ")
+    assert "--epochs 1" in record["training_command"]
+    assert record["training_command_source"] == "recorded at training"
+    assert record["data_manifest_sha256"] == store_card["data"]["manifest_sha256"]
+    metrics = json.loads((source / "metrics.json").read_text())
+    assert [r["sigma"] for r in record["test_scores"]] == [15, 25, 50]
+    assert [r["psnr_denoised"] for r in record["test_scores"]] == [
+        r["psnr_denoised"] for r in metrics["per_sigma"]
+    ]
+    assert record["training_seconds"] == store_card["seconds"] > 0
+    trained_on = record["trained_on"]
+    assert trained_on["cpu_cores"] >= 1 and trained_on["precision"] in ("float32", "mixed_bfloat16")
+    assert trained_on["cpu_model"] == store_card["device"]["cpu_model"]
+    assert record["metrics_sha256"] == file_sha256(folder / "metrics.json")
+
+    # again: nothing to do, nothing written
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(BUILTIN_ENV, str(builtin))
+        assert main(["--store", str(store), "models", "build-in", version]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def _folder_run(tmp: Path, store: Path, api: str, builtin: Path, src: Path, out: Path):
+    """`denoise folder` in its own process, as a user runs it, the built-in
+    folder given by the environment; prints whether TensorFlow got imported."""
+    env = denoise_env(store, tmp / "prefect-home", api, None, None)
+    env[BUILTIN_ENV] = str(builtin)
+    env["DENOISE_CACHE"] = str(tmp / "cache")
+    code = (
+        "import sys\nfrom flows.cli import main\n"
+        f"rc = main({['folder', str(src), str(out)]!r})\n"
+        "print('tensorflow imported:', 'tensorflow' in sys.modules)\nsys.exit(rc)\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp, env=env, text=True, capture_output=True, timeout=300
+    )
+
+
+def test_an_empty_store_denoises_photos_with_the_builtin_model_without_tensorflow(
+    trained, builtin, prefect_api, tmp_path
+):
+    _, version, _ = trained
+    store = tmp_path / "empty-store"
+    src = grey_photos(tmp_path / "in")
+    proc = _folder_run(tmp_path, store, prefect_api, builtin, src, tmp_path / "out")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "4 denoised, 0 skipped, 0 failed" in proc.stdout
+    assert f"with model {version} (built in)" in proc.stdout
+    assert "tensorflow imported: False" in proc.stdout
+    report = next(ln.split("report: ", 1)[1] for ln in proc.stdout.splitlines() if "report: " in ln)
+    summary = json.loads((Path(report.strip()).parent / "summary.json").read_text())
+    model = summary["model"]
+    assert (model["version"], model["status"], model["domain"]) == (version, "built in", "photos")
+    assert model["runtime"] == "openvino"
+    assert model["openvino_xml_path"] == str(builtin / version / XML_FILE)
+    written = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
+    assert written == [f"n{i}.png" for i in range(4)]
+    assert not (store / "models").exists()  # nothing written to the store's models
+
+
+def test_models_lists_the_builtin_model_beside_the_stores(trained, use_builtin, tmp_path, capsys):
+    store, version, _ = trained
+    assert main(["--store", str(tmp_path / "empty"), "models"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if version in line)
+    assert "built in" in row and "photos" in row and "photo_unet" in row
+    assert str(use_builtin) in out
+
+    # the store's production model of the same domain comes first, and the listing says so
+    assert main(["--store", str(store), "models"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if version in line]
+    assert len(rows) == 2
+    assert "production" in rows[0] and "built in (the store's production first)" in rows[1]
+
+    assert main(["--store", str(tmp_path / "empty"), "models", "show", version]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{version}: built in, photos, in {use_builtin / version}")
+    assert '"training_command"' in out
+
+
+def test_the_stores_production_model_takes_precedence(trained, use_builtin, tmp_path, monkeypatch):
+    from artifacts.registry import resolve_model
+    from denoiser.errors import ModelError
+
+    store, version, _ = trained
+    ref = resolve_model(store, None, "photos")
+    assert (ref.status, ref.dir) == ("production", store / "models" / version)
+    assert resolve_model(store, version).status == "production"  # a name: the store's first
+    for domain in ("photos", None):  # an empty store: the built-in model
+        ref = resolve_model(tmp_path / "empty", None, domain)
+        assert (ref.status, ref.dir) == ("built in", use_builtin / version)
+    assert resolve_model(tmp_path / "empty", version).status == "built in"  # --model VERSION
+    # no built-in model of the images' domain: another one (the folder run warns), as a
+    # store's production model of another domain is used
+    assert resolve_model(tmp_path / "empty", None, "colour").dir == use_builtin / version
+    monkeypatch.setenv(BUILTIN_ENV, str(tmp_path / "none"))  # none built in: as before
+    with pytest.raises(ModelError, match="run `denoise train` first"):
+        resolve_model(tmp_path / "empty", None, "photos")
+
+
+def _damage(path: Path) -> None:
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("name", [BIN_FILE, "model.keras", "model.json"])
+def test_a_damaged_builtin_model_is_refused_in_one_line(
+    trained, builtin, tmp_path, monkeypatch, capsys, name
+):
+    _, version, _ = trained
+    copy = tmp_path / "builtin"
+    shutil.copytree(builtin, copy)
+    _damage(copy / version / name)
+    monkeypatch.setenv(BUILTIN_ENV, str(copy))
+    src = grey_photos(tmp_path / "in")
+    args = ["--store", str(tmp_path / "empty"), "folder", str(src), str(tmp_path / "out")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"built-in model {version}: {copy / version / name} is damaged" in err
+    assert "reinstall" in err
+    assert not (tmp_path / "out").exists()
+    assert main(["--store", str(tmp_path / "empty"), "folder", str(src), "--model", version,
+                 str(tmp_path / "out")]) == 1  # fmt: skip
+    assert "is damaged" in capsys.readouterr().err
+
+
+def test_registry_commands_leave_a_builtin_model_alone(trained, use_builtin, tmp_path, capsys):
+    _, version, _ = trained
+    before = {p: file_sha256(p) for p in use_builtin.rglob("*") if p.is_file()}
+    for action in ("promote", "export"):
+        assert main(["--store", str(tmp_path / "empty"), "models", action, version]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{version} is a built-in model" in err, err
+    assert {p: file_sha256(p) for p in use_builtin.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "empty" / "models").exists()
+
+
+def test_a_build_in_killed_before_the_index_leaves_the_previous_model_in_use(
+    trained, builtin, prefect_api, tmp_path, monkeypatch
+):
+    """The second model of the domain is killed after its folder is written,
+    before the index names it: the first stays the one used, whole; a rerun
+    finishes and clears the first and whatever the killed one left."""
+    from artifacts.registry import resolve_model
+
+    store, version, _ = trained
+    copy = tmp_path / "builtin"
+    shutil.copytree(builtin, copy)
+    newer = f"{version}-b"
+    shutil.copytree(store / "models" / version, store / "models" / newer)
+    card = json.loads((store / "models" / newer / "model.json").read_text())
+    (store / "models" / newer / "model.json").write_text(json.dumps({**card, "version": newer}))
+    try:
+        env = denoise_env(store, tmp_path / "home", None, None, "builtin.before_index=kill")
+        env[BUILTIN_ENV] = str(copy)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys\nfrom flows.cli import main\nsys.exit(main())",
+                "models",
+                "build-in",
+                newer,
+            ],  # fmt: skip
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=300,  # fmt: skip
+        )
+        assert proc.returncode == -9, proc.stderr[-2000:]
+        monkeypatch.setenv(BUILTIN_ENV, str(copy))
+        ref = resolve_model(tmp_path / "empty", None, "photos")  # checked: whole
+        assert (ref.version, ref.status) == (version, "built in")
+        assert (copy / newer).is_dir()  # written, but named by no index
+
+        assert main(["--store", str(store), "models", "build-in", newer]) == 0
+        ref = resolve_model(tmp_path / "empty", None, "photos")
+        assert (ref.version, ref.dir) == (newer, copy / newer)
+        assert {p.name for p in copy.iterdir() if not p.name.startswith(".")} == {
+            INDEX_FILE,
+            newer,
+        }
+        assert not [p for p in copy.iterdir() if p.name.endswith(".tmp")]
+    finally:
+        shutil.rmtree(store / "models" / newer)
+
+
+def test_the_package_data_globs_ship_every_file_of_a_builtin_model(builtin, tmp_path):
+    """What setuptools puts in the wheel: pyproject's package-data globs,
+    expanded as setuptools does (glob, relative to the package), cover the
+    index and every file of a built-in model, and no temporary file."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["artifacts"]
+    package = tmp_path / "artifacts"
+    shutil.copytree(builtin, package / PACKAGE_DIR.name)
+    (package / PACKAGE_DIR.name / ".build-x.1.tmp").mkdir()
+    (package / PACKAGE_DIR.name / ".build-x.1.tmp" / "model.keras").write_bytes(b"half")
+    shipped = {
+        Path(p).relative_to(package).as_posix()
+        for pattern in patterns
+        for p in glob.glob(str(package / pattern))
+        if os.path.isfile(p)
+    }
+    files = {
+        p.relative_to(package).as_posix()
+        for p in package.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.parts[len(package.parts) :])
+    }
+    assert shipped == files and len(files) >= 6
+    # the package's own folder is where production looks, and has its index
+    assert PACKAGE_DIR == REPO / "artifacts" / PACKAGE_DIR.name
+    assert (PACKAGE_DIR / INDEX_FILE).is_file()
+
+
+def test_the_training_command_gives_the_flow_the_same_parameters():
+    from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig, train_command
+    from flows.cli import _train_configs, build_parser
+
+    params = {
+        "data": DataConfig(dataset="my photos/set", test_limit=6),
+        "noise": NoiseConfig(kind="awgn", level=(0.0, 55.0), patch_size=32, seed=4),
+        "training": TrainConfig(architecture="photo_unet", epochs=2, seed=4, learning_rate=5e-4),
+        "evaluation": EvalConfig(sigmas=[15, 25], min_psnr_gain=1.5),
+    }
+    command = train_command({k: v.model_dump(mode="json") for k, v in params.items()})
+    assert command.startswith("denoise train --dataset 'my photos/set' --test-limit 6 ")
+    import shlex
+
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    again = _train_configs(args)
+    for name in ("data", "training", "evaluation"):
+        assert again[name] == params[name], name
+    assert again["noise"].model_dump(exclude={"level_density"}) == params["noise"].model_dump(
+        exclude={"level_density"}
+    )
