@@ -7,13 +7,11 @@ replaced atomically."""
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tomllib
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -252,40 +250,27 @@ def test_registry_commands_leave_a_builtin_model_alone(trained, use_builtin, tmp
     assert not (tmp_path / "empty" / "models").exists()
 
 
-def test_a_build_in_killed_before_the_index_leaves_the_previous_model_in_use(
-    trained, builtin, prefect_api, tmp_path, monkeypatch
+def test_a_build_in_failing_before_the_index_leaves_the_previous_model_in_use(
+    trained, builtin, tmp_path, monkeypatch, capsys
 ):
-    """The second model of the domain is killed after its folder is written,
-    before the index names it: the first stays the one used, whole; a rerun
-    finishes and clears the first and whatever the killed one left."""
+    """The second model of the domain fails (a full disk) after its folder is
+    written, before the index names it: the first stays the one used, whole;
+    a rerun finishes and clears the first and whatever the failed one left."""
     from artifacts.registry import resolve_model
 
     store, version, _ = trained
     copy = tmp_path / "builtin"
     shutil.copytree(builtin, copy)
+    monkeypatch.setenv(BUILTIN_ENV, str(copy))
     newer = f"{version}-b"
     shutil.copytree(store / "models" / version, store / "models" / newer)
     card = json.loads((store / "models" / newer / "model.json").read_text())
     (store / "models" / newer / "model.json").write_text(json.dumps({**card, "version": newer}))
     try:
-        env = denoise_env(store, tmp_path / "home", None, None, "builtin.before_index=kill")
-        env[BUILTIN_ENV] = str(copy)
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "import sys\nfrom flows.cli import main\nsys.exit(main())",
-                "models",
-                "build-in",
-                newer,
-            ],  # fmt: skip
-            env=env,
-            text=True,
-            capture_output=True,
-            timeout=300,  # fmt: skip
-        )
-        assert proc.returncode == -9, proc.stderr[-2000:]
-        monkeypatch.setenv(BUILTIN_ENV, str(copy))
+        monkeypatch.setenv("DENOISE_FAILPOINTS", "builtin.before_index=enospc")
+        assert main(["--store", str(store), "models", "build-in", newer]) == 1
+        assert capsys.readouterr().err.count("\n") == 1
+        monkeypatch.delenv("DENOISE_FAILPOINTS")
         ref = resolve_model(tmp_path / "empty", None, "photos")  # checked: whole
         assert (ref.version, ref.status) == (version, "built in")
         assert (copy / newer).is_dir()  # written, but named by no index
@@ -293,6 +278,7 @@ def test_a_build_in_killed_before_the_index_leaves_the_previous_model_in_use(
         assert main(["--store", str(store), "models", "build-in", newer]) == 0
         ref = resolve_model(tmp_path / "empty", None, "photos")
         assert (ref.version, ref.dir) == (newer, copy / newer)
+        assert json.loads((copy / newer / "model.json").read_text())["built_in"]["version"] == newer
         assert {p.name for p in copy.iterdir() if not p.name.startswith(".")} == {
             INDEX_FILE,
             newer,
@@ -302,29 +288,39 @@ def test_a_build_in_killed_before_the_index_leaves_the_previous_model_in_use(
         shutil.rmtree(store / "models" / newer)
 
 
-def test_the_package_data_globs_ship_every_file_of_a_builtin_model(builtin, tmp_path):
-    """What setuptools puts in the wheel: pyproject's package-data globs,
-    expanded as setuptools does (glob, relative to the package), cover the
-    index and every file of a built-in model, and no temporary file."""
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["artifacts"]
-    package = tmp_path / "artifacts"
-    shutil.copytree(builtin, package / PACKAGE_DIR.name)
-    (package / PACKAGE_DIR.name / ".build-x.1.tmp").mkdir()
-    (package / PACKAGE_DIR.name / ".build-x.1.tmp" / "model.keras").write_bytes(b"half")
-    shipped = {
-        Path(p).relative_to(package).as_posix()
-        for pattern in patterns
-        for p in glob.glob(str(package / pattern))
-        if os.path.isfile(p)
-    }
+def test_the_wheel_ships_every_file_of_a_builtin_model(builtin, tmp_path):
+    """The wheel setuptools builds from a copy of the source (the tree itself
+    is never written) with the built-in folder in place holds the index and
+    every file of the model, and no temporary or lock file."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", PACKAGE_DIR.name)
+    for package in ("denoiser", "tasks", "flows", "artifacts"):
+        shutil.copytree(REPO / package, src / package, ignore=ignore)
+    shutil.copytree(builtin, src / "artifacts" / PACKAGE_DIR.name)
+    leftover = src / "artifacts" / PACKAGE_DIR.name / ".build-x.1.tmp"
+    leftover.mkdir()
+    (leftover / "model.keras").write_bytes(b"half")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+        + ["-w", str(tmp_path / "wheel"), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [wheel] = (tmp_path / "wheel").glob("*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = {n for n in zf.namelist() if f"/{PACKAGE_DIR.name}/" in n}
     files = {
-        p.relative_to(package).as_posix()
-        for p in package.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.parts[len(package.parts) :])
+        f"artifacts/{p.relative_to(src / 'artifacts').as_posix()}"
+        for p in (src / "artifacts" / PACKAGE_DIR.name).rglob("*")
+        if p.is_file() and "/." not in p.as_posix()
     }
-    assert shipped == files and len(files) >= 6
-    # the package's own folder is where production looks, and has its index
+    assert shipped == files and len(files) >= 6, (shipped, files)
+    # the package's own folder is where an install looks, and has its index
     assert PACKAGE_DIR == REPO / "artifacts" / PACKAGE_DIR.name
     assert (PACKAGE_DIR / INDEX_FILE).is_file()
 
