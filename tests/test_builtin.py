@@ -346,3 +346,23 @@ def test_the_training_command_gives_the_flow_the_same_parameters():
     assert again["noise"].model_dump(exclude={"level_density"}) == params["noise"].model_dump(
         exclude={"level_density"}
     )
+
+
+def test_a_card_from_before_the_command_was_recorded_gets_one_from_its_configs():
+    from artifacts.builtin import _derived_command
+    from denoiser.cards import ModelCard
+
+    card = ModelCard.model_validate(
+        {
+            "training": {"architecture": "photo_unet", "epochs": 8, "batch_size": 32},
+            "data": {
+                "dataset": "train400",
+                "test_dataset": "set12",
+                "noise": {"kind": "awgn", "level": [0.0, 55.0], "applied": "in_training"},
+            },
+        }
+    )
+    assert _derived_command(card) == (
+        "denoise train --dataset train400 --test-dataset set12 --noise-kind awgn "
+        "--noise-level 0,55 --architecture photo_unet --epochs 8 --batch-size 32"
+    )
