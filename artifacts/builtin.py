@@ -223,10 +223,12 @@ def _fsync_files(folder: Path) -> None:
     fsync_dir(folder)
 
 
-def _make_folder(source: Path, card: ModelCard, work: Path, store_root: str, version: str) -> dict:
+def _make_folder(
+    source: Path, card: ModelCard, work: Path, store_root: str, version: str
+) -> tuple[dict, dict]:
     """The built-in model's files in ``work``: the model without optimizer
     state, its exports (copied when the store's are whole, else made), its
-    metrics and its card (last). Returns the new card's ``built_in`` record."""
+    metrics. Returns the card's new file facts and its ``built_in`` record."""
     import numpy as np
 
     from denoiser.models import load_model

@@ -675,7 +675,7 @@ def run_models_command(args: argparse.Namespace) -> int:
         table.add_row(
             m.version,
             status.get(m.status)
-            or ("built in (the store's production first)" if m.domain in shadowed else "built in"),
+            or ("built in (the store's model first)" if m.domain in shadowed else "built in"),
             m.domain,
             str(s["architecture"]),
             f"{s['params']:,}" if s["params"] else "",

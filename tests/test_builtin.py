@@ -183,7 +183,7 @@ def test_models_lists_the_builtin_model_beside_the_stores(trained, use_builtin, 
     assert main(["--store", str(store), "models"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if version in line]
     assert len(rows) == 2
-    assert "production" in rows[0] and "built in (the store's production first)" in rows[1]
+    assert "production" in rows[0] and "built in (the store's model first)" in rows[1]
 
     assert main(["--store", str(tmp_path / "empty"), "models", "show", version]) == 0
     out = capsys.readouterr().out
@@ -266,6 +266,7 @@ def test_a_build_in_failing_before_the_index_leaves_the_previous_model_in_use(
     shutil.copytree(store / "models" / version, store / "models" / newer)
     card = json.loads((store / "models" / newer / "model.json").read_text())
     (store / "models" / newer / "model.json").write_text(json.dumps({**card, "version": newer}))
+    (store / "models" / newer / BIN_FILE).unlink()  # no whole export to copy: one is made
     try:
         monkeypatch.setenv("DENOISE_FAILPOINTS", "builtin.before_index=enospc")
         assert main(["--store", str(store), "models", "build-in", newer]) == 1
@@ -278,7 +279,12 @@ def test_a_build_in_failing_before_the_index_leaves_the_previous_model_in_use(
         assert main(["--store", str(store), "models", "build-in", newer]) == 0
         ref = resolve_model(tmp_path / "empty", None, "photos")
         assert (ref.version, ref.dir) == (newer, copy / newer)
-        assert json.loads((copy / newer / "model.json").read_text())["built_in"]["version"] == newer
+        card = json.loads((copy / newer / "model.json").read_text())
+        assert card["built_in"]["version"] == newer
+        assert card["built_in"]["openvino_export"] == "made at build-in"
+        assert card["openvino_bin_sha256"] == file_sha256(copy / newer / BIN_FILE)
+        assert card["openvino_xml_sha256"] == file_sha256(copy / newer / XML_FILE)
+        assert card.get("openvino_psnr") is None  # the store's score was of another export
         assert {p.name for p in copy.iterdir() if not p.name.startswith(".")} == {
             INDEX_FILE,
             newer,
