@@ -17,7 +17,7 @@ from artifacts.registry import resolve_model
 from artifacts.render import markdown_image, markdown_table, table_rows
 from artifacts.routes import models_by_domain, primary_domain, route_warnings
 from artifacts.store import Store, local_copy
-from denoiser.domains import survey_folder
+from denoiser.domains import DOMAINS, survey_folder
 from denoiser.errors import ConfigError, DenoiseError, first_line
 from denoiser.folder import (
     BatchPredictor,
@@ -37,7 +37,7 @@ from denoiser.models import import_tensorflow_quietly, load_model
 from denoiser.openvino_runtime import DEFAULT_PRECISION, load_openvino
 from denoiser.plots import grid_png
 from denoiser.report import SUMMARY_JSON, report_folder_name, write_run_report
-from denoiser.routing import Denoiser, Router, by_domain, model_channels
+from denoiser.routing import Denoiser, Router, by_domain
 from denoiser.runtime import choose_runtime, load_litert
 from denoiser.trees import open_tree
 from tasks.events import emit_files_failed
@@ -232,15 +232,22 @@ def _predictor(model: dict):
             )
         spec = tile_spec_for_model(loaded, model.get("architecture"))
         name = model.get("version") or str(model["model_path"])
-        check_fits(loaded, spec, name, model_channels(loaded))
+        check_fits(loaded, spec, name, card_channels(model))
         _LOADED[key] = (BatchPredictor(loaded), spec)
     return _LOADED[key]
+
+
+def card_channels(model: dict) -> int:
+    """The channels a model takes by its card: its domain's (a model without
+    a card counts as grey); :func:`_predictor` refuses one whose shape says otherwise."""
+    domain = DOMAINS.get(model.get("domain") or "")
+    return domain.channels if domain is not None else 1
 
 
 def _denoiser(model: dict) -> Denoiser:
     """A model (its summary) loaded once per process, as the folder pipeline runs it."""
     predictor, spec = _predictor(model)
-    return Denoiser(model["version"], predictor, spec, model_channels(predictor.model))
+    return Denoiser(model["version"], predictor, spec, card_channels(model))
 
 
 def needed_models(chosen: dict) -> list[dict]:

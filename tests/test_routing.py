@@ -86,7 +86,7 @@ def build_mixed_folder(root: Path) -> dict[str, np.ndarray]:
     return clean
 
 
-def _train(channels: int, seed: int):
+def train_tiny(channels: int, seed: int):
     """A tiny fully convolutional denoiser (one 5x5 convolution, started as a
     blur), trained for a few steps on smooth images with awgn."""
     import keras
@@ -142,7 +142,7 @@ def add_version(store: Path, version: str, model, domain: str, dataset: str) -> 
 
 @pytest.fixture(scope="module")
 def models():
-    return {"grey": _train(1, 0), "colour": _train(3, 1), "digits": identity(1)}
+    return {"grey": train_tiny(1, 0), "colour": train_tiny(3, 1), "digits": identity(1)}
 
 
 VERSIONS = {"grey": "grey-v1", "colour": "colour-v1", "digits": "digits-v1"}
@@ -316,3 +316,21 @@ def test_a_forced_model_takes_every_image_with_its_channel_adaptations(
     assert main(args) == 0
     summary = json.loads(next((store / "reports").glob("*/summary.json")).read_text())
     assert summary["by_model"] == {"grey-v1": {PER_CHANNEL: 3, GREY: 4}}
+
+
+def test_the_summarys_thumbnails_show_colour_images_in_colour(models, tmp_path):
+    import base64
+    import io
+    import re
+
+    from tasks.denoise import _thumbnails
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    build_mixed_folder(src)
+    results = sorted(denoise_tree(src, out, router_of(models, ALL_OWN)), key=lambda r: r.path)
+    markdown = _thumbnails(results, str(src), str(out))
+    data = re.search(r"base64,([A-Za-z0-9+/=]+)\)", markdown).group(1)
+    grid = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))), float)
+    assert grid.ndim == 3 and grid.shape[-1] == 3
+    # alpha.png and colour0.png are among the first four: their channels differ
+    assert np.abs(grid[..., 0] - grid[..., 2]).max() > 50
