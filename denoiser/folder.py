@@ -1243,8 +1243,8 @@ def _pipeline(
     on_result: Callable[[FileResult, int, int], None] | None,
 ) -> list[FileResult]:
     """Reader threads read and decode the inputs ahead, in tasks of up to
-    ``src.task_files`` files; each model runs on batches of tiles (of one
-    shape) from many files; writer threads encode and write the finished images, in tasks of up
+    ``src.task_files`` files; each model runs on batches of tiles (one shape
+    each) from many files; writer threads encode and write the finished images, in tasks of up
     to ``dst.task_files``. A file's result is reported once it is read (when
     it fails or is skipped there) or once it is written."""
     for r in results:
@@ -1283,14 +1283,13 @@ def _pipeline(
     def run_group(key: tuple, force: bool) -> None:
         nonlocal pending_tiles
         queue = groups.get(key)
-        predict = queue[0][0].work.denoiser.predict if queue else None
-        size = predict.batch_for(key[-1]) if queue else 0
+        size = queue[0][0].work.batch_size if queue else 0
         while queue and (len(queue) >= size or force):
             take = [queue.popleft() for _ in range(min(size, len(queue)))]
             pending_tiles -= len(take)
             tiles = np.stack([job.work.input(i) for job, i in take])
             # the model runs this batch in its thread while this one gathers the next
-            predicting.append((take, model_pool.submit(predict, tiles)))
+            predicting.append((take, model_pool.submit(take[0][0].work.predict, tiles)))
             while len(predicting) > 1:
                 finish_batch()
 

@@ -88,6 +88,16 @@ class RoutedTiles:
         return self.per_plane * len(self.tiled)
 
     @property
+    def predict(self):
+        """The model's batch predictor."""
+        return self.denoiser.predict
+
+    @property
+    def batch_size(self) -> int:
+        """Tiles per batch of this image's model and tile shape."""
+        return self.denoiser.predict.batch_for(self.tiled[0].tile_shape)
+
+    @property
     def key(self) -> tuple:
         """What tiles batched together share: the model and the tile shape."""
         return (self.denoiser.name, self.denoiser.channels, self.tiled[0].tile_shape)
