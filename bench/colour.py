@@ -8,8 +8,8 @@ once from a fixed seed, so every row sees the same ones.
 
 Rows: the noisy input; the colour model (``--score``: a ``.keras`` file or a
 model folder), RGB in and out; the grey model (``--grey``) run on R, G and B
-separately, and on the luminance only (what ``denoise folder`` does with a
-colour image: Y denoised, the chroma kept); CBM3D measured
+separately, and on the luminance only (what ``denoise folder`` did with a
+colour image before it routed images per domain: Y denoised, the chroma kept); CBM3D measured
 (``bm3d.bm3d_rgb``, told the true sigma, with its seconds per image;
 ``--no-bm3d`` skips it, it takes 14-29 s an image); the published CBSD68
 rows for reference (another test set: a guide, not a comparison). The last
@@ -91,8 +91,8 @@ def per_channel(grey, x: np.ndarray) -> np.ndarray:
 
 
 def luminance_only(grey, x: np.ndarray) -> np.ndarray:
-    """What ``denoise folder`` does with a colour image: Y (BT.601) denoised,
-    Cb and Cr kept as they are."""
+    """What ``denoise folder`` did with a colour image before routing: Y
+    (BT.601) denoised, Cb and Cr kept as they are."""
     from denoiser.images import _rgb_to_ycc, _ycc_to_rgb
 
     y, chroma = _rgb_to_ycc(x)
@@ -157,7 +157,7 @@ def main() -> None:
         for label, method in (
             (f"grey model {grey.name} per channel (measured)", per_channel),
             (
-                f"grey model {grey.name} on luminance only, as denoise folder (measured)",
+                f"grey model {grey.name} on luminance only, as denoise folder did (measured)",
                 luminance_only,
             ),
         ):

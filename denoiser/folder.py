@@ -49,13 +49,15 @@ from denoiser.images import (
     LoadedImage,
     decode_image,
     encode_output,
+    encode_rgb_output,
     image_pixels,
     output_format,
     read_error,
     temp_owner,
     write_atomic,
 )
-from denoiser.tiling import Blender, TiledImage, TileSpec, split
+from denoiser.routing import RoutedTiles, Router, one_model
+from denoiser.tiling import TileSpec
 from denoiser.trees import RemoteTree, Tree, open_tree, same_or_inside
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,8 @@ class FileResult:
     ms: float | None = None
     output: str = ""
     reason: str = ""  # why it was (re)done or skipped
+    model: str = ""  # the version of the model that made the output
+    route: str = ""  # how the image went through it (denoiser.routing.ROUTES)
 
 
 @dataclass(frozen=True)
@@ -110,9 +114,12 @@ class OutputRecord:
     input_sha256: str
     output_size: int
     output_sha256: str
+    model: str = ""  # the version of the model that made it (what it says, not a rerun rule)
+    route: str = ""  # how the image went through it (denoiser.routing.ROUTES)
 
 
 _RECORD_TYPES = {f.name: (int if f.type == "int" else str) for f in fields(OutputRecord)}
+_OPTIONAL_FIELDS = {"model", "route"}  # lines written before they were recorded lack them
 
 
 @dataclass
@@ -129,8 +136,7 @@ class Job:
     input_sha256: str = ""
     started: float = 0.0
     loaded: LoadedImage | None = None
-    tiled: TiledImage | None = None
-    blender: Blender | None = None
+    work: RoutedTiles | None = None  # its tiles as its model takes them, and their blend
     pixels: int = 0  # held in the run's PixelBudget from its decode until its output is written
 
 
@@ -552,8 +558,8 @@ def denoise_chunk_files(
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
     rels: list[str],
-    predict: BatchPredictor,
-    spec: TileSpec,
+    predict: BatchPredictor | Router,
+    spec: TileSpec | None = None,
     *,
     fmt: str = "same",
     overwrite: bool = False,
@@ -600,11 +606,20 @@ def denoise_chunk_files(
         (jobs if isinstance(work, Job) else results).append(work)
     # batches of a quarter of the chunk at most: the model starts on the first
     # while the rest is read, and the last outputs are written while it runs
-    predict = predict.at_most(max(MIN_CHUNK_BATCH, -(-len(rels) // 4)))
-    return _run(jobs, results, len(rels), src, dst, journal, predict, spec, fmt, on_result)
+    router = as_router(predict, spec).at_most(max(MIN_CHUNK_BATCH, -(-len(rels) // 4)))
+    return _run(jobs, results, len(rels), src, dst, journal, router, fmt, on_result)
 
 
 MIN_CHUNK_BATCH = 32
+
+
+def as_router(predict: BatchPredictor | Router, spec: TileSpec | None) -> Router:
+    """``predict`` as a Router: itself, or every image through its one model."""
+    if isinstance(predict, Router):
+        return predict
+    if spec is None:
+        raise ConfigError("one model needs its tiling (a TileSpec)")
+    return one_model(predict, spec)
 
 
 def compact_journal(output_dir: str | os.PathLike) -> None:
@@ -668,7 +683,10 @@ def parse_journal(data: bytes, claims: set[str] | None = None) -> dict[str, Outp
             if claims is not None and isinstance(obj.get("claim"), str):
                 claims.add(obj["claim"])
                 continue
-            values = {name: obj[name] for name in _RECORD_TYPES}
+            values = {
+                name: obj[name] if name in obj or name not in _OPTIONAL_FIELDS else ""
+                for name in _RECORD_TYPES
+            }
         except (ValueError, TypeError, KeyError, AttributeError):
             continue
         if all(type(v) is _RECORD_TYPES[k] for k, v in values.items()):
@@ -686,7 +704,8 @@ def format_record(record: OutputRecord) -> bytes:
         f'{{"output": {_json_str(record.output)}, "input": {_json_str(record.input)}, '
         f'"input_size": {record.input_size:d}, "input_sha256": {_json_str(record.input_sha256)}, '
         f'"output_size": {record.output_size:d}, '
-        f'"output_sha256": {_json_str(record.output_sha256)}}}\n'
+        f'"output_sha256": {_json_str(record.output_sha256)}, '
+        f'"model": {_json_str(record.model)}, "route": {_json_str(record.route)}}}\n'
     ).encode("ascii")
 
 
@@ -1027,9 +1046,10 @@ class PixelBudget:
                 self._cond.notify_all()
 
 
-def _load(job: Job, spec: TileSpec, src: Tree, dst: Tree, budget: PixelBudget, own: int = 0) -> Job:
+def _load(job: Job, router: Router, src: Tree, dst: Tree, budget: PixelBudget, own: int = 0) -> Job:
     """Read the input once: hash it, decide whether its output is up to date,
-    else decode it from memory (within the pixel budget) and cut it into tiles."""
+    else decode it from memory (within the pixel budget) and cut it into tiles
+    for the model ``router`` picks for it."""
     job.started = time.perf_counter()
     data = _read(src, job.source)
     job.bytes = job.input_size = len(data)
@@ -1049,10 +1069,9 @@ def _load(job: Job, spec: TileSpec, src: Tree, dst: Tree, budget: PixelBudget, o
     try:
         job.loaded = decode_image(data)
         del data
-        job.tiled = split(job.loaded.luma, spec)
-        job.blender = Blender(job.tiled)
+        job.work = router.tiles(job.loaded)
     except BaseException:
-        job.loaded = job.tiled = job.blender = None
+        job.loaded = job.work = None
         budget.release(job.pixels)
         job.pixels = 0
         raise
@@ -1060,8 +1079,8 @@ def _load(job: Job, spec: TileSpec, src: Tree, dst: Tree, budget: PixelBudget, o
 
 
 def _save(job: Job, fmt: str, dst: Tree, writer: JournalWriter) -> FileResult:
-    loaded = job.loaded
-    data = encode_output(loaded, job.blender.result(), output_format(job.rel, loaded.format, fmt))
+    loaded, work = job.loaded, job.work
+    data = _encode(loaded, work.result(), output_format(job.rel, loaded.format, fmt))
     dst.write(job.target, data)
     failpoint("folder.after_output")
     writer.add(
@@ -1072,6 +1091,8 @@ def _save(job: Job, fmt: str, dst: Tree, writer: JournalWriter) -> FileResult:
             job.input_sha256,
             len(data),
             hashlib.sha256(data).hexdigest(),
+            work.denoiser.name,
+            work.route,
         )
     )
     w, h = loaded.size
@@ -1086,20 +1107,29 @@ def _save(job: Job, fmt: str, dst: Tree, writer: JournalWriter) -> FileResult:
         round((time.perf_counter() - job.started) * 1000, 1),
         display_path(dst.show(job.target)),
         job.reason,
+        work.denoiser.name,
+        work.route,
     )
-    job.loaded = job.tiled = job.blender = None  # free the pixels now
+    job.loaded = job.work = None  # free the pixels now
     return result
 
 
+def _encode(loaded: LoadedImage, denoised: np.ndarray, fmt: str) -> bytes:
+    """The output's bytes from a denoised luminance (H, W) or RGB (H, W, 3)."""
+    if denoised.ndim == 3:
+        return encode_rgb_output(loaded, denoised, fmt)
+    return encode_output(loaded, denoised, fmt)
+
+
 def _load_all(
-    jobs: list[Job], spec: TileSpec, src: Tree, dst: Tree, budget: PixelBudget
+    jobs: list[Job], router: Router, src: Tree, dst: Tree, budget: PixelBudget
 ) -> list[Exception | None]:
     """:func:`_load` each job in turn; what each raised (None: it was read)."""
     errors: list[Exception | None] = []
     for job in jobs:
         try:
-            _load(job, spec, src, dst, budget, sum(j.pixels for j in jobs))
-        except (ImageError, OSError, ValueError, MemoryError) as exc:
+            _load(job, router, src, dst, budget, sum(j.pixels for j in jobs))
+        except (DenoiseError, OSError, ValueError, MemoryError) as exc:
             errors.append(exc)
         else:
             errors.append(None)
@@ -1122,7 +1152,7 @@ def _save_all(
                 )
             )
         finally:
-            job.loaded = job.tiled = job.blender = None
+            job.loaded = job.work = None
             budget.release(job.pixels)
             job.pixels = 0
     return results
@@ -1131,8 +1161,8 @@ def _save_all(
 def denoise_tree(
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
-    predict: BatchPredictor,
-    spec: TileSpec,
+    predict: BatchPredictor | Router,
+    spec: TileSpec | None = None,
     *,
     pattern: str = "*",
     fmt: str = "same",
@@ -1141,7 +1171,9 @@ def denoise_tree(
     settle: float = 0.0,
 ) -> list[FileResult]:
     """Denoise every image under ``input_dir`` into ``output_dir`` (each a
-    local folder or an object-storage prefix).
+    local folder or an object-storage prefix), each through the model
+    ``predict`` picks for it (a :class:`~denoiser.routing.Router`), or all
+    through one (a BatchPredictor and its tiling ``spec``).
 
     An image is skipped while its output exists and both still match the
     output's record in the journal (``overwrite`` redoes everything); each
@@ -1152,6 +1184,7 @@ def denoise_tree(
     """
     if fmt not in ("same", "png"):
         raise ConfigError(f"format must be 'same' or 'png', not {fmt!r}")
+    router = as_router(predict, spec)
     src, dst = check_folders(input_dir, output_dir)
     journal = journal_for(dst)
     records, claims = journal.read_all()
@@ -1162,7 +1195,7 @@ def denoise_tree(
         logger.info("removed %d temporary files left by an interrupted run", stale)
     journal.claim(unclaimed(jobs, claims))
     try:
-        return _run(jobs, results, len(items), src, dst, journal, predict, spec, fmt, on_result)
+        return _run(jobs, results, len(items), src, dst, journal, router, fmt, on_result)
     finally:
         try:
             journal.compact()
@@ -1187,14 +1220,13 @@ def _run(
     src: Tree,
     dst: Tree,
     journal: Journal | RemoteJournal,
-    predict: BatchPredictor,
-    spec: TileSpec,
+    router: Router,
     fmt: str,
     on_result: Callable[[FileResult, int, int], None] | None,
 ) -> list[FileResult]:
     writer = JournalWriter(dst, journal)
     try:
-        return _pipeline(jobs, results, total, src, dst, writer, predict, spec, fmt, on_result)
+        return _pipeline(jobs, results, total, src, dst, writer, router, fmt, on_result)
     finally:
         writer.flush()  # the records of every output written, whatever ended the run
 
@@ -1206,14 +1238,13 @@ def _pipeline(
     src: Tree,
     dst: Tree,
     writer: JournalWriter,
-    predict: BatchPredictor,
-    spec: TileSpec,
+    router: Router,
     fmt: str,
     on_result: Callable[[FileResult, int, int], None] | None,
 ) -> list[FileResult]:
     """Reader threads read and decode the inputs ahead, in tasks of up to
-    ``src.task_files`` files; the model runs on batches of tiles from many
-    files; writer threads encode and write the finished images, in tasks of up
+    ``src.task_files`` files; each model runs on batches of tiles (one shape
+    each) from many files; writer threads encode and write the finished images, in tasks of up
     to ``dst.task_files``. A file's result is reported once it is read (when
     it fails or is skipped there) or once it is written."""
     for r in results:
@@ -1221,7 +1252,7 @@ def _pipeline(
             on_result(r, len(results), total)
 
     done_count = len(results)
-    groups: dict[tuple[int, int], deque] = {}
+    groups: dict[tuple, deque] = {}  # (model, tile shape) -> (job, model input) waiting
     pending_tiles = 0  # tiles in ``groups``
     writes: deque[Future] = deque()
 
@@ -1241,24 +1272,24 @@ def _pipeline(
         """Blend the oldest batch's outputs into their images; hand the
         finished images to the writers."""
         take, fut = predicting.popleft()
-        outputs = fut.result()[..., 0]
+        outputs = fut.result()
         finished = [
-            job for (job, i), out in zip(take, outputs, strict=True) if job.blender.add(i, out)
+            job for (job, i), out in zip(take, outputs, strict=True) if job.work.add(i, out)
         ]
         for task in _tasks(finished, dst.task_files):
             writes.append(writer_pool.submit(_save_all, task, fmt, dst, writer, budget))
         drain_writes(block=False)
 
-    def run_group(shape: tuple[int, int], force: bool) -> None:
+    def run_group(key: tuple, force: bool) -> None:
         nonlocal pending_tiles
-        queue = groups.get(shape)
-        size = predict.batch_for(shape)
+        queue = groups.get(key)
+        size = queue[0][0].work.batch_size if queue else 0
         while queue and (len(queue) >= size or force):
             take = [queue.popleft() for _ in range(min(size, len(queue)))]
             pending_tiles -= len(take)
-            tiles = np.stack([job.tiled.tiles[i] for job, i in take])[..., None]
+            tiles = np.stack([job.work.input(i) for job, i in take])
             # the model runs this batch in its thread while this one gathers the next
-            predicting.append((take, model_pool.submit(predict, tiles)))
+            predicting.append((take, model_pool.submit(take[0][0].work.predict, tiles)))
             while len(predicting) > 1:
                 finish_batch()
 
@@ -1297,7 +1328,7 @@ def _pipeline(
                     reading += size
                     in_flight += len(task)
                     reads.append(
-                        (task, reader_pool.submit(_load_all, task, spec, src, dst, budget), size)
+                        (task, reader_pool.submit(_load_all, task, router, src, dst, budget), size)
                     )
                 if not ready:
                     if not reads:
@@ -1307,7 +1338,7 @@ def _pipeline(
                     in_flight -= len(task)
                     ready.extend(zip(task, fut.result(), strict=True))
                 job, error = ready.popleft()
-                if isinstance(error, ImageError):
+                if isinstance(error, DenoiseError):  # the image's or its model's, in one line
                     report(FileResult(display_path(job.rel), "failed", str(error), job.bytes))
                     continue
                 if error is not None:
@@ -1329,10 +1360,10 @@ def _pipeline(
                         )
                     )
                     continue
-                shape = job.tiled.tile_shape
-                groups.setdefault(shape, deque()).extend((job, i) for i in range(len(job.tiled)))
-                pending_tiles += len(job.tiled)
-                run_group(shape, force=False)
+                key = job.work.key
+                groups.setdefault(key, deque()).extend((job, i) for i in range(len(job.work)))
+                pending_tiles += len(job.work)
+                run_group(key, force=False)
                 # keep memory bounded: too many part-done images -> flush the fullest group
                 if pending_tiles > MAX_PENDING_TILES or len(groups) > 8:
                     biggest = max(groups, key=lambda s: len(groups[s]))

@@ -1,11 +1,12 @@
-"""Reading images of any kind users keep into one grey plane for the model,
-and writing the result back in the image's own mode, depth and format.
+"""Reading images of any kind users keep into planes for the model, and
+writing the result back in the image's own mode, depth and format.
 
-Colour goes through luminance: the model was trained on grey images, and
-denoising Y (BT.601) while keeping the chroma planes keeps hues exactly and
-costs one model pass instead of three; per-channel denoising would shift
-colours where the channels' errors differ. Alpha is carried through untouched,
-16-bit stays 16-bit, EXIF orientation is applied so the output is upright.
+A decoded image is its luminance (BT.601 Y) and, for colour images, its
+chroma (Cb, Cr offsets): a grey model denoises the luminance of a grey image;
+colour images are given to a model as RGB (:func:`rgb_pixels`) and written
+back from RGB (:func:`rebuild_rgb_image`). Alpha is carried through
+untouched, 16-bit stays 16-bit, EXIF orientation is applied so the output is
+upright.
 """
 
 from __future__ import annotations
@@ -55,17 +56,23 @@ class LoadedImage:
     max_value: int = 255
 
 
+# RGB -> Y (BT.601), B - Y and R - Y: one matrix product per pixel
+_TO_YCC = np.array(
+    [[0.299, 0.587, 0.114], [-0.299, -0.587, 0.886], [0.701, -0.587, -0.114]], np.float32
+).T
+# (Cb, Cr) offsets -> what they add to R, G and B (Y is added to each)
+_FROM_CHROMA = np.array([[0.0, -0.114 / 0.587, 1.0], [1.0, -0.299 / 0.587, 0.0]], np.float32)
+
+
 def _rgb_to_ycc(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    y = 0.299 * r + 0.587 * g + 0.114 * b
-    return y, np.stack([b - y, r - y], axis=-1)
+    """(Y, (Cb, Cr) offsets) of (H, W, 3) RGB: one matrix product per pixel."""
+    ycc = np.matmul(np.asarray(rgb, np.float32), _TO_YCC)
+    return ycc[..., 0], ycc[..., 1:]
 
 
 def _ycc_to_rgb(y: np.ndarray, chroma: np.ndarray) -> np.ndarray:
-    b = y + chroma[..., 0]
-    r = y + chroma[..., 1]
-    g = (y - 0.299 * r - 0.114 * b) / 0.587
-    return np.stack([r, g, b], axis=-1)
+    """The inverse of :func:`_rgb_to_ycc`: (H, W, 3) RGB."""
+    return np.matmul(np.asarray(chroma, np.float32), _FROM_CHROMA) + np.asarray(y)[..., None]
 
 
 def rgb_pixels(loaded: LoadedImage) -> np.ndarray:
@@ -74,6 +81,14 @@ def rgb_pixels(loaded: LoadedImage) -> np.ndarray:
     if loaded.chroma is None:
         return np.repeat(loaded.luma[..., None], 3, axis=-1)
     return _ycc_to_rgb(loaded.luma, loaded.chroma).astype(np.float32)
+
+
+COLOUR_CHROMA = 0.01  # mean |Cb|, |Cr| above this (about 2.5 levels of 8 bits): not a grey image
+
+
+def is_colour(loaded: LoadedImage) -> bool:
+    """Whether an image holds colour: a grey image saved as RGB (chroma about 0) does not."""
+    return chroma_share(loaded) > COLOUR_CHROMA
 
 
 def chroma_share(loaded: LoadedImage) -> float:
@@ -238,7 +253,25 @@ def rebuild_image(loaded: LoadedImage, luma: np.ndarray):
         return Image.fromarray(np.rint(luma * loaded.max_value).astype(np.int32))
     if mode == "F":
         return Image.fromarray(luma.astype(np.float32))
-    rgb8 = np.rint(np.clip(_ycc_to_rgb(luma, loaded.chroma), 0.0, 1.0) * 255).astype(np.uint8)
+    return _rebuild_colour(loaded, _ycc_to_rgb(luma, loaded.chroma))
+
+
+def rebuild_rgb_image(loaded: LoadedImage, rgb: np.ndarray):
+    """A PIL image in the input's mode from denoised (H, W, 3) RGB, alpha and
+    palette kept as :func:`rebuild_image` keeps them (a grey input gets the
+    mean of the channels, in its own depth)."""
+    rgb = np.asarray(rgb, dtype=np.float32)
+    if loaded.chroma is None:
+        return rebuild_image(loaded, rgb.mean(axis=-1))
+    return _rebuild_colour(loaded, rgb)
+
+
+def _rebuild_colour(loaded: LoadedImage, rgb: np.ndarray):
+    """A colour image's PIL image in its own mode from (H, W, 3) RGB in [0, 1]."""
+    from PIL import Image
+
+    mode = loaded.mode
+    rgb8 = np.rint(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
     if mode == "P":
         if loaded.alpha is not None:  # a transparent palette image: octree keeps the alpha
             rgba = Image.fromarray(np.dstack([rgb8, loaded.alpha]))
@@ -251,6 +284,11 @@ def rebuild_image(loaded: LoadedImage, luma: np.ndarray):
         return rgba if mode == "RGBA" else rgba.convert(mode)
     img = Image.fromarray(rgb8)
     return img if mode == "RGB" else img.convert(mode)
+
+
+def encode_rgb_output(loaded: LoadedImage, rgb: np.ndarray, fmt: str) -> bytes:
+    """The image denoised as (H, W, 3) RGB, in the input's mode, encoded as ``fmt``."""
+    return encode_image(rebuild_rgb_image(loaded, rgb), fmt)
 
 
 def encode_output(loaded: LoadedImage, luma: np.ndarray, fmt: str) -> bytes:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from denoiser.folder import FileResult, count, write_report
 from denoiser.images import write_atomic
+from denoiser.routing import count_by_model
 from denoiser.trees import resolve_location
 
 REPORT_CSV = "report.csv"
@@ -51,5 +52,7 @@ def write_run_report(
         "warning": model.get("warning"),
         "flow_run_id": flow_run_id,
     }
+    if by_model := count_by_model(results):  # results that name their model
+        summary["by_model"] = by_model
     write_atomic(Path(report_dir) / SUMMARY_JSON, json.dumps(summary, indent=2).encode())
     return summary

@@ -515,6 +515,9 @@ def run_folder_command(args: argparse.Namespace) -> int:
         f"in {summary['seconds']:.1f} s with model {summary['model']['version']}"
         + (" (built in)" if summary["model"]["status"] == "built in" else "")
     )
+    for version, routes in summary.get("by_model", {}).items():
+        made = ", ".join(f"{n} {route}" for route, n in routes.items())
+        console.print(f"  model {version}: {made}")
     if summary.get("warning"):
         console.print(f"[yellow]warning:[/] {summary['warning']}", soft_wrap=True)
     console.print(f"output: {summary['output_dir']}")

@@ -42,8 +42,9 @@ def denoise_folder(
     settle: float = 0.0,
 ) -> dict:
     """Denoise every image under ``input_dir`` into ``output_dir`` (same tree).
-    ``model``: a version, a model folder or a .keras file; default: the
-    production model of the images' domain (photographs or digits).
+    ``model``: a version, a model folder or a .keras file for every image;
+    default: each image through the production model of its domain (colour
+    or grey photographs, digits), or a fallback (see denoiser/routing.py).
     ``workers`` (a local Dask cluster of that many processes) or
     ``dask_address`` (an existing cluster): the folder is cut into chunks of
     ``chunk_files`` files (default: about four per worker, 64 to 1,024 files),

@@ -13,11 +13,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
-from artifacts.registry import domain_mismatch, resolve_model
+from artifacts.registry import resolve_model
 from artifacts.render import markdown_image, markdown_table, table_rows
+from artifacts.routes import models_by_domain, primary_domain, route_warnings
 from artifacts.store import Store, local_copy
-from denoiser.domains import survey_folder
-from denoiser.errors import DenoiseError, first_line
+from denoiser.domains import DOMAINS, survey_folder
+from denoiser.errors import ConfigError, DenoiseError, first_line
 from denoiser.folder import (
     BatchPredictor,
     ChunkFiles,
@@ -36,6 +37,7 @@ from denoiser.models import import_tensorflow_quietly, load_model
 from denoiser.openvino_runtime import DEFAULT_PRECISION, load_openvino
 from denoiser.plots import grid_png
 from denoiser.report import SUMMARY_JSON, report_folder_name, write_run_report
+from denoiser.routing import Denoiser, Router, by_domain
 from denoiser.runtime import choose_runtime, load_litert
 from denoiser.trees import open_tree
 from tasks.events import emit_files_failed
@@ -53,37 +55,70 @@ def resolve_denoiser(
     runtime: str = "auto",
     in_chunks: bool = False,
 ) -> dict:
-    """The model to use, traceable: version, card facts and data manifest hash.
-    Without ``model``, the production model of the domain of ``input_dir``'s
-    images (photographs or digits) when it can be told, else the overall one;
-    ``warning``: one line when the model learned another domain than the images'.
-    ``runtime``: what runs it, Keras or one of its exports (``auto``: OpenVINO
-    on a CPU, else LiteRT for a small folder not run ``in_chunks``, see
+    """The models to use, traceable: for each domain of images (colour or
+    grey photographs, digits) the model that denoises them
+    (:func:`artifacts.routes.models_by_domain`; ``model`` forces one for
+    all), each with its version, card facts, data manifest hash and runtime
+    (``routes``); ``needed``: the domains ``input_dir``'s images were seen
+    to need (their models are loaded first); the top-level facts are those of
+    the first of them (the report's model). ``warning``: one line per domain
+    whose model learned other images. ``runtime``: what runs each model,
+    Keras or one of its exports (``auto``: OpenVINO on a CPU, else LiteRT for
+    a small folder not run ``in_chunks``, see
     :func:`denoiser.runtime.choose_runtime`)."""
     logger = get_run_logger()
-    domain, image_bytes = survey_folder(input_dir, pattern) if input_dir else (None, None)
-    ref = resolve_model(store_root, model, domain if model is None else None)
-    chosen = choose_runtime(
-        runtime,
-        ref.card.litert_sha256 is not None,
-        None if in_chunks else image_bytes,  # chunks are large jobs: never LiteRT unless asked
-        ref.card.openvino_xml_sha256 is not None and ref.card.openvino_bin_sha256 is not None,
-    )
-    summary = ref.summary()
-    where, by = {
-        "litert": (summary["litert_path"], "LiteRT"),
-        "openvino": (
-            summary["openvino_xml_path"],
-            f"OpenVINO ({summary['openvino_precision'] or DEFAULT_PRECISION})",
-        ),
-    }.get(chosen, (summary["model_path"], "Keras"))
-    logger.info(
-        "using model %s (%s, %s) from %s, run by %s", ref.version, ref.status, ref.domain, where, by
-    )
-    warning = domain_mismatch(store_root, ref, domain)
+    domains, image_bytes = survey_folder(input_dir, pattern) if input_dir else (None, None)
+    refs = models_by_domain(store_root, model)
+    first = primary_domain(domains)
+    routes = {
+        d: _model_facts(ref, runtime, None if in_chunks else image_bytes, d in (domains or ()))
+        for d, ref in refs.items()
+    }
+    for d in sorted(domains or ()):
+        facts = routes[d]
+        logger.info(
+            "%s: model %s (%s, %s), run by %s",
+            d,
+            facts["version"],
+            facts["status"],
+            facts["domain"],
+            facts["runtime"],
+        )
+    warning = "; ".join(route_warnings(store_root, refs, domains)) or None
     if warning:
         logger.warning(warning)
-    return {**summary, "runtime": chosen, "images_domain": domain, "warning": warning}
+    top = (
+        routes[first]
+        if first
+        else _model_facts(
+            resolve_model(store_root, model), runtime, None if in_chunks else image_bytes, True
+        )
+    )
+    return {
+        **top,
+        "images_domain": first,
+        "warning": warning,
+        "routes": routes,
+        "needed": sorted(domains or ()),
+        "forced": model is not None,
+    }
+
+
+def _model_facts(ref, runtime: str, image_bytes: int | None, needed: bool) -> dict:
+    """A model's summary with the runtime chosen for it (one not seen to be
+    needed falls back to Keras when the runtime asked for does not fit it)."""
+    try:
+        chosen = choose_runtime(
+            runtime,
+            ref.card.litert_sha256 is not None,
+            image_bytes,  # None for chunks: large jobs, never LiteRT unless asked
+            ref.card.openvino_xml_sha256 is not None and ref.card.openvino_bin_sha256 is not None,
+        )
+    except ConfigError:
+        if needed:
+            raise
+        chosen = "keras"
+    return {**ref.summary(), "runtime": chosen}
 
 
 class _Progress:
@@ -121,6 +156,7 @@ class _Progress:
 
 
 def _thumbnails(results: list[FileResult], input_dir: str, output_dir: str, k: int = 4) -> str:
+    """Before and after of the first ``k`` denoised files, colour images in colour."""
     from denoiser.images import decode_image
     from denoiser.trees import open_tree
 
@@ -134,24 +170,34 @@ def _thumbnails(results: list[FileResult], input_dir: str, output_dir: str, k: i
         if r.status != "denoised" or len(before) == k:
             continue
         try:
-            a = decode_image(src.read(src.path(r.path))).luma
-            b = decode_image(dst.read(dst.path(dst.rel_of_shown(r.output)))).luma
+            a = decode_image(src.read(src.path(r.path)))
+            b = decode_image(dst.read(dst.path(dst.rel_of_shown(r.output))))
         except (DenoiseError, OSError):
             continue
         before.append(_thumbnail(a))
         after.append(_thumbnail(b))
     if not before:
         return ""
+    if any(t.ndim == 3 for t in before + after):  # one colour image: the rows in colour
+        before, after = ([_as_rgb(t) for t in row] for row in (before, after))
     return "Top: input, bottom: denoised.\n\n" + markdown_image(
         grid_png([np.stack(before), np.stack(after)]), "before and after"
     )
 
 
-def _thumbnail(plane: np.ndarray) -> np.ndarray:
+def _thumbnail(image) -> np.ndarray:
+    """A 64x64 uint8 thumbnail: (64, 64, 3) RGB for a colour image, else grey."""
     from PIL import Image
 
-    img = Image.fromarray(np.rint(np.clip(plane, 0, 1) * 255).astype(np.uint8))
+    from denoiser.images import is_colour, rgb_pixels
+
+    pixels = rgb_pixels(image) if is_colour(image) else image.luma
+    img = Image.fromarray(np.rint(np.clip(pixels, 0, 1) * 255).astype(np.uint8))
     return np.asarray(img.resize((64, 64)))
+
+
+def _as_rgb(thumbnail: np.ndarray) -> np.ndarray:
+    return thumbnail if thumbnail.ndim == 3 else np.repeat(thumbnail[..., None], 3, axis=-1)
 
 
 _LOADED: dict[tuple, tuple] = {}  # per process: a Dask worker loads each model once
@@ -185,9 +231,43 @@ def _predictor(model: dict):
                 expected_sha256=model.get("model_sha256"),
             )
         spec = tile_spec_for_model(loaded, model.get("architecture"))
-        check_fits(loaded, spec, model.get("version") or str(model["model_path"]))
+        name = model.get("version") or str(model["model_path"])
+        check_fits(loaded, spec, name, card_channels(model))
         _LOADED[key] = (BatchPredictor(loaded), spec)
     return _LOADED[key]
+
+
+def card_channels(model: dict) -> int:
+    """The channels a model takes by its card: its domain's (a model without
+    a card counts as grey); :func:`_predictor` refuses one whose shape says otherwise."""
+    domain = DOMAINS.get(model.get("domain") or "")
+    return domain.channels if domain is not None else 1
+
+
+def _denoiser(model: dict) -> Denoiser:
+    """A model (its summary) loaded once per process, as the folder pipeline runs it."""
+    predictor, spec = _predictor(model)
+    return Denoiser(model["version"], predictor, spec, card_channels(model))
+
+
+def needed_models(chosen: dict) -> list[dict]:
+    """The models the folder's images were seen to need (each once): what is
+    loaded before any image is read (on every worker for chunks)."""
+    routes = chosen.get("routes") or {}
+    found = {routes[d]["model_path"]: routes[d] for d in chosen.get("needed", []) if d in routes}
+    return list(found.values()) or [chosen]
+
+
+def _router(chosen: dict) -> Router:
+    """Each image to its domain's model (loaded when first needed), or,
+    forced, every image to the one model; the needed ones loaded now."""
+    for model in needed_models(chosen):
+        _denoiser(model)
+    routes = chosen.get("routes")
+    if not routes or chosen.get("forced"):
+        one = _denoiser(chosen)
+        return Router(lambda image: one)
+    return by_domain(lambda domain: _denoiser(routes[domain]))
 
 
 def one_line(exc: BaseException) -> str:
@@ -209,7 +289,7 @@ def denoise_images(
 ) -> dict:
     """The whole folder in this process, with a live progress bar and artifact."""
     logger = get_run_logger()
-    predictor, spec = _predictor(model)
+    router = _router(model)
     started = time.perf_counter()
     publisher = Publisher(logger)
     progress = None
@@ -227,8 +307,7 @@ def denoise_images(
         results = denoise_tree(
             input_dir,
             output_dir,
-            predictor,
-            spec,
+            router,
             pattern=pattern,
             fmt=format,
             overwrite=overwrite,
@@ -304,13 +383,11 @@ def denoise_chunk(
     format: str,
 ) -> list[dict]:
     logger = get_run_logger()
-    predictor, spec = _predictor(model)
     results = denoise_chunk_files(
         input_dir,
         output_dir,
         files.rels,
-        predictor,
-        spec,
+        _router(model),
         fmt=format,
         overwrite=overwrite,
         records=[OutputRecord(**r) for r in files.records],
@@ -403,6 +480,29 @@ def report_folder_run(
     )
 
 
+def _model_rows(model: dict, by_model: dict[str, dict[str, int]]) -> list[dict]:
+    """The summary's table of models: each model that made outputs (else the
+    report's model), with how many it made by each route."""
+    known = {m["version"]: m for m in [model, *(model.get("routes") or {}).values()]}
+    rows = []
+    for version in by_model or {model["version"]: {}}:
+        m = known.get(version, {"version": version})
+        rows.append(
+            {
+                "model": version,
+                "status": m.get("status"),
+                "domain": m.get("domain"),
+                "architecture": m.get("architecture"),
+                "test PSNR": m.get("psnr"),
+                "data manifest sha256": (m.get("data_manifest_sha256") or "")[:16],
+                "outputs": ", ".join(
+                    f"{n} {route}" for route, n in by_model.get(version, {}).items()
+                ),
+            }
+        )
+    return rows
+
+
 def _report(
     results: list[FileResult],
     input_dir: str,
@@ -441,6 +541,8 @@ def _report(
             "status": r.status,
             "error": r.error,
             "reason": r.reason,
+            "model": r.model,
+            "route": r.route,
             "ms": r.ms,
         }
         for r in results
@@ -452,18 +554,7 @@ def _report(
         description=f"Per-file report ({len(rows)} files; all in {report})",
     )
     facts = [{"": k, "files": v} for k, v in counts.items()]
-    model_facts = markdown_table(
-        [
-            {
-                "model": model["version"],
-                "status": model["status"],
-                "domain": model.get("domain"),
-                "architecture": model["architecture"],
-                "test PSNR": model["psnr"],
-                "data manifest sha256": (model.get("data_manifest_sha256") or "")[:16],
-            }
-        ]
-    )
+    model_facts = markdown_table(_model_rows(model, summary.get("by_model", {})))
     publisher.publish(
         create_markdown_artifact,
         key="denoise-summary",

@@ -1,4 +1,4 @@
-"""Tasks of a folder run on Dask: the model loaded on every worker before
+"""Tasks of a folder run on Dask: the models loaded on every worker before
 the chunks are sent (imported only on that path: it needs distributed)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
 
-from tasks.denoise import _predictor, one_line
+from tasks.denoise import _predictor, needed_models, one_line
 
 try:
     from prefect_dask import DaskTaskRunner
@@ -36,20 +36,24 @@ class QuietDaskTaskRunner(DaskTaskRunner):
 
 
 class ModelOnWorkers(WorkerPlugin):
-    """Loads the model when a worker starts (or joins later, such as one
-    restarted after a crash), so that chunks find it loaded."""
+    """Loads the models the folder's images were seen to need
+    (:func:`tasks.denoise.needed_models`) when a worker starts (or joins
+    later, such as one restarted after a crash), so that chunks find them
+    loaded (a model needed by an image the survey missed is loaded by the
+    first chunk that reaches one)."""
 
     def __init__(self, model: dict):
         self.model = model
-        key = f"{model['model_path']}:{model.get('model_sha256')}".encode()
-        self.name = f"denoise-model-{hashlib.sha256(key).hexdigest()[:12]}"
+        key = ";".join(f"{m['model_path']}:{m.get('model_sha256')}" for m in needed_models(model))
+        self.name = f"denoise-model-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
     def setup(self, worker) -> None:
         from tasks.terminal import quiet_run_failures
 
         quiet_run_failures()  # the worker's failed task runs: one line from the command
         # loads the run's runtime; TensorFlow's C++ start-up lines only with --debug
-        _predictor(self.model)
+        for model in needed_models(self.model):
+            _predictor(model)
 
 
 @task(name="load_denoiser_on_workers", cache_policy=NO_CACHE)

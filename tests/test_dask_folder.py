@@ -239,3 +239,34 @@ def test_bad_dask_options_are_one_line_and_exit_2(model_file, tmp_path, prefect_
     }[case]
     assert expected in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_mixed_folder_on_two_workers_goes_to_each_images_model(prefect_api, tmp_path):
+    """Colour, grey and digit images in chunks on two workers: each to its
+    domain's model of the store, as the in-process pipeline routes them."""
+    from denoiser.folder import denoise_tree
+    from tests.test_routing import (
+        ALL_OWN,
+        build_mixed_folder,
+        identity,
+        make_store,
+        router_of,
+        train_tiny,
+    )
+
+    src = tmp_path / "in"
+    build_mixed_folder(src)
+    models = {"grey": train_tiny(1, 0), "colour": train_tiny(3, 1), "digits": identity(1)}
+    make_store(tmp_path / "store", models)
+    args = ["folder", str(src), str(tmp_path / "out"), "--workers", "2", "--chunk-files", "2"]
+    code, out, err = finish(start(args, tmp_path, prefect_api))
+    assert code == 0, tail(err, 40)
+    rows = {r["path"]: (r["status"], r["model"], r["route"]) for r in report_rows(out)}
+    local = denoise_tree(src, tmp_path / "local", router_of(models, ALL_OWN))
+    assert rows == {r.path: (r.status, r.model, r.route) for r in local}
+    assert {m for _, m, _ in rows.values()} == {"colour-v1", "grey-v1", "digits-v1"}
+    for r in local:  # the same pixels, whichever process ran the model
+        a = np.asarray(Image.open(tmp_path / "out" / r.path), float)
+        b = np.asarray(Image.open(tmp_path / "local" / r.path), float)
+        level = 1 if b.max() < 256 else 257  # one level of 8 bits
+        assert a.shape == b.shape and np.abs(a - b).max() <= level, r.path

@@ -284,3 +284,34 @@ def test_relative_locations_resolve_against_denoise_home_on_a_worker(tmp_path, m
     with pytest.raises(ConfigError, match="not a folder on this machine"):
         resolve_store_root(None)
     assert resolve_store_root("s3://bucket/denoise") == "s3://bucket/denoise"
+
+
+def test_a_mixed_folder_bucket_to_bucket_goes_to_each_images_model(s3, tmp_path):
+    """Colour, grey and digit images in a bucket: each to its domain's model,
+    as a local run routes them; the journal in the bucket says which."""
+    from denoiser.folder import parse_journal
+    from tests.test_routing import ALL_OWN, build_mixed_folder, identity, router_of, train_tiny
+
+    bucket = s3.bucket("routes")
+    src = tmp_path / "in"
+    build_mixed_folder(src)
+    upload(s3, src, f"s3://{bucket}/noisy")
+    models = {"grey": train_tiny(1, 0), "colour": train_tiny(3, 1), "digits": identity(1)}
+    router = router_of(models, ALL_OWN)
+    local = denoise_tree(src, tmp_path / "out", router)
+    remote = denoise_tree(f"s3://{bucket}/noisy", f"s3://{bucket}/clean", router)
+    strip = lambda rs: sorted((r.path, r.status, r.model, r.route) for r in rs)  # noqa: E731
+    assert strip(remote) == strip(local)
+    assert {r.route for r in remote} == {"colour", "grey"}
+    made = objects(s3, f"s3://{bucket}/clean")
+    assert made == {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in (tmp_path / "out").iterdir()
+        if not p.name.startswith(".")
+    }
+    journal = parse_journal(s3.fs().cat_file(f"{bucket}/clean/{JOURNAL_NAME}"))
+    assert {k: (r.model, r.route) for k, r in journal.items()} == {
+        r.path: (r.model, r.route) for r in local
+    }
+    rerun = denoise_tree(f"s3://{bucket}/noisy", f"s3://{bucket}/clean", router)
+    assert {r.status for r in rerun} == {"skipped"}

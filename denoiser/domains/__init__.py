@@ -70,27 +70,23 @@ def image_domain(image: LoadedImage) -> str:
     return next(d.name for d in RECOGNITION_ORDER if d.recognises(image))
 
 
-def _vote(images: list[LoadedImage]) -> str | None:
-    votes = [DOMAINS[image_domain(i)].folder_domain for i in images]
-    if not votes:
-        return None
-    return max(sorted(set(votes)), key=votes.count)
-
-
-def survey_folder(folder, pattern: str = "*", sample: int = 16) -> tuple[str | None, int | None]:
-    """What a folder run needs to know before it loads a model: the domain
-    whose model should denoise the folder's images (a local folder or an
-    object-storage prefix), judged on the first ``sample`` of them (by path)
-    that decode (each domain's ``folder_domain``: colour photographs go to the
-    photo model while the folder pipeline denoises luma), and how many bytes
-    its image files take (what :func:`denoiser.runtime.choose_runtime` sizes
-    the job by). (None, None) when the folder cannot be read."""
+def survey_folder(
+    folder, pattern: str = "*", sample: int = 16
+) -> tuple[frozenset[str] | None, int | None]:
+    """What a folder run needs to know before it loads models: the domains
+    whose models its images go to (each recognised domain's
+    ``folder_domain``; a local folder or an object-storage prefix), judged on
+    the first ``sample`` of them (by path) that decode, and how many bytes its
+    image files take (what :func:`denoiser.runtime.choose_runtime` sizes the
+    job by). (None, None) when the folder cannot be read; an image of a
+    domain the sample missed gets its model when it is reached."""
     try:
         tree = open_tree(folder, "input", must_exist=True)
         files = list_files(tree)
     except (DenoiseError, OSError):
         return None, None
-    images = []
+    domains: set[str] = set()
+    judged = 0
     image_bytes = 0
     for rel in sorted(files):
         name = rel.rsplit("/", 1)[-1]
@@ -98,10 +94,12 @@ def survey_folder(folder, pattern: str = "*", sample: int = 16) -> tuple[str | N
         if files[rel] == NOT_REGULAR or suffix not in IMAGE_SUFFIXES or not fnmatch(name, pattern):
             continue
         image_bytes += files[rel]
-        if len(images) >= sample:
+        if judged >= sample:
             continue
         try:
-            images.append(decode_image(tree.read(tree.path(rel))))
+            image = decode_image(tree.read(tree.path(rel)))
         except (DenoiseError, OSError):
             continue
-    return _vote(images), image_bytes
+        judged += 1
+        domains.add(DOMAINS[image_domain(image)].folder_domain)
+    return frozenset(domains), image_bytes

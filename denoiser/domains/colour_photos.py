@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from denoiser.domains.base import Domain
 from denoiser.domains.photos import looks_like_photo, photo_parts
-from denoiser.images import LoadedImage, chroma_share
+from denoiser.images import COLOUR_CHROMA, LoadedImage, is_colour
 
-COLOUR_CHROMA = 0.01  # mean |Cb|, |Cr| above this (about 2.5 levels of 8 bits): not a grey image
+__all__ = ["COLOUR_CHROMA", "COLOUR_PHOTOS", "recognise_colour"]
 
 
 def recognise_colour(image: LoadedImage) -> bool:
     """A photograph whose chroma is not about 0 (a grey image saved as RGB is not colour)."""
-    return looks_like_photo(image) and chroma_share(image) > COLOUR_CHROMA
+    return looks_like_photo(image) and is_colour(image)
 
 
 COLOUR_PHOTOS = Domain(
@@ -24,7 +24,6 @@ COLOUR_PHOTOS = Domain(
     default_architecture="colour_unet",
     train_hint="train one with `denoise train --dataset cbsd432`",
     recognises=recognise_colour,
-    # the folder pipeline denoises the luma plane: colour images go through the grey model
-    folder_domain="photos",
+    folder_domain="colour",
     **photo_parts(3, "colour photographs", "colour"),
 )

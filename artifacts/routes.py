@@ -1,0 +1,71 @@
+"""Which model of the store denoises the images of each domain in a folder
+run: the production model of the domain itself; else a model of a domain
+whose images it can take with a channel adaptation (colour photographs
+through the grey photo model channel by channel, grey photographs through
+the colour model); else whatever :func:`~artifacts.registry.resolve_model`
+gives (the overall production model, warned about); a store without any
+model is its one-line error.
+"""
+
+from __future__ import annotations
+
+import os
+
+from artifacts.registry import ModelRef, domain_mismatch, resolve_model
+from denoiser.errors import ModelError
+
+#: the domains a folder's images go to (each domain's ``folder_domain``)
+FOLDER_DOMAINS = ("colour", "photos", "digits")
+#: where the images of a domain without a model of its own go, in order of preference
+FALLBACKS = {"colour": ("photos",), "photos": ("colour",), "digits": ()}
+PHOTO_DOMAINS = frozenset({"colour", "photos"})  # each one's model takes the other's images
+
+
+def models_by_domain(store_root: str | os.PathLike, model: str | None = None) -> dict:
+    """domain -> the :class:`ModelRef` that denoises its images; with
+    ``model`` (a version, folder or file) that one for every domain."""
+    if model is not None:
+        ref = resolve_model(store_root, model)
+        return dict.fromkeys(FOLDER_DOMAINS, ref)
+    own: dict[str, ModelRef] = {}
+    anything: ModelRef | None = None  # what resolve_model gives when a domain has no model
+    error: ModelError | None = None
+    for domain in FOLDER_DOMAINS:
+        try:
+            ref = resolve_model(store_root, None, domain)
+        except ModelError as exc:  # no model for this domain (or none at all)
+            error = exc
+            continue
+        anything = anything or ref
+        if ref.domain == domain:
+            own[domain] = ref
+    if anything is None:
+        raise error or ModelError(f"no trained model in {store_root}")
+    return {d: _own_or_fallback(d, own, anything) for d in FOLDER_DOMAINS}
+
+
+def _own_or_fallback(domain: str, own: dict[str, ModelRef], anything: ModelRef) -> ModelRef:
+    if domain in own:
+        return own[domain]
+    return next((own[f] for f in FALLBACKS[domain] if f in own), anything)
+
+
+def route_warnings(store_root, routes: dict, domains) -> list[str]:
+    """One line per domain of the folder's images whose model learned
+    images it cannot take as they are meant (digits for photographs, or the
+    reverse); a photo model for the other photo domain is not warned about."""
+    lines = []
+    for domain in sorted(domains or ()):
+        ref = routes.get(domain)
+        if ref is None or {ref.domain, domain} <= PHOTO_DOMAINS:
+            continue
+        line = domain_mismatch(store_root, ref, domain)
+        if line and line not in lines:
+            lines.append(line)
+    return lines
+
+
+def primary_domain(domains) -> str | None:
+    """The domain whose model the report names first: the most particular of
+    the folder's (colour photographs, then grey ones, then digits)."""
+    return next((d for d in FOLDER_DOMAINS if d in (domains or ())), None)
