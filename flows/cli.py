@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import get_args
@@ -737,6 +738,21 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _remember_ctrl_c() -> list[int]:
+    """Ctrl-C raises KeyboardInterrupt as always, and is remembered: a library
+    may turn it into another exception (pydantic's serializer makes it a
+    PydanticSerializationError), which must still end the command as Ctrl-C."""
+    seen: list[int] = []
+
+    def interrupt(signum, frame):
+        seen.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupt)
+    return seen
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_environment(debug="--debug" in argv)
@@ -763,6 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flows.session import install_signal_handlers
 
     install_signal_handlers()
+    ctrl_c = _remember_ctrl_c()
     try:
         return int(args.handler(args) or 0)
     except Terminated:
@@ -793,6 +810,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if args.debug:
             raise
+        if ctrl_c:
+            print("denoise: interrupted; finished files are kept, rerun to finish", file=sys.stderr)
+            return 130
         print(
             f"denoise: unexpected error: {type(exc).__name__}: {_one_line(exc)} "
             "(rerun with --debug for the traceback)",
