@@ -281,6 +281,7 @@ class Scenario:
     checked: int = 0
     lost: int = 0
     problems: list[str] = field(default_factory=list)
+    mode: str = ""  # how the fault was made, when there is more than one way (a small disk's kind)
 
     def lose(self, what: str) -> None:
         self.lost += 1
