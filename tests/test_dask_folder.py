@@ -270,3 +270,69 @@ def test_a_mixed_folder_on_two_workers_goes_to_each_images_model(prefect_api, tm
         b = np.asarray(Image.open(tmp_path / "local" / r.path), float)
         level = 1 if b.max() < 256 else 257  # one level of 8 bits
         assert a.shape == b.shape and np.abs(a - b).max() <= level, r.path
+
+
+# --------------------------------------------------------------------------- a model with an effect
+
+
+def negative_model():
+    """A real Keras model with a known, visible effect: each pixel becomes its
+    negative (1 - x), so an output proves the model ran on it, and how."""
+    import keras
+
+    inputs = keras.Input((None, None, 1))
+    out = keras.layers.Conv2D(
+        1, 1, kernel_initializer=keras.initializers.Constant(-1.0), bias_initializer="ones"
+    )(inputs)
+    return keras.Model(inputs, out)
+
+
+def build_gray_pictures(root: Path, count: int = 6) -> dict[str, np.ndarray]:
+    """Grey PNGs of a few sizes (some larger than a tile); returns their pixels by name."""
+    rng = np.random.default_rng(5)
+    root.mkdir(parents=True)
+    pictures = {}
+    for i in range(count):
+        pixels = rng.integers(0, 256, (28 + 9 * i, 40 + 5 * i), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"g{i}.png")
+        pictures[f"g{i}.png"] = pixels
+    return pictures
+
+
+def assert_negatives(out: Path, pictures: dict[str, np.ndarray]) -> None:
+    for name, pixels in pictures.items():
+        got = np.asarray(Image.open(out / name)).astype(int)
+        assert got.shape == pixels.shape, name
+        assert np.abs(got - (255 - pixels.astype(int))).max() <= 1, name
+
+
+@pytest.fixture(scope="module")
+def negative_model_file(tmp_path_factory) -> Path:
+    return (
+        save_model(tmp_path_factory.mktemp("model") / "negative", negative_model()) / "model.keras"
+    )
+
+
+def test_a_real_model_is_applied_on_the_workers_as_in_process(
+    prefect_api, negative_model_file, tmp_path
+):
+    """The identity model above cannot tell an applied model from a copied file:
+    here every output must be its input's negative, on two workers as in process."""
+    src = tmp_path / "in"
+    pictures = build_gray_pictures(src)
+    base = ["folder", str(src)]
+    model = ["--model", str(negative_model_file)]
+    code1, out1, err1 = finish(start([*base, str(tmp_path / "one"), *model], tmp_path, prefect_api))
+    code2, out2, err2 = finish(
+        start(
+            [*base, str(tmp_path / "many"), *model, "--workers", "2", "--chunk-files", "2"],
+            tmp_path,
+            prefect_api,
+        )
+    )
+    assert code1 == code2 == 0, (tail(err1), tail(err2))
+    assert_negatives(tmp_path / "one", pictures)
+    assert_negatives(tmp_path / "many", pictures)
+    assert outputs(tmp_path / "many") == outputs(tmp_path / "one")
+    assert len(outputs(tmp_path / "one")) == len(pictures)
+    assert report_rows(out1) == report_rows(out2)

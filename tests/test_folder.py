@@ -288,6 +288,7 @@ def test_an_interrupted_run_is_finished_by_a_rerun(tmp_path):
     assert sum(s == "denoised" for s in statuses.values()) == N - len(finished)
     assert len(list(out.glob("*.png"))) == N and not list(out.rglob("*.denoise.part"))
     rerun = run(src, out, identity_model(), overwrite=True)
+    assert len(rerun) == N and {r.path for r in rerun} == set(statuses)  # every image, once
     assert all(r.status == "denoised" for r in rerun)
 
 

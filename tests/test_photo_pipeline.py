@@ -83,7 +83,11 @@ def test_patch_sets_train_on_fresh_awgn_per_batch_and_fixed_validation_noise(pat
     assert noisy.dtype.name == "float32" and noisy.shape[1:] == (24, 24, 1)
     stds = np.asarray(noisy - clean).reshape(len(clean), -1).std(axis=1)
     assert stds.max() - stds.min() > 0.02  # one sigma per patch, not one per batch
-    assert float(np.min(noisy)) < 0.0 or float(np.max(noisy)) > 1.0 or stds.max() < 0.1  # unclipped
+    # unclipped: clean + noise even past [0, 1]; counted over a whole (seeded) epoch, where
+    # the patches with the larger sigmas put hundreds of values out there
+    outside = [int(np.sum((np.asarray(n) < 0.0) | (np.asarray(n) > 1.0))) for n, _ in train]
+    print(f"noisy values outside [0, 1] in the third epoch: {sum(outside)} (per batch {outside})")
+    assert sum(outside) > 50
 
     validation = make_dataset(patch_set, "validation", batch_size=16, training=False)
     a, b = _residuals_by_patch(validation), _residuals_by_patch(validation)

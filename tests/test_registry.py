@@ -104,6 +104,7 @@ import os  # noqa: E402
 import random  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 import artifacts.registry as registry  # noqa: E402
 
@@ -111,18 +112,40 @@ REPO = Path(__file__).resolve().parent.parent
 SPAWN = multiprocessing.get_context("spawn")
 
 
-def _register_all(store: str, versions: list[str], after=None) -> None:
+INTERLEAVED = 11  # registrations that each wait for a promotion since the one before
+
+
+def _register_all(store: str, versions: list[str], after=None, promotions=None) -> None:
+    """Register ``versions``; with ``promotions`` (a shared count), INTERLEAVED of
+    them spread over the list each wait until another promotion has landed: the
+    two overlap for sure, whatever the scheduling."""
     if after is not None:
         after.wait(120)
-    for version in versions:
+    waits = {round(k * len(versions) / INTERLEAVED) for k in range(INTERLEAVED)}
+    seen = 0
+    for i, version in enumerate(versions):
+        if promotions is not None and i in waits:
+            seen = _wait_for_more(promotions, seen)
         register_model(store, f"{store}/models/{version}")  # a path or a bucket URL
 
 
-def _promote_until(store: str, versions: list[str], stop, started) -> None:
+def _wait_for_more(count, seen: int, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while count.value <= seen:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no promotion in {timeout:.0f} s (still {seen})")
+        time.sleep(0.001)
+    return count.value
+
+
+def _promote_until(store: str, versions: list[str], stop, started, promotions=None) -> None:
     i = 0
     while not stop.is_set():
         promote(store, versions[i % len(versions)])
         started.set()
+        if promotions is not None:
+            with promotions.get_lock():
+                promotions.value += 1
         i += 1
 
 
@@ -167,10 +190,11 @@ def race_two_registrars(store: str, names: list[str], psnrs: list[float]) -> dic
 
 def race_register_and_promote(store: str, bases: list[str], names: list[str]) -> dict:
     """One process registers ``names`` while another promotes ``bases`` by hand
-    in a loop, from the first promotion on: no version lost. Returns the state."""
-    stop, started = SPAWN.Event(), SPAWN.Event()
-    promoter = _run(_promote_until, store, bases, stop, started)
-    writer = _run(_register_all, store, names, started)
+    in a loop, from the first promotion on, with INTERLEAVED promotions landed
+    between registrations: no version lost. Returns the state."""
+    stop, started, promotions = SPAWN.Event(), SPAWN.Event(), SPAWN.Value("i", 0)
+    promoter = _run(_promote_until, store, bases, stop, started, promotions)
+    writer = _run(_register_all, store, names, started, promotions)
     writer.join(300)
     stop.set()
     promoter.join(60)
@@ -178,6 +202,10 @@ def race_register_and_promote(store: str, bases: list[str], names: list[str]) ->
     state = read_registry(store)
     assert set(bases + names) <= set(state["versions"])
     assert all(e["version"] in state["versions"] for e in state["history"])
+    # the promotions waited for, each one recorded
+    assert sum(e["reason"] == "promoted by hand" for e in state["history"]) >= min(
+        INTERLEAVED, len(names)
+    )
     return state
 
 

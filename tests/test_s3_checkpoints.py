@@ -186,14 +186,26 @@ def test_an_owner_that_was_taken_over_writes_nothing_more(store, tmp_path):
     assert head_is_free(_heads(store)[old.run_id])
 
 
+def _wait_for_head(store: Store, run_id: str, ready, timeout: float = 120) -> dict:
+    """The run's head once ``ready(head)`` holds (read every 0.1 s; fails after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        head = _heads(store)[run_id]
+        if ready(head):
+            return head
+        assert time.monotonic() < deadline, f"the head never got there in {timeout:.0f} s: {head}"
+        time.sleep(0.1)
+
+
 def test_renewals_keep_a_run_whose_epochs_outlast_the_lease(store, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoints, "LEASE_SECONDS", 1.5)
     monkeypatch.setattr(checkpoints, "RENEW_SECONDS", 0.2)
     run = _claim(store, tmp_path, "v-long")
     try:
         before = _heads(store)[run.run_id]["renewed"]
-        time.sleep(3)  # twice the lease, without a single epoch
-        head = _heads(store)[run.run_id]
+        # no epoch at all: wait (on the head, not the clock) until it was renewed past the
+        # moment its first lease ran out, and again past the second one
+        head = _wait_for_head(store, run.run_id, lambda h: h["renewed"] > before + 2 * 1.5)
         assert head["lease_seconds"] == 1.5 and head["renewed"] > before
         assert not head_is_free({**head, "owner": ELSEWHERE})  # live, seen from any machine
         other = _claim(store, tmp_path / "other", "v-other")

@@ -315,3 +315,24 @@ def test_a_mixed_folder_bucket_to_bucket_goes_to_each_images_model(s3, tmp_path)
     }
     rerun = denoise_tree(f"s3://{bucket}/noisy", f"s3://{bucket}/clean", router)
     assert {r.status for r in rerun} == {"skipped"}
+
+
+def test_a_real_model_applied_bucket_to_bucket_gives_the_local_run(s3, tmp_path):
+    """The model is applied, not the input copied: every object is its input's
+    negative (a real Keras model, 1 - x), byte for byte the local run's output."""
+    from tests.test_dask_folder import assert_negatives, build_gray_pictures, negative_model
+
+    bucket = s3.bucket("negatives")
+    src = tmp_path / "in"
+    pictures = build_gray_pictures(src)
+    assert upload(s3, src, f"s3://{bucket}/noisy") == set(pictures)
+    model = BatchPredictor(negative_model())
+    local = denoise_tree(src, tmp_path / "local-out", model, CHEAP)
+    remote = denoise_tree(f"s3://{bucket}/noisy", f"s3://{bucket}/clean", model, CHEAP)
+    assert count(local)["denoised"] == count(remote)["denoised"] == len(pictures)
+    assert_negatives(tmp_path / "local-out", pictures)
+    made = objects(s3, f"s3://{bucket}/clean")
+    assert made == {
+        name: hashlib.sha256((tmp_path / "local-out" / name).read_bytes()).hexdigest()
+        for name in pictures
+    }

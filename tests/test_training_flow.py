@@ -38,7 +38,8 @@ def _params(source: str, store: Path) -> dict:
         "data": DataConfig(source=source, train_limit=400, test_limit=200),
         "noise": NoiseConfig(level=0.5, seed=7, shard_rows=150),
         "training": TrainConfig(epochs=1, batch_size=32),
-        # a one-epoch model on 360 images is judged, not expected to be good
+        # a one-epoch model on 360 images is judged, not expected to be good (the real
+        # gate: test_a_trained_digit_model_beats_its_noisy_input_and_is_promoted)
         "evaluation": EvalConfig(min_psnr_gain=-100.0),
         "store": str(store),
     }
@@ -141,6 +142,42 @@ def test_flow_downloads_over_http_trains_and_reuses_cache(prefect_harness, http_
     assert (Path(result["shards"]) / "manifest.json").is_file()
     registry = third.result()["registry"]
     assert registry["status"] in ("production", "candidate") and registry["reason"]
+
+
+def test_a_trained_digit_model_beats_its_noisy_input_and_is_promoted(
+    prefect_harness, http_mirror, tmp_path
+):
+    """The one training test with the real quality gate (EvalConfig's default
+    minimum gain): a small, fast recipe learns to denoise digits, measurably. The
+    other training tests turn the gate off to stay fast; this one shows it can pass."""
+    from flows.training import train_pipeline
+
+    gate = EvalConfig()
+    assert gate.min_psnr_gain >= 5.0  # the default a real training is held to
+    params = {
+        **_params(http_mirror, tmp_path),
+        "data": DataConfig(source=http_mirror, train_limit=1000, test_limit=200),
+        "training": TrainConfig(epochs=2, batch_size=32),  # about 7.5 dB gain here
+        "evaluation": gate,
+    }
+    state = train_pipeline(**params, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    metrics = result["metrics"]
+    gain = metrics["psnr_denoised"] - metrics["psnr_noisy"]
+    assert gain == pytest.approx(metrics["psnr_gain"], abs=1e-3)
+    assert gain > gate.min_psnr_gain, metrics  # measured, not assumed
+    assert metrics["passed"] is True
+    card = json.loads((Path(result["model"]["dir"]) / "model.json").read_text())
+    assert card["quality_gate"]["passed"] is True
+    assert card["quality_gate"]["min_psnr_gain"] == gate.min_psnr_gain
+    assert card["quality_gate"]["psnr_gain"] == pytest.approx(gain, abs=1e-3)
+    registry = result["registry"]
+    assert registry["promoted"] is True and registry["status"] == "production", registry
+    print(
+        f"digits: noisy {metrics['psnr_noisy']:.2f} dB -> denoised "
+        f"{metrics['psnr_denoised']:.2f} dB (gain {gain:.2f} dB > {gate.min_psnr_gain} dB)"
+    )
 
 
 @contextlib.contextmanager

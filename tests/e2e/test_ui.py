@@ -209,6 +209,7 @@ def test_deployments_run_and_the_ui_shows_their_artifacts(chromium, server, mnis
         {
             "data": {"source": str(mnist_mirror), "train_limit": 600, "test_limit": 200},
             "training": {"epochs": 1, "batch_size": 64},
+            # the gate off: the UI is the subject (the real gate: tests/test_training_flow.py)
             "evaluation": {"min_psnr_gain": -100.0},
             "store": str(store),
         },

@@ -4,10 +4,12 @@ shared by copying its store, a small disk, and the tally printed at the end."""
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import signal
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,16 +211,24 @@ def model_store(tmp_path, golden) -> Path:
 
 class SmallDisk:
     """A folder that fills up: a tmpfs of ``size`` bytes when mounting works
-    here, else a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) applied to the
-    command, so its writes fail with EFBIG. ``grow()`` brings the space back."""
+    here (the real thing: ENOSPC from the kernel, for every file at once), else
+    a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) applied to the command, so
+    its writes fail with EFBIG: one file too large, not a disk full. ``kind``
+    says which; ``grow()`` brings the space back."""
 
     def __init__(self, path: Path, size: int):
         self.path, self.size = path, size
         path.mkdir(parents=True, exist_ok=True)
-        probe = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
-        )
+        try:
+            probe = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                capture_output=True,
+                text=True,
+            )
+        except OSError as exc:  # no mount command at all
+            probe = subprocess.CompletedProcess([], 127, "", f"mount: {exc.strerror}")
         self.kind = "tmpfs" if probe.returncode == 0 else "rlimit"
+        self.why_not_tmpfs = (probe.stderr or probe.stdout).strip() or f"exit {probe.returncode}"
         self.limited = True
 
     def preexec(self):
@@ -242,13 +252,29 @@ class SmallDisk:
             subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
 @pytest.fixture()
-def small_disk():
+def small_disk(scenario):
+    """Makes a :class:`SmallDisk`; the scenario's record and output name its
+    kind. Under CI=true a disk that is not a tmpfs fails the test: the size
+    limit proves something else than a full disk."""
     disks: list[SmallDisk] = []
 
     def make(path: Path, size: int) -> SmallDisk:
         disk = SmallDisk(path, size)
         disks.append(disk)
+        scenario.mode = disk.kind
+        print(f"small disk of {size} bytes at {path}: {disk.kind}")
+        if disk.kind != "tmpfs":
+            said = f"no tmpfs could be mounted at {path} ({disk.why_not_tmpfs})"
+            if in_ci():
+                pytest.fail(f"{said}: CI=true needs the real full disk, not a file-size limit")
+            warnings.warn(
+                f"{said}: the full disk is a file-size limit (RLIMIT_FSIZE) here", stacklevel=2
+            )
         return disk
 
     yield make
@@ -273,7 +299,8 @@ def scenario(request) -> Scenario:
     yield sc
     report = getattr(request.node, "_fault_report_call", None)
     survived = bool(report is not None and report.passed)
-    TALLY.append((sc.name, survived, sc.checked, sc.lost))
+    name = f"{sc.name} [{sc.mode}]" if sc.mode else sc.name
+    TALLY.append((name, survived, sc.checked, sc.lost))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

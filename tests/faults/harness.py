@@ -38,6 +38,8 @@ TRAIN_ARGS = [
     "32",
     "--architecture",
     "unet-small",
+    # the gate off: these models are the faults' material, not their subject (a real
+    # gate on a trained digit model: tests/test_training_flow.py)
     "--min-psnr-gain",
     "-50",
 ]
@@ -279,6 +281,7 @@ class Scenario:
     checked: int = 0
     lost: int = 0
     problems: list[str] = field(default_factory=list)
+    mode: str = ""  # how the fault was made, when there is more than one way (a small disk's kind)
 
     def lose(self, what: str) -> None:
         self.lost += 1
