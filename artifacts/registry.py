@@ -287,6 +287,17 @@ def check_registry(store_root: str | os.PathLike | None) -> None:
     read_registry(store_root)
 
 
+def open_store(store_root: str) -> Store:
+    """The store a training writes to, found usable before any work: reachable
+    (one StoreError line for a missing bucket, refused credentials, an
+    unreachable endpoint) and with a registry that reads (one line naming the
+    file), so neither surfaces after a whole training."""
+    store = Store.at(store_root)
+    store.check()
+    check_registry(store.url)
+    return store
+
+
 def update_registry(
     store_root: str | os.PathLike | None,
     change: Callable[[dict], tuple[dict, T]],

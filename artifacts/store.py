@@ -51,10 +51,16 @@ from pathlib import Path
 from typing import Any
 
 from denoiser.errors import ConfigError
-from denoiser.files import describe_remote_error, find_sizes, is_url, local_path
+from denoiser.files import (  # noqa: F401 - where the store is: resolved in the library
+    DEFAULT_STORE,
+    STORE_ENV,
+    describe_remote_error,
+    find_sizes,
+    is_url,
+    local_path,
+    resolve_store_root,
+)
 
-DEFAULT_STORE = "store"
-STORE_ENV = "DENOISE_STORE"
 SMALL_FILE = 4 << 20  # bytes; files up to this size are compared by content on push
 READ_ATTEMPTS = 20  # reads of an object replaced while being read
 S3_HINT = 'pip install -e ".[s3]"'
@@ -62,20 +68,6 @@ S3_HINT = 'pip install -e ".[s3]"'
 
 class StoreError(ConfigError):
     """The store cannot be used: an unknown scheme, a missing bucket, no access."""
-
-
-def resolve_store_root(root: str | os.PathLike | None = None) -> str:
-    """An explicit root wins, then $DENOISE_STORE, then ./store. A local root
-    comes back absolute (paths passed between tasks and worker processes stay
-    valid), ``file://`` URLs as their path, other URLs without a trailing slash."""
-    if root is not None and not str(root).strip():
-        raise ConfigError("--store is an empty string; give a folder or a URL (s3://bucket/prefix)")
-    chosen = str(root or os.environ.get(STORE_ENV) or DEFAULT_STORE)
-    if chosen.startswith("file://"):
-        chosen = chosen[len("file://") :] or "/"
-    if is_url(chosen):
-        return chosen.rstrip("/")
-    return str(local_path(chosen))
 
 
 def _remote_fs(url: str):

@@ -44,6 +44,27 @@ def local_path(text: str | os.PathLike) -> Path:
     return path.resolve()
 
 
+DEFAULT_STORE = "store"
+STORE_ENV = "DENOISE_STORE"
+
+
+def resolve_store_root(root: str | os.PathLike | None = None) -> str:
+    """Where the store is: an explicit root wins, then $DENOISE_STORE, then
+    ./store. A local root comes back absolute (paths passed between tasks and
+    worker processes stay valid), ``file://`` URLs as their path, other URLs
+    without a trailing slash."""
+    if root is not None and not str(root).strip():
+        raise ConfigError(
+            "the store is an empty string; give a folder or a URL (s3://bucket/prefix)"
+        )
+    chosen = str(root or os.environ.get(STORE_ENV) or DEFAULT_STORE)
+    if chosen.startswith("file://"):
+        chosen = chosen[len("file://") :] or "/"
+    if is_url(chosen):
+        return chosen.rstrip("/")
+    return str(local_path(chosen))
+
+
 def find_sizes(fs, base: str) -> dict[str, int]:
     """Every file under ``base`` in an fsspec file system, by path relative
     to it, with its size: one listing (no request per file); empty if there

@@ -14,14 +14,11 @@ inside the training graph (:func:`add_awgn_tf`) and from a seed at evaluation
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, get_args
+from typing import Any, get_args
 
 import numpy as np
 
-from denoiser.config import LevelDensity, NoiseConfig, NoiseKind
-
-if TYPE_CHECKING:
-    from denoiser.config import DataConfig
+from denoiser.config import LevelDensity, NoiseKind
 
 # the config's literals are the one list (the CLI's choices, the Prefect form's enum);
 # tests/test_shards.py runs each of them through the code below
@@ -154,15 +151,3 @@ def add_awgn_tf(
     return x + noise * tf.reshape(
         sigma, tf.concat([tf.shape(x)[:1], tf.ones(tf.rank(x) - 1, tf.int32)], 0)
     )
-
-
-def default_noise_for(dataset: str | DataConfig) -> NoiseConfig:
-    """The noise a request gets when the user gave no noise flags: MNIST's
-    defaults for IDX datasets, the literature's blind awgn (sigma uniform in
-    [0, 55]) for photographs and other image folders."""
-    from denoiser.datasets import is_image_dataset
-
-    name = dataset if isinstance(dataset, str) else dataset.dataset
-    if is_image_dataset(name):
-        return NoiseConfig(kind="awgn", level=PHOTO_SIGMA_RANGE, level_density="uniform")
-    return NoiseConfig()

@@ -32,8 +32,8 @@ from denoiser.checkpoints import (
     remove_stale_remote_runs,
     remove_stale_runs,
 )
-from denoiser.config import DataConfig, NoiseConfig, TrainConfig
-from denoiser.domains import domain_for_dataset, domain_of_manifest
+from denoiser.config import TrainConfig
+from denoiser.domains import domain_of_manifest
 from denoiser.errors import ModelError, first_line
 from denoiser.faults import failpoint
 from denoiser.files import (
@@ -590,29 +590,6 @@ def resolve_architecture(training: TrainConfig, shards_dir: str | os.PathLike) -
         return training
     domain = domain_of_manifest(read_manifest(shards_dir))
     return training.model_copy(update={"architecture": domain.default_architecture})
-
-
-def check_training_request(
-    data: DataConfig, noise: NoiseConfig, training: TrainConfig
-) -> TrainConfig:
-    """Checks across the configs, before any download or training, each a
-    one-line ConfigError naming the parameter (and its ``denoise train``
-    flag); returns ``training`` with ``architecture: auto`` made concrete:
-    the dataset's domain's architecture."""
-    training = TrainConfig.model_validate(training)
-    return domain_for_dataset(data.dataset).check_request(noise, training)
-
-
-def apply_recipe_defaults(
-    data: DataConfig, noise: NoiseConfig, training: TrainConfig
-) -> tuple[NoiseConfig, TrainConfig]:
-    """The request after its domain's checks, with what the user left unset
-    from the architecture's recipe where the domain takes it (photographs:
-    patch size, batch size, epochs), so the default command trains what the
-    probes measured best; anything set explicitly stays."""
-    domain = domain_for_dataset(data.dataset)
-    training = domain.check_request(noise, TrainConfig.model_validate(training))
-    return domain.resolve_request(noise, training)
 
 
 def data_facts(shards_dir: str | os.PathLike, manifest: dict) -> CardData:

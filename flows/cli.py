@@ -166,12 +166,12 @@ def given(**options) -> dict:
 
 
 def _train_configs(args: argparse.Namespace) -> dict:
-    """The flow's configs from the options. A photo dataset without noise
-    options gets the blind awgn model (:func:`denoiser.noise.default_noise_for`);
-    noise options given for one start from those defaults too."""
+    """The flow's configs from the options, as given: what is left out keeps
+    the config's default, noise options start from the dataset's domain's
+    own noise (photographs: blind awgn). The checks and the recipe's
+    defaults come after, from :func:`denoiser.request.resolve_request`."""
     from denoiser.config import DataConfig, EvalConfig
     from denoiser.domains import domain_for_dataset
-    from denoiser.training import apply_recipe_defaults
 
     domain = domain_for_dataset(args.dataset)
     quick = QUICK_BY_SHARDS[domain.shard_kind] if args.quick else {}
@@ -200,23 +200,17 @@ def _train_configs(args: argparse.Namespace) -> dict:
             test_limit=pick("test_limit"),
         )
     )
-    chosen = given(
-        kind=args.noise_kind,
-        level=args.noise_level,
-        level_density=args.level_density,
-        copies=args.copies,
-        seed=args.seed,
-        patch_size=args.patch_size,
-        patches_per_image=pick("patches_per_image"),
+    noise = domain.noise_from(
+        given(
+            kind=args.noise_kind,
+            level=args.noise_level,
+            level_density=args.level_density,
+            copies=args.copies,
+            seed=args.seed,
+            patch_size=args.patch_size,
+            patches_per_image=pick("patches_per_image"),
+        )
     )
-    # the domain's noise is the start (photographs: blind awgn; another kind is refused below)
-    default = domain.default_noise()
-    base = (
-        default.model_dump(exclude_defaults=True) if args.noise_kind in (None, default.kind) else {}
-    )
-    noise = NoiseConfig(**{**base, **chosen})
-    # every check before a server starts; the flow fills in the recipe's defaults itself
-    apply_recipe_defaults(data, noise, TrainConfig(**training))
     return {
         "data": data,
         "noise": noise,
@@ -226,25 +220,31 @@ def _train_configs(args: argparse.Namespace) -> dict:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    configs = _train_configs(args)
-    from artifacts.registry import check_registry
-    from artifacts.store import Store
+    from artifacts.registry import open_store
+    from denoiser.request import resolve_request
+
+    # every check before a server starts (the flow makes the same call): a bad option, a
+    # missing bucket, refused credentials or a broken registry is one line, nothing written
+    request = resolve_request(**_train_configs(args), store=args.store)
+    open_store(request.store)
     from flows.session import start_api
     from flows.training import train_pipeline
     from tasks.terminal import quiet_run_failures
 
     quiet_run_failures(args.debug)
-    Store.at(
-        args.store
-    ).check()  # a missing bucket or refused credentials: one line, nothing written
-    check_registry(args.store)  # a broken registry fails now, not after the training
     from denoiser.models import import_tensorflow_quietly
 
     api = start_api()  # a temporary server boots while TensorFlow is imported
     import_tensorflow_quietly(args.debug)
     api()
 
-    result = train_pipeline(**configs, store=args.store)
+    result = train_pipeline(
+        data=request.data,
+        noise=request.noise,
+        training=request.training,
+        evaluation=request.evaluation,
+        store=request.store,
+    )
     _print_train_summary(result)
     return 0 if result["metrics"]["passed"] else 1
 
