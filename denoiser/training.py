@@ -286,8 +286,8 @@ def make_dataset(
     manifest = read_manifest(shards_dir)
     shape = tuple(manifest["image_shape"])
     rows = split_rows(shards_dir, split)
-    patches = domain_of_manifest(manifest).shard_kind == "patches"
-    columns = ("clean",) if patches else ("noisy", "clean")
+    fresh_noise = domain_of_manifest(manifest).noise_in_training
+    columns = ("clean",) if fresh_noise else ("noisy", "clean")
     epoch = {"n": 0}
 
     # Python hands over blocks of whole batches; tf.data cuts them into batches in C++
@@ -309,12 +309,13 @@ def make_dataset(
             epoch_seed,
             columns=columns,
         ):
-            if patches:
+            if fresh_noise:
                 arrays = (*arrays, noise_rng.integers(0, 2**62, len(arrays[0]), dtype=np.int64))
             yield arrays
 
     spec = tf.TensorSpec(shape=(None, *shape), dtype=tf.uint8)
-    signature = (spec, tf.TensorSpec(shape=(None,), dtype=tf.int64)) if patches else (spec, spec)
+    seeds = tf.TensorSpec(shape=(None,), dtype=tf.int64)
+    signature = (spec, seeds) if fresh_noise else (spec, spec)
     ds = tf.data.Dataset.from_generator(generate, output_signature=signature).rebatch(batch_size)
 
     def recut(noisy, clean):
@@ -325,7 +326,7 @@ def make_dataset(
             noisy, clean = both[..., : shape[-1]], both[..., shape[-1] :]
         return noisy, clean
 
-    if patches:
+    if fresh_noise:
         noise = noise_config(manifest)
         sigmas = sigma_range({"kind": noise.kind, "level": noise.level})
         density = noise.level_density

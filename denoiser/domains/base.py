@@ -65,6 +65,12 @@ class Domain:
     recognises: Callable[[LoadedImage], bool]
     folder_domain: str = ""
 
+    @property
+    def noise_in_training(self) -> bool:
+        """Whether its shards hold clean images only and training draws the
+        noise fresh for every batch (patch sets), rather than noisy/clean pairs."""
+        return self.shard_kind == "patches"
+
     def resolve(self, noise: NoiseConfig, training: TrainConfig) -> tuple[NoiseConfig, TrainConfig]:
         """The request as this domain trains it: ``architecture: auto`` made
         concrete (the domain's own), the domain's checks (a one-line
