@@ -200,10 +200,15 @@ def atomic_file(path: str | os.PathLike, ending: str) -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """``text`` as the file ``path``, atomically (see :func:`atomic_file`)."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """``data`` as the file ``path``, atomically (see :func:`atomic_file`)."""
     with atomic_file(path, ".tmp") as tmp:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """``text`` as the file ``path`` (UTF-8), atomically (see :func:`atomic_file`)."""
+    write_bytes_atomic(path, text.encode())
 
 
 def read_checked(path: str | os.PathLike, expected_sha256: str | None, what: str) -> bytes:

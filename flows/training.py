@@ -48,7 +48,7 @@ def train_pipeline(
         model = train_autoencoder(shards_dir, request.training, store_root)
         # a failed gate comes in a state named "Gate failed", with its figures as the message
         metrics = evaluate_denoiser(
-            model["dir"], shards_dir, request.evaluation, return_state=True
+            model["dir"], shards_dir, request.evaluation, store_root, return_state=True
         ).result()
         if not metrics["passed"]:
             logger.warning(
