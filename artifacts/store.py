@@ -153,6 +153,39 @@ class Store:
         key = "/".join(p.strip("/") for p in parts if p)
         return f"{self.url}/{key}" if key else self.url
 
+    # ------------------------------------------------------------------ the catalog: named locations
+    def download(self, dataset: str) -> str:
+        """Where a dataset's checksummed raw files are cached (``dataset``: its slug)."""
+        return self.join("downloads", dataset)
+
+    def shards(self, key: str) -> str:
+        """Where a shard set lives (``key``: ``<dataset>-<hash of what decides its bytes>``)."""
+        return self.join("shards", key)
+
+    def model(self, version: str) -> str:
+        """Where a model version's folder lives."""
+        return self.join("models", version)
+
+    def report(self, run: str) -> str:
+        """Where a folder run's report lives."""
+        return self.join("reports", run)
+
+    @contextmanager
+    def staged(
+        self,
+        location: str,
+        files: Iterable[str] | None = None,
+        last: Iterable[str] = ("manifest.json", "model.json"),
+    ) -> Iterator[Path]:
+        """One store folder as a local folder for a task's work: pulled (only
+        ``files`` of it, when given), handed to the body, and what the body made
+        pushed when it returns, the ``last`` names after the others. For a
+        local store the folder is the store's own (nothing copied)."""
+        with self.stage() as stage:
+            folder = stage.pull(location, files)
+            yield folder
+            stage.push(folder, last=last)
+
     # ------------------------------------------------------------------ object storage
     @cached_property
     def _fs_and_root(self) -> tuple[Any, str]:

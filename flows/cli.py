@@ -475,16 +475,16 @@ def run_folder_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from artifacts.registry import resolve_model
-    from artifacts.store import Store, resolve_store_root
+    from artifacts.store import Store
     from denoiser.folder import check_folders
     from flows.denoising import denoise_folder
     from tasks.terminal import quiet_run_failures
 
     quiet_run_failures(args.debug)
     # usage errors and a missing model fail fast, before a Prefect server starts
-    check_folders(args.input_dir, args.output_dir, resolve_store_root(args.store))
+    check_folders(args.input_dir, args.output_dir, args.store)
     check_dask_options(args.workers, args.dask_address, args.chunk_files)
-    Store.at(args.store).check()
+    Store(args.store).check()
     ref = resolve_model(args.store, args.model)
     from denoiser.models import import_tensorflow_quietly
     from denoiser.runtime import gpu_present, litert_available, openvino_available
@@ -580,7 +580,7 @@ def run_models_command(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from artifacts.registry import list_models, promote
-    from artifacts.store import Store, resolve_store_root
+    from artifacts.store import Store
 
     # piped output (scripts, tests) gets whole lines rather than truncated cells
     console = Console() if sys.stdout.isatty() else Console(width=200)
@@ -592,7 +592,7 @@ def run_models_command(args: argparse.Namespace) -> int:
         from artifacts.exports import export_model_version
         from denoiser.models import import_tensorflow_quietly
 
-        Store.at(args.store).check()
+        Store(args.store).check()
         import_tensorflow_quietly(args.debug)
         facts = export_model_version(args.store, args.version)
         if facts is None:
@@ -603,12 +603,13 @@ def run_models_command(args: argparse.Namespace) -> int:
                 f"({facts['openvino_bytes']:,} bytes, runs at {facts['openvino_precision']})"
             )
         return 0
-    Store.at(args.store).check()
-    models = list_models(args.store)
+    store = Store(args.store)
+    store.check()
+    models = list_models(store.url)
     if not models:
-        console.print(f"no models in {resolve_store_root(args.store)}; run `denoise train` first")
+        console.print(f"no models in {store.url}; run `denoise train` first")
         return 0
-    table = Table(title=f"models in {Store.at(args.store).join('models')}")
+    table = Table(title=f"models in {store.join('models')}")
     for col in (
         "version",
         "status",
@@ -657,7 +658,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     from flows.alerts import apply_serve_alerts
     from flows.serve import build_deployments
 
-    deployments = build_deployments()
+    deployments = build_deployments(store=args.store)
     apply_serve_alerts()
     names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
     print(f"serving {names}; Ctrl-C to stop")
@@ -694,8 +695,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.store is not None and not args.store.strip():
         print("denoise: error: --store is an empty string; give a folder or a URL", file=sys.stderr)
         return 2
-    if args.store:
-        os.environ["DENOISE_STORE"] = args.store
     if args.debug:
         os.environ["DENOISE_DEBUG"] = "1"  # Dask workers show their tracebacks too
     if args.command in ("train", "folder", "serve") and not os.environ.get("PREFECT_API_URL"):
@@ -713,6 +712,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     install_signal_handlers()
     try:
+        if args.command != "server":
+            from denoiser.files import resolve_store_root
+
+            # where the store is, decided once here and passed on as an argument
+            args.store = resolve_store_root(args.store)
         return int(args.handler(args) or 0)
     except Terminated:
         print("denoise: terminated; finished files are kept, rerun to finish", file=sys.stderr)

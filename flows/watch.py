@@ -159,7 +159,7 @@ def run_watch_command(args: argparse.Namespace) -> int:
     check_dask_options(args.workers, args.dask_address, args.chunk_files)
     input_dir, output_dir = resolve_location(args.input_dir), resolve_location(args.output_dir)
     if not args.emit_only:
-        Store.at(args.store).check()
+        Store(args.store).check()
         resolve_model(args.store, args.model)
     os.environ["PREFECT_API_URL"] = ensure_api()
     how = "emitting events for the inbox-on-arrival deployment" if args.emit_only else "denoising"

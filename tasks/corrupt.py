@@ -42,7 +42,7 @@ def shard_dir_for(
     """The shard set's location in the store (a path, or a URL for a remote store)."""
     noise = NoiseConfig.model_validate(noise)
     key = shard_set_key(dataset, noise_fields(dataset, noise), train_limit, test_limit)
-    return Store.at(store_root).join("shards", f"{dataset['dataset']}-{key}")
+    return Store.at(store_root).shards(f"{dataset['dataset']}-{key}")
 
 
 @task(name="write_noisy_shards", cache_policy=NO_CACHE)  # reuse: the verified set at its key

@@ -48,11 +48,14 @@ def evaluate_denoiser(
     if store is None and is_url(model_dir):
         raise StoreError(f"{model_dir}: a model of a remote store is evaluated with its store")
     logger = get_run_logger()
-    with Store.at(store or model_dir).stage() as stage:
-        folder = stage.pull(model_dir, files=MODEL_FILES)
-        judged = evaluate_model(folder, shards_dir, EvalConfig.model_validate(evaluation), logger)
-        _report(folder, judged, EvalConfig.model_validate(evaluation))
-        where = stage.push(folder, last=("model.json",))
+    evaluation = EvalConfig.model_validate(evaluation)
+    # a remote store's model folder is staged; the new files are pushed, the card last
+    with Store.at(store or model_dir).staged(
+        model_dir, MODEL_FILES, last=("model.json",)
+    ) as folder:
+        judged = evaluate_model(folder, shards_dir, evaluation, logger)
+        _report(folder, judged, evaluation)
+    where = str(model_dir)
     result = {
         **judged.summary,
         "report": f"{where}/report.md",
