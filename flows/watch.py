@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from denoiser.errors import ConfigError, DenoiseError
+from flows.folder_options import add_folder_arguments, check_dask_options, folder_options
 
 #: how long a quiet inbox waits before the burst is taken (seconds)
 DEFAULT_SETTLE = 2.0
@@ -123,8 +124,6 @@ def emit_files_landed(input_dir: str, output_dir: str, count: int, run_by: str) 
 
 
 def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
-    from flows.cli import add_folder_arguments
-
     add_folder_arguments(parser)
     parser.add_argument(
         "--settle",
@@ -148,7 +147,6 @@ def run_watch_command(args: argparse.Namespace) -> int:
     from artifacts.store import Store
     from denoiser.folder import check_folders
     from denoiser.trees import resolve_location
-    from flows.cli import check_dask_options
     from flows.session import ensure_api
 
     if not 0 < args.settle <= 3600:
@@ -181,7 +179,6 @@ def run_watch_command(args: argparse.Namespace) -> int:
 
 def _run_folder(args: argparse.Namespace, input_dir: str, output_dir: str) -> None:
     """One folder run; a failed run is one line, and the watcher goes on."""
-    from flows.cli import folder_options
     from flows.denoising import denoise_folder
     from flows.session import finished_despite_api
 
