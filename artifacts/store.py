@@ -59,6 +59,7 @@ from denoiser.files import (  # noqa: F401 - where the store is: resolved in the
     is_url,
     local_path,
     resolve_store_root,
+    write_json_atomic,
 )
 
 SMALL_FILE = 4 << 20  # bytes; files up to this size are compared by content on push
@@ -404,9 +405,7 @@ class Stage(Store):
             return
         stored = self.to_urls(data)
         if stored != data:
-            tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(stored, indent=2, sort_keys=True))
-            os.replace(tmp, file)
+            write_json_atomic(file, stored, indent=2, sort_keys=True)
 
     def to_urls(self, value: Any) -> Any:
         """``value`` (a manifest: dicts, lists, strings) with every staged path

@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import secrets
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from denoiser.errors import ConfigError, first_line
 
@@ -209,6 +211,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """``text`` as the file ``path`` (UTF-8), atomically (see :func:`atomic_file`)."""
     write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, **dumps: Any) -> None:
+    """``data`` as JSON in the file ``path`` (``dumps``: json.dumps' options), atomically."""
+    write_text_atomic(path, json.dumps(data, **dumps))
 
 
 def read_checked(path: str | os.PathLike, expected_sha256: str | None, what: str) -> bytes:

@@ -582,14 +582,15 @@ def _flag(field: str) -> str:
 def _one_line(exc: BaseException) -> str:
     from pydantic import ValidationError
 
+    from denoiser.errors import first_line
+
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else ""
         msg = err["msg"].removeprefix("Value error, ")
         # a check across fields (a model validator) names no field
         return f"invalid {_flag(field)}: {msg}" if field else f"invalid options: {msg}"
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

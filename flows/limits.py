@@ -25,6 +25,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from denoiser.files import write_json_atomic
+
 logger = logging.getLogger("denoise.limits")
 
 LEASE_SECONDS = 60  # the server's minimum
@@ -126,9 +128,7 @@ def _record(lease_id: str, name: str) -> Path:
         "host": socket.gethostname(),
     }
     path = folder / f"{lease_id}.json"
-    tmp = folder / f".{lease_id}.tmp"
-    tmp.write_text(json.dumps(entry))
-    os.replace(tmp, path)
+    write_json_atomic(path, entry)
     return path
 
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from denoiser.files import pid_alive, write_json_atomic, write_text_atomic
+
 logger = logging.getLogger("denoise.session")
 
 # ----------------------------------------------------------------- temporary server
@@ -161,8 +163,6 @@ def _remove_stale_pid_file() -> None:
     """``prefect server start --background`` refuses to start while its pid
     file exists, even when that server was killed: remove a file whose
     process is gone."""
-    from denoiser.files import pid_alive
-
     pid_file = _prefect_home() / "server.pid"
     try:
         pid = int(pid_file.read_text().strip())
@@ -191,7 +191,6 @@ def start_kept_server(port: int, timeout: float = 120) -> tuple[str, bool]:
     import time
 
     from denoiser.errors import ConfigError
-    from denoiser.files import write_text_atomic
 
     url = kept_server_url()
     if url:
@@ -264,8 +263,6 @@ def _process_start(pid: int) -> str | None:
 
 
 def _alive(entry: dict) -> bool:
-    from denoiser.files import pid_alive
-
     pid = entry.get("pid")
     if not isinstance(pid, int) or not pid_alive(pid):
         return False
@@ -285,9 +282,7 @@ def record_running(flow, flow_run, state) -> None:
             "started": _process_start(os.getpid()),
             "host": socket.gethostname(),
         }
-        tmp = folder / f".{flow_run.id}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(entry))
-        os.replace(tmp, folder / f"{flow_run.id}.json")
+        write_json_atomic(folder / f"{flow_run.id}.json", entry)
     except OSError as exc:
         logger.debug("cannot write the run ledger: %s", exc)
     try:
