@@ -84,9 +84,9 @@ def _remote_fs(url: str):
     except ImportError:
         scheme = url.split("://", 1)[0]
         hint = S3_HINT if scheme in ("s3", "s3a") else f"install the fsspec driver for {scheme}://"
-        raise StoreError(f"--store {url}: no driver for {scheme}:// ({hint})") from None
+        raise StoreError(f"store {url}: no driver for {scheme}:// ({hint})") from None
     except ValueError as exc:
-        raise StoreError(f"--store {url}: {exc}") from None
+        raise StoreError(f"store {url}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -590,7 +590,13 @@ def _one_line(exc: BaseException) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         # a check across fields (a model validator) names no field
         return f"invalid {_flag(field)}: {msg}" if field else f"invalid options: {msg}"
-    return first_line(exc)
+    text = first_line(exc)
+    field = getattr(exc, "field", None)  # a ConfigError names its field: the CLI adds the flag
+    if field and text.startswith(f"invalid {field}: "):
+        return text.replace(
+            f"invalid {field}: ", f"invalid {field} ({_flag(field.rsplit('.', 1)[-1])}): ", 1
+        )
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
