@@ -231,7 +231,7 @@ def _run_train(args: argparse.Namespace) -> int:
     # missing bucket, refused credentials or a broken registry is one line, nothing written
     request = resolve_request(**_train_configs(args), store=args.store)
     open_store(request.store)
-    from flows.session import start_api
+    from flows.server import start_api
     from flows.training import train_pipeline
     from tasks.terminal import quiet_run_failures
 
@@ -393,7 +393,7 @@ def run_folder_command(args: argparse.Namespace) -> int:
     ref = resolve_model(args.store, args.model)
     from denoiser.models import import_tensorflow_quietly
     from denoiser.runtime import gpu_present, litert_available, openvino_available
-    from flows.session import finished_despite_api, start_api
+    from flows.server import finished_despite_api, start_api
 
     api = start_api()  # a temporary server boots while TensorFlow is imported
     # only the workers run the model in chunks; an export, when it may be chosen, needs no
@@ -444,7 +444,7 @@ def run_server_command(args: argparse.Namespace) -> int:
     commands without PREFECT_API_URL use it instead of starting a temporary
     one each, and their runs stay visible in its UI."""
     from denoiser.errors import ConfigError
-    from flows.session import kept_server_url, start_kept_server, stop_kept_server
+    from flows.server import kept_server_url, start_kept_server, stop_kept_server
 
     if args.action == "start":
         if not 1 <= args.port <= 65535:
@@ -610,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.debug:
         os.environ["DENOISE_DEBUG"] = "1"  # Dask workers show their tracebacks too
     if args.command in ("train", "folder", "serve") and not os.environ.get("PREFECT_API_URL"):
-        from flows.session import kept_server_url
+        from flows.server import kept_server_url
 
         # set before Prefect is imported: it reads its settings once
         if url := kept_server_url():
@@ -620,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from denoiser.errors import DenoiseError
     from denoiser.interrupts import Terminated
-    from flows.session import install_signal_handlers
+    from flows.signals import install_signal_handlers
 
     install_signal_handlers()
     try:

@@ -10,8 +10,8 @@ from prefect import flow, get_run_logger
 from artifacts.registry import open_store
 from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
 from denoiser.request import resolve_request
+from flows.ledger import STATE_HOOKS
 from flows.limits import hold_limit, limit_name
-from flows.session import STATE_HOOKS
 from tasks.corrupt import write_noisy_shards
 from tasks.download import download_dataset
 from tasks.evaluate import evaluate_denoiser

@@ -147,7 +147,7 @@ def run_watch_command(args: argparse.Namespace) -> int:
     from artifacts.store import Store
     from denoiser.folder import check_folders
     from denoiser.trees import resolve_location
-    from flows.session import ensure_api
+    from flows.server import ensure_api
 
     if not 0 < args.settle <= 3600:
         raise ConfigError(f"--settle must be between 0 and 3600 seconds, not {args.settle}")
@@ -180,7 +180,7 @@ def run_watch_command(args: argparse.Namespace) -> int:
 def _run_folder(args: argparse.Namespace, input_dir: str, output_dir: str) -> None:
     """One folder run; a failed run is one line, and the watcher goes on."""
     from flows.denoising import denoise_folder
-    from flows.session import finished_despite_api
+    from flows.server import finished_despite_api
 
     try:
         with finished_despite_api("denoise_images") as outcome:
