@@ -45,6 +45,8 @@ from denoiser.downloads import (  # noqa: F401 - shared with image datasets
     TransientDownloadError,
     cache_write_error,
     cached_file_problem,
+    check_listed,
+    download_to,
     is_http_url,
     join_source,
     locate_source,
@@ -54,6 +56,7 @@ from denoiser.downloads import (  # noqa: F401 - shared with image datasets
     parse_sha256sums,
     read_sha256sums,
     remove_orphan_temps,
+    rename_into_cache,
     stream_to,
     temp_path,
     write_cache_json,
@@ -166,26 +169,9 @@ def _fetch_one(source: str, fspec: FileSpec, cache_dir: Path, sums: dict[str, st
     tmp = temp_path(final, "part")
     try:
         sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-        with open_source(source, name) as stream:
-            try:
-                out = open(tmp, "xb")  # noqa: SIM115 - closed below, where its errors are disk errors
-            except OSError as exc:
-                raise cache_write_error(name, cache_dir, exc) from None
-            try:
-                size = stream_to(stream, out, name, cache_dir, [sha, md5])
-            finally:
-                try:
-                    out.close()
-                except OSError as exc:
-                    raise cache_write_error(name, cache_dir, exc) from None
+        size = download_to(source, name, tmp, name, cache_dir, [sha, md5])
         digest = sha.hexdigest()
-        if sums is not None:
-            if name not in sums:
-                raise ChecksumError(f"{name}: not listed in the mirror's SHA256SUMS ({source})")
-            if sums[name] != digest:
-                raise ChecksumError(
-                    f"{name}: sha256 {digest} does not match SHA256SUMS ({sums[name]})"
-                )
+        check_listed(name, digest, sums, source)
         payload_sha, payload_bytes = _payload_digest(tmp)
         if (
             sums is None
@@ -201,10 +187,7 @@ def _fetch_one(source: str, fspec: FileSpec, cache_dir: Path, sums: dict[str, st
                 f"{name}: decompressed sha256 {payload_sha} does not match the expected {fspec.payload_sha256}"
             )
         dims = _validate_idx_header(tmp, payload_bytes)
-        try:
-            os.replace(tmp, final)
-        except OSError as exc:
-            raise cache_write_error(name, cache_dir, exc) from None
+        rename_into_cache(tmp, final, name, cache_dir)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from denoiser.catalog import parse_sha256sums
-from denoiser.errors import ConfigError, DownloadError
+from denoiser.errors import ChecksumError, ConfigError, DownloadError
 from denoiser.faults import failpoint
 from denoiser.files import file_sha256, host_tag, pid_alive
 
@@ -196,6 +196,46 @@ def stream_to(stream, out, name: str, cache_dir: Path, hashes: list) -> int:
         for h in hashes:
             h.update(chunk)
         size += len(chunk)
+
+
+def download_to(
+    source: str, filename: str, tmp: Path, name: str, cache_dir: Path, hashes: list
+) -> int:
+    """Stream ``filename`` of ``source`` into ``tmp`` (a new file, see
+    :func:`temp_path`), feeding ``hashes``; returns its size. Errors of the
+    network are transient, errors of the disk permanent (one DownloadError
+    naming the cache)."""
+    with open_source(source, filename) as stream:
+        try:
+            out = open(tmp, "xb")  # noqa: SIM115 - closed below, where its errors are disk errors
+        except OSError as exc:
+            raise cache_write_error(name, cache_dir, exc) from None
+        try:
+            return stream_to(stream, out, name, cache_dir, hashes)
+        finally:
+            try:
+                out.close()
+            except OSError as exc:
+                raise cache_write_error(name, cache_dir, exc) from None
+
+
+def check_listed(name: str, digest: str, sums: dict[str, str] | None, source: str) -> None:
+    """A ChecksumError unless the mirror's SHA256SUMS (when it has one) lists
+    ``name`` with ``digest``."""
+    if sums is None:
+        return
+    if name not in sums:
+        raise ChecksumError(f"{name}: not listed in the mirror's SHA256SUMS ({source})")
+    if sums[name] != digest:
+        raise ChecksumError(f"{name}: sha256 {digest} does not match SHA256SUMS ({sums[name]})")
+
+
+def rename_into_cache(tmp: Path, final: Path, name: str, cache_dir: Path) -> None:
+    """The verified ``tmp`` renamed to ``final``; a full disk is one DownloadError."""
+    try:
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise cache_write_error(name, cache_dir, exc) from None
 
 
 def write_cache_json(path: Path, data: Any) -> None:

@@ -47,13 +47,14 @@ from denoiser.catalog import (  # noqa: F401 - the registry, read here too
 from denoiser.downloads import (
     cache_write_error,
     cached_file_problem,
+    check_listed,
+    download_to,
     is_http_url,
     locate_source,
     normalise_source,
-    open_source,
     read_sha256sums,
     remove_orphan_temps,
-    stream_to,
+    rename_into_cache,
     temp_path,
     write_cache_json,
 )
@@ -168,25 +169,9 @@ def _fetch_image(
     tmp = temp_path(final, "part")
     try:
         sha = hashlib.sha256()
-        with open_source(location, _source_name(location, name)) as stream:
-            try:
-                out = open(tmp, "xb")  # noqa: SIM115 - closed below, where its errors are disk errors
-            except OSError as exc:
-                raise cache_write_error(name, cache_dir, exc) from None
-            try:
-                size = stream_to(stream, out, name, cache_dir, [sha])
-            finally:
-                try:
-                    out.close()
-                except OSError as exc:
-                    raise cache_write_error(name, cache_dir, exc) from None
+        size = download_to(location, _source_name(location, name), tmp, name, cache_dir, [sha])
         digest = sha.hexdigest()
-        if sums is not None and name not in sums:
-            raise ChecksumError(f"{name}: not listed in the mirror's {SUMS_NAME} ({location})")
-        if sums is not None and sums[name] != digest:
-            raise ChecksumError(
-                f"{name}: sha256 {digest} does not match {SUMS_NAME} ({sums[name]})"
-            )
+        check_listed(name, digest, sums, location)
         if expected is not None and expected != digest:
             raise ChecksumError(f"{name}: sha256 {digest} does not match the expected {expected}")
         data = tmp.read_bytes()
@@ -203,10 +188,7 @@ def _fetch_image(
         except ImageError as exc:
             tmp.unlink(missing_ok=True)
             return {**rec, "reason": str(exc)}, None
-        try:
-            os.replace(tmp, final)
-        except OSError as exc:
-            raise cache_write_error(name, cache_dir, exc) from None
+        rename_into_cache(tmp, final, name, cache_dir)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
