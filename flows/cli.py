@@ -71,6 +71,13 @@ def _sigmas(text: str) -> list[float]:
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    _add_data_arguments(p)
+    _add_noise_arguments(p)
+    _add_recipe_arguments(p)
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The dataset, its photographs' options and the quick subset."""
     p.add_argument(
         "--quick",
         action="store_true",
@@ -114,7 +121,11 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--train-limit", type=int, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, help="use only the first N test images")
-    # no defaults here: an option left out leaves the config's own default (shown in the help)
+
+
+def _add_noise_arguments(p: argparse.ArgumentParser) -> None:
+    """The noise; no defaults here: an option left out leaves the config's own
+    default (shown in the help)."""
     noise = NoiseConfig.model_fields
     p.add_argument(
         "--noise-kind",
@@ -137,6 +148,10 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help=f"noisy draws per clean image (default: {noise['copies'].default})",
     )
+
+
+def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, its training recipe and the quality gate."""
     p.add_argument("--architecture", help="model architecture (default: the best one)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -599,14 +614,9 @@ def _one_line(exc: BaseException) -> str:
     return text
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_environment(debug="--debug" in argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.store is not None and not args.store.strip():
-        print("denoise: error: --store is an empty string; give a folder or a URL", file=sys.stderr)
-        return 2
+def _prepare_environment(args: argparse.Namespace) -> None:
+    """What the command's processes read from the environment once, set before
+    Prefect is imported: --debug for the Dask workers, the kept server's URL."""
     if args.debug:
         os.environ["DENOISE_DEBUG"] = "1"  # Dask workers show their tracebacks too
     if args.command in ("train", "folder", "serve") and not os.environ.get("PREFECT_API_URL"):
@@ -615,6 +625,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # set before Prefect is imported: it reads its settings once
         if url := kept_server_url():
             os.environ["PREFECT_API_URL"] = url
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_environment(debug="--debug" in argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.store is not None and not args.store.strip():
+        print("denoise: error: --store is an empty string; give a folder or a URL", file=sys.stderr)
+        return 2
+    _prepare_environment(args)
     import httpx
     from pydantic import ValidationError
 
