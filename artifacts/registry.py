@@ -43,7 +43,6 @@ import logging
 import os
 import random
 import re
-import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -56,7 +55,7 @@ from artifacts.store import Store, resolve_store_root
 from denoiser.cards import CARD_FILE, CardMetrics, ModelCard, QualityGate, parse_card
 from denoiser.errors import ConfigError, ModelError, ModelNotFound
 from denoiser.faults import failpoint
-from denoiser.files import fsync_dir, is_url, join_location, open_read
+from denoiser.files import atomic_file, is_url, join_location, open_read
 from denoiser.openvino_runtime import BIN_FILE, XML_FILE
 from denoiser.runtime import LITERT_FILE
 
@@ -239,25 +238,17 @@ def _load_registry(store: Store) -> dict:
 def _save_registry(path: Path, state: dict) -> None:
     """Replace the registry file with ``state``, durably: a unique temporary file
     in the same folder, fsynced, renamed over the old one, the folder fsynced."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(json.dumps(state, indent=2, sort_keys=True).encode())
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_file(path, ".tmp") as tmp:
+        tmp.write_bytes(json.dumps(state, indent=2, sort_keys=True).encode())
         failpoint("registry.before_write")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
     failpoint("registry.after_write")
 
 
 def _remove_orphans(path: Path) -> None:
     """Temporary files of writers killed mid-write; only called under the lock,
     when no live writer can own one."""
-    for orphan in path.parent.glob(f".{path.name}.*.tmp"):
+    # the atomic writer's names (.registry.<pid>.<token>.tmp), and older ones (.registry.json.*)
+    for orphan in path.parent.glob(f".{path.stem}.*.tmp"):
         orphan.unlink(missing_ok=True)
 
 
@@ -288,6 +279,17 @@ def check_registry(store_root: str | os.PathLike | None) -> None:
     """Fail now, with one line naming the file, if the registry is unusable:
     called before a training so that a bad registry does not surface after it."""
     read_registry(store_root)
+
+
+def open_store(store_root: str) -> Store:
+    """The store a training writes to, found usable before any work: reachable
+    (one StoreError line for a missing bucket, refused credentials, an
+    unreachable endpoint) and with a registry that reads (one line naming the
+    file), so neither surfaces after a whole training."""
+    store = Store.at(store_root)
+    store.check()
+    check_registry(store.url)
+    return store
 
 
 def update_registry(

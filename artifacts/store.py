@@ -51,10 +51,17 @@ from pathlib import Path
 from typing import Any
 
 from denoiser.errors import ConfigError
-from denoiser.files import describe_remote_error, find_sizes, is_url, local_path
+from denoiser.files import (  # noqa: F401 - where the store is: resolved in the library
+    DEFAULT_STORE,
+    STORE_ENV,
+    describe_remote_error,
+    find_sizes,
+    is_url,
+    local_path,
+    resolve_store_root,
+    write_json_atomic,
+)
 
-DEFAULT_STORE = "store"
-STORE_ENV = "DENOISE_STORE"
 SMALL_FILE = 4 << 20  # bytes; files up to this size are compared by content on push
 READ_ATTEMPTS = 20  # reads of an object replaced while being read
 S3_HINT = 'pip install -e ".[s3]"'
@@ -62,20 +69,6 @@ S3_HINT = 'pip install -e ".[s3]"'
 
 class StoreError(ConfigError):
     """The store cannot be used: an unknown scheme, a missing bucket, no access."""
-
-
-def resolve_store_root(root: str | os.PathLike | None = None) -> str:
-    """An explicit root wins, then $DENOISE_STORE, then ./store. A local root
-    comes back absolute (paths passed between tasks and worker processes stay
-    valid), ``file://`` URLs as their path, other URLs without a trailing slash."""
-    if root is not None and not str(root).strip():
-        raise ConfigError("--store is an empty string; give a folder or a URL (s3://bucket/prefix)")
-    chosen = str(root or os.environ.get(STORE_ENV) or DEFAULT_STORE)
-    if chosen.startswith("file://"):
-        chosen = chosen[len("file://") :] or "/"
-    if is_url(chosen):
-        return chosen.rstrip("/")
-    return str(local_path(chosen))
 
 
 def _remote_fs(url: str):
@@ -91,9 +84,9 @@ def _remote_fs(url: str):
     except ImportError:
         scheme = url.split("://", 1)[0]
         hint = S3_HINT if scheme in ("s3", "s3a") else f"install the fsspec driver for {scheme}://"
-        raise StoreError(f"--store {url}: no driver for {scheme}:// ({hint})") from None
+        raise StoreError(f"store {url}: no driver for {scheme}:// ({hint})") from None
     except ValueError as exc:
-        raise StoreError(f"--store {url}: {exc}") from None
+        raise StoreError(f"store {url}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -160,6 +153,39 @@ class Store:
         """The location of a key: a local path or a URL."""
         key = "/".join(p.strip("/") for p in parts if p)
         return f"{self.url}/{key}" if key else self.url
+
+    # ------------------------------------------------------------------ the catalog: named locations
+    def download(self, dataset: str) -> str:
+        """Where a dataset's checksummed raw files are cached (``dataset``: its slug)."""
+        return self.join("downloads", dataset)
+
+    def shards(self, key: str) -> str:
+        """Where a shard set lives (``key``: ``<dataset>-<hash of what decides its bytes>``)."""
+        return self.join("shards", key)
+
+    def model(self, version: str) -> str:
+        """Where a model version's folder lives."""
+        return self.join("models", version)
+
+    def report(self, run: str) -> str:
+        """Where a folder run's report lives."""
+        return self.join("reports", run)
+
+    @contextmanager
+    def staged(
+        self,
+        location: str,
+        files: Iterable[str] | None = None,
+        last: Iterable[str] = ("manifest.json", "model.json"),
+    ) -> Iterator[Path]:
+        """One store folder as a local folder for a task's work: pulled (only
+        ``files`` of it, when given), handed to the body, and what the body made
+        pushed when it returns, the ``last`` names after the others. For a
+        local store the folder is the store's own (nothing copied)."""
+        with self.stage() as stage:
+            folder = stage.pull(location, files)
+            yield folder
+            stage.push(folder, last=last)
 
     # ------------------------------------------------------------------ object storage
     @cached_property
@@ -379,9 +405,7 @@ class Stage(Store):
             return
         stored = self.to_urls(data)
         if stored != data:
-            tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(stored, indent=2, sort_keys=True))
-            os.replace(tmp, file)
+            write_json_atomic(file, stored, indent=2, sort_keys=True)
 
     def to_urls(self, value: Any) -> Any:
         """``value`` (a manifest: dicts, lists, strings) with every staged path

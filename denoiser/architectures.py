@@ -108,10 +108,10 @@ def _output(x, output: str, noisy=None):
     """``clip``: a linear 1x1 convolution clipped to [0, 1] (``ReLU(max_value=1)``),
     so a background pixel can come out exactly black. A sigmoid only tends to 0,
     and in short runs the faint haze it leaves on the background costs SSIM far
-    more than PSNR (-0.055 SSIM after one epoch). ``sigmoid``: the reference's
-    output; from two epochs on it matches the clip's SSIM and is a little ahead
-    on PSNR (+0.05 dB at ten epochs, docs/quality.md), the first change to try
-    with the next run of record. ``residual``:
+    more than PSNR. ``sigmoid``: the reference's output; from two epochs on it
+    matches the clip's SSIM and is a little ahead on PSNR (figures in
+    docs/measurements.md), the first change to try with the next run of
+    record. ``residual``:
     the network predicts the noise and the output is the input minus it,
     clipped (DnCNN's residual learning), kept for comparisons too."""
     from keras import layers
@@ -143,10 +143,9 @@ def build_unet(
     block of convolutions (``context`` gives their dilations) has a receptive
     field covering a whole digit, the context the reference's dense bottleneck
     gave it; transposed convolutions come back up, each joined by its skip.
-    411,297 parameters, fewer than the reference's 440,865. Fully
-    convolutional: any size that is a multiple of 4. (A wider full-resolution
-    end, 32 filters and two convolutions, gained 0.06 dB for 1.9x the time;
-    see docs/quality.md.) ``skips=False``, ``batch_norm=False`` and
+    Fewer parameters than the reference. Fully convolutional: any size that
+    is a multiple of 4. (A wider full-resolution end gained little for much
+    more time: docs/measurements.md.) ``skips=False``, ``batch_norm=False`` and
     ``output="residual"`` exist to measure what each part gives
     (``bench/ablation.py``).
     """
@@ -202,10 +201,8 @@ def build_photo_unet(
     clip the output to [0, 1] for images and PSNR. No batch norm by default.
     Fully convolutional: any size that is a multiple of 2 ** (levels - 1).
     The input's channels (``input_shape[-1]``: 1 grey, 3 RGB) are the output's.
-    The defaults (521,825 parameters, 66k multiply-adds a pixel) measured best
-    of the six-minute probes in docs/natural.md: 32 channels at full
-    resolution cost 25% more a pixel for no gain a step, batch norm lost
-    2.8 dB, a four-level DRUNet-lite ran twice the steps and stalled 2 dB lower.
+    The defaults measured best of the short probes (docs/natural.md; the
+    figures of the alternatives in docs/measurements.md).
     """
     import keras
     from keras import layers

@@ -35,7 +35,7 @@ from filelock import FileLock, Timeout
 
 from denoiser.config import TrainConfig
 from denoiser.errors import first_line
-from denoiser.files import write_text_atomic
+from denoiser.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -197,10 +197,6 @@ def _remove_run_dir(run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2))
-
-
 def claim_run(
     key_dir: str | os.PathLike, new_version: Callable[[], str], flow_run_id: str | None = None
 ) -> CheckpointRun:
@@ -230,7 +226,7 @@ def claim_run(
     if lease is None:  # a fresh, unique folder: nobody else can hold it
         raise RuntimeError(f"{run_dir}: lease of a new run folder is held")
     version = new_version()
-    _write_json(
+    write_json_atomic(
         run_dir / RUN_FILE,
         {
             "run_id": run_id,
@@ -240,6 +236,7 @@ def claim_run(
             "pid": os.getpid(),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         },
+        indent=2,
     )
     return CheckpointRun(run_id, run_dir, version, False, lease)
 
@@ -632,7 +629,9 @@ def _open_claim(
         if lease is None:
             raise RuntimeError(f"{run_dir}: lease of a new run folder is held")
         info = {k: head.get(k) for k in ("run_id", "version", "flow_run_id", "created")}
-        _write_json(run_dir / RUN_FILE, {**info, "host": owner["host"], "pid": owner["pid"]})
+        write_json_atomic(
+            run_dir / RUN_FILE, {**info, "host": owner["host"], "pid": owner["pid"]}, indent=2
+        )
         remote.restore(run_dir)
     except BaseException:
         remote.release()

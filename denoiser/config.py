@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from denoiser.catalog import check_dataset_name, is_image_dataset
+
 NoiseKind = Literal["gaussian", "salt_and_pepper", "speckle", "poisson", "awgn"]
 LevelDensity = Literal["rising", "uniform"]
 LossName = Literal["auto", "psnr_ssim", "bce", "mse", "l1"]
@@ -54,15 +56,11 @@ class DataConfig(_Config):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
-        from denoiser.datasets import check_dataset_name
-
         return check_dataset_name(value)
 
     @field_validator("test_dataset")
     @classmethod
     def _known_test_dataset(cls, value: str | None) -> str | None:
-        from denoiser.datasets import check_dataset_name, is_image_dataset
-
         if value is not None and not is_image_dataset(check_dataset_name(value)):
             raise ValueError(
                 f"test dataset {value!r} is an IDX dataset; a test dataset is a folder of images"
@@ -71,8 +69,6 @@ class DataConfig(_Config):
 
     @model_validator(mode="after")
     def _test_dataset_needs_images(self):
-        from denoiser.datasets import is_image_dataset
-
         if self.test_dataset is not None and not is_image_dataset(self.dataset):
             raise ValueError(
                 f"test_dataset applies to image-folder datasets; {self.dataset} brings its own"
@@ -196,6 +192,8 @@ class TrainConfig(_Config):
     @field_validator("architecture")
     @classmethod
     def _known_architecture(cls, value: str) -> str:
+        # the architectures' module (and the cards') only when a config is made: the CLI's
+        # start-up imports this module
         from denoiser.models import available_architectures
 
         names = available_architectures()

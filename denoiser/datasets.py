@@ -23,253 +23,58 @@ import hashlib
 import json
 import logging
 import os
-import re
-import secrets
-import urllib.error
-import urllib.parse
-import urllib.request
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from denoiser.errors import ChecksumError, ConfigError, DownloadError, IDXFormatError
-from denoiser.faults import failpoint
-from denoiser.files import file_sha256, host_tag, pid_alive
+from denoiser.catalog import (  # noqa: F401 - the registry, read here too
+    _IDX_NAMES,
+    DATASETS,
+    DatasetSpec,
+    FileSpec,
+    check_dataset_name,
+    get_dataset,
+    is_image_dataset,
+)
+from denoiser.downloads import (  # noqa: F401 - shared with image datasets
+    CHUNK,
+    SOURCE_ENV,
+    TIMEOUT,
+    TransientDownloadError,
+    cache_write_error,
+    cached_file_problem,
+    check_listed,
+    download_to,
+    is_http_url,
+    join_source,
+    locate_source,
+    normalise_source,
+    open_source,
+    orphan_writer,
+    parse_sha256sums,
+    read_sha256sums,
+    remove_orphan_temps,
+    rename_into_cache,
+    stream_to,
+    temp_path,
+    write_cache_json,
+)
+from denoiser.errors import ChecksumError, ConfigError, IDXFormatError
 
 logger = logging.getLogger(__name__)
 
-SOURCE_ENV = "DENOISE_DATA_SOURCE"
 ROLES = ("train_images", "train_labels", "test_images", "test_labels")
-_CHUNK = 1 << 20
-_TIMEOUT = 60
-
-
-class TransientDownloadError(DownloadError):
-    """A network failure worth retrying (refused, reset, timeout, HTTP 5xx/429)."""
-
-
-@dataclass(frozen=True)
-class FileSpec:
-    filename: str
-    md5: str | None = None  # of the origin's .gz file
-    payload_sha256: str | None = None  # of the decompressed IDX bytes (canonical)
-    payload_bytes: int | None = None
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    origin: str
-    files: dict[str, FileSpec]
-    image_shape: tuple[int, int, int] = (28, 28, 1)
-    classes: tuple[str, ...] = field(default_factory=lambda: tuple(str(i) for i in range(10)))
-
-
-_IDX_NAMES = {
-    "train_images": "train-images-idx3-ubyte.gz",
-    "train_labels": "train-labels-idx1-ubyte.gz",
-    "test_images": "t10k-images-idx3-ubyte.gz",
-    "test_labels": "t10k-labels-idx1-ubyte.gz",
-}
-
-DATASETS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec(
-        name="mnist",
-        origin="https://storage.googleapis.com/cvdf-datasets/mnist/",
-        files={
-            "train_images": FileSpec(
-                _IDX_NAMES["train_images"],
-                "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-                "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-                47040016,
-            ),
-            "train_labels": FileSpec(
-                _IDX_NAMES["train_labels"],
-                "d53e105ee54ea40749a09fcbcd1e9432",
-                "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-                60008,
-            ),
-            "test_images": FileSpec(
-                _IDX_NAMES["test_images"],
-                "9fb629c4189551a2d022fa330f9573f3",
-                "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-                7840016,
-            ),
-            "test_labels": FileSpec(
-                _IDX_NAMES["test_labels"],
-                "ec29112dd5afa0611ce80d1b7f02629c",
-                "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-                10008,
-            ),
-        },
-    ),
-    "fashion-mnist": DatasetSpec(
-        name="fashion-mnist",
-        origin="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-        files={
-            "train_images": FileSpec(
-                _IDX_NAMES["train_images"], "8d4fb7e6c68d591d4c3dfef9ec88bf0d"
-            ),
-            "train_labels": FileSpec(
-                _IDX_NAMES["train_labels"], "25c81989df183df01b3e8a0aad5dffbe"
-            ),
-            "test_images": FileSpec(_IDX_NAMES["test_images"], "bef4ecab320f06d8554ea6380940ec79"),
-            "test_labels": FileSpec(_IDX_NAMES["test_labels"], "bb300cfdad3c16e7a12a480ee83cd310"),
-        },
-        classes=(
-            "T-shirt/top",
-            "Trouser",
-            "Pullover",
-            "Dress",
-            "Coat",
-            "Sandal",
-            "Shirt",
-            "Sneaker",
-            "Bag",
-            "Ankle boot",
-        ),
-    ),
-}
-
-
-def get_dataset(name: str) -> DatasetSpec:
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}"
-        ) from None
-
-
-def is_image_dataset(name: str) -> bool:
-    """Whether ``name`` is a folder of images (a registered one or a path/URL)
-    rather than an IDX dataset: the two are prepared and trained differently."""
-    from denoiser.image_datasets import IMAGE_DATASETS, is_location
-
-    return name not in DATASETS and (name in IMAGE_DATASETS or is_location(name))
-
-
-def check_dataset_name(name: str) -> str:
-    """``name`` if it is a registered dataset or a folder path/URL; a one-line
-    ValueError listing the registered names otherwise."""
-    from denoiser.image_datasets import IMAGE_DATASETS, is_location
-
-    if name in DATASETS or name in IMAGE_DATASETS or is_location(name):
-        return name
-    known = ", ".join(sorted([*DATASETS, *IMAGE_DATASETS]))
-    raise ValueError(
-        f"unknown dataset {name!r}; known: {known}; or a folder of images "
-        "(a path, file:// or http(s):// URL)"
-    )
 
 
 # --------------------------------------------------------------------------- sources
-
-
-def normalise_source(chosen: str) -> str:
-    """An http(s) URL ending in ``/`` or an absolute folder path; ConfigError otherwise."""
-    parsed = urllib.parse.urlparse(chosen)
-    if parsed.scheme in ("http", "https"):
-        return chosen if chosen.endswith("/") else chosen + "/"
-    if parsed.scheme == "file":
-        path = Path(urllib.request.url2pathname(parsed.path))
-    elif parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
-        path = Path(chosen).expanduser()
-    else:
-        raise ConfigError(
-            f"data source {chosen!r}: use an http(s) URL, a file:// URL or a folder path"
-        )
-    path = path.resolve()
-    if not path.is_dir():
-        raise ConfigError(f"data source folder {path} does not exist")
-    return str(path)
-
-
-def _join(source: str, name: str) -> str:
-    return (
-        urllib.parse.urljoin(source, urllib.parse.quote(name) + "/")
-        if _is_url(source)
-        else str(Path(source) / name)
-    )
-
-
-def locate_source(
-    name: str, origin: str, probe: str, source: str | None = None
-) -> tuple[str, dict[str, str] | None]:
-    """The folder or URL that holds dataset ``name`` (whose files include
-    ``probe``) and its SHA256SUMS if it has one: the source itself when it holds
-    the files, else ``<source>/<name>/`` when that does."""
-    root = normalise_source(source or os.environ.get(SOURCE_ENV) or origin)
-    if not _is_url(root):
-        nested = Path(root) / name
-        if not (Path(root) / probe).is_file() and nested.is_dir():
-            return str(nested), read_sha256sums(str(nested))
-        return root, read_sha256sums(root)
-    sums = read_sha256sums(root)
-    if sums is not None and probe in sums:
-        return root, sums
-    nested_url = _join(root, name)
-    nested_sums = read_sha256sums(nested_url)
-    if nested_sums is not None and probe in nested_sums:
-        return nested_url, nested_sums
-    return root, sums
 
 
 def resolve_source(spec: DatasetSpec, source: str | None = None) -> str:
     """Normalise a source to an http(s) URL or an absolute folder path (the
     dataset's own folder when the source holds one per dataset)."""
     return locate_source(spec.name, spec.origin, spec.files["train_images"].filename, source)[0]
-
-
-def _is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
-
-
-def _open(source: str, filename: str):
-    """A readable binary stream for one file of the source."""
-    if _is_url(source):
-        url = urllib.parse.urljoin(source, filename)
-        try:
-            return urllib.request.urlopen(url, timeout=_TIMEOUT)  # noqa: S310 - http(s) only
-        except urllib.error.HTTPError as exc:
-            cls = TransientDownloadError if exc.code >= 500 or exc.code == 429 else DownloadError
-            raise cls(f"{filename}: HTTP {exc.code} {exc.reason} from {url}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TransientDownloadError(f"{filename}: cannot reach {url}: {reason}") from None
-    path = Path(source) / filename
-    try:
-        return open(path, "rb")
-    except FileNotFoundError:
-        raise DownloadError(f"{filename}: not found in mirror {source}") from None
-    except OSError as exc:
-        raise DownloadError(f"{filename}: cannot read {path}: {exc.strerror}") from None
-
-
-def read_sha256sums(source: str) -> dict[str, str] | None:
-    """The mirror's SHA256SUMS (``sha256sum`` format), or None if it has none."""
-    try:
-        stream = _open(source, "SHA256SUMS")
-    except TransientDownloadError:
-        raise
-    except DownloadError:
-        return None
-    with stream:
-        text = stream.read().decode("utf-8", "replace")
-    return parse_sha256sums(text)
-
-
-def parse_sha256sums(text: str) -> dict[str, str]:
-    """``sha256sum`` output as {name: sha256}; names may hold spaces and folders."""
-    sums = {}
-    for line in text.splitlines():
-        parts = line.strip().split(None, 1)
-        if len(parts) == 2 and len(parts[0]) == 64:
-            sums[parts[1].strip().lstrip("*")] = parts[0].lower()
-    return sums
 
 
 # --------------------------------------------------------------------------- IDX
@@ -322,53 +127,6 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return parse_idx(_read_payload(path), path.name)
 
 
-# --------------------------------------------------------------------------- temporary files
-
-_TEMP_NAME = re.compile(
-    r"^\.(?P<final>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]+\.(?P<suffix>\w+)$"
-)
-
-
-def temp_path(final: Path, suffix: str, pid: int | None = None) -> Path:
-    """A unique temporary name beside ``final`` that says which process writes it
-    (this one unless ``pid`` is given), for :func:`remove_orphan_temps`."""
-    pid = os.getpid() if pid is None else pid
-    return final.with_name(f".{final.name}.{host_tag()}-{pid}-{secrets.token_hex(3)}.{suffix}")
-
-
-def orphan_writer(path: Path, suffix: str) -> int | None:
-    """The pid of the dead process on this host that left ``path``, a temporary
-    file named by :func:`temp_path`; None if it is not one or its writer may be alive."""
-    match = _TEMP_NAME.match(path.name)
-    if not match or match["suffix"] != suffix or match["host"] != host_tag():
-        return None
-    pid = int(match["pid"])
-    return None if pid == os.getpid() or pid_alive(pid) else pid
-
-
-def remove_orphan_temps(folder: Path, suffix: str, log: Any = logger) -> list[Path]:
-    """Delete the ``.*.<suffix>`` files in ``folder`` left by killed runs on this
-    host (never a live writer's); returns what was removed."""
-    removed = []
-    try:
-        candidates = [
-            p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(f".{suffix}")
-        ]
-    except FileNotFoundError:
-        return removed
-    for path in sorted(candidates):
-        pid = orphan_writer(path, suffix)
-        if pid is None:
-            continue
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            continue
-        log.info("removed %s, left by a killed run (pid %d)", path, pid)
-        removed.append(path)
-    return removed
-
-
 # --------------------------------------------------------------------------- fetch
 
 
@@ -383,7 +141,7 @@ def _payload_digest(path: Path) -> tuple[str, int]:
     opener = _opener(path)
     try:
         with opener(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            for chunk in iter(lambda: fh.read(CHUNK), b""):
                 h.update(chunk)
                 size += len(chunk)
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
@@ -404,33 +162,6 @@ def _validate_idx_header(path: Path, payload_bytes: int) -> tuple[int, ...]:
     return dims
 
 
-def _cache_write_error(name: str, cache_dir: Path, exc: OSError) -> DownloadError:
-    """A full disk or a size limit is not a network error: not worth retrying."""
-    return DownloadError(f"{name}: cannot write to the cache {cache_dir}: {exc.strerror or exc}")
-
-
-def _stream_to(stream, out, name: str, cache_dir: Path, hashes: list) -> int:
-    """Copy the download into the temporary file; returns its size. Read errors
-    are transient (the network), write errors permanent (the disk)."""
-    size = 0
-    while True:
-        try:
-            chunk = stream.read(_CHUNK)
-        except (OSError, TimeoutError) as exc:
-            raise TransientDownloadError(f"{name}: download interrupted: {exc}") from None
-        if not chunk:
-            return size
-        try:
-            out.write(chunk)
-            if not size:
-                failpoint("download.mid_file")
-        except OSError as exc:
-            raise _cache_write_error(name, cache_dir, exc) from None
-        for h in hashes:
-            h.update(chunk)
-        size += len(chunk)
-
-
 def _fetch_one(source: str, fspec: FileSpec, cache_dir: Path, sums: dict[str, str] | None) -> dict:
     """Stream one file into the cache, verify it, then rename it into place."""
     name = fspec.filename
@@ -438,26 +169,9 @@ def _fetch_one(source: str, fspec: FileSpec, cache_dir: Path, sums: dict[str, st
     tmp = temp_path(final, "part")
     try:
         sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-        with _open(source, name) as stream:
-            try:
-                out = open(tmp, "xb")  # noqa: SIM115 - closed below, where its errors are disk errors
-            except OSError as exc:
-                raise _cache_write_error(name, cache_dir, exc) from None
-            try:
-                size = _stream_to(stream, out, name, cache_dir, [sha, md5])
-            finally:
-                try:
-                    out.close()
-                except OSError as exc:
-                    raise _cache_write_error(name, cache_dir, exc) from None
+        size = download_to(source, name, tmp, name, cache_dir, [sha, md5])
         digest = sha.hexdigest()
-        if sums is not None:
-            if name not in sums:
-                raise ChecksumError(f"{name}: not listed in the mirror's SHA256SUMS ({source})")
-            if sums[name] != digest:
-                raise ChecksumError(
-                    f"{name}: sha256 {digest} does not match SHA256SUMS ({sums[name]})"
-                )
+        check_listed(name, digest, sums, source)
         payload_sha, payload_bytes = _payload_digest(tmp)
         if (
             sums is None
@@ -473,10 +187,7 @@ def _fetch_one(source: str, fspec: FileSpec, cache_dir: Path, sums: dict[str, st
                 f"{name}: decompressed sha256 {payload_sha} does not match the expected {fspec.payload_sha256}"
             )
         dims = _validate_idx_header(tmp, payload_bytes)
-        try:
-            os.replace(tmp, final)
-        except OSError as exc:
-            raise _cache_write_error(name, cache_dir, exc) from None
+        rename_into_cache(tmp, final, name, cache_dir)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -492,16 +203,6 @@ def _fetch_one(source: str, fspec: FileSpec, cache_dir: Path, sums: dict[str, st
     }
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = temp_path(path, "part")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _cache_write_error(path.name, path.parent, exc) from None
-
-
 def _read_cache_manifest(cache: Path) -> dict | None:
     """The cache manifest's ``files`` by role, or None if it is missing or not of that shape."""
     try:
@@ -514,19 +215,6 @@ def _read_cache_manifest(cache: Path) -> dict | None:
     ):
         return None
     return files
-
-
-def _cached_file_problem(path: Path, rec: dict) -> str | None:
-    """Why the cached file cannot be used as recorded (None if it can): size first, it is free."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return "missing from the cache"
-    if rec.get("bytes") is not None and size != rec["bytes"]:
-        return "sha256 mismatch with the cache manifest"
-    if file_sha256(path) != rec["sha256"]:
-        return "sha256 mismatch with the cache manifest"
-    return None
 
 
 def fetch_dataset(
@@ -555,7 +243,7 @@ def fetch_dataset(
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _cache_write_error(name, cache, exc) from None
+        raise cache_write_error(name, cache, exc) from None
     remove_orphan_temps(cache, "part", log)
     manifest_path = cache / "manifest.json"
     previous = _read_cache_manifest(cache) or {}
@@ -570,7 +258,7 @@ def fetch_dataset(
         if rec and fspec.payload_sha256 and rec.get("payload_sha256") != fspec.payload_sha256:
             problem = "recorded for other contents"
         elif rec:
-            problem = _cached_file_problem(path, rec)
+            problem = cached_file_problem(path, rec)
         if rec and problem is None:
             files[role] = {**rec, "path": str(path), "status": "cached"}
             continue
@@ -589,7 +277,7 @@ def fetch_dataset(
                 "status": "fetched",
             }
             # recorded at once: a retry after a later failure does not fetch this file again
-            _write_json(
+            write_cache_json(
                 manifest_path,
                 {
                     "dataset": name,
@@ -618,7 +306,7 @@ def fetch_dataset(
         "files": files,
     }
     if missing:
-        _write_json(
+        write_cache_json(
             manifest_path,
             {
                 **manifest,

@@ -16,9 +16,15 @@ class DenoiseError(Exception):
 
 
 class ConfigError(DenoiseError, ValueError):
-    """A parameter is invalid; raised before any work starts."""
+    """A parameter is invalid; raised before any work starts. ``field``: the
+    config field at fault (``noise.kind``), for a caller that names it in its
+    own words (the CLI adds its flag)."""
 
     exit_code = 2
+
+    def __init__(self, message: str = "", field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class DownloadError(DenoiseError):

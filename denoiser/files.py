@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import secrets
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from denoiser.errors import ConfigError, first_line
 
@@ -42,6 +44,27 @@ def local_path(text: str | os.PathLike) -> Path:
             )
         path = Path(home) / path
     return path.resolve()
+
+
+DEFAULT_STORE = "store"
+STORE_ENV = "DENOISE_STORE"
+
+
+def resolve_store_root(root: str | os.PathLike | None = None) -> str:
+    """Where the store is: an explicit root wins, then $DENOISE_STORE, then
+    ./store. A local root comes back absolute (paths passed between tasks and
+    worker processes stay valid), ``file://`` URLs as their path, other URLs
+    without a trailing slash."""
+    if root is not None and not str(root).strip():
+        raise ConfigError(
+            "the store is an empty string; give a folder or a URL (s3://bucket/prefix)"
+        )
+    chosen = str(root or os.environ.get(STORE_ENV) or DEFAULT_STORE)
+    if chosen.startswith("file://"):
+        chosen = chosen[len("file://") :] or "/"
+    if is_url(chosen):
+        return chosen.rstrip("/")
+    return str(local_path(chosen))
 
 
 def find_sizes(fs, base: str) -> dict[str, int]:
@@ -179,10 +202,20 @@ def atomic_file(path: str | os.PathLike, ending: str) -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """``text`` as the file ``path``, atomically (see :func:`atomic_file`)."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """``data`` as the file ``path``, atomically (see :func:`atomic_file`)."""
     with atomic_file(path, ".tmp") as tmp:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """``text`` as the file ``path`` (UTF-8), atomically (see :func:`atomic_file`)."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, **dumps: Any) -> None:
+    """``data`` as JSON in the file ``path`` (``dumps``: json.dumps' options), atomically."""
+    write_text_atomic(path, json.dumps(data, **dumps))
 
 
 def read_checked(path: str | os.PathLike, expected_sha256: str | None, what: str) -> bytes:

@@ -14,14 +14,11 @@ inside the training graph (:func:`add_awgn_tf`) and from a seed at evaluation
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, get_args
+from typing import Any, get_args
 
 import numpy as np
 
-from denoiser.config import LevelDensity, NoiseConfig, NoiseKind
-
-if TYPE_CHECKING:
-    from denoiser.config import DataConfig
+from denoiser.config import LevelDensity, NoiseKind
 
 # the config's literals are the one list (the CLI's choices, the Prefect form's enum);
 # tests/test_shards.py runs each of them through the code below
@@ -34,9 +31,8 @@ def level_from_uniform(u, lo: float, hi: float, density: str = "rising"):
 
     ``rising``: a density growing linearly from lo to hi (``sqrt(u)``), so a
     blind model sees more of the heavy noise it finds hardest; light noise
-    teaches little that heavy noise does not. Against a uniform draw it gave
-    +0.36 dB at f = 0.7, +0.25 at 0.5 and +0.02 at 0.3 after two epochs on
-    [0.1, 0.7] (docs/quality.md). Plain arithmetic, so ``u`` may be a numpy
+    teaches little that heavy noise does not; it beat a uniform draw at every
+    level measured (docs/measurements.md). Plain arithmetic, so ``u`` may be a numpy
     array or a TensorFlow tensor (bench/quality.py draws inside the graph).
     """
     if density == "rising":
@@ -154,15 +150,3 @@ def add_awgn_tf(
     return x + noise * tf.reshape(
         sigma, tf.concat([tf.shape(x)[:1], tf.ones(tf.rank(x) - 1, tf.int32)], 0)
     )
-
-
-def default_noise_for(dataset: str | DataConfig) -> NoiseConfig:
-    """The noise a request gets when the user gave no noise flags: MNIST's
-    defaults for IDX datasets, the literature's blind awgn (sigma uniform in
-    [0, 55]) for photographs and other image folders."""
-    from denoiser.datasets import is_image_dataset
-
-    name = dataset if isinstance(dataset, str) else dataset.dataset
-    if is_image_dataset(name):
-        return NoiseConfig(kind="awgn", level=PHOTO_SIGMA_RANGE, level_density="uniform")
-    return NoiseConfig()

@@ -34,12 +34,15 @@ from typing import Any
 
 import numpy as np
 
+from denoiser.catalog import DEFAULT_PATCH_SIZE, DEFAULT_PATCHES_PER_IMAGE
 from denoiser.config import NoiseConfig
-from denoiser.datasets import load_images, remove_orphan_temps, temp_path
+from denoiser.datasets import load_images
+from denoiser.downloads import remove_orphan_temps, temp_path
 from denoiser.errors import ShardError
 from denoiser.faults import failpoint
 from denoiser.files import file_sha256, fsync_dir, is_url, join_location, location_size, open_read
 from denoiser.noise import add_noise, draw_levels, quantize
+from denoiser.splits import SplitArrays
 
 logger = logging.getLogger(__name__)
 
@@ -48,27 +51,6 @@ SPLITS = ("train", "validation", "test")
 IMAGE_COLUMNS = ("clean", "noisy")
 SHAPE_KEY = b"denoise.image_shape"
 WHOLE_IMAGE_SHARD_BYTES = 64 << 20  # of pixels per shard of whole images: bounds a writer's memory
-
-
-@dataclass(frozen=True)
-class SplitArrays:
-    """Clean images (N, H, W, C) uint8, labels (N,), source indices (N,).
-
-    For a patch set (noise applied in training) ``images`` may be any sequence
-    of (H, W) or (H, W, 1) uint8 arrays (``channels`` 1) or (H, W, 3) ones
-    (``channels`` 3, RGB) of varying sizes, read only when a shard needs them;
-    with ``patch_size`` each row is a random square patch (``copies`` per
-    image), without it each row is the whole image, and ``shapes`` ((H, W)
-    per image) sizes the shards of whole images.
-    """
-
-    images: np.ndarray | Sequence[np.ndarray]
-    labels: np.ndarray
-    index: np.ndarray
-    copies: int = 1
-    patch_size: int | None = None
-    shapes: Sequence[tuple[int, int]] | None = None
-    channels: int = 1
 
 
 @dataclass(frozen=True)
@@ -472,8 +454,6 @@ def noise_fields(dataset: dict, noise: NoiseConfig) -> dict:
     """The config as it decides the shards: IDX sets without the patch fields
     (their keys and manifests stay as before patches existed), image sets with
     the patch defaults filled in."""
-    from denoiser.image_datasets import DEFAULT_PATCH_SIZE, DEFAULT_PATCHES_PER_IMAGE
-
     if not is_image_set(dataset):
         return noise.model_dump(mode="json", exclude=PATCH_FIELDS)
     return {

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from denoiser import interrupts
-from denoiser.cards import CARD_FILE, CardData, ModelCard
+from denoiser.cards import CARD_FILE, CardData, ModelCard, Recipe
 from denoiser.checkpoints import (
     STALE_RUN_SECONDS,
     CheckpointRun,
@@ -32,8 +32,8 @@ from denoiser.checkpoints import (
     remove_stale_remote_runs,
     remove_stale_runs,
 )
-from denoiser.config import DataConfig, NoiseConfig, TrainConfig
-from denoiser.domains import domain_for_dataset, domain_of_manifest
+from denoiser.config import TrainConfig
+from denoiser.domains import domain_of_manifest
 from denoiser.errors import ModelError, first_line
 from denoiser.faults import failpoint
 from denoiser.files import (
@@ -301,8 +301,8 @@ def make_dataset(
     manifest = read_manifest(shards_dir)
     shape = tuple(manifest["image_shape"])
     rows = split_rows(shards_dir, split)
-    patches = domain_of_manifest(manifest).shard_kind == "patches"
-    columns = ("clean",) if patches else ("noisy", "clean")
+    fresh_noise = domain_of_manifest(manifest).noise_in_training
+    columns = ("clean",) if fresh_noise else ("noisy", "clean")
     epoch = {"n": 0}
 
     # Python hands over blocks of whole batches; tf.data cuts them into batches in C++
@@ -324,12 +324,13 @@ def make_dataset(
             epoch_seed,
             columns=columns,
         ):
-            if patches:
+            if fresh_noise:
                 arrays = (*arrays, noise_rng.integers(0, 2**62, len(arrays[0]), dtype=np.int64))
             yield arrays
 
     spec = tf.TensorSpec(shape=(None, *shape), dtype=tf.uint8)
-    signature = (spec, tf.TensorSpec(shape=(None,), dtype=tf.int64)) if patches else (spec, spec)
+    seeds = tf.TensorSpec(shape=(None,), dtype=tf.int64)
+    signature = (spec, seeds) if fresh_noise else (spec, spec)
     ds = tf.data.Dataset.from_generator(generate, output_signature=signature).rebatch(batch_size)
 
     def recut(noisy, clean):
@@ -340,7 +341,7 @@ def make_dataset(
             noisy, clean = both[..., : shape[-1]], both[..., shape[-1] :]
         return noisy, clean
 
-    if patches:
+    if fresh_noise:
         noise = noise_config(manifest)
         sigmas = sigma_range({"kind": noise.kind, "level": noise.level})
         density = noise.level_density
@@ -607,29 +608,6 @@ def resolve_architecture(training: TrainConfig, shards_dir: str | os.PathLike) -
     return training.model_copy(update={"architecture": domain.default_architecture})
 
 
-def check_training_request(
-    data: DataConfig, noise: NoiseConfig, training: TrainConfig
-) -> TrainConfig:
-    """Checks across the configs, before any download or training, each a
-    one-line ConfigError naming the parameter (and its ``denoise train``
-    flag); returns ``training`` with ``architecture: auto`` made concrete:
-    the dataset's domain's architecture."""
-    training = TrainConfig.model_validate(training)
-    return domain_for_dataset(data.dataset).check_request(noise, training)
-
-
-def apply_recipe_defaults(
-    data: DataConfig, noise: NoiseConfig, training: TrainConfig
-) -> tuple[NoiseConfig, TrainConfig]:
-    """The request after its domain's checks, with what the user left unset
-    from the architecture's recipe where the domain takes it (photographs:
-    patch size, batch size, epochs), so the default command trains what the
-    probes measured best; anything set explicitly stays."""
-    domain = domain_for_dataset(data.dataset)
-    training = domain.check_request(noise, TrainConfig.model_validate(training))
-    return domain.resolve_request(noise, training)
-
-
 def data_facts(shards_dir: str | os.PathLike, manifest: dict) -> CardData:
     """What the model card records about the data a model learned from."""
     where = str(shards_dir) if is_url(shards_dir) else str(Path(shards_dir).resolve())
@@ -677,10 +655,6 @@ def train_model(
     ``log``: where the lines saying what is trained go.
     """
     import keras
-    import numpy as np
-    import tensorflow as tf
-
-    from denoiser.losses import make_loss
 
     training = resolve_architecture(training, shards_dir)
     out, backup = Path(out_dir), Path(backup_dir)
@@ -688,129 +662,22 @@ def train_model(
     backup.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(training.seed)
     device = select_device(training.mixed_precision, training.precision)
-    recipe = architecture_recipe(training.architecture)
-    loss_name = recipe.loss if training.loss == "auto" else training.loss
-    schedule = recipe.lr_schedule if training.lr_schedule == "auto" else training.lr_schedule
-    base_lr = training.learning_rate or recipe.learning_rate
-    reframe = recipe.reframe if training.reframe is None else training.reframe
-
+    plan = _training_plan(training)
     # every shard against its recorded sha256: a damaged one fails here in one line naming it,
     # not as a TensorFlow graph error mid-epoch
     manifest = check_shard_set(shards_dir)
     shape = tuple(manifest["image_shape"])
-    fixed = recipe.input_shape
-    if not recipe.fully_convolutional and fixed and tuple(fixed) != shape:
-        raise ModelError(
-            f"architecture {training.architecture} takes {tuple(fixed)} images, "
-            f"the shards hold {shape}"
-        )
-    global_batch = training.batch_size * device.replicas
-    train_ds = make_dataset(
-        shards_dir, "train", global_batch, training.shuffle_buffer, training.seed, True, reframe
-    )
-    val_ds = make_dataset(shards_dir, "validation", global_batch, training=False)
-    steps = math.ceil(split_rows(shards_dir, "train") / global_batch)
+    _check_input_shape(training, plan.recipe, shape)
 
     model_path = out / "model.keras"
     history_path = backup / "history.jsonl"
     start = time.perf_counter()
     model = _finished_model(model_path)
     if model is None:
-
-        def compiled_model():
-            with (
-                device.strategy.scope() if device.strategy is not None else contextlib.nullcontext()
-            ):
-                built = build_model(
-                    training.architecture, shape if not recipe.fully_convolutional else None
-                )
-                built.compile(
-                    optimizer=keras.optimizers.Adam(
-                        learning_rate(base_lr, schedule, training.epochs * steps)
-                    ),
-                    loss=make_loss(loss_name),
-                )
-            return built
-
-        scored_noisy, scored_clean = validation_sample(val_ds)  # the same pairs every epoch
-
-        def fit(fresh):
-            epoch_log, epoch_done = _epoch_log_callbacks(
-                history_path, on_epoch_end, training.epochs
-            )
-            bar = (
-                epoch_bar(
-                    training.epochs,
-                    steps,
-                    math.ceil(split_rows(shards_dir, "validation") / global_batch),
-                    global_batch,
-                )
-                if show_progress
-                else None
-            )
-            early_stopping = _resumable_early_stopping(
-                backup / "state", "val_loss", training.patience
-            )
-            callbacks = [
-                validation_scores(scored_noisy, scored_clean, global_batch),  # first: all see them
-                epoch_log,
-                early_stopping,  # before the backup: a generation holds its own epoch's state
-                _atomic_backup(backup / "state", early_stopping),
-                keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), write_graph=False),
-                *([bar] if bar is not None else []),  # gone before epoch_done's line
-                epoch_done,
-            ]
-            try:
-                fresh.fit(
-                    train_ds,
-                    validation_data=val_ds,
-                    epochs=training.epochs,
-                    callbacks=callbacks,
-                    shuffle=False,
-                    verbose=0,
-                )  # the dataset shuffles itself
-            finally:
-                if bar is not None:
-                    bar.close()  # an error or a signal mid-epoch leaves no bar drawn
-                interrupts.release()  # a stretch cut short by an error; a pending signal is delivered
-
-        model = compiled_model()
-        log(
-            "training %s (%s parameters, loss %s, %s learning rate from %g, batch %d, %d%% reframed) "
-            "on %s",
-            training.architecture,
-            f"{count_params(model):,}",
-            loss_name,
-            schedule,
-            base_lr,
-            global_batch,
-            round(100 * reframe),
-            device.describe(),
+        model = _fit_new_model(
+            shards_dir, training, plan, device, shape, out, backup, on_epoch_end, show_progress, log
         )
-        if len(scored_clean):
-            noisy_scores = scores(scored_clean, np.clip(scored_noisy, 0.0, 1.0))
-            log(
-                "each epoch is scored on the first %d validation images: PSNR and SSIM of the "
-                "model's outputs (their noisy inputs: PSNR %.2f dB, SSIM %.3f)",
-                len(scored_clean),
-                noisy_scores["psnr"],
-                noisy_scores["ssim"],
-            )
-        try:
-            fit(model)
-        except CheckpointUnreadable as exc:
-            import shutil
-
-            logger.warning(
-                "the interrupted run's checkpoint cannot be loaded (%s); training it again "
-                "from epoch 1",
-                str(exc).splitlines()[0],
-            )
-            shutil.rmtree(backup / "state", ignore_errors=True)
-            history_path.unlink(missing_ok=True)
-            model = compiled_model()
-            fit(model)
-        model = as_float32(model, training.architecture, shape, recipe.fully_convolutional)
+        model = as_float32(model, training.architecture, shape, plan.recipe.fully_convolutional)
         file_facts = save_model_file(model, model_path)
         failpoint("train.after_model_saved")
         seconds = time.perf_counter() - start
@@ -829,35 +696,239 @@ def train_model(
     history = _read_history(history_path)
     if seconds is None:
         seconds = sum(h.get("seconds", 0.0) for h in history)
-    best = min((h["val_loss"] for h in history if "val_loss" in h), default=float("nan"))
-    if history:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(history[0].keys()), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-        write_text_atomic(out / "history.csv", buf.getvalue())
+    _write_history_csv(out / "history.csv", history)
+    card = _model_card(
+        version or out.name,
+        model,
+        training,
+        plan,
+        device,
+        shards_dir,
+        manifest,
+        history,
+        seconds,
+        file_facts,
+    )
+    write_text_atomic(out / CARD_FILE, card.to_json())
+    keras.mixed_precision.set_global_policy("float32")
+    return {
+        "version": card.version,
+        "dir": str(out),
+        "model_path": str(out / "model.keras"),
+        "architecture": training.architecture,
+        "params": card.params,
+        "device": device.describe(),
+        "seconds": card.seconds,
+        "epochs_run": len(history),
+        "best_val_loss": card.best_val_loss,
+    }
 
-    version = version or out.name
-    card = ModelCard(
+
+class TrainingPlan(NamedTuple):
+    """The recipe a training runs: the architecture's, with what the config sets over it."""
+
+    recipe: Recipe
+    loss: str
+    schedule: str
+    learning_rate: float
+    reframe: float
+
+
+def _training_plan(training: TrainConfig) -> TrainingPlan:
+    recipe = architecture_recipe(training.architecture)
+    return TrainingPlan(
+        recipe,
+        recipe.loss if training.loss == "auto" else training.loss,
+        recipe.lr_schedule if training.lr_schedule == "auto" else training.lr_schedule,
+        training.learning_rate or recipe.learning_rate,
+        recipe.reframe if training.reframe is None else training.reframe,
+    )
+
+
+def _check_input_shape(training: TrainConfig, recipe: Recipe, shape: tuple) -> None:
+    """A model tied to its input frame must get shards of that frame."""
+    fixed = recipe.input_shape
+    if not recipe.fully_convolutional and fixed and tuple(fixed) != shape:
+        raise ModelError(
+            f"architecture {training.architecture} takes {tuple(fixed)} images, "
+            f"the shards hold {shape}"
+        )
+
+
+def _fit_new_model(
+    shards_dir,
+    training: TrainConfig,
+    plan: TrainingPlan,
+    device,
+    shape: tuple,
+    out: Path,
+    backup: Path,
+    on_epoch_end,
+    show_progress: bool,
+    log,
+):
+    """Build, compile and fit the model (resuming the backup in ``backup``);
+    an unreadable backup is dropped and the training starts again from epoch 1."""
+    import keras
+    import numpy as np
+
+    from denoiser.losses import make_loss
+
+    recipe = plan.recipe
+    history_path = backup / "history.jsonl"
+    global_batch = training.batch_size * device.replicas
+    train_ds = make_dataset(
+        shards_dir,
+        "train",
+        global_batch,
+        training.shuffle_buffer,
+        training.seed,
+        True,
+        plan.reframe,
+    )
+    val_ds = make_dataset(shards_dir, "validation", global_batch, training=False)
+    steps = math.ceil(split_rows(shards_dir, "train") / global_batch)
+
+    def compiled_model():
+        with device.strategy.scope() if device.strategy is not None else contextlib.nullcontext():
+            built = build_model(
+                training.architecture, shape if not recipe.fully_convolutional else None
+            )
+            built.compile(
+                optimizer=keras.optimizers.Adam(
+                    learning_rate(plan.learning_rate, plan.schedule, training.epochs * steps)
+                ),
+                loss=make_loss(plan.loss),
+            )
+        return built
+
+    scored_noisy, scored_clean = validation_sample(val_ds)  # the same pairs every epoch
+
+    def fit(fresh):
+        epoch_log, epoch_done = _epoch_log_callbacks(history_path, on_epoch_end, training.epochs)
+        bar = (
+            epoch_bar(
+                training.epochs,
+                steps,
+                math.ceil(split_rows(shards_dir, "validation") / global_batch),
+                global_batch,
+            )
+            if show_progress
+            else None
+        )
+        early_stopping = _resumable_early_stopping(backup / "state", "val_loss", training.patience)
+        callbacks = [
+            validation_scores(scored_noisy, scored_clean, global_batch),  # first: all see them
+            epoch_log,
+            early_stopping,  # before the backup: a generation holds its own epoch's state
+            _atomic_backup(backup / "state", early_stopping),
+            keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), write_graph=False),
+            *([bar] if bar is not None else []),  # gone before epoch_done's line
+            epoch_done,
+        ]
+        try:
+            fresh.fit(
+                train_ds,
+                validation_data=val_ds,
+                epochs=training.epochs,
+                callbacks=callbacks,
+                shuffle=False,
+                verbose=0,
+            )  # the dataset shuffles itself
+        finally:
+            if bar is not None:
+                bar.close()  # an error or a signal mid-epoch leaves no bar drawn
+            interrupts.release()  # a stretch cut short by an error; a pending signal is delivered
+
+    model = compiled_model()
+    log(
+        "training %s (%s parameters, loss %s, %s learning rate from %g, batch %d, %d%% reframed) "
+        "on %s",
+        training.architecture,
+        f"{count_params(model):,}",
+        plan.loss,
+        plan.schedule,
+        plan.learning_rate,
+        global_batch,
+        round(100 * plan.reframe),
+        device.describe(),
+    )
+    if len(scored_clean):
+        noisy_scores = scores(scored_clean, np.clip(scored_noisy, 0.0, 1.0))
+        log(
+            "each epoch is scored on the first %d validation images: PSNR and SSIM of the "
+            "model's outputs (their noisy inputs: PSNR %.2f dB, SSIM %.3f)",
+            len(scored_clean),
+            noisy_scores["psnr"],
+            noisy_scores["ssim"],
+        )
+    try:
+        fit(model)
+    except CheckpointUnreadable as exc:
+        import shutil
+
+        logger.warning(
+            "the interrupted run's checkpoint cannot be loaded (%s); training it again "
+            "from epoch 1",
+            str(exc).splitlines()[0],
+        )
+        shutil.rmtree(backup / "state", ignore_errors=True)
+        history_path.unlink(missing_ok=True)
+        model = compiled_model()
+        fit(model)
+    return model
+
+
+def _write_history_csv(path: Path, history: list[dict]) -> None:
+    """The epochs' records as a CSV beside the model (nothing without epochs)."""
+    if not history:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0].keys()), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(path, buf.getvalue())
+
+
+def _model_card(
+    version: str,
+    model,
+    training: TrainConfig,
+    plan: TrainingPlan,
+    device,
+    shards_dir,
+    manifest: dict,
+    history: list[dict],
+    seconds: float,
+    file_facts: dict,
+) -> ModelCard:
+    """What the card records of a training: the recipe as run, the data, the
+    device, the epochs, the model files' facts (``file_facts``)."""
+    import keras
+    import tensorflow as tf
+
+    return ModelCard(
         version=version,
         architecture=training.architecture,
         params=count_params(model),
-        recipe=recipe.model_copy(
+        recipe=plan.recipe.model_copy(
             update={
-                "loss": loss_name,
-                "lr_schedule": schedule,
-                "learning_rate": base_lr,
-                "reframe": reframe,
+                "loss": plan.loss,
+                "lr_schedule": plan.schedule,
+                "learning_rate": plan.learning_rate,
+                "reframe": plan.reframe,
             }
         ),
         training=training.model_dump(mode="json"),
         data=data_facts(shards_dir, manifest),
-        image_shape=list(shape),
+        image_shape=list(manifest["image_shape"]),
         device=device.as_dict(),
         precision=device.precision,
         seconds=round(seconds, 2),
         epochs_run=len(history),
-        best_val_loss=best,
+        best_val_loss=min(
+            (h["val_loss"] for h in history if "val_loss" in h), default=float("nan")
+        ),
         history=history,
         **file_facts,
         versions={
@@ -867,19 +938,6 @@ def train_model(
         },
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    write_text_atomic(out / CARD_FILE, card.to_json())
-    keras.mixed_precision.set_global_policy("float32")
-    return {
-        "version": version,
-        "dir": str(out),
-        "model_path": str(out / "model.keras"),
-        "architecture": training.architecture,
-        "params": card.params,
-        "device": device.describe(),
-        "seconds": card.seconds,
-        "epochs_run": len(history),
-        "best_val_loss": best,
-    }
 
 
 def train_in_run(

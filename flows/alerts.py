@@ -269,14 +269,14 @@ def use_server() -> str:
     """The server alerts are set up on: ``PREFECT_API_URL``, else the kept one.
     Set before Prefect is imported; a server that does not answer is a usage
     error (alerts on a temporary server would vanish with it)."""
-    from flows.session import _answers, kept_server_url
+    from flows.server import api_answers, kept_server_url
 
     url = os.environ.get("PREFECT_API_URL") or kept_server_url()
     if not url:
         raise ConfigError(
             "no Prefect server: start one with `denoise server start` or set PREFECT_API_URL"
         )
-    if not _answers(url, timeout=5):
+    if not api_answers(url, timeout=5):
         raise ConfigError(f"the Prefect server at {url} does not answer")
     os.environ["PREFECT_API_URL"] = url
     return url

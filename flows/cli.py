@@ -22,9 +22,13 @@ from denoiser.config import (
     NoiseKind,
     TrainConfig,
 )
-
-DASK_ENV = "DENOISE_DASK_ADDRESS"
-MAX_WORKERS = 256
+from flows.folder_options import (  # noqa: F401 - denoise folder's options, read by tests too
+    DASK_ENV,
+    MAX_WORKERS,
+    add_folder_arguments,
+    check_dask_options,
+    folder_options,
+)
 
 QUICK = {"train_limit": 6000, "test_limit": 1000, "epochs": 3}
 # photographs: every training image, fewer patches of each, the first test images; a few minutes
@@ -68,6 +72,13 @@ def _sigmas(text: str) -> list[float]:
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    _add_data_arguments(p)
+    _add_noise_arguments(p)
+    _add_recipe_arguments(p)
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The dataset, its photographs' options and the quick subset."""
     p.add_argument(
         "--quick",
         action="store_true",
@@ -111,7 +122,11 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--train-limit", type=int, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, help="use only the first N test images")
-    # no defaults here: an option left out leaves the config's own default (shown in the help)
+
+
+def _add_noise_arguments(p: argparse.ArgumentParser) -> None:
+    """The noise; no defaults here: an option left out leaves the config's own
+    default (shown in the help)."""
     noise = NoiseConfig.model_fields
     p.add_argument(
         "--noise-kind",
@@ -134,6 +149,10 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help=f"noisy draws per clean image (default: {noise['copies'].default})",
     )
+
+
+def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, its training recipe and the quality gate."""
     p.add_argument("--architecture", help="model architecture (default: the best one)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -167,12 +186,12 @@ def given(**options) -> dict:
 
 
 def _train_configs(args: argparse.Namespace) -> dict:
-    """The flow's configs from the options. A photo dataset without noise
-    options gets the blind awgn model (:func:`denoiser.noise.default_noise_for`);
-    noise options given for one start from those defaults too."""
+    """The flow's configs from the options, as given: what is left out keeps
+    the config's default, noise options start from the dataset's domain's
+    own noise (photographs: blind awgn). The checks and the recipe's
+    defaults come after, from :func:`denoiser.request.resolve_request`."""
     from denoiser.config import DataConfig, EvalConfig
     from denoiser.domains import domain_for_dataset
-    from denoiser.training import apply_recipe_defaults
 
     domain = domain_for_dataset(args.dataset)
     quick = QUICK_BY_SHARDS[domain.shard_kind] if args.quick else {}
@@ -201,23 +220,17 @@ def _train_configs(args: argparse.Namespace) -> dict:
             test_limit=pick("test_limit"),
         )
     )
-    chosen = given(
-        kind=args.noise_kind,
-        level=args.noise_level,
-        level_density=args.level_density,
-        copies=args.copies,
-        seed=args.seed,
-        patch_size=args.patch_size,
-        patches_per_image=pick("patches_per_image"),
+    noise = domain.noise_from(
+        given(
+            kind=args.noise_kind,
+            level=args.noise_level,
+            level_density=args.level_density,
+            copies=args.copies,
+            seed=args.seed,
+            patch_size=args.patch_size,
+            patches_per_image=pick("patches_per_image"),
+        )
     )
-    # the domain's noise is the start (photographs: blind awgn; another kind is refused below)
-    default = domain.default_noise()
-    base = (
-        default.model_dump(exclude_defaults=True) if args.noise_kind in (None, default.kind) else {}
-    )
-    noise = NoiseConfig(**{**base, **chosen})
-    # every check before a server starts; the flow fills in the recipe's defaults itself
-    apply_recipe_defaults(data, noise, TrainConfig(**training))
     return {
         "data": data,
         "noise": noise,
@@ -227,25 +240,31 @@ def _train_configs(args: argparse.Namespace) -> dict:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    configs = _train_configs(args)
-    from artifacts.registry import check_registry
-    from artifacts.store import Store
-    from flows.session import start_api
+    from artifacts.registry import open_store
+    from denoiser.request import resolve_request
+
+    # every check before a server starts (the flow makes the same call): a bad option, a
+    # missing bucket, refused credentials or a broken registry is one line, nothing written
+    request = resolve_request(**_train_configs(args), store=args.store)
+    open_store(request.store)
+    from flows.server import start_api
     from flows.training import train_pipeline
     from tasks.terminal import quiet_run_failures
 
     quiet_run_failures(args.debug)
-    Store.at(
-        args.store
-    ).check()  # a missing bucket or refused credentials: one line, nothing written
-    check_registry(args.store)  # a broken registry fails now, not after the training
     from denoiser.models import import_tensorflow_quietly
 
     api = start_api()  # a temporary server boots while TensorFlow is imported
     import_tensorflow_quietly(args.debug)
     api()
 
-    result = train_pipeline(**configs, store=args.store)
+    result = train_pipeline(
+        data=request.data,
+        noise=request.noise,
+        training=request.training,
+        evaluation=request.evaluation,
+        store=request.store,
+    )
     _print_train_summary(result)
     return 0 if result["metrics"]["passed"] else 1
 
@@ -373,123 +392,24 @@ def _commands_of_their_own() -> tuple:
 # --------------------------------------------------------------------------- denoise folder
 
 
-def add_folder_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input_dir", metavar="IN", help="folder of noisy images (never written to)")
-    parser.add_argument("output_dir", metavar="OUT", help="where the cleaned images go (same tree)")
-    parser.add_argument(
-        "--model",
-        help="model version, folder or .keras file (default: the production "
-        "model for the images' domain, photographs or digits)",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="redo files whose output is up to date"
-    )
-    parser.add_argument(
-        "--pattern", default="*", help="only file names matching this glob (default: *)"
-    )
-    parser.add_argument(
-        "--format",
-        choices=["same", "png"],
-        default="same",
-        help="output format: the input's (default) or PNG",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        metavar="N",
-        help="denoise in chunks on a local Dask cluster of N processes",
-    )
-    parser.add_argument(
-        "--dask-address",
-        default=os.environ.get(DASK_ENV),
-        metavar="tcp://HOST:PORT",
-        help=f"denoise in chunks on an existing Dask cluster (default: ${DASK_ENV}); "
-        "needs PREFECT_API_URL set to a server the workers reach",
-    )
-    parser.add_argument(
-        "--chunk-files",
-        type=int,
-        default=None,
-        metavar="K",
-        help="files per chunk task with --workers or --dask-address "
-        "(default: about four chunks per worker, 64 to 1,024 files each)",
-    )
-    parser.add_argument(
-        "--runtime",
-        choices=["auto", "keras", "litert", "openvino"],
-        default="auto",
-        help="what runs the model: Keras, or its OpenVINO or LiteRT export (both start "
-        "in a fraction of the time); auto (default): OpenVINO on a CPU when the model has "
-        "its export, else LiteRT for a folder of at most 4 MB of images, else Keras",
-    )
-
-
-def check_dask_options(workers: int | None, address: str | None, chunk_files: int | None) -> None:
-    """Every bound of the Dask options, and a cluster that answers, before any work."""
-    import socket
-
-    from denoiser.errors import ConfigError
-
-    if workers is not None and not 1 <= workers <= MAX_WORKERS:
-        raise ConfigError(f"--workers must be between 1 and {MAX_WORKERS}, not {workers}")
-    if workers and address:
-        raise ConfigError(
-            "--workers starts a local cluster and --dask-address uses an existing one; give one"
-        )
-    if chunk_files is not None and chunk_files < 1:
-        raise ConfigError(f"--chunk-files must be at least 1, not {chunk_files}")
-    if not address:
-        return
-    if not os.environ.get("PREFECT_API_URL"):
-        raise ConfigError(
-            "--dask-address: the Dask workers report to Prefect; set PREFECT_API_URL to a "
-            "Prefect server they can reach (a temporary server of this command is not)"
-        )
-    host, _, port = address.removeprefix("tcp://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--dask-address {address}: expected tcp://HOST:PORT")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-    except OSError as exc:
-        raise ConfigError(
-            f"--dask-address {address}: no Dask scheduler answers ({exc.strerror or exc})"
-        ) from None
-
-
-def folder_options(args: argparse.Namespace) -> dict:
-    """The folder flow's parameters from the options of :func:`add_folder_arguments`."""
-    return {
-        "model": args.model,
-        "overwrite": args.overwrite,
-        "pattern": args.pattern,
-        "format": args.format,
-        "store": args.store,
-        "workers": args.workers,
-        "dask_address": args.dask_address,
-        "chunk_files": args.chunk_files,
-        "runtime": args.runtime,
-    }
-
-
 def run_folder_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from artifacts.registry import resolve_model
-    from artifacts.store import Store, resolve_store_root
+    from artifacts.store import Store
     from denoiser.folder import check_folders
     from flows.denoising import denoise_folder
     from tasks.terminal import quiet_run_failures
 
     quiet_run_failures(args.debug)
     # usage errors and a missing model fail fast, before a Prefect server starts
-    check_folders(args.input_dir, args.output_dir, resolve_store_root(args.store))
+    check_folders(args.input_dir, args.output_dir, args.store)
     check_dask_options(args.workers, args.dask_address, args.chunk_files)
-    Store.at(args.store).check()
+    Store(args.store).check()
     ref = resolve_model(args.store, args.model)
     from denoiser.models import import_tensorflow_quietly
     from denoiser.runtime import gpu_present, litert_available, openvino_available
-    from flows.session import finished_despite_api, start_api
+    from flows.server import finished_despite_api, start_api
 
     api = start_api()  # a temporary server boots while TensorFlow is imported
     # only the workers run the model in chunks; an export, when it may be chosen, needs no
@@ -544,7 +464,7 @@ def run_server_command(args: argparse.Namespace) -> int:
     commands without PREFECT_API_URL use it instead of starting a temporary
     one each, and their runs stay visible in its UI."""
     from denoiser.errors import ConfigError
-    from flows.session import kept_server_url, start_kept_server, stop_kept_server
+    from flows.server import kept_server_url, start_kept_server, stop_kept_server
 
     if args.action == "start":
         if not 1 <= args.port <= 65535:
@@ -621,7 +541,7 @@ def run_models_command(args: argparse.Namespace) -> int:
 
     from artifacts.builtin import builtin_root, list_builtins
     from artifacts.registry import list_models, promote
-    from artifacts.store import Store, resolve_store_root
+    from artifacts.store import Store
 
     # piped output (scripts, tests) gets whole lines rather than truncated cells
     console = Console() if sys.stdout.isatty() else Console(width=200)
@@ -637,7 +557,7 @@ def run_models_command(args: argparse.Namespace) -> int:
         from artifacts.exports import export_model_version
         from denoiser.models import import_tensorflow_quietly
 
-        Store.at(args.store).check()
+        Store(args.store).check()
         import_tensorflow_quietly(args.debug)
         facts = export_model_version(args.store, args.version)
         if facts is None:
@@ -648,14 +568,15 @@ def run_models_command(args: argparse.Namespace) -> int:
                 f"({facts['openvino_bytes']:,} bytes, runs at {facts['openvino_precision']})"
             )
         return 0
-    Store.at(args.store).check()
-    models = list_models(args.store)
+    store = Store(args.store)
+    store.check()
+    models = list_models(store.url)
     builtins = list_builtins()
     if not models and not builtins:
-        console.print(f"no models in {resolve_store_root(args.store)}; run `denoise train` first")
+        console.print(f"no models in {store.url}; run `denoise train` first")
         return 0
     table = Table(
-        title=f"models in {Store.at(args.store).join('models')}"
+        title=f"models in {store.join('models')}"
         + (f" and built in ({builtin_root()})" if builtins else "")
     )
     for col in (
@@ -709,7 +630,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     from flows.alerts import apply_serve_alerts
     from flows.serve import build_deployments
 
-    deployments = build_deployments()
+    deployments = build_deployments(store=args.store)
     apply_serve_alerts()
     names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
     print(f"serving {names}; Ctrl-C to stop")
@@ -728,14 +649,34 @@ def _flag(field: str) -> str:
 def _one_line(exc: BaseException) -> str:
     from pydantic import ValidationError
 
+    from denoiser.errors import first_line
+
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else ""
         msg = err["msg"].removeprefix("Value error, ")
         # a check across fields (a model validator) names no field
         return f"invalid {_flag(field)}: {msg}" if field else f"invalid options: {msg}"
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    text = first_line(exc)
+    field = getattr(exc, "field", None)  # a ConfigError names its field: the CLI adds the flag
+    if field and text.startswith(f"invalid {field}: "):
+        return text.replace(
+            f"invalid {field}: ", f"invalid {field} ({_flag(field.rsplit('.', 1)[-1])}): ", 1
+        )
+    return text
+
+
+def _prepare_environment(args: argparse.Namespace) -> None:
+    """What the command's processes read from the environment once, set before
+    Prefect is imported: --debug for the Dask workers, the kept server's URL."""
+    if args.debug:
+        os.environ["DENOISE_DEBUG"] = "1"  # Dask workers show their tracebacks too
+    if args.command in ("train", "folder", "serve") and not os.environ.get("PREFECT_API_URL"):
+        from flows.server import kept_server_url
+
+        # set before Prefect is imported: it reads its settings once
+        if url := kept_server_url():
+            os.environ["PREFECT_API_URL"] = url
 
 
 def _remember_ctrl_c() -> list[int]:
@@ -761,26 +702,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.store is not None and not args.store.strip():
         print("denoise: error: --store is an empty string; give a folder or a URL", file=sys.stderr)
         return 2
-    if args.store:
-        os.environ["DENOISE_STORE"] = args.store
-    if args.debug:
-        os.environ["DENOISE_DEBUG"] = "1"  # Dask workers show their tracebacks too
-    if args.command in ("train", "folder", "serve") and not os.environ.get("PREFECT_API_URL"):
-        from flows.session import kept_server_url
-
-        # set before Prefect is imported: it reads its settings once
-        if url := kept_server_url():
-            os.environ["PREFECT_API_URL"] = url
+    _prepare_environment(args)
     import httpx
     from pydantic import ValidationError
 
     from denoiser.errors import DenoiseError
     from denoiser.interrupts import Terminated
-    from flows.session import install_signal_handlers
+    from flows.signals import install_signal_handlers
 
     install_signal_handlers()
     ctrl_c = _remember_ctrl_c()
     try:
+        if args.command != "server":
+            from denoiser.files import resolve_store_root
+
+            # where the store is, decided once here and passed on as an argument
+            args.store = resolve_store_root(args.store)
         return int(args.handler(args) or 0)
     except Terminated:
         print("denoise: terminated; finished files are kept, rerun to finish", file=sys.stderr)

@@ -25,6 +25,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from denoiser.files import write_json_atomic
+
 logger = logging.getLogger("denoise.limits")
 
 LEASE_SECONDS = 60  # the server's minimum
@@ -58,7 +60,7 @@ def _create_limit(client, name: str) -> None:
 
 def release_dead_leases(client) -> list[str]:
     """Release the leases recorded by processes of this host that died holding them."""
-    from flows.session import _alive
+    from flows.ledger import run_alive
 
     folder = _lease_dir()
     released = []
@@ -68,7 +70,7 @@ def release_dead_leases(client) -> list[str]:
         except (OSError, ValueError):
             path.unlink(missing_ok=True)
             continue
-        if entry.get("host") != socket.gethostname() or _alive(entry):
+        if entry.get("host") != socket.gethostname() or run_alive(entry):
             continue
         with contextlib.suppress(Exception):  # already expired, or another server's
             client.release_concurrency_slots_with_lease(entry["lease_id"])
@@ -114,7 +116,7 @@ def _log(message: str) -> None:
 
 
 def _record(lease_id: str, name: str) -> Path:
-    from flows.session import _process_start
+    from flows.ledger import process_start
 
     folder = _lease_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -122,13 +124,11 @@ def _record(lease_id: str, name: str) -> Path:
         "lease_id": lease_id,
         "limit": name,
         "pid": os.getpid(),
-        "started": _process_start(os.getpid()),
+        "started": process_start(os.getpid()),
         "host": socket.gethostname(),
     }
     path = folder / f"{lease_id}.json"
-    tmp = folder / f".{lease_id}.tmp"
-    tmp.write_text(json.dumps(entry))
-    os.replace(tmp, path)
+    write_json_atomic(path, entry)
     return path
 
 
@@ -156,7 +156,7 @@ def hold_limit(name: str, what: str) -> Iterator[None]:
     expires the lease of a holder that was killed."""
     from prefect.client.orchestration import get_client
 
-    from flows.session import TEMPORARY_SERVER
+    from flows.server import TEMPORARY_SERVER
 
     if TEMPORARY_SERVER:
         # its leases die with it while the taken slot stays in the database: a killed

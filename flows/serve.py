@@ -39,7 +39,9 @@ def _triggers(spec: dict) -> list:
     return [DeploymentEventTrigger(**t) for t in spec.get("triggers") or []]
 
 
-def build_deployments(path: Path = PREFECT_YAML) -> list:
+def build_deployments(path: Path = PREFECT_YAML, store: str | None = None) -> list:
+    """prefect.yaml's deployments; with ``store``, each run's store where the
+    deployment does not name its own (``denoise serve --store``)."""
     from flows.denoising import denoise_folder
     from flows.training import train_pipeline
 
@@ -54,7 +56,7 @@ def build_deployments(path: Path = PREFECT_YAML) -> list:
             flow.to_deployment(
                 name=spec["name"],
                 schedules=_schedules(spec),
-                parameters=spec.get("parameters") or {},
+                parameters=({"store": store} if store else {}) | (spec.get("parameters") or {}),
                 description=spec.get("description"),
                 tags=spec.get("tags"),
                 concurrency_limit=spec.get("concurrency_limit"),

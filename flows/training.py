@@ -7,13 +7,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from artifacts.registry import check_registry
-from artifacts.store import Store, resolve_store_root
+from artifacts.registry import open_store
 from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
-from denoiser.domains import domain_for_dataset
-from denoiser.training import apply_recipe_defaults
+from denoiser.request import resolve_request
+from flows.ledger import STATE_HOOKS
 from flows.limits import hold_limit, limit_name
-from flows.session import STATE_HOOKS
 from tasks.corrupt import write_noisy_shards
 from tasks.download import download_dataset
 from tasks.evaluate import evaluate_denoiser
@@ -34,31 +32,30 @@ def train_pipeline(
     Without ``noise`` the dataset's domain's own is used (photographs, grey
     or colour: the blind awgn model, sigma 0-55, scored at ``evaluation.sigmas``)."""
     logger = get_run_logger()
-    noise = noise or domain_for_dataset(data.dataset).default_noise()
-    # every cross-field check before any work; unset options from the domain's recipe
-    noise, training = apply_recipe_defaults(data, noise, training)
-    store_root = resolve_store_root(store)
-    Store.at(store_root).check()  # an unreachable store fails now, with one line
-    check_registry(store_root)  # a broken registry fails now, not after a whole training
+    # every check before any work, the command line's own call: the domain's defaults and
+    # checks, the recipe made concrete, the store reachable with a registry that reads
+    request = resolve_request(data, noise, training, evaluation, store)
+    store_root = open_store(request.store).url
     # each reuses its output found verified in the store (state Cached), else makes or repairs it;
     # such a task returns a State, so its value is taken from the run's state
     # one training at a time per store: a second one waits here (queued), it does not fail
-    with hold_limit(limit_name("train", str(store_root)), "the training of this store"):
+    with hold_limit(limit_name("train", store_root), "the training of this store"):
+        data = request.data
         dataset = download_dataset(data, store_root, return_state=True).result()
         limits = (data.train_limit, data.test_limit)
-        shards = write_noisy_shards(dataset, noise, store_root, *limits, return_state=True)
+        shards = write_noisy_shards(dataset, request.noise, store_root, *limits, return_state=True)
         shards_dir = shards.result()
-        model = train_autoencoder(shards_dir, training, store_root)
+        model = train_autoencoder(shards_dir, request.training, store_root)
         # a failed gate comes in a state named "Gate failed", with its figures as the message
         metrics = evaluate_denoiser(
-            model["dir"], shards_dir, evaluation, return_state=True
+            model["dir"], shards_dir, request.evaluation, store_root, return_state=True
         ).result()
         if not metrics["passed"]:
             logger.warning(
                 "Model %s FAILED the quality gate: PSNR gain %.2f dB < %.2f dB required",
                 model["version"],
                 metrics["psnr_gain"],
-                evaluation.min_psnr_gain,
+                request.evaluation.min_psnr_gain,
             )
         registry = register_model_version(
             model["dir"], metrics, store_root, model.get("checkpoint")

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from denoiser.errors import ConfigError, DenoiseError
+from flows.folder_options import add_folder_arguments, check_dask_options, folder_options
 
 #: how long a quiet inbox waits before the burst is taken (seconds)
 DEFAULT_SETTLE = 2.0
@@ -123,8 +124,6 @@ def emit_files_landed(input_dir: str, output_dir: str, count: int, run_by: str) 
 
 
 def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
-    from flows.cli import add_folder_arguments
-
     add_folder_arguments(parser)
     parser.add_argument(
         "--settle",
@@ -148,8 +147,7 @@ def run_watch_command(args: argparse.Namespace) -> int:
     from artifacts.store import Store
     from denoiser.folder import check_folders
     from denoiser.trees import resolve_location
-    from flows.cli import check_dask_options
-    from flows.session import ensure_api
+    from flows.server import ensure_api
 
     if not 0 < args.settle <= 3600:
         raise ConfigError(f"--settle must be between 0 and 3600 seconds, not {args.settle}")
@@ -159,7 +157,7 @@ def run_watch_command(args: argparse.Namespace) -> int:
     check_dask_options(args.workers, args.dask_address, args.chunk_files)
     input_dir, output_dir = resolve_location(args.input_dir), resolve_location(args.output_dir)
     if not args.emit_only:
-        Store.at(args.store).check()
+        Store(args.store).check()
         resolve_model(args.store, args.model)
     os.environ["PREFECT_API_URL"] = ensure_api()
     how = "emitting events for the inbox-on-arrival deployment" if args.emit_only else "denoising"
@@ -181,9 +179,8 @@ def run_watch_command(args: argparse.Namespace) -> int:
 
 def _run_folder(args: argparse.Namespace, input_dir: str, output_dir: str) -> None:
     """One folder run; a failed run is one line, and the watcher goes on."""
-    from flows.cli import folder_options
     from flows.denoising import denoise_folder
-    from flows.session import finished_despite_api
+    from flows.server import finished_despite_api
 
     try:
         with finished_despite_api("denoise_images") as outcome:

@@ -42,7 +42,7 @@ def shard_dir_for(
     """The shard set's location in the store (a path, or a URL for a remote store)."""
     noise = NoiseConfig.model_validate(noise)
     key = shard_set_key(dataset, noise_fields(dataset, noise), train_limit, test_limit)
-    return Store.at(store_root).join("shards", f"{dataset['dataset']}-{key}")
+    return Store.at(store_root).shards(f"{dataset['dataset']}-{key}")
 
 
 @task(name="write_noisy_shards", cache_policy=NO_CACHE)  # reuse: the verified set at its key
@@ -86,7 +86,7 @@ def write_noisy_shards(
 def _examples(out: str, manifest: dict, noise: NoiseConfig) -> tuple[str, str, str]:
     """The examples grid, its caption and alt text: test pairs, or clean
     validation patches over the same patches with sample awgn (noise added in training)."""
-    if domain_of_manifest(manifest).shard_kind != "patches":
+    if not domain_of_manifest(manifest).noise_in_training:
         sample = load_split(out, "test", limit=8)
         return (
             grid_png([sample["clean"], sample["noisy"]], scale=3),
@@ -108,7 +108,7 @@ def _examples(out: str, manifest: dict, noise: NoiseConfig) -> tuple[str, str, s
 
 def _publish(out: str, name: str, noise: NoiseConfig) -> None:
     manifest = read_manifest(out)
-    patches = domain_of_manifest(manifest).shard_kind == "patches"
+    fresh_noise = domain_of_manifest(manifest).noise_in_training
     rows = [
         {"split": r["split"], "file": r["file"], "rows": r["rows"], "sha256": r["sha256"][:16]}
         for r in manifest["shards"]
@@ -116,14 +116,14 @@ def _publish(out: str, name: str, noise: NoiseConfig) -> None:
     create_table_artifact(
         key=artifact_key("shards", name),
         table=table_rows(rows),
-        description=f"{'Patch' if patches else 'Noisy'} Parquet shards in {out}",
+        description=f"{'Patch' if fresh_noise else 'Noisy'} Parquet shards in {out}",
     )
     grid, caption, alt = _examples(out, manifest, noise)
     splits = [
         {"split": s, **{k: v for k, v in rec.items() if k != "image_shape"}}
         for s, rec in manifest["splits"].items()
     ]
-    if patches:
+    if fresh_noise:
         size = manifest["patch_size"]
         title = "Patch shards"
         what = (

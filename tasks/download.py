@@ -14,7 +14,6 @@ from denoiser.config import DataConfig
 from denoiser.datasets import (
     TransientDownloadError,
     fetch_dataset,
-    is_image_dataset,
 )
 from denoiser.image_datasets import IMAGE_DATASETS, dataset_slug
 from tasks.common import reused
@@ -64,7 +63,7 @@ def download_dataset(data: DataConfig, store_root: str) -> dict | State:
     with Store.at(
         store_root
     ).stage() as stage:  # a remote store's cache is staged, checked, and pushed back
-        test = _test_name(data) if is_image_dataset(data.dataset) else None
+        test = _test_name(data)  # None for an IDX dataset: it brings its own
         folders = [stage.pull(stage.local(download_location(data, store_root)))]
         if test:
             folders.append(stage.pull(stage.downloads(dataset_slug(test))))

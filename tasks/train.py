@@ -21,14 +21,13 @@ from denoiser.config import TrainConfig, train_command
 from denoiser.files import write_text_atomic
 from denoiser.progress import SCORED_IMAGES, epoch_line
 from denoiser.shards import split_rows
-from denoiser.training import resolve_architecture, train_in_run
+from denoiser.training import train_in_run
 from tasks.publish import ProgressArtifact, Publisher
 
 
 @task(name="train_autoencoder", cache_policy=NO_CACHE, retries=0)
 def train_autoencoder(shards_dir: str, training: TrainConfig, store_root: str) -> dict:
     logger = get_run_logger()
-    training = resolve_architecture(training, shards_dir)  # auto: the shard set's own
     store = Store.at(store_root)
     publisher = Publisher(logger)
     progress = None

@@ -173,7 +173,7 @@ def test_a_live_runs_folder_is_never_claimed_a_dead_ones_is(tmp_path):
 def test_a_failed_flow_lets_go_of_the_runs_it_kept_open_and_of_no_other(tmp_path):
     from types import SimpleNamespace
 
-    from flows.session import STATE_HOOKS, release_training_runs
+    from flows.ledger import STATE_HOOKS, release_training_runs
 
     assert release_training_runs in STATE_HOOKS["on_failure"] + STATE_HOOKS["on_crashed"]
     key = tmp_path / "checkpoints" / "k"

@@ -35,7 +35,11 @@ def test_each_dataset_has_its_domain_with_its_own_parts():
 
 
 def test_a_colour_request_takes_its_recipe_and_refuses_a_grey_architecture():
-    from denoiser.training import apply_recipe_defaults
+    from denoiser.request import resolve_request
+
+    def apply_recipe_defaults(data, noise, training):
+        request = resolve_request(data, noise, training)
+        return request.noise, request.training
 
     data = DataConfig(dataset="cbsd432")
     noise, training = apply_recipe_defaults(

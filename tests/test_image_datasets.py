@@ -361,7 +361,7 @@ def test_mnist_shard_folders_keep_their_keys(tmp_path):
 def test_download_and_patch_tasks_on_a_folder(prefect_harness, photos, tmp_path):
     from prefect import flow
 
-    from denoiser.noise import default_noise_for
+    from denoiser.request import default_noise_for
     from tasks.corrupt import shard_dir_for, write_noisy_shards
     from tasks.download import download_dataset
 

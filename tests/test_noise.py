@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from denoiser.config import DataConfig, NoiseConfig
-from denoiser.noise import add_awgn, add_awgn_tf, add_noise, default_noise_for
+from denoiser.noise import add_awgn, add_awgn_tf, add_noise
+from denoiser.request import default_noise_for
 
 
 def test_awgn_numpy_matches_sigma_and_is_neither_clipped_nor_quantised():

@@ -403,16 +403,17 @@ def test_the_flow_defaults_noise_to_the_datasets_own():
 
     assert inspect.signature(train_pipeline.fn).parameters["noise"].default is None
     from denoiser.config import DataConfig
-    from denoiser.training import check_training_request
+    from denoiser.request import default_noise_for, resolve_request
 
     photos = DataConfig(dataset="train400")
-    from denoiser.noise import default_noise_for
 
     assert (
-        check_training_request(photos, default_noise_for(photos), TrainConfig()).architecture
+        resolve_request(photos, default_noise_for(photos), TrainConfig()).training.architecture
         == "photo_unet"
     )
-    assert check_training_request(DataConfig(), NoiseConfig(), TrainConfig()).architecture == "unet"
+    assert (
+        resolve_request(DataConfig(), NoiseConfig(), TrainConfig()).training.architecture == "unet"
+    )
 
 
 # --------------------------------------------------------------------------- registry: a production per domain
@@ -505,8 +506,11 @@ def test_an_old_registry_without_domains_still_reads(tmp_path):
 def test_a_photo_request_takes_what_it_leaves_unset_from_its_recipe():
     from denoiser.architectures import ARCHITECTURES
     from denoiser.config import DataConfig, NoiseConfig, TrainConfig
-    from denoiser.noise import default_noise_for
-    from denoiser.training import apply_recipe_defaults
+    from denoiser.request import default_noise_for, resolve_request
+
+    def apply_recipe_defaults(data, noise, training):
+        request = resolve_request(data, noise, training)
+        return request.noise, request.training
 
     photos = DataConfig(dataset="train400")
     recipe = ARCHITECTURES["photo_unet"].recipe

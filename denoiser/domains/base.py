@@ -65,9 +65,26 @@ class Domain:
     recognises: Callable[[LoadedImage], bool]
     folder_domain: str = ""
 
-    def check_request(self, noise: NoiseConfig, training: TrainConfig) -> TrainConfig:
-        """``training`` with ``architecture: auto`` made concrete, after the
-        domain's checks of the request (a one-line ConfigError each)."""
+    @property
+    def noise_in_training(self) -> bool:
+        """Whether its shards hold clean images only and training draws the
+        noise fresh for every batch (patch sets), rather than noisy/clean pairs."""
+        return self.shard_kind == "patches"
+
+    def resolve(self, noise: NoiseConfig, training: TrainConfig) -> tuple[NoiseConfig, TrainConfig]:
+        """The request as this domain trains it: ``architecture: auto`` made
+        concrete (the domain's own), the domain's checks (a one-line
+        ConfigError each), then what the user left unset from the recipe."""
         if training.architecture == "auto":
             training = training.model_copy(update={"architecture": self.default_architecture})
-        return self.resolve_request(noise, training)[1]
+        return self.resolve_request(noise, training)
+
+    def noise_from(self, options: dict) -> NoiseConfig:
+        """The noise of a request that names only some of its fields: the
+        domain's own noise with ``options`` over it, or the config's defaults
+        under them when ``options`` asks for another kind of noise (which the
+        domain's checks may then refuse)."""
+        default = self.default_noise()
+        kind = options.get("kind")
+        base = default.model_dump(exclude_defaults=True) if kind in (None, default.kind) else {}
+        return type(default)(**{**base, **options})

@@ -51,27 +51,31 @@ def resolve_photo_request(
     unset from the architecture's recipe (patch size, batch size, epochs)."""
     if noise.kind != "awgn":
         raise ConfigError(
-            f"invalid noise.kind (--noise-kind): {words} train with awgn, added fresh to "
-            f"every batch, not {noise.kind}"
+            f"invalid noise.kind: {words} train with awgn, added fresh to "
+            f"every batch, not {noise.kind}",
+            field="noise.kind",
         )
     recipe = architecture_recipe(training.architecture)
     if not recipe.fully_convolutional:
         raise ConfigError(
-            f"invalid training.architecture (--architecture): {training.architecture} takes "
+            f"invalid training.architecture: {training.architecture} takes "
             f"{tuple(recipe.input_shape[:2])} images only; {words} need a fully "
-            "convolutional one"
+            "convolutional one",
+            field="training.architecture",
         )
     taken = (recipe.input_shape or (None, None, 1))[-1]
     if taken != channels:
         raise ConfigError(
-            f"invalid training.architecture (--architecture): {training.architecture} takes "
-            f"{taken}-channel images; {words} have {channels}"
+            f"invalid training.architecture: {training.architecture} takes "
+            f"{taken}-channel images; {words} have {channels}",
+            field="training.architecture",
         )
     size = noise.patch_size or recipe.patch_size or DEFAULT_PATCH_SIZE
     if size % recipe.size_multiple:
         raise ConfigError(
-            f"invalid noise.patch_size (--patch-size): {size} is not a multiple of "
-            f"{training.architecture}'s size multiple {recipe.size_multiple}"
+            f"invalid noise.patch_size: {size} is not a multiple of "
+            f"{training.architecture}'s size multiple {recipe.size_multiple}",
+            field="noise.patch_size",
         )
     if noise.patch_size is None and recipe.patch_size:
         noise = noise.model_copy(update={"patch_size": recipe.patch_size})
