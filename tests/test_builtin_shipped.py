@@ -1,0 +1,81 @@
+"""What a fresh install does with the models the package ships: `denoise
+folder` on a folder of grey and colour photographs, with an empty store,
+nothing trained and TensorFlow never imported (issue 25's "done when")."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from artifacts.builtin import BUILTIN_ENV, INDEX_FILE, PACKAGE_DIR
+from tests.faults.harness import denoise_env
+from tests.test_photo_pipeline import smooth_image
+
+SIGMA = 25
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0**2 / mse)
+
+
+def _mixed_folder(folder: Path) -> dict[str, np.ndarray]:
+    """Two grey and two colour 'photographs' with AWGN sigma 25; their clean images by name."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(25)
+    clean = {}
+    for i in range(2):
+        clean[f"grey{i}.png"] = smooth_image(100 + i, 96, 128)
+        clean[f"colour{i}.png"] = np.stack(
+            [smooth_image(200 + 3 * i + c, 96, 128) for c in range(3)], -1
+        )
+    for name, image in clean.items():
+        noisy = np.clip(np.rint(image + rng.normal(0, SIGMA, image.shape)), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(folder / name)
+    return clean
+
+
+def test_a_fresh_install_denoises_grey_and_colour_photos_with_the_shipped_model(
+    prefect_api, tmp_path
+):
+    shipped = json.loads((PACKAGE_DIR / INDEX_FILE).read_text())["models"]
+    assert "photos" in shipped, "the package ships no grey photo model"
+    version = shipped["photos"]["version"]
+    src, out, store = tmp_path / "photos", tmp_path / "clean", tmp_path / "empty-store"
+    clean = _mixed_folder(src)
+    env = denoise_env(store, tmp_path / "prefect-home", prefect_api, None, None)
+    env.pop(BUILTIN_ENV, None)  # the package's own folder, as installed
+    env["DENOISE_CACHE"] = str(tmp_path / "cache")
+    code = (
+        "import sys\nfrom flows.cli import main\n"
+        f"rc = main({['folder', str(src), str(out)]!r})\n"
+        "print('tensorflow imported:', 'tensorflow' in sys.modules)\nsys.exit(rc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "4 denoised, 0 skipped, 0 failed" in proc.stdout
+    assert f"{version} (built in)" in proc.stdout
+    assert "tensorflow imported: False" in proc.stdout
+    report = next(ln.split("report: ", 1)[1] for ln in proc.stdout.splitlines() if "report: " in ln)
+    summary = json.loads((Path(report.strip()).parent / "summary.json").read_text())
+    assert summary["model"]["status"] == "built in"
+    assert summary["by_model"] == {version: {"grey": 2, "grey per channel": 2}}
+    for name, image in clean.items():
+        noisy = np.asarray(Image.open(src / name))
+        denoised = np.asarray(Image.open(out / name))
+        assert denoised.shape == image.shape
+        gain = _psnr(denoised, image) - _psnr(noisy, image)
+        assert gain > 5.0, f"{name}: {gain:.2f} dB"
+    assert not (store / "models").exists()
