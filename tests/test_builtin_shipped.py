@@ -5,15 +5,13 @@ nothing trained and TensorFlow never imported (issue 25's "done when")."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from artifacts.builtin import BUILTIN_ENV, INDEX_FILE, PACKAGE_DIR
-from tests.faults.harness import denoise_env
+from artifacts.builtin import INDEX_FILE, PACKAGE_DIR
+from tests.test_builtin import _folder_run
 from tests.test_photo_pipeline import smooth_image
 
 SIGMA = 25
@@ -48,22 +46,7 @@ def test_a_fresh_install_denoises_grey_and_colour_photos_with_the_shipped_model(
     version = shipped["photos"]["version"]
     src, out, store = tmp_path / "photos", tmp_path / "clean", tmp_path / "empty-store"
     clean = _mixed_folder(src)
-    env = denoise_env(store, tmp_path / "prefect-home", prefect_api, None, None)
-    env.pop(BUILTIN_ENV, None)  # the package's own folder, as installed
-    env["DENOISE_CACHE"] = str(tmp_path / "cache")
-    code = (
-        "import sys\nfrom flows.cli import main\n"
-        f"rc = main({['folder', str(src), str(out)]!r})\n"
-        "print('tensorflow imported:', 'tensorflow' in sys.modules)\nsys.exit(rc)\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=300,
-    )
+    proc = _folder_run(tmp_path, store, prefect_api, None, src, out)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "4 denoised, 0 skipped, 0 failed" in proc.stdout
     assert f"{version} (built in)" in proc.stdout

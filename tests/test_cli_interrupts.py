@@ -31,18 +31,22 @@ def _parser_running(handler) -> argparse.ArgumentParser:
     return parser
 
 
+def _main_running(monkeypatch, handler) -> int:
+    monkeypatch.setattr(cli, "build_parser", lambda: _parser_running(handler))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh process has
+    try:
+        return cli.main([])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_inside_a_pydantic_serializer_is_exit_130(monkeypatch, capsys):
     def handler(args):
         with pytest.raises(Exception) as caught:  # what the CLI would otherwise see
             _Settings().model_dump()
         raise caught.value
 
-    monkeypatch.setattr(cli, "build_parser", lambda: _parser_running(handler))
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        code = cli.main([])
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    code = _main_running(monkeypatch, handler)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130
     assert err == ["denoise: interrupted; finished files are kept, rerun to finish"]
@@ -52,11 +56,6 @@ def test_an_error_without_ctrl_c_is_still_an_error(monkeypatch, capsys):
     def handler(args):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(cli, "build_parser", lambda: _parser_running(handler))
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        code = cli.main([])
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    code = _main_running(monkeypatch, handler)
     assert code == 1
     assert "unexpected error: RuntimeError: boom" in capsys.readouterr().err
