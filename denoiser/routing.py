@@ -1,7 +1,8 @@
 """Which model denoises each image of a folder, and how the image's planes go
 through it.
 
-Each image goes to the model of its domain (:func:`by_domain`), or to one
+Each image goes to the model of its domain
+(:func:`denoiser.domains.by_domain`), or to one
 model for all (:func:`one_model`), and is given to that model as it takes
 images: a grey model denoises a grey image's luminance (``grey``) and a
 colour image's R, G and B as three grey planes (``grey per channel``); a
@@ -11,13 +12,13 @@ colour``). :class:`RoutedTiles` holds one image's tiles as its model takes
 them and blends the outputs back; the folder pipeline batches the tiles of
 many images per model and tile shape.
 
-Imports no domain at import time (the domains import the folder pipeline);
-:func:`by_domain` recognises images with them when called.
+Imports no domain (the domains import the folder pipeline, which imports
+this): :func:`denoiser.domains.by_domain` builds the router that recognises
+images by domain.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -152,26 +153,6 @@ def one_model(predict, spec: TileSpec, name: str = "") -> Router:
     with the channel adaptations of :func:`route_for`."""
     denoiser = Denoiser(name, predict, spec, model_channels(predict.model))
     return Router(lambda image: denoiser)
-
-
-def by_domain(load: Callable[[str], Denoiser]) -> Router:
-    """Each image through the model of its domain (:func:`denoiser.domains.image_domain`,
-    then the domain's ``folder_domain``): ``load(domain)`` gives it, called
-    once per domain (from any reader thread; its errors reach the image's
-    verdict, and the next image of the domain tries again)."""
-    from denoiser.domains import DOMAINS, image_domain
-
-    loaded: dict[str, Denoiser] = {}
-    lock = threading.Lock()
-
-    def pick(image: LoadedImage) -> Denoiser:
-        domain = DOMAINS[image_domain(image)].folder_domain
-        with lock:
-            if domain not in loaded:
-                loaded[domain] = load(domain)
-            return loaded[domain]
-
-    return Router(pick)
 
 
 def denoise_luminance(image: LoadedImage, spec: TileSpec, predict) -> np.ndarray:

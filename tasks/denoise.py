@@ -17,7 +17,7 @@ from artifacts.registry import resolve_model
 from artifacts.render import markdown_image, markdown_table, table_rows
 from artifacts.routes import models_by_domain, primary_domain, route_warnings
 from artifacts.store import Store, local_copy
-from denoiser.domains import DOMAINS, survey_folder
+from denoiser.domains import DOMAINS, by_domain, survey_folder
 from denoiser.errors import ConfigError, DenoiseError, first_line
 from denoiser.folder import (
     BatchPredictor,
@@ -37,7 +37,7 @@ from denoiser.models import import_tensorflow_quietly, load_model
 from denoiser.openvino_runtime import DEFAULT_PRECISION, load_openvino
 from denoiser.plots import grid_png
 from denoiser.report import SUMMARY_JSON, report_folder_name, write_run_report
-from denoiser.routing import Denoiser, Router, by_domain
+from denoiser.routing import Denoiser, Router
 from denoiser.runtime import choose_runtime, load_litert
 from denoiser.trees import open_tree
 from tasks.events import emit_files_failed

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from denoiser.domains import by_domain
 from denoiser.folder import JOURNAL_NAME, BatchPredictor, denoise_tree, parse_journal
 from denoiser.images import decode_image, rgb_pixels
 from denoiser.inference import denoise_planes, tile_spec_for_model
@@ -25,7 +26,6 @@ from denoiser.routing import (
     PER_CHANNEL,
     Denoiser,
     Router,
-    by_domain,
     denoise_luminance,
     model_channels,
 )

@@ -9,6 +9,8 @@ below the training imports this package.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from fnmatch import fnmatch
 
 from denoiser.datasets import is_image_dataset
@@ -20,12 +22,14 @@ from denoiser.errors import ConfigError, DenoiseError
 from denoiser.folder import NOT_REGULAR, list_files
 from denoiser.image_datasets import IMAGE_DATASETS
 from denoiser.images import IMAGE_SUFFIXES, LoadedImage, decode_image
+from denoiser.routing import Denoiser, Router
 from denoiser.trees import open_tree
 
 __all__ = [
     "DOMAINS",
     "Domain",
     "Judged",
+    "by_domain",
     "domain_for_dataset",
     "domain_named",
     "domain_of_manifest",
@@ -103,3 +107,21 @@ def survey_folder(
         judged += 1
         domains.add(DOMAINS[image_domain(image)].folder_domain)
     return frozenset(domains), image_bytes
+
+
+def by_domain(load: Callable[[str], Denoiser]) -> Router:
+    """Each image through the model of its domain (:func:`image_domain`,
+    then the domain's ``folder_domain``): ``load(domain)`` gives it, called
+    once per domain (from any reader thread; its errors reach the image's
+    verdict, and the next image of the domain tries again)."""
+    loaded: dict[str, Denoiser] = {}
+    lock = threading.Lock()
+
+    def pick(image: LoadedImage) -> Denoiser:
+        domain = DOMAINS[image_domain(image)].folder_domain
+        with lock:
+            if domain not in loaded:
+                loaded[domain] = load(domain)
+            return loaded[domain]
+
+    return Router(pick)
