@@ -10,7 +10,7 @@ model of each domain and the sha256 of its card. ``$DENOISE_BUILTIN_DIR``
 points elsewhere (the tests' folders); nothing else differs.
 
 Precedence: the store's production model of a domain, when it has one, else
-the built-in model of that domain (:func:`artifacts.registry.resolve_model`).
+the built-in model of that domain (:func:`artifacts.resolution.resolve_model`).
 Every file of a built-in model is checked against its card (and the card
 against the index) before it is used: a damaged install is refused in one line.
 

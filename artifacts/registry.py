@@ -450,123 +450,6 @@ def production_model(
     return _version_ref(store_root, version, [version])
 
 
-def resolve_model(
-    store_root: str | os.PathLike | None, spec: str | None = None, domain: str | None = None
-) -> ModelRef:
-    """``spec``: None (the production model of ``domain`` when given and there
-    is one, else the package's built-in model of ``domain``, else the overall
-    production, else the newest that passed its gate, else a built-in model),
-    a version name (the store's, else a built-in one), a model folder, or a
-    ``.keras`` file. Only
-    production and version names need the registry: a file or folder given as
-    a path is usable whatever state the registry is in (its status is read
-    when the registry can be read)."""
-    from artifacts.builtin import builtin_model, find_builtin
-
-    store = resolve_store_root(store_root)
-    if spec is None:
-        models = list_models(store)
-        chosen = (
-            (domain and production_model(store, domain))
-            or (domain and builtin_model(domain))  # the package's, for the images' domain
-            or production_model(store)
-            or next((m for m in models if m.status == "production"), None)
-            or next((m for m in models if m.passed), None)
-            or builtin_model(None)
-        )
-        if chosen is None:
-            hint = " (none passed its quality gate)" if models else ""
-            raise ModelError(f"no trained model in {store}{hint}; run `denoise train` first")
-        return chosen
-    remote = Store.at(store).remote
-    if remote and Path(spec).name == spec:  # a version name in a remote store
-        ref = _version_ref(store, spec, production_by_domain(store, read_registry(store)).values())
-        ref = ref or (find_builtin(spec) if is_version_name(spec) else None)
-        if ref is None:
-            raise ModelNotFound(f"model {spec!r} not found (not a version in {store})")
-        return ref
-    models_root = (
-        None if remote else Store.at(store).models_root
-    )  # a local path is never in a bucket
-    named = (
-        models_root is not None
-        and is_version_name(spec)
-        and (models_root / spec / "model.keras").is_file()
-    )  # a name, not a path
-    if not named and is_version_name(spec) and not Path(spec).exists():
-        builtin = find_builtin(spec)  # a version of the package's, the store having none
-        if builtin is not None:
-            return builtin
-    path = models_root / spec if named else Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "model.keras").is_file():
-            raise ModelError(f"{path} holds no model.keras")
-        path = path / "model.keras"
-    if not path.is_file():
-        raise ModelNotFound(
-            f"model {spec!r} not found (not a version in {store}, a folder or a .keras file)"
-        )
-    if path.suffix != ".keras":
-        raise ModelError(f"{path}: not a .keras model file")
-    folder = path.parent
-    in_store = models_root is not None and folder.resolve().parent == models_root
-    productions: set[str] = set()
-    if named:
-        productions = set(production_by_domain(store, read_registry(store)).values())
-    elif in_store:
-        try:
-            productions = set(production_by_domain(store, read_registry(store)).values())
-        except ModelError as exc:
-            logger.warning("%s; using %s as a candidate", exc, path)
-    return ModelRef(
-        folder.name or path.name,  # a file in the current folder: its own name
-        folder,
-        path,
-        _card(folder) or ModelCard(),
-        "production" if in_store and folder.name in productions else "candidate",
-    )
-
-
-DOMAIN_WORDS = {"digits": "28x28 digits", "photos": "photographs", "colour": "colour photographs"}
-TRAIN_HINTS = {
-    "photos": "train one with `denoise train --dataset train400` (or --dataset YOUR_FOLDER)",
-    "digits": "train one with `denoise train --dataset mnist`",
-    "colour": "train one with `denoise train --dataset cbsd432`",
-}
-
-
-def domain_mismatch(
-    store_root: str | os.PathLike | None, ref: ModelRef, images_domain: str | None
-) -> str | None:
-    """One line when ``ref`` learned another domain than the images': which
-    model to use instead (the production model of the images' domain, or how
-    to train one); None when they match or the images' domain is unknown."""
-    if images_domain not in DOMAINS or ref.domain == images_domain:
-        return None
-    try:
-        better = production_model(store_root, images_domain)
-    except ModelError:
-        better = None
-    if better is not None and better.domain != images_domain:
-        better = None
-    if better is None:
-        from artifacts.builtin import builtin_model
-
-        try:
-            better = builtin_model(images_domain)
-        except ModelError:
-            better = None
-    advice = (
-        f"use {better.version}, the {better.status} model for {images_domain} (--model {better.version})"
-        if better is not None
-        else TRAIN_HINTS[images_domain]
-    )
-    return (
-        f"model {ref.version} was trained on {DOMAIN_WORDS[ref.domain]} but these images look like "
-        f"{DOMAIN_WORDS[images_domain]}; {advice}"
-    )
-
-
 def decide_promotion(card: ModelCard, current: ModelRef | None) -> tuple[bool, str]:
     gate = card.quality_gate or QualityGate()
     psnr = card.metrics.psnr_denoised if card.metrics else None
@@ -657,9 +540,6 @@ def promote(store_root: str | os.PathLike | None, version: str) -> ModelRef:
     store = resolve_store_root(store_root)
     ref = _version_ref(store, check_version_name(version))
     if ref is None:
-        from artifacts.builtin import refuse_builtin_change
-
-        refuse_builtin_change(version, "promote")
         known = ", ".join(m.version for m in list_models(store)[:5]) or "none"
         raise ModelNotFound(f"unknown model version {version!r} (newest: {known})")
     now = datetime.now(UTC).isoformat(timespec="seconds")

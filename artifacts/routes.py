@@ -2,7 +2,7 @@
 run: the production model of the domain itself; else a model of a domain
 whose images it can take with a channel adaptation (colour photographs
 through the grey photo model channel by channel, grey photographs through
-the colour model); else whatever :func:`~artifacts.registry.resolve_model`
+the colour model); else whatever :func:`~artifacts.resolution.resolve_model`
 gives (the overall production model, warned about); a store without any
 model is its one-line error.
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 
-from artifacts.registry import ModelRef, domain_mismatch, resolve_model
+from artifacts.registry import ModelRef
+from artifacts.resolution import domain_mismatch, resolve_model
 from denoiser.errors import ModelError
 
 #: the domains a folder's images go to (each domain's ``folder_domain``)

@@ -395,7 +395,7 @@ def _commands_of_their_own() -> tuple:
 def run_folder_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from artifacts.registry import resolve_model
+    from artifacts.resolution import resolve_model
     from artifacts.store import Store
     from denoiser.folder import check_folders
     from flows.denoising import denoise_folder
@@ -525,7 +525,7 @@ def _run_build_in(args: argparse.Namespace, console) -> int:
 
 
 def _run_show(args: argparse.Namespace, console) -> int:
-    from artifacts.registry import resolve_model
+    from artifacts.resolution import resolve_model
 
     ref = resolve_model(args.store, args.version)
     console.print(f"{ref.version}: {ref.status}, {ref.domain}, in {ref.dir}", soft_wrap=True)
@@ -539,14 +539,19 @@ def run_models_command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from artifacts.builtin import builtin_root, list_builtins
+    from artifacts.builtin import builtin_root, list_builtins, refuse_builtin_change
     from artifacts.registry import list_models, promote
     from artifacts.store import Store
+    from denoiser.errors import ModelNotFound
 
     # piped output (scripts, tests) gets whole lines rather than truncated cells
     console = Console() if sys.stdout.isatty() else Console(width=200)
     if getattr(args, "models_command", None) == "promote":
-        ref = promote(args.store, args.version)
+        try:
+            ref = promote(args.store, args.version)
+        except ModelNotFound:
+            refuse_builtin_change(args.version, "promote")  # a built-in version: say so
+            raise
         console.print(f"[green]{ref.version}[/] is now the production model for {ref.domain}")
         return 0
     if getattr(args, "models_command", None) == "build-in":

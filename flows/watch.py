@@ -143,7 +143,7 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_watch_command(args: argparse.Namespace) -> int:
     """Checks as ``denoise folder`` does, then watches until Ctrl-C or SIGTERM."""
-    from artifacts.registry import resolve_model
+    from artifacts.resolution import resolve_model
     from artifacts.store import Store
     from denoiser.folder import check_folders
     from denoiser.trees import resolve_location

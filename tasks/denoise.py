@@ -13,8 +13,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
-from artifacts.registry import resolve_model
 from artifacts.render import markdown_image, markdown_table, table_rows
+from artifacts.resolution import resolve_model
 from artifacts.routes import models_by_domain, primary_domain, route_warnings
 from artifacts.store import Store, local_copy
 from denoiser.domains import DOMAINS, by_domain, survey_folder

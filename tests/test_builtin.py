@@ -196,7 +196,7 @@ def test_models_lists_the_builtin_model_beside_the_stores(trained, use_builtin, 
 
 
 def test_the_stores_production_model_takes_precedence(trained, use_builtin, tmp_path, monkeypatch):
-    from artifacts.registry import resolve_model
+    from artifacts.resolution import resolve_model
     from denoiser.errors import ModelError
 
     store, version, _ = trained
@@ -260,7 +260,7 @@ def test_a_build_in_failing_before_the_index_leaves_the_previous_model_in_use(
     """The second model of the domain fails (a full disk) after its folder is
     written, before the index names it: the first stays the one used, whole;
     a rerun finishes and clears the first and whatever the failed one left."""
-    from artifacts.registry import resolve_model
+    from artifacts.resolution import resolve_model
 
     store, version, _ = trained
     copy = tmp_path / "builtin"

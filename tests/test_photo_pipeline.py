@@ -483,7 +483,8 @@ def test_the_registry_keeps_a_production_model_per_domain(tmp_path, capsys):
 
 
 def test_an_old_registry_without_domains_still_reads(tmp_path):
-    from artifacts.registry import list_models, read_registry, register_model, resolve_model
+    from artifacts.registry import list_models, read_registry, register_model
+    from artifacts.resolution import resolve_model
 
     _version(tmp_path, "v1", 20.0, None)
     (tmp_path / "models" / "registry.json").write_text(

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from artifacts.registry import list_models, promote, read_registry, register_model, resolve_model
+from artifacts.registry import list_models, promote, read_registry, register_model
+from artifacts.resolution import resolve_model
 from denoiser.errors import ConfigError, ModelError
 from flows.cli import main
 

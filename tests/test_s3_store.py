@@ -335,7 +335,8 @@ def test_a_rebuilt_set_retracts_its_manifest_before_replacing_shards(s3, monkeyp
 
 
 def test_a_remote_version_without_its_card_is_not_listed(s3):
-    from artifacts.registry import list_models, resolve_model
+    from artifacts.registry import list_models
+    from artifacts.resolution import resolve_model
     from denoiser.errors import ModelError
 
     s3.bucket("bkt")
