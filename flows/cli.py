@@ -533,46 +533,58 @@ def _run_show(args: argparse.Namespace, console) -> int:
     return 0
 
 
+def _run_promote(args: argparse.Namespace, console) -> int:
+    from artifacts.builtin import refuse_builtin_change
+    from artifacts.registry import promote
+    from denoiser.errors import ModelNotFound
+
+    try:
+        ref = promote(args.store, args.version)
+    except ModelNotFound:
+        refuse_builtin_change(args.version, "promote")  # a built-in version: say so
+        raise
+    console.print(f"[green]{ref.version}[/] is now the production model for {ref.domain}")
+    return 0
+
+
+def _run_export(args: argparse.Namespace, console) -> int:
+    from artifacts.exports import export_model_version
+    from artifacts.store import Store
+    from denoiser.models import import_tensorflow_quietly
+
+    Store(args.store).check()
+    import_tensorflow_quietly(args.debug)
+    facts = export_model_version(args.store, args.version)
+    if facts is None:
+        console.print(f"{args.version} already has an OpenVINO export")
+    else:
+        console.print(
+            f"[green]{args.version}[/]: OpenVINO export made "
+            f"({facts['openvino_bytes']:,} bytes, runs at {facts['openvino_precision']})"
+        )
+    return 0
+
+
 def run_models_command(args: argparse.Namespace) -> int:
     import sys
 
     from rich.console import Console
     from rich.table import Table
 
-    from artifacts.builtin import builtin_root, list_builtins, refuse_builtin_change
-    from artifacts.registry import list_models, promote
+    from artifacts.builtin import builtin_root, list_builtins
+    from artifacts.registry import list_models
     from artifacts.store import Store
-    from denoiser.errors import ModelNotFound
 
     # piped output (scripts, tests) gets whole lines rather than truncated cells
     console = Console() if sys.stdout.isatty() else Console(width=200)
     if getattr(args, "models_command", None) == "promote":
-        try:
-            ref = promote(args.store, args.version)
-        except ModelNotFound:
-            refuse_builtin_change(args.version, "promote")  # a built-in version: say so
-            raise
-        console.print(f"[green]{ref.version}[/] is now the production model for {ref.domain}")
-        return 0
+        return _run_promote(args, console)
     if getattr(args, "models_command", None) == "build-in":
         return _run_build_in(args, console)
     if getattr(args, "models_command", None) == "show":
         return _run_show(args, console)
     if getattr(args, "models_command", None) == "export":
-        from artifacts.exports import export_model_version
-        from denoiser.models import import_tensorflow_quietly
-
-        Store(args.store).check()
-        import_tensorflow_quietly(args.debug)
-        facts = export_model_version(args.store, args.version)
-        if facts is None:
-            console.print(f"{args.version} already has an OpenVINO export")
-        else:
-            console.print(
-                f"[green]{args.version}[/]: OpenVINO export made "
-                f"({facts['openvino_bytes']:,} bytes, runs at {facts['openvino_precision']})"
-            )
-        return 0
+        return _run_export(args, console)
     store = Store(args.store)
     store.check()
     models = list_models(store.url)
