@@ -699,7 +699,8 @@ def _prepare_environment(args: argparse.Namespace) -> None:
 def _remember_ctrl_c() -> list[int]:
     """Ctrl-C raises KeyboardInterrupt as always, and is remembered: a library
     may turn it into another exception (pydantic's serializer makes it a
-    PydanticSerializationError), which must still end the command as Ctrl-C."""
+    PydanticSerializationError) or swallow it, and the command must still end
+    as Ctrl-C (130, one line)."""
     seen: list[int] = []
 
     def interrupt(signum, frame):
@@ -735,7 +736,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             # where the store is, decided once here and passed on as an argument
             args.store = resolve_store_root(args.store)
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        if ctrl_c:  # a library caught the KeyboardInterrupt: the user's Ctrl-C still ends it
+            raise KeyboardInterrupt
+        return code
     except Terminated:
         print("denoise: terminated; finished files are kept, rerun to finish", file=sys.stderr)
         return 143

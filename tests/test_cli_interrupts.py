@@ -59,3 +59,21 @@ def test_an_error_without_ctrl_c_is_still_an_error(monkeypatch, capsys):
     code = _main_running(monkeypatch, handler)
     assert code == 1
     assert "unexpected error: RuntimeError: boom" in capsys.readouterr().err
+
+
+def test_ctrl_c_swallowed_by_a_library_still_ends_the_command_as_ctrl_c(monkeypatch, capsys):
+    """A library that catches the KeyboardInterrupt (a logging handler, a
+    serializer) must not turn the user's Ctrl-C into a success."""
+
+    def handler(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # swallowed, as a library's catch-all would
+        return 0
+
+    code = _main_running(monkeypatch, handler)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130
+    assert err == ["denoise: interrupted; finished files are kept, rerun to finish"]
+
