@@ -76,4 +76,3 @@ def test_ctrl_c_swallowed_by_a_library_still_ends_the_command_as_ctrl_c(monkeypa
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130
     assert err == ["denoise: interrupted; finished files are kept, rerun to finish"]
-
