@@ -29,6 +29,8 @@ class QuietDaskTaskRunner(DaskTaskRunner):
     def client(self):
         """The client; the cluster (created on first use) starts its worker
         processes with SIGINT ignored."""
+        if self._client:  # made: SIGINT stays the command's (a Ctrl-C here is not lost)
+            return self._client
         from tasks.terminal import sigint_ignored_by_children
 
         with sigint_ignored_by_children():

@@ -324,6 +324,14 @@ def test_out_under_a_file_is_one_line(denoise, model_store, tmp_path):
     one_line(result, 2, "afile")
 
 
+def _own_terminal_group() -> None:
+    """The command as a terminal's foreground job: its own process group, and
+    SIGINT at its default even when the tests run as a background job (a
+    shell's background jobs inherit SIGINT ignored, and keep it so)."""
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_on_a_dask_run_is_one_line(denoise, model_store, noisy_folder, tmp_path):
     """Ctrl-C reaches the whole process group (the command and its Dask workers):
     the command ends with one line and 130, the workers print nothing."""
@@ -332,7 +340,7 @@ def test_ctrl_c_on_a_dask_run_is_one_line(denoise, model_store, noisy_folder, tm
         ["folder", str(noisy_folder), str(out), "--workers", "2", "--chunk-files", "4"],
         model_store,
         failpoints="folder.after_output=sleep:0.3",
-        preexec=os.setsid,
+        preexec=_own_terminal_group,
     )
     wait_for(lambda: count_outputs(out) >= 2, 240, "2 outputs", cmd)
     os.killpg(cmd.pid, signal.SIGINT)
