@@ -445,8 +445,8 @@ def test_the_registry_keeps_a_production_model_per_domain(tmp_path, capsys):
         promote,
         read_registry,
         register_model,
-        resolve_model,
     )
+    from artifacts.resolution import resolve_model
     from flows.cli import main
 
     assert (
