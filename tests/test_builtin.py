@@ -153,6 +153,15 @@ def _folder_run(tmp: Path, store: Path, api: str, builtin: Path | None, src: Pat
     )
 
 
+def _denoised_summary(proc) -> dict:
+    """The summary.json of a `_folder_run` that denoised 4 images without TensorFlow."""
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "4 denoised, 0 skipped, 0 failed" in proc.stdout
+    assert "tensorflow imported: False" in proc.stdout
+    report = next(ln.split("report: ", 1)[1] for ln in proc.stdout.splitlines() if "report: " in ln)
+    return json.loads((Path(report.strip()).parent / "summary.json").read_text())
+
+
 def test_an_empty_store_denoises_photos_with_the_builtin_model_without_tensorflow(
     trained, builtin, prefect_api, tmp_path
 ):
@@ -160,12 +169,8 @@ def test_an_empty_store_denoises_photos_with_the_builtin_model_without_tensorflo
     store = tmp_path / "empty-store"
     src = grey_photos(tmp_path / "in")
     proc = _folder_run(tmp_path, store, prefect_api, builtin, src, tmp_path / "out")
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert "4 denoised, 0 skipped, 0 failed" in proc.stdout
+    summary = _denoised_summary(proc)
     assert f"with model {version} (built in)" in proc.stdout
-    assert "tensorflow imported: False" in proc.stdout
-    report = next(ln.split("report: ", 1)[1] for ln in proc.stdout.splitlines() if "report: " in ln)
-    summary = json.loads((Path(report.strip()).parent / "summary.json").read_text())
     model = summary["model"]
     assert (model["version"], model["status"], model["domain"]) == (version, "built in", "photos")
     assert model["runtime"] == "openvino"
