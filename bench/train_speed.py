@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -143,11 +144,25 @@ def _spawn(args, kind: str, precision: str, shards: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _spread(values: list[float]) -> str:
+    """The median, and the range when there are several runs."""
+    median = statistics.median(values)
+    if len(values) == 1:
+        return f"{median:.2f}"
+    return f"{median:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--architecture", default="photo_unet")
     parser.add_argument("--dataset", default="train400")
     parser.add_argument("--steps", type=int, default=80, help="timed steps after 10 of warm-up")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="bare and pipeline measured in turn this many times (median and range shown)",
+    )
     parser.add_argument("--psnr-steps", type=int, default=0, help="0: no PSNR comparison")
     parser.add_argument("--precisions", default="float32,bfloat16")
     parser.add_argument("--batch", type=int, default=BATCH, help="PSNR comparison's batch")
@@ -171,11 +186,16 @@ def main() -> None:
     )
     print("|---|---|---|---|---|")
     for precision in args.precisions.split(",") if not args.no_speed else ():
-        bare = _spawn(args, "bare", precision, shards)
-        pipe = _spawn(args, "pipeline", precision, shards)
+        bare, pipe, feed = [], [], []
+        for _ in range(args.repeats):  # in turn, so that a slow spell of the machine hits both
+            bare.append(_spawn(args, "bare", precision, shards)["steps_per_s"])
+            p = _spawn(args, "pipeline", precision, shards)
+            pipe.append(p["steps_per_s"])
+            feed.append(p["input_batches_per_s"])
         print(
-            f"| {precision} | {bare['steps_per_s']:.2f} | {pipe['steps_per_s']:.2f} | "
-            f"{pipe['steps_per_s'] / bare['steps_per_s']:.2f} | {pipe['input_batches_per_s']:.1f} |",
+            f"| {precision} | {_spread(bare)} | {_spread(pipe)} | "
+            f"{statistics.median(pipe) / statistics.median(bare):.2f} | "
+            f"{statistics.median(feed):.1f} |",
             flush=True,
         )
     if args.psnr_steps:
