@@ -135,95 +135,167 @@ def _scan_local(
     """A local input into a local output: symlinked folders are never
     followed, symlinks out of the input and outputs through symlinked folders
     out of the output are refused."""
-    now = time.time()
-    claimed: dict[str, str] = {}  # output -> the input it is made from (x.jpg and x.png -> x.png)
-    matches = re.compile(fnmatch.translate(pattern)).match  # fnmatch's test, compiled once
-    stack = [("", str(src))]  # (its path relative to the input, with a slash; the folder)
-    while stack:
-        prefix, folder = stack.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as exc:
-            shown = display_path(prefix[:-1] or ".")
-            yield FileResult(shown, "failed", f"cannot list folder: {exc.strerror}")
-            continue
-        out_folder = os.path.join(str(dst), prefix)  # where this folder's outputs go
-        writable = None  # whether that is inside the output folder, resolved when needed
-        subdirs = []
-        for entry in entries:
-            name = entry.name
-            rel = prefix + name
-            shown = display_path(rel)
+    yield from _LocalScan(src, dst, pattern, fmt, overwrite, records, claims, settle).walk()
+
+
+class _OutputFolder:
+    """Where one input folder's outputs go, and whether that is inside the
+    output folder (resolved when first asked, once)."""
+
+    def __init__(self, path: str, root: Path):
+        self.path = path
+        self.root = root
+        self._writable: bool | None = None
+
+    def writable(self) -> bool:
+        if self._writable is None:
+            self._writable = _inside(Path(self.path).resolve(), self.root)
+        return self._writable
+
+
+class _LocalScan:
+    """One walk of a local input tree (see :func:`_scan_local`): the rules
+    each entry goes through, and the outputs claimed so far."""
+
+    def __init__(
+        self,
+        src: Path,
+        dst: Path,
+        pattern: str,
+        fmt: str,
+        overwrite: bool,
+        records: dict[str, OutputRecord],
+        claims: set[str] | frozenset[str],
+        settle: float,
+    ):
+        self.src = src
+        self.dst = dst
+        self.fmt = fmt
+        self.overwrite = overwrite
+        self.records = records
+        self.claims = claims
+        self.settle = settle
+        self.now = time.time()
+        # output -> the input it is made from (x.jpg and x.png -> x.png)
+        self.claimed: dict[str, str] = {}
+        self.matches = re.compile(fnmatch.translate(pattern)).match  # fnmatch's test, compiled once
+
+    def walk(self) -> Iterator[Job | FileResult]:
+        """Every folder under the input, depth first in name order."""
+        stack = [("", str(self.src))]  # (its path relative to the input, with a slash; the folder)
+        while stack:
+            prefix, folder = stack.pop()
             try:
-                if entry.is_dir(follow_symlinks=False):
-                    path = Path(entry.path)
-                    if path.resolve() == dst:
-                        logger.warning("skipping %s: it is the output folder", path)
-                        continue
-                    subdirs.append((rel + "/", entry.path))
-                    continue
-                if not matches(name):
-                    continue
-                if entry.is_symlink():
-                    target = Path(os.path.realpath(entry.path))
-                    if not target.exists():
-                        yield FileResult(shown, "failed", "broken symlink")
-                        continue
-                    if target != src and src not in target.parents:
-                        yield FileResult(
-                            shown, "failed", "symlink points outside the input folder; not followed"
-                        )
-                        continue
-                    if target.is_dir():
-                        yield FileResult(shown, "skipped", "symlinked folder; not followed")
-                        continue
-                st = os.stat(entry.path)
-                if not stat.S_ISREG(st.st_mode):
-                    yield FileResult(shown, "failed", "not a regular file")
-                    continue
-                if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
-                    yield FileResult(shown, "skipped", "not an image file type", bytes=st.st_size)
-                    continue
-                if settle and now - st.st_mtime < settle:
-                    yield FileResult(
-                        shown,
-                        "skipped",
-                        f"modified in the last {settle:g} s, maybe still being written; "
-                        "left for a later run",
-                        bytes=st.st_size,
-                    )
-                    continue
-                if writable is None:
-                    writable = _inside(Path(out_folder).resolve(), dst)
-                if not writable:
-                    yield FileResult(
-                        shown,
-                        "failed",
-                        "its output folder is a symlink leading out of the output "
-                        "folder; not written",
-                        st.st_size,
-                    )
-                    continue
-                target_name = name_target(name, fmt)
-                target_rel = prefix + target_name
-                if clash := claim_target(claimed, target_rel, shown, st.st_size):
-                    yield clash
-                    continue
-                target = out_folder + target_name
-                yield make_job(
-                    entry.path,
-                    rel,
-                    target,
-                    target_rel,
-                    st.st_size,
-                    _exists(target),
-                    overwrite,
-                    records,
-                    claims,
-                )
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
             except OSError as exc:
-                yield FileResult(shown, "failed", f"cannot stat: {exc.strerror or exc}")
-        stack.extend(reversed(subdirs))
+                shown = display_path(prefix[:-1] or ".")
+                yield FileResult(shown, "failed", f"cannot list folder: {exc.strerror}")
+                continue
+            subdirs: list[tuple[str, str]] = []
+            yield from self._scan_folder(prefix, entries, subdirs)
+            stack.extend(reversed(subdirs))
+
+    def _scan_folder(
+        self, prefix: str, entries: list[os.DirEntry], subdirs: list[tuple[str, str]]
+    ) -> Iterator[Job | FileResult]:
+        """The jobs and verdicts of one folder's entries; its subfolders to
+        walk are appended to ``subdirs``."""
+        out = _OutputFolder(os.path.join(str(self.dst), prefix), self.dst)  # its outputs go there
+        for entry in entries:
+            shown = display_path(prefix + entry.name)
+            try:
+                item = self._scan_entry(entry, prefix, shown, out, subdirs)
+            except OSError as exc:
+                item = FileResult(shown, "failed", f"cannot stat: {exc.strerror or exc}")
+            if item is not None:
+                yield item
+
+    def _scan_entry(
+        self,
+        entry: os.DirEntry,
+        prefix: str,
+        shown: str,
+        out: _OutputFolder,
+        subdirs: list[tuple[str, str]],
+    ) -> Job | FileResult | None:
+        """One entry's job or verdict; None for a folder (appended to
+        ``subdirs`` unless it is the output folder) or a name the pattern leaves out."""
+        name = entry.name
+        if entry.is_dir(follow_symlinks=False):
+            path = Path(entry.path)
+            if path.resolve() == self.dst:
+                logger.warning("skipping %s: it is the output folder", path)
+            else:
+                subdirs.append((prefix + name + "/", entry.path))
+            return None
+        if not self.matches(name):
+            return None
+        if entry.is_symlink() and (refused := self._check_symlink(entry, shown)):
+            return refused
+        st = os.stat(entry.path)
+        if verdict := self._check_file(name, shown, st):
+            return verdict
+        if not out.writable():
+            return FileResult(
+                shown,
+                "failed",
+                "its output folder is a symlink leading out of the output folder; not written",
+                st.st_size,
+            )
+        return self._make_job(entry, prefix, shown, out, st.st_size)
+
+    def _check_symlink(self, entry: os.DirEntry, shown: str) -> FileResult | None:
+        """The verdict on a symlink that is not followed (broken, leading out
+        of the input, or to a folder); None for one to a file in the input."""
+        target = Path(os.path.realpath(entry.path))
+        if not target.exists():
+            return FileResult(shown, "failed", "broken symlink")
+        if target != self.src and self.src not in target.parents:
+            return FileResult(
+                shown, "failed", "symlink points outside the input folder; not followed"
+            )
+        if target.is_dir():
+            return FileResult(shown, "skipped", "symlinked folder; not followed")
+        return None
+
+    def _check_file(self, name: str, shown: str, st: os.stat_result) -> FileResult | None:
+        """The verdict on a file that is not denoised (not a regular file, not
+        an image, maybe still being written); None for one to denoise."""
+        if not stat.S_ISREG(st.st_mode):
+            return FileResult(shown, "failed", "not a regular file")
+        if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+            return FileResult(shown, "skipped", "not an image file type", bytes=st.st_size)
+        if self.settle and self.now - st.st_mtime < self.settle:
+            return FileResult(
+                shown,
+                "skipped",
+                f"modified in the last {self.settle:g} s, maybe still being written; "
+                "left for a later run",
+                bytes=st.st_size,
+            )
+        return None
+
+    def _make_job(
+        self, entry: os.DirEntry, prefix: str, shown: str, out: _OutputFolder, size: int
+    ) -> Job | FileResult:
+        """The job of an image (:func:`make_job`), once its output is claimed
+        for it alone (another input with the same output is refused)."""
+        target_name = name_target(entry.name, self.fmt)
+        target_rel = prefix + target_name
+        if clash := claim_target(self.claimed, target_rel, shown, size):
+            return clash
+        target = out.path + target_name
+        return make_job(
+            entry.path,
+            prefix + entry.name,
+            target,
+            target_rel,
+            size,
+            _exists(target),
+            self.overwrite,
+            self.records,
+            self.claims,
+        )
 
 
 def _exists(path: str) -> bool:
