@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import NamedTuple
 
 import numpy as np
 
@@ -68,141 +69,231 @@ def _pipeline(
     each) from many files; writer threads encode and write the finished images, in tasks of up
     to ``dst.task_files``. A file's result is reported once it is read (when
     it fails or is skipped there) or once it is written."""
-    for r in results:
-        if on_result:
-            on_result(r, len(results), total)
-
-    done_count = len(results)
-    groups: dict[tuple, deque] = {}  # (model, tile shape) -> (job, model input) waiting
-    pending_tiles = 0  # tiles in ``groups``
-    writes: deque[Future] = deque()
-
-    def report(result: FileResult) -> None:
-        nonlocal done_count
-        results.append(result)
-        done_count += 1
-        if on_result:
-            on_result(result, done_count, total)
-
-    def drain_writes(block: bool) -> None:
-        while writes and (block or writes[0].done()):
-            for result in writes.popleft().result():
-                report(result)
-
-    def finish_batch() -> None:
-        """Blend the oldest batch's outputs into their images; hand the
-        finished images to the writers."""
-        take, fut = predicting.popleft()
-        outputs = fut.result()
-        finished = [
-            job for (job, i), out in zip(take, outputs, strict=True) if job.work.add(i, out)
-        ]
-        for task in _tasks(finished, dst.task_files):
-            writes.append(writer_pool.submit(save_all, task, fmt, dst, writer, budget))
-        drain_writes(block=False)
-
-    def run_group(key: tuple, force: bool) -> None:
-        nonlocal pending_tiles
-        queue = groups.get(key)
-        size = queue[0][0].work.batch_size if queue else 0
-        while queue and (len(queue) >= size or force):
-            take = [queue.popleft() for _ in range(min(size, len(queue)))]
-            pending_tiles -= len(take)
-            tiles = np.stack([job.work.input(i) for job, i in take])
-            # the model runs this batch in its thread while this one gathers the next
-            predicting.append((take, model_pool.submit(take[0][0].work.predict, tiles)))
-            while len(predicting) > 1:
-                finish_batch()
-
-    def flush_all() -> None:
-        """Every part-done image through the model and to the writers, which
-        give their pixels back: what a reader waiting for the budget needs."""
-        for shape in list(groups):
-            run_group(shape, force=True)
-        while predicting:
-            finish_batch()
-
-    predicting: deque[tuple[list, Future]] = deque()  # batches given to the model, in order
+    report = _Reporter(results, total, on_result)
+    report.scanned()
     budget = PixelBudget(PIXELS_IN_FLIGHT)
     with (
         ThreadPoolExecutor(src.threads, thread_name_prefix="read") as reader_pool,
         ThreadPoolExecutor(dst.threads, thread_name_prefix="write") as writer_pool,
         ThreadPoolExecutor(1, thread_name_prefix="model") as model_pool,
     ):
-        reads: deque[tuple[list[Job], Future, int]] = deque()  # tasks, in the order of the jobs
-        ready: deque[tuple[Job, Exception | None]] = deque()  # read, not yet taken
-        tasks = _tasks(jobs, src.task_files)
-        reading = 0  # bytes of the inputs being read and decoded ...
-        in_flight = 0  # ... in this many files
+        pools = _Pools(reader_pool, writer_pool, model_pool)
+        flight = _InFlight(src, dst, writer, router, fmt, budget, pools, report)
         try:
-            while True:
-                # read ahead enough for the readers to stay busy while the model
-                # runs a batch, within a budget of input bytes (bounds memory)
-                while (
-                    in_flight < src.threads * 4
-                    or (reading < READ_AHEAD_BYTES and in_flight < READ_AHEAD_FILES)
-                ) and pending_tiles < MAX_PENDING_TILES:
-                    task = next(tasks, None)
-                    if task is None:
-                        break
-                    size = sum(_budget(job) for job in task)
-                    reading += size
-                    in_flight += len(task)
-                    reads.append(
-                        (task, reader_pool.submit(load_all, task, router, src, dst, budget), size)
-                    )
-                if not ready:
-                    if not reads:
-                        break
-                    task, fut, size = _take_read(reads, budget, flush_all)
-                    reading -= size
-                    in_flight -= len(task)
-                    ready.extend(zip(task, fut.result(), strict=True))
-                job, error = ready.popleft()
-                if isinstance(error, DenoiseError):  # the image's or its model's, in one line
-                    report(FileResult(display_path(job.rel), "failed", str(error), job.bytes))
-                    continue
-                if error is not None:
-                    report(
-                        FileResult(
-                            display_path(job.rel), "failed", f"cannot read: {error}", job.bytes
-                        )
-                    )
-                    continue
-                if job.up_to_date:
-                    report(
-                        FileResult(
-                            display_path(job.rel),
-                            "skipped",
-                            UP_TO_DATE,
-                            job.bytes,
-                            output=display_path(str(job.target)),
-                            reason=WHY_SKIPPED,
-                        )
-                    )
-                    continue
-                key = job.work.key
-                groups.setdefault(key, deque()).extend((job, i) for i in range(len(job.work)))
-                pending_tiles += len(job.work)
-                run_group(key, force=False)
-                # keep memory bounded: too many part-done images -> flush the fullest group
-                if pending_tiles > MAX_PENDING_TILES or len(groups) > 8:
-                    biggest = max(groups, key=lambda s: len(groups[s]))
-                    run_group(biggest, force=True)
-            for shape in list(groups):
-                run_group(shape, force=True)
-            while predicting:
-                finish_batch()
-            drain_writes(block=True)
+            flight.run(_tasks(jobs, src.task_files))
         except BaseException:
-            for _, fut, _ in reads:
-                fut.cancel()
-            for _, fut in predicting:
-                fut.cancel()
-            for fut in writes:
-                fut.cancel()
+            flight.cancel()
             raise
     return results
+
+
+class _Reporter:
+    """Where each file's result goes: the run's list of results, and
+    ``on_result(result, done, total)``."""
+
+    def __init__(
+        self,
+        results: list[FileResult],
+        total: int,
+        on_result: Callable[[FileResult, int, int], None] | None,
+    ):
+        self.results = results
+        self.total = total
+        self.on_result = on_result
+        self.done = len(results)
+
+    def scanned(self) -> None:
+        """Report the results the scan already decided (those in the list)."""
+        for r in self.results:
+            if self.on_result:
+                self.on_result(r, len(self.results), self.total)
+
+    def __call__(self, result: FileResult) -> None:
+        self.results.append(result)
+        self.done += 1
+        if self.on_result:
+            self.on_result(result, self.done, self.total)
+
+
+class _Pools(NamedTuple):
+    """The threads of a run: readers, writers, and the one that runs the models."""
+
+    read: ThreadPoolExecutor
+    write: ThreadPoolExecutor
+    model: ThreadPoolExecutor
+
+
+class _InFlight:
+    """One run's work in flight: read tasks (in the order of the jobs) and
+    the jobs read but not yet taken; tiles waiting for a batch, by model and
+    tile shape; batches given to the model, in order; write tasks. Each
+    finished file's result goes to ``report``."""
+
+    def __init__(
+        self,
+        src: Tree,
+        dst: Tree,
+        writer: JournalWriter,
+        router: Router,
+        fmt: str,
+        budget: PixelBudget,
+        pools: _Pools,
+        report: _Reporter,
+    ):
+        self.src = src
+        self.dst = dst
+        self.writer = writer
+        self.router = router
+        self.fmt = fmt
+        self.budget = budget
+        self.pools = pools
+        self.report = report
+        self.reads: deque[tuple[list[Job], Future, int]] = (
+            deque()
+        )  # tasks, in the order of the jobs
+        self.ready: deque[tuple[Job, Exception | None]] = deque()  # read, not yet taken
+        self.reading = 0  # bytes of the inputs being read and decoded ...
+        self.in_flight = 0  # ... in this many files
+        self.groups: dict[tuple, deque] = {}  # (model, tile shape) -> (job, model input) waiting
+        self.pending_tiles = 0  # tiles in ``groups``
+        self.predicting: deque[tuple[list, Future]] = (
+            deque()
+        )  # batches given to the model, in order
+        self.writes: deque[Future] = deque()
+
+    def run(self, tasks: Iterator[list[Job]]) -> None:
+        """Every task read, its jobs through their models, every output written."""
+        while True:
+            self.read_ahead(tasks)
+            if not self.ready:
+                if not self.reads:
+                    break
+                self.take_read()
+            self.take(*self.ready.popleft())
+        self.flush_all()
+        self.drain_writes(block=True)
+
+    def read_ahead(self, tasks: Iterator[list[Job]]) -> None:
+        """Read ahead enough for the readers to stay busy while the model
+        runs a batch, within a budget of input bytes (bounds memory)."""
+        while self._may_read_more():
+            task = next(tasks, None)
+            if task is None:
+                break
+            size = sum(_budget(job) for job in task)
+            self.reading += size
+            self.in_flight += len(task)
+            self.reads.append(
+                (
+                    task,
+                    self.pools.read.submit(
+                        load_all, task, self.router, self.src, self.dst, self.budget
+                    ),
+                    size,
+                )
+            )
+
+    def _may_read_more(self) -> bool:
+        return (
+            self.in_flight < self.src.threads * 4
+            or (self.reading < READ_AHEAD_BYTES and self.in_flight < READ_AHEAD_FILES)
+        ) and self.pending_tiles < MAX_PENDING_TILES
+
+    def take_read(self) -> None:
+        """The jobs of the next finished read task, ready to be taken."""
+        task, fut, size = _take_read(self.reads, self.budget, self.flush_all)
+        self.reading -= size
+        self.in_flight -= len(task)
+        self.ready.extend(zip(task, fut.result(), strict=True))
+
+    def take(self, job: Job, error: Exception | None) -> None:
+        """A job read: its result when it ends there, else its tiles to its model."""
+        verdict = _read_verdict(job, error)
+        if verdict is not None:
+            self.report(verdict)
+        else:
+            self.add_tiles(job)
+
+    def add_tiles(self, job: Job) -> None:
+        key = job.work.key
+        self.groups.setdefault(key, deque()).extend((job, i) for i in range(len(job.work)))
+        self.pending_tiles += len(job.work)
+        self.run_group(key, force=False)
+        # keep memory bounded: too many part-done images -> flush the fullest group
+        if self.pending_tiles > MAX_PENDING_TILES or len(self.groups) > 8:
+            biggest = max(self.groups, key=lambda s: len(self.groups[s]))
+            self.run_group(biggest, force=True)
+
+    def run_group(self, key: tuple, force: bool) -> None:
+        """The group's full batches (``force``: all it holds) to its model."""
+        queue = self.groups.get(key)
+        size = queue[0][0].work.batch_size if queue else 0
+        while queue and (len(queue) >= size or force):
+            take = [queue.popleft() for _ in range(min(size, len(queue)))]
+            self.pending_tiles -= len(take)
+            tiles = np.stack([job.work.input(i) for job, i in take])
+            # the model runs this batch in its thread while this one gathers the next
+            self.predicting.append((take, self.pools.model.submit(take[0][0].work.predict, tiles)))
+            while len(self.predicting) > 1:
+                self.finish_batch()
+
+    def finish_batch(self) -> None:
+        """Blend the oldest batch's outputs into their images; hand the
+        finished images to the writers."""
+        take, fut = self.predicting.popleft()
+        outputs = fut.result()
+        finished = [
+            job for (job, i), out in zip(take, outputs, strict=True) if job.work.add(i, out)
+        ]
+        for task in _tasks(finished, self.dst.task_files):
+            self.writes.append(
+                self.pools.write.submit(
+                    save_all, task, self.fmt, self.dst, self.writer, self.budget
+                )
+            )
+        self.drain_writes(block=False)
+
+    def flush_all(self) -> None:
+        """Every part-done image through the model and to the writers, which
+        give their pixels back: what a reader waiting for the budget needs."""
+        for shape in list(self.groups):
+            self.run_group(shape, force=True)
+        while self.predicting:
+            self.finish_batch()
+
+    def drain_writes(self, block: bool) -> None:
+        """Report the results of the finished write tasks, in order (``block``: of all)."""
+        while self.writes and (block or self.writes[0].done()):
+            for result in self.writes.popleft().result():
+                self.report(result)
+
+    def cancel(self) -> None:
+        """Cancel every task not yet started (the run is ending on an exception)."""
+        for _, fut, _ in self.reads:
+            fut.cancel()
+        for _, fut in self.predicting:
+            fut.cancel()
+        for fut in self.writes:
+            fut.cancel()
+
+
+def _read_verdict(job: Job, error: Exception | None) -> FileResult | None:
+    """A read job's result when it ends at reading (it failed, or its output
+    is up to date); None when it goes on to its model."""
+    if isinstance(error, DenoiseError):  # the image's or its model's, in one line
+        return FileResult(display_path(job.rel), "failed", str(error), job.bytes)
+    if error is not None:
+        return FileResult(display_path(job.rel), "failed", f"cannot read: {error}", job.bytes)
+    if job.up_to_date:
+        return FileResult(
+            display_path(job.rel),
+            "skipped",
+            UP_TO_DATE,
+            job.bytes,
+            output=display_path(str(job.target)),
+            reason=WHY_SKIPPED,
+        )
+    return None
 
 
 def _take_read(
