@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -123,43 +124,32 @@ class _Pools(NamedTuple):
     model: ThreadPoolExecutor
 
 
+@dataclass
 class _InFlight:
     """One run's work in flight: read tasks (in the order of the jobs) and
     the jobs read but not yet taken; tiles waiting for a batch, by model and
     tile shape; batches given to the model, in order; write tasks. Each
     finished file's result goes to ``report``."""
 
-    def __init__(
-        self,
-        src: Tree,
-        dst: Tree,
-        writer: JournalWriter,
-        router: Router,
-        fmt: str,
-        budget: PixelBudget,
-        pools: _Pools,
-        report: _Reporter,
-    ):
-        self.src = src
-        self.dst = dst
-        self.writer = writer
-        self.router = router
-        self.fmt = fmt
-        self.budget = budget
-        self.pools = pools
-        self.report = report
-        self.reads: deque[tuple[list[Job], Future, int]] = (
-            deque()
-        )  # tasks, in the order of the jobs
-        self.ready: deque[tuple[Job, Exception | None]] = deque()  # read, not yet taken
-        self.reading = 0  # bytes of the inputs being read and decoded ...
-        self.in_flight = 0  # ... in this many files
-        self.groups: dict[tuple, deque] = {}  # (model, tile shape) -> (job, model input) waiting
-        self.pending_tiles = 0  # tiles in ``groups``
-        self.predicting: deque[tuple[list, Future]] = (
-            deque()
-        )  # batches given to the model, in order
-        self.writes: deque[Future] = deque()
+    src: Tree
+    dst: Tree
+    writer: JournalWriter
+    router: Router
+    fmt: str
+    budget: PixelBudget
+    pools: _Pools
+    report: _Reporter
+    # read tasks (the jobs, their future, their bytes), in the order of the jobs
+    reads: deque[tuple[list[Job], Future, int]] = field(default_factory=deque)
+    ready: deque[tuple[Job, Exception | None]] = field(default_factory=deque)  # read, not taken
+    reading: int = 0  # bytes of the inputs being read and decoded ...
+    in_flight: int = 0  # ... in this many files
+    # (model, tile shape) -> (job, model input) waiting
+    groups: dict[tuple, deque] = field(default_factory=dict)
+    pending_tiles: int = 0  # tiles in ``groups``
+    # batches given to the model (the (job, model input) of each tile, the future), in order
+    predicting: deque[tuple[list, Future]] = field(default_factory=deque)
+    writes: deque[Future] = field(default_factory=deque)
 
     def run(self, tasks: Iterator[list[Job]]) -> None:
         """Every task read, its jobs through their models, every output written."""

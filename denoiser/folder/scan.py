@@ -19,7 +19,7 @@ import re
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from denoiser.errors import ConfigError
@@ -117,25 +117,9 @@ def scan(
     if isinstance(src, RemoteTree) or isinstance(dst, RemoteTree):
         yield from _scan_listing(src, dst, pattern, fmt, overwrite, records or {}, claims)
     else:
-        yield from _scan_local(
+        yield from _LocalScan(
             src.root, dst.root, pattern, fmt, overwrite, records or {}, claims, settle
-        )
-
-
-def _scan_local(
-    src: Path,
-    dst: Path,
-    pattern: str,
-    fmt: str,
-    overwrite: bool,
-    records: dict[str, OutputRecord],
-    claims: set[str] | frozenset[str],
-    settle: float = 0.0,
-) -> Iterator[Job | FileResult]:
-    """A local input into a local output: symlinked folders are never
-    followed, symlinks out of the input and outputs through symlinked folders
-    out of the output are refused."""
-    yield from _LocalScan(src, dst, pattern, fmt, overwrite, records, claims, settle).walk()
+        ).walk()
 
 
 class _OutputFolder:
@@ -153,32 +137,27 @@ class _OutputFolder:
         return self._writable
 
 
+@dataclass
 class _LocalScan:
-    """One walk of a local input tree (see :func:`_scan_local`): the rules
-    each entry goes through, and the outputs claimed so far."""
+    """One walk of a local input tree into a local output tree: symlinked
+    folders are never followed, symlinks out of the input and outputs through
+    symlinked folders out of the output are refused. Holds the rules each
+    entry goes through and the outputs claimed so far."""
 
-    def __init__(
-        self,
-        src: Path,
-        dst: Path,
-        pattern: str,
-        fmt: str,
-        overwrite: bool,
-        records: dict[str, OutputRecord],
-        claims: set[str] | frozenset[str],
-        settle: float,
-    ):
-        self.src = src
-        self.dst = dst
-        self.fmt = fmt
-        self.overwrite = overwrite
-        self.records = records
-        self.claims = claims
-        self.settle = settle
-        self.now = time.time()
-        # output -> the input it is made from (x.jpg and x.png -> x.png)
-        self.claimed: dict[str, str] = {}
-        self.matches = re.compile(fnmatch.translate(pattern)).match  # fnmatch's test, compiled once
+    src: Path
+    dst: Path
+    pattern: str
+    fmt: str
+    overwrite: bool
+    records: dict[str, OutputRecord]
+    claims: set[str] | frozenset[str]
+    settle: float
+    now: float = field(init=False, default_factory=time.time)
+    # output -> the input it is made from (x.jpg and x.png -> x.png)
+    claimed: dict[str, str] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.matches = re.compile(fnmatch.translate(self.pattern)).match  # fnmatch's test, once
 
     def walk(self) -> Iterator[Job | FileResult]:
         """Every folder under the input, depth first in name order."""
