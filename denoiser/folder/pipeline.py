@@ -71,7 +71,7 @@ def _pipeline(
     to ``dst.task_files``. A file's result is reported once it is read (when
     it fails or is skipped there) or once it is written."""
     report = _Reporter(results, total, on_result)
-    report.scanned()
+    report.report_scanned()
     budget = PixelBudget(PIXELS_IN_FLIGHT)
     with (
         ThreadPoolExecutor(src.threads, thread_name_prefix="read") as reader_pool,
@@ -103,7 +103,7 @@ class _Reporter:
         self.on_result = on_result
         self.done = len(results)
 
-    def scanned(self) -> None:
+    def report_scanned(self) -> None:
         """Report the results the scan already decided (those in the list)."""
         for r in self.results:
             if self.on_result:
@@ -198,7 +198,7 @@ class _InFlight:
 
     def take(self, job: Job, error: Exception | None) -> None:
         """A job read: its result when it ends there, else its tiles to its model."""
-        verdict = _read_verdict(job, error)
+        verdict = _judge_read(job, error)
         if verdict is not None:
             self.report(verdict)
         else:
@@ -267,7 +267,7 @@ class _InFlight:
             fut.cancel()
 
 
-def _read_verdict(job: Job, error: Exception | None) -> FileResult | None:
+def _judge_read(job: Job, error: Exception | None) -> FileResult | None:
     """A read job's result when it ends at reading (it failed, or its output
     is up to date); None when it goes on to its model."""
     if isinstance(error, DenoiseError):  # the image's or its model's, in one line

@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Job:
+    """One input to denoise: where it is and where its output goes, why it
+    is done, and what the reader and the pipeline learn of it on the way."""
+
     source: Path | str  # a path in the input tree
     rel: str
     target: Path | str  # a path in the output tree
@@ -261,7 +264,7 @@ class _LocalScan:
         for it alone (another input with the same output is refused)."""
         target_name = name_target(entry.name, self.fmt)
         target_rel = prefix + target_name
-        if clash := claim_target(self.claimed, target_rel, shown, size):
+        if clash := _claim_target(self.claimed, target_rel, shown, size):
             return clash
         target = out.path + target_name
         return make_job(
@@ -289,7 +292,7 @@ def _exists(path: str) -> bool:
     return True
 
 
-def claim_target(
+def _claim_target(
     claimed: dict[str, str], target_rel: str, shown: str, size: int
 ) -> FileResult | None:
     """None when the output is free (it is now this input's), else the verdict."""
@@ -338,7 +341,7 @@ def _scan_listing(
             yield FileResult(shown, "skipped", "not an image file type", bytes=size)
             continue
         target_rel = name_target(rel, fmt)
-        if clash := claim_target(claimed, target_rel, shown, size):
+        if clash := _claim_target(claimed, target_rel, shown, size):
             yield clash
             continue
         yield make_job(
