@@ -55,7 +55,7 @@ def child(folder: str, out: str, unbounded: bool, architecture: str) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
 
-    import denoiser.folder as folder_module
+    import denoiser.folder.pipeline as folder_module
     from denoiser.folder import BatchPredictor, denoise_tree
     from denoiser.inference import tile_spec_for_model
     from denoiser.models import build_model

@@ -1007,7 +1007,7 @@ def test_decoded_pixels_in_flight_stay_within_the_budget(tmp_path, monkeypatch):
     """Memory is bounded by decoded pixels, not encoded bytes: with a budget
     of three images, never more than three are decoded and not yet written
     (an image larger than the budget still goes through, alone)."""
-    import denoiser.folder as folder
+    import denoiser.folder.pipeline as folder
 
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()

@@ -1,0 +1,57 @@
+"""The model side of a folder run: :class:`BatchPredictor` runs one model on
+fixed-size batches of tiles; :func:`as_router` makes a router of it.
+
+Imports nothing of this package.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from denoiser.errors import ConfigError
+from denoiser.routing import Router, one_model
+from denoiser.tiling import TileSpec
+
+
+class BatchPredictor:
+    """Runs the model on fixed-size batches (padding the last), so the compiled
+    predict function is traced once per tile shape (a model whose
+    ``pads_batches`` is False, such as a LiteRT one, gets the last batch as it is)."""
+
+    def __init__(self, model, batch_size: int = 256, pixel_budget: int = 1 << 20):
+        self.model = model
+        self.batch_size = batch_size
+        self.pixel_budget = pixel_budget
+        self.pads = getattr(model, "pads_batches", True)
+
+    def at_most(self, batch_size: int) -> BatchPredictor:
+        """The same model in batches of at most ``batch_size``."""
+        if batch_size >= self.batch_size:
+            return self
+        return BatchPredictor(self.model, batch_size, self.pixel_budget)
+
+    def batch_for(self, shape: tuple[int, int]) -> int:
+        return max(1, min(self.batch_size, self.pixel_budget // max(shape[0] * shape[1], 1)))
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        n = len(tiles)
+        size = self.batch_for(tiles.shape[1:3])
+        out = np.empty(tiles.shape, dtype=np.float32)
+        for start in range(0, n, size):
+            chunk = tiles[start : start + size]
+            k = len(chunk)
+            if k < size and self.pads:
+                chunk = np.concatenate([chunk, np.zeros((size - k, *chunk.shape[1:]), np.float32)])
+            out[start : start + k] = np.asarray(
+                self.model.predict_on_batch(chunk), dtype=np.float32
+            )[:k]
+        return out
+
+
+def as_router(predict: BatchPredictor | Router, spec: TileSpec | None) -> Router:
+    """``predict`` as a Router: itself, or every image through its one model."""
+    if isinstance(predict, Router):
+        return predict
+    if spec is None:
+        raise ConfigError("one model needs its tiling (a TileSpec)")
+    return one_model(predict, spec)
