@@ -432,7 +432,7 @@ def write_shard_set(
         "splits": {s: _split_record(a) for s, a in splits.items()},
         "shards": records,
     }
-    if noise.get("applied") == "in_training":
+    if noise_in_training(noise):
         manifest["kind"] = "patches"
     _write_manifest(out, manifest)
     log.info("wrote %d shards to %s", len(records), out)
@@ -771,9 +771,16 @@ def split_image_shape(manifest: dict, split: str) -> list[int] | None:
     return record["image_shape"] if "image_shape" in record else manifest["image_shape"]
 
 
+def noise_in_training(noise: dict) -> bool:
+    """Whether a shard set's recorded noise is drawn in training (a patch
+    set: its rows hold clean pixels only) rather than once, when written."""
+    return noise.get("applied") == "in_training"
+
+
 def image_columns(manifest: dict) -> tuple[str, ...]:
-    """The pixel columns a set holds: ``noisy`` and ``clean`` (pairs) or ``clean`` (patches)."""
-    return ("clean",) if manifest.get("kind") == "patches" else ("noisy", "clean")
+    """The pixel columns a set holds: ``clean`` alone when the noise is drawn
+    in training (patches), else ``noisy`` and ``clean`` (pairs)."""
+    return ("clean",) if noise_in_training(manifest.get("noise") or {}) else ("noisy", "clean")
 
 
 def _corrupt(path: str | os.PathLike, exc: BaseException) -> ShardError:
