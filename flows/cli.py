@@ -574,6 +574,7 @@ def run_models_command(args: argparse.Namespace) -> int:
     from artifacts.builtin import builtin_root, list_builtins
     from artifacts.registry import list_models
     from artifacts.store import Store
+    from denoiser.openvino_runtime import precision_on_cpu
 
     # piped output (scripts, tests) gets whole lines rather than truncated cells
     console = Console() if sys.stdout.isatty() else Console(width=200)
@@ -625,7 +626,8 @@ def run_models_command(args: argparse.Namespace) -> int:
             f"{s['ssim']:.3f}" if s["ssim"] is not None else "",
             ("passed" if m.passed else "failed") if m.card.quality_gate else "not evaluated",
             "yes" if s["litert_sha256"] else "no",  # an export: short folder runs skip TensorFlow
-            (s["openvino_precision"] or "bf16") if s["openvino_xml_sha256"] else "no",
+            # what this CPU will run the export at (a bf16 card runs f32 without bf16 units)
+            precision_on_cpu(s["openvino_precision"]) if s["openvino_xml_sha256"] else "no",
             str(s["created"] or ""),
         )
     console.print(table)
