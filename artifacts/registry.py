@@ -88,16 +88,23 @@ def check_version_name(name: str) -> str:
     return name
 
 
+#: the domain of a card written before cards recorded one, by its shard kind: only
+#: digits (noisy/clean pairs) and grey photographs (patches) existed then; a new
+#: domain's cards record it, so this table never grows
+DOMAIN_BY_OLD_SHARD_KIND = {"pairs": "digits", "patches": "photos"}
+
+
 def card_domain(card: ModelCard) -> str:
-    """The domain a model card says its model learned: ``photos`` for patch
-    sets of image folders, ``digits`` otherwise (28x28 IDX pairs; cards from
-    before domains were recorded are all of those)."""
+    """The domain a model card says its model learned: the one it records,
+    else (an older card) the one its shard kind was for; a card that names no
+    shard kind but whose noise was drawn in training is of a patch set."""
     data = card.data
     if data.domain in DOMAINS:
         return data.domain
-    if data.shard_kind == "patches" or (data.noise or {}).get("applied") == "in_training":
-        return "photos"
-    return "digits"
+    shard_kind = data.shard_kind
+    if (data.noise or {}).get("applied") == "in_training":
+        shard_kind = "patches"
+    return DOMAIN_BY_OLD_SHARD_KIND.get(shard_kind or "", "digits")
 
 
 @dataclass(frozen=True)

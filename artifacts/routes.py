@@ -13,13 +13,11 @@ import os
 
 from artifacts.registry import ModelRef
 from artifacts.resolution import domain_mismatch, resolve_model
+from denoiser.domains import DOMAINS, RECOGNITION_ORDER
 from denoiser.errors import ModelError
 
-#: the domains a folder's images go to (each domain's ``folder_domain``)
-FOLDER_DOMAINS = ("colour", "photos", "digits")
-#: where the images of a domain without a model of its own go, in order of preference
-FALLBACKS = {"colour": ("photos",), "photos": ("colour",), "digits": ()}
-PHOTO_DOMAINS = frozenset({"colour", "photos"})  # each one's model takes the other's images
+#: the domains a folder's images go to (each domain's ``folder_domain``), the most particular first
+FOLDER_DOMAINS = tuple(dict.fromkeys(d.folder_domain for d in RECOGNITION_ORDER))
 
 
 def models_by_domain(store_root: str | os.PathLike, model: str | None = None) -> dict:
@@ -48,17 +46,18 @@ def models_by_domain(store_root: str | os.PathLike, model: str | None = None) ->
 def _own_or_fallback(domain: str, own: dict[str, ModelRef], anything: ModelRef) -> ModelRef:
     if domain in own:
         return own[domain]
-    return next((own[f] for f in FALLBACKS[domain] if f in own), anything)
+    return next((own[f] for f in DOMAINS[domain].fallbacks if f in own), anything)
 
 
 def route_warnings(store_root, routes: dict, domains) -> list[str]:
     """One line per domain of the folder's images whose model learned
     images it cannot take as they are meant (digits for photographs, or the
-    reverse); a photo model for the other photo domain is not warned about."""
+    reverse); a model of one of the domain's fallbacks (the other photo
+    domain's) is not warned about."""
     lines = []
     for domain in sorted(domains or ()):
         ref = routes.get(domain)
-        if ref is None or {ref.domain, domain} <= PHOTO_DOMAINS:
+        if ref is None or (domain in DOMAINS and DOMAINS[domain].takes_model_of(ref.domain)):
             continue
         line = domain_mismatch(store_root, ref, domain)
         if line and line not in lines:

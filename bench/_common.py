@@ -1,5 +1,6 @@
-"""What the benchmark scripts share: paths, the data mirror, peak memory and
-running a measurement in a child process of the same script.
+"""What the benchmark scripts share: paths, the data mirror, peak memory,
+running a measurement in a child process of the same script, and the
+photographs' test protocol (fixed awgn draws, PSNR of clipped outputs).
 
 The scripts run as ``python bench/<name>.py``, so this folder is on
 ``sys.path`` and they import this module as ``_common``.
@@ -9,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MIRROR = REPO.parent / "shared" / "datasets" / "mnist"
@@ -129,3 +133,36 @@ def start_prefect_server(home: Path, log: Path | None = None) -> tuple[subproces
     )
     wait_http(f"{api}/health", proc, "prefect server")
     return proc, api
+
+
+def awgn_test_set(clean: list[np.ndarray], sigmas, seed: int) -> dict[int, list[np.ndarray]]:
+    """The noisy test images, one fixed draw per sigma (0-255 units) of
+    ``y = x + (sigma/255) N(0, 1)`` in every channel: unclipped, unquantised
+    (the protocol of ``../shared/datasets/README.md``)."""
+    rng = np.random.default_rng(seed)
+    return {
+        s: [(x + (s / 255.0) * rng.standard_normal(x.shape)).astype(np.float32) for x in clean]
+        for s in sigmas
+    }
+
+
+def psnr(clean: np.ndarray, out: np.ndarray) -> float:
+    """PSNR (peak 1) of an output clipped to [0, 1], over all its pixels and channels."""
+    mse = float(np.mean((np.clip(out, 0.0, 1.0).astype(np.float64) - clean) ** 2))
+    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def print_sigma_table(rows: dict, meta: dict, sigmas, seconds: str, seconds_header: str) -> None:
+    """The markdown table of mean PSNR per sigma: a row per method (``rows``:
+    name -> sigma -> dB) with its parameters and its ``meta[name][seconds]``
+    (NaN: not measured); a published row without a parameter count shows -."""
+    print(
+        f"| method | params | {seconds_header} | " + " | ".join(f"sigma {s}" for s in sigmas) + " |"
+    )
+    print("|---|---|---|" + "---|" * len(sigmas))
+    for name, figures in rows.items():
+        m = meta[name]
+        cells = [f"{figures[s]:.2f}" if s in figures else "-" for s in sigmas]
+        sec = "-" if math.isnan(m[seconds]) else f"{m[seconds]:.2f}"
+        params = "-" if "published" in name and not m["params"] else f"{m['params']:,}"
+        print(f"| {name} | {params} | {sec} | " + " | ".join(cells) + " |")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import REPO  # noqa: E402
+from _common import REPO, awgn_test_set, print_sigma_table, psnr  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "cset9"
 SIGMAS = (15, 25, 50)
@@ -53,20 +52,6 @@ def load_rgb_pngs(folder: Path, limit: int | None) -> tuple[list[str], list[np.n
         sys.exit(f"no PNG images in {folder}")
     images = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0 for p in paths]
     return [p.name for p in paths], images
-
-
-def noisy_set(clean: list[np.ndarray], sigmas, seed: int) -> dict[int, list[np.ndarray]]:
-    """One fixed draw per sigma, independent in each channel, unclipped."""
-    rng = np.random.default_rng(seed)
-    return {
-        s: [(x + (s / 255.0) * rng.standard_normal(x.shape)).astype(np.float32) for x in clean]
-        for s in sigmas
-    }
-
-
-def psnr(clean: np.ndarray, out: np.ndarray) -> float:
-    mse = float(np.mean((np.clip(out, 0.0, 1.0).astype(np.float64) - clean) ** 2))
-    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
 
 
 def load_model(path: str):
@@ -142,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
 
     names, clean = load_rgb_pngs(args.data, 2 if args.quick else None)
-    noisy = noisy_set(clean, SIGMAS, args.seed)
+    noisy = awgn_test_set(clean, SIGMAS, args.seed)
     rows: dict[str, dict[int, float]] = {}
     meta: dict[str, dict] = {}
     rows["noisy input"], _ = score(lambda y: y, names, clean, noisy)
@@ -176,14 +161,7 @@ def main() -> None:
             meta[name] = {"params": PARAMS.get(name.split(" ")[0], 0), "s_per_image": float("nan")}
 
     print(f"\nCSet9 ({len(clean)} images: {', '.join(names)}), mean PSNR (dB) on RGB, clipped")
-    print("| method | params | s / image | " + " | ".join(f"sigma {s}" for s in SIGMAS) + " |")
-    print("|---|---|---|" + "---|" * len(SIGMAS))
-    for name, figures in rows.items():
-        m = meta[name]
-        cells = [f"{figures[s]:.2f}" if s in figures else "-" for s in SIGMAS]
-        sec = "-" if math.isnan(m["s_per_image"]) else f"{m['s_per_image']:.2f}"
-        params = f"{m['params']:,}" if m["params"] else ("-" if "published" in name else "0")
-        print(f"| {name} | {params} | {sec} | " + " | ".join(cells) + " |")
+    print_sigma_table(rows, meta, SIGMAS, "s_per_image", "s / image")
     print(
         json.dumps(
             {

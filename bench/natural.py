@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import REPO  # noqa: E402
+from _common import REPO, awgn_test_set, print_sigma_table, psnr  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "datasets"
 SIGMAS = (15, 25, 50)
@@ -54,20 +54,6 @@ def load_grey_pngs(folder: Path) -> list[np.ndarray]:
     if not paths:
         sys.exit(f"no PNG images in {folder}")
     return [np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255.0 for p in paths]
-
-
-def noisy_test_set(clean: list[np.ndarray], sigmas, seed: int) -> dict[int, list[np.ndarray]]:
-    """The noisy Set12 images, one fixed draw per sigma: unclipped, unquantised."""
-    rng = np.random.default_rng(seed)
-    return {
-        s: [(x + (s / 255.0) * rng.standard_normal(x.shape)).astype(np.float32) for x in clean]
-        for s in sigmas
-    }
-
-
-def psnr(clean: np.ndarray, out: np.ndarray) -> float:
-    mse = float(np.mean((np.clip(out, 0.0, 1.0).astype(np.float64) - clean) ** 2))
-    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
 
 
 def mean_psnr(clean, outs) -> float:
@@ -340,7 +326,7 @@ def main() -> None:
 
     clean_test = load_grey_pngs(args.data / "set12")
     names = sorted(p.name for p in (args.data / "set12").glob("*.png"))
-    noisy_test = noisy_test_set(clean_test, SIGMAS, args.test_seed)
+    noisy_test = awgn_test_set(clean_test, SIGMAS, args.test_seed)
     if args.quick:  # the first three images (256x256), same noise draw
         clean_test, names = clean_test[:3], names[:3]
         noisy_test = {s: v[:3] for s, v in noisy_test.items()}
@@ -400,14 +386,7 @@ def main() -> None:
     print(
         f"\nSet12 ({len(clean_test)} images), mean PSNR (dB), output clipped to [0, 1]; {load_now()}"
     )
-    print("| method | params | s / 512x512 | " + " | ".join(f"sigma {s}" for s in SIGMAS) + " |")
-    print("|---|---|---|" + "---|" * len(SIGMAS))
-    for name, scores in rows.items():
-        m = meta[name]
-        cells = [f"{scores[s]:.2f}" if s in scores else "-" for s in SIGMAS]
-        s512 = "-" if math.isnan(m["s_per_512"]) else f"{m['s_per_512']:.2f}"
-        params = "-" if "published" in name and not m["params"] else f"{m['params']:,}"
-        print(f"| {name} | {params} | {s512} | " + " | ".join(cells) + " |")
+    print_sigma_table(rows, meta, SIGMAS, "s_per_512", "s / 512x512")
     bm = rows.get("BM3D, bm3d package (measured)")
     if bm:
         print(

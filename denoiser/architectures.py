@@ -257,15 +257,18 @@ def build_colour_unet(input_shape=(None, None, 3), **options):
     return build_photo_unet(input_shape, **{"name": "colour_unet", **options})
 
 
+def unet_recipe(**choices) -> Recipe:
+    """A U-Net's recipe: fully convolutional, grey in and out, halving twice
+    (so sizes are a multiple of 4), with its own training ``choices``."""
+    return Recipe(fully_convolutional=True, input_shape=(None, None, 1), size_multiple=4, **choices)
+
+
 # the photographs' recipe (grey and colour alike): patches of 64, blind awgn sigma 0-55
-PHOTO_RECIPE = Recipe(
+PHOTO_RECIPE = unet_recipe(
     loss="mse",
     lr_schedule="cosine",
     learning_rate=1e-3,
     reframe=0.0,
-    fully_convolutional=True,
-    input_shape=(None, None, 1),
-    size_multiple=4,
     patch_size=64,
     batch_size=32,
     epochs=8,
@@ -286,25 +289,12 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     ),
     "unet": ArchitectureSpec(
         build_unet,
-        Recipe(
-            loss="psnr_ssim",
-            lr_schedule="cosine",
-            learning_rate=2e-3,
-            reframe=0.2,
-            fully_convolutional=True,
-            input_shape=(None, None, 1),
-            size_multiple=4,
-        ),
+        unet_recipe(loss="psnr_ssim", lr_schedule="cosine", learning_rate=2e-3, reframe=0.2),
         "U-Net computing at 1/2 and 1/4 resolution, dilated context block, clipped output; the default",
     ),
     "unet-small": ArchitectureSpec(
         build_unet_small,
-        Recipe(
-            loss="mse",
-            fully_convolutional=True,
-            input_shape=(None, None, 1),
-            size_multiple=4,
-        ),
+        unet_recipe(loss="mse"),
         "two-level U-Net 16/32/64 (issue 4's calibration probe)",
     ),
     "photo_unet": ArchitectureSpec(

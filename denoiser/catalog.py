@@ -14,7 +14,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from denoiser.errors import ConfigError
+from denoiser.errors import ConfigError, look_up
 
 
 def parse_sha256sums(text: str) -> dict[str, str]:
@@ -112,12 +112,13 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def get_dataset(name: str) -> DatasetSpec:
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}"
-        ) from None
+    return look_up(DATASETS, name, "dataset", ConfigError)
+
+
+def is_idx_dataset(name: str) -> bool:
+    """Whether ``name`` is a registered IDX dataset: its files hold its own
+    test images, so a test dataset does not apply to it, nor can it be one."""
+    return name in DATASETS
 
 
 def is_image_dataset(name: str) -> bool:

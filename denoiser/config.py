@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from denoiser.catalog import check_dataset_name, is_image_dataset
+from denoiser.catalog import check_dataset_name, is_idx_dataset
 
 NoiseKind = Literal["gaussian", "salt_and_pepper", "speckle", "poisson", "awgn"]
 LevelDensity = Literal["rising", "uniform"]
@@ -61,7 +61,7 @@ class DataConfig(_Config):
     @field_validator("test_dataset")
     @classmethod
     def _known_test_dataset(cls, value: str | None) -> str | None:
-        if value is not None and not is_image_dataset(check_dataset_name(value)):
+        if value is not None and is_idx_dataset(check_dataset_name(value)):
             raise ValueError(
                 f"test dataset {value!r} is an IDX dataset; a test dataset is a folder of images"
             )
@@ -69,7 +69,7 @@ class DataConfig(_Config):
 
     @model_validator(mode="after")
     def _test_dataset_needs_images(self):
-        if self.test_dataset is not None and not is_image_dataset(self.dataset):
+        if self.test_dataset is not None and is_idx_dataset(self.dataset):
             raise ValueError(
                 f"test_dataset applies to image-folder datasets; {self.dataset} brings its own"
             )

@@ -51,6 +51,7 @@ from denoiser.downloads import (  # noqa: F401 - shared with image datasets
     join_source,
     locate_source,
     normalise_source,
+    open_cache,
     open_source,
     orphan_writer,
     parse_sha256sums,
@@ -239,12 +240,7 @@ def fetch_dataset(
     if test_dataset is not None:
         raise ConfigError(f"test_dataset applies to image-folder datasets; {name} brings its own")
     spec = get_dataset(name)
-    cache = Path(cache_dir)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise cache_write_error(name, cache, exc) from None
-    remove_orphan_temps(cache, "part", log)
+    cache = open_cache(name, cache_dir, log)
     manifest_path = cache / "manifest.json"
     previous = _read_cache_manifest(cache) or {}
 

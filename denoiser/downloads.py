@@ -176,6 +176,19 @@ def cache_write_error(name: str, cache_dir: Path, exc: OSError) -> DownloadError
     return DownloadError(f"{name}: cannot write to the cache {cache_dir}: {exc.strerror or exc}")
 
 
+def open_cache(name: str, cache_dir: str | os.PathLike, log: Any = logger) -> Path:
+    """A dataset's cache folder, made if missing, without the temporaries of
+    an interrupted fetch (:func:`remove_orphan_temps`); a one-line
+    DownloadError when it cannot be made."""
+    cache = Path(cache_dir)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cache_write_error(name, cache, exc) from None
+    remove_orphan_temps(cache, "part", log)
+    return cache
+
+
 def stream_to(stream, out, name: str, cache_dir: Path, hashes: list) -> int:
     """Copy the download into the temporary file; returns its size. Read errors
     are transient (the network), write errors permanent (the disk)."""

@@ -1,6 +1,13 @@
 """Specific exceptions, so callers (the CLI above all) can turn any failure into
 one clear line and an exit code instead of a traceback."""
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its class name when it
@@ -62,3 +69,13 @@ class ModelMismatch(ModelError, ConfigError):
 
 class ImageError(DenoiseError):
     """An image cannot be read, decoded or written."""
+
+
+def look_up(table: Mapping[str, T], name: str, what: str, error: type[DenoiseError]) -> T:
+    """``table[name]``; else ``error`` in one line naming the unknown ``what``
+    and the known names (sorted), for the registries of names (datasets,
+    architectures)."""
+    try:
+        return table[name]
+    except KeyError:
+        raise error(f"unknown {what} {name!r}; known: {', '.join(sorted(table))}") from None

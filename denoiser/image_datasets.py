@@ -52,8 +52,8 @@ from denoiser.downloads import (
     is_http_url,
     locate_source,
     normalise_source,
+    open_cache,
     read_sha256sums,
-    remove_orphan_temps,
     rename_into_cache,
     temp_path,
     write_cache_json,
@@ -238,12 +238,7 @@ def fetch_image_folder(
     A local folder without SHA256SUMS is hashed on every call, so a changed
     file is noticed.
     """
-    cache = Path(cache_dir)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise cache_write_error(name, cache, exc) from None
-    remove_orphan_temps(cache, "part", log)
+    cache = open_cache(name, cache_dir, log)
     previous = _read_folder_manifest(cache)
     before = {
         **{

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from denoiser.architectures import ARCHITECTURES
 from denoiser.cards import Recipe
-from denoiser.errors import ModelError, first_line
+from denoiser.errors import ModelError, first_line, look_up
 from denoiser.files import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -25,12 +25,7 @@ def available_architectures() -> list[str]:
 
 
 def _spec(name: str):
-    try:
-        return ARCHITECTURES[name]
-    except KeyError:
-        raise ModelError(
-            f"unknown architecture {name!r}; known: {', '.join(available_architectures())}"
-        ) from None
+    return look_up(ARCHITECTURES, name, "architecture", ModelError)
 
 
 def architecture_recipe(name: str) -> Recipe:

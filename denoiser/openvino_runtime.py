@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from denoiser.cpu import has_native_bf16
 from denoiser.errors import ModelError, first_line
 from denoiser.files import fsync_dir, read_checked
 
@@ -153,6 +154,15 @@ def precision_to_run(keras_psnr: float, openvino_psnr: float, scored_at: str) ->
     Keras fp32, else ``bf16`` (a CPU without bf16 runs f32 in any case)."""
     lost = keras_psnr - openvino_psnr
     return "f32" if scored_at == "bf16" and lost > MAX_BF16_LOSS_DB else "bf16"
+
+
+def precision_on_cpu(precision: str | None, flags: frozenset[str] | None = None) -> str:
+    """The precision the CPU will run an export at that is to run at
+    ``precision`` (a card's; None: :data:`DEFAULT_PRECISION`): OpenVINO's CPU
+    plugin runs bf16 only where the CPU computes it in hardware (AMX or
+    AVX512-BF16), f32 elsewhere. ``flags`` default to this machine's."""
+    wanted = precision or DEFAULT_PRECISION
+    return "bf16" if wanted == "bf16" and has_native_bf16(flags) else "f32"
 
 
 def _sha256(path: Path) -> str:

@@ -432,7 +432,7 @@ def write_shard_set(
         "splits": {s: _split_record(a) for s, a in splits.items()},
         "shards": records,
     }
-    if noise.get("applied") == "in_training":
+    if noise_in_training(noise):
         manifest["kind"] = "patches"
     _write_manifest(out, manifest)
     log.info("wrote %d shards to %s", len(records), out)
@@ -483,20 +483,21 @@ def split_pairs(
     }
 
 
-def write_dataset_shards(
-    out: Path,
-    dataset: dict,
-    noise: NoiseConfig,
-    train_limit: int | None = None,
-    test_limit: int | None = None,
-    log: Any = logger,
-) -> Path:
-    """Write (finish, repair) the shard set of a fetched dataset into ``out``
-    (a folder ``<dataset>-<key>``): noisy/clean pairs for an IDX dataset, a
-    patch set for a folder of images; the manifest records the config and
-    the sources it was made from."""
-    write = write_patch_set if is_image_set(dataset) else write_pair_set
-    return write(Path(out), dataset, noise, train_limit, test_limit, log)
+def request_meta(
+    out: Path, dataset: dict, config: dict, limits: tuple[int | None, int | None], sources: dict
+) -> dict:
+    """What a shard set's manifest records of the request it was written for:
+    the dataset, its key (the end of the folder's name), the config as it
+    decides the shards, the train and test limits, the sources' identities."""
+    train_limit, test_limit = limits
+    return {
+        "dataset": dataset["dataset"],
+        "key": out.name.rsplit("-", 1)[1],
+        "config": config,
+        "train_limit": train_limit,
+        "test_limit": test_limit,
+        "sources": sources,
+    }
 
 
 def write_pair_set(
@@ -513,14 +514,10 @@ def write_pair_set(
     splits = split_pairs(
         images, labels, test_images, test_labels, noise.validation_fraction, noise.copies
     )
-    meta = {
-        "dataset": dataset["dataset"],
-        "key": out.name.rsplit("-", 1)[1],
-        "config": noise_fields(dataset, noise),
-        "train_limit": train_limit,
-        "test_limit": test_limit,
-        "sources": {r: f["payload_sha256"] for r, f in dataset["files"].items()},
-    }
+    sources = {r: f["payload_sha256"] for r, f in dataset["files"].items()}
+    meta = request_meta(
+        out, dataset, noise_fields(dataset, noise), (train_limit, test_limit), sources
+    )
     return write_shard_set(
         out,
         splits,
@@ -561,16 +558,8 @@ def write_patch_set(
     if domain is not None and channels != 1:  # grey sets' manifests stay as they were
         meta["domain"] = domain
     test = dataset.get("test")
-    meta.update(
-        {
-            "dataset": dataset["dataset"],
-            "key": out.name.rsplit("-", 1)[1],
-            "config": fields,
-            "train_limit": train_limit,
-            "test_limit": test_limit,
-            "sources": {"dataset": dataset.get("location"), "test": test and test.get("location")},
-        }
-    )
+    sources = {"dataset": dataset.get("location"), "test": test and test.get("location")}
+    meta.update(request_meta(out, dataset, fields, (train_limit, test_limit), sources))
     applied = {
         "kind": noise.kind,
         "level": noise.level,
@@ -771,9 +760,16 @@ def split_image_shape(manifest: dict, split: str) -> list[int] | None:
     return record["image_shape"] if "image_shape" in record else manifest["image_shape"]
 
 
+def noise_in_training(noise: dict) -> bool:
+    """Whether a shard set's recorded noise is drawn in training (a patch
+    set: its rows hold clean pixels only) rather than once, when written."""
+    return noise.get("applied") == "in_training"
+
+
 def image_columns(manifest: dict) -> tuple[str, ...]:
-    """The pixel columns a set holds: ``noisy`` and ``clean`` (pairs) or ``clean`` (patches)."""
-    return ("clean",) if manifest.get("kind") == "patches" else ("noisy", "clean")
+    """The pixel columns a set holds: ``clean`` alone when the noise is drawn
+    in training (patches), else ``noisy`` and ``clean`` (pairs)."""
+    return ("clean",) if noise_in_training(manifest.get("noise") or {}) else ("noisy", "clean")
 
 
 def _corrupt(path: str | os.PathLike, exc: BaseException) -> ShardError:

@@ -33,6 +33,7 @@ from denoiser.checkpoints import (
     remove_stale_runs,
 )
 from denoiser.config import TrainConfig
+from denoiser.cpu import has_native_bf16
 from denoiser.domains import domain_of_manifest
 from denoiser.errors import ModelError, first_line
 from denoiser.faults import failpoint
@@ -90,21 +91,6 @@ class DeviceInfo:
         return d | cpu_facts()  # what trained it, whatever the device: the card says
 
 
-BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo: bfloat16 in hardware
-
-
-def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU's feature flags (empty where /proc/cpuinfo is not there)."""
-    try:
-        with open(path) as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def cpu_facts(path: str = "/proc/cpuinfo") -> dict:
     """The CPU's model name (None where /proc/cpuinfo does not say) and how
     many cores this process may use."""
@@ -137,7 +123,7 @@ def plan_device(
         raise ValueError(f"precision must be auto, float32 or bfloat16, not {precision!r}")
     if not gpus:
         # float16 on a CPU is slower and less accurate; "on" is honoured only on GPUs
-        native = bool(set(BF16_CPU_FLAGS) & set(cpu_flags() if flags is None else flags))
+        native = has_native_bf16(flags)
         bf16 = precision == "bfloat16" or (precision == "auto" and native)
         return {
             "kind": "cpu",

@@ -179,10 +179,25 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def given(**options) -> dict:
-    """The options the user gave: the others keep the config's own defaults,
-    which are written down once, in denoiser.config."""
-    return {k: v for k, v in options.items() if v is not None}
+#: the training options named as TrainConfig's fields (epochs: --quick may give it)
+TRAIN_OPTIONS = (
+    "architecture",
+    "batch_size",
+    "learning_rate",
+    "loss",
+    "lr_schedule",
+    "reframe",
+    "seed",
+    "precision",
+)
+
+
+def given(args: argparse.Namespace, *names: str, **options) -> dict:
+    """The options the user gave, the options named as the config's fields
+    (``names``) and the others (``options``): what is left out keeps the
+    config's own default, written down once, in denoiser.config."""
+    named = {name: getattr(args, name) for name in names}
+    return {k: v for k, v in {**named, **options}.items() if v is not None}
 
 
 def _train_configs(args: argparse.Namespace) -> dict:
@@ -200,34 +215,26 @@ def _train_configs(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         return value if value is not None else quick.get(name)
 
-    training = given(
-        architecture=args.architecture,
-        epochs=pick("epochs"),
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        loss=args.loss,
-        lr_schedule=args.lr_schedule,
-        reframe=args.reframe,
-        seed=args.seed,
-        precision=args.precision,
-    )
+    training = given(args, *TRAIN_OPTIONS, epochs=pick("epochs"))
     data = DataConfig(
         **given(
-            dataset=args.dataset,
-            source=args.source,
-            test_dataset=args.test_dataset,
+            args,
+            "dataset",
+            "source",
+            "test_dataset",
             train_limit=pick("train_limit"),
             test_limit=pick("test_limit"),
         )
     )
     noise = domain.noise_from(
         given(
+            args,
+            "copies",
+            "seed",
+            "patch_size",
             kind=args.noise_kind,
             level=args.noise_level,
             level_density=args.level_density,
-            copies=args.copies,
-            seed=args.seed,
-            patch_size=args.patch_size,
             patches_per_image=pick("patches_per_image"),
         )
     )
@@ -235,7 +242,7 @@ def _train_configs(args: argparse.Namespace) -> dict:
         "data": data,
         "noise": noise,
         "training": TrainConfig(**training),
-        "evaluation": EvalConfig(**given(min_psnr_gain=args.min_psnr_gain, sigmas=args.sigmas)),
+        "evaluation": EvalConfig(**given(args, "min_psnr_gain", "sigmas")),
     }
 
 
@@ -574,6 +581,7 @@ def run_models_command(args: argparse.Namespace) -> int:
     from artifacts.builtin import builtin_root, list_builtins
     from artifacts.registry import list_models
     from artifacts.store import Store
+    from denoiser.openvino_runtime import precision_on_cpu
 
     # piped output (scripts, tests) gets whole lines rather than truncated cells
     console = Console() if sys.stdout.isatty() else Console(width=200)
@@ -625,7 +633,8 @@ def run_models_command(args: argparse.Namespace) -> int:
             f"{s['ssim']:.3f}" if s["ssim"] is not None else "",
             ("passed" if m.passed else "failed") if m.card.quality_gate else "not evaluated",
             "yes" if s["litert_sha256"] else "no",  # an export: short folder runs skip TensorFlow
-            (s["openvino_precision"] or "bf16") if s["openvino_xml_sha256"] else "no",
+            # what this CPU will run the export at (a bf16 card runs f32 without bf16 units)
+            precision_on_cpu(s["openvino_precision"]) if s["openvino_xml_sha256"] else "no",
             str(s["created"] or ""),
         )
     console.print(table)

@@ -24,6 +24,7 @@ from denoiser.openvino_runtime import (
     XML_FILE,
     export_openvino,
     load_openvino,
+    precision_on_cpu,
     precision_to_run,
 )
 from denoiser.runtime import EXPORT_TOLERANCE, choose_runtime, openvino_available
@@ -143,6 +144,32 @@ def test_bf16_losing_too_much_runs_at_f32():
     assert precision_to_run(30.0, 30.0 - 2 * MAX_BF16_LOSS_DB, "bf16") == "f32"
     # scored on a CPU without bf16: nothing was lost, nothing to decide on
     assert precision_to_run(30.0, 30.0, "f32") == "bf16"
+
+
+def test_an_export_runs_at_bf16_only_where_the_cpu_computes_it():
+    assert precision_on_cpu("bf16", frozenset({"avx2", "amx_bf16"})) == "bf16"
+    assert precision_on_cpu("bf16", frozenset({"avx512f", "avx512_bf16"})) == "bf16"
+    assert precision_on_cpu(None, frozenset({"amx_bf16"})) == "bf16"  # a card without one
+    assert precision_on_cpu("bf16", frozenset({"avx2", "avx512f"})) == "f32"  # emulated: f32
+    assert precision_on_cpu("f32", frozenset({"amx_bf16"})) == "f32"
+
+
+def test_models_shows_the_precision_this_cpu_runs_the_export_at(exported, tmp_path, capsys):
+    """The card asks for bf16; `denoise models` shows what OpenVINO really
+    compiles the export to on this CPU (f32 where it has no bf16 units)."""
+    from flows.cli import main
+
+    _, folder, facts = exported
+    store = tmp_path / "store"
+    shutil.copytree(folder, store / "models" / VERSION)
+    ran = load_openvino(
+        folder / XML_FILE, folder / BIN_FILE, precision=facts["openvino_precision"]
+    ).precision
+
+    assert main(["--store", str(store), "models"]) == 0
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if VERSION in ln)
+    cells = [c.strip() for c in row.replace("│", "|").split("|")]
+    assert ran in cells and ({"bf16", "f32"} - {ran}).isdisjoint(cells), (ran, row)
 
 
 def test_a_damaged_export_is_refused_with_one_line(exported, tmp_path):

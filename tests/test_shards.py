@@ -469,7 +469,7 @@ def test_noise_fields_leave_patch_fields_out_of_idx_sets_and_fill_them_for_image
 
 def test_a_dataset_of_idx_files_becomes_a_pair_set(tmp_path):
     from denoiser.config import NoiseConfig
-    from denoiser.shards import write_dataset_shards
+    from denoiser.domains import domain_of_manifest
     from tests.test_datasets import idx_bytes
 
     files = {}
@@ -483,7 +483,7 @@ def test_a_dataset_of_idx_files_becomes_a_pair_set(tmp_path):
         path.write_bytes(idx_bytes(arr))
         files[role] = {"name": path.name, "path": str(path), "payload_sha256": role}
     dataset = {"dataset": "tiny", "files": files}
-    out = write_dataset_shards(
+    out = domain_of_manifest(dataset).write_shards(
         tmp_path / "shards" / "tiny-0123", dataset, NoiseConfig(shard_rows=16), 30, 5
     )
     manifest = read_manifest(out)

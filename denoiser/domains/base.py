@@ -49,7 +49,10 @@ class Domain:
     3 RGB); ``shard_kind`` the shard set it trains on (``pairs``: noisy/clean
     pairs written once; ``patches``: clean patches, noise added in training);
     ``folder_domain`` the domain whose model ``denoise folder`` runs its
-    images through (itself when the folder pipeline can run its models).
+    images through (itself when the folder pipeline can run its models);
+    ``fallbacks`` the domains whose models take its images as they are meant
+    (with a channel adaptation), in order of preference, for a store without
+    a model of its own.
     """
 
     name: str
@@ -64,12 +67,18 @@ class Domain:
     resolve_request: RequestResolver
     recognises: Callable[[LoadedImage], bool]
     folder_domain: str = ""
+    fallbacks: tuple[str, ...] = ()
 
     @property
     def noise_in_training(self) -> bool:
         """Whether its shards hold clean images only and training draws the
         noise fresh for every batch (patch sets), rather than noisy/clean pairs."""
         return self.shard_kind == "patches"
+
+    def takes_model_of(self, domain: str) -> bool:
+        """Whether a model of ``domain`` denoises this domain's images as they
+        are meant: its own domain's, or one of its fallbacks'."""
+        return domain == self.name or domain in self.fallbacks
 
     def resolve(self, noise: NoiseConfig, training: TrainConfig) -> tuple[NoiseConfig, TrainConfig]:
         """The request as this domain trains it: ``architecture: auto`` made

@@ -4,8 +4,7 @@ independently in each channel (blind sigma in [0, 55]), an RGB-in RGB-out
 
 from __future__ import annotations
 
-from denoiser.domains.base import Domain
-from denoiser.domains.photos import looks_like_photo, photo_parts
+from denoiser.domains.photos import looks_like_photo, photo_domain
 from denoiser.images import COLOUR_CHROMA, LoadedImage, is_colour
 
 __all__ = ["COLOUR_CHROMA", "COLOUR_PHOTOS", "recognise_colour"]
@@ -16,14 +15,12 @@ def recognise_colour(image: LoadedImage) -> bool:
     return looks_like_photo(image) and is_colour(image)
 
 
-COLOUR_PHOTOS = Domain(
+COLOUR_PHOTOS = photo_domain(
     name="colour",
     words="colour photographs",
     channels=3,
-    shard_kind="patches",
-    default_architecture="colour_unet",
+    architecture="colour_unet",
     train_hint="train one with `denoise train --dataset cbsd432`",
     recognises=recognise_colour,
-    folder_domain="colour",
-    **photo_parts(3, "colour photographs", "colour"),
+    fallbacks=("photos",),
 )

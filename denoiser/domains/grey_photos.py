@@ -3,17 +3,14 @@ each image, blind awgn, ``photo_unet``."""
 
 from __future__ import annotations
 
-from denoiser.domains.base import Domain
-from denoiser.domains.photos import looks_like_photo, photo_parts
+from denoiser.domains.photos import looks_like_photo, photo_domain
 
-GREY_PHOTOS = Domain(
+GREY_PHOTOS = photo_domain(
     name="photos",
     words="photographs",
     channels=1,
-    shard_kind="patches",
-    default_architecture="photo_unet",
+    architecture="photo_unet",
     train_hint="train one with `denoise train --dataset train400` (or --dataset YOUR_FOLDER)",
     recognises=looks_like_photo,
-    folder_domain="photos",
-    **photo_parts(1, "photographs", "photos"),
+    fallbacks=("colour",),
 )

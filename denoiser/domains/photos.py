@@ -6,13 +6,14 @@ number of channels."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
 
 from denoiser.cards import ModelCard
 from denoiser.config import EvalConfig, NoiseConfig, TrainConfig
-from denoiser.domains.base import Judged
+from denoiser.domains.base import Domain, Judged
 from denoiser.errors import ConfigError
 from denoiser.image_datasets import DEFAULT_PATCH_SIZE
 from denoiser.images import LoadedImage
@@ -160,11 +161,30 @@ def evaluate_photos(
     return Judged(metrics, samples, rows, table, caption)
 
 
-def photo_parts(channels: int, words: str, domain: str) -> dict:
-    """The stage functions of a photo domain of ``channels`` channels."""
-    return {
-        "default_noise": blind_awgn,
-        "write_shards": partial(write_patch_set, channels=channels, domain=domain),
-        "evaluate": partial(evaluate_photos, channels=channels),
-        "resolve_request": partial(resolve_photo_request, channels=channels, words=words),
-    }
+def photo_domain(
+    name: str,
+    words: str,
+    channels: int,
+    architecture: str,
+    train_hint: str,
+    recognises: Callable[[LoadedImage], bool],
+    fallbacks: tuple[str, ...],
+) -> Domain:
+    """A photo domain of ``channels`` channels: patch shards with blind awgn
+    drawn in training, the photo recipe's checks, the photo evaluation, its
+    own model for the folder pipeline."""
+    return Domain(
+        name=name,
+        words=words,
+        channels=channels,
+        shard_kind="patches",
+        default_architecture=architecture,
+        train_hint=train_hint,
+        default_noise=blind_awgn,
+        write_shards=partial(write_patch_set, channels=channels, domain=name),
+        evaluate=partial(evaluate_photos, channels=channels),
+        resolve_request=partial(resolve_photo_request, channels=channels, words=words),
+        recognises=recognises,
+        folder_domain=name,
+        fallbacks=fallbacks,
+    )
