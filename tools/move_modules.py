@@ -16,7 +16,8 @@ What it does, in order:
    old names rewritten: ``import denoiser.x``, ``from denoiser.x import``,
    ``from denoiser import x`` (split when its names now live in several
    packages), dotted strings (monkeypatch targets, loggers, ``python -m``,
-   docs) and paths (``denoiser/x.py``);
+   docs) and paths (``denoiser/x.py``; ``denoiser/folder.py`` in prose is left
+   to the folder split, which says where its parts went);
 5. ``ruff`` sorts the imports and formats the Python files it changed.
 
 It is idempotent: a second run, after more branches using the old names are
@@ -164,7 +165,7 @@ def may_import_line(package: str) -> str:
     if not allowed:
         return "May import: nothing of denoiser outside this package."
     names = ", ".join(f"``denoiser.{p}``" for p in allowed)
-    return textwrap.fill(f"May import: {names} (and itself).", width=88)
+    return textwrap.fill(f"May import: {names} (and itself).", width=88, break_on_hyphens=False)
 
 
 def package_docstring(package: str) -> str:
@@ -180,7 +181,7 @@ def _dotted_pattern() -> re.Pattern:
 
 
 def _path_pattern() -> re.Pattern:
-    names = "|".join(sorted([*MODULES, "folder"], key=len, reverse=True))
+    names = "|".join(sorted(MODULES, key=len, reverse=True))
     return re.compile(rf"(?<![\w.-])denoiser/({names})\.py\b")
 
 
@@ -189,8 +190,6 @@ PATHS = _path_pattern()
 
 
 def _new_path(name: str) -> str:
-    if name == "folder":
-        return "denoiser/folder/"
     return "denoiser/" + MODULES[name].replace(".", "/") + ".py"
 
 
@@ -252,6 +251,36 @@ def rewrite_from_denoiser(text: str) -> str:
         text = text[:start] + joiner.join(statements) + text[end:]
         lines = text.splitlines(keepends=True)
     return text
+
+
+FROM_DENOISER_LINE = re.compile(
+    r"^(?P<indent>[ \t]*)from denoiser import (?P<names>\w+(?: as \w+)?(?:, *\w+(?: as \w+)?)*)"
+    r"[ \t]*$",
+    re.M,
+)
+
+
+def rewrite_from_denoiser_lines(text: str) -> str:
+    """The same for whole-line ``from denoiser import x`` outside Python's
+    syntax tree: in the strings of a script a test runs, in docs' examples."""
+
+    def replace(m: re.Match) -> str:
+        names = [n.strip() for n in m.group("names").split(",")]
+        if not any(n.split(" as ")[0] in MODULES for n in names):
+            return m.group(0)
+        groups: dict[str, list[str]] = {}
+        for n in names:
+            name, _, asname = n.partition(" as ")
+            if name in MODULES:
+                package, _, leaf = ("denoiser." + MODULES[name]).rpartition(".")
+                bound = asname or (name if leaf != name else None)
+                groups.setdefault(package, []).append(_alias(leaf, bound))
+            else:
+                groups.setdefault("denoiser", []).append(_alias(name, asname or None))
+        indent = m.group("indent")
+        return "\n".join(f"{indent}from {p} import {', '.join(ns)}" for p, ns in groups.items())
+
+    return FROM_DENOISER_LINE.sub(replace, text)
 
 
 def module_name(root: Path, path: Path) -> str:
@@ -390,6 +419,7 @@ def write_root_docstring(root: Path) -> bool:
             f"- ``{name}``: {' '.join(PACKAGES[name][0].split())}",
             width=88,
             subsequent_indent="  ",
+            break_on_hyphens=False,
         )
         for name in PACKAGES
     )
@@ -483,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         except (UnicodeDecodeError, OSError):
             continue
         new = rewrite_from_denoiser(text) if path.suffix == ".py" else text
-        new = rewrite_text(new)
+        new = rewrite_text(rewrite_from_denoiser_lines(new))
         if new != text:
             path.write_text(new)
             changed.add(path)
