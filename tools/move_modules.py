@@ -48,7 +48,8 @@ PACKAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "core": (
         "The leaves every part may use: the errors, fault points, atomic files and\n"
         "store paths, signal holding, image metrics, the model card and recipe, and\n"
-        "the catalog of registered datasets (what the configs check names against).",
+        "the catalog of registered datasets (what the configs check names against),\n"
+        "and what the CPU can compute.",
         (),
     ),
     "imaging": (
@@ -105,6 +106,7 @@ MODULES: dict[str, str] = {
     "metrics": "core.metrics",
     "cards": "core.cards",
     "catalog": "core.catalog",
+    "cpu": "core.cpu",
     # imaging
     "images": "imaging.images",
     "tiling": "imaging.tiling",
