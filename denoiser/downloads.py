@@ -248,6 +248,23 @@ def write_cache_json(path: Path, data: Any) -> None:
         raise cache_write_error(path.name, path.parent, exc) from None
 
 
+def open_cache(name: str, cache_dir: str | os.PathLike, log: Any = logger) -> Path:
+    """A dataset's cache folder, created if need be and rid of the temporary
+    files killed writers left in it (a DownloadError if it cannot be written)."""
+    cache = Path(cache_dir)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cache_write_error(name, cache, exc) from None
+    remove_orphan_temps(cache, "part", log)
+    return cache
+
+
+def recorded_files(files: dict[str, dict]) -> dict[str, dict]:
+    """The file records as a cache manifest keeps them: without this call's ``status``."""
+    return {r: {k: v for k, v in f.items() if k != "status"} for r, f in files.items()}
+
+
 def cached_file_problem(path: Path, rec: dict) -> str | None:
     """Why the cached file cannot be used as recorded (None if it can): size first, it is free."""
     try:
