@@ -69,3 +69,33 @@ def test_the_training_command_is_recorded_once(tmp_path):
     )
     record_training_command(tmp_path, "denoise train --epochs 3")  # a resumed run's card keeps it
     assert load_card(tmp_path).training_command == "denoise train --epochs 2"
+
+
+def test_training_into_a_bucket_pushes_the_model_with_its_card(
+    s3, tiny_shards, tmp_path, monkeypatch
+):
+    from artifacts.training import train_into_store
+    from denoiser.checkpoints import finish_run
+    from denoiser.config import TrainConfig
+
+    monkeypatch.setenv("DENOISE_CHECKPOINTS", str(tmp_path / "local-checkpoints"))
+    s3.bucket("bkt")
+    store = Store.at("s3://bkt/store")
+    training = TrainConfig(architecture="unet-small", epochs=1, batch_size=16)
+    started = []
+    result, card = train_into_store(
+        store, str(tiny_shards), training, "denoise train --epochs 1", on_start=started.append
+    )
+    version = result["version"]
+    assert [run.version for run in started] == [version]
+    assert result["dir"] == store.model(version)  # the store's location, not the stage's
+    assert card.version == version and card.training_command == "denoise train --epochs 1"
+    stored = store.sizes(store.model(version))
+    assert {"model.keras", "model.json", "history.csv"} <= set(stored)
+    assert (
+        ModelCard.model_validate_json(
+            store.read_bytes(f"{store.model(version)}/model.json")
+        ).training_command
+        == "denoise train --epochs 1"
+    )
+    finish_run(result["checkpoint"])
