@@ -7,9 +7,13 @@ every task formats tables, keys and images the same way.
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from denoiser.cards import ModelCard
 
 _KEY_BAD = re.compile(r"[^a-z0-9-]+")
 
@@ -70,3 +74,56 @@ def table_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             clean[str(k)] = v
         out.append(clean)
     return out
+
+
+LOSS_COLUMNS = ("epoch", "val_psnr", "val_ssim", "loss", "val_loss", "seconds")
+
+
+def loss_rows(card: ModelCard) -> list[dict[str, Any]]:
+    """The training's epochs as table rows: validation PSNR, SSIM and the losses."""
+    return [{k: h.get(k) for k in LOSS_COLUMNS} for h in card.history]
+
+
+def render_model_card(card: ModelCard) -> str:
+    """A model card as a Markdown page: its facts, its training config, its noise."""
+    recipe, data, gate = card.recipe, card.data, card.quality_gate
+    facts = [
+        {"field": "version", "value": card.version},
+        {"field": "architecture", "value": card.architecture},
+        {"field": "parameters", "value": f"{card.params:,}"},
+        {"field": "loss", "value": recipe.loss},
+        {
+            "field": "learning rate",
+            "value": f"{recipe.learning_rate:g} ({recipe.lr_schedule})",
+        },
+        {"field": "reframed pairs", "value": f"{recipe.reframe:.0%}"},
+        {"field": "device", "value": card.device["description"]},
+        {"field": "precision", "value": card.precision or "float32"},
+        {"field": "training time (s)", "value": card.seconds},
+        {"field": "epochs run", "value": card.epochs_run},
+        {"field": "best validation loss", "value": card.best_val_loss},
+        {
+            "field": "trained on",
+            "value": f"{data.dataset} ({data.domain or 'digits'}, {data.shard_kind}, "
+            f"{data.channels or 1} channel{'s' if (data.channels or 1) > 1 else ''})",
+        },
+        {
+            "field": "test images",
+            "value": data.test_dataset or "the dataset's own test split",
+        },
+        {"field": "patch size", "value": data.patch_size or "whole images"},
+        {"field": "data manifest sha256", "value": data.manifest_sha256},
+        {"field": "shards", "value": data.shards_dir},
+        {"field": "model file sha256", "value": card.model_sha256 or "not recorded"},
+        {
+            "field": "TensorFlow / Keras",
+            "value": f"{card.versions['tensorflow']} / {card.versions['keras']}",
+        },
+    ]
+    if gate:
+        facts.append({"field": "quality gate", "value": "PASSED" if gate.passed else "FAILED"})
+    config = "\n".join(f"- `{k}`: {v}" for k, v in card.training.items())
+    return (
+        f"# Model card: {card.version}\n\n{markdown_table(facts)}\n\n"
+        f"## Training config\n\n{config}\n\n## Noise\n\n`{json.dumps(data.noise)}`\n"
+    )

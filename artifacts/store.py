@@ -96,8 +96,10 @@ class Store:
     url: str
 
     @classmethod
-    def at(cls, root: str | os.PathLike | None = None) -> Store:
-        return cls(resolve_store_root(root))
+    def at(cls, root: Store | str | os.PathLike | None = None) -> Store:
+        """The store at ``root`` (a path or URL, by default ``$DENOISE_STORE`` or
+        ``./store``); a Store is itself."""
+        return root if isinstance(root, Store) else cls(resolve_store_root(root))
 
     @property
     def remote(self) -> bool:
@@ -182,10 +184,8 @@ class Store:
         ``files`` of it, when given), handed to the body, and what the body made
         pushed when it returns, the ``last`` names after the others. For a
         local store the folder is the store's own (nothing copied)."""
-        with self.stage() as stage:
-            folder = stage.pull(location, files)
+        with self.stage() as stage, stage.staged(location, files, last) as folder:
             yield folder
-            stage.push(folder, last=last)
 
     # ------------------------------------------------------------------ object storage
     @cached_property
@@ -433,6 +433,52 @@ class Stage(Store):
         if isinstance(value, str) and value.startswith(self.store.url + "/"):
             return str(self.local(value))
         return value
+
+    @contextmanager
+    def staged(
+        self,
+        location: str | os.PathLike,
+        files: Iterable[str] | None = None,
+        last: Iterable[str] = ("manifest.json", "model.json"),
+        retract: bool = False,
+        store_urls: Iterable[str] = (),
+    ) -> Iterator[Path]:
+        """:meth:`Store.staged` on this stage: the folder pulled, handed to the
+        body, and pushed when it returns (``last`` and ``retract`` as in
+        :meth:`push`); ``store_urls``: the folder's JSON files (cache
+        manifests) whose staged paths become store locations before the push."""
+        with self.staged_folders([location], files, last, retract, store_urls) as (folder,):
+            yield folder
+
+    @contextmanager
+    def staged_folders(
+        self,
+        locations: Iterable[str | os.PathLike],
+        files: Iterable[str] | None = None,
+        last: Iterable[str] = ("manifest.json", "model.json"),
+        retract: bool = False,
+        store_urls: Iterable[str] = (),
+    ) -> Iterator[list[Path]]:
+        """Several folders staged as by :meth:`staged`: pulled in order, pushed
+        in the same order when the body returns (nothing pushed if it raises). A
+        local store's folders are its own, left for the body to make."""
+        folders = [self.pull(loc, files) if self.syncs else Path(loc) for loc in locations]
+        yield folders
+        for folder in folders:
+            for name in store_urls:
+                self.store_json_urls(folder / name)
+            self.push(folder, last=last, retract=retract)
+
+    def pull_dataset(self, dataset: dict) -> dict:
+        """A dataset manifest's raw files (its folder's, its test folder's)
+        pulled, and the manifest with their staged paths, for a body that reads
+        them as local files."""
+        if not self.syncs:
+            return dataset
+        dataset = self.to_local(dataset)
+        for folder in {dataset["dir"], (dataset.get("test") or {}).get("dir")} - {None}:
+            self.pull(folder)
+        return dataset
 
     def pull(self, path: str | os.PathLike, files: Iterable[str] | None = None) -> Path:
         """Bring a store folder (or only ``files`` of it) into the stage; returns

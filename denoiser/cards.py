@@ -165,3 +165,16 @@ def load_card(folder: str | Path) -> ModelCard:
     if card is None:
         raise ModelError(f"{folder} has no model card ({CARD_FILE})")
     return card
+
+
+def record_training_command(folder: str | Path, command: str | None) -> ModelCard:
+    """The card in the local model folder ``folder``, with ``command`` (the
+    ``denoise train`` command that trains the model again) written into it
+    when it records none yet."""
+    from denoiser.files import write_text_atomic
+
+    card = load_card(folder)
+    if command and card.training_command is None:
+        card = card.model_copy(update={"training_command": command})
+        write_text_atomic(Path(folder) / CARD_FILE, card.to_json())
+    return card

@@ -56,6 +56,7 @@ from denoiser.downloads import (  # noqa: F401 - shared with image datasets
     orphan_writer,
     parse_sha256sums,
     read_sha256sums,
+    recorded_files,
     remove_orphan_temps,
     rename_into_cache,
     stream_to,
@@ -241,9 +242,31 @@ def fetch_dataset(
         raise ConfigError(f"test_dataset applies to image-folder datasets; {name} brings its own")
     spec = get_dataset(name)
     cache = open_cache(name, cache_dir, log)
-    manifest_path = cache / "manifest.json"
-    previous = _read_cache_manifest(cache) or {}
+    files, missing = _cached_files(spec, cache, _read_cache_manifest(cache) or {}, log)
+    if missing:
+        _fetch_missing(spec, source, cache, files, missing, log)
+    _check_counts(files)
+    manifest = {
+        "dataset": name,
+        "dir": str(cache),
+        "image_shape": list(spec.image_shape),
+        "classes": list(spec.classes),
+        "files": files,
+    }
+    if missing:
+        write_cache_json(
+            cache / "manifest.json",
+            {**manifest, "complete": True, "files": recorded_files(files)},
+        )
+    return manifest
 
+
+def _cached_files(
+    spec: DatasetSpec, cache: Path, previous: dict, log: Any
+) -> tuple[dict[str, dict], list[str]]:
+    """The records of the files found in the cache as ``previous`` (its cache
+    manifest) recorded them, and the roles to fetch: absent, or damaged (a
+    warning on ``log`` naming it)."""
     files: dict[str, dict] = {}
     missing = []
     for role in ROLES:
@@ -261,58 +284,44 @@ def fetch_dataset(
         if rec:
             log.warning("%s: %s; fetching it again", path, problem)
         missing.append(role)
+    return files, missing
 
-    if missing:
-        resolved, sums = locate_source(
-            spec.name, spec.origin, spec.files["train_images"].filename, source
+
+def _fetch_missing(
+    spec: DatasetSpec,
+    source: str | None,
+    cache: Path,
+    files: dict[str, dict],
+    missing: list[str],
+    log: Any,
+) -> None:
+    """Fetch the ``missing`` roles into the cache and ``files``, each recorded in
+    the (incomplete) cache manifest at once: a retry after a later failure does
+    not fetch it again."""
+    resolved, sums = locate_source(
+        spec.name, spec.origin, spec.files["train_images"].filename, source
+    )
+    for role in missing:
+        log.info("fetching %s from %s", spec.files[role].filename, resolved)
+        files[role] = {
+            **_fetch_one(resolved, spec.files[role], cache, sums),
+            "status": "fetched",
+        }
+        write_cache_json(
+            cache / "manifest.json",
+            {"dataset": spec.name, "complete": False, "files": recorded_files(files)},
         )
-        for role in missing:
-            log.info("fetching %s from %s", spec.files[role].filename, resolved)
-            files[role] = {
-                **_fetch_one(resolved, spec.files[role], cache, sums),
-                "status": "fetched",
-            }
-            # recorded at once: a retry after a later failure does not fetch this file again
-            write_cache_json(
-                manifest_path,
-                {
-                    "dataset": name,
-                    "complete": False,
-                    "files": {
-                        r: {k: v for k, v in f.items() if k != "status"} for r, f in files.items()
-                    },
-                },
-            )
 
-    counts = {
-        split: (files[f"{split}_images"]["shape"][0], files[f"{split}_labels"]["shape"][0])
-        for split in ("train", "test")
-    }
-    for split, (n_img, n_lab) in counts.items():
+
+def _check_counts(files: dict[str, dict]) -> None:
+    """Each split's images and labels agree in number (an IDXFormatError naming both files)."""
+    for split in ("train", "test"):
+        images, labels = files[f"{split}_images"], files[f"{split}_labels"]
+        n_img, n_lab = images["shape"][0], labels["shape"][0]
         if n_img != n_lab:
             raise IDXFormatError(
-                f"{files[f'{split}_images']['name']} has {n_img} images but "
-                f"{files[f'{split}_labels']['name']} has {n_lab} labels"
+                f"{images['name']} has {n_img} images but {labels['name']} has {n_lab} labels"
             )
-    manifest = {
-        "dataset": name,
-        "dir": str(cache),
-        "image_shape": list(spec.image_shape),
-        "classes": list(spec.classes),
-        "files": files,
-    }
-    if missing:
-        write_cache_json(
-            manifest_path,
-            {
-                **manifest,
-                "complete": True,
-                "files": {
-                    r: {k: v for k, v in f.items() if k != "status"} for r, f in files.items()
-                },
-            },
-        )
-    return manifest
 
 
 def load_images(

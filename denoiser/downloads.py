@@ -176,19 +176,6 @@ def cache_write_error(name: str, cache_dir: Path, exc: OSError) -> DownloadError
     return DownloadError(f"{name}: cannot write to the cache {cache_dir}: {exc.strerror or exc}")
 
 
-def open_cache(name: str, cache_dir: str | os.PathLike, log: Any = logger) -> Path:
-    """A dataset's cache folder, made if missing, without the temporaries of
-    an interrupted fetch (:func:`remove_orphan_temps`); a one-line
-    DownloadError when it cannot be made."""
-    cache = Path(cache_dir)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise cache_write_error(name, cache, exc) from None
-    remove_orphan_temps(cache, "part", log)
-    return cache
-
-
 def stream_to(stream, out, name: str, cache_dir: Path, hashes: list) -> int:
     """Copy the download into the temporary file; returns its size. Read errors
     are transient (the network), write errors permanent (the disk)."""
@@ -259,6 +246,23 @@ def write_cache_json(path: Path, data: Any) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise cache_write_error(path.name, path.parent, exc) from None
+
+
+def open_cache(name: str, cache_dir: str | os.PathLike, log: Any = logger) -> Path:
+    """A dataset's cache folder, created if need be and rid of the temporary
+    files killed writers left in it (a DownloadError if it cannot be written)."""
+    cache = Path(cache_dir)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cache_write_error(name, cache, exc) from None
+    remove_orphan_temps(cache, "part", log)
+    return cache
+
+
+def recorded_files(files: dict[str, dict]) -> dict[str, dict]:
+    """The file records as a cache manifest keeps them: without this call's ``status``."""
+    return {r: {k: v for k, v in f.items() if k != "status"} for r, f in files.items()}
 
 
 def cached_file_problem(path: Path, rec: dict) -> str | None:

@@ -54,6 +54,7 @@ from denoiser.downloads import (
     normalise_source,
     open_cache,
     read_sha256sums,
+    recorded_files,
     rename_into_cache,
     temp_path,
     write_cache_json,
@@ -240,37 +241,79 @@ def fetch_image_folder(
     """
     cache = open_cache(name, cache_dir, log)
     previous = _read_folder_manifest(cache)
-    before = {
+    origin = _ImageOrigin(name, source)
+    files, skipped = _gather_images(origin, _previous_records(previous), cache, log)
+    if not files:
+        first = f" (first: {skipped[0]['name']}: {skipped[0]['reason']})" if skipped else ""
+        raise ImageError(f"{name}: no readable image{first}; {len(skipped)} skipped")
+    manifest = {
+        "dataset": dataset_slug(name),
+        "kind": "images",
+        "name": name,
+        "location": origin.location or previous.get("location"),
+        "dir": str(cache),
+        "files": files,
+        "skipped": skipped,
+    }
+    stored = {**manifest, "complete": True, "files": recorded_files(files)}
+    if stored != previous:
+        write_cache_json(cache / "manifest.json", stored)
+    return manifest
+
+
+SKIPPED_FIELDS = ("name", "reason", "sha256", "bytes")
+
+
+class _ImageOrigin:
+    """Where a folder's images come from and which it holds (name -> expected
+    sha256, None when a local folder without SHA256SUMS does not say): a
+    registered dataset's source is located only when a file must be fetched."""
+
+    def __init__(self, name: str, source: str | None):
+        spec = IMAGE_DATASETS.get(name)
+        self.location: str | None = None
+        self.sums: dict[str, str] | None = None
+        self._spec, self._source = spec, source
+        if spec is not None:
+            self.expected: dict[str, str | None] = dict(spec.files())
+        else:
+            self.location = normalise_location(name)
+            self.sums = read_sha256sums(self.location)
+            self.expected = list_location(self.location, self.sums)
+
+    def locate(self) -> tuple[str, dict[str, str] | None]:
+        """The location to fetch from and its checksums, looked up once."""
+        if self.location is None:
+            spec = self._spec
+            self.location, self.sums = locate_source(
+                spec.name, spec.origin, next(iter(self.expected)), self._source
+            )
+        return self.location, self.sums
+
+
+def _previous_records(previous: dict) -> dict[str, dict]:
+    """A cache manifest's records by file name: its skipped files and its files."""
+    return {
         **{
             s["name"]: s for s in previous.get("skipped", []) if isinstance(s, dict) and "name" in s
         },
         **{n: r for n, r in (previous.get("files") or {}).items() if isinstance(r, dict)},
     }
-    spec = IMAGE_DATASETS.get(name)
 
-    location = sums = None
-    if spec is not None:
-        expected: dict[str, str | None] = dict(spec.files())
 
-        def where() -> tuple[str, dict[str, str] | None]:
-            return locate_source(spec.name, spec.origin, next(iter(expected)), source)
-    else:
-        location = normalise_location(name)
-        sums = read_sha256sums(location)
-        expected = list_location(location, sums)
-
-        def where() -> tuple[str, dict[str, str] | None]:
-            return location, sums
-
+def _gather_images(
+    origin: _ImageOrigin, before: dict[str, dict], cache: Path, log: Any
+) -> tuple[dict[str, dict], list[dict]]:
+    """Every expected file's record, cached or fetched, and the files skipped
+    (known to fail again with the same content, or failing to decode now)."""
     files: dict[str, dict] = {}
     skipped: list[dict] = []
-    for rel in expected:
-        want = expected[rel]
+    for rel, want in origin.expected.items():
         if want is None:  # a local folder without SHA256SUMS: its content decides
-            want = _local_sha(location, rel)
+            want = _local_sha(origin.location, rel)
         rec = before.get(rel)
         if isinstance(rec, dict) and "reason" in rec and rec.get("sha256") == want:
-            skipped.append({k: rec[k] for k in ("name", "reason", "sha256", "bytes") if k in rec})
+            skipped.append({k: rec[k] for k in SKIPPED_FIELDS if k in rec})
             log.warning("%s: %s; skipped", rel, rec["reason"])
             continue
         if isinstance(rec, dict) and "reason" not in rec and _reusable(cache, rec, want):
@@ -282,35 +325,15 @@ def fetch_image_folder(
                 cache / rel,
                 cached_file_problem(cache / rel, rec) or "changed",
             )
-        if location is None:
-            location, sums = where()
+        location, sums = origin.locate()
         log.info("fetching %s from %s", rel, location)
         fetched, data = _fetch_image(location, rel, cache / rel, want, sums)
         if data is None:
             log.warning("%s: %s; skipped", rel, fetched["reason"])
-            skipped.append({k: fetched[k] for k in ("name", "reason", "sha256", "bytes")})
+            skipped.append({k: fetched[k] for k in SKIPPED_FIELDS})
             continue
         files[rel] = {**fetched, "status": "fetched"}
-    if not files:
-        first = f" (first: {skipped[0]['name']}: {skipped[0]['reason']})" if skipped else ""
-        raise ImageError(f"{name}: no readable image{first}; {len(skipped)} skipped")
-    manifest = {
-        "dataset": dataset_slug(name),
-        "kind": "images",
-        "name": name,
-        "location": location or previous.get("location"),
-        "dir": str(cache),
-        "files": files,
-        "skipped": skipped,
-    }
-    stored = {
-        **manifest,
-        "complete": True,
-        "files": {r: {k: v for k, v in f.items() if k != "status"} for r, f in files.items()},
-    }
-    if stored != previous:
-        write_cache_json(cache / "manifest.json", stored)
-    return manifest
+    return files, skipped
 
 
 def fetch_image_dataset(
@@ -440,40 +463,14 @@ def build_image_splits(
     """
     size = patch_size or DEFAULT_PATCH_SIZE
     per_image = patches_per_image or DEFAULT_PATCHES_PER_IMAGE
-    own = _entries(dataset, "dataset")[:train_limit]
     test_manifest = dataset.get("test")
     held_out = None if test_manifest else dataset.get("held_out_test") or HELD_OUT_TEST_SHARE
-    assigned = split_by_content(
-        {e["name"]: e["sha256"] for e in own}, validation_fraction, held_out
-    )
-    for entry in own:
-        entry["split"] = assigned[entry["name"]]
-    tests = _entries(test_manifest, "test") if test_manifest else []
-    for entry in tests:
-        entry["split"] = "test"
-    images = own + tests
+    images = _assign_splits(dataset, validation_fraction, held_out, train_limit)
     test_rows = [i for i, e in enumerate(images) if e["split"] == "test"][:test_limit]
-    too_small = []
-    for e in own:
-        if e["split"] != "test" and (e["height"] < size or e["width"] < size):
-            too_small.append(e["name"])
-            log.warning(
-                "%s: %dx%d is smaller than a %dx%d patch; not used for training",
-                e["name"],
-                e["width"],
-                e["height"],
-                size,
-                size,
-            )
-
-    def rows_of(split: str) -> list[int]:
-        return [
-            i for i, e in enumerate(images) if e["split"] == split and e["name"] not in too_small
-        ]
-
+    too_small = _too_small(images, size, log)
     splits = {}
     for split in ("train", "validation", "test"):
-        picked = test_rows if split == "test" else rows_of(split)
+        picked = test_rows if split == "test" else _rows_of(images, split, too_small)
         if not picked:
             from denoiser.errors import ShardError
 
@@ -505,3 +502,45 @@ def build_image_splits(
     if channels != 1:  # grey sets' manifests stay as they were
         meta["channels"] = channels
     return splits, meta
+
+
+def _assign_splits(
+    dataset: dict, validation_fraction: float, held_out: float | None, train_limit: int | None
+) -> list[dict]:
+    """The images of a split (its first ``train_limit`` by name, then its test
+    folder's), each entry with its ``split``: the dataset's own by content
+    hash (``held_out`` of them as test when there is no test folder), the
+    test folder's all test."""
+    own = _entries(dataset, "dataset")[:train_limit]
+    assigned = split_by_content(
+        {e["name"]: e["sha256"] for e in own}, validation_fraction, held_out
+    )
+    for entry in own:
+        entry["split"] = assigned[entry["name"]]
+    tests = _entries(dataset["test"], "test") if dataset.get("test") else []
+    for entry in tests:
+        entry["split"] = "test"
+    return own + tests
+
+
+def _too_small(images: list[dict], size: int, log: Any) -> list[str]:
+    """The dataset's own training and validation images smaller than a patch
+    (a warning on ``log`` for each): kept out of those splits."""
+    too_small = []
+    for e in images:
+        if e["split"] != "test" and (e["height"] < size or e["width"] < size):
+            too_small.append(e["name"])
+            log.warning(
+                "%s: %dx%d is smaller than a %dx%d patch; not used for training",
+                e["name"],
+                e["width"],
+                e["height"],
+                size,
+                size,
+            )
+    return too_small
+
+
+def _rows_of(images: list[dict], split: str, too_small: list[str]) -> list[int]:
+    """The positions of a split's images, without those too small for a patch."""
+    return [i for i, e in enumerate(images) if e["split"] == split and e["name"] not in too_small]

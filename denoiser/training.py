@@ -281,18 +281,43 @@ def make_dataset(
     every epoch in training (from ``seed`` and the epoch), and from a fixed
     seed for validation so that its loss is comparable across epochs.
     """
-    import numpy as np
     import tensorflow as tf
 
     manifest = read_manifest(shards_dir)
     shape = tuple(manifest["image_shape"])
     rows = split_rows(shards_dir, split)
     fresh_noise = domain_of_manifest(manifest).noise_in_training
-    columns = ("clean",) if fresh_noise else ("noisy", "clean")
-    epoch = {"n": 0}
-
     # Python hands over blocks of whole batches; tf.data cuts them into batches in C++
     block = batch_size * max(1, 4096 // batch_size)
+    generate = _block_source(shards_dir, split, block, shuffle_buffer, seed, training, fresh_noise)
+    spec = tf.TensorSpec(shape=(None, *shape), dtype=tf.uint8)
+    seeds = tf.TensorSpec(shape=(None,), dtype=tf.int64)
+    signature = (spec, seeds) if fresh_noise else (spec, spec)
+    ds = tf.data.Dataset.from_generator(generate, output_signature=signature).rebatch(batch_size)
+    ds = ds.map(
+        _float_pairs(manifest, shape, training, reframe, fresh_noise),
+        num_parallel_calls=PARALLEL_MAPS,
+    )
+    ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(rows / batch_size)))
+    return ds.prefetch(PREFETCH_BATCHES).with_options(_without_autotune_model())
+
+
+def _block_source(
+    shards_dir,
+    split: str,
+    block: int,
+    shuffle_buffer: int,
+    seed: int,
+    training: bool,
+    fresh_noise: bool,
+) -> Callable:
+    """The generator function :func:`make_dataset` streams from: blocks of
+    ``block`` uint8 rows, shuffled anew each training epoch (from ``seed`` and
+    the epoch); for a patch set, the clean rows and a noise seed per row."""
+    import numpy as np
+
+    columns = ("clean",) if fresh_noise else ("noisy", "clean")
+    epoch = {"n": 0}
 
     def generate():
         epoch_seed = seed * 100_003 + epoch["n"] if training else None
@@ -314,10 +339,14 @@ def make_dataset(
                 arrays = (*arrays, noise_rng.integers(0, 2**62, len(arrays[0]), dtype=np.int64))
             yield arrays
 
-    spec = tf.TensorSpec(shape=(None, *shape), dtype=tf.uint8)
-    seeds = tf.TensorSpec(shape=(None,), dtype=tf.int64)
-    signature = (spec, seeds) if fresh_noise else (spec, spec)
-    ds = tf.data.Dataset.from_generator(generate, output_signature=signature).rebatch(batch_size)
+    return generate
+
+
+def _float_pairs(manifest: dict, shape: tuple, training: bool, reframe: float, fresh_noise: bool):
+    """The graph function that turns a uint8 batch into a float32 (noisy, clean)
+    pair: the stored pair scaled, or for a patch set awgn added to the clean
+    patches; in training, ``reframe`` of the pairs recut from mosaics."""
+    import tensorflow as tf
 
     def recut(noisy, clean):
         if training and reframe > 0:
@@ -336,15 +365,12 @@ def make_dataset(
             clean = tf.cast(clean, tf.float32) / 255.0
             return recut(awgn_batch(clean, sigmas, seeds[0], density), clean)
 
-        ds = ds.map(noisy_pair, num_parallel_calls=PARALLEL_MAPS)
-    else:
+        return noisy_pair
 
-        def to_float(noisy, clean):
-            return recut(tf.cast(noisy, tf.float32) / 255.0, tf.cast(clean, tf.float32) / 255.0)
+    def to_float(noisy, clean):
+        return recut(tf.cast(noisy, tf.float32) / 255.0, tf.cast(clean, tf.float32) / 255.0)
 
-        ds = ds.map(to_float, num_parallel_calls=PARALLEL_MAPS)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(rows / batch_size)))
-    return ds.prefetch(PREFETCH_BATCHES).with_options(_without_autotune_model())
+    return to_float
 
 
 def _without_autotune_model():
@@ -655,31 +681,12 @@ def train_model(
     shape = tuple(manifest["image_shape"])
     _check_input_shape(training, plan.recipe, shape)
 
-    model_path = out / "model.keras"
-    history_path = backup / "history.jsonl"
-    start = time.perf_counter()
-    model = _finished_model(model_path)
-    if model is None:
-        model = _fit_new_model(
-            shards_dir, training, plan, device, shape, out, backup, on_epoch_end, show_progress, log
-        )
-        model = as_float32(model, training.architecture, shape, plan.recipe.fully_convolutional)
-        file_facts = save_model_file(model, model_path)
-        failpoint("train.after_model_saved")
-        seconds = time.perf_counter() - start
-    else:  # killed after saving the model: the fit is done, only the card is missing
-        file_facts = {
-            "model_sha256": file_sha256(model_path),
-            "model_bytes": model_path.stat().st_size,
-        }
-        seconds = None
+    model, file_facts, seconds = _saved_or_fitted_model(
+        shards_dir, training, plan, device, shape, out, backup, on_epoch_end, show_progress, log
+    )
+    file_facts |= _export_runtimes(model, out)
 
-    # a TensorFlow-free copy for short folder runs, when the model converts
-    file_facts |= export_litert(model, out / LITERT_FILE, probe_shape(model))
-    # the CPU runtime of folder runs (model.xml, model.bin), when the model converts
-    file_facts |= export_openvino(model, out, probe_shape(model))
-
-    history = _read_history(history_path)
+    history = _read_history(backup / "history.jsonl")
     if seconds is None:
         seconds = sum(h.get("seconds", 0.0) for h in history)
     _write_history_csv(out / "history.csv", history)
@@ -697,15 +704,61 @@ def train_model(
     )
     write_text_atomic(out / CARD_FILE, card.to_json())
     keras.mixed_precision.set_global_policy("float32")
+    return _training_summary(card, out, device)
+
+
+def _saved_or_fitted_model(
+    shards_dir,
+    training: TrainConfig,
+    plan: TrainingPlan,
+    device,
+    shape: tuple,
+    out: Path,
+    backup: Path,
+    on_epoch_end,
+    show_progress: bool,
+    log,
+) -> tuple[Any, dict, float | None]:
+    """The model in ``out/model.keras``, its file's facts and the fit's seconds:
+    the one a killed run saved before writing its card (seconds None: the fit
+    is done, only the card is missing), else a new fit saved there in float32."""
+    model_path = out / "model.keras"
+    start = time.perf_counter()
+    model = _finished_model(model_path)
+    if model is not None:
+        file_facts = {
+            "model_sha256": file_sha256(model_path),
+            "model_bytes": model_path.stat().st_size,
+        }
+        return model, file_facts, None
+    model = _fit_new_model(
+        shards_dir, training, plan, device, shape, out, backup, on_epoch_end, show_progress, log
+    )
+    model = as_float32(model, training.architecture, shape, plan.recipe.fully_convolutional)
+    file_facts = save_model_file(model, model_path)
+    failpoint("train.after_model_saved")
+    return model, file_facts, time.perf_counter() - start
+
+
+def _export_runtimes(model, out: Path) -> dict:
+    """The model's exports beside it, when it converts, and their files' facts:
+    a TensorFlow-free copy for short folder runs (LiteRT) and the CPU runtime
+    of folder runs (OpenVINO: model.xml, model.bin)."""
+    facts = export_litert(model, out / LITERT_FILE, probe_shape(model))
+    return facts | export_openvino(model, out, probe_shape(model))
+
+
+def _training_summary(card: ModelCard, out: Path, device) -> dict:
+    """What a training returns to its caller: the model's folder and the card's headline facts."""
     return {
         "version": card.version,
         "dir": str(out),
         "model_path": str(out / "model.keras"),
-        "architecture": training.architecture,
+        "architecture": card.architecture,
         "params": card.params,
         "device": device.describe(),
         "seconds": card.seconds,
-        "epochs_run": len(history),
+        "epochs_run": card.epochs_run,
         "best_val_loss": card.best_val_loss,
     }
 
@@ -741,6 +794,149 @@ def _check_input_shape(training: TrainConfig, recipe: Recipe, shape: tuple) -> N
         )
 
 
+class _FitInputs(NamedTuple):
+    """What a fit reads: the streamed splits, the batch and step counts, and
+    the validation pairs scored every epoch."""
+
+    train: Any
+    validation: Any
+    global_batch: int
+    steps: int
+    scored_noisy: Any
+    scored_clean: Any
+
+
+def _fit_inputs(shards_dir, training: TrainConfig, plan: TrainingPlan, device) -> _FitInputs:
+    """The training and validation datasets of a fit, one global batch per step
+    across the device's replicas, and the scored validation pairs."""
+    global_batch = training.batch_size * device.replicas
+    train_ds = make_dataset(
+        shards_dir,
+        "train",
+        global_batch,
+        training.shuffle_buffer,
+        training.seed,
+        True,
+        plan.reframe,
+    )
+    val_ds = make_dataset(shards_dir, "validation", global_batch, training=False)
+    steps = math.ceil(split_rows(shards_dir, "train") / global_batch)
+    scored_noisy, scored_clean = validation_sample(val_ds)  # the same pairs every epoch
+    return _FitInputs(train_ds, val_ds, global_batch, steps, scored_noisy, scored_clean)
+
+
+def _compiled_model(training: TrainConfig, plan: TrainingPlan, device, shape: tuple, steps: int):
+    """The architecture built (for ``shape`` when it is tied to its frame) and
+    compiled with the plan's loss and learning-rate schedule, on the device's strategy."""
+    import keras
+
+    from denoiser.losses import make_loss
+
+    with device.strategy.scope() if device.strategy is not None else contextlib.nullcontext():
+        built = build_model(
+            training.architecture, shape if not plan.recipe.fully_convolutional else None
+        )
+        built.compile(
+            optimizer=keras.optimizers.Adam(
+                learning_rate(plan.learning_rate, plan.schedule, training.epochs * steps)
+            ),
+            loss=make_loss(plan.loss),
+        )
+    return built
+
+
+def _log_fit_start(log, model, training: TrainConfig, plan: TrainingPlan, device, inputs) -> None:
+    """The lines saying what is trained, and the scored validation images' noisy baseline."""
+    import numpy as np
+
+    log(
+        "training %s (%s parameters, loss %s, %s learning rate from %g, batch %d, %d%% reframed) "
+        "on %s",
+        training.architecture,
+        f"{count_params(model):,}",
+        plan.loss,
+        plan.schedule,
+        plan.learning_rate,
+        inputs.global_batch,
+        round(100 * plan.reframe),
+        device.describe(),
+    )
+    if len(inputs.scored_clean):
+        noisy_scores = scores(inputs.scored_clean, np.clip(inputs.scored_noisy, 0.0, 1.0))
+        log(
+            "each epoch is scored on the first %d validation images: PSNR and SSIM of the "
+            "model's outputs (their noisy inputs: PSNR %.2f dB, SSIM %.3f)",
+            len(inputs.scored_clean),
+            noisy_scores["psnr"],
+            noisy_scores["ssim"],
+        )
+
+
+def _fit(
+    model,
+    shards_dir,
+    training: TrainConfig,
+    inputs: _FitInputs,
+    out: Path,
+    backup: Path,
+    on_epoch_end,
+    show_progress: bool,
+) -> None:
+    """One ``fit`` of ``model`` over the epochs left, resuming the backup in
+    ``backup`` (each epoch logged, scored and backed up atomically)."""
+    import keras
+
+    epoch_log, epoch_done = _epoch_log_callbacks(
+        backup / "history.jsonl", on_epoch_end, training.epochs
+    )
+    bar = (
+        epoch_bar(
+            training.epochs,
+            inputs.steps,
+            math.ceil(split_rows(shards_dir, "validation") / inputs.global_batch),
+            inputs.global_batch,
+        )
+        if show_progress
+        else None
+    )
+    early_stopping = _resumable_early_stopping(backup / "state", "val_loss", training.patience)
+    callbacks = [
+        # first: all see them
+        validation_scores(inputs.scored_noisy, inputs.scored_clean, inputs.global_batch),
+        epoch_log,
+        early_stopping,  # before the backup: a generation holds its own epoch's state
+        _atomic_backup(backup / "state", early_stopping),
+        keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), write_graph=False),
+        *([bar] if bar is not None else []),  # gone before epoch_done's line
+        epoch_done,
+    ]
+    try:
+        model.fit(
+            inputs.train,
+            validation_data=inputs.validation,
+            epochs=training.epochs,
+            callbacks=callbacks,
+            shuffle=False,
+            verbose=0,
+        )  # the dataset shuffles itself
+    finally:
+        if bar is not None:
+            bar.close()  # an error or a signal mid-epoch leaves no bar drawn
+        interrupts.release()  # a stretch cut short by an error; a pending signal is delivered
+
+
+def _drop_backup(backup: Path, exc: CheckpointUnreadable) -> None:
+    """Forget an interrupted run's unreadable checkpoint: its state and history."""
+    import shutil
+
+    logger.warning(
+        "the interrupted run's checkpoint cannot be loaded (%s); training it again from epoch 1",
+        str(exc).splitlines()[0],
+    )
+    shutil.rmtree(backup / "state", ignore_errors=True)
+    (backup / "history.jsonl").unlink(missing_ok=True)
+
+
 def _fit_new_model(
     shards_dir,
     training: TrainConfig,
@@ -755,113 +951,16 @@ def _fit_new_model(
 ):
     """Build, compile and fit the model (resuming the backup in ``backup``);
     an unreadable backup is dropped and the training starts again from epoch 1."""
-    import keras
-    import numpy as np
-
-    from denoiser.losses import make_loss
-
-    recipe = plan.recipe
-    history_path = backup / "history.jsonl"
-    global_batch = training.batch_size * device.replicas
-    train_ds = make_dataset(
-        shards_dir,
-        "train",
-        global_batch,
-        training.shuffle_buffer,
-        training.seed,
-        True,
-        plan.reframe,
-    )
-    val_ds = make_dataset(shards_dir, "validation", global_batch, training=False)
-    steps = math.ceil(split_rows(shards_dir, "train") / global_batch)
-
-    def compiled_model():
-        with device.strategy.scope() if device.strategy is not None else contextlib.nullcontext():
-            built = build_model(
-                training.architecture, shape if not recipe.fully_convolutional else None
-            )
-            built.compile(
-                optimizer=keras.optimizers.Adam(
-                    learning_rate(plan.learning_rate, plan.schedule, training.epochs * steps)
-                ),
-                loss=make_loss(plan.loss),
-            )
-        return built
-
-    scored_noisy, scored_clean = validation_sample(val_ds)  # the same pairs every epoch
-
-    def fit(fresh):
-        epoch_log, epoch_done = _epoch_log_callbacks(history_path, on_epoch_end, training.epochs)
-        bar = (
-            epoch_bar(
-                training.epochs,
-                steps,
-                math.ceil(split_rows(shards_dir, "validation") / global_batch),
-                global_batch,
-            )
-            if show_progress
-            else None
-        )
-        early_stopping = _resumable_early_stopping(backup / "state", "val_loss", training.patience)
-        callbacks = [
-            validation_scores(scored_noisy, scored_clean, global_batch),  # first: all see them
-            epoch_log,
-            early_stopping,  # before the backup: a generation holds its own epoch's state
-            _atomic_backup(backup / "state", early_stopping),
-            keras.callbacks.TensorBoard(log_dir=str(out / "tensorboard"), write_graph=False),
-            *([bar] if bar is not None else []),  # gone before epoch_done's line
-            epoch_done,
-        ]
-        try:
-            fresh.fit(
-                train_ds,
-                validation_data=val_ds,
-                epochs=training.epochs,
-                callbacks=callbacks,
-                shuffle=False,
-                verbose=0,
-            )  # the dataset shuffles itself
-        finally:
-            if bar is not None:
-                bar.close()  # an error or a signal mid-epoch leaves no bar drawn
-            interrupts.release()  # a stretch cut short by an error; a pending signal is delivered
-
-    model = compiled_model()
-    log(
-        "training %s (%s parameters, loss %s, %s learning rate from %g, batch %d, %d%% reframed) "
-        "on %s",
-        training.architecture,
-        f"{count_params(model):,}",
-        plan.loss,
-        plan.schedule,
-        plan.learning_rate,
-        global_batch,
-        round(100 * plan.reframe),
-        device.describe(),
-    )
-    if len(scored_clean):
-        noisy_scores = scores(scored_clean, np.clip(scored_noisy, 0.0, 1.0))
-        log(
-            "each epoch is scored on the first %d validation images: PSNR and SSIM of the "
-            "model's outputs (their noisy inputs: PSNR %.2f dB, SSIM %.3f)",
-            len(scored_clean),
-            noisy_scores["psnr"],
-            noisy_scores["ssim"],
-        )
+    inputs = _fit_inputs(shards_dir, training, plan, device)
+    model = _compiled_model(training, plan, device, shape, inputs.steps)
+    _log_fit_start(log, model, training, plan, device, inputs)
+    fit_args = (shards_dir, training, inputs, out, backup, on_epoch_end, show_progress)
     try:
-        fit(model)
+        _fit(model, *fit_args)
     except CheckpointUnreadable as exc:
-        import shutil
-
-        logger.warning(
-            "the interrupted run's checkpoint cannot be loaded (%s); training it again "
-            "from epoch 1",
-            str(exc).splitlines()[0],
-        )
-        shutil.rmtree(backup / "state", ignore_errors=True)
-        history_path.unlink(missing_ok=True)
-        model = compiled_model()
-        fit(model)
+        _drop_backup(backup, exc)
+        model = _compiled_model(training, plan, device, shape, inputs.steps)
+        _fit(model, *fit_args)
     return model
 
 

@@ -35,20 +35,21 @@ def train_pipeline(
     # every check before any work, the command line's own call: the domain's defaults and
     # checks, the recipe made concrete, the store reachable with a registry that reads
     request = resolve_request(data, noise, training, evaluation, store)
-    store_root = open_store(request.store).url
+    store = open_store(request.store)
+    store_root = store.url
     # each reuses its output found verified in the store (state Cached), else makes or repairs it;
     # such a task returns a State, so its value is taken from the run's state
     # one training at a time per store: a second one waits here (queued), it does not fail
     with hold_limit(limit_name("train", store_root), "the training of this store"):
         data = request.data
-        dataset = download_dataset(data, store_root, return_state=True).result()
+        dataset = download_dataset(data, store, return_state=True).result()
         limits = (data.train_limit, data.test_limit)
-        shards = write_noisy_shards(dataset, request.noise, store_root, *limits, return_state=True)
+        shards = write_noisy_shards(dataset, request.noise, store, *limits, return_state=True)
         shards_dir = shards.result()
-        model = train_autoencoder(shards_dir, request.training, store_root)
+        model = train_autoencoder(shards_dir, request.training, store)
         # a failed gate comes in a state named "Gate failed", with its figures as the message
         metrics = evaluate_denoiser(
-            model["dir"], shards_dir, request.evaluation, store_root, return_state=True
+            model["dir"], shards_dir, request.evaluation, store, return_state=True
         ).result()
         if not metrics["passed"]:
             logger.warning(

@@ -35,21 +35,21 @@ EXAMPLE_SEED = 0
 def shard_dir_for(
     dataset: dict,
     noise: NoiseConfig,
-    store_root: str,
+    store: Store | str,
     train_limit: int | None,
     test_limit: int | None,
 ) -> str:
     """The shard set's location in the store (a path, or a URL for a remote store)."""
     noise = NoiseConfig.model_validate(noise)
     key = shard_set_key(dataset, noise_fields(dataset, noise), train_limit, test_limit)
-    return Store.at(store_root).shards(f"{dataset['dataset']}-{key}")
+    return Store.at(store).shards(f"{dataset['dataset']}-{key}")
 
 
 @task(name="write_noisy_shards", cache_policy=NO_CACHE)  # reuse: the verified set at its key
 def write_noisy_shards(
     dataset: dict,
     noise: NoiseConfig,
-    store_root: str,
+    store: Store | str,
     train_limit: int | None = None,
     test_limit: int | None = None,
 ) -> str | State:
@@ -59,26 +59,26 @@ def write_noisy_shards(
     rebuilds only the damaged ones of a finished set."""
     logger = get_run_logger()
     noise = NoiseConfig.model_validate(noise)
-    where = shard_dir_for(dataset, noise, store_root, train_limit, test_limit)
+    store = Store.at(store)
+    where = shard_dir_for(dataset, noise, store, train_limit, test_limit)
     found = not verify_shard_set(where)
     if found:
         logger.info("reusing finished shards in %s", where)
     else:
-        # a remote store's set is written on a local stage from the staged raw files, then
-        # pushed shard by shard and the manifest last, so no reader sees half a set
-        with Store.at(store_root).stage() as stage:
-            out = stage.local(where)
-            if stage.syncs:
-                stage.pull(out)  # the shards that verify are kept, only the damaged ones rebuilt
-                dataset = stage.to_local(dataset)
-                for folder in {dataset["dir"], (dataset.get("test") or {}).get("dir")} - {None}:
-                    stage.pull(folder)
-            domain = domain_for_dataset(dataset.get("name") or dataset["dataset"])
-            domain.write_shards(out, dataset, noise, train_limit, test_limit, logger)
-            stage.store_json_urls(out / "manifest.json")
-            stage.push(out, last=("manifest.json",), retract=True)
-            if stage.syncs:
-                logger.info("stored the shard set in %s", where)
+        # a remote store's set is written on a local stage from the staged raw files (the shards
+        # that verify kept, only the damaged ones rebuilt), then pushed shard by shard and the
+        # manifest last, so no reader sees half a set
+        with (
+            store.stage() as stage,
+            stage.staged(
+                where, last=("manifest.json",), retract=True, store_urls=("manifest.json",)
+            ) as out,
+        ):
+            staged = stage.pull_dataset(dataset)
+            domain = domain_for_dataset(staged.get("name") or staged["dataset"])
+            domain.write_shards(out, staged, noise, train_limit, test_limit, logger)
+        if store.remote:
+            logger.info("stored the shard set in %s", where)
     _publish(where, dataset["dataset"], noise)
     return reused(where, f"every shard found verified in {where}") if found else where
 

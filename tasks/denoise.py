@@ -516,12 +516,13 @@ def _report(
     """The per-file CSV (by path, however the work was split) and summary.json
     in the store's reports, and the artifacts."""
     results = sorted(results, key=lambda r: r.path)
-    # a remote store's report is written here, then pushed
-    with Store.at(store_root).stage() as stage:
-        report_dir = stage.reports_root / report_folder_name(flow_run.name)
+    # a remote store's report is written on a local stage, then pushed, the summary last
+    store = Store.at(store_root)
+    location = store.report(report_folder_name(flow_run.name))
+    with store.staged(location, last=(SUMMARY_JSON,)) as report_dir:
         summary = write_run_report(
             report_dir,
-            stage.url_of(report_dir),
+            location,
             results,
             input_dir,
             output_dir,
@@ -529,7 +530,6 @@ def _report(
             seconds,
             str(flow_run.id) if flow_run.id else None,
         )
-        stage.push(report_dir, last=(SUMMARY_JSON,))
     counts, report = summary["counts"], summary["report"]
 
     rows = [

@@ -19,12 +19,6 @@ from denoiser.image_datasets import IMAGE_DATASETS, dataset_slug
 from tasks.common import reused
 
 
-def download_location(data: DataConfig, store_root: str) -> str:
-    return Store.at(store_root).join(
-        "downloads", dataset_slug(DataConfig.model_validate(data).dataset)
-    )
-
-
 def _test_name(data: DataConfig) -> str | None:
     spec = IMAGE_DATASETS.get(data.dataset)
     return data.test_dataset or (spec.test if spec else None)
@@ -54,25 +48,27 @@ def _retry_network_errors(task, task_run, state) -> bool:
     retry_condition_fn=_retry_network_errors,
     cache_policy=NO_CACHE,  # reuse is decided by the files in the store, verified
 )
-def download_dataset(data: DataConfig, store_root: str) -> dict | State:
+def download_dataset(data: DataConfig, store: Store | str) -> dict | State:
     """Fetch (or find cached) the dataset's files; returns the dataset manifest,
     in a state named Cached when every file was found verified in the store
     (call with ``return_state=True`` and take ``.result()``, see tasks/common.py)."""
     logger = get_run_logger()
     data = DataConfig.model_validate(data)
-    with Store.at(
-        store_root
-    ).stage() as stage:  # a remote store's cache is staged, checked, and pushed back
-        test = _test_name(data)  # None for an IDX dataset: it brings its own
-        folders = [stage.pull(stage.local(download_location(data, store_root)))]
-        if test:
-            folders.append(stage.pull(stage.downloads(dataset_slug(test))))
+    store = Store.at(store)
+    # the dataset's download cache (and its test folder's: an IDX dataset brings its own) staged,
+    # checked, and what was fetched pushed back, the manifest last
+    caches = [
+        store.download(dataset_slug(name)) for name in (data.dataset, _test_name(data)) if name
+    ]
+    with (
+        store.stage() as stage,
+        stage.staged_folders(
+            caches, last=("manifest.json",), retract=True, store_urls=("manifest.json",)
+        ) as folders,
+    ):
         manifest = fetch_dataset(
             data.dataset, data.source, folders[0], log=logger, test_dataset=data.test_dataset
         )
-        for folder in folders:  # only what was fetched; the manifest last
-            stage.store_json_urls(folder / "manifest.json")
-            stage.push(folder, last=("manifest.json",), retract=True)
         manifest = stage.to_urls(manifest)
     if manifest.get("kind") == "images":
         _publish_images(manifest, logger)

@@ -33,7 +33,7 @@ __all__ = ["evaluate_denoiser", "gate_figures", "gate_summary"]
 
 @task(name="evaluate_denoiser", cache_policy=NO_CACHE)
 def evaluate_denoiser(
-    model_dir: str, shards_dir: str, evaluation: EvalConfig, store: str | None = None
+    model_dir: str, shards_dir: str, evaluation: EvalConfig, store: Store | str | None = None
 ) -> State:
     """Scores the model on the shard set's test split (see
     :func:`denoiser.evaluation.evaluate_model`); writes metrics.json,
