@@ -39,12 +39,12 @@ from artifacts.registry import (
     is_version_name,
 )
 from artifacts.store import Store, resolve_store_root
-from denoiser.cards import CARD_FILE, ModelCard, parse_card
-from denoiser.errors import ConfigError, ModelError, ModelNotFound
-from denoiser.faults import failpoint
-from denoiser.files import file_sha256, fsync_dir, write_text_atomic
-from denoiser.openvino_runtime import BIN_FILE, DEFAULT_PRECISION, XML_FILE
-from denoiser.runtime import LITERT_FILE
+from denoiser.core.cards import CARD_FILE, ModelCard, parse_card
+from denoiser.core.errors import ConfigError, ModelError, ModelNotFound
+from denoiser.core.faults import failpoint
+from denoiser.core.files import file_sha256, fsync_dir, write_text_atomic
+from denoiser.runtimes.openvino_runtime import BIN_FILE, DEFAULT_PRECISION, XML_FILE
+from denoiser.runtimes.runtime import LITERT_FILE
 
 BUILTIN_ENV = "DENOISE_BUILTIN_DIR"
 PACKAGE_DIR = Path(__file__).resolve().parent / "builtin_models"
@@ -231,9 +231,9 @@ def _make_folder(
     metrics. Returns the card's new file facts and its ``built_in`` record."""
     import numpy as np
 
-    from denoiser.models import load_model
-    from denoiser.openvino_runtime import make_openvino_export
-    from denoiser.training import cpu_facts, probe_shape
+    from denoiser.learning.training import cpu_facts, probe_shape
+    from denoiser.nets.models import load_model
+    from denoiser.runtimes.openvino_runtime import make_openvino_export
 
     # loaded uncompiled, the model has no optimizer: saved again, only its weights go
     model = load_model(source / "model.keras", expected_sha256=card.model_sha256)

@@ -8,10 +8,10 @@ import os
 
 from artifacts.registry import _version_ref, check_version_name
 from artifacts.store import Store, resolve_store_root
-from denoiser.cards import CARD_FILE, load_card
-from denoiser.errors import ModelNotFound
-from denoiser.files import file_sha256, join_location, write_text_atomic
-from denoiser.openvino_runtime import BIN_FILE, XML_FILE, make_openvino_export
+from denoiser.core.cards import CARD_FILE, load_card
+from denoiser.core.errors import ModelNotFound
+from denoiser.core.files import file_sha256, join_location, write_text_atomic
+from denoiser.runtimes.openvino_runtime import BIN_FILE, XML_FILE, make_openvino_export
 
 # what an earlier export's evaluation said: void once the export is made again
 _SCORES = ("openvino_psnr", "keras_psnr", "openvino_scored_at")
@@ -35,8 +35,8 @@ def export_model_version(store_root: str | os.PathLike | None, version: str) -> 
     facts into the card (atomically; a remote store's files are staged and
     pushed, the card last). Returns the card's new facts; None when the model
     already has a whole export. Loads the Keras model (imports TensorFlow)."""
-    from denoiser.models import load_model
-    from denoiser.training import probe_shape
+    from denoiser.learning.training import probe_shape
+    from denoiser.nets.models import load_model
 
     store_root = resolve_store_root(store_root)
     ref = _version_ref(store_root, check_version_name(version))

@@ -52,12 +52,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from artifacts.store import Store, resolve_store_root
-from denoiser.cards import CARD_FILE, CardMetrics, ModelCard, QualityGate, parse_card
-from denoiser.errors import ConfigError, ModelError, ModelNotFound
-from denoiser.faults import failpoint
-from denoiser.files import atomic_file, is_url, join_location, open_read
-from denoiser.openvino_runtime import BIN_FILE, XML_FILE
-from denoiser.runtime import LITERT_FILE
+from denoiser.core.cards import CARD_FILE, CardMetrics, ModelCard, QualityGate, parse_card
+from denoiser.core.errors import ConfigError, ModelError, ModelNotFound
+from denoiser.core.faults import failpoint
+from denoiser.core.files import atomic_file, is_url, join_location, open_read
+from denoiser.runtimes.openvino_runtime import BIN_FILE, XML_FILE
+from denoiser.runtimes.runtime import LITERT_FILE
 
 REGISTRY_FILE = "registry.json"
 logger = logging.getLogger(__name__)
@@ -142,12 +142,12 @@ class ModelRef:
             "data_manifest_sha256": card.data.manifest_sha256,
             "model_path": str(self.model_path),
             "model_sha256": card.model_sha256,
-            # the LiteRT export beside the model file, when it has one (denoiser.runtime)
+            # the LiteRT export beside the model file, when it has one (denoiser.runtimes.runtime)
             "litert_path": (
                 str(join_location(self.dir, LITERT_FILE)) if card.litert_sha256 else None
             ),
             "litert_sha256": card.litert_sha256,
-            # the OpenVINO export, when it has one (denoiser.openvino_runtime)
+            # the OpenVINO export, when it has one (denoiser.runtimes.openvino_runtime)
             "openvino_xml_path": (
                 str(join_location(self.dir, XML_FILE)) if card.openvino_xml_sha256 else None
             ),
@@ -356,7 +356,7 @@ def _update_remote_registry(store: Store, change: Callable[[dict], tuple[dict, T
 
 def _card(folder: str | os.PathLike) -> ModelCard | None:
     """The version's card; None when there is none or it is not a model card
-    (see :func:`denoiser.cards.parse_card`). Any other failure to read it (a
+    (see :func:`denoiser.core.cards.parse_card`). Any other failure to read it (a
     network error on object storage) is a ModelError, so a registry decision
     is never taken on a card that could not be read."""
     where = join_location(folder, CARD_FILE)

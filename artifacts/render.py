@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from denoiser.cards import ModelCard
+    from denoiser.core.cards import ModelCard
 
 _KEY_BAD = re.compile(r"[^a-z0-9-]+")
 

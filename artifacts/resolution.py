@@ -24,8 +24,8 @@ from artifacts.registry import (
     read_registry,
 )
 from artifacts.store import Store, resolve_store_root
-from denoiser.cards import ModelCard
-from denoiser.errors import ModelError, ModelNotFound
+from denoiser.core.cards import ModelCard
+from denoiser.core.errors import ModelError, ModelNotFound
 
 logger = logging.getLogger("artifacts.registry")  # its messages read as the registry's
 

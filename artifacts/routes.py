@@ -13,8 +13,8 @@ import os
 
 from artifacts.registry import ModelRef
 from artifacts.resolution import domain_mismatch, resolve_model
+from denoiser.core.errors import ModelError
 from denoiser.domains import DOMAINS, RECOGNITION_ORDER
-from denoiser.errors import ModelError
 
 #: the domains a folder's images go to (each domain's ``folder_domain``), the most particular first
 FOLDER_DOMAINS = tuple(dict.fromkeys(d.folder_domain for d in RECOGNITION_ORDER))

@@ -50,8 +50,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from denoiser.errors import ConfigError
-from denoiser.files import (  # noqa: F401 - where the store is: resolved in the library
+from denoiser.core.errors import ConfigError
+from denoiser.core.files import (  # noqa: F401 - where the store is: resolved in the library
     DEFAULT_STORE,
     STORE_ENV,
     describe_remote_error,
@@ -379,7 +379,7 @@ class Stage(Store):
     def _signature(path: Path) -> tuple[int, int, str | None]:
         """Size, mtime and, for small files (manifests, cards), the sha256: a
         small file rewritten with the same bytes is not uploaded again."""
-        from denoiser.files import file_sha256
+        from denoiser.core.files import file_sha256
 
         st = path.stat()
         return st.st_size, st.st_mtime_ns, file_sha256(path) if st.st_size <= SMALL_FILE else None
@@ -542,7 +542,7 @@ def local_copy(location: str | os.PathLike, sha256: str | None = None) -> Path:
     fetched once and reused while its sha256 matches (Keras loads local files)."""
     if not is_url(location):
         return Path(location)
-    from denoiser.files import file_sha256
+    from denoiser.core.files import file_sha256
 
     base = Path(
         os.environ.get("DENOISE_CACHE") or Path.home() / ".cache" / "denoise-flow"

@@ -8,10 +8,10 @@ import logging
 from collections.abc import Callable
 
 from artifacts.store import Store, new_model_version
-from denoiser.cards import ModelCard, record_training_command
-from denoiser.checkpoints import CheckpointRun
 from denoiser.config import TrainConfig
-from denoiser.training import train_in_run
+from denoiser.core.cards import ModelCard, record_training_command
+from denoiser.learning.checkpoints import CheckpointRun
+from denoiser.learning.training import train_in_run
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def train_into_store(
     show_progress: bool = False,
 ) -> tuple[dict, ModelCard]:
     """Train a new model version of ``store`` as one checkpoint run
-    (:func:`denoiser.training.train_in_run`: a remote store keeps the runs, so a
+    (:func:`denoiser.learning.training.train_in_run`: a remote store keeps the runs, so a
     rerun anywhere resumes them), record ``training_command`` in its card, and
     return the result (its locations in the store) and the card. A resumed
     run of a remote store may have saved (even pushed and registered) its model

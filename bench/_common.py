@@ -68,7 +68,7 @@ def write_mnist_shards(out: Path, images, labels, shard_rows: int) -> None:
     ``images`` for training, their first 64 as validation and test."""
     import numpy as np
 
-    from denoiser.shards import SplitArrays, write_shard_set
+    from denoiser.data.shards import SplitArrays, write_shard_set
 
     small = SplitArrays(images[:64], labels[:64], np.arange(64))
     write_shard_set(

@@ -78,7 +78,7 @@ def per_channel(grey, x: np.ndarray) -> np.ndarray:
 def luminance_only(grey, x: np.ndarray) -> np.ndarray:
     """What ``denoise folder`` did with a colour image before routing: Y
     (BT.601) denoised, Cb and Cr kept as they are."""
-    from denoiser.images import _rgb_to_ycc, _ycc_to_rgb
+    from denoiser.imaging.images import _rgb_to_ycc, _ycc_to_rgb
 
     y, chroma = _rgb_to_ycc(x)
     return _ycc_to_rgb(whole(grey, y[..., None])[..., 0], chroma)

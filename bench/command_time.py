@@ -42,11 +42,11 @@ def make_store(store: Path) -> None:
     import keras
 
     from artifacts.registry import register_model
-    from denoiser.files import file_sha256
-    from denoiser.models import build_model
-    from denoiser.openvino_runtime import export_openvino
-    from denoiser.runtime import LITERT_FILE, export_litert
-    from denoiser.training import probe_shape
+    from denoiser.core.files import file_sha256
+    from denoiser.learning.training import probe_shape
+    from denoiser.nets.models import build_model
+    from denoiser.runtimes.openvino_runtime import export_openvino
+    from denoiser.runtimes.runtime import LITERT_FILE, export_litert
 
     keras.utils.set_random_seed(0)
     model = build_model("unet")
@@ -77,7 +77,7 @@ def make_store(store: Path) -> None:
 def make_images(mirror: Path, folder: Path, n: int = 20) -> None:
     from PIL import Image
 
-    from denoiser.datasets import read_idx
+    from denoiser.data.datasets import read_idx
 
     x = read_idx(mirror / "t10k-images-idx3-ubyte.gz")[:n].astype("float64") / 255.0
     noisy = np.clip(x + 0.5 * np.random.default_rng(12345).normal(size=x.shape), 0, 1)

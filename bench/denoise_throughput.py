@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))
 
 
 def load(model_path: Path):
-    from denoiser.inference import tile_spec_for_model
-    from denoiser.models import load_model
+    from denoiser.nets.models import load_model
+    from denoiser.runtimes.inference import tile_spec_for_model
 
     model = load_model(model_path)
     arch = None
@@ -88,8 +88,8 @@ def main() -> None:
     import keras
     from PIL import Image
 
-    from denoiser.datasets import read_idx
-    from denoiser.models import build_model
+    from denoiser.data.datasets import read_idx
+    from denoiser.nets.models import build_model
 
     if args.quick:
         args.small, args.large, args.rounds = 1_000, 1, 1

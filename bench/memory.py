@@ -57,8 +57,8 @@ def child(folder: str, out: str, unbounded: bool, architecture: str) -> None:
 
     import denoiser.folder.pipeline as folder_module
     from denoiser.folder import BatchPredictor, denoise_tree
-    from denoiser.inference import tile_spec_for_model
-    from denoiser.models import build_model
+    from denoiser.nets.models import build_model
+    from denoiser.runtimes.inference import tile_spec_for_model
 
     if unbounded:
         folder_module.PIXELS_IN_FLIGHT = 1 << 40

@@ -135,8 +135,8 @@ def load_mnist_predict(path: str):
     when it is fully convolutional, else the folder denoiser's tiling."""
     import keras
 
-    from denoiser.inference import tile_spec_for_model
-    from denoiser.tiling import denoise_plane
+    from denoiser.imaging.tiling import denoise_plane
+    from denoiser.runtimes.inference import tile_spec_for_model
 
     model = keras.saving.load_model(path, compile=False)
     spec = tile_spec_for_model(model)
@@ -176,7 +176,7 @@ def train(args, clean_test, noisy_test, log) -> tuple[object, list[dict]]:
     import keras
     import tensorflow as tf
 
-    from denoiser.models import architecture_recipe, build_model
+    from denoiser.nets.models import architecture_recipe, build_model
 
     recipe = architecture_recipe(args.architecture)
     args.patch = args.patch or recipe.patch_size or 40
@@ -341,13 +341,13 @@ def main() -> None:
     meta = {"noisy input": {"params": 0, "s_per_512": 0.0}}
 
     if args.score:  # a model saved by an earlier run (--save): scored, not trained
-        from denoiser.models import load_model
+        from denoiser.nets.models import load_model
 
         model = load_model(args.score)
         curve = [{"minutes": float("nan")}]
     else:
         model, curve = train(args, clean_test, noisy_test, log=lambda point: None)
-    from denoiser.models import architecture_recipe
+    from denoiser.nets.models import architecture_recipe
 
     multiple = architecture_recipe(args.architecture).size_multiple
     predict = lambda plane: denoise_whole(model, plane, multiple)  # noqa: E731

@@ -87,8 +87,8 @@ def bare_rate(run, planes: list[np.ndarray]) -> float:
 def bare_rows(model_dir: Path, planes: list[np.ndarray]) -> list[tuple[str, float]]:
     import openvino as ov
 
-    from denoiser.models import load_model
-    from denoiser.training import cpu_flags
+    from denoiser.learning.training import cpu_flags
+    from denoiser.nets.models import load_model
 
     rows = []
     model = load_model(model_dir / "model.keras")

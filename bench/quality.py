@@ -5,7 +5,7 @@ Test set: MNIST's 10,000 test images as float64 in [0, 1], noise
 ``clip(x + f * N(0, 1), 0, 1)`` with ``np.random.default_rng(12345)`` (the
 same normal draw scaled by f = 0.3, 0.5, 0.7). PSNR: per image
 ``10 * log10(1 / mse)``, then the mean. SSIM: scikit-image's defaults
-(``denoiser.metrics.ssim`` equals it), the mean over all test images. The
+(``denoiser.core.metrics.ssim`` equals it), the mean over all test images. The
 reference is one seed (0); ``bench/reference.py`` gives its spread over seeds.
 
 Methods: the noisy input; a 3x3 median filter; ``seed`` trained the reference
@@ -47,7 +47,7 @@ def log(msg: str) -> None:
 
 
 def load_mnist(mirror: Path):
-    from denoiser.datasets import read_idx
+    from denoiser.data.datasets import read_idx
 
     train = read_idx(mirror / "train-images-idx3-ubyte.gz")[..., None]
     test = read_idx(mirror / "t10k-images-idx3-ubyte.gz")[..., None].astype("float64") / 255.0
@@ -60,13 +60,13 @@ def test_draws(x_test: np.ndarray) -> dict[float, np.ndarray]:
 
 
 def psnr_mean(clean, out) -> float:
-    from denoiser.metrics import psnr
+    from denoiser.core.metrics import psnr
 
     return float(psnr(clean, out).mean())
 
 
 def ssim_mean(clean, out, n: int | None = None) -> float:
-    from denoiser.metrics import ssim
+    from denoiser.core.metrics import ssim
 
     return float(ssim(clean[:n], out[:n]).mean())
 
@@ -95,7 +95,7 @@ def train_reference(x_train_u8, epochs: int, probe, log) -> tuple[object, dict]:
     """The blog post's recipe, exactly: float64 arrays, one noise draw, BCE, batch 64."""
     import keras
 
-    from denoiser.models import build_model
+    from denoiser.nets.models import build_model
 
     x = x_train_u8.astype("float64") / 255.0
     noisy = np.clip(x + 0.5 * np.random.default_rng(0).normal(size=x.shape), 0, 1)
@@ -144,12 +144,12 @@ def train_default(
     import keras
     import tensorflow as tf
 
-    from denoiser.augment import reframe as recut
     from denoiser.config import TrainConfig
-    from denoiser.losses import make_loss
-    from denoiser.models import architecture_recipe, build_model
-    from denoiser.noise import level_from_uniform
-    from denoiser.training import learning_rate
+    from denoiser.data.augment import reframe as recut
+    from denoiser.data.noise import level_from_uniform
+    from denoiser.learning.losses import make_loss
+    from denoiser.learning.training import learning_rate
+    from denoiser.nets.models import architecture_recipe, build_model
 
     batch = batch or TrainConfig().batch_size
     recipe = architecture_recipe(arch)
@@ -351,9 +351,9 @@ def main() -> None:
     import keras
     from scipy.ndimage import median_filter
 
-    from denoiser.models import architecture_recipe
-    from denoiser.noise import add_noise
-    from denoiser.plots import grid_png
+    from denoiser.data.noise import add_noise
+    from denoiser.imaging.plots import grid_png
+    from denoiser.nets.models import architecture_recipe
 
     args.out.mkdir(parents=True, exist_ok=True)
     train, x_test = load_data(args.mirror, args.quick)

@@ -39,7 +39,7 @@ def train_one(run: dict, mirror: Path, quick: bool, threads: int | None) -> dict
     limit_threads(threads)
     import keras
 
-    from denoiser.models import build_model
+    from denoiser.nets.models import build_model
 
     seed, epochs = run["seed"], run["epochs"]
     train, x_test = load_data(mirror, quick)

@@ -69,7 +69,7 @@ def request_cost(url: str, moto_pid: int, n: int = 1000) -> dict[str, tuple[floa
 
     import psutil
 
-    from denoiser.trees import open_tree
+    from denoiser.folder.trees import open_tree
 
     tree = open_tree(url, "output", must_exist=False)
     moto = psutil.Process(moto_pid)
@@ -121,7 +121,7 @@ def start_servers(work: Path) -> tuple[dict[str, str], list[subprocess.Popen]]:
 def make_images(mirror: Path, folder: Path, small: int, large: int) -> None:
     from PIL import Image
 
-    from denoiser.datasets import read_idx
+    from denoiser.data.datasets import read_idx
 
     x = read_idx(mirror / "t10k-images-idx3-ubyte.gz")[:small].astype("float64") / 255.0
     noisy = np.clip(x + 0.5 * np.random.default_rng(12345).normal(size=x.shape), 0, 1)
@@ -145,7 +145,7 @@ def register_model(stores: list[str], work: Path) -> None:
 
     from artifacts.registry import register_model as register
     from artifacts.store import Store
-    from denoiser.models import build_model
+    from denoiser.nets.models import build_model
 
     keras.utils.set_random_seed(0)
     model = build_model("unet")
@@ -261,8 +261,8 @@ def train_child(location: str, samples: int) -> dict:
     """One epoch of the seed architecture streamed from the shards at ``location``."""
     import keras
 
-    from denoiser.models import build_model
-    from denoiser.training import make_dataset
+    from denoiser.learning.training import make_dataset
+    from denoiser.nets.models import build_model
 
     keras.utils.set_random_seed(0)
     model = build_model("seed")
@@ -275,7 +275,7 @@ def train_child(location: str, samples: int) -> dict:
 
 
 def write_shards(mirror: Path, out: Path, samples: int) -> None:
-    from denoiser.datasets import read_idx
+    from denoiser.data.datasets import read_idx
 
     images = read_idx(mirror / "train-images-idx3-ubyte.gz")[:samples]
     labels = read_idx(mirror / "train-labels-idx1-ubyte.gz")[:samples]

@@ -37,7 +37,7 @@ def _policy(precision: str) -> None:
 def _model(architecture: str):
     import keras
 
-    from denoiser.models import build_model
+    from denoiser.nets.models import build_model
 
     keras.utils.set_random_seed(0)
     model = build_model(architecture)
@@ -54,7 +54,7 @@ def _steps_per_second(model, ds, steps: int, warmup: int = 10) -> float:
 
 def shard_set(dataset: str, store: Path, patches_per_image: int, patch: int = PATCH) -> Path:
     """The dataset's patch set (written once into ``store``)."""
-    from denoiser.datasets import fetch_dataset
+    from denoiser.data.datasets import fetch_dataset
     from denoiser.domains import domain_for_dataset
 
     domain = domain_for_dataset(dataset)
@@ -70,7 +70,7 @@ def run_bare(architecture: str, precision: str, steps: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from denoiser.models import architecture_recipe
+    from denoiser.nets.models import architecture_recipe
 
     _policy(precision)
     channels = architecture_recipe(architecture).input_shape[-1]
@@ -82,7 +82,7 @@ def run_bare(architecture: str, precision: str, steps: int) -> dict:
 
 
 def run_pipeline(architecture: str, precision: str, steps: int, shards: str) -> dict:
-    from denoiser.training import make_dataset
+    from denoiser.learning.training import make_dataset
 
     _policy(precision)
     ds = make_dataset(shards, "train", BATCH, seed=0).repeat()
@@ -102,9 +102,9 @@ def run_psnr(architecture: str, precision: str, steps: int, shards: str, batch: 
     """PSNR on the shard set's test images at sigma 15/25/50 after ``steps`` steps."""
     import numpy as np
 
-    from denoiser.inference import evaluate_planes
-    from denoiser.shards import load_split
-    from denoiser.training import make_dataset
+    from denoiser.data.shards import load_split
+    from denoiser.learning.training import make_dataset
+    from denoiser.runtimes.inference import evaluate_planes
 
     _policy(precision)
     model = _model(architecture)

@@ -6,7 +6,7 @@ samples two ways, each in its own subprocess so their peak memory is separate:
 * reference: ``model.fit`` on in-memory float64 numpy arrays, batch 64, the
   noise drawn with numpy up front (as the blog post did);
 * pipeline: Parquet shards written by this project, streamed by
-  ``denoiser.training.make_dataset`` (uint8 on disk, float32 on the fly).
+  ``denoiser.learning.training.make_dataset`` (uint8 on disk, float32 on the fly).
 
 Prints samples per second of each, their ratio (target >= 1.0), and the peak
 resident memory of each (target for the pipeline: < 1.5 GB on the full set).
@@ -28,7 +28,7 @@ from _common import add_mirror_argument, peak_rss_mb, run_child, write_mnist_sha
 
 
 def _load(mirror: Path, samples: int):
-    from denoiser.datasets import fetch_dataset, load_images
+    from denoiser.data.datasets import fetch_dataset, load_images
 
     cache = Path(tempfile.gettempdir()) / "denoise-bench-downloads"
     manifest = fetch_dataset("mnist", str(mirror), cache)
@@ -40,7 +40,7 @@ def run_reference(mirror: Path, samples: int, epochs: int) -> dict:
     import keras
     import numpy as np
 
-    from denoiser.models import build_model
+    from denoiser.nets.models import build_model
 
     _, images, _ = _load(mirror, samples)
     x = images.astype("float64") / 255.0  # the blog's arrays: float64, in memory
@@ -59,8 +59,8 @@ def run_reference(mirror: Path, samples: int, epochs: int) -> dict:
 def run_pipeline(mirror: Path, samples: int, epochs: int) -> dict:
     import keras
 
-    from denoiser.models import build_model
-    from denoiser.training import make_dataset
+    from denoiser.learning.training import make_dataset
+    from denoiser.nets.models import build_model
 
     manifest, images, labels = _load(mirror, samples)
     out = Path(tempfile.mkdtemp(prefix="denoise-bench-shards-")) / "shards"

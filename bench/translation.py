@@ -57,7 +57,7 @@ def scatter(x: np.ndarray, rng: np.random.Generator, side: int = 600, cell: int 
 def tiled_scatter_psnr(model, clean: np.ndarray) -> float:
     """The digits scattered over large canvases, through the folder denoiser's tiling."""
     from denoiser.folder import BatchPredictor
-    from denoiser.tiling import denoise_plane, tile_spec_for
+    from denoiser.imaging.tiling import denoise_plane, tile_spec_for
 
     rng = np.random.default_rng(12345)
     canvases, boxes = scatter(clean, rng)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from denoiser.catalog import check_dataset_name, is_idx_dataset
+from denoiser.core.catalog import check_dataset_name, is_idx_dataset
 
 NoiseKind = Literal["gaussian", "salt_and_pepper", "speckle", "poisson", "awgn"]
 LevelDensity = Literal["rising", "uniform"]
@@ -194,7 +194,7 @@ class TrainConfig(_Config):
     def _known_architecture(cls, value: str) -> str:
         # the architectures' module (and the cards') only when a config is made: the CLI's
         # start-up imports this module
-        from denoiser.models import available_architectures
+        from denoiser.nets.models import available_architectures
 
         names = available_architectures()
         if value != "auto" and value not in names:
@@ -203,7 +203,7 @@ class TrainConfig(_Config):
 
     @model_validator(mode="after")
     def _reframe_fits_architecture(self):
-        from denoiser.models import architecture_recipe
+        from denoiser.nets.models import architecture_recipe
 
         if (
             self.reframe

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
+from denoiser.core.files import resolve_store_root
 from denoiser.domains import Domain, domain_for_dataset, domain_named
-from denoiser.files import resolve_store_root
 
 
 class TrainRequest(BaseModel):

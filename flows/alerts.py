@@ -26,7 +26,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from denoiser.errors import ConfigError
+from denoiser.core.errors import ConfigError
 
 PREFIX = "denoise-alerts"
 KINDS = ("failed", "crashed", "gate", "files")

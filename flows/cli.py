@@ -259,7 +259,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from tasks.terminal import quiet_run_failures
 
     quiet_run_failures(args.debug)
-    from denoiser.models import import_tensorflow_quietly
+    from denoiser.nets.models import import_tensorflow_quietly
 
     api = start_api()  # a temporary server boots while TensorFlow is imported
     import_tensorflow_quietly(args.debug)
@@ -414,8 +414,8 @@ def run_folder_command(args: argparse.Namespace) -> int:
     check_dask_options(args.workers, args.dask_address, args.chunk_files)
     Store(args.store).check()
     ref = resolve_model(args.store, args.model)
-    from denoiser.models import import_tensorflow_quietly
-    from denoiser.runtime import gpu_present, litert_available, openvino_available
+    from denoiser.nets.models import import_tensorflow_quietly
+    from denoiser.runtimes.runtime import gpu_present, litert_available, openvino_available
     from flows.server import finished_despite_api, start_api
 
     api = start_api()  # a temporary server boots while TensorFlow is imported
@@ -470,7 +470,7 @@ def run_server_command(args: argparse.Namespace) -> int:
     """A Prefect server kept in the background for this PREFECT_HOME: later
     commands without PREFECT_API_URL use it instead of starting a temporary
     one each, and their runs stay visible in its UI."""
-    from denoiser.errors import ConfigError
+    from denoiser.core.errors import ConfigError
     from flows.server import kept_server_url, start_kept_server, stop_kept_server
 
     if args.action == "start":
@@ -516,7 +516,7 @@ def add_models_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_build_in(args: argparse.Namespace, console) -> int:
     from artifacts.builtin import build_in_model
     from artifacts.store import Store
-    from denoiser.models import import_tensorflow_quietly
+    from denoiser.nets.models import import_tensorflow_quietly
 
     Store.at(args.store).check()
     import_tensorflow_quietly(args.debug)
@@ -543,7 +543,7 @@ def _run_show(args: argparse.Namespace, console) -> int:
 def _run_promote(args: argparse.Namespace, console) -> int:
     from artifacts.builtin import refuse_builtin_change
     from artifacts.registry import promote
-    from denoiser.errors import ModelNotFound
+    from denoiser.core.errors import ModelNotFound
 
     try:
         ref = promote(args.store, args.version)
@@ -557,7 +557,7 @@ def _run_promote(args: argparse.Namespace, console) -> int:
 def _run_export(args: argparse.Namespace, console) -> int:
     from artifacts.exports import export_model_version
     from artifacts.store import Store
-    from denoiser.models import import_tensorflow_quietly
+    from denoiser.nets.models import import_tensorflow_quietly
 
     Store(args.store).check()
     import_tensorflow_quietly(args.debug)
@@ -581,7 +581,7 @@ def run_models_command(args: argparse.Namespace) -> int:
     from artifacts.builtin import builtin_root, list_builtins
     from artifacts.registry import list_models
     from artifacts.store import Store
-    from denoiser.openvino_runtime import precision_on_cpu
+    from denoiser.runtimes.openvino_runtime import precision_on_cpu
 
     # piped output (scripts, tests) gets whole lines rather than truncated cells
     console = Console() if sys.stdout.isatty() else Console(width=200)
@@ -675,7 +675,7 @@ def _flag(field: str) -> str:
 def _one_line(exc: BaseException) -> str:
     from pydantic import ValidationError
 
-    from denoiser.errors import first_line
+    from denoiser.core.errors import first_line
 
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
@@ -733,15 +733,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import httpx
     from pydantic import ValidationError
 
-    from denoiser.errors import DenoiseError
-    from denoiser.interrupts import Terminated
+    from denoiser.core.errors import DenoiseError
+    from denoiser.core.interrupts import Terminated
     from flows.signals import install_signal_handlers
 
     install_signal_handlers()
     ctrl_c = _remember_ctrl_c()
     try:
         if args.command != "server":
-            from denoiser.files import resolve_store_root
+            from denoiser.core.files import resolve_store_root
 
             # where the store is, decided once here and passed on as an argument
             args.store = resolve_store_root(args.store)

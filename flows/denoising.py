@@ -10,9 +10,9 @@ from prefect import flow
 from prefect.utilities.annotations import quote
 
 from artifacts.store import resolve_store_root
-from denoiser.errors import ConfigError
+from denoiser.core.errors import ConfigError
 from denoiser.folder import check_folders
-from denoiser.trees import resolve_location
+from denoiser.folder.trees import resolve_location
 from flows.limits import hold_limit, limit_name
 from flows.session import STATE_HOOKS
 from tasks.denoise import (
@@ -44,7 +44,7 @@ def denoise_folder(
     """Denoise every image under ``input_dir`` into ``output_dir`` (same tree).
     ``model``: a version, a model folder or a .keras file for every image;
     default: each image through the production model of its domain (colour
-    or grey photographs, digits), or a fallback (see denoiser/routing.py).
+    or grey photographs, digits), or a fallback (see denoiser/folder/routing.py).
     ``workers`` (a local Dask cluster of that many processes) or
     ``dask_address`` (an existing cluster): the folder is cut into chunks of
     ``chunk_files`` files (default: about four per worker, 64 to 1,024 files),

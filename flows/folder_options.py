@@ -67,7 +67,7 @@ def check_dask_options(workers: int | None, address: str | None, chunk_files: in
     """Every bound of the Dask options, and a cluster that answers, before any work."""
     import socket
 
-    from denoiser.errors import ConfigError
+    from denoiser.core.errors import ConfigError
 
     if workers is not None and not 1 <= workers <= MAX_WORKERS:
         raise ConfigError(f"--workers must be between 1 and {MAX_WORKERS}, not {workers}")

@@ -13,7 +13,7 @@ import os
 import socket
 from pathlib import Path
 
-from denoiser.files import pid_alive, write_json_atomic
+from denoiser.core.files import pid_alive, write_json_atomic
 
 logger = logging.getLogger("denoise.session")
 
@@ -74,7 +74,7 @@ def release_training_runs(flow, flow_run, state) -> None:
     """Flow hook (on_failure, on_cancellation, on_crashed): a run that trained
     but failed later (evaluation, registration) lets go of its checkpoint, so a
     rerun resumes it even while this process lives on (a served deployment)."""
-    from denoiser.checkpoints import release_open_runs
+    from denoiser.learning.checkpoints import release_open_runs
 
     for run_dir in release_open_runs(str(flow_run.id)):
         logger.info("released training run %s: a rerun resumes it", run_dir)

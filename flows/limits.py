@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from denoiser.files import write_json_atomic
+from denoiser.core.files import write_json_atomic
 
 logger = logging.getLogger("denoise.limits")
 

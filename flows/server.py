@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from denoiser.files import pid_alive, write_text_atomic
+from denoiser.core.files import pid_alive, write_text_atomic
 
 logger = logging.getLogger("denoise.session")
 
@@ -184,7 +184,7 @@ def start_kept_server(port: int, timeout: float = 120) -> tuple[str, bool]:
     one that already answers is kept as it is."""
     import time
 
-    from denoiser.errors import ConfigError
+    from denoiser.core.errors import ConfigError
 
     url = kept_server_url()
     if url:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from denoiser.errors import ConfigError, DenoiseError
+from denoiser.core.errors import ConfigError, DenoiseError
 from flows.folder_options import add_folder_arguments, check_dask_options, folder_options
 
 #: how long a quiet inbox waits before the burst is taken (seconds)
@@ -146,7 +146,7 @@ def run_watch_command(args: argparse.Namespace) -> int:
     from artifacts.resolution import resolve_model
     from artifacts.store import Store
     from denoiser.folder import check_folders
-    from denoiser.trees import resolve_location
+    from denoiser.folder.trees import resolve_location
     from flows.server import ensure_api
 
     if not 0 < args.settle <= 3600:

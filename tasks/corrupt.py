@@ -2,7 +2,7 @@
 
 IDX datasets become noisy/clean pairs; folders of images become patch sets
 (clean patches and whole test images, noise added later in training; see
-denoiser/shards.py)."""
+denoiser/data/shards.py)."""
 
 from __future__ import annotations
 
@@ -16,16 +16,16 @@ from prefect.states import State
 from artifacts.render import artifact_key, markdown_image, markdown_table, table_rows
 from artifacts.store import Store
 from denoiser.config import NoiseConfig
-from denoiser.domains import domain_for_dataset, domain_of_manifest
-from denoiser.noise import add_awgn
-from denoiser.plots import grid_png
-from denoiser.shards import (
+from denoiser.data.noise import add_awgn
+from denoiser.data.shards import (
     load_split,
     noise_fields,
     read_manifest,
     shard_set_key,
     verify_shard_set,
 )
+from denoiser.domains import domain_for_dataset, domain_of_manifest
+from denoiser.imaging.plots import grid_png
 from tasks.common import reused
 
 EXAMPLE_SIGMA = 25.0  # the examples grid's sample noise on photos, drawn with EXAMPLE_SEED

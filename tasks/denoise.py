@@ -17,8 +17,8 @@ from artifacts.render import markdown_image, markdown_table, table_rows
 from artifacts.resolution import resolve_model
 from artifacts.routes import models_by_domain, primary_domain, route_warnings
 from artifacts.store import Store, local_copy
+from denoiser.core.errors import ConfigError, DenoiseError, first_line
 from denoiser.domains import DOMAINS, by_domain, survey_folder
-from denoiser.errors import ConfigError, DenoiseError, first_line
 from denoiser.folder import (
     BatchPredictor,
     ChunkFiles,
@@ -32,14 +32,14 @@ from denoiser.folder import (
     plan_folder,
     prepare_output,
 )
-from denoiser.inference import check_fits, tile_spec_for_model
-from denoiser.models import import_tensorflow_quietly, load_model
-from denoiser.openvino_runtime import DEFAULT_PRECISION, load_openvino
-from denoiser.plots import grid_png
-from denoiser.report import SUMMARY_JSON, report_folder_name, write_run_report
-from denoiser.routing import Denoiser, Router
-from denoiser.runtime import choose_runtime, load_litert
-from denoiser.trees import open_tree
+from denoiser.folder.routing import Denoiser, Router
+from denoiser.folder.run_report import SUMMARY_JSON, report_folder_name, write_run_report
+from denoiser.folder.trees import open_tree
+from denoiser.imaging.plots import grid_png
+from denoiser.nets.models import import_tensorflow_quietly, load_model
+from denoiser.runtimes.inference import check_fits, tile_spec_for_model
+from denoiser.runtimes.openvino_runtime import DEFAULT_PRECISION, load_openvino
+from denoiser.runtimes.runtime import choose_runtime, load_litert
 from tasks.events import emit_files_failed
 from tasks.publish import ProgressArtifact, Publisher, remember_outcome
 
@@ -65,7 +65,7 @@ def resolve_denoiser(
     whose model learned other images. ``runtime``: what runs each model,
     Keras or one of its exports (``auto``: OpenVINO on a CPU, else LiteRT for
     a small folder not run ``in_chunks``, see
-    :func:`denoiser.runtime.choose_runtime`)."""
+    :func:`denoiser.runtimes.runtime.choose_runtime`)."""
     logger = get_run_logger()
     domains, image_bytes = survey_folder(input_dir, pattern) if input_dir else (None, None)
     refs = models_by_domain(store_root, model)
@@ -123,7 +123,7 @@ def _model_facts(ref, runtime: str, image_bytes: int | None, needed: bool) -> di
 
 class _Progress:
     """Progress artifact (throttled: one update a second, sent in the background)
-    and, on a terminal, a rich bar (:class:`denoiser.progress.FilesBar`)."""
+    and, on a terminal, a rich bar (:class:`denoiser.learning.progress.FilesBar`)."""
 
     def __init__(self, total: int, done: int, started: float, publisher: Publisher):
         self.artifact = ProgressArtifact(publisher, "denoise-progress", "Files processed")
@@ -131,7 +131,7 @@ class _Progress:
         self.last = 0.0
         self.bar = None
         if sys.stderr.isatty() and total:
-            from denoiser.progress import FilesBar
+            from denoiser.learning.progress import FilesBar
 
             # the files before this one were decided by the scan, all at once: not in the rate
             self.bar = FilesBar(total, done=max(done - 1, 0), started=started)
@@ -157,8 +157,8 @@ class _Progress:
 
 def _thumbnails(results: list[FileResult], input_dir: str, output_dir: str, k: int = 4) -> str:
     """Before and after of the first ``k`` denoised files, colour images in colour."""
-    from denoiser.images import decode_image
-    from denoiser.trees import open_tree
+    from denoiser.folder.trees import open_tree
+    from denoiser.imaging.images import decode_image
 
     before, after = [], []
     try:
@@ -189,7 +189,7 @@ def _thumbnail(image) -> np.ndarray:
     """A 64x64 uint8 thumbnail: (64, 64, 3) RGB for a colour image, else grey."""
     from PIL import Image
 
-    from denoiser.images import is_colour, rgb_pixels
+    from denoiser.imaging.images import is_colour, rgb_pixels
 
     pixels = rgb_pixels(image) if is_colour(image) else image.luma
     img = Image.fromarray(np.rint(np.clip(pixels, 0, 1) * 255).astype(np.uint8))

@@ -11,11 +11,11 @@ from prefect.states import State
 from artifacts.render import artifact_key, table_rows
 from artifacts.store import Store
 from denoiser.config import DataConfig
-from denoiser.datasets import (
+from denoiser.data.datasets import (
     TransientDownloadError,
     fetch_dataset,
 )
-from denoiser.image_datasets import IMAGE_DATASETS, dataset_slug
+from denoiser.data.image_datasets import IMAGE_DATASETS, dataset_slug
 from tasks.common import reused
 
 

@@ -1,5 +1,5 @@
 """Task: judge a trained model on the test split; the card records the verdict.
-The work is :func:`denoiser.evaluation.evaluate_model`; here: staging a remote
+The work is :func:`denoiser.learning.evaluation.evaluate_model`; here: staging a remote
 store's model folder, the report and the UI's artifacts, the verdict as the
 task run's state."""
 
@@ -16,7 +16,8 @@ from prefect.states import Completed, State
 from artifacts.render import markdown_image, markdown_table, table_rows
 from artifacts.store import Store, StoreError
 from denoiser.config import EvalConfig
-from denoiser.evaluation import (
+from denoiser.core.files import is_url, write_text_atomic
+from denoiser.learning.evaluation import (
     CONVENTION,
     MODEL_FILES,
     Evaluation,
@@ -24,7 +25,6 @@ from denoiser.evaluation import (
     gate_figures,
     gate_summary,
 )
-from denoiser.files import is_url, write_text_atomic
 from tasks.events import emit_gate_failed
 from tasks.publish import Publisher
 
@@ -36,7 +36,7 @@ def evaluate_denoiser(
     model_dir: str, shards_dir: str, evaluation: EvalConfig, store: Store | str | None = None
 ) -> State:
     """Scores the model on the shard set's test split (see
-    :func:`denoiser.evaluation.evaluate_model`); writes metrics.json,
+    :func:`denoiser.learning.evaluation.evaluate_model`); writes metrics.json,
     samples.png, report.md and the verdict into the card, and publishes the
     table and the report. ``model_dir`` is a folder of ``store`` (a remote
     store's is staged and the new files pushed, the card last), or without

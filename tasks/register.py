@@ -10,7 +10,7 @@ from prefect.runtime import flow_run
 
 from artifacts.registry import list_models, register_model
 from artifacts.render import artifact_key, markdown_table, table_rows
-from denoiser.checkpoints import finish_run
+from denoiser.learning.checkpoints import finish_run
 from tasks.publish import Publisher
 
 

@@ -16,11 +16,11 @@ from prefect.runtime import flow_run
 from artifacts.render import loss_rows, render_model_card, table_rows
 from artifacts.store import Store
 from artifacts.training import train_into_store
-from denoiser.cards import ModelCard
-from denoiser.checkpoints import CheckpointRun
 from denoiser.config import TrainConfig, train_command
-from denoiser.progress import SCORED_IMAGES, epoch_line
-from denoiser.shards import split_rows
+from denoiser.core.cards import ModelCard
+from denoiser.data.shards import split_rows
+from denoiser.learning.checkpoints import CheckpointRun
+from denoiser.learning.progress import SCORED_IMAGES, epoch_line
 from tasks.publish import ProgressArtifact, Publisher
 
 

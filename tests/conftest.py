@@ -49,7 +49,7 @@ def tiny_shards(tmp_path_factory) -> Path:
     """A 28x28 shard set of 80 random sparse images (56 train, 8 validation, 16 test)."""
     import numpy as np
 
-    from denoiser.shards import SplitArrays, write_shard_set
+    from denoiser.data.shards import SplitArrays, write_shard_set
 
     rng = np.random.default_rng(0)
     images = (rng.random((80, 28, 28, 1)) < 0.2).astype(np.uint8) * 255

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from denoiser.architectures import ARCHITECTURES, build_photo_unet
-from denoiser.inference import predict_array
-from denoiser.models import architecture_recipe, available_architectures, build_model
+from denoiser.nets.architectures import ARCHITECTURES, build_photo_unet
+from denoiser.nets.models import architecture_recipe, available_architectures, build_model
+from denoiser.runtimes.inference import predict_array
 
 DNCNN_PARAMS = 556_000
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from denoiser.augment import reframe
+from denoiser.data.augment import reframe
 
 
 def _batch(n=8, h=12, w=12, c=1):

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from artifacts.builtin import BUILTIN_ENV, INDEX_FILE, PACKAGE_DIR
-from denoiser.files import file_sha256
-from denoiser.openvino_runtime import BIN_FILE, XML_FILE
+from denoiser.core.files import file_sha256
+from denoiser.runtimes.openvino_runtime import BIN_FILE, XML_FILE
 from flows.cli import main
 from tests.faults.harness import denoise_env
 from tests.test_photo_pipeline import smooth_image
@@ -202,7 +202,7 @@ def test_models_lists_the_builtin_model_beside_the_stores(trained, use_builtin, 
 
 def test_the_stores_production_model_takes_precedence(trained, use_builtin, tmp_path, monkeypatch):
     from artifacts.resolution import resolve_model
-    from denoiser.errors import ModelError
+    from denoiser.core.errors import ModelError
 
     store, version, _ = trained
     ref = resolve_model(store, None, "photos")
@@ -365,7 +365,7 @@ def test_the_training_command_gives_the_flow_the_same_parameters():
 
 def test_a_card_from_before_the_command_was_recorded_gets_one_from_its_configs():
     from artifacts.builtin import _derived_command
-    from denoiser.cards import ModelCard
+    from denoiser.core.cards import ModelCard
 
     card = ModelCard.model_validate(
         {

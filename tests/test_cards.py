@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from denoiser.cards import (
+from denoiser.core.cards import (
     CardData,
     CardMetrics,
     ModelCard,
@@ -18,8 +18,8 @@ from denoiser.cards import (
     load_card,
     parse_card,
 )
-from denoiser.errors import ModelError
-from denoiser.models import architecture_recipe
+from denoiser.core.errors import ModelError
+from denoiser.nets.models import architecture_recipe
 
 # a card as a training and an evaluation of this code write it
 CURRENT = {

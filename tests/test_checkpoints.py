@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from denoiser.checkpoints import (
+from denoiser.config import TrainConfig
+from denoiser.core.faults import FAILPOINTS_ENV
+from denoiser.learning.checkpoints import (
     LEASE_FILE,
     RUN_FILE,
     checkpoint_key,
@@ -20,9 +22,7 @@ from denoiser.checkpoints import (
     finish_run,
     keep_open,
 )
-from denoiser.config import TrainConfig
-from denoiser.faults import FAILPOINTS_ENV
-from denoiser.models import file_sha256
+from denoiser.nets.models import file_sha256
 
 REPO = Path(__file__).resolve().parent.parent
 DAY = 86400
@@ -30,7 +30,7 @@ DAY = 86400
 # claims a run under argv[1] (version argv[2]), says which, then dies or holds the lease until stdin closes
 HOLD = """
 import json, os, signal, sys
-from denoiser.checkpoints import claim_run
+from denoiser.learning.checkpoints import claim_run
 run = claim_run(sys.argv[1], lambda: sys.argv[2])
 print(json.dumps({"run_id": run.run_id, "dir": str(run.dir), "version": run.version,
                   "resumed": run.resumed}), flush=True)
@@ -44,10 +44,10 @@ TRAIN = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
 from artifacts.store import new_model_version
-from denoiser.checkpoints import finish_run
+from denoiser.learning.checkpoints import finish_run
 from denoiser.config import TrainConfig
-from denoiser.faults import failpoint
-from denoiser.training import train_in_run
+from denoiser.core.faults import failpoint
+from denoiser.learning.training import train_in_run
 args = json.loads(sys.argv[1])
 config = TrainConfig(**args["training"])
 result = train_in_run(args["shards"], config, args["models"], args["checkpoints"],
@@ -368,7 +368,7 @@ def test_a_resumed_run_stops_and_restores_weights_as_the_whole_run_would(tmp_pat
     import keras
     import numpy as np
 
-    from denoiser.training import _resumable_early_stopping, _save_early_stopping
+    from denoiser.learning.training import _resumable_early_stopping, _save_early_stopping
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     best = [np.full_like(w, 7.0) for w in model.get_weights()]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from denoiser.config import DataConfig, NoiseConfig, TrainConfig
-from denoiser.errors import ConfigError
+from denoiser.core.errors import ConfigError
 
 MIRROR = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -51,7 +51,7 @@ def test_a_colour_request_takes_its_recipe_and_refuses_a_grey_architecture():
 
 
 def test_colour_unet_is_rgb_in_rgb_out_within_the_parameter_budget():
-    from denoiser.models import build_model, count_params
+    from denoiser.nets.models import build_model, count_params
 
     model = build_model("colour_unet")
     assert model.input_shape[-1] == 3 and model.output_shape[-1] == 3
@@ -62,8 +62,8 @@ def test_colour_unet_is_rgb_in_rgb_out_within_the_parameter_budget():
 
 def test_colour_images_are_told_from_grey_ones_saved_as_rgb():
     from denoiser.domains import image_domain
-    from denoiser.images import decode_image
-    from denoiser.plots import png_bytes
+    from denoiser.imaging.images import decode_image
+    from denoiser.imaging.plots import png_bytes
 
     rng = np.random.default_rng(1)
     grey = (rng.random((96, 96)) * 180 + 40).astype(np.uint8)
@@ -76,10 +76,10 @@ def test_colour_images_are_told_from_grey_ones_saved_as_rgb():
 def test_rgb_patch_shards_and_their_typed_noise_config(tmp_path):
     from PIL import Image
 
-    from denoiser.datasets import fetch_dataset
+    from denoiser.data.datasets import fetch_dataset
+    from denoiser.data.shards import load_split, noise_config, read_manifest
     from denoiser.domains import domain_of_manifest
-    from denoiser.shards import load_split, noise_config, read_manifest
-    from denoiser.training import make_dataset
+    from denoiser.learning.training import make_dataset
 
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -106,7 +106,7 @@ def test_rgb_patch_shards_and_their_typed_noise_config(tmp_path):
 
 
 def test_cpu_precision_is_bfloat16_only_where_the_cpu_has_it():
-    from denoiser.training import plan_device
+    from denoiser.learning.training import plan_device
 
     assert plan_device([], precision="auto", flags=frozenset({"avx2"}))["precision"] == "float32"
     assert plan_device([], flags=frozenset({"amx_bf16"}))["precision"] == "mixed_bfloat16"

@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from denoiser import datasets
-from denoiser.datasets import (
+from denoiser.core.errors import ChecksumError, ConfigError, DownloadError, IDXFormatError
+from denoiser.data import datasets
+from denoiser.data.datasets import (
     DatasetSpec,
     FileSpec,
     fetch_dataset,
     load_images,
     read_idx,
 )
-from denoiser.errors import ChecksumError, ConfigError, DownloadError, IDXFormatError
 
 
 def idx_bytes(arr: np.ndarray, type_code: int = 0x08) -> bytes:
@@ -253,7 +253,7 @@ def test_a_damaged_cached_file_is_fetched_again_with_a_warning(tiny, tmp_path, c
     cache = tmp_path / "cache"
     fetch_dataset("tiny", str(mirror), cache)
     (cache / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b truncated")
-    with caplog.at_level("WARNING", logger="denoiser.datasets"):
+    with caplog.at_level("WARNING", logger="denoiser.data.datasets"):
         again = fetch_dataset("tiny", str(mirror), cache)
     assert again["files"]["test_images"]["status"] == "fetched"
     assert again["files"]["train_images"]["status"] == "cached"
@@ -275,8 +275,8 @@ def _fetch_with_file_size_limit(cache: Path, source: Path, limit: int) -> tuple[
         "import resource, signal, sys\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
-        "from denoiser.datasets import fetch_dataset\n"
-        "from denoiser.errors import DenoiseError\n"
+        "from denoiser.data.datasets import fetch_dataset\n"
+        "from denoiser.core.errors import DenoiseError\n"
         "try:\n"
         f"    fetch_dataset('mnist', {str(source)!r}, {str(cache)!r})\n"
         "except DenoiseError as exc:\n"
@@ -320,7 +320,7 @@ def test_leftovers_of_killed_downloads_are_removed(tiny, tmp_path, caplog):
     dead.write_bytes(b"half a download")
     live = datasets.temp_path(cache / "train-labels-idx1-ubyte.gz", "part")
     live.write_bytes(b"a concurrent download")
-    with caplog.at_level("INFO", logger="denoiser.datasets"):
+    with caplog.at_level("INFO", logger="denoiser.data.datasets"):
         fetch_dataset("tiny", str(mirror), cache)
     assert not dead.exists() and live.exists()
     assert any(dead.name in r.getMessage() for r in caplog.records)
@@ -346,7 +346,7 @@ def test_killed_mid_file_the_rerun_fetches_it_whole(mnist_mirror, tmp_path):
 
     cache = tmp_path / "cache"
     script = (
-        "from denoiser.datasets import fetch_dataset\n"
+        "from denoiser.data.datasets import fetch_dataset\n"
         f"fetch_dataset('mnist', {str(mnist_mirror)!r}, {str(cache)!r})\n"
     )
     env = {**os.environ, "DENOISE_FAILPOINTS": "download.mid_file=kill@2"}

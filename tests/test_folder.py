@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from denoiser.errors import ConfigError, ImageError
+from denoiser.core.errors import ConfigError, ImageError
 from denoiser.folder import (
     JOURNAL_NAME,
     BatchPredictor,
@@ -27,7 +27,7 @@ from denoiser.folder import (
     denoise_tree,
     parse_journal,
 )
-from denoiser.images import (
+from denoiser.imaging.images import (
     decode_image,
     decode_with_pillow,
     encode_image,
@@ -37,7 +37,7 @@ from denoiser.images import (
     small_grey_png,
     temp_path,
 )
-from denoiser.tiling import TileSpec, denoise_plane, split
+from denoiser.imaging.tiling import TileSpec, denoise_plane, split
 
 RNG = np.random.default_rng(0)
 
@@ -158,7 +158,7 @@ def folder_case(tmp_path, monkeypatch):
 
 
 def run(src: Path, dst: Path, model, **kw):
-    from denoiser.inference import tile_spec_for_model
+    from denoiser.runtimes.inference import tile_spec_for_model
 
     return denoise_tree(
         src, dst, BatchPredictor(model, batch_size=32), tile_spec_for_model(model), **kw
@@ -624,7 +624,7 @@ FOLDER_RUN = """
 import json
 import sys
 from denoiser.folder import BatchPredictor, count, denoise_tree
-from denoiser.tiling import TileSpec
+from denoiser.imaging.tiling import TileSpec
 
 class Identity:
     def predict_on_batch(self, x):

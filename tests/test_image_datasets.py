@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from denoiser import datasets
 from denoiser.config import DataConfig
-from denoiser.datasets import fetch_dataset
-from denoiser.errors import ChecksumError, ConfigError
-from denoiser.image_datasets import (
+from denoiser.core.errors import ChecksumError, ConfigError
+from denoiser.data import datasets
+from denoiser.data.datasets import fetch_dataset
+from denoiser.data.image_datasets import (
     build_image_splits,
     dataset_slug,
     load_grey,
     split_by_content,
 )
-from denoiser.shards import (
+from denoiser.data.shards import (
     iter_batches,
     load_split,
     read_manifest,
@@ -80,7 +80,7 @@ def test_a_folder_is_a_dataset_and_a_bad_file_is_reported_and_skipped(photos, tm
 
     cache = tmp_path / "downloads" / dataset_slug(str(photos))
     assert cache.name.startswith("folder-photos-")
-    with caplog.at_level("WARNING", logger="denoiser.image_datasets"):
+    with caplog.at_level("WARNING", logger="denoiser.data.image_datasets"):
         manifest = fetch_dataset(str(photos), None, cache)
     assert (
         manifest["kind"] == "images"
@@ -335,7 +335,7 @@ def test_http_folder_needs_sha256sums_and_one_mirror_root_serves_mnist(served_mi
 
 def test_mnist_shard_folders_keep_their_keys(tmp_path):
     from denoiser.config import NoiseConfig
-    from denoiser.datasets import DATASETS, ROLES
+    from denoiser.data.datasets import DATASETS, ROLES
     from tasks.corrupt import shard_dir_for
 
     mnist = {

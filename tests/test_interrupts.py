@@ -10,7 +10,7 @@ from tests.conftest import REPO
 
 SCRIPT = """
 import os, signal, sys, time
-from denoiser import interrupts
+from denoiser.core import interrupts
 
 events = []
 def on_term(s, f):
@@ -50,7 +50,7 @@ def test_outside_a_stretch_signals_are_untouched():
 KILLED_AT_RELEASE = """
 import os, sys, time
 from pathlib import Path
-from denoiser import interrupts
+from denoiser.core import interrupts
 
 folder = Path(sys.argv[1])
 interrupts.hold()

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from denoiser.config import TrainConfig
-from denoiser.losses import PsnrSsimLoss, make_loss, ssim_per_image
-from denoiser.metrics import psnr, ssim
-from denoiser.training import learning_rate
+from denoiser.core.metrics import psnr, ssim
+from denoiser.learning.losses import PsnrSsimLoss, make_loss, ssim_per_image
+from denoiser.learning.training import learning_rate
 
 
 def _pairs():

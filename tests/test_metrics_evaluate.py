@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from denoiser.metrics import bce, evaluate_arrays, mse, psnr, ssim
+from denoiser.core.metrics import bce, evaluate_arrays, mse, psnr, ssim
 
 
 def test_psnr_known_values():
@@ -43,7 +43,7 @@ def test_ssim_equals_scikit_image(shape):
 
 
 def test_ssim_on_real_digits(mnist_mirror):
-    from denoiser.datasets import read_idx
+    from denoiser.data.datasets import read_idx
 
     x = read_idx(mnist_mirror / "t10k-images-idx3-ubyte.gz")[:20] / 255.0
     y = np.clip(x + 0.5 * np.random.default_rng(12345).normal(size=x.shape), 0, 1)
@@ -80,7 +80,7 @@ def test_evaluation_task_writes_metrics_card_and_artifacts(prefect_harness, tmp_
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from denoiser.config import EvalConfig
-    from denoiser.shards import SplitArrays, write_shard_set
+    from denoiser.data.shards import SplitArrays, write_shard_set
     from tasks.evaluate import evaluate_denoiser
 
     rng = np.random.default_rng(0)
@@ -150,7 +150,7 @@ def test_evaluation_task_writes_metrics_card_and_artifacts(prefect_harness, tmp_
 
 
 def test_the_quality_gate_compares_the_overall_gain_with_the_minimum():
-    from denoiser.quality import judge_quality
+    from denoiser.learning.quality import judge_quality
 
     rng = np.random.default_rng(3)
     clean = rng.random((4, 8, 8, 1))
@@ -163,8 +163,8 @@ def test_the_quality_gate_compares_the_overall_gain_with_the_minimum():
 
 
 def test_the_quality_gate_of_a_photo_set_says_it_is_a_mean_over_the_sigmas():
-    from denoiser.metrics import evaluate_per_sigma
-    from denoiser.quality import judge_quality
+    from denoiser.core.metrics import evaluate_per_sigma
+    from denoiser.learning.quality import judge_quality
 
     clean = [np.full((8, 8), 0.5), np.linspace(0, 1, 80).reshape(8, 10)]
     noisy = {s: [c + s / 255 for c in clean] for s in (15.0, 25.0)}

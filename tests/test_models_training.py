@@ -9,15 +9,15 @@ import pytest
 from pydantic import ValidationError
 
 from denoiser.config import TrainConfig
-from denoiser.errors import ModelError
-from denoiser.models import (
+from denoiser.core.errors import ModelError
+from denoiser.learning.training import make_dataset, plan_device, train_model
+from denoiser.nets.models import (
     architecture_recipe,
     available_architectures,
     build_model,
     file_sha256,
     load_model,
 )
-from denoiser.training import make_dataset, plan_device, train_model
 
 
 def test_seed_is_the_reference_architecture():

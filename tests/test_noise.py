@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from denoiser.config import DataConfig, NoiseConfig
-from denoiser.noise import add_awgn, add_awgn_tf, add_noise
+from denoiser.data.noise import add_awgn, add_awgn_tf, add_noise
 from denoiser.request import default_noise_for
 
 

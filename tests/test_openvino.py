@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from denoiser.errors import ConfigError, ModelError
+from denoiser.core.errors import ConfigError, ModelError
 from denoiser.folder import BatchPredictor
-from denoiser.openvino_runtime import (
+from denoiser.learning.training import probe_shape
+from denoiser.runtimes.openvino_runtime import (
     BIN_FILE,
     MAX_BF16_LOSS_DB,
     XML_FILE,
@@ -27,8 +28,7 @@ from denoiser.openvino_runtime import (
     precision_on_cpu,
     precision_to_run,
 )
-from denoiser.runtime import EXPORT_TOLERANCE, choose_runtime, openvino_available
-from denoiser.training import probe_shape
+from denoiser.runtimes.runtime import EXPORT_TOLERANCE, choose_runtime, openvino_available
 from tests.faults.harness import denoise_env
 
 # openvino is a dependency: a missing one fails here (under CI=true), it is not skipped
@@ -42,7 +42,7 @@ VERSION = "20260101-000000-unet-0001"
 def unet(seed: int = 0):
     import keras
 
-    from denoiser.models import build_model
+    from denoiser.nets.models import build_model
 
     keras.utils.set_random_seed(seed)
     return build_model("unet")
@@ -58,7 +58,7 @@ def _cache(tmp_path_factory, monkeypatch):
 def exported(tmp_path_factory):
     """An untrained unet (random weights) in a store's model folder, with its
     OpenVINO export and a card that names every file."""
-    from denoiser.files import file_sha256
+    from denoiser.core.files import file_sha256
 
     store = tmp_path_factory.mktemp("store")
     folder = store / "models" / VERSION
@@ -80,7 +80,7 @@ def exported(tmp_path_factory):
 
 
 def test_the_export_gives_keras_outputs_at_f32_for_any_batch_shape(exported):
-    from denoiser.files import file_sha256
+    from denoiser.core.files import file_sha256
 
     model, folder, facts = exported
     assert facts["openvino_xml_sha256"] == file_sha256(folder / XML_FILE)
@@ -193,7 +193,7 @@ def test_a_damaged_export_is_refused_with_one_line(exported, tmp_path):
 
 
 def test_auto_runs_openvino_on_a_cpu_when_the_model_has_its_export(monkeypatch):
-    import denoiser.runtime as runtime
+    import denoiser.runtimes.runtime as runtime
 
     monkeypatch.setattr(runtime, "gpu_present", lambda: False)
     assert choose_runtime("auto", True, 100, has_openvino=True) == "openvino"
@@ -273,7 +273,7 @@ def test_a_folder_is_denoised_by_openvino_without_tensorflow(exported, prefect_a
 
 
 def test_models_export_adds_the_export_to_a_model_without_one(exported, tmp_path, capsys):
-    from denoiser.files import file_sha256
+    from denoiser.core.files import file_sha256
     from flows.cli import main
 
     _, folder, _ = exported

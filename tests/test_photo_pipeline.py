@@ -43,9 +43,9 @@ def photo_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def patch_set(photo_folder, tmp_path_factory) -> Path:
-    from denoiser.datasets import fetch_dataset
-    from denoiser.image_datasets import build_image_splits
-    from denoiser.shards import write_shard_set
+    from denoiser.data.datasets import fetch_dataset
+    from denoiser.data.image_datasets import build_image_splits
+    from denoiser.data.shards import write_shard_set
 
     root = tmp_path_factory.mktemp("patchset")
     manifest = fetch_dataset(str(photo_folder), None, root / "cache")
@@ -67,7 +67,7 @@ def _residuals_by_patch(ds) -> dict[bytes, np.ndarray]:
 
 
 def test_patch_sets_train_on_fresh_awgn_per_batch_and_fixed_validation_noise(patch_set):
-    from denoiser.training import make_dataset
+    from denoiser.learning.training import make_dataset
 
     train = make_dataset(
         patch_set, "train", batch_size=16, shuffle_buffer=32, seed=0, training=True
@@ -95,7 +95,7 @@ def test_patch_sets_train_on_fresh_awgn_per_batch_and_fixed_validation_noise(pat
 
 
 def test_training_on_a_patch_set_records_what_it_learned(patch_set, tmp_path):
-    from denoiser.training import train_model
+    from denoiser.learning.training import train_model
 
     result = train_model(
         patch_set, TrainConfig(epochs=1, batch_size=16), tmp_path / "m", tmp_path / "b"
@@ -131,8 +131,8 @@ def _scaling_model(factor: float):
 
 def test_tiling_has_no_seams_and_evaluation_scores_each_size_at_each_sigma():
     from denoiser.folder import BatchPredictor
-    from denoiser.inference import denoise_planes, evaluate_planes
-    from denoiser.tiling import TileSpec
+    from denoiser.imaging.tiling import TileSpec
+    from denoiser.runtimes.inference import denoise_planes, evaluate_planes
 
     identity = BatchPredictor(_scaling_model(1.0), batch_size=4)
     constant = [np.full((70, 50), 0.4, np.float32), np.full((33, 90), 0.7, np.float32)]
@@ -314,7 +314,7 @@ def test_a_digit_model_on_photographs_is_warned_about_naming_the_photo_model(
     trained, noisy_photos, tmp_path, capsys
 ):
     from artifacts.registry import production_model
-    from denoiser.models import build_model
+    from denoiser.nets.models import build_model
     from flows.cli import main
 
     store, _ = trained
@@ -505,8 +505,8 @@ def test_an_old_registry_without_domains_still_reads(tmp_path):
 
 
 def test_a_photo_request_takes_what_it_leaves_unset_from_its_recipe():
-    from denoiser.architectures import ARCHITECTURES
     from denoiser.config import DataConfig, NoiseConfig, TrainConfig
+    from denoiser.nets.architectures import ARCHITECTURES
     from denoiser.request import default_noise_for, resolve_request
 
     def apply_recipe_defaults(data, noise, training):

@@ -12,15 +12,15 @@ import pytest
 from rich.console import Console
 
 from denoiser.config import TrainConfig
-from denoiser.metrics import psnr, ssim
-from denoiser.models import build_model, load_model
-from denoiser.progress import (
+from denoiser.core.metrics import psnr, ssim
+from denoiser.learning.progress import (
     FilesBar,
     epoch_bar,
     epoch_line,
     validation_sample,
     validation_scores,
 )
+from denoiser.nets.models import build_model, load_model
 
 
 def _pairs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -31,7 +31,7 @@ def _pairs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _expected(model, noisy, clean) -> tuple[float, float]:
-    """The model scored by denoiser.metrics on its clipped outputs, computed apart."""
+    """The model scored by denoiser.core.metrics on its clipped outputs, computed apart."""
     out = np.clip(model.predict(noisy, batch_size=len(noisy), verbose=0), 0, 1)
     return float(psnr(clean, out).mean()), float(ssim(clean, out).mean())
 
@@ -87,8 +87,8 @@ def test_training_records_and_logs_the_scores_of_the_validation_sample(
     tiny_shards, tmp_path, capfd
 ):
     """train_model's records hold the scores of the saved model on the first
-    validation pairs, by denoiser.metrics; without show_progress no bar is drawn."""
-    from denoiser.training import make_dataset, train_model
+    validation pairs, by denoiser.core.metrics; without show_progress no bar is drawn."""
+    from denoiser.learning.training import make_dataset, train_model
 
     seen, lines = [], []
     config = TrainConfig(architecture="unet-small", epochs=1, batch_size=16, patience=10)
@@ -164,7 +164,7 @@ def test_epoch_bar_moves_within_the_epoch_and_is_gone_before_its_line():
 
 
 def test_files_bar_rates_the_denoised_images_not_the_scan_s_verdicts(monkeypatch):
-    import denoiser.progress as progress
+    import denoiser.learning.progress as progress
 
     now = [100.0]
     monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])

@@ -9,7 +9,7 @@ import pytest
 
 from artifacts.registry import list_models, promote, read_registry, register_model
 from artifacts.resolution import resolve_model
-from denoiser.errors import ConfigError, ModelError
+from denoiser.core.errors import ConfigError, ModelError
 from flows.cli import main
 
 

@@ -1,4 +1,4 @@
-"""The report of a folder run (denoiser/report.py), on a few made-up results."""
+"""The report of a folder run (denoiser/folder/run_report.py), on a few made-up results."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime
 
 from denoiser.folder import FileResult
-from denoiser.report import report_folder_name, write_run_report
+from denoiser.folder.run_report import report_folder_name, write_run_report
 
 RESULTS = [
     FileResult("a.png", "denoised", bytes=10, mode="L", width=4, height=3, ms=1.5),

@@ -17,9 +17,7 @@ from PIL import Image
 
 from denoiser.domains import by_domain
 from denoiser.folder import JOURNAL_NAME, BatchPredictor, denoise_tree, parse_journal
-from denoiser.images import decode_image, rgb_pixels
-from denoiser.inference import denoise_planes, tile_spec_for_model
-from denoiser.routing import (
+from denoiser.folder.routing import (
     COLOUR,
     GREY,
     GREY_AS_COLOUR,
@@ -29,6 +27,8 @@ from denoiser.routing import (
     denoise_luminance,
     model_channels,
 )
+from denoiser.imaging.images import decode_image, rgb_pixels
+from denoiser.runtimes.inference import denoise_planes, tile_spec_for_model
 
 SIGMA = 25.0
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from denoiser.errors import ConfigError, ModelError
+from denoiser.core.errors import ConfigError, ModelError
 from denoiser.folder import BatchPredictor
-from denoiser.runtime import (
+from denoiser.learning.training import probe_shape
+from denoiser.runtimes.runtime import (
     LITERT_FILE,
     SMALL_JOB_BYTES,
     choose_runtime,
@@ -24,7 +25,6 @@ from denoiser.runtime import (
     litert_available,
     load_litert,
 )
-from denoiser.training import probe_shape
 from tests.faults.harness import denoise_env
 
 pytestmark = pytest.mark.skipif(
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(
 def unet(seed: int = 0):
     import keras
 
-    from denoiser.models import build_model
+    from denoiser.nets.models import build_model
 
     keras.utils.set_random_seed(seed)
     return build_model("unet")
@@ -45,7 +45,7 @@ def unet(seed: int = 0):
 def exported(tmp_path_factory):
     """An untrained unet (random weights) in a store's model folder, with its
     export and a card that names both files."""
-    from denoiser.files import file_sha256
+    from denoiser.core.files import file_sha256
 
     store = tmp_path_factory.mktemp("store")
     folder = store / "models" / "20260101-000000-unet-0001"
@@ -68,7 +68,7 @@ def exported(tmp_path_factory):
 
 def test_the_export_gives_keras_outputs_for_any_batch_shape(exported):
     model, folder, facts = exported
-    from denoiser.files import file_sha256
+    from denoiser.core.files import file_sha256
 
     assert facts["litert_sha256"] == file_sha256(folder / LITERT_FILE)
     assert facts["litert_bytes"] == (folder / LITERT_FILE).stat().st_size
@@ -110,7 +110,7 @@ def test_a_model_outside_litert_builtins_gets_no_export(tmp_path):
     card facts, and the model is run by Keras."""
     import keras
 
-    from denoiser.models import build_model
+    from denoiser.nets.models import build_model
 
     keras.utils.set_random_seed(0)
     model = build_model("unet-small")

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from artifacts.store import Store
-from denoiser import checkpoints
-from denoiser.checkpoints import (
+from denoiser.learning import checkpoints
+from denoiser.learning.checkpoints import (
     HEAD_FILE,
     LeaseLost,
     claim_remote_run,
@@ -32,7 +32,7 @@ KEY = "checkpoints/k"
 HOLD = """
 import json, sys, tempfile
 from artifacts.store import Store
-from denoiser.checkpoints import claim_remote_run
+from denoiser.learning.checkpoints import claim_remote_run
 store = Store(sys.argv[1])
 run = claim_remote_run(store, store.join("checkpoints/k"), tempfile.mkdtemp(), lambda: sys.argv[2])
 print(json.dumps({"run_id": run.run_id, "version": run.version, "resumed": run.resumed}), flush=True)
@@ -44,9 +44,9 @@ TRAIN = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
 from artifacts.store import Store, new_model_version
-from denoiser.checkpoints import finish_run
+from denoiser.learning.checkpoints import finish_run
 from denoiser.config import TrainConfig
-from denoiser.training import train_in_run
+from denoiser.learning.training import train_in_run
 args = json.loads(sys.argv[1])
 config, store = TrainConfig(**args["training"]), Store(args["store"])
 result = train_in_run(args["shards"], config, args["models"], args["local"],

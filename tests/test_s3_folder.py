@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from denoiser.folder import JOURNAL_NAME, JOURNAL_PARTS, BatchPredictor, count, denoise_tree
-from denoiser.tiling import TileSpec
+from denoiser.imaging.tiling import TileSpec
 from tests.faults.harness import tail
 from tests.test_dask_folder import finish, report_rows, start
 from tests.test_folder import CountingIdentity, build_folder, identity_model, save_model
@@ -194,7 +194,7 @@ def test_denoise_folder_bucket_to_bucket_on_two_workers_matches_the_in_process_r
 def test_a_remote_tree_reads_writes_and_fails_alike_through_either_client(s3, monkeypatch, client):
     """Objects go through obstore when it is installed, else through s3fs: the
     same bytes and the same OSErrors (what the folder report is made from)."""
-    import denoiser.trees as trees
+    import denoiser.folder.trees as trees
 
     if client == "s3fs":
         monkeypatch.setattr(trees, "_has_obstore", lambda: False)
@@ -266,8 +266,8 @@ def test_relative_locations_resolve_against_denoise_home_on_a_worker(tmp_path, m
     """A deployment's flow run may work in a temporary folder: its relative store
     and inbox resolve against $DENOISE_HOME (the folder deployed from)."""
     from artifacts.store import resolve_store_root
-    from denoiser.errors import ConfigError
-    from denoiser.trees import resolve_location
+    from denoiser.core.errors import ConfigError
+    from denoiser.folder.trees import resolve_location
 
     project, elsewhere = tmp_path / "project", tmp_path / "tmp-run"
     project.mkdir()

@@ -17,8 +17,8 @@ import pytest
 
 from artifacts.registry import read_registry, update_registry
 from artifacts.store import Store, StoreError, local_copy
-from denoiser.files import file_sha256
-from denoiser.shards import iter_batches, load_split, verify_shard_set
+from denoiser.core.files import file_sha256
+from denoiser.data.shards import iter_batches, load_split, verify_shard_set
 
 
 def _upload_tree(fs, local, url):
@@ -337,7 +337,7 @@ def test_a_rebuilt_set_retracts_its_manifest_before_replacing_shards(s3, monkeyp
 def test_a_remote_version_without_its_card_is_not_listed(s3):
     from artifacts.registry import list_models
     from artifacts.resolution import resolve_model
-    from denoiser.errors import ModelError
+    from denoiser.core.errors import ModelError
 
     s3.bucket("bkt")
     _put_version(s3.fs(), "bkt/s", "20260101-000000-unet-0001", 21.0)
@@ -351,7 +351,7 @@ def test_a_remote_version_without_its_card_is_not_listed(s3):
 
 def test_a_card_that_cannot_be_read_stops_a_registration(s3, monkeypatch):
     import artifacts.registry as registry
-    from denoiser.errors import ModelError
+    from denoiser.core.errors import ModelError
 
     s3.bucket("bkt")
     _put_version(s3.fs(), "bkt/s", "20260101-000000-unet-0001", 21.0)

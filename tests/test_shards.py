@@ -10,10 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from denoiser.datasets import temp_path
-from denoiser.errors import ShardError
-from denoiser.noise import DENSITIES, KINDS, add_noise, draw_levels, level_from_uniform, quantize
-from denoiser.shards import (
+from denoiser.core.errors import ShardError
+from denoiser.data.datasets import temp_path
+from denoiser.data.noise import (
+    DENSITIES,
+    KINDS,
+    add_noise,
+    draw_levels,
+    level_from_uniform,
+    quantize,
+)
+from denoiser.data.shards import (
     SplitArrays,
     check_shard_set,
     iter_batches,
@@ -197,7 +204,7 @@ def test_corrupt_task_on_real_mnist(prefect_harness, mnist_mirror, tmp_path):
     from prefect import flow
 
     from denoiser.config import NoiseConfig
-    from denoiser.datasets import fetch_dataset
+    from denoiser.data.datasets import fetch_dataset
     from tasks.corrupt import write_noisy_shards
 
     dataset = fetch_dataset("mnist", str(mnist_mirror), tmp_path / "downloads" / "mnist")
@@ -317,7 +324,7 @@ def test_a_finished_set_with_a_bad_shard_is_repaired(tmp_path, caplog):
     flip_byte(out / "train-00003.parquet", 150)
     times = mtimes(out)
 
-    with caplog.at_level("WARNING", logger="denoiser.shards"):
+    with caplog.at_level("WARNING", logger="denoiser.data.shards"):
         write_shard_set(out, splits(), NOISE, 10, seed=3)
     assert digests(out) == before
     assert {r["file"]: r["sha256"] for r in read_manifest(out)["shards"]} == recorded
@@ -335,7 +342,7 @@ def test_a_shard_that_cannot_be_rebuilt_identically_rebuilds_the_set(tmp_path, c
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["shards"][0]["sha256"] = "0" * 64  # as if written by another pyarrow
     (out / "manifest.json").write_text(json.dumps(manifest))
-    with caplog.at_level("WARNING", logger="denoiser.shards"):
+    with caplog.at_level("WARNING", logger="denoiser.data.shards"):
         write_shard_set(out, splits(), NOISE, 10, seed=3)
     assert verify_shard_set(out) == []
     assert any("rebuilding the whole set" in r.getMessage() for r in caplog.records)
@@ -359,7 +366,7 @@ def _write_script(out: Path) -> str:
         "import sys, numpy as np\n"
         f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
         "from tests.test_shards import splits, NOISE\n"
-        "from denoiser.shards import write_shard_set\n"
+        "from denoiser.data.shards import write_shard_set\n"
         f"write_shard_set({str(out)!r}, splits(), NOISE, 10, seed=3, workers=2)\n"
     )
 
@@ -400,7 +407,7 @@ def test_a_write_error_is_one_line_naming_the_folder(tmp_path):
         "import resource, signal\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))\n"
-        "from denoiser.errors import DenoiseError\n"
+        "from denoiser.core.errors import DenoiseError\n"
         "try:\n"
         + "".join("    " + line + "\n" for line in _write_script(out).splitlines())
         + "except DenoiseError as exc:\n"
@@ -438,7 +445,7 @@ def test_a_truncated_shard_with_its_manifest_gone_is_rewritten_not_recorded(tmp_
 
 
 def test_pair_splits_hold_out_the_last_share_and_keep_the_test_set_whole():
-    from denoiser.shards import split_pairs
+    from denoiser.data.shards import split_pairs
 
     test_images, test_labels = IMAGES[40:], LABELS[40:]
     out = split_pairs(IMAGES[:40], LABELS[:40], test_images, test_labels, 0.1, copies=3)
@@ -453,8 +460,8 @@ def test_pair_splits_hold_out_the_last_share_and_keep_the_test_set_whole():
 
 def test_noise_fields_leave_patch_fields_out_of_idx_sets_and_fill_them_for_images():
     from denoiser.config import NoiseConfig
-    from denoiser.image_datasets import DEFAULT_PATCH_SIZE, DEFAULT_PATCHES_PER_IMAGE
-    from denoiser.shards import is_image_set, noise_fields
+    from denoiser.data.image_datasets import DEFAULT_PATCH_SIZE, DEFAULT_PATCHES_PER_IMAGE
+    from denoiser.data.shards import is_image_set, noise_fields
 
     noise = NoiseConfig(patch_size=16)
     idx = {"dataset": "mnist"}

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from artifacts.store import Store
-from denoiser.cards import ModelCard, load_card, record_training_command
+from denoiser.core.cards import ModelCard, load_card, record_training_command
 
 
 def test_staged_folders_pull_push_in_order_with_store_locations(s3, tmp_path):
@@ -75,8 +75,8 @@ def test_training_into_a_bucket_pushes_the_model_with_its_card(
     s3, tiny_shards, tmp_path, monkeypatch
 ):
     from artifacts.training import train_into_store
-    from denoiser.checkpoints import finish_run
     from denoiser.config import TrainConfig
+    from denoiser.learning.checkpoints import finish_run
 
     monkeypatch.setenv("DENOISE_CHECKPOINTS", str(tmp_path / "local-checkpoints"))
     s3.bucket("bkt")

@@ -16,7 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
-from denoiser.files import file_sha256
+from denoiser.core.files import file_sha256
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +97,9 @@ def test_flow_downloads_over_http_trains_and_reuses_cache(prefect_harness, http_
     assert (model_dir / "model.keras").is_file()
     card = json.loads((model_dir / "model.json").read_text())
     assert card["quality_gate"]["passed"] is True
-    # the LiteRT export beside it, for short folder runs (denoiser.runtime)
+    # the LiteRT export beside it, for short folder runs (denoiser.runtimes.runtime)
     assert card["litert_sha256"] == file_sha256(model_dir / "model.tflite")
-    # and the OpenVINO export, scored by the evaluation against Keras (denoiser.openvino_runtime)
+    # and the OpenVINO export, scored by the evaluation against Keras (denoiser.runtimes.openvino_runtime)
     assert card["openvino_xml_sha256"] == file_sha256(model_dir / "model.xml")
     assert card["openvino_bin_sha256"] == file_sha256(model_dir / "model.bin")
     assert card["openvino_precision"] in ("bf16", "f32")
@@ -212,7 +212,7 @@ def _mtimes(folder: Path) -> dict[str, int]:
 def test_damaged_cached_files_are_rebuilt_not_reused(
     prefect_harness, http_mirror, mnist_mirror, tmp_path
 ):
-    from denoiser.shards import verify_shard_set
+    from denoiser.data.shards import verify_shard_set
     from flows.training import train_pipeline
 
     first = train_pipeline(**_params(http_mirror, tmp_path), return_state=True)

@@ -1,10 +1,11 @@
 """The domains: digits, grey photographs, colour photographs. Adding one is a
 module defining a :class:`~denoiser.domains.base.Domain` plus its line in
 :data:`DOMAINS` (and its datasets' ``domain`` in the catalog,
-:mod:`denoiser.image_datasets`).
+:mod:`denoiser.data.image_datasets`).
 
-May import the data, model and inference modules; nothing in ``denoiser``
-below the training imports this package.
+May import: ``denoiser.core``, ``denoiser.imaging``, ``denoiser.nets``,
+``denoiser.config``, ``denoiser.data``, ``denoiser.folder``, ``denoiser.runtimes`` (and
+itself).
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ import threading
 from collections.abc import Callable
 from fnmatch import fnmatch
 
-from denoiser.datasets import is_image_dataset
+from denoiser.core.errors import ConfigError, DenoiseError
+from denoiser.data.datasets import is_image_dataset
+from denoiser.data.image_datasets import IMAGE_DATASETS
 from denoiser.domains.base import Domain, Judged
 from denoiser.domains.colour_photos import COLOUR_PHOTOS
 from denoiser.domains.digits import DIGITS
 from denoiser.domains.grey_photos import GREY_PHOTOS
-from denoiser.errors import ConfigError, DenoiseError
 from denoiser.folder import NOT_REGULAR, list_files
-from denoiser.image_datasets import IMAGE_DATASETS
-from denoiser.images import IMAGE_SUFFIXES, LoadedImage, decode_image
-from denoiser.routing import Denoiser, Router
-from denoiser.trees import open_tree
+from denoiser.folder.routing import Denoiser, Router
+from denoiser.folder.trees import open_tree
+from denoiser.imaging.images import IMAGE_SUFFIXES, LoadedImage, decode_image
 
 __all__ = [
     "DOMAINS",
@@ -81,7 +82,7 @@ def survey_folder(
     whose models its images go to (each recognised domain's
     ``folder_domain``; a local folder or an object-storage prefix), judged on
     the first ``sample`` of them (by path) that decode, and how many bytes its
-    image files take (what :func:`denoiser.runtime.choose_runtime` sizes the
+    image files take (what :func:`denoiser.runtimes.runtime.choose_runtime` sizes the
     job by). (None, None) when the folder cannot be read; an image of a
     domain the sample missed gets its model when it is reached."""
     try:

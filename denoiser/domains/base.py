@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
-    from denoiser.cards import ModelCard
     from denoiser.config import EvalConfig, NoiseConfig, TrainConfig
-    from denoiser.images import LoadedImage
+    from denoiser.core.cards import ModelCard
+    from denoiser.imaging.images import LoadedImage
 
 
 class Judged(NamedTuple):

@@ -5,7 +5,7 @@ independently in each channel (blind sigma in [0, 55]), an RGB-in RGB-out
 from __future__ import annotations
 
 from denoiser.domains.photos import looks_like_photo, photo_domain
-from denoiser.images import COLOUR_CHROMA, LoadedImage, is_colour
+from denoiser.imaging.images import COLOUR_CHROMA, LoadedImage, is_colour
 
 __all__ = ["COLOUR_CHROMA", "COLOUR_PHOTOS", "recognise_colour"]
 

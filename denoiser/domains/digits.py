@@ -3,15 +3,15 @@ once, scored per noise level and per label."""
 
 from __future__ import annotations
 
-from denoiser.cards import ModelCard
 from denoiser.config import EvalConfig, NoiseConfig, TrainConfig
+from denoiser.core.cards import ModelCard
+from denoiser.core.metrics import SCORES, evaluate_arrays
+from denoiser.data.shards import load_split, write_pair_set
 from denoiser.domains.base import Domain, Judged
-from denoiser.images import LoadedImage
-from denoiser.inference import predict_array
-from denoiser.metrics import SCORES, evaluate_arrays
-from denoiser.models import DEFAULT_ARCHITECTURE, architecture_recipe
-from denoiser.plots import grid_png
-from denoiser.shards import load_split, write_pair_set
+from denoiser.imaging.images import LoadedImage
+from denoiser.imaging.plots import grid_png
+from denoiser.nets.models import DEFAULT_ARCHITECTURE, architecture_recipe
+from denoiser.runtimes.inference import predict_array
 
 TABLE_COLUMNS = ("group", "count", *SCORES, "bce_noisy", "bce_denoised")
 

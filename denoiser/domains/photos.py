@@ -11,17 +11,17 @@ from functools import partial
 
 import numpy as np
 
-from denoiser.cards import ModelCard
 from denoiser.config import EvalConfig, NoiseConfig, TrainConfig
+from denoiser.core.cards import ModelCard
+from denoiser.core.errors import ConfigError
+from denoiser.data.image_datasets import DEFAULT_PATCH_SIZE
+from denoiser.data.noise import PHOTO_SIGMA_RANGE
+from denoiser.data.shards import load_split, read_manifest, write_patch_set
 from denoiser.domains.base import Domain, Judged
-from denoiser.errors import ConfigError
-from denoiser.image_datasets import DEFAULT_PATCH_SIZE
-from denoiser.images import LoadedImage
-from denoiser.inference import EVAL_NOISE_SEED, centre_crop, evaluate_planes
-from denoiser.models import architecture_recipe
-from denoiser.noise import PHOTO_SIGMA_RANGE
-from denoiser.plots import grid_png
-from denoiser.shards import load_split, read_manifest, write_patch_set
+from denoiser.imaging.images import LoadedImage
+from denoiser.imaging.plots import grid_png
+from denoiser.nets.models import architecture_recipe
+from denoiser.runtimes.inference import EVAL_NOISE_SEED, centre_crop, evaluate_planes
 
 PHOTO_MIN_SIDE = 64  # larger on both sides than this: not a 28x28-style digit image
 SATURATED_SHARE = 0.5  # more of the pixels than this at black or white: line art, digits, text

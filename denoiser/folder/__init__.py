@@ -29,6 +29,8 @@ The package's rooms, each importing only those above it:
 Of the project it may import the errors, fault points, files, images,
 tiling, routing and trees modules; nothing of it imports tasks, flows or
 Prefect. This module re-exports the names the rest of the project uses.
+
+May import: ``denoiser.core``, ``denoiser.imaging`` (and itself).
 """
 
 from __future__ import annotations

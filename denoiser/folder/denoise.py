@@ -12,17 +12,17 @@ import logging
 import os
 from collections.abc import Callable
 
-from denoiser.errors import ConfigError, DenoiseError
+from denoiser.core.errors import ConfigError, DenoiseError
 from denoiser.folder.journal import OutputRecord, journal_for
 from denoiser.folder.pipeline import run_jobs
 from denoiser.folder.plan import unclaimed
 from denoiser.folder.predictor import BatchPredictor, as_router
 from denoiser.folder.results import FileResult, display_path
+from denoiser.folder.routing import Router
 from denoiser.folder.scan import Job, check_folders, make_job, name_target, scan
+from denoiser.folder.trees import RemoteTree
 from denoiser.folder.writer import prepare_output
-from denoiser.routing import Router
-from denoiser.tiling import TileSpec
-from denoiser.trees import RemoteTree
+from denoiser.imaging.tiling import TileSpec
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def denoise_tree(
 ) -> list[FileResult]:
     """Denoise every image under ``input_dir`` into ``output_dir`` (each a
     local folder or an object-storage prefix), each through the model
-    ``predict`` picks for it (a :class:`~denoiser.routing.Router`), or all
+    ``predict`` picks for it (a :class:`~denoiser.folder.routing.Router`), or all
     through one (a BatchPredictor and its tiling ``spec``).
 
     An image is skipped while its output exists and both still match the

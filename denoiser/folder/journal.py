@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from denoiser.errors import ConfigError, DenoiseError
-from denoiser.files import host_tag
-from denoiser.images import write_atomic
-from denoiser.trees import RemoteTree, Tree, open_tree
+from denoiser.core.errors import ConfigError, DenoiseError
+from denoiser.core.files import host_tag
+from denoiser.folder.trees import RemoteTree, Tree, open_tree
+from denoiser.imaging.images import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class OutputRecord:
     output_size: int
     output_sha256: str
     model: str = ""  # the version of the model that made it (what it says, not a rerun rule)
-    route: str = ""  # how the image went through it (denoiser.routing.ROUTES)
+    route: str = ""  # how the image went through it (denoiser.folder.routing.ROUTES)
 
 
 _RECORD_TYPES = {f.name: (int if f.type == "int" else str) for f in fields(OutputRecord)}

@@ -17,14 +17,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from denoiser.errors import DenoiseError
+from denoiser.core.errors import DenoiseError
 from denoiser.folder.journal import Journal, JournalWriter, RemoteJournal
 from denoiser.folder.reader import PixelBudget, load_all
 from denoiser.folder.results import UP_TO_DATE, WHY_SKIPPED, FileResult, display_path
+from denoiser.folder.routing import Router
 from denoiser.folder.scan import Job
+from denoiser.folder.trees import Tree
 from denoiser.folder.writer import save_all
-from denoiser.routing import Router
-from denoiser.trees import Tree
 
 MAX_PENDING_TILES = 512 * 64  # tiles read ahead and waiting for a batch: bounds memory
 # decoded pixels in flight (decode to write), whatever the images' number and size;

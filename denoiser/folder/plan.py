@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from denoiser.errors import ConfigError
+from denoiser.core.errors import ConfigError
 from denoiser.folder.journal import OutputRecord, journal_for
 from denoiser.folder.results import FileResult
 from denoiser.folder.scan import Job, check_folders, scan

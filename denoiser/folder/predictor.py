@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from denoiser.errors import ConfigError
-from denoiser.routing import Router, one_model
-from denoiser.tiling import TileSpec
+from denoiser.core.errors import ConfigError
+from denoiser.folder.routing import Router, one_model
+from denoiser.imaging.tiling import TileSpec
 
 
 class BatchPredictor:

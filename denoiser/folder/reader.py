@@ -12,12 +12,12 @@ import hashlib
 import threading
 import time
 
-from denoiser.errors import DenoiseError, ImageError
+from denoiser.core.errors import DenoiseError, ImageError
 from denoiser.folder.results import WHY_INPUT_CHANGED, WHY_OUTPUT_CHANGED
+from denoiser.folder.routing import Router
 from denoiser.folder.scan import Job
-from denoiser.images import decode_image, image_pixels, read_error
-from denoiser.routing import Router
-from denoiser.trees import Tree
+from denoiser.folder.trees import Tree
+from denoiser.imaging.images import decode_image, image_pixels, read_error
 
 
 def _read(tree: Tree, path) -> bytes:

@@ -2,7 +2,7 @@
 (:class:`FileResult`), the reasons a file was done or skipped, the counts,
 and the report written as CSV.
 
-Imports nothing of this package; of the project only :mod:`denoiser.images`
+Imports nothing of this package; of the project only :mod:`denoiser.imaging.images`
 (the atomic write).
 """
 
@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from denoiser.images import write_atomic
+from denoiser.imaging.images import write_atomic
 
 UP_TO_DATE = "output is up to date"
 WHY_SKIPPED = "input and output match their record"
@@ -45,7 +45,7 @@ class FileResult:
     output: str = ""
     reason: str = ""  # why it was (re)done or skipped
     model: str = ""  # the version of the model that made the output
-    route: str = ""  # how the image went through it (denoiser.routing.ROUTES)
+    route: str = ""  # how the image went through it (denoiser.folder.routing.ROUTES)
 
 
 REPORT_FIELDS = [f for f in FileResult.__dataclass_fields__]

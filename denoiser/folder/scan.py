@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from denoiser.errors import ConfigError
+from denoiser.core.errors import ConfigError
 from denoiser.folder.journal import OutputRecord
 from denoiser.folder.results import (
     NOT_OURS,
@@ -34,9 +34,9 @@ from denoiser.folder.results import (
     FileResult,
     display_path,
 )
-from denoiser.images import IMAGE_SUFFIXES, LoadedImage
-from denoiser.routing import RoutedTiles
-from denoiser.trees import RemoteTree, Tree, open_tree, same_or_inside
+from denoiser.folder.routing import RoutedTiles
+from denoiser.folder.trees import RemoteTree, Tree, open_tree, same_or_inside
+from denoiser.imaging.images import IMAGE_SUFFIXES, LoadedImage
 
 logger = logging.getLogger(__name__)
 

@@ -16,15 +16,21 @@ from pathlib import Path
 
 import numpy as np
 
-from denoiser.errors import DenoiseError
-from denoiser.faults import failpoint
-from denoiser.files import host_tag, pid_alive
+from denoiser.core.errors import DenoiseError
+from denoiser.core.faults import failpoint
+from denoiser.core.files import host_tag, pid_alive
 from denoiser.folder.journal import JournalWriter, OutputRecord
 from denoiser.folder.reader import PixelBudget
 from denoiser.folder.results import FileResult, display_path
 from denoiser.folder.scan import Job
-from denoiser.images import LoadedImage, encode_output, encode_rgb_output, output_format, temp_owner
-from denoiser.trees import RemoteTree, Tree
+from denoiser.folder.trees import RemoteTree, Tree
+from denoiser.imaging.images import (
+    LoadedImage,
+    encode_output,
+    encode_rgb_output,
+    output_format,
+    temp_owner,
+)
 
 FOREIGN_TEMP_AGE = 86400.0  # seconds before another host's temporary file counts as abandoned
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from denoiser.files import file_sha256 as sha256_file
+from denoiser.core.files import file_sha256 as sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
@@ -350,7 +350,7 @@ def model_error(path: Path) -> str | None:
                 bad = zf.testzip()
             if bad:
                 raise ValueError(f"corrupt member {bad}")
-            from denoiser.models import load_model
+            from denoiser.nets.models import load_model
 
             load_model(path)
             _loaded_models[key] = None

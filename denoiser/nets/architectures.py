@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from denoiser.cards import Recipe
+from denoiser.core.cards import Recipe
 
 
 @dataclass(frozen=True)

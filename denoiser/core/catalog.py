@@ -14,7 +14,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from denoiser.errors import ConfigError, look_up
+from denoiser.core.errors import ConfigError, look_up
 
 
 def parse_sha256sums(text: str) -> dict[str, str]:

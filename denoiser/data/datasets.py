@@ -3,7 +3,7 @@
 A dataset is four IDX files (train/test images/labels). Adding Fashion-MNIST
 or another IDX dataset is one more entry in :data:`DATASETS`. Folders of
 images (registered photographs such as train400, or a user's own folder) live
-in :mod:`denoiser.image_datasets`; :func:`fetch_dataset` serves both kinds.
+in :mod:`denoiser.data.image_datasets`; :func:`fetch_dataset` serves both kinds.
 
 Where files come from, in order: an explicit source, ``$DENOISE_DATA_SOURCE``,
 the dataset's origin. A source is an http(s) URL, a ``file://`` URL or a folder
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from denoiser.catalog import (  # noqa: F401 - the registry, read here too
+from denoiser.core.catalog import (  # noqa: F401 - the registry, read here too
     _IDX_NAMES,
     DATASETS,
     DatasetSpec,
@@ -38,7 +38,8 @@ from denoiser.catalog import (  # noqa: F401 - the registry, read here too
     get_dataset,
     is_image_dataset,
 )
-from denoiser.downloads import (  # noqa: F401 - shared with image datasets
+from denoiser.core.errors import ChecksumError, ConfigError, IDXFormatError
+from denoiser.data.downloads import (  # noqa: F401 - shared with image datasets
     CHUNK,
     SOURCE_ENV,
     TIMEOUT,
@@ -63,7 +64,6 @@ from denoiser.downloads import (  # noqa: F401 - shared with image datasets
     temp_path,
     write_cache_json,
 )
-from denoiser.errors import ChecksumError, ConfigError, IDXFormatError
 
 logger = logging.getLogger(__name__)
 
@@ -232,10 +232,10 @@ def fetch_dataset(
     still matches the cache manifest are used without touching the network; a
     damaged one is fetched again, with a warning on ``log`` naming it. A folder
     of images (see :func:`is_image_dataset`) is fetched by
-    :func:`denoiser.image_datasets.fetch_image_dataset`, with ``test_dataset``.
+    :func:`denoiser.data.image_datasets.fetch_image_dataset`, with ``test_dataset``.
     """
     if is_image_dataset(name):
-        from denoiser.image_datasets import fetch_image_dataset
+        from denoiser.data.image_datasets import fetch_image_dataset
 
         return fetch_image_dataset(name, source, cache_dir, log, test_dataset)
     if test_dataset is not None:

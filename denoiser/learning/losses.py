@@ -1,7 +1,7 @@
 """Training losses, by name: ``make_loss("psnr_ssim")``.
 
 The project is judged by per-image mean PSNR and by SSIM with scikit-image's
-defaults (``denoiser.metrics``), so the default loss is those two figures
+defaults (``denoiser.core.metrics``), so the default loss is those two figures
 themselves, made differentiable:
 
 - ``log10(mse)`` per image is ``-PSNR / 10``: averaging it over a batch
@@ -26,7 +26,7 @@ _LOG10 = 2.302585092994046
 
 
 def ssim_per_image(y_true, y_pred, data_range: float = 1.0):
-    """SSIM of each image of a (N, H, W, C) batch, as ``denoiser.metrics.ssim``
+    """SSIM of each image of a (N, H, W, C) batch, as ``denoiser.core.metrics.ssim``
     computes it (uniform 7x7 window, sample covariance, valid windows only)."""
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     n = SSIM_WINDOW * SSIM_WINDOW

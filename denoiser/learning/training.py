@@ -19,9 +19,29 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from denoiser import interrupts
-from denoiser.cards import CARD_FILE, CardData, ModelCard, Recipe
-from denoiser.checkpoints import (
+from denoiser.config import TrainConfig
+from denoiser.core import interrupts
+from denoiser.core.cards import CARD_FILE, CardData, ModelCard, Recipe
+from denoiser.core.cpu import has_native_bf16
+from denoiser.core.errors import ModelError, first_line
+from denoiser.core.faults import failpoint
+from denoiser.core.files import (
+    atomic_file,
+    fsync_dir,
+    is_url,
+    join_location,
+    open_read,
+    write_text_atomic,
+)
+from denoiser.data.shards import (
+    check_shard_set,
+    iter_batches,
+    noise_config,
+    read_manifest,
+    split_rows,
+)
+from denoiser.domains import domain_of_manifest
+from denoiser.learning.checkpoints import (
     STALE_RUN_SECONDS,
     CheckpointRun,
     checkpoint_key,
@@ -32,36 +52,16 @@ from denoiser.checkpoints import (
     remove_stale_remote_runs,
     remove_stale_runs,
 )
-from denoiser.config import TrainConfig
-from denoiser.cpu import has_native_bf16
-from denoiser.domains import domain_of_manifest
-from denoiser.errors import ModelError, first_line
-from denoiser.faults import failpoint
-from denoiser.files import (
-    atomic_file,
-    fsync_dir,
-    is_url,
-    join_location,
-    open_read,
-    write_text_atomic,
-)
-from denoiser.models import (
+from denoiser.learning.progress import epoch_bar, scores, validation_sample, validation_scores
+from denoiser.nets.models import (
     architecture_recipe,
     build_model,
     count_params,
     file_sha256,
     load_model,
 )
-from denoiser.openvino_runtime import export_openvino
-from denoiser.progress import epoch_bar, scores, validation_sample, validation_scores
-from denoiser.runtime import LITERT_FILE, export_litert
-from denoiser.shards import (
-    check_shard_set,
-    iter_batches,
-    noise_config,
-    read_manifest,
-    split_rows,
-)
+from denoiser.runtimes.openvino_runtime import export_openvino
+from denoiser.runtimes.runtime import LITERT_FILE, export_litert
 
 logger = logging.getLogger(__name__)
 
@@ -241,14 +241,14 @@ def sigma_range(noise: dict) -> tuple[float, float]:
 def awgn_batch(clean, sigmas: tuple[float, float], seed, density: str = "uniform"):
     """The literature's unclipped awgn on a (batch, H, W, C) float batch, one sigma
     (0-255 units) per image from ``sigmas`` with ``density``, as
-    :func:`denoiser.noise.add_awgn_tf` draws it, but from a stateless ``seed``
+    :func:`denoiser.data.noise.add_awgn_tf` draws it, but from a stateless ``seed``
     (an int64 scalar tensor): inside tf.data a stateful random op restarts its
     stream with every pass over the dataset, so each epoch would see the same
     noise again; a seed drawn per batch gives fresh noise that is still
     repeatable from the run's seed."""
     import tensorflow as tf
 
-    from denoiser.noise import level_from_uniform
+    from denoiser.data.noise import level_from_uniform
 
     lo, hi = sigmas
     pair = tf.stack([tf.cast(seed, tf.int64), tf.constant(0x5EED, tf.int64)])
@@ -273,7 +273,7 @@ def make_dataset(
     Memory is bounded by the shuffle buffer and a few record batches whatever
     the number of shards; uint8 -> float32 happens inside the graph. A new
     shuffle order every epoch, reproducible from the seed. ``reframe``: the
-    share of training pairs recut from mosaics (:func:`denoiser.augment.reframe`).
+    share of training pairs recut from mosaics (:func:`denoiser.data.augment.reframe`).
 
     A patch set (manifest ``kind: patches``) holds clean patches only: the
     literature's awgn is added inside the graph (:func:`awgn_batch`), one
@@ -350,7 +350,7 @@ def _float_pairs(manifest: dict, shape: tuple, training: bool, reframe: float, f
 
     def recut(noisy, clean):
         if training and reframe > 0:
-            from denoiser.augment import reframe as recut_pairs
+            from denoiser.data.augment import reframe as recut_pairs
 
             both = recut_pairs(tf.concat([noisy, clean], -1), reframe)
             noisy, clean = both[..., : shape[-1]], both[..., shape[-1] :]
@@ -662,7 +662,7 @@ def train_model(
 
     Each epoch's record (``on_epoch_end``, the history) holds ``val_psnr`` and
     ``val_ssim``: the model scored on the first validation pairs
-    (:data:`denoiser.progress.SCORED_IMAGES`), as the evaluation scores.
+    (:data:`denoiser.learning.progress.SCORED_IMAGES`), as the evaluation scores.
     ``show_progress``: a bar within each epoch on stderr (for a terminal).
     ``log``: where the lines saying what is trained go.
     """
@@ -830,7 +830,7 @@ def _compiled_model(training: TrainConfig, plan: TrainingPlan, device, shape: tu
     compiled with the plan's loss and learning-rate schedule, on the device's strategy."""
     import keras
 
-    from denoiser.losses import make_loss
+    from denoiser.learning.losses import make_loss
 
     with device.strategy.scope() if device.strategy is not None else contextlib.nullcontext():
         built = build_model(
@@ -1042,13 +1042,13 @@ def train_in_run(
     """Train as one checkpoint run: clean up what dead runs left, resume the run
     of this request whose owner died (or start a new one beside live ones),
     train into ``models_root/<version>``. On success the run stays open (its
-    lease held by this process) until :func:`denoiser.checkpoints.finish_run`
+    lease held by this process) until :func:`denoiser.learning.checkpoints.finish_run`
     is called once the model is registered: a crash in between (in evaluation,
     in registration) leaves a run the rerun resumes, without training again.
     On failure the lease is released.
 
     ``checkpoints_url`` (with ``objects``, the store holding it): runs are kept
-    there, each epoch copied as it ends (:class:`denoiser.checkpoints.RemoteRun`),
+    there, each epoch copied as it ends (:class:`denoiser.learning.checkpoints.RemoteRun`),
     and ``checkpoints_root`` holds only the local working copies, so a rerun on
     any machine resumes them."""
     training = resolve_architecture(training, shards_dir)

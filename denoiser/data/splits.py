@@ -1,6 +1,6 @@
 """What a dataset's split is before it becomes shards: the images, their
 labels and source indices (:class:`SplitArrays`). Built by the dataset
-modules, written by :mod:`denoiser.shards`; a leaf (numpy only).
+modules, written by :mod:`denoiser.data.shards`; a leaf (numpy only).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from denoiser.errors import ConfigError, first_line
+from denoiser.core.errors import ConfigError, first_line
 
 
 def is_url(location: str | os.PathLike) -> bool:
@@ -221,7 +221,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any, **dumps: Any) -> None:
 def read_checked(path: str | os.PathLike, expected_sha256: str | None, what: str) -> bytes:
     """The bytes of a model file, checked against the card's sha256 when it
     has one; a one-line ModelError naming ``what`` (LiteRT, OpenVINO) otherwise."""
-    from denoiser.errors import ModelError
+    from denoiser.core.errors import ModelError
 
     path = Path(path)
     try:

@@ -9,12 +9,12 @@ what the figure is.
 
 from __future__ import annotations
 
-from denoiser.cards import QualityGate
+from denoiser.core.cards import QualityGate
 
 
 def judge_quality(metrics: dict, min_psnr_gain: float) -> QualityGate:
-    """The verdict on ``metrics`` (an evaluation's result: :func:`denoiser.metrics.evaluate_arrays`
-    or :func:`denoiser.metrics.evaluate_per_sigma`), from its overall PSNR gain."""
+    """The verdict on ``metrics`` (an evaluation's result: :func:`denoiser.core.metrics.evaluate_arrays`
+    or :func:`denoiser.core.metrics.evaluate_per_sigma`), from its overall PSNR gain."""
     overall = metrics["overall"]
     gate = QualityGate(
         min_psnr_gain=min_psnr_gain,

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from denoiser.errors import ImageError
-from denoiser.faults import failpoint
-from denoiser.files import host_tag
+from denoiser.core.errors import ImageError
+from denoiser.core.faults import failpoint
+from denoiser.core.files import host_tag
 
 logger = logging.getLogger(__name__)
 

@@ -14,16 +14,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from denoiser.cards import CARD_FILE, CardMetrics, ModelCard, load_card
 from denoiser.config import EvalConfig
+from denoiser.core.cards import CARD_FILE, CardMetrics, ModelCard, load_card
+from denoiser.core.faults import failpoint
+from denoiser.core.files import write_bytes_atomic, write_text_atomic
+from denoiser.data.shards import read_manifest
 from denoiser.domains import domain_of_manifest
-from denoiser.faults import failpoint
-from denoiser.files import write_bytes_atomic, write_text_atomic
-from denoiser.models import load_model
-from denoiser.openvino_runtime import BIN_FILE, XML_FILE, load_openvino, precision_to_run
-from denoiser.quality import judge_quality
-from denoiser.runtime import openvino_available
-from denoiser.shards import read_manifest
+from denoiser.learning.quality import judge_quality
+from denoiser.nets.models import load_model
+from denoiser.runtimes.openvino_runtime import BIN_FILE, XML_FILE, load_openvino, precision_to_run
+from denoiser.runtimes.runtime import openvino_available
 
 logger = logging.getLogger(__name__)
 

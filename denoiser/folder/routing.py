@@ -24,8 +24,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from denoiser.images import LoadedImage, is_colour, rgb_pixels
-from denoiser.tiling import Blender, TileSpec, split
+from denoiser.imaging.images import LoadedImage, is_colour, rgb_pixels
+from denoiser.imaging.tiling import Blender, TileSpec, split
 
 GREY = "grey"
 COLOUR = "colour"
@@ -159,8 +159,8 @@ def denoise_luminance(image: LoadedImage, spec: TileSpec, predict) -> np.ndarray
     """A colour image's luminance alone through a grey model, its chroma kept:
     (H, W, 3) RGB. The path ``denoise folder`` took for colour images before
     routing, kept for comparison (bench/colour.py's luminance row)."""
-    from denoiser.images import _ycc_to_rgb
-    from denoiser.tiling import denoise_plane
+    from denoiser.imaging.images import _ycc_to_rgb
+    from denoiser.imaging.tiling import denoise_plane
 
     luma = denoise_plane(image.luma, spec, predict)
     if image.chroma is None:

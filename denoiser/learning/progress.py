@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from denoiser.metrics import psnr, ssim
+from denoiser.core.metrics import psnr, ssim
 
 #: each epoch is scored on this many validation pairs: the first of the split, the same each epoch
 SCORED_IMAGES = 256
@@ -40,16 +40,16 @@ def validation_sample(val_ds, images: int = SCORED_IMAGES) -> tuple[np.ndarray, 
 
 def denoise_sample(model, noisy: np.ndarray, batch_size: int) -> np.ndarray:
     """The model's outputs for ``noisy``, through the evaluation's own
-    :func:`denoiser.inference.predict_array` (fixed-size batches, so one trace
+    :func:`denoiser.runtimes.inference.predict_array` (fixed-size batches, so one trace
     for the whole run), clipped to [0, 1] as the evaluation scores them."""
-    from denoiser.inference import predict_array
+    from denoiser.runtimes.inference import predict_array
 
     return np.clip(predict_array(model, noisy, batch_size), 0.0, 1.0)
 
 
 def scores(clean: np.ndarray, test: np.ndarray) -> dict[str, float]:
     """Per-image mean PSNR (dB) and SSIM of ``test`` against ``clean``, by
-    :mod:`denoiser.metrics`, the evaluation's own functions."""
+    :mod:`denoiser.core.metrics`, the evaluation's own functions."""
     return {"psnr": float(psnr(clean, test).mean()), "ssim": float(ssim(clean, test).mean())}
 
 

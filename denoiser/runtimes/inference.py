@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from denoiser.errors import ModelMismatch
+from denoiser.core.errors import ModelMismatch
 from denoiser.folder import BatchPredictor
-from denoiser.tiling import pad_bottom_right
+from denoiser.imaging.tiling import pad_bottom_right
 
 
 def predict_array(
@@ -14,7 +14,7 @@ def predict_array(
 ) -> np.ndarray:
     """float32 [0, 1] images (N, H, W, C) through the model, batch by batch.
 
-    H and W are padded to multiples of ``size_multiple`` as ``denoiser.tiling``
+    H and W are padded to multiples of ``size_multiple`` as ``denoiser.imaging.tiling``
     pads a whole image, and the batches are run by the folder flow's
     ``BatchPredictor`` (fixed-size batches, so one trace per image size).
     """
@@ -28,9 +28,9 @@ def predict_array(
 def tile_spec_for_model(model, architecture: str | None = None):
     """Tiling for a loaded model: from its architecture's recipe when known,
     else from its input shape (fixed size -> tiles of that size)."""
-    from denoiser.architectures import ARCHITECTURES
-    from denoiser.cards import Recipe
-    from denoiser.tiling import tile_spec_for
+    from denoiser.core.cards import Recipe
+    from denoiser.imaging.tiling import tile_spec_for
+    from denoiser.nets.architectures import ARCHITECTURES
 
     if architecture in ARCHITECTURES:
         return tile_spec_for(ARCHITECTURES[architecture].recipe)
@@ -79,11 +79,11 @@ def check_fits(model, spec, name: str, channels: int = 1) -> None:
 
 def denoise_planes(planes: list[np.ndarray], spec, predict) -> list[np.ndarray]:
     """Whole (H, W) float32 planes (or (H, W, C) images) of any sizes through the folder denoiser's
-    tiling (:mod:`denoiser.tiling`: the same tiles, padding and blend, so no
+    tiling (:mod:`denoiser.imaging.tiling`: the same tiles, padding and blend, so no
     seams), the tiles of every plane grouped by shape so that ``predict``
     (a :class:`~denoiser.folder.BatchPredictor`) fills its fixed-size batches.
     Outputs are as the model gives them, not clipped."""
-    from denoiser.tiling import Blender, split
+    from denoiser.imaging.tiling import Blender, split
 
     tiled = [split(p, spec) for p in planes]
     blenders = [Blender(t) for t in tiled]
@@ -110,7 +110,7 @@ def noisy_planes(
 ) -> list[np.ndarray]:
     """The literature's unclipped awgn at ``sigma`` on each plane, from a
     generator seeded by ``seed`` and the sigma (each sigma's draw is its own)."""
-    from denoiser.noise import add_awgn
+    from denoiser.data.noise import add_awgn
 
     rng = np.random.default_rng([seed, round(float(sigma) * 1000)])
     return [add_awgn(c, sigma, rng) for c in clean]
@@ -127,9 +127,9 @@ def evaluate_planes(
 ):
     """A model on whole [0, 1] test planes of any sizes at each awgn sigma,
     through the folder denoiser's tiling. Returns ``(metrics, noisy,
-    denoised)``: :func:`denoiser.metrics.evaluate_per_sigma`'s result and the
+    denoised)``: :func:`denoiser.core.metrics.evaluate_per_sigma`'s result and the
     images per sigma (the model's outputs clipped to [0, 1])."""
-    from denoiser.metrics import evaluate_per_sigma
+    from denoiser.core.metrics import evaluate_per_sigma
 
     spec = tile_spec_for_model(model, architecture)
     predict = BatchPredictor(model, batch_size)

@@ -2,7 +2,7 @@
 
 Importing TensorFlow and Keras costs several seconds, more than denoising a
 few dozen images takes. Each trained model is therefore also exported to
-OpenVINO (:mod:`denoiser.openvino_runtime`) and to LiteRT (``model.tflite``
+OpenVINO (:mod:`denoiser.runtimes.openvino_runtime`) and to LiteRT (``model.tflite``
 beside ``model.keras``, its sha256 on the card), when its layers convert and
 its outputs match Keras'. A run then picks a runtime (:func:`choose_runtime`):
 OpenVINO on a CPU for any job, else LiteRT for small jobs, else Keras (GPUs,
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from denoiser.errors import ConfigError, ModelError, first_line
-from denoiser.files import atomic_file, file_sha256, read_checked
+from denoiser.core.errors import ConfigError, ModelError, first_line
+from denoiser.core.files import atomic_file, file_sha256, read_checked
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def _allocate(interpreter) -> None:
     if _announced:
         interpreter.allocate_tensors()
         return
-    from denoiser.models import quiet_native_stderr
+    from denoiser.nets.models import quiet_native_stderr
 
     with quiet_native_stderr():
         interpreter.allocate_tensors()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from denoiser.cards import Recipe
+from denoiser.core.cards import Recipe
 
 
 @dataclass(frozen=True)

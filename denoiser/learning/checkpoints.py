@@ -34,8 +34,8 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from denoiser.config import TrainConfig
-from denoiser.errors import first_line
-from denoiser.files import write_json_atomic
+from denoiser.core.errors import first_line
+from denoiser.core.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class CheckpointRun:
     def epochs_done(self) -> int:
         """Epochs the backup holds, so the epoch a resumed run starts after."""
         try:
-            # the current generation of the state (denoiser.training writes it atomically)
+            # the current generation of the state (denoiser.learning.training writes it atomically)
             return int(
                 json.loads((self.state_dir / "current" / "training_metadata.json").read_text())[
                     "epoch"

@@ -10,10 +10,10 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from denoiser.architectures import ARCHITECTURES
-from denoiser.cards import Recipe
-from denoiser.errors import ModelError, first_line, look_up
-from denoiser.files import file_sha256
+from denoiser.core.cards import Recipe
+from denoiser.core.errors import ModelError, first_line, look_up
+from denoiser.core.files import file_sha256
+from denoiser.nets.architectures import ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def load_model(path: str | os.PathLike, expected_sha256: str | None = None):
     ``expected_sha256`` (the card's ``model_sha256``) is checked when given."""
     import keras
 
-    import denoiser.architectures  # noqa: F401 - registers custom objects, if any
+    import denoiser.nets.architectures  # noqa: F401 - registers custom objects, if any
 
     path = Path(path)
     if path.is_dir():

@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from denoiser.folder import FileResult, count, write_report
-from denoiser.images import write_atomic
-from denoiser.routing import count_by_model
-from denoiser.trees import resolve_location
+from denoiser.folder.routing import count_by_model
+from denoiser.folder.trees import resolve_location
+from denoiser.imaging.images import write_atomic
 
 REPORT_CSV = "report.csv"
 SUMMARY_JSON = "summary.json"

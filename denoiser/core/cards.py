@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from denoiser.errors import ModelError
+from denoiser.core.errors import ModelError
 
 CARD_FILE = "model.json"
 
@@ -121,11 +121,11 @@ class ModelCard(_Open):
     history: list[dict[str, Any]] = Field(default_factory=list)
     model_sha256: str | None = None
     model_bytes: int | None = None
-    # the LiteRT export (model.tflite), when the model converts (denoiser.runtime)
+    # the LiteRT export (model.tflite), when the model converts (denoiser.runtimes.runtime)
     litert_sha256: str | None = None
     litert_bytes: int | None = None
     # the OpenVINO export (model.xml, model.bin), when the model converts
-    # (denoiser.openvino_runtime); the evaluation adds the PSNRs its precision is chosen by
+    # (denoiser.runtimes.openvino_runtime); the evaluation adds the PSNRs its precision is chosen by
     openvino_xml_sha256: str | None = None
     openvino_bin_sha256: str | None = None
     openvino_bytes: int | None = None
@@ -171,7 +171,7 @@ def record_training_command(folder: str | Path, command: str | None) -> ModelCar
     """The card in the local model folder ``folder``, with ``command`` (the
     ``denoise train`` command that trains the model again) written into it
     when it records none yet."""
-    from denoiser.files import write_text_atomic
+    from denoiser.core.files import write_text_atomic
 
     card = load_card(folder)
     if command and card.training_command is None:

@@ -2,8 +2,8 @@
 where files come from (a source: an http(s) URL or a folder, its
 SHA256SUMS), streaming a file into the cache under a temporary name that says
 which process writes it, checking it, renaming it, and removing what killed
-runs left. :mod:`denoiser.datasets` (IDX files) and
-:mod:`denoiser.image_datasets` (folders of images) both build on it.
+runs left. :mod:`denoiser.data.datasets` (IDX files) and
+:mod:`denoiser.data.image_datasets` (folders of images) both build on it.
 
 A leaf of the library: imports only errors, faults and files.
 """
@@ -21,10 +21,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from denoiser.catalog import parse_sha256sums
-from denoiser.errors import ChecksumError, ConfigError, DownloadError
-from denoiser.faults import failpoint
-from denoiser.files import file_sha256, host_tag, pid_alive
+from denoiser.core.catalog import parse_sha256sums
+from denoiser.core.errors import ChecksumError, ConfigError, DownloadError
+from denoiser.core.faults import failpoint
+from denoiser.core.files import file_sha256, host_tag, pid_alive
 
 logger = logging.getLogger(__name__)
 

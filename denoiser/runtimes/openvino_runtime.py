@@ -7,7 +7,7 @@ Keras' at fp32. The card also says at which precision the export is to run
 (``openvino_precision``): ``bf16`` (OpenVINO's own choice where the CPU has
 bf16 units, f32 elsewhere) unless the evaluation found that bf16 loses more
 than :data:`MAX_BF16_LOSS_DB` of PSNR against Keras, then ``f32``. A folder
-run on the CPU then needs no TensorFlow (:func:`denoiser.runtime.choose_runtime`).
+run on the CPU then needs no TensorFlow (:func:`denoiser.runtimes.runtime.choose_runtime`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from denoiser.cpu import has_native_bf16
-from denoiser.errors import ModelError, first_line
-from denoiser.files import fsync_dir, read_checked
+from denoiser.core.cpu import has_native_bf16
+from denoiser.core.errors import ModelError, first_line
+from denoiser.core.files import fsync_dir, read_checked
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _without_telemetry() -> None:
 
 
 def _export_checked(model, work: Path, xml: Path, probe_shape: tuple[int, ...]) -> None:
-    from denoiser.runtime import EXPORT_TOLERANCE
+    from denoiser.runtimes.runtime import EXPORT_TOLERANCE
 
     _without_telemetry()
     try:

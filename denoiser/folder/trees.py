@@ -19,8 +19,8 @@ import posixpath
 import threading
 from pathlib import Path
 
-from denoiser.errors import ConfigError, first_line
-from denoiser.files import describe_remote_error, find_sizes, is_url, local_path
+from denoiser.core.errors import ConfigError, first_line
+from denoiser.core.files import describe_remote_error, find_sizes, is_url, local_path
 
 
 class LocalTree:
@@ -64,7 +64,7 @@ class LocalTree:
             os.close(fd)
 
     def write(self, path: Path, data: bytes) -> None:
-        from denoiser.images import write_atomic
+        from denoiser.imaging.images import write_atomic
 
         write_atomic(path, data, sync=False)
 

@@ -7,7 +7,7 @@ from its origin or a mirror exactly as an IDX dataset's files are. A user's
 folder is a path, ``file://`` or ``http(s)://`` URL; a ``SHA256SUMS`` beside
 the images (``sha256sum`` format, paths relative to the folder) names the files
 and their checksums, and over HTTP it is required, since HTTP cannot list a
-folder. Every image is decoded with :mod:`denoiser.images` (the folder
+folder. Every image is decoded with :mod:`denoiser.imaging.images` (the folder
 denoiser's reader: same formats, modes, EXIF, limits) and kept as grey uint8
 (its luma); a file that does not decode is reported (logged, and listed under
 ``skipped`` in the dataset manifest with its reason) and left out, which is
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from denoiser.catalog import (  # noqa: F401 - the registry, read here too
+from denoiser.core.catalog import (  # noqa: F401 - the registry, read here too
     DEFAULT_PATCH_SIZE,
     DEFAULT_PATCHES_PER_IMAGE,
     HELD_OUT_TEST_SHARE,
@@ -44,7 +44,9 @@ from denoiser.catalog import (  # noqa: F401 - the registry, read here too
     ImageDatasetSpec,
     is_location,
 )
-from denoiser.downloads import (
+from denoiser.core.errors import ChecksumError, ConfigError, DownloadError, ImageError
+from denoiser.core.files import file_sha256
+from denoiser.data.downloads import (
     cache_write_error,
     cached_file_problem,
     check_listed,
@@ -59,10 +61,8 @@ from denoiser.downloads import (
     temp_path,
     write_cache_json,
 )
-from denoiser.errors import ChecksumError, ConfigError, DownloadError, ImageError
-from denoiser.files import file_sha256
-from denoiser.images import IMAGE_SUFFIXES, decode_image
-from denoiser.splits import SplitArrays
+from denoiser.data.splits import SplitArrays
+from denoiser.imaging.images import IMAGE_SUFFIXES, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +135,14 @@ def _grey(data: bytes) -> np.ndarray:
 
 def load_grey(path: str | os.PathLike) -> np.ndarray:
     """One cached image as (H, W) uint8 grey; an ImageError naming what is wrong."""
-    from denoiser.images import read_bytes
+    from denoiser.imaging.images import read_bytes
 
     return _grey(read_bytes(path))
 
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
     """One cached image as (H, W, 3) uint8 RGB; an ImageError naming what is wrong."""
-    from denoiser.images import read_bytes, rgb_pixels
+    from denoiser.imaging.images import read_bytes, rgb_pixels
 
     rgb = rgb_pixels(decode_image(read_bytes(path)))
     return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
@@ -380,7 +380,7 @@ def split_by_content(
     lowest ``test_fraction`` of hashes is test, the next ``validation_fraction``
     validation. A small folder whose hashes leave a held-out split empty gives
     it the training image of lowest hash, so every split has an image."""
-    from denoiser.errors import ShardError
+    from denoiser.core.errors import ShardError
 
     test_cut = test_fraction or 0.0
     share = {name: content_share(sha) for name, sha in shas.items()}
@@ -448,7 +448,7 @@ def build_image_splits(
     channels: int = 1,
 ) -> tuple[dict, dict]:
     """The splits of an image dataset manifest (:func:`fetch_image_dataset`) for
-    :func:`denoiser.shards.write_shard_set`, and what the shard manifest records.
+    :func:`denoiser.data.shards.write_shard_set`, and what the shard manifest records.
 
     Returns ``(splits, meta)``: ``splits`` maps train and validation to patch
     rows (``patches_per_image`` random ``patch_size`` squares per image) and test
@@ -472,7 +472,7 @@ def build_image_splits(
     for split in ("train", "validation", "test"):
         picked = test_rows if split == "test" else _rows_of(images, split, too_small)
         if not picked:
-            from denoiser.errors import ShardError
+            from denoiser.core.errors import ShardError
 
             raise ShardError(f"{dataset['dataset']}: no image left for the {split} split")
         patch = None if split == "test" else size

@@ -34,15 +34,22 @@ from typing import Any
 
 import numpy as np
 
-from denoiser.catalog import DEFAULT_PATCH_SIZE, DEFAULT_PATCHES_PER_IMAGE
 from denoiser.config import NoiseConfig
-from denoiser.datasets import load_images
-from denoiser.downloads import remove_orphan_temps, temp_path
-from denoiser.errors import ShardError
-from denoiser.faults import failpoint
-from denoiser.files import file_sha256, fsync_dir, is_url, join_location, location_size, open_read
-from denoiser.noise import add_noise, draw_levels, quantize
-from denoiser.splits import SplitArrays
+from denoiser.core.catalog import DEFAULT_PATCH_SIZE, DEFAULT_PATCHES_PER_IMAGE
+from denoiser.core.errors import ShardError
+from denoiser.core.faults import failpoint
+from denoiser.core.files import (
+    file_sha256,
+    fsync_dir,
+    is_url,
+    join_location,
+    location_size,
+    open_read,
+)
+from denoiser.data.datasets import load_images
+from denoiser.data.downloads import remove_orphan_temps, temp_path
+from denoiser.data.noise import add_noise, draw_levels, quantize
+from denoiser.data.splits import SplitArrays
 
 logger = logging.getLogger(__name__)
 
@@ -542,7 +549,7 @@ def write_patch_set(
     """A folder of images' shard set: clean patches of ``channels`` channels
     (1: luma, 3: RGB) and whole test images, the noise added in training; the
     manifest records ``domain`` when it is not the grey photographs'."""
-    from denoiser.image_datasets import build_image_splits
+    from denoiser.data.image_datasets import build_image_splits
 
     fields = noise_fields(dataset, noise)
     splits, meta = build_image_splits(
