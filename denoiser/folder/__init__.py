@@ -24,11 +24,13 @@ The package's rooms, each importing only those above it:
 - :mod:`~denoiser.folder.plan`: a run cut into chunks for many workers;
 - :mod:`~denoiser.folder.predictor`: the model run on fixed-size batches;
 - :mod:`~denoiser.folder.pipeline`: jobs in flight between readers, the model and writers;
-- :mod:`~denoiser.folder.denoise`: a whole run, or one chunk of a plan.
+- :mod:`~denoiser.folder.denoise`: a whole run, or one chunk of a plan;
+- :mod:`~denoiser.folder.trees`: the input and output folders, local or object storage;
+- :mod:`~denoiser.folder.routing`: which model denoises each image, and how its planes go;
+- :mod:`~denoiser.folder.run_report`: the run's report folder.
 
-Of the project it may import the errors, fault points, files, images,
-tiling, routing and trees modules; nothing of it imports tasks, flows or
-Prefect. This module re-exports the names the rest of the project uses.
+Nothing of it imports tasks, flows or Prefect. This module re-exports the
+names the rest of the project uses.
 
 May import: ``denoiser.core``, ``denoiser.imaging`` (and itself).
 """
