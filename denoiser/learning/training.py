@@ -682,7 +682,9 @@ def train_model(
     _check_input_shape(training, plan.recipe, shape)
 
     model, file_facts, seconds = _saved_or_fitted_model(
-        shards_dir, training, plan, device, shape, out, backup, on_epoch_end, show_progress, log
+        FitJob(
+            shards_dir, training, plan, device, shape, out, backup, on_epoch_end, show_progress, log
+        )
     )
     file_facts |= _export_runtimes(model, out)
 
@@ -707,21 +709,28 @@ def train_model(
     return _training_summary(card, out, device)
 
 
-def _saved_or_fitted_model(
-    shards_dir,
-    training: TrainConfig,
-    plan: TrainingPlan,
-    device,
-    shape: tuple,
-    out: Path,
-    backup: Path,
-    on_epoch_end,
-    show_progress: bool,
-    log,
-) -> tuple[Any, dict, float | None]:
+class FitJob(NamedTuple):
+    """What a fit needs: the shards, the config and its plan, the device, the
+    input shape, the model folder and the run's backup folder, and where its
+    progress goes."""
+
+    shards_dir: str | os.PathLike
+    training: TrainConfig
+    plan: TrainingPlan
+    device: Any
+    shape: tuple
+    out: Path
+    backup: Path
+    on_epoch_end: Callable | None
+    show_progress: bool
+    log: Callable[..., None]
+
+
+def _saved_or_fitted_model(job: FitJob) -> tuple[Any, dict, float | None]:
     """The model in ``out/model.keras``, its file's facts and the fit's seconds:
     the one a killed run saved before writing its card (seconds None: the fit
     is done, only the card is missing), else a new fit saved there in float32."""
+    training, plan, shape, out = job.training, job.plan, job.shape, job.out
     model_path = out / "model.keras"
     start = time.perf_counter()
     model = _finished_model(model_path)
@@ -731,9 +740,7 @@ def _saved_or_fitted_model(
             "model_bytes": model_path.stat().st_size,
         }
         return model, file_facts, None
-    model = _fit_new_model(
-        shards_dir, training, plan, device, shape, out, backup, on_epoch_end, show_progress, log
-    )
+    model = _fit_new_model(job)
     model = as_float32(model, training.architecture, shape, plan.recipe.fully_convolutional)
     file_facts = save_model_file(model, model_path)
     failpoint("train.after_model_saved")
@@ -937,20 +944,10 @@ def _drop_backup(backup: Path, exc: CheckpointUnreadable) -> None:
     (backup / "history.jsonl").unlink(missing_ok=True)
 
 
-def _fit_new_model(
-    shards_dir,
-    training: TrainConfig,
-    plan: TrainingPlan,
-    device,
-    shape: tuple,
-    out: Path,
-    backup: Path,
-    on_epoch_end,
-    show_progress: bool,
-    log,
-):
+def _fit_new_model(job: FitJob):
     """Build, compile and fit the model (resuming the backup in ``backup``);
     an unreadable backup is dropped and the training starts again from epoch 1."""
+    shards_dir, training, plan, device, shape, out, backup, on_epoch_end, show_progress, log = job
     inputs = _fit_inputs(shards_dir, training, plan, device)
     model = _compiled_model(training, plan, device, shape, inputs.steps)
     _log_fit_start(log, model, training, plan, device, inputs)
