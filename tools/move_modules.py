@@ -471,23 +471,8 @@ def unplaced_modules(root: Path) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent)
-    parser.add_argument("--dry-run", action="store_true", help="list the moves, change nothing")
-    args = parser.parse_args(argv)
-    root = args.root.resolve()
-
-    moves, conflicts = plan_moves(root)
-    if conflicts:
-        for c in conflicts:
-            print(f"move_modules: conflict: {c} (merge them by hand, then run again)")
-        return 2
-    if args.dry_run:
-        for src, dst in moves:
-            print(f"git mv {src.relative_to(root)} {dst.relative_to(root)}")
-        return 0
-
+def apply_layout(root: Path, moves: list[tuple[Path, Path]]) -> set[Path]:
+    """The moves made and every reference rewritten; the files changed."""
     changed: set[Path] = set()
     # 1. relative imports a move would break become absolute, while every file is still in place
     moving = {src for src, _ in moves}
@@ -519,6 +504,11 @@ def main(argv: list[str] | None = None) -> int:
         if new != text:
             path.write_text(new)
             changed.add(path)
+    return changed
+
+
+def format_changed(root: Path, changed: set[Path]) -> None:
+    """The changed files' imports sorted and formatted as the house does."""
     rewritten = sorted(str(p.relative_to(root)) for p in changed)
     print(f"rewrote {len(rewritten)} files")
     # 5. the imports sorted and formatted as the house does
@@ -532,6 +522,27 @@ def main(argv: list[str] | None = None) -> int:
     pyproject = (root / "pyproject.toml").read_text()
     if '"denoiser*"' not in pyproject:
         print("move_modules: pyproject's package discovery does not name denoiser* (sub-packages)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent)
+    parser.add_argument("--dry-run", action="store_true", help="list the moves, change nothing")
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+
+    moves, conflicts = plan_moves(root)
+    if conflicts:
+        for c in conflicts:
+            print(f"move_modules: conflict: {c} (merge them by hand, then run again)")
+        return 2
+    if args.dry_run:
+        for src, dst in moves:
+            print(f"git mv {src.relative_to(root)} {dst.relative_to(root)}")
+        return 0
+
+    changed = apply_layout(root, moves)
+    format_changed(root, changed)
     leftovers = unplaced_modules(root)
     for rel in leftovers:
         print(f"move_modules: not placed by the layout: {rel} (add it to MODULES)")
