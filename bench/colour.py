@@ -7,8 +7,9 @@ channels, peak 1) per image, averaged over the set. The noisy images are drawn
 once from a fixed seed, so every row sees the same ones.
 
 Rows: the noisy input; the colour model (``--score``: a ``.keras`` file or a
-model folder), RGB in and out; the grey model (``--grey``) run on R, G and B
-separately, and on the luminance only (what ``denoise folder`` did with a
+model folder), RGB in and out; the grey model (``--grey``) run on the
+opponent planes (what ``denoise folder`` does), on R, G and B separately, and
+on the luminance only (what ``denoise folder`` did with a
 colour image before it routed images per domain: Y denoised, the chroma kept); CBM3D measured
 (``bm3d.bm3d_rgb``, told the true sigma, with its seconds per image;
 ``--no-bm3d`` skips it, it takes 14-29 s an image); the published CBSD68
@@ -72,7 +73,16 @@ def whole(model, x: np.ndarray, multiple: int = 4) -> np.ndarray:
 
 
 def per_channel(grey, x: np.ndarray) -> np.ndarray:
+    """R, G and B each through the grey model."""
     return np.concatenate([whole(grey, x[..., c : c + 1]) for c in range(3)], axis=-1)
+
+
+def per_opponent_channel(grey, x: np.ndarray) -> np.ndarray:
+    """What ``denoise folder`` does with a colour image and a grey model: the
+    opponent planes (mean and two colour differences) each through it."""
+    from denoiser.imaging.images import opponent_to_rgb, rgb_to_opponent
+
+    return opponent_to_rgb(per_channel(grey, rgb_to_opponent(x)))
 
 
 def luminance_only(grey, x: np.ndarray) -> np.ndarray:
@@ -140,7 +150,11 @@ def main() -> None:
     if args.grey:
         grey = load_model(args.grey)
         for label, method in (
-            (f"grey model {grey.name} per channel (measured)", per_channel),
+            (
+                f"grey model {grey.name} per opponent channel, as denoise folder does (measured)",
+                per_opponent_channel,
+            ),
+            (f"grey model {grey.name} per RGB channel (measured)", per_channel),
             (
                 f"grey model {grey.name} on luminance only, as denoise folder did (measured)",
                 luminance_only,

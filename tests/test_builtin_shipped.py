@@ -50,7 +50,7 @@ def test_a_fresh_install_denoises_grey_and_colour_photos_with_the_shipped_model(
     summary = _denoised_summary(proc)
     assert f"{version} (built in)" in proc.stdout
     assert summary["model"]["status"] == "built in"
-    assert summary["by_model"] == {version: {"grey": 2, "grey per channel": 2}}
+    assert summary["by_model"] == {version: {"grey": 2, "grey per opponent channel": 2}}
     for name, image in clean.items():
         noisy = np.asarray(Image.open(src / name))
         denoised = np.asarray(Image.open(out / name))

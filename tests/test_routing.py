@@ -27,7 +27,12 @@ from denoiser.folder.routing import (
     denoise_luminance,
     model_channels,
 )
-from denoiser.imaging.images import decode_image, rgb_pixels
+from denoiser.imaging.images import (
+    decode_image,
+    opponent_to_rgb,
+    rgb_pixels,
+    rgb_to_opponent,
+)
 from denoiser.runtimes.inference import denoise_planes, tile_spec_for_model
 
 SIGMA = 25.0
@@ -223,6 +228,21 @@ def test_each_image_goes_to_its_domains_model_in_one_run(models, tmp_path):
     )
 
 
+def test_opponent_planes_invert_and_keep_the_noise_independent():
+    rng = np.random.default_rng(3)
+    rgb = rng.uniform(0, 1, (64, 64, 3)).astype(np.float32)
+    planes = rgb_to_opponent(rgb)
+    assert planes.min() >= 0.0 and planes.max() <= 1.0
+    assert np.abs(opponent_to_rgb(planes) - rgb).max() < 1e-5
+    # AWGN of one sigma in R, G and B: independent across the planes, at
+    # sigma/sqrt(3), sigma/sqrt(2) and sigma*sqrt(6)/4
+    noise = rng.standard_normal((200_000, 3)).astype(np.float32)
+    moved = rgb_to_opponent(noise) - rgb_to_opponent(np.zeros((1, 3)))
+    cov = np.cov(moved.T)
+    assert np.allclose(np.sqrt(np.diag(cov)), [3**-0.5, 2**-0.5, 6**0.5 / 4], atol=0.01)
+    assert np.abs(cov - np.diag(np.diag(cov))).max() < 0.01
+
+
 def test_colour_images_through_a_grey_model_go_channel_by_channel(models, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     clean = build_mixed_folder(src)
@@ -241,9 +261,11 @@ def test_colour_images_through_a_grey_model_go_channel_by_channel(models, tmp_pa
         per_channel = np.asarray(Image.open(out / name))
         # the chroma noise the luminance path leaves is gone
         assert psnr(clean[name], per_channel) > psnr(clean[name], luminance) + 3
-        # and each channel is what the grey model gives for that plane
-        expected = denoise_planes([rgb_pixels(noisy)[..., 1]], spec, predict)[0]
-        assert np.abs(per_channel[..., 1] - np.clip(expected, 0, 1) * 255).max() <= 0.51
+        # and the image is what the grey model gives for each opponent plane
+        planes = rgb_to_opponent(rgb_pixels(noisy))
+        outputs = denoise_planes([planes[..., c] for c in range(3)], spec, predict)
+        expected = np.clip(opponent_to_rgb(np.stack(outputs, axis=-1)), 0, 1) * 255
+        assert np.abs(per_channel - expected).max() <= 0.51
     rgba = np.asarray(Image.open(out / "alpha.png"))
     assert np.array_equal(rgba[..., 3], np.asarray(Image.open(src / "alpha.png"))[..., 3])
 

@@ -5,7 +5,10 @@ Each image goes to the model of its domain
 (:func:`denoiser.domains.by_domain`), or to one
 model for all (:func:`one_model`), and is given to that model as it takes
 images: a grey model denoises a grey image's luminance (``grey``) and a
-colour image's R, G and B as three grey planes (``grey per channel``); a
+colour image as three grey planes, its opponent colour planes
+(:func:`denoiser.imaging.images.rgb_to_opponent`: the mean of R, G and B and
+two colour differences, whose noise stays independent; ``grey per opponent
+channel``); a
 colour model denoises a colour image's RGB (``colour``) and a grey image
 repeated in three channels, the mean of its output kept (``grey as
 colour``). :class:`RoutedTiles` holds one image's tiles as its model takes
@@ -24,12 +27,18 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from denoiser.imaging.images import LoadedImage, is_colour, rgb_pixels
+from denoiser.imaging.images import (
+    LoadedImage,
+    is_colour,
+    opponent_to_rgb,
+    rgb_pixels,
+    rgb_to_opponent,
+)
 from denoiser.imaging.tiling import Blender, TileSpec, split
 
 GREY = "grey"
 COLOUR = "colour"
-PER_CHANNEL = "grey per channel"
+PER_CHANNEL = "grey per opponent channel"
 GREY_AS_COLOUR = "grey as colour"
 ROUTES = (GREY, COLOUR, PER_CHANNEL, GREY_AS_COLOUR)
 
@@ -76,8 +85,8 @@ class RoutedTiles:
         if self.route == COLOUR:
             planes = [rgb_pixels(image)]
         elif self.route == PER_CHANNEL:
-            rgb = rgb_pixels(image)
-            planes = [np.ascontiguousarray(rgb[..., c]) for c in range(3)]
+            opponent = rgb_to_opponent(rgb_pixels(image))
+            planes = [np.ascontiguousarray(opponent[..., c]) for c in range(3)]
         else:
             planes = [image.luma]
         self.tiled = [split(p, denoiser.spec) for p in planes]
@@ -125,7 +134,7 @@ class RoutedTiles:
     def result(self) -> np.ndarray:
         """The denoised image: (H, W) luminance or (H, W, 3) RGB (see the class)."""
         if self.route == PER_CHANNEL:
-            return np.stack([b.result() for b in self.blenders], axis=-1)
+            return opponent_to_rgb(np.stack([b.result() for b in self.blenders], axis=-1))
         return self.blenders[0].result()
 
 
