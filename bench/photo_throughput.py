@@ -87,7 +87,7 @@ def bare_rate(run, planes: list[np.ndarray]) -> float:
 def bare_rows(model_dir: Path, planes: list[np.ndarray]) -> list[tuple[str, float]]:
     import openvino as ov
 
-    from denoiser.learning.training import cpu_flags
+    from denoiser.core.cpu import cpu_flags
     from denoiser.nets.models import load_model
 
     rows = []
