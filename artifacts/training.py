@@ -7,11 +7,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from artifacts.store import Store, new_model_version
+from artifacts.builtin import builtin_model
+from artifacts.registry import production_model
+from artifacts.store import Stage, Store, new_model_version
 from denoiser.config import TrainConfig
 from denoiser.core.cards import ModelCard, record_training_command
+from denoiser.core.errors import ModelError
 from denoiser.learning.checkpoints import CheckpointRun
 from denoiser.learning.training import train_in_run
+from denoiser.nets.models import grows_from
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,7 @@ def train_into_store(
 
         result = train_in_run(
             shards_dir,
-            training,
+            with_warm_start(store, stage, training),
             stage.models_root,
             store.checkpoints_root,
             lambda: new_model_version(training.architecture),
@@ -58,3 +62,22 @@ def train_into_store(
         card = record_training_command(result["dir"], training_command)
         stage.push(result["dir"])  # the card last: no card without its model
         return stage.to_urls(result), card
+
+
+def with_warm_start(store: Store, stage: Stage, training: TrainConfig) -> TrainConfig:
+    """``training`` with its warm start made concrete: an architecture grown
+    from another domain's model starts from the store's production model of
+    that domain (staged locally), else the package's built-in one."""
+    domain = grows_from(training.architecture)
+    if not domain or training.warm_start:
+        return training
+    seed = production_model(store.url, domain) or builtin_model(domain)
+    if seed is None:
+        raise ModelError(
+            f"{training.architecture} starts from a model of {domain}: there is none in "
+            f"{store.url} and none built in"
+        )
+    path = seed.model_path
+    if seed.status != "built in" and stage.syncs:
+        path = stage.pull(store.model(seed.version)) / "model.keras"
+    return training.model_copy(update={"warm_start": str(path)})

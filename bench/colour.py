@@ -80,7 +80,7 @@ def per_channel(grey, x: np.ndarray) -> np.ndarray:
 def per_opponent_channel(grey, x: np.ndarray) -> np.ndarray:
     """What ``denoise folder`` does with a colour image and a grey model: the
     opponent planes (mean and two colour differences) each through it."""
-    from denoiser.imaging.images import opponent_to_rgb, rgb_to_opponent
+    from denoiser.core.opponent import opponent_to_rgb, rgb_to_opponent
 
     return opponent_to_rgb(per_channel(grey, rgb_to_opponent(x)))
 

@@ -189,6 +189,14 @@ class TrainConfig(_Config):
         "(AMX or AVX512-BF16), float32 elsewhere. GPUs follow mixed_precision (float16).",
     )
 
+    warm_start: str = Field(
+        "",
+        description="The .keras file whose weights start the training, for an architecture "
+        "grown from another domain's model (opponent_unet: a grey photo model). Empty: the "
+        "store's production model of that domain, else the package's built-in one (from "
+        "scratch for the others).",
+    )
+
     @field_validator("architecture")
     @classmethod
     def _known_architecture(cls, value: str) -> str:

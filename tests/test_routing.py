@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from denoiser.core.opponent import opponent_to_rgb, rgb_to_opponent
 from denoiser.domains import by_domain
 from denoiser.folder import JOURNAL_NAME, BatchPredictor, denoise_tree, parse_journal
 from denoiser.folder.routing import (
@@ -27,12 +28,7 @@ from denoiser.folder.routing import (
     denoise_luminance,
     model_channels,
 )
-from denoiser.imaging.images import (
-    decode_image,
-    opponent_to_rgb,
-    rgb_pixels,
-    rgb_to_opponent,
-)
+from denoiser.imaging.images import decode_image, rgb_pixels
 from denoiser.runtimes.inference import denoise_planes, tile_spec_for_model
 
 SIGMA = 25.0

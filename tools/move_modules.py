@@ -49,7 +49,7 @@ PACKAGES: dict[str, tuple[str, tuple[str, ...]]] = {
         "The leaves every part may use: the errors, fault points, atomic files and\n"
         "store paths, signal holding, image metrics, the model card and recipe, and\n"
         "the catalog of registered datasets (what the configs check names against),\n"
-        "and what the CPU can compute.",
+        "what the CPU can compute, and the opponent colour planes.",
         (),
     ),
     "imaging": (
@@ -107,6 +107,7 @@ MODULES: dict[str, str] = {
     "cards": "core.cards",
     "catalog": "core.catalog",
     "cpu": "core.cpu",
+    "opponent": "core.opponent",
     # imaging
     "images": "imaging.images",
     "tiling": "imaging.tiling",

@@ -1,6 +1,7 @@
 """Colour photographs (CBSD432 / CSet9): RGB patches, awgn drawn
 independently in each channel (blind sigma in [0, 55]), an RGB-in RGB-out
-``colour_unet``, PSNR and SSIM on the RGB image."""
+``opponent_unet`` grown from the grey photo model, PSNR and SSIM on the RGB
+image."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ COLOUR_PHOTOS = photo_domain(
     name="colour",
     words="colour photographs",
     channels=3,
-    architecture="colour_unet",
+    architecture="opponent_unet",
     train_hint="train one with `denoise train --dataset cbsd432`",
     recognises=recognise_colour,
     fallbacks=("photos",),

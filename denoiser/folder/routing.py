@@ -6,7 +6,7 @@ Each image goes to the model of its domain
 model for all (:func:`one_model`), and is given to that model as it takes
 images: a grey model denoises a grey image's luminance (``grey``) and a
 colour image as three grey planes, its opponent colour planes
-(:func:`denoiser.imaging.images.rgb_to_opponent`: the mean of R, G and B and
+(:mod:`denoiser.core.opponent`: the mean of R, G and B and
 two colour differences, whose noise stays independent; ``grey per opponent
 channel``); a
 colour model denoises a colour image's RGB (``colour``) and a grey image
@@ -27,13 +27,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from denoiser.imaging.images import (
-    LoadedImage,
-    is_colour,
-    opponent_to_rgb,
-    rgb_pixels,
-    rgb_to_opponent,
-)
+from denoiser.core.opponent import opponent_to_rgb, rgb_to_opponent
+from denoiser.imaging.images import LoadedImage, is_colour, rgb_pixels
 from denoiser.imaging.tiling import Blender, TileSpec, split
 
 GREY = "grey"

@@ -75,32 +75,6 @@ def _ycc_to_rgb(y: np.ndarray, chroma: np.ndarray) -> np.ndarray:
     return np.matmul(np.asarray(chroma, np.float32), _FROM_CHROMA) + np.asarray(y)[..., None]
 
 
-# RGB -> three opponent planes for a grey model: the mean of R, G and B, and
-# two colour differences, each scaled and offset into [0, 1]. The rows are
-# orthogonal, so AWGN of one sigma in R, G and B stays independent across the
-# planes, at sigma/sqrt(3), sigma/sqrt(2) and sigma*sqrt(6)/4 (within the
-# range a blind grey model was trained on).
-_TO_OPPONENT = np.array(
-    [[1 / 3, 1 / 3, 1 / 3], [1 / 2, 0.0, -1 / 2], [1 / 4, -1 / 2, 1 / 4]], np.float64
-)
-_FROM_OPPONENT = np.linalg.inv(_TO_OPPONENT).T.astype(np.float32)
-_TO_OPPONENT_T = _TO_OPPONENT.T.astype(np.float32)
-_OPPONENT_OFFSET = np.array([0.0, 0.5, 0.5], np.float32)
-
-
-def rgb_to_opponent(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) RGB in [0, 1] as three opponent planes in [0, 1] (H, W, 3),
-    for denoising a colour image with a grey model plane by plane: the
-    planes' noise stays independent, and the colour-difference planes are
-    smooth where R, G and B are not."""
-    return np.matmul(np.asarray(rgb, np.float32), _TO_OPPONENT_T) + _OPPONENT_OFFSET
-
-
-def opponent_to_rgb(planes: np.ndarray) -> np.ndarray:
-    """The inverse of :func:`rgb_to_opponent`: (H, W, 3) RGB, not clipped."""
-    return np.matmul(np.asarray(planes, np.float32) - _OPPONENT_OFFSET, _FROM_OPPONENT)
-
-
 def rgb_pixels(loaded: LoadedImage) -> np.ndarray:
     """The image as (H, W, 3) float32 RGB in [0, 1] (a grey image repeated in
     each channel), for colour models and colour metrics."""

@@ -59,6 +59,7 @@ from denoiser.nets.models import (
     count_params,
     file_sha256,
     load_model,
+    warm_start_model,
 )
 from denoiser.runtimes.openvino_runtime import export_openvino
 from denoiser.runtimes.runtime import LITERT_FILE, export_litert
@@ -843,6 +844,8 @@ def _compiled_model(training: TrainConfig, plan: TrainingPlan, device, shape: tu
         built = build_model(
             training.architecture, shape if not plan.recipe.fully_convolutional else None
         )
+        if training.warm_start:  # a resumed run's backup replaces these weights
+            warm_start_model(built, training.architecture, training.warm_start)
         built.compile(
             optimizer=keras.optimizers.Adam(
                 learning_rate(plan.learning_rate, plan.schedule, training.epochs * steps)

@@ -11,14 +11,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from denoiser.core.cards import Recipe
 
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
+    """An architecture: its builder, its training recipe, one line for
+    listings, and, for one grown from another domain's model, that domain
+    (``grows_from``) and how its weights start from such a model
+    (``warm_start(model, seed_model)``)."""
+
     builder: Callable[..., Any]
     recipe: Recipe = field(default_factory=Recipe)
     description: str = ""
+    grows_from: str = ""
+    warm_start: Callable[[Any, Any], int] | None = None
 
 
 def _conv_bn_relu(
@@ -207,6 +216,18 @@ def build_photo_unet(
     import keras
     from keras import layers
 
+    options = dict(filters=filters, convs=convs, middle=middle, block=block, skip=skip)
+    inputs = keras.Input(shape=tuple(input_shape), name="noisy")
+    noise = _photo_trunk(inputs, int(input_shape[-1] or 1), batch_norm=batch_norm, **options)
+    outputs = layers.Subtract(dtype="float32", name="denoised")([inputs, noise])
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _photo_trunk(inputs, noise_channels, filters, convs, middle, block, skip, batch_norm):
+    """``photo_unet``'s layers from its input to its noise estimate (the
+    ``noise`` convolution, ``noise_channels`` wide)."""
+    from keras import layers
+
     if len(filters) < 2 or len(convs) != len(filters) - 1:
         raise ValueError("filters needs one entry per level, convs one per level above the lowest")
 
@@ -223,7 +244,6 @@ def build_photo_unet(
             return _conv_bn_relu(x, f, name, batch_norm=batch_norm)
         raise ValueError(f"block must be plain or res, not {block!r}")
 
-    inputs = keras.Input(shape=tuple(input_shape), name="noisy")
     x = layers.Conv2D(filters[0], 3, padding="same", name="head")(inputs)
     if block == "plain":
         x = layers.ReLU(name="head_relu")(x)
@@ -246,15 +266,87 @@ def build_photo_unet(
             raise ValueError(f"skip must be add or concat, not {skip!r}")
         for i in range(convs[level]):
             x = unit(x, filters[level], f"dec{level}_{i}")
-    noise = layers.Conv2D(int(input_shape[-1] or 1), 3, padding="same", name="noise")(x)
-    outputs = layers.Subtract(dtype="float32", name="denoised")([inputs, noise])
-    return keras.Model(inputs, outputs, name=name)
+    return layers.Conv2D(noise_channels, 3, padding="same", name="noise")(x)
 
 
 def build_colour_unet(input_shape=(None, None, 3), **options):
     """For colour photographs: ``photo_unet``'s layout with RGB in and RGB
     out, so one network sees the three channels' noise together."""
     return build_photo_unet(input_shape, **{"name": "colour_unet", **options})
+
+
+def build_opponent_unet(input_shape=(None, None, 3), name="opponent_unet", **options):
+    """For colour photographs, grown from a grey photo model: RGB in, RGB out.
+
+    Each of the image's three opponent planes (:mod:`denoiser.core.opponent`)
+    goes through one shared ``photo_unet`` trunk, which sees the plane, all
+    three planes (the guide: a colour difference is denoised knowing the
+    image's structure) and which plane it is; its noise estimates go back to
+    RGB and are taken from the input. The transforms are fixed 1x1
+    convolutions, so the model is plain Keras layers. With the guide's and the
+    plane's weights at zero and the trunk's from a grey model
+    (:func:`warm_start_from`) it is exactly that grey model run per opponent
+    plane, and training starts from there. ``options`` as ``photo_unet``'s.
+    """
+    import keras
+    from keras import layers
+
+    from denoiser.core.opponent import FROM_OPPONENT, OPPONENT_OFFSET, TO_OPPONENT
+
+    options = {**_PHOTO_TRUNK, **options}
+    batch_norm = options.pop("batch_norm", False)
+    trunk_in = keras.Input(shape=(None, None, 7), name="plane")
+    trunk = keras.Model(
+        trunk_in, _photo_trunk(trunk_in, 1, batch_norm=batch_norm, **options), name="trunk"
+    )
+    inputs = keras.Input(shape=tuple(input_shape), name="noisy")
+    feeds, noises = [], []
+    for c in range(3):
+        feed = layers.Conv2D(7, 1, trainable=False, name=f"feed{c}")
+        noises.append(trunk(feed(inputs)))
+        feeds.append((feed, c))
+    back = layers.Conv2D(3, 1, use_bias=False, trainable=False, name="to_rgb")
+    noise_rgb = back(layers.Concatenate(name="noises")(noises))
+    outputs = layers.Subtract(dtype="float32", name="denoised")([inputs, noise_rgb])
+    model = keras.Model(inputs, outputs, name=name)
+    for feed, c in feeds:  # [plane c, the three planes, which plane] from RGB
+        kernel = np.zeros((1, 1, 3, 7), np.float32)
+        kernel[0, 0, :, 0] = TO_OPPONENT[c]
+        kernel[0, 0, :, 1:4] = TO_OPPONENT.T
+        bias = np.concatenate([OPPONENT_OFFSET[c : c + 1], OPPONENT_OFFSET, np.eye(3)[c]])
+        feed.set_weights([kernel, bias.astype(np.float32)])
+    back.set_weights([FROM_OPPONENT[None, None]])
+    return model
+
+
+_PHOTO_TRUNK = {
+    "filters": (16, 64, 128),
+    "convs": (1, 2),
+    "middle": 2,
+    "block": "plain",
+    "skip": "add",
+}
+
+
+def warm_start_from(model, grey) -> int:
+    """Set ``model``'s trunk (an ``opponent_unet``) from ``grey`` (a
+    ``photo_unet`` of the same trunk options): every layer's weights by name,
+    the grey model's head in the plane's input channel and zeros in the
+    others, so ``model`` starts as ``grey`` run per opponent plane. Returns
+    the number of layers set; ValueError when the trunks do not match."""
+    trunk = model.get_layer("trunk")
+    grey_layers = {layer.name: layer for layer in grey.layers if layer.weights}
+    trunk_layers = [layer for layer in trunk.layers if layer.weights]
+    if sorted(grey_layers) != sorted(layer.name for layer in trunk_layers):
+        raise ValueError(f"{grey.name}'s layers are not {model.name}'s trunk's")
+    for layer in trunk_layers:
+        weights = [np.asarray(w) for w in grey_layers[layer.name].get_weights()]
+        if layer.name == "head":
+            kernel = np.zeros(layer.get_weights()[0].shape, np.float32)
+            kernel[:, :, :1] = weights[0]
+            weights[0] = kernel
+        layer.set_weights(weights)
+    return len(trunk_layers)
 
 
 def unet_recipe(**choices) -> Recipe:
@@ -308,5 +400,13 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         PHOTO_RECIPE.model_copy(update={"input_shape": (None, None, 3)}),
         "photo_unet's layout for colour photographs: RGB in, RGB out, awgn in each channel, "
         "blind sigma 0-55",
+    ),
+    "opponent_unet": ArchitectureSpec(
+        build_opponent_unet,
+        PHOTO_RECIPE.model_copy(update={"input_shape": (None, None, 3), "learning_rate": 2e-4}),
+        "for colour photographs, grown from a grey photo model: photo_unet's trunk shared by the "
+        "three opponent colour planes, each seeing the others as its guide; RGB in and out",
+        grows_from="photos",
+        warm_start=warm_start_from,
     ),
 }

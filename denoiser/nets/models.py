@@ -35,6 +35,25 @@ def architecture_recipe(name: str) -> Recipe:
     return _spec(name).recipe
 
 
+def grows_from(name: str) -> str:
+    """The domain whose model an architecture starts from (``""``: from scratch)."""
+    return _spec(name).grows_from
+
+
+def warm_start_model(model, name: str, seed_path: str | os.PathLike) -> int:
+    """Start ``model`` (of architecture ``name``) from the saved model at
+    ``seed_path`` (a ``.keras`` file) as the architecture says; the number of
+    layers set. ModelError when the seed does not fit."""
+    spec = _spec(name)
+    if spec.warm_start is None:
+        raise ModelError(f"architecture {name} does not start from another model")
+    seed = load_model(seed_path)
+    try:
+        return spec.warm_start(model, seed)
+    except ValueError as exc:
+        raise ModelError(f"{seed_path}: cannot start {name} from it ({exc})") from None
+
+
 def build_model(name: str = DEFAULT_ARCHITECTURE, input_shape: tuple | None = None, **options):
     """``options`` go to the architecture's builder (``filters``, ``output``...):
     the ablations in ``bench/`` vary one design choice at a time this way."""
