@@ -38,7 +38,7 @@ from artifacts.registry import (
     check_version_name,
     is_version_name,
 )
-from artifacts.store import Store, resolve_store_root
+from artifacts.store import Store
 from denoiser.core.cards import CARD_FILE, ModelCard, parse_card
 from denoiser.core.errors import ConfigError, ModelError, ModelNotFound
 from denoiser.core.faults import failpoint
@@ -318,10 +318,10 @@ def build_in_model(
     TensorFlow)."""
     from filelock import FileLock
 
-    store_root = resolve_store_root(store_root)
-    ref = _version_ref(store_root, check_version_name(version))
+    store = Store.at(store_root)
+    ref = _version_ref(store, check_version_name(version))
     if ref is None:
-        raise ModelNotFound(f"unknown model version {version!r} (not in {store_root}/models)")
+        raise ModelNotFound(f"unknown model version {version!r} (not in {store.url}/models)")
     if not ref.passed:
         raise ModelError(
             f"{version} has not passed its quality gate (or was not evaluated); only a model "
@@ -342,10 +342,10 @@ def build_in_model(
         work = root / f".build-{version}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         work.mkdir()
         try:
-            with Store.at(store_root).stage() as stage:
+            with store.stage() as stage:
                 names = (CARD_FILE, "model.keras", XML_FILE, BIN_FILE, LITERT_FILE, METRICS_FILE)
                 source = stage.pull(ref.dir, files=names)
-                facts, record = _make_folder(source, ref.card, work, store_root, version)
+                facts, record = _make_folder(source, ref.card, work, store.url, version)
             card = ref.card.model_copy(update=facts | {"built_in": record})
             write_text_atomic(work / CARD_FILE, card.to_json())
             _fsync_files(work)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from artifacts.registry import _version_ref, check_version_name
-from artifacts.store import Store, resolve_store_root
+from artifacts.store import Store
 from denoiser.core.cards import CARD_FILE, load_card
 from denoiser.core.errors import ModelNotFound
 from denoiser.core.files import file_sha256, join_location, write_text_atomic
@@ -38,16 +38,16 @@ def export_model_version(store_root: str | os.PathLike | None, version: str) -> 
     from denoiser.learning.training import probe_shape
     from denoiser.nets.models import load_model
 
-    store_root = resolve_store_root(store_root)
-    ref = _version_ref(store_root, check_version_name(version))
+    store = Store.at(store_root)
+    ref = _version_ref(store, check_version_name(version))
     if ref is None:
         from artifacts.builtin import refuse_builtin_change
 
         refuse_builtin_change(version, "export (its exports ship with it)")
-        raise ModelNotFound(f"unknown model version {version!r} (not in {store_root}/models)")
+        raise ModelNotFound(f"unknown model version {version!r} (not in {store.url}/models)")
     if has_openvino_export(ref.dir, ref.card):
         return None
-    with Store.at(store_root).stage() as stage:
+    with store.stage() as stage:
         folder = stage.pull(ref.dir, files=(CARD_FILE, "model.keras"))
         card = load_card(folder)
         model = load_model(folder / "model.keras", expected_sha256=card.model_sha256)

@@ -51,7 +51,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from artifacts.store import Store, resolve_store_root
+from artifacts.store import Store
 from denoiser.core.cards import CARD_FILE, CardMetrics, ModelCard, QualityGate, parse_card
 from denoiser.core.errors import ConfigError, ModelError, ModelNotFound
 from denoiser.core.faults import failpoint
@@ -276,13 +276,13 @@ def _lock_registry(path: Path, timeout: float) -> Iterator[None]:
         ) from None
 
 
-def read_registry(store_root: str | os.PathLike | None) -> dict:
+def read_registry(store_root: Store | str | os.PathLike | None) -> dict:
     """The registry's current state, checked (a ModelError naming the file if it
     is not a registry); a store without one has an empty registry."""
     return _load_registry(Store.at(store_root))
 
 
-def check_registry(store_root: str | os.PathLike | None) -> None:
+def check_registry(store_root: Store | str | os.PathLike | None) -> None:
     """Fail now, with one line naming the file, if the registry is unusable:
     called before a training so that a bad registry does not surface after it."""
     read_registry(store_root)
@@ -295,12 +295,12 @@ def open_store(store_root: str) -> Store:
     file), so neither surfaces after a whole training."""
     store = Store.at(store_root)
     store.check()
-    check_registry(store.url)
+    check_registry(store)
     return store
 
 
 def update_registry(
-    store_root: str | os.PathLike | None,
+    store_root: Store | str | os.PathLike | None,
     change: Callable[[dict], tuple[dict, T]],
     timeout: float | None = None,
 ) -> T:
@@ -371,15 +371,12 @@ def _card(folder: str | os.PathLike) -> ModelCard | None:
 
 
 def _version_ref(
-    store_root: str | os.PathLike | None,
-    version: str | None,
-    productions: Iterable[str | None] = (),
+    store: Store, version: str | None, productions: Iterable[str | None] = ()
 ) -> ModelRef | None:
     """The store's version folder ``version``, if it holds a model file;
     ``productions``: the production versions (one per domain)."""
     if not version or not is_version_name(version):
         return None
-    store = Store.at(store_root)
     folder = store.join("models", version)
     if not store.exists(join_location(folder, "model.keras")):
         return None
@@ -395,26 +392,32 @@ def _version_ref(
     )
 
 
-def _version_domain(store_root: str | os.PathLike | None, state: dict, version: str) -> str:
+def _version_domain(store: Store, state: dict, version: str) -> str:
     """A registered version's domain: its entry's record, else its card's."""
     recorded = state["versions"].get(version, {}).get("domain")
     if recorded in DOMAINS:
         return recorded
-    return card_domain(_card(Store.at(store_root).join("models", version)) or ModelCard())
+    return card_domain(_card(store.join("models", version)) or ModelCard())
 
 
-def production_by_domain(store_root: str | os.PathLike | None, state: dict) -> dict[str, str]:
-    """The production version of each domain that has one. An old registry's
-    lone ``production`` counts for its own domain."""
+def production_by_domain(store: Store, state: dict) -> dict[str, str]:
+    """The production version of each domain that has one in ``state``, the
+    registry of ``store``. An old registry's lone ``production`` counts for
+    its own domain."""
     found = {d: v for d, v in (state.get("production_by_domain") or {}).items() if v}
     legacy = state.get("production")
     if legacy and legacy not in found.values():
-        domain = _version_domain(store_root, state, legacy)
+        domain = _version_domain(store, state, legacy)
         found.setdefault(domain, legacy)
     return found
 
 
-def list_models(store_root: str | os.PathLike | None) -> list[ModelRef]:
+def read_production_versions(store: Store) -> set[str]:
+    """The production versions of the store's registry (one per domain)."""
+    return set(production_by_domain(store, read_registry(store)).values())
+
+
+def list_models(store_root: Store | str | os.PathLike | None) -> list[ModelRef]:
     """Every version with a model file, newest first."""
     store = Store.at(store_root)
     if store.remote:  # one listing, not a request per version
@@ -443,18 +446,19 @@ def list_models(store_root: str | os.PathLike | None) -> list[ModelRef]:
         )
     if not names:
         return []
-    productions = production_by_domain(store_root, read_registry(store_root)).values()
-    return [ref for name in names if (ref := _version_ref(store_root, name, productions))]
+    productions = read_production_versions(store)
+    return [ref for name in names if (ref := _version_ref(store, name, productions))]
 
 
 def production_model(
-    store_root: str | os.PathLike | None, domain: str | None = None
+    store_root: Store | str | os.PathLike | None, domain: str | None = None
 ) -> ModelRef | None:
     """The production model of ``domain``; without one, the overall
     production (the most recently promoted of any domain)."""
-    state = read_registry(store_root)
-    version = production_by_domain(store_root, state).get(domain) if domain else state["production"]
-    return _version_ref(store_root, version, [version])
+    store = Store.at(store_root)
+    state = read_registry(store)
+    version = production_by_domain(store, state).get(domain) if domain else state["production"]
+    return _version_ref(store, version, [version])
 
 
 def decide_promotion(card: ModelCard, current: ModelRef | None) -> tuple[bool, str]:
@@ -486,14 +490,14 @@ def decide_promotion(card: ModelCard, current: ModelRef | None) -> tuple[bool, s
 
 
 def register_model(
-    store_root: str | os.PathLike | None,
+    store_root: Store | str | os.PathLike | None,
     model_dir: str | os.PathLike,
     metrics: dict | None = None,
     flow_run_id: str | None = None,
 ) -> dict:
     """Record a version and promote it if it earns it against the production
     model of the moment (read under the registry lock); returns the decision."""
-    store = resolve_store_root(store_root)
+    store = Store.at(store_root)
     folder = model_dir if is_url(model_dir) else Path(model_dir)
     card = _card(folder)
     if card is None:
@@ -543,8 +547,8 @@ def register_model(
     return update_registry(store, record)
 
 
-def promote(store_root: str | os.PathLike | None, version: str) -> ModelRef:
-    store = resolve_store_root(store_root)
+def promote(store_root: Store | str | os.PathLike | None, version: str) -> ModelRef:
+    store = Store.at(store_root)
     ref = _version_ref(store, check_version_name(version))
     if ref is None:
         known = ", ".join(m.version for m in list_models(store)[:5]) or "none"

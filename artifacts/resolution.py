@@ -19,11 +19,10 @@ from artifacts.registry import (
     _version_ref,
     is_version_name,
     list_models,
-    production_by_domain,
     production_model,
-    read_registry,
+    read_production_versions,
 )
-from artifacts.store import Store, resolve_store_root
+from artifacts.store import Store
 from denoiser.core.cards import ModelCard
 from denoiser.core.errors import ModelError, ModelNotFound
 
@@ -31,7 +30,7 @@ logger = logging.getLogger("artifacts.registry")  # its messages read as the reg
 
 
 def resolve_model(
-    store_root: str | os.PathLike | None, spec: str | None = None, domain: str | None = None
+    store_root: Store | str | os.PathLike | None, spec: str | None = None, domain: str | None = None
 ) -> ModelRef:
     """``spec``: None (the production model of ``domain`` when given and there
     is one, else the package's built-in model of ``domain``, else the overall
@@ -41,7 +40,7 @@ def resolve_model(
     production and version names need the registry: a file or folder given as
     a path is usable whatever state the registry is in (its status is read
     when the registry can be read)."""
-    store = resolve_store_root(store_root)
+    store = Store.at(store_root)
     if spec is None:
         models = list_models(store)
         chosen = (
@@ -54,18 +53,15 @@ def resolve_model(
         )
         if chosen is None:
             hint = " (none passed its quality gate)" if models else ""
-            raise ModelError(f"no trained model in {store}{hint}; run `denoise train` first")
+            raise ModelError(f"no trained model in {store.url}{hint}; run `denoise train` first")
         return chosen
-    remote = Store.at(store).remote
-    if remote and Path(spec).name == spec:  # a version name in a remote store
-        ref = _version_ref(store, spec, production_by_domain(store, read_registry(store)).values())
+    if store.remote and Path(spec).name == spec:  # a version name in a remote store
+        ref = _version_ref(store, spec, read_production_versions(store))
         ref = ref or (find_builtin(spec) if is_version_name(spec) else None)
         if ref is None:
-            raise ModelNotFound(f"model {spec!r} not found (not a version in {store})")
+            raise ModelNotFound(f"model {spec!r} not found (not a version in {store.url})")
         return ref
-    models_root = (
-        None if remote else Store.at(store).models_root
-    )  # a local path is never in a bucket
+    models_root = None if store.remote else store.models_root  # a local path is never in a bucket
     named = (
         models_root is not None
         and is_version_name(spec)
@@ -82,7 +78,7 @@ def resolve_model(
         path = path / "model.keras"
     if not path.is_file():
         raise ModelNotFound(
-            f"model {spec!r} not found (not a version in {store}, a folder or a .keras file)"
+            f"model {spec!r} not found (not a version in {store.url}, a folder or a .keras file)"
         )
     if path.suffix != ".keras":
         raise ModelError(f"{path}: not a .keras model file")
@@ -90,10 +86,10 @@ def resolve_model(
     in_store = models_root is not None and folder.resolve().parent == models_root
     productions: set[str] = set()
     if named:
-        productions = set(production_by_domain(store, read_registry(store)).values())
+        productions = read_production_versions(store)
     elif in_store:
         try:
-            productions = set(production_by_domain(store, read_registry(store)).values())
+            productions = read_production_versions(store)
         except ModelError as exc:
             logger.warning("%s; using %s as a candidate", exc, path)
     return ModelRef(
