@@ -12,8 +12,10 @@ then measures, for the model (default: the package's built-in grey model):
 - bare OpenVINO, compiled once for 1x512x512, at f32 and at bf16 where the
   CPU has it (AMX or AVX512-BF16; elsewhere OpenVINO would run f32 anyway);
 - ``denoise folder`` end to end on each folder, as a user runs it (its own
-  process, a temporary Prefect server, an empty store so the built-in model
-  is used): wall seconds, and the work seconds its summary.json records.
+  process, an empty store so the built-in model is used), with a temporary
+  Prefect server (the command starts one) and with a server running
+  (``PREFECT_API_URL``, as after ``denoise server start``): wall seconds,
+  and the work seconds its summary.json records.
 
 A colour image through a grey model is three grey planes, so its bare rate
 is counted in planes and its end-to-end rate in image pixels.
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import REPO
+from _common import REPO, start_prefect_server
 
 sys.path.insert(0, str(REPO))
 MIRROR = REPO.parent / "shared" / "datasets" / "cbsd432"
@@ -111,10 +114,14 @@ def bare_rows(model_dir: Path, planes: list[np.ndarray]) -> list[tuple[str, floa
     return rows
 
 
-def folder_run(src: Path, work: Path, name: str, runtime: str) -> dict:
-    """``denoise folder`` as a user runs it, in its own process, with an empty store."""
+def folder_run(src: Path, work: Path, name: str, runtime: str, api: str | None) -> dict:
+    """``denoise folder`` as a user runs it, in its own process, with an empty
+    store; with the Prefect server at ``api``, else a temporary one."""
     store, out = work / f"store-{name}", work / f"out-{name}"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
+    if api:
+        env["PREFECT_API_URL"] = api
     env.pop("DENOISE_BUILTIN_DIR", None)
     cmd = [sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main())"]
     cmd += ["--store", str(store), "folder", str(src), str(out), "--runtime", runtime]
@@ -160,24 +167,35 @@ def main() -> None:
         for name, rate in bare:
             print(f"| {name} | {rate:.2f} |" if rate == rate else f"| {name} | n/a (no bf16) |")
         openvino_f32 = dict(bare)["bare OpenVINO f32"]
-        print(
-            f"\n`denoise folder --runtime {args.runtime}` end to end (own process, "
-            "temporary server, empty store):"
-        )
-        print("| folder | images | MP | wall s | work s | MP/s (work) | / bare OpenVINO f32 |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for name, (path, count, _, colour) in folders.items():
-            r = folder_run(path, work, name[1], args.runtime)
-            rate = r["mp"] / r["work"]
-            planes_rate = rate * (3 if colour else 1)
-            print(
-                f"| {name} | {count} | {r['mp']:.1f} | {r['wall']:.1f} | {r['work']:.1f} | "
-                f"{rate:.2f} | {planes_rate / openvino_f32:.2f} |",
-                flush=True,
-            )
-            print(f"  routes: {json.dumps(r['summary'].get('by_model'))}", flush=True)
+        server, api = start_prefect_server(work / "prefect-home")
+        try:
+            for label, url in (("a temporary server", None), ("a server running", api)):
+                print(
+                    f"\n`denoise folder --runtime {args.runtime}` end to end (own process, "
+                    f"{label}, empty store):"
+                )
+                folder_rows(folders, work, args.runtime, url, openvino_f32)
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def folder_rows(folders: dict, work: Path, runtime: str, api: str | None, bare: float) -> None:
+    """One table row per folder: ``denoise folder`` on it, against ``bare`` MP/s."""
+    print("| folder | images | MP | wall s | work s | MP/s (work) | / bare OpenVINO f32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, (path, count, _, colour) in folders.items():
+        r = folder_run(path, work, f"{name[1]}-{'api' if api else 'temp'}", runtime, api)
+        rate = r["mp"] / r["work"]
+        planes_rate = rate * (3 if colour else 1)
+        print(
+            f"| {name} | {count} | {r['mp']:.1f} | {r['wall']:.1f} | {r['work']:.1f} | "
+            f"{rate:.2f} | {planes_rate / bare:.2f} |",
+            flush=True,
+        )
+        print(f"  routes: {json.dumps(r['summary'].get('by_model'))}", flush=True)
 
 
 if __name__ == "__main__":
