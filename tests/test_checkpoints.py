@@ -392,3 +392,24 @@ def test_a_resumed_run_stops_and_restores_weights_as_the_whole_run_would(tmp_pat
     fresh.set_model(model)
     fresh.on_train_begin()  # no backup: a new run starts with nothing
     assert fresh.best_weights is None and fresh.wait == 0
+
+
+def test_a_warm_start_is_keyed_by_its_contents_not_where_it_was_staged(tmp_path):
+    """A remote store's seed model is staged in a new temporary folder on
+    every run: a rerun must still find its run's checkpoints."""
+    first, second, other = (
+        tmp_path / "a.keras",
+        tmp_path / "b" / "model.keras",
+        tmp_path / "c.keras",
+    )
+    second.parent.mkdir()
+    first.write_bytes(b"the same seed")
+    second.write_bytes(b"the same seed")
+    other.write_bytes(b"another seed")
+
+    def key(path):
+        return checkpoint_key("s3://bucket/shards/x", TrainConfig(warm_start=str(path)))
+
+    assert key(first) == key(second)
+    assert key(first) != key(other)
+    assert key(first) != checkpoint_key("s3://bucket/shards/x", TrainConfig())

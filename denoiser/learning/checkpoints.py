@@ -35,7 +35,7 @@ from filelock import FileLock, Timeout
 
 from denoiser.config import TrainConfig
 from denoiser.core.errors import first_line
-from denoiser.core.files import write_json_atomic
+from denoiser.core.files import file_sha256, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +50,14 @@ UNFINISHED_RUN_SECONDS = 600
 
 
 def checkpoint_key(shards_dir: str | os.PathLike, training: TrainConfig) -> str:
-    """Names the request, so the runs of one request share a parent folder."""
+    """Names the request, so the runs of one request share a parent folder. A
+    warm start counts by its file's contents: where it was staged changes
+    from run to run."""
     training = TrainConfig.model_validate(training)
-    payload = json.dumps(
-        {"shards": str(shards_dir), "training": training.model_dump(mode="json")}, sort_keys=True
-    )
+    config = training.model_dump(mode="json")
+    if training.warm_start:
+        config["warm_start"] = file_sha256(training.warm_start)
+    payload = json.dumps({"shards": str(shards_dir), "training": config}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
