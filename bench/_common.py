@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -131,7 +132,11 @@ def start_prefect_server(home: Path, log: Path | None = None) -> tuple[subproces
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    wait_http(f"{api}/health", proc, "prefect server")
+    try:
+        wait_http(f"{api}/health", proc, "prefect server", timeout=300)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)  # no server left behind when it does not answer
+        raise
     return proc, api
 
 

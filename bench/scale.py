@@ -15,13 +15,20 @@ On 10,000 small noisy PNGs (the MNIST test set, noise 0.5) and 3 images of
 * training (the ``seed`` architecture, batch 64, one epoch) streaming Parquet
   shards from the bucket against the same shards on local disk: samples/s
   ratio, target >= 0.9;
-* the peak memory of each way (the command and its worker processes, summed).
+* the peak memory of each way (the command and its worker processes, summed);
+* photographs: ``denoise folder`` on grey 512x512 noisy photographs (made
+  from the CBSD432 mirror as ``bench/photo_throughput.py`` makes them, the
+  package's built-in grey model) with the store and the folders in the
+  bucket against the local disk: the ratio for work that is not dominated
+  by per-request cost (``--photos N``, default 100; ``--photos-only`` runs
+  just these rows).
 
 This machine switches between two speeds every few seconds (see
 ``bench/denoise_throughput.py``), so each other way runs between two local
 runs and is compared with their mean.
 
-    python bench/scale.py [--small 10000] [--large 3] [--samples 20000] [--quick]
+    python bench/scale.py [--small 10000] [--large 3] [--samples 20000] [--photos 100]
+                          [--quick] [--photos-only]
 
 The model is an untrained ``unet`` from seed 0 (speed does not depend on
 training, only on the weights' values, hence the seed).
@@ -101,8 +108,17 @@ def start_servers(work: Path) -> tuple[dict[str, str], list[subprocess.Popen]]:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    prefect, api = start_prefect_server(work / "prefect-server", logs / "prefect.log")
-    wait_http(f"http://127.0.0.1:{s3_port}/", moto, "moto server")
+    try:
+        prefect, api = start_prefect_server(work / "prefect-server", logs / "prefect.log")
+    except BaseException:
+        os.killpg(moto.pid, 9)
+        raise
+    try:
+        wait_http(f"http://127.0.0.1:{s3_port}/", moto, "moto server")
+    except BaseException:
+        for proc in (moto, prefect):
+            os.killpg(proc.pid, 9)
+        raise
     env = {
         **os.environ,
         "AWS_ACCESS_KEY_ID": "bench",
@@ -282,6 +298,45 @@ def write_shards(mirror: Path, out: Path, samples: int) -> None:
     write_mnist_shards(out, images, labels, shard_rows=5_000)
 
 
+def photo_rows(env: dict, work: Path, fs, count: int) -> None:
+    """``denoise folder`` on ``count`` grey 512x512 photographs: local, then
+    store and folders in the bucket, then local again (the built-in model:
+    neither store has a photo model)."""
+    from photo_throughput import MIRROR, make_folder
+
+    photos = work / "photos"
+    make_folder(photos, sorted(MIRROR.glob("*.jpg")), count, 512, colour=False, seed=0)
+    fs.put(str(photos) + "/", f"{BUCKET}/photos", recursive=True)
+    local_store, s3_store = str(work / "photo-store"), f"s3://{BUCKET}/photo-store"
+
+    def local(k: int) -> dict:
+        out = work / f"photos-out-{k}"
+        return run_folder(env, work, [str(photos), str(out), "--store", local_store], "photos")
+
+    first = local(0)
+    s3 = run_folder(
+        env,
+        work,
+        [f"s3://{BUCKET}/photos", f"s3://{BUCKET}/photos-clean", "--store", s3_store],
+        "photos s3",
+    )
+    rows = [("local 1", first), ("s3 store, s3 in and out", s3), ("local 2", local(1))]
+    mp = count * 512 * 512 / 1e6
+    print(f"\n{count} grey 512x512 photographs (built-in grey model, OpenVINO on the CPU):")
+    print(
+        f"{'way':<28} {'MP/s':>6} {'stage s':>8} {'wall s':>7} {'peak MB':>8}"
+        f" {'CPU s: command':>15} {'moto':>5} {'prefect':>8}"
+    )
+    for name, r in rows:
+        print(
+            f"{name:<28} {mp / r['seconds']:>6.2f} {r['seconds']:>8.1f} {r['wall']:>7.1f}"
+            f" {r['peak_mb']:>8.0f} {r['cpu']:>15.1f} {r['cpu_moto']:>5.1f}"
+            f" {r['cpu_prefect']:>8.1f}"
+        )
+    local_rate = np.mean([rate(rows[0][1]), rate(rows[2][1])])
+    print(f"ratio s3 / local, photographs: {rate(s3) / local_rate:.2f}\n")
+
+
 def rate(r: dict) -> float:
     return (r["denoised"] + r["skipped"]) / r["seconds"]
 
@@ -291,7 +346,11 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=10_000)
     parser.add_argument("--large", type=int, default=3)
     parser.add_argument("--samples", type=int, default=20_000, help="training samples")
-    parser.add_argument("--quick", action="store_true", help="1,000 small, 1 large, 5,000 samples")
+    parser.add_argument("--photos", type=int, default=100, help="grey 512x512 photographs")
+    parser.add_argument("--photos-only", action="store_true", help="only the photographs' rows")
+    parser.add_argument(
+        "--quick", action="store_true", help="1,000 small, 1 large, 5,000 samples, 20 photos"
+    )
     parser.add_argument(
         "--train-child", nargs=2, metavar=("LOCATION", "SAMPLES"), help=argparse.SUPPRESS
     )
@@ -301,7 +360,7 @@ def main() -> None:
         print(json.dumps(train_child(args.train_child[0], int(args.train_child[1]))))
         return
     if args.quick:
-        args.small, args.large, args.samples = 1_000, 1, 5_000
+        args.small, args.large, args.samples, args.photos = 1_000, 1, 5_000, 20
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     work = Path(tempfile.mkdtemp(prefix="denoise-scale-"))
     servers: list[subprocess.Popen] = []
@@ -314,6 +373,9 @@ def main() -> None:
         fs = s3fs.S3FileSystem()
         fs.mkdir(BUCKET)
         cost = request_cost(f"s3://{BUCKET}/cost", servers[0].pid)
+        photo_rows(env, work, fs, args.photos)
+        if args.photos_only:
+            return
         images = work / "images"
         make_images(args.mirror, images, args.small, args.large)
         started = time.perf_counter()

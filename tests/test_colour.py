@@ -196,7 +196,10 @@ def test_train_cbsd432_quick_end_to_end_gains_in_rgb(
     assert card.architecture == "opponent_unet" and card.precision in ("float32", "mixed_bfloat16")
     # grown from the package's grey model: it starts where that model per opponent plane is
     builtin = builtin_model("photos")
-    assert card.training["warm_start"] == str(builtin.model_path)
+    assert card.grown_from == {
+        "version": builtin.version,
+        "sha256": builtin.card.model_sha256,
+    }
     metrics = json.loads((Path(model.dir) / "metrics.json").read_text())
     assert [r["sigma"] for r in metrics["per_sigma"]] == [15, 25, 50]
     # a few dozen steps from the grey model: far better than its input on CSet9's first image

@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from denoiser.core.errors import ModelError
+from denoiser.core.files import file_sha256, write_text_atomic
 
 CARD_FILE = "model.json"
 
@@ -109,6 +110,10 @@ class ModelCard(_Open):
     params: int | None = None
     recipe: Recipe | None = None
     training: dict[str, Any] = Field(default_factory=dict)
+    # the model a warm-started training began from: its version (None when its folder has no
+    # card) and its model file's sha256 (training.warm_start is where it was read, perhaps a
+    # temporary stage)
+    grown_from: dict[str, Any] | None = None
     # the `denoise train` command with the training flow's parameters (recorded at training time)
     training_command: str | None = None
     data: CardData = Field(default_factory=CardData)
@@ -167,12 +172,19 @@ def load_card(folder: str | Path) -> ModelCard:
     return card
 
 
+def seed_facts(model_path: str | Path) -> dict[str, Any]:
+    """What a card records of the model a training grew from (``grown_from``):
+    the version on the card beside ``model_path`` (None without one) and the
+    file's sha256."""
+    folder = Path(model_path).parent
+    card = parse_card((folder / CARD_FILE).read_bytes()) if (folder / CARD_FILE).is_file() else None
+    return {"version": card.version if card else None, "sha256": file_sha256(model_path)}
+
+
 def record_training_command(folder: str | Path, command: str | None) -> ModelCard:
     """The card in the local model folder ``folder``, with ``command`` (the
     ``denoise train`` command that trains the model again) written into it
     when it records none yet."""
-    from denoiser.core.files import write_text_atomic
-
     card = load_card(folder)
     if command and card.training_command is None:
         card = card.model_copy(update={"training_command": command})

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from denoiser.config import TrainConfig
 from denoiser.core import interrupts
-from denoiser.core.cards import CARD_FILE, CardData, ModelCard, Recipe
+from denoiser.core.cards import CARD_FILE, CardData, ModelCard, Recipe, seed_facts
 from denoiser.core.cpu import has_native_bf16
 from denoiser.core.errors import ModelError, first_line
 from denoiser.core.faults import failpoint
@@ -1005,6 +1005,7 @@ def _model_card(
             }
         ),
         training=training.model_dump(mode="json"),
+        grown_from=seed_facts(training.warm_start) if training.warm_start else None,
         data=data_facts(shards_dir, manifest),
         image_shape=list(manifest["image_shape"]),
         device=device.as_dict(),

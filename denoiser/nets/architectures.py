@@ -7,6 +7,7 @@ imported inside the builders so that importing this module stays cheap. No
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -293,7 +294,7 @@ def build_opponent_unet(input_shape=(None, None, 3), name="opponent_unet", **opt
 
     from denoiser.core.opponent import FROM_OPPONENT, OPPONENT_OFFSET, TO_OPPONENT
 
-    options = {**_PHOTO_TRUNK, **options}
+    options = {**_photo_trunk_defaults(), **options}
     batch_norm = options.pop("batch_norm", False)
     trunk_in = keras.Input(shape=(None, None, 7), name="plane")
     trunk = keras.Model(
@@ -319,13 +320,14 @@ def build_opponent_unet(input_shape=(None, None, 3), name="opponent_unet", **opt
     return model
 
 
-_PHOTO_TRUNK = {
-    "filters": (16, 64, 128),
-    "convs": (1, 2),
-    "middle": 2,
-    "block": "plain",
-    "skip": "add",
-}
+def _photo_trunk_defaults() -> dict:
+    """``build_photo_unet``'s trunk options as its signature sets them (one
+    source for both architectures)."""
+    params = inspect.signature(build_photo_unet).parameters
+    return {k: params[k].default for k in _TRUNK_OPTIONS}
+
+
+_TRUNK_OPTIONS = ("filters", "convs", "middle", "block", "skip", "batch_norm")
 
 
 def warm_start_from(model, grey) -> int:
