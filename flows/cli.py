@@ -438,14 +438,21 @@ def run_folder_command(args: argparse.Namespace) -> int:
     summary = outcome.value
     c = summary["counts"]
     console = Console(stderr=False)
+    model, by_model = summary["model"], summary.get("by_model", {})
+    known = {m["version"]: m for m in [model, *(model.get("routes") or {}).values()]}
+
+    def named(version: str) -> str:
+        built_in = known.get(version, {}).get("status") == "built in"
+        return version + (" (built in)" if built_in else "")
+
+    used = f"{len(by_model)} models" if len(by_model) > 1 else f"model {named(model['version'])}"
     console.print(
         f"{c['denoised']} denoised, {c['skipped']} skipped, {c['failed']} failed "
-        f"in {summary['seconds']:.1f} s with model {summary['model']['version']}"
-        + (" (built in)" if summary["model"]["status"] == "built in" else "")
+        f"in {summary['seconds']:.1f} s with {used}"
     )
-    for version, routes in summary.get("by_model", {}).items():
+    for version, routes in by_model.items():
         made = ", ".join(f"{n} {route}" for route, n in routes.items())
-        console.print(f"  model {version}: {made}")
+        console.print(f"  model {named(version)}: {made}")
     if summary.get("warning"):
         console.print(f"[yellow]warning:[/] {summary['warning']}", soft_wrap=True)
     console.print(f"output: {summary['output_dir']}")

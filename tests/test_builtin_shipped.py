@@ -43,14 +43,17 @@ def test_a_fresh_install_denoises_grey_and_colour_photos_with_the_shipped_model(
 ):
     shipped = json.loads((PACKAGE_DIR / INDEX_FILE).read_text())["models"]
     assert "photos" in shipped, "the package ships no grey photo model"
-    version = shipped["photos"]["version"]
+    assert "colour" in shipped, "the package ships no colour photo model"
+    version, colour = shipped["photos"]["version"], shipped["colour"]["version"]
     src, out, store = tmp_path / "photos", tmp_path / "clean", tmp_path / "empty-store"
     clean = _mixed_folder(src)
     proc = _folder_run(tmp_path, store, prefect_api, None, src, out)
     summary = _denoised_summary(proc)
-    assert f"{version} (built in)" in proc.stdout
+    assert "with 2 models" in proc.stdout
+    assert f"model {version} (built in): 2 grey" in proc.stdout
+    assert f"model {colour} (built in): 2 colour" in proc.stdout
     assert summary["model"]["status"] == "built in"
-    assert summary["by_model"] == {version: {"grey": 2, "grey per opponent channel": 2}}
+    assert summary["by_model"] == {version: {"grey": 2}, colour: {"colour": 2}}
     for name, image in clean.items():
         noisy = np.asarray(Image.open(src / name))
         denoised = np.asarray(Image.open(out / name))
