@@ -231,7 +231,7 @@ def _make_folder(
     source: Path, card: ModelCard, work: Path, store_root: str, version: str
 ) -> tuple[dict, dict]:
     """The built-in model's files in ``work``: the model without optimizer
-    state, its exports (copied when the store's are whole, else made), its
+    state, its OpenVINO export (copied when the store's is whole, else made), its
     metrics. Returns the card's new file facts and its ``built_in`` record."""
     import numpy as np
 
