@@ -3,9 +3,8 @@ with no store content, no training and no network.
 
 The package folder ``artifacts/builtin_models/`` holds one folder per built-in
 model (``<version>/``: ``model.keras`` without optimizer state, its OpenVINO
-export ``model.xml``/``model.bin``, its LiteRT export ``model.tflite`` when the
-store's model had one, ``metrics.json`` and the card ``model.json`` naming every
-file's sha256) and ``index.json``, which says which version is the built-in
+export ``model.xml``/``model.bin``, ``metrics.json`` and the card ``model.json``
+naming every file's sha256) and ``index.json``, which says which version is the built-in
 model of each domain and the sha256 of its card. ``$DENOISE_BUILTIN_DIR``
 points elsewhere (the tests' folders); nothing else differs.
 
@@ -39,12 +38,11 @@ from artifacts.registry import (
     is_version_name,
 )
 from artifacts.store import Store
-from denoiser.core.cards import CARD_FILE, ModelCard, parse_card
+from denoiser.core.cards import CARD_FILE, RETIRED_CARD_KEYS, ModelCard, parse_card
 from denoiser.core.errors import ConfigError, ModelError, ModelNotFound
 from denoiser.core.faults import failpoint
 from denoiser.core.files import file_sha256, fsync_dir, write_text_atomic
 from denoiser.runtimes.openvino_runtime import BIN_FILE, DEFAULT_PRECISION, XML_FILE
-from denoiser.runtimes.runtime import LITERT_FILE
 
 BUILTIN_ENV = "DENOISE_BUILTIN_DIR"
 PACKAGE_DIR = Path(__file__).resolve().parent / "builtin_models"
@@ -123,7 +121,6 @@ def check_builtin(ref: ModelRef, card_sha256: str) -> ModelRef:
         "model.keras": card.model_sha256,
         XML_FILE: card.openvino_xml_sha256,
         BIN_FILE: card.openvino_bin_sha256,
-        LITERT_FILE: card.litert_sha256,
         METRICS_FILE: (card.built_in or {}).get("metrics_sha256"),
     }
     for name, sha256 in expected.items():
@@ -203,6 +200,13 @@ def _derived_command(card: ModelCard) -> str:
     )
 
 
+def _without_retired_keys(card: ModelCard) -> ModelCard:
+    """``card`` without the facts of files a built-in model does not ship (a
+    store's model trained before LiteRT was retired names its model.tflite)."""
+    kept = {k: v for k, v in card.to_dict().items() if k not in RETIRED_CARD_KEYS}
+    return ModelCard.model_validate(kept)
+
+
 def _copy_whole(src: Path, dest: Path, sha256: str | None) -> bool:
     """Copy ``src`` to ``dest`` when it is there and matches ``sha256``."""
     if not sha256:
@@ -227,7 +231,7 @@ def _make_folder(
     source: Path, card: ModelCard, work: Path, store_root: str, version: str
 ) -> tuple[dict, dict]:
     """The built-in model's files in ``work``: the model without optimizer
-    state, its exports (copied when the store's are whole, else made), its
+    state, its OpenVINO export (copied when the store's is whole, else made), its
     metrics. Returns the card's new file facts and its ``built_in`` record."""
     import numpy as np
 
@@ -255,8 +259,6 @@ def _make_folder(
         facts |= make_openvino_export(model, work, probe_shape(model))
         facts |= {k: None for k in _EXPORT_SCORES if k in card.model_fields_set}
         exported = "made at build-in"
-    if not _copy_whole(source / LITERT_FILE, work / LITERT_FILE, card.litert_sha256):
-        facts |= {"litert_sha256": None, "litert_bytes": None}
 
     metrics = None
     if (source / METRICS_FILE).is_file():
@@ -343,10 +345,10 @@ def build_in_model(
         work.mkdir()
         try:
             with store.stage() as stage:
-                names = (CARD_FILE, "model.keras", XML_FILE, BIN_FILE, LITERT_FILE, METRICS_FILE)
+                names = (CARD_FILE, "model.keras", XML_FILE, BIN_FILE, METRICS_FILE)
                 source = stage.pull(ref.dir, files=names)
                 facts, record = _make_folder(source, ref.card, work, store.url, version)
-            card = ref.card.model_copy(update=facts | {"built_in": record})
+            card = _without_retired_keys(ref.card).model_copy(update=facts | {"built_in": record})
             write_text_atomic(work / CARD_FILE, card.to_json())
             _fsync_files(work)
             failpoint("builtin.folder_written")

@@ -43,7 +43,7 @@ def export_model_version(store_root: str | os.PathLike | None, version: str) -> 
     if ref is None:
         from artifacts.builtin import refuse_builtin_change
 
-        refuse_builtin_change(version, "export (its exports ship with it)")
+        refuse_builtin_change(version, "export (its export ships with it)")
         raise ModelNotFound(f"unknown model version {version!r} (not in {store.url}/models)")
     if has_openvino_export(ref.dir, ref.card):
         return None

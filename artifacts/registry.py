@@ -57,7 +57,6 @@ from denoiser.core.errors import ConfigError, ModelError, ModelNotFound
 from denoiser.core.faults import failpoint
 from denoiser.core.files import atomic_file, is_url, join_location, open_read
 from denoiser.runtimes.openvino_runtime import BIN_FILE, XML_FILE
-from denoiser.runtimes.runtime import LITERT_FILE
 
 REGISTRY_FILE = "registry.json"
 logger = logging.getLogger(__name__)
@@ -142,11 +141,6 @@ class ModelRef:
             "data_manifest_sha256": card.data.manifest_sha256,
             "model_path": str(self.model_path),
             "model_sha256": card.model_sha256,
-            # the LiteRT export beside the model file, when it has one (denoiser.runtimes.runtime)
-            "litert_path": (
-                str(join_location(self.dir, LITERT_FILE)) if card.litert_sha256 else None
-            ),
-            "litert_sha256": card.litert_sha256,
             # the OpenVINO export, when it has one (denoiser.runtimes.openvino_runtime)
             "openvino_xml_path": (
                 str(join_location(self.dir, XML_FILE)) if card.openvino_xml_sha256 else None

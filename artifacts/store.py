@@ -324,6 +324,8 @@ class Store:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+# writers' temporary files (.tmp.tflite: a LiteRT export's, left by a crash before LiteRT was
+# retired)
 TEMPORARY_ENDINGS = (".part", ".tmp", ".tmp.keras", ".tmp.tflite", ".tmp.xml", ".tmp.bin")
 
 

@@ -11,7 +11,7 @@ from artifacts.builtin import builtin_model
 from artifacts.registry import production_model
 from artifacts.store import Stage, Store, new_model_version
 from denoiser.config import TrainConfig
-from denoiser.core.cards import ModelCard, record_training_command
+from denoiser.core.cards import CARD_FILE, ModelCard, record_training_command
 from denoiser.core.errors import ModelError
 from denoiser.learning.checkpoints import CheckpointRun
 from denoiser.learning.training import train_in_run
@@ -79,5 +79,8 @@ def with_warm_start(store: Store, stage: Stage, training: TrainConfig) -> TrainC
         )
     path = seed.model_path
     if seed.status != "built in" and stage.syncs:
-        path = stage.pull(store.model(seed.version)) / "model.keras"
+        # the model and its card (the new card's grown_from), nothing else of its folder
+        path = (
+            stage.pull(store.model(seed.version), files=(CARD_FILE, "model.keras")) / "model.keras"
+        )
     return training.model_copy(update={"warm_start": str(path)})

@@ -2,13 +2,12 @@
 
 ``denoise --help``, ``denoise models``, and ``denoise folder`` on 20 small PNGs
 (MNIST test digits with noise 0.5), the model run by its OpenVINO export
-(what ``--runtime auto`` picks on a CPU), by its LiteRT export (``--runtime
-litert``) and by Keras (``--runtime keras``), each with a Prefect server
-running (``PREFECT_API_URL`` set) and without one (the command starts a
-temporary server), and the two exports with the server ``denoise server
-start`` keeps, in alternating rounds.
-The model is an untrained ``unet`` from seed 0 with both exports, registered
-as the production model of a local store. Each command is a fresh process
+(what ``--runtime auto`` picks on a CPU) and by Keras (``--runtime keras``),
+each with a Prefect server running (``PREFECT_API_URL`` set) and without one
+(the command starts a temporary server), and the export with the server
+``denoise server start`` keeps, in alternating rounds.
+The model is an untrained ``unet`` from seed 0 with its OpenVINO export,
+registered as the production model of a local store. Each command is a fresh process
 (``python -m flows.cli``, as a virtualenv's ``denoise`` script runs it).
 OpenVINO's model cache (``$DENOISE_CACHE``, in the bench's folder) is filled
 by one folder run before the rounds, as a user's first command fills it.
@@ -38,7 +37,7 @@ VERSION = "20260101-000000-unet-bench"
 
 
 def make_store(store: Path) -> None:
-    """The untrained unet and its two exports as the store's production model."""
+    """The untrained unet and its OpenVINO export as the store's production model."""
     import keras
 
     from artifacts.registry import register_model
@@ -46,20 +45,15 @@ def make_store(store: Path) -> None:
     from denoiser.learning.training import probe_shape
     from denoiser.nets.models import build_model
     from denoiser.runtimes.openvino_runtime import export_openvino
-    from denoiser.runtimes.runtime import LITERT_FILE, export_litert
 
     keras.utils.set_random_seed(0)
     model = build_model("unet")
     folder = store / "models" / VERSION
     folder.mkdir(parents=True)
     model.save(folder / "model.keras")
-    facts = export_litert(model, folder / LITERT_FILE, probe_shape(model))
+    facts = export_openvino(model, folder, probe_shape(model))
     if not facts:
-        sys.exit("the unet did not export to LiteRT")
-    openvino = export_openvino(model, folder, probe_shape(model))
-    if not openvino:
         sys.exit("the unet did not export to OpenVINO")
-    facts |= openvino
     card = {
         "version": VERSION,
         "architecture": "unet",
@@ -134,12 +128,9 @@ def main() -> None:
             "denoise --help": (["--help"], with_server),
             "denoise models": (["models"], with_server),
             "folder, OpenVINO (auto), server running": (["folder"], with_server),
-            "folder, LiteRT, server running": (["folder", "--runtime", "litert"], with_server),
             "folder, Keras, server running": (["folder", "--runtime", "keras"], with_server),
             "folder, OpenVINO (auto), kept server": (["folder"], kept),
-            "folder, LiteRT, kept server": (["folder", "--runtime", "litert"], kept),
             "folder, OpenVINO (auto), no server": (["folder"], no_server),
-            "folder, LiteRT, no server": (["folder", "--runtime", "litert"], no_server),
             "folder, Keras, no server": (["folder", "--runtime", "keras"], no_server),
         }
         timed(["models"], with_server, work)  # a first run writes Python's bytecode caches

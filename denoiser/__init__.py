@@ -21,8 +21,8 @@ names; ``tests/test_layout.py`` checks):
 - ``folder``: Folder work: a folder run (scan, journal, pipeline), the local or
   object-storage trees it reads and writes, the routing of each image to a model, and
   the run's report.
-- ``runtimes``: Running a trained model: Keras, LiteRT and OpenVINO, which runtime a run
-  uses, and inference over arrays of any size in fixed-size batches.
+- ``runtimes``: Running a trained model: Keras and OpenVINO, which runtime a run uses,
+  and inference over arrays of any size in fixed-size batches.
 - ``domains``: The domains (digits, grey and colour photographs).
 - ``learning``: Learning and judging a model: training, its checkpoints, losses and
   progress, evaluation and the quality gate.

@@ -405,6 +405,7 @@ def run_folder_command(args: argparse.Namespace) -> int:
     from artifacts.resolution import resolve_model
     from artifacts.store import Store
     from denoiser.folder import check_folders
+    from denoiser.runtimes.runtime import check_runtime, gpu_present, openvino_available
     from flows.denoising import denoise_folder
     from tasks.terminal import quiet_run_failures
 
@@ -412,24 +413,23 @@ def run_folder_command(args: argparse.Namespace) -> int:
     # usage errors and a missing model fail fast, before a Prefect server starts
     check_folders(args.input_dir, args.output_dir, args.store)
     check_dask_options(args.workers, args.dask_address, args.chunk_files)
+    check_runtime(args.runtime)
     Store(args.store).check()
     ref = resolve_model(args.store, args.model)
     from denoiser.nets.models import import_tensorflow_quietly
-    from denoiser.runtimes.runtime import gpu_present, litert_available, openvino_available
     from flows.server import finished_despite_api, start_api
 
     api = start_api()  # a temporary server boots while TensorFlow is imported
-    # only the workers run the model in chunks; an export, when it may be chosen, needs no
+    # only the workers run the model in chunks; the export, when it may be chosen, needs no
     # TensorFlow
     in_chunks = args.workers or args.dask_address
-    may_use_litert = args.runtime != "keras" and litert_available() and ref.card.litert_sha256
     may_use_openvino = (
         args.runtime in ("auto", "openvino")
         and ref.card.openvino_xml_sha256
         and openvino_available()
         and (args.runtime == "openvino" or not gpu_present())
     )
-    if not in_chunks and not may_use_litert and not may_use_openvino:
+    if not in_chunks and not may_use_openvino:
         import_tensorflow_quietly(args.debug)
     # worker processes inherit the environment: one server for all, not one each
     os.environ["PREFECT_API_URL"] = api()
@@ -620,7 +620,6 @@ def run_models_command(args: argparse.Namespace) -> int:
         "PSNR (dB)",
         "SSIM",
         "gate",
-        "LiteRT",
         "OpenVINO",
         "created",
     ):
@@ -639,7 +638,6 @@ def run_models_command(args: argparse.Namespace) -> int:
             f"{s['psnr']:.2f}" if s["psnr"] is not None else "",
             f"{s['ssim']:.3f}" if s["ssim"] is not None else "",
             ("passed" if m.passed else "failed") if m.card.quality_gate else "not evaluated",
-            "yes" if s["litert_sha256"] else "no",  # an export: short folder runs skip TensorFlow
             # what this CPU will run the export at (a bf16 card runs f32 without bf16 units)
             precision_on_cpu(s["openvino_precision"]) if s["openvino_xml_sha256"] else "no",
             str(s["created"] or ""),

@@ -38,7 +38,7 @@ def denoise_folder(
     workers: int | None = None,
     dask_address: str | None = None,
     chunk_files: int | None = None,
-    runtime: Literal["auto", "keras", "litert", "openvino"] = "auto",
+    runtime: Literal["auto", "keras", "openvino"] = "auto",
     settle: float = 0.0,
 ) -> dict:
     """Denoise every image under ``input_dir`` into ``output_dir`` (same tree).
@@ -49,9 +49,9 @@ def denoise_folder(
     ``dask_address`` (an existing cluster): the folder is cut into chunks of
     ``chunk_files`` files (default: about four per worker, 64 to 1,024 files),
     one task each, run by Dask; otherwise one task in
-    this process. ``runtime``: Keras, or the model's OpenVINO or LiteRT export
-    (no TensorFlow start-up); ``auto``: OpenVINO on a CPU when the model has
-    its export, else LiteRT for a small folder in this process, else Keras.
+    this process. ``runtime``: Keras, or the model's OpenVINO export (no
+    TensorFlow start-up); ``auto``: OpenVINO on a CPU when the model has its
+    export and OpenVINO is installed, else Keras.
     ``settle``: files modified in the last that many seconds may still be being
     written and are left for a later run (an inbox, ``denoise watch``).
     An inbox's runs (``settle`` > 0) into one output folder take turns (a
@@ -94,8 +94,8 @@ def _denoise_folder(
     runtime: str,
     settle: float,
 ) -> dict:
-    in_chunks = bool(workers or dask_address)  # large jobs: not LiteRT unless asked
-    chosen = resolve_denoiser(model, store_root, input_dir, pattern, runtime, in_chunks)
+    in_chunks = bool(workers or dask_address)
+    chosen = resolve_denoiser(model, store_root, input_dir, pattern, runtime)
     if not in_chunks:
         return denoise_images(
             input_dir, output_dir, chosen, overwrite, pattern, format, store_root, settle

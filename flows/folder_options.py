@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from denoiser.runtimes.runtime import RETIRED_RUNTIME, RUNTIMES
+
 DASK_ENV = "DENOISE_DASK_ADDRESS"
 MAX_WORKERS = 256
 
@@ -55,11 +57,13 @@ def add_folder_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--runtime",
-        choices=["auto", "keras", "litert", "openvino"],
+        # the retired runtime is accepted here to be refused with one line saying what to use
+        choices=[*RUNTIMES, RETIRED_RUNTIME],
+        metavar="{" + ",".join(RUNTIMES) + "}",
         default="auto",
-        help="what runs the model: Keras, or its OpenVINO or LiteRT export (both start "
-        "in a fraction of the time); auto (default): OpenVINO on a CPU when the model has "
-        "its export, else LiteRT for a folder of at most 4 MB of images, else Keras",
+        help="what runs the model: Keras, or its OpenVINO export (starts in a fraction of "
+        "the time, no TensorFlow); auto (default): OpenVINO on a CPU when the model has "
+        "its export and OpenVINO is installed, else Keras",
     )
 
 

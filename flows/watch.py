@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from denoiser.core.errors import ConfigError, DenoiseError
+from denoiser.runtimes.runtime import check_runtime
 from flows.folder_options import add_folder_arguments, check_dask_options, folder_options
 
 #: how long a quiet inbox waits before the burst is taken (seconds)
@@ -155,6 +156,7 @@ def run_watch_command(args: argparse.Namespace) -> int:
     if not isinstance(src.root, Path):
         raise ConfigError(f"watch: IN must be a local folder, not {args.input_dir}")
     check_dask_options(args.workers, args.dask_address, args.chunk_files)
+    check_runtime(args.runtime)
     input_dir, output_dir = resolve_location(args.input_dir), resolve_location(args.output_dir)
     if not args.emit_only:
         Store(args.store).check()

@@ -39,7 +39,7 @@ from denoiser.imaging.plots import grid_png
 from denoiser.nets.models import import_tensorflow_quietly, load_model
 from denoiser.runtimes.inference import check_fits, tile_spec_for_model
 from denoiser.runtimes.openvino_runtime import DEFAULT_PRECISION, load_openvino
-from denoiser.runtimes.runtime import choose_runtime, load_litert
+from denoiser.runtimes.runtime import check_runtime, choose_runtime
 from tasks.events import emit_files_failed
 from tasks.publish import ProgressArtifact, Publisher, remember_outcome
 
@@ -53,7 +53,6 @@ def resolve_denoiser(
     input_dir: str | None = None,
     pattern: str = "*",
     runtime: str = "auto",
-    in_chunks: bool = False,
 ) -> dict:
     """The models to use, traceable: for each domain of images (colour or
     grey photographs, digits) the model that denoises them
@@ -63,17 +62,14 @@ def resolve_denoiser(
     to need (their models are loaded first); the top-level facts are those of
     the first of them (the report's model). ``warning``: one line per domain
     whose model learned other images. ``runtime``: what runs each model,
-    Keras or one of its exports (``auto``: OpenVINO on a CPU, else LiteRT for
-    a small folder not run ``in_chunks``, see
-    :func:`denoiser.runtimes.runtime.choose_runtime`)."""
+    Keras or its OpenVINO export (``auto``: OpenVINO on a CPU when the model
+    has its export, else Keras; see :func:`denoiser.runtimes.runtime.choose_runtime`)."""
     logger = get_run_logger()
-    domains, image_bytes = survey_folder(input_dir, pattern) if input_dir else (None, None)
+    check_runtime(runtime)  # asked for a runtime that is not one: refused for every model
+    domains = survey_folder(input_dir, pattern) if input_dir else None
     refs = models_by_domain(store_root, model)
     first = primary_domain(domains)
-    routes = {
-        d: _model_facts(ref, runtime, None if in_chunks else image_bytes, d in (domains or ()))
-        for d, ref in refs.items()
-    }
+    routes = {d: _model_facts(ref, runtime, d in (domains or ())) for d, ref in refs.items()}
     for d in sorted(domains or ()):
         facts = routes[d]
         logger.info(
@@ -87,13 +83,7 @@ def resolve_denoiser(
     warning = "; ".join(route_warnings(store_root, refs, domains)) or None
     if warning:
         logger.warning(warning)
-    top = (
-        routes[first]
-        if first
-        else _model_facts(
-            resolve_model(store_root, model), runtime, None if in_chunks else image_bytes, True
-        )
-    )
+    top = routes[first] if first else _model_facts(resolve_model(store_root, model), runtime, True)
     return {
         **top,
         "images_domain": first,
@@ -104,14 +94,12 @@ def resolve_denoiser(
     }
 
 
-def _model_facts(ref, runtime: str, image_bytes: int | None, needed: bool) -> dict:
+def _model_facts(ref, runtime: str, needed: bool) -> dict:
     """A model's summary with the runtime chosen for it (one not seen to be
     needed falls back to Keras when the runtime asked for does not fit it)."""
     try:
         chosen = choose_runtime(
             runtime,
-            ref.card.litert_sha256 is not None,
-            image_bytes,  # None for chunks: large jobs, never LiteRT unless asked
             ref.card.openvino_xml_sha256 is not None and ref.card.openvino_bin_sha256 is not None,
         )
     except ConfigError:
@@ -205,7 +193,7 @@ _LOADED: dict[tuple, tuple] = {}  # per process: a Dask worker loads each model 
 
 def _predictor(model: dict):
     """The model's predictor and tile spec, loaded once per process and kept:
-    the Keras model, or its LiteRT or OpenVINO export when ``model["runtime"]``
+    the Keras model, or its OpenVINO export when ``model["runtime"]``
     says so (then nothing of TensorFlow is imported). Each file is checked
     against the card's checksum when the card has one."""
     runtime = model.get("runtime", "keras")
@@ -218,11 +206,6 @@ def _predictor(model: dict):
                 model.get("openvino_xml_sha256"),
                 model.get("openvino_bin_sha256"),
                 model.get("openvino_precision") or DEFAULT_PRECISION,
-            )
-        elif runtime == "litert":
-            loaded = load_litert(
-                local_copy(model["litert_path"], model.get("litert_sha256")),
-                expected_sha256=model.get("litert_sha256"),
             )
         else:
             import_tensorflow_quietly()  # its C++ start-up lines only with --debug

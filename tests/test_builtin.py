@@ -303,6 +303,40 @@ def test_a_build_in_failing_before_the_index_leaves_the_previous_model_in_use(
         shutil.rmtree(store / "models" / newer)
 
 
+def test_a_model_trained_before_litert_was_retired_is_built_in_without_its_tflite(
+    trained, tmp_path, monkeypatch
+):
+    """The store's model has a model.tflite and litert_* facts on its card (as
+    training made them before LiteRT was retired): the built-in copy ships
+    neither, and is whole by its card."""
+    from artifacts.resolution import resolve_model
+
+    store, version, _ = trained
+    older = f"{version}-lite"
+    source = store / "models" / older
+    shutil.copytree(store / "models" / version, source)
+    (source / "model.tflite").write_bytes(b"TFL3 an export nothing reads" * 50)
+    card = json.loads((source / "model.json").read_text())
+    card |= {
+        "version": older,
+        "litert_sha256": file_sha256(source / "model.tflite"),
+        "litert_bytes": (source / "model.tflite").stat().st_size,
+    }
+    (source / "model.json").write_text(json.dumps(card))
+    root = tmp_path / "builtin"
+    monkeypatch.setenv(BUILTIN_ENV, str(root))
+    try:
+        assert main(["--store", str(store), "models", "build-in", older]) == 0
+        built = json.loads((root / older / "model.json").read_text())
+        assert not [k for k in built if k.startswith("litert")]
+        assert not (root / older / "model.tflite").exists()
+        assert built["model_sha256"] == file_sha256(root / older / "model.keras")
+        ref = resolve_model(tmp_path / "empty", None, "photos")  # every file checked
+        assert (ref.version, ref.dir) == (older, root / older)
+    finally:
+        shutil.rmtree(source)
+
+
 def test_the_wheel_ships_every_file_of_a_builtin_model(builtin, tmp_path):
     """The wheel setuptools builds from a copy of the source (the tree itself
     is never written) with the built-in folder in place holds the index and

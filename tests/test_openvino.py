@@ -196,21 +196,19 @@ def test_auto_runs_openvino_on_a_cpu_when_the_model_has_its_export(monkeypatch):
     import denoiser.runtimes.runtime as runtime
 
     monkeypatch.setattr(runtime, "gpu_present", lambda: False)
-    assert choose_runtime("auto", True, 100, has_openvino=True) == "openvino"
-    assert choose_runtime("auto", False, None, has_openvino=True) == "openvino"  # in chunks too
-    assert choose_runtime("auto", True, 100, has_openvino=False) == "litert"
-    assert choose_runtime("keras", True, 100, has_openvino=True) == "keras"
-    assert choose_runtime("litert", True, 100, has_openvino=True) == "litert"
+    assert choose_runtime("auto", has_openvino=True) == "openvino"  # any folder, in chunks too
+    assert choose_runtime("auto", has_openvino=False) == "keras"
+    assert choose_runtime("keras", has_openvino=True) == "keras"
     with pytest.raises(ConfigError, match="no OpenVINO export"):
-        choose_runtime("openvino", True, 100, has_openvino=False)
+        choose_runtime("openvino", has_openvino=False)
     monkeypatch.setattr(runtime, "gpu_present", lambda: True)  # Keras on a GPU
-    assert choose_runtime("auto", False, 100, has_openvino=True) == "keras"
-    assert choose_runtime("openvino", False, 100, has_openvino=True) == "openvino"
+    assert choose_runtime("auto", has_openvino=True) == "keras"
+    assert choose_runtime("openvino", has_openvino=True) == "openvino"
     monkeypatch.setattr(runtime, "gpu_present", lambda: False)
     monkeypatch.setattr(runtime, "openvino_available", lambda: False)
-    assert choose_runtime("auto", False, 100, has_openvino=True) == "keras"
+    assert choose_runtime("auto", has_openvino=True) == "keras"
     with pytest.raises(ConfigError, match="pip install openvino"):
-        choose_runtime("openvino", False, 100, has_openvino=True)
+        choose_runtime("openvino", has_openvino=True)
 
 
 def _folder_run(tmp: Path, store: Path, api: str, src: Path, out: Path, *extra: str):

@@ -133,7 +133,7 @@ def test_two_machines_share_one_bucket(s3, prefect_api, mnist_mirror, tmp_path):
     assert (
         card["data"]["shards_dir"].startswith(f"{STORE}/shards/") and card["quality_gate"]["passed"]
     )
-    # unet-small needs a TensorFlow-only convolution in LiteRT: no export, and the card says none
+    # LiteRT was retired: no model.tflite pushed, no facts of one on the card
     assert "litert_sha256" not in card
     assert not fs.exists(f"denoise-e2e/team-store/models/{version}/model.tflite")
     # its OpenVINO export is pushed with it, the card naming both files

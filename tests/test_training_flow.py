@@ -97,8 +97,9 @@ def test_flow_downloads_over_http_trains_and_reuses_cache(prefect_harness, http_
     assert (model_dir / "model.keras").is_file()
     card = json.loads((model_dir / "model.json").read_text())
     assert card["quality_gate"]["passed"] is True
-    # the LiteRT export beside it, for short folder runs (denoiser.runtimes.runtime)
-    assert card["litert_sha256"] == file_sha256(model_dir / "model.tflite")
+    # no LiteRT export since LiteRT was retired: no model.tflite, no facts of one on the card
+    assert not (model_dir / "model.tflite").exists()
+    assert not [k for k in card if k.startswith("litert")]
     # and the OpenVINO export, scored by the evaluation against Keras (denoiser.runtimes.openvino_runtime)
     assert card["openvino_xml_sha256"] == file_sha256(model_dir / "model.xml")
     assert card["openvino_bin_sha256"] == file_sha256(model_dir / "model.bin")

@@ -75,8 +75,8 @@ PACKAGES: dict[str, tuple[str, tuple[str, ...]]] = {
         ("core", "imaging"),
     ),
     "runtimes": (
-        "Running a trained model: Keras, LiteRT and OpenVINO, which runtime a run\n"
-        "uses, and inference over arrays of any size in fixed-size batches.",
+        "Running a trained model: Keras and OpenVINO, which runtime a run uses,\n"
+        "and inference over arrays of any size in fixed-size batches.",
         ("core", "imaging", "nets", "data", "folder"),
     ),
     "domains": (

@@ -25,6 +25,10 @@ from denoiser.core.errors import ModelError
 from denoiser.core.files import file_sha256, write_text_atomic
 
 CARD_FILE = "model.json"
+# facts of files no longer part of a model (the LiteRT export, model.tflite, before LiteRT was
+# retired): an older card keeps them as unknown keys, read by nothing; a card made from one
+# (a built-in model's) leaves them out
+RETIRED_CARD_KEYS = ("litert_sha256", "litert_bytes")
 
 
 class _Open(BaseModel):
@@ -126,9 +130,7 @@ class ModelCard(_Open):
     history: list[dict[str, Any]] = Field(default_factory=list)
     model_sha256: str | None = None
     model_bytes: int | None = None
-    # the LiteRT export (model.tflite), when the model converts (denoiser.runtimes.runtime)
-    litert_sha256: str | None = None
-    litert_bytes: int | None = None
+    # (models trained before LiteRT was retired have RETIRED_CARD_KEYS too)
     # the OpenVINO export (model.xml, model.bin), when the model converts
     # (denoiser.runtimes.openvino_runtime); the evaluation adds the PSNRs its precision is chosen by
     openvino_xml_sha256: str | None = None

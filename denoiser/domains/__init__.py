@@ -75,39 +75,34 @@ def image_domain(image: LoadedImage) -> str:
     return next(d.name for d in RECOGNITION_ORDER if d.recognises(image))
 
 
-def survey_folder(
-    folder, pattern: str = "*", sample: int = 16
-) -> tuple[frozenset[str] | None, int | None]:
+def survey_folder(folder, pattern: str = "*", sample: int = 16) -> frozenset[str] | None:
     """What a folder run needs to know before it loads models: the domains
     whose models its images go to (each recognised domain's
     ``folder_domain``; a local folder or an object-storage prefix), judged on
-    the first ``sample`` of them (by path) that decode, and how many bytes its
-    image files take (what :func:`denoiser.runtimes.runtime.choose_runtime` sizes the
-    job by). (None, None) when the folder cannot be read; an image of a
-    domain the sample missed gets its model when it is reached."""
+    the first ``sample`` of them (by path) that decode. None when the folder
+    cannot be read; an image of a domain the sample missed gets its model
+    when it is reached."""
     try:
         tree = open_tree(folder, "input", must_exist=True)
         files = list_files(tree)
     except (DenoiseError, OSError):
-        return None, None
+        return None
     domains: set[str] = set()
     judged = 0
-    image_bytes = 0
     for rel in sorted(files):
         name = rel.rsplit("/", 1)[-1]
         suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
         if files[rel] == NOT_REGULAR or suffix not in IMAGE_SUFFIXES or not fnmatch(name, pattern):
             continue
-        image_bytes += files[rel]
         if judged >= sample:
-            continue
+            break
         try:
             image = decode_image(tree.read(tree.path(rel)))
         except (DenoiseError, OSError):
             continue
         judged += 1
         domains.add(DOMAINS[image_domain(image)].folder_domain)
-    return frozenset(domains), image_bytes
+    return frozenset(domains)
 
 
 def by_domain(load: Callable[[str], Denoiser]) -> Router:

@@ -16,7 +16,7 @@ from denoiser.imaging.tiling import TileSpec
 class BatchPredictor:
     """Runs the model on fixed-size batches (padding the last), so the compiled
     predict function is traced once per tile shape (a model whose
-    ``pads_batches`` is False, such as a LiteRT one, gets the last batch as it is)."""
+    ``pads_batches`` is False, such as an OpenVINO one, gets the last batch as it is)."""
 
     def __init__(self, model, batch_size: int = 256, pixel_budget: int = 1 << 20):
         self.model = model

@@ -62,7 +62,6 @@ from denoiser.nets.models import (
     warm_start_model,
 )
 from denoiser.runtimes.openvino_runtime import export_openvino
-from denoiser.runtimes.runtime import LITERT_FILE, export_litert
 
 logger = logging.getLogger(__name__)
 
@@ -749,11 +748,9 @@ def _saved_or_fitted_model(job: FitJob) -> tuple[Any, dict, float | None]:
 
 
 def _export_runtimes(model, out: Path) -> dict:
-    """The model's exports beside it, when it converts, and their files' facts:
-    a TensorFlow-free copy for short folder runs (LiteRT) and the CPU runtime
-    of folder runs (OpenVINO: model.xml, model.bin)."""
-    facts = export_litert(model, out / LITERT_FILE, probe_shape(model))
-    return facts | export_openvino(model, out, probe_shape(model))
+    """The model's export beside it, when it converts, and its files' facts:
+    the CPU runtime of folder runs (OpenVINO: model.xml, model.bin)."""
+    return export_openvino(model, out, probe_shape(model))
 
 
 def _training_summary(card: ModelCard, out: Path, device) -> dict:

@@ -109,7 +109,7 @@ def load_model(path: str | os.PathLike, expected_sha256: str | None = None):
 @contextlib.contextmanager
 def quiet_native_stderr(debug: bool | None = None) -> Iterator[None]:
     """File descriptor 2 closed to native libraries' start-up lines (TensorFlow's
-    oneDNN and CUDA probing, LiteRT's XNNPACK notice), which no log level
+    oneDNN and CUDA probing), which no log level
     silences; with --debug they show (``debug`` None: debug when
     ``TF_CPP_MIN_LOG_LEVEL`` is 0, as --debug sets it)."""
     if debug is None:

@@ -291,13 +291,14 @@ def test_a_model_that_does_not_fit_is_refused_in_one_line(
     assert count_outputs(out) == 0
 
 
-def test_litert_asked_for_a_model_without_an_export(denoise, model_store, tmp_path):
+def test_litert_asked_for_after_it_was_retired(denoise, model_store, tmp_path):
     src = tmp_path / "in"
     user_images(src)
     result = denoise.run(
         ["folder", str(src), str(tmp_path / "out"), "--runtime", "litert"], model_store
     )
-    one_line(result, 2, "LiteRT")
+    one_line(result, 2, "LiteRT was retired", "--runtime openvino", "--runtime keras")
+    assert count_outputs(tmp_path / "out") == 0
 
 
 # --------------------------------------------------------------------------- failures inside a run
