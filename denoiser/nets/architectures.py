@@ -320,14 +320,14 @@ def build_opponent_unet(input_shape=(None, None, 3), name="opponent_unet", **opt
     return model
 
 
+_TRUNK_OPTIONS = ("filters", "convs", "middle", "block", "skip", "batch_norm")
+
+
 def _photo_trunk_defaults() -> dict:
     """``build_photo_unet``'s trunk options as its signature sets them (one
     source for both architectures)."""
     params = inspect.signature(build_photo_unet).parameters
     return {k: params[k].default for k in _TRUNK_OPTIONS}
-
-
-_TRUNK_OPTIONS = ("filters", "convs", "middle", "block", "skip", "batch_norm")
 
 
 def warm_start_from(model, grey) -> int:
