@@ -108,15 +108,13 @@ def start_servers(work: Path) -> tuple[dict[str, str], list[subprocess.Popen]]:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    started = [moto]
     try:
         prefect, api = start_prefect_server(work / "prefect-server", logs / "prefect.log")
-    except BaseException:
-        os.killpg(moto.pid, 9)
-        raise
-    try:
+        started.append(prefect)
         wait_http(f"http://127.0.0.1:{s3_port}/", moto, "moto server")
     except BaseException:
-        for proc in (moto, prefect):
+        for proc in started:  # no server left behind when one does not answer
             os.killpg(proc.pid, 9)
         raise
     env = {
@@ -323,18 +321,23 @@ def photo_rows(env: dict, work: Path, fs, count: int) -> None:
     rows = [("local 1", first), ("s3 store, s3 in and out", s3), ("local 2", local(1))]
     mp = count * 512 * 512 / 1e6
     print(f"\n{count} grey 512x512 photographs (built-in grey model, OpenVINO on the CPU):")
+    print_ways(rows, "MP/s", lambda r: f"{mp / r['seconds']:.2f}")
+    local_rate = np.mean([rate(rows[0][1]), rate(rows[2][1])])
+    print(f"ratio s3 / local, photographs: {rate(s3) / local_rate:.2f}\n")
+
+
+def print_ways(rows: list[tuple[str, dict]], unit: str, speed) -> None:
+    """The table of ``run_folder`` results, one row a way; ``speed(r)`` in ``unit``."""
     print(
-        f"{'way':<28} {'MP/s':>6} {'stage s':>8} {'wall s':>7} {'peak MB':>8}"
+        f"{'way':<28} {unit:>9} {'stage s':>8} {'wall s':>7} {'peak MB':>8}"
         f" {'CPU s: command':>15} {'moto':>5} {'prefect':>8}"
     )
     for name, r in rows:
         print(
-            f"{name:<28} {mp / r['seconds']:>6.2f} {r['seconds']:>8.1f} {r['wall']:>7.1f}"
+            f"{name:<28} {speed(r):>9} {r['seconds']:>8.1f} {r['wall']:>7.1f}"
             f" {r['peak_mb']:>8.0f} {r['cpu']:>15.1f} {r['cpu_moto']:>5.1f}"
             f" {r['cpu_prefect']:>8.1f}"
         )
-    local_rate = np.mean([rate(rows[0][1]), rate(rows[2][1])])
-    print(f"ratio s3 / local, photographs: {rate(s3) / local_rate:.2f}\n")
 
 
 def rate(r: dict) -> float:
@@ -438,18 +441,10 @@ def main() -> None:
             f"{os.cpu_count()} CPU cores; moto and Prefect servers on loopback "
             f"(upload of the images to the bucket: {upload_s:.1f} s)"
         )
-        print(
-            f"{'way':<28} {'images/s':>9} {'stage s':>8} {'wall s':>7} {'peak MB':>8}"
-            f" {'CPU s: command':>15} {'moto':>5} {'prefect':>8}"
-        )
         labels = {"s3": "s3 store, s3 in and out", "dask": "dask, 2 worker processes"}
         rows = [(f"local {k + 1}", r) for k, r in enumerate(locals_)]
-        for name, r in [*rows, *((labels[n], r) for n, r in runs.items())]:
-            print(
-                f"{name:<28} {rate(r):>9.0f} {r['seconds']:>8.1f} {r['wall']:>7.1f}"
-                f" {r['peak_mb']:>8.0f} {r['cpu']:>15.1f} {r['cpu_moto']:>5.1f}"
-                f" {r['cpu_prefect']:>8.1f}"
-            )
+        rows += [(labels[n], r) for n, r in runs.items()]
+        print_ways(rows, "images/s", lambda r: f"{rate(r):.0f}")
         s3_ratio = rate(runs["s3"]) / np.mean([rate(locals_[0]), rate(locals_[1])])
         dask_ratio = rate(runs["dask"]) / np.mean([rate(locals_[1]), rate(locals_[2])])
         s3_wall = np.mean([locals_[0]["wall"], locals_[1]["wall"]]) / runs["s3"]["wall"]
