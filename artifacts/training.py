@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from artifacts.builtin import builtin_model
 from artifacts.registry import production_model
+from artifacts.resolution import resolve_model
 from artifacts.store import Stage, Store, new_model_version
 from denoiser.config import TrainConfig
 from denoiser.core.cards import CARD_FILE, ModelCard, record_training_command
@@ -65,20 +66,25 @@ def train_into_store(
 
 
 def with_warm_start(store: Store, stage: Stage, training: TrainConfig) -> TrainConfig:
-    """``training`` with its warm start made concrete: an architecture grown
-    from another domain's model starts from the store's production model of
-    that domain (staged locally), else the package's built-in one."""
+    """``training`` with its warm start made concrete (a local ``.keras``
+    file): the model it names (a version of the store's or a built-in one, a
+    folder or a file), else, for an architecture grown from another domain's
+    model, the store's production model of that domain, else the package's
+    built-in one."""
     domain = grows_from(training.architecture)
-    if not domain or training.warm_start:
+    if training.warm_start:
+        seed = resolve_model(store, training.warm_start)
+    elif domain:
+        seed = production_model(store.url, domain) or builtin_model(domain)
+        if seed is None:
+            raise ModelError(
+                f"{training.architecture} starts from a model of {domain}: there is none in "
+                f"{store.url} and none built in"
+            )
+    else:
         return training
-    seed = production_model(store.url, domain) or builtin_model(domain)
-    if seed is None:
-        raise ModelError(
-            f"{training.architecture} starts from a model of {domain}: there is none in "
-            f"{store.url} and none built in"
-        )
     path = seed.model_path
-    if seed.status != "built in" and stage.syncs:
+    if stage.syncs and str(seed.dir).startswith(store.url):
         # the model and its card (the new card's grown_from), nothing else of its folder
         path = (
             stage.pull(store.model(seed.version), files=(CARD_FILE, "model.keras")) / "model.keras"

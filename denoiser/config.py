@@ -191,10 +191,11 @@ class TrainConfig(_Config):
 
     warm_start: str = Field(
         "",
-        description="The .keras file whose weights start the training, for an architecture "
-        "grown from another domain's model (opponent_unet: a grey photo model). Empty: the "
-        "store's production model of that domain, else the package's built-in one (from "
-        "scratch for the others).",
+        description="The model whose weights start the training: a version (the store's or "
+        "a built-in one), a model folder or a .keras file, of the same architecture or, for an "
+        "architecture grown from another domain's model (opponent_unet: a grey photo model), "
+        "of that domain. Empty: for the latter, the store's production model of that domain, "
+        "else the package's built-in one; from scratch for the others.",
     )
 
     @field_validator("architecture")
@@ -281,6 +282,7 @@ TRAIN_FLAGS: dict[str, dict[str, str]] = {
         "reframe": "--reframe",
         "seed": "--seed",
         "precision": "--precision",
+        "warm_start": "--warm-start",
     },
     "evaluation": {"min_psnr_gain": "--min-psnr-gain", "sigmas": "--sigmas"},
 }

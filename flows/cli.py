@@ -170,6 +170,12 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help=f"seed for noise and training (default: {TrainConfig.model_fields['seed'].default})",
     )
+    p.add_argument(
+        "--warm-start",
+        metavar="MODEL",
+        help="start from this model's weights (a version, built-in or in the store, a folder or "
+        "a .keras file): train on from it, e.g. the built-in photo model on your own photos",
+    )
     p.add_argument("--min-psnr-gain", type=float, help="quality gate in dB over the noisy input")
     p.add_argument(
         "--precision",
@@ -189,6 +195,7 @@ TRAIN_OPTIONS = (
     "reframe",
     "seed",
     "precision",
+    "warm_start",
 )
 
 

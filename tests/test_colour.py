@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from denoiser.config import DataConfig, NoiseConfig, TrainConfig
-from denoiser.core.errors import ConfigError, ModelError
+from denoiser.core.errors import ConfigError, ModelError, ModelNotFound
 
 MIRROR = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -90,8 +90,35 @@ def test_a_seed_model_of_another_shape_is_refused_with_one_line(tmp_path):
     build_model("unet-small").save(tmp_path / "small.keras")
     with pytest.raises(ModelError, match="cannot start opponent_unet from it"):
         warm_start_model(build_model("opponent_unet"), "opponent_unet", tmp_path / "small.keras")
-    with pytest.raises(ModelError, match="does not start from another model"):
+    with pytest.raises(ModelError, match="cannot start colour_unet from it"):
         warm_start_model(build_model("colour_unet"), "colour_unet", tmp_path / "small.keras")
+
+
+def test_a_model_trains_on_from_a_model_of_its_own_layout_named_by_version(tmp_path, monkeypatch):
+    """--warm-start VERSION: the built-in grey model, named by its version, is
+    made a local file and its weights start a photo_unet as they are."""
+    from artifacts.builtin import PACKAGE_DIR, builtin_model
+    from artifacts.store import Store
+    from artifacts.training import with_warm_start
+    from denoiser.nets.models import build_model, load_model, warm_start_model
+
+    monkeypatch.setenv("DENOISE_BUILTIN_DIR", str(PACKAGE_DIR))
+    grey_ref = builtin_model("photos")
+    store = Store.at(tmp_path / "store")
+    training = TrainConfig(architecture="photo_unet", warm_start=grey_ref.version)
+    with store.stage() as stage:
+        concrete = with_warm_start(store, stage, training)
+    assert concrete.warm_start == str(grey_ref.model_path)
+    assert with_warm_start(store, None, TrainConfig(architecture="photo_unet")).warm_start == ""
+    model = build_model("photo_unet", (None, None, 1))
+    x = np.random.default_rng(2).random((1, 24, 40, 1), dtype=np.float32)
+    grey = load_model(grey_ref.model_path)
+    assert np.abs(model.predict(x, verbose=0) - grey.predict(x, verbose=0)).max() > 0.01
+    assert warm_start_model(model, "photo_unet", concrete.warm_start) == len(model.layers)
+    assert np.abs(model.predict(x, verbose=0) - grey.predict(x, verbose=0)).max() < 1e-6
+    with pytest.raises(ModelNotFound):
+        with store.stage() as stage:
+            with_warm_start(store, stage, training.model_copy(update={"warm_start": "nope"}))
 
 
 def test_colour_images_are_told_from_grey_ones_saved_as_rgb():

@@ -42,13 +42,16 @@ def grows_from(name: str) -> str:
 
 def warm_start_model(model, name: str, seed_path: str | os.PathLike) -> int:
     """Start ``model`` (of architecture ``name``) from the saved model at
-    ``seed_path`` (a ``.keras`` file) as the architecture says; the number of
-    layers set. ModelError when the seed does not fit."""
+    ``seed_path`` (a ``.keras`` file): as the architecture says when it grows
+    from another domain's model, else from a model of the same layout (training
+    on from it, e.g. on one's own photographs); the number of layers set.
+    ModelError when the seed does not fit."""
     spec = _spec(name)
-    if spec.warm_start is None:
-        raise ModelError(f"architecture {name} does not start from another model")
     seed = load_model(seed_path)
     try:
+        if spec.warm_start is None:
+            model.set_weights(seed.get_weights())
+            return len(model.layers)
         return spec.warm_start(model, seed)
     except ValueError as exc:
         raise ModelError(f"{seed_path}: cannot start {name} from it ({exc})") from None
