@@ -1,8 +1,7 @@
 """Which model a command uses: :func:`resolve_model` picks among the store's
 models (:mod:`artifacts.registry`) and the package's built-in ones
-(:mod:`artifacts.builtin`); :func:`domain_mismatch` says which to use instead
-when a model learned another domain than the images'. Above both, so that
-neither imports the other's user.
+(:mod:`artifacts.builtin`). Above both, so that neither imports the other's
+user.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from pathlib import Path
 
 from artifacts.builtin import builtin_model, find_builtin
 from artifacts.registry import (
-    DOMAINS,
     ModelRef,
     _card,
     _version_ref,
@@ -98,42 +96,4 @@ def resolve_model(
         path,
         _card(folder) or ModelCard(),
         "production" if in_store and folder.name in productions else "candidate",
-    )
-
-
-DOMAIN_WORDS = {"digits": "28x28 digits", "photos": "photographs", "colour": "colour photographs"}
-TRAIN_HINTS = {
-    "photos": "train one with `denoise train --dataset train400` (or --dataset YOUR_FOLDER)",
-    "digits": "train one with `denoise train --dataset mnist`",
-    "colour": "train one with `denoise train --dataset cbsd432`",
-}
-
-
-def domain_mismatch(
-    store_root: str | os.PathLike | None, ref: ModelRef, images_domain: str | None
-) -> str | None:
-    """One line when ``ref`` learned another domain than the images': which
-    model to use instead (the production model of the images' domain, or how
-    to train one); None when they match or the images' domain is unknown."""
-    if images_domain not in DOMAINS or ref.domain == images_domain:
-        return None
-    try:
-        better = production_model(store_root, images_domain)
-    except ModelError:
-        better = None
-    if better is not None and better.domain != images_domain:
-        better = None
-    if better is None:
-        try:
-            better = builtin_model(images_domain)
-        except ModelError:
-            better = None
-    advice = (
-        f"use {better.version}, the {better.status} model for {images_domain} (--model {better.version})"
-        if better is not None
-        else TRAIN_HINTS[images_domain]
-    )
-    return (
-        f"model {ref.version} was trained on {DOMAIN_WORDS[ref.domain]} but these images look like "
-        f"{DOMAIN_WORDS[images_domain]}; {advice}"
     )

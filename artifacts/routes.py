@@ -4,15 +4,17 @@ whose images it can take with a channel adaptation (colour photographs
 through the grey photo model channel by channel, grey photographs through
 the colour model); else whatever :func:`~artifacts.resolution.resolve_model`
 gives (the overall production model, warned about); a store without any
-model is its one-line error.
+model is its one-line error. :func:`domain_mismatch` says which model to use
+instead when a model learned another domain than the images'.
 """
 
 from __future__ import annotations
 
 import os
 
-from artifacts.registry import ModelRef
-from artifacts.resolution import domain_mismatch, resolve_model
+from artifacts.builtin import builtin_model
+from artifacts.registry import ModelRef, production_model
+from artifacts.resolution import resolve_model
 from denoiser.core.errors import ModelError
 from denoiser.domains import DOMAINS, RECOGNITION_ORDER
 
@@ -69,3 +71,33 @@ def primary_domain(domains) -> str | None:
     """The domain whose model the report names first: the most particular of
     the folder's (colour photographs, then grey ones, then digits)."""
     return next((d for d in FOLDER_DOMAINS if d in (domains or ())), None)
+
+
+def domain_mismatch(
+    store_root: str | os.PathLike | None, ref: ModelRef, images_domain: str | None
+) -> str | None:
+    """One line when ``ref`` learned another domain than the images': which
+    model to use instead (the production model of the images' domain, or how
+    to train one); None when they match or the images' domain is unknown."""
+    if images_domain not in DOMAINS or ref.domain == images_domain:
+        return None
+    try:
+        better = production_model(store_root, images_domain)
+    except ModelError:
+        better = None
+    if better is not None and better.domain != images_domain:
+        better = None
+    if better is None:
+        try:
+            better = builtin_model(images_domain)
+        except ModelError:
+            better = None
+    advice = (
+        f"use {better.version}, the {better.status} model for {images_domain} (--model {better.version})"
+        if better is not None
+        else DOMAINS[images_domain].train_hint
+    )
+    return (
+        f"model {ref.version} was trained on {DOMAINS[ref.domain].words} but these images look "
+        f"like {DOMAINS[images_domain].words}; {advice}"
+    )

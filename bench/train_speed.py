@@ -55,6 +55,7 @@ def _steps_per_second(model, ds, steps: int, warmup: int = 10) -> float:
 def shard_set(dataset: str, store: Path, patches_per_image: int, patch: int = PATCH) -> Path:
     """The dataset's patch set (written once into ``store``)."""
     from denoiser.data.datasets import fetch_dataset
+    from denoiser.data.shards import ShardRequest
     from denoiser.domains import domain_for_dataset
 
     domain = domain_for_dataset(dataset)
@@ -63,7 +64,7 @@ def shard_set(dataset: str, store: Path, patches_per_image: int, patch: int = PA
         update={"patch_size": patch, "patches_per_image": patches_per_image}
     )
     out = store / "shards" / f"{dataset}-{patches_per_image}-{patch}"
-    return domain.write_shards(out, manifest, noise, test_limit=4)
+    return domain.write_shards(out, ShardRequest(manifest, noise, test_limit=4))
 
 
 def run_bare(architecture: str, precision: str, steps: int) -> dict:

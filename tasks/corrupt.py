@@ -18,6 +18,7 @@ from artifacts.store import Store
 from denoiser.config import NoiseConfig
 from denoiser.data.noise import add_awgn
 from denoiser.data.shards import (
+    ShardRequest,
     load_split,
     noise_fields,
     read_manifest,
@@ -76,7 +77,7 @@ def write_noisy_shards(
         ):
             staged = stage.pull_dataset(dataset)
             domain = domain_for_dataset(staged.get("name") or staged["dataset"])
-            domain.write_shards(out, staged, noise, train_limit, test_limit, logger)
+            domain.write_shards(out, ShardRequest(staged, noise, train_limit, test_limit), logger)
         if store.remote:
             logger.info("stored the shard set in %s", where)
     _publish(where, dataset["dataset"], noise)

@@ -11,17 +11,13 @@ from prefect.states import State
 from artifacts.render import artifact_key, table_rows
 from artifacts.store import Store
 from denoiser.config import DataConfig
+from denoiser.core.catalog import test_dataset_of
 from denoiser.data.datasets import (
     TransientDownloadError,
     fetch_dataset,
 )
-from denoiser.data.image_datasets import IMAGE_DATASETS, dataset_slug
+from denoiser.data.image_datasets import dataset_slug
 from tasks.common import reused
-
-
-def _test_name(data: DataConfig) -> str | None:
-    spec = IMAGE_DATASETS.get(data.dataset)
-    return data.test_dataset or (spec.test if spec else None)
 
 
 def _fetched(manifest: dict) -> int:
@@ -58,7 +54,9 @@ def download_dataset(data: DataConfig, store: Store | str) -> dict | State:
     # the dataset's download cache (and its test folder's: an IDX dataset brings its own) staged,
     # checked, and what was fetched pushed back, the manifest last
     caches = [
-        store.download(dataset_slug(name)) for name in (data.dataset, _test_name(data)) if name
+        store.download(dataset_slug(name))
+        for name in (data.dataset, test_dataset_of(data.dataset, data.test_dataset))
+        if name
     ]
     with (
         store.stage() as stage,

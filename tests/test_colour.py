@@ -151,9 +151,10 @@ def test_rgb_patch_shards_and_their_typed_noise_config(tmp_path):
     noise = NoiseConfig(
         kind="awgn", level=(0.0, 55.0), level_density="uniform", patch_size=16, patches_per_image=4
     )
+    from denoiser.data.shards import ShardRequest
     from denoiser.domains import DOMAINS
 
-    out = DOMAINS["colour"].write_shards(tmp_path / "set-abc", dataset, noise)
+    out = DOMAINS["colour"].write_shards(tmp_path / "set-abc", ShardRequest(dataset, noise))
     manifest = read_manifest(out)
     assert domain_of_manifest(manifest).name == "colour" and manifest["image_shape"] == [16, 16, 3]
     assert noise_config(manifest) == noise  # the manifest's config round-trips, typed

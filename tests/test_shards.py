@@ -21,6 +21,7 @@ from denoiser.data.noise import (
     quantize,
 )
 from denoiser.data.shards import (
+    ShardRequest,
     SplitArrays,
     check_shard_set,
     iter_batches,
@@ -491,7 +492,7 @@ def test_a_dataset_of_idx_files_becomes_a_pair_set(tmp_path):
         files[role] = {"name": path.name, "path": str(path), "payload_sha256": role}
     dataset = {"dataset": "tiny", "files": files}
     out = domain_of_manifest(dataset).write_shards(
-        tmp_path / "shards" / "tiny-0123", dataset, NoiseConfig(shard_rows=16), 30, 5
+        tmp_path / "shards" / "tiny-0123", ShardRequest(dataset, NoiseConfig(shard_rows=16), 30, 5)
     )
     manifest = read_manifest(out)
     assert [manifest["splits"][s]["rows"] for s in ("train", "validation", "test")] == [27, 3, 5]

@@ -32,11 +32,13 @@ import numpy as np
 from denoiser.core.catalog import (  # noqa: F401 - the registry, read here too
     _IDX_NAMES,
     DATASETS,
+    HELD_OUT_TEST_SHARE,
     DatasetSpec,
     FileSpec,
     check_dataset_name,
     get_dataset,
     is_image_dataset,
+    test_dataset_of,
 )
 from denoiser.core.errors import ChecksumError, ConfigError, IDXFormatError
 from denoiser.data.downloads import (  # noqa: F401 - shared with image datasets
@@ -232,12 +234,22 @@ def fetch_dataset(
     still matches the cache manifest are used without touching the network; a
     damaged one is fetched again, with a warning on ``log`` naming it. A folder
     of images (see :func:`is_image_dataset`) is fetched by
-    :func:`denoiser.data.image_datasets.fetch_image_dataset`, with ``test_dataset``.
+    :func:`denoiser.data.image_datasets.fetch_image_folder`, and so are its test
+    images (:func:`test_dataset_of`): ``"test"`` holds their manifest, cached
+    beside ``cache_dir`` under their own name; ``"held_out_test"`` is the share
+    of the folder held out as the test split when there are none (else None).
     """
     if is_image_dataset(name):
-        from denoiser.data.image_datasets import fetch_image_dataset
+        from denoiser.data.image_datasets import dataset_slug, fetch_image_folder
 
-        return fetch_image_dataset(name, source, cache_dir, log, test_dataset)
+        manifest = fetch_image_folder(name, source, cache_dir, log)
+        test_name = test_dataset_of(name, test_dataset)
+        manifest["test"], manifest["held_out_test"] = None, HELD_OUT_TEST_SHARE
+        if test_name is not None:
+            test_cache = Path(cache_dir).parent / dataset_slug(test_name)
+            manifest["test"] = fetch_image_folder(test_name, source, test_cache, log)
+            manifest["held_out_test"] = None
+        return manifest
     if test_dataset is not None:
         raise ConfigError(f"test_dataset applies to image-folder datasets; {name} brings its own")
     spec = get_dataset(name)

@@ -336,35 +336,6 @@ def _gather_images(
     return files, skipped
 
 
-def fetch_image_dataset(
-    name: str,
-    source: str | None,
-    cache_dir: str | os.PathLike,
-    log: Any = logger,
-    test_dataset: str | None = None,
-) -> dict:
-    """The folder's manifest (see :func:`fetch_image_folder`) plus its test
-    images: ``"test"`` holds the test folder's manifest (``test_dataset``, else
-    the registered dataset's own test set), cached beside ``cache_dir`` under
-    its own name; ``"held_out_test"`` is the share of the folder held out as
-    the test split when there is none (else None)."""
-    manifest = fetch_image_folder(name, source, cache_dir, log)
-    spec = IMAGE_DATASETS.get(name)
-    test_name = test_dataset or (spec.test if spec else None)
-    if test_name is not None:
-        if test_name not in IMAGE_DATASETS and not is_location(test_name):
-            raise ConfigError(
-                f"unknown test dataset {test_name!r}; known: {', '.join(sorted(IMAGE_DATASETS))}; "
-                "or a folder of images (a path, file:// or http(s):// URL)"
-            )
-        test_cache = Path(cache_dir).parent / dataset_slug(test_name)
-        manifest["test"] = fetch_image_folder(test_name, source, test_cache, log)
-    else:
-        manifest["test"] = None
-    manifest["held_out_test"] = None if test_name else HELD_OUT_TEST_SHARE
-    return manifest
-
-
 # --------------------------------------------------------------------------- splits and patches
 
 

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -507,15 +507,20 @@ def request_meta(
     }
 
 
-def write_pair_set(
-    out: Path,
-    dataset: dict,
-    noise: NoiseConfig,
-    train_limit: int | None = None,
-    test_limit: int | None = None,
-    log: Any = logger,
-) -> Path:
+class ShardRequest(NamedTuple):
+    """What a domain's shard writer makes a set from: the dataset's manifest
+    (its files local), the noise, and the first ``train_limit`` / ``test_limit``
+    images only (None: all)."""
+
+    dataset: dict
+    noise: NoiseConfig
+    train_limit: int | None = None
+    test_limit: int | None = None
+
+
+def write_pair_set(out: Path, request: ShardRequest, log: Any = logger) -> Path:
     """An IDX dataset's shard set: noisy/clean pairs, the noise drawn once."""
+    dataset, noise, train_limit, test_limit = request
     images, labels = load_images(dataset, "train", train_limit)
     test_images, test_labels = load_images(dataset, "test", test_limit)
     splits = split_pairs(
@@ -538,10 +543,7 @@ def write_pair_set(
 
 def write_patch_set(
     out: Path,
-    dataset: dict,
-    noise: NoiseConfig,
-    train_limit: int | None = None,
-    test_limit: int | None = None,
+    request: ShardRequest,
     log: Any = logger,
     channels: int = 1,
     domain: str | None = None,
@@ -551,6 +553,7 @@ def write_patch_set(
     manifest records ``domain`` when it is not the grey photographs'."""
     from denoiser.data.image_datasets import build_image_splits
 
+    dataset, noise, train_limit, test_limit = request
     fields = noise_fields(dataset, noise)
     splits, meta = build_image_splits(
         dataset,

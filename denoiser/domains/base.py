@@ -32,7 +32,8 @@ class Judged(NamedTuple):
     caption: str
 
 
-#: writes (finishes, repairs) a fetched dataset's shard set into a folder
+#: (out, request: ShardRequest, log) -> out: writes (finishes, repairs) a fetched
+#: dataset's shard set into a folder
 ShardWriter = Callable[..., Path]
 #: (model, card, shards_dir, evaluation) -> Judged
 Evaluator = Callable[[Any, "ModelCard", str, "EvalConfig"], Judged]
