@@ -73,8 +73,7 @@ def _idx_spec(name: str, entry: dict) -> DatasetSpec:
 
 
 def _image_spec(name: str, entry: dict) -> ImageDatasetSpec:
-    sums = (SUMS_DIR / f"{name}.sha256").read_text(encoding="utf-8")
-    return ImageDatasetSpec(name=name, sums=sums, **entry)
+    return ImageDatasetSpec(name=name, sums_file=SUMS_DIR / f"{name}.sha256", **entry)
 
 
 def _read_catalog() -> tuple[dict[str, DatasetSpec], dict[str, ImageDatasetSpec]]:
@@ -141,13 +140,13 @@ class ImageDatasetSpec:
 
     name: str
     origin: str
-    sums: str  # ``sha256sum`` lines: the canonical checksums
+    sums_file: Path  # ``sha256sum`` lines: the canonical checksums, read when fetching
     test: str | None = None  # the registered dataset to test on
     description: str = ""
     domain: str = "photos"  # the domain (denoiser.domains) a model trained on it learns
 
     def files(self) -> dict[str, str]:
-        return parse_sha256sums(self.sums)
+        return parse_sha256sums(self.sums_file.read_text(encoding="utf-8"))
 
 
 DATASETS, IMAGE_DATASETS = _read_catalog()
