@@ -1,11 +1,16 @@
 """Photo training speed and precision: steps per second of the bare model
-(random batches from memory) in float32 and mixed bfloat16, of the
+(one random batch from memory) in float32 and mixed bfloat16, of the
 pipeline's own training (its tf.data input: patch shards, noise added in the
 graph), of the input alone, and the PSNR after equal steps in both precisions.
 
-Each measurement runs in its own process (Keras' precision policy is global).
+One process per precision (Keras' precision policy is global). In it, one
+model trains in rounds on the bare batch and on the pipeline in turn, and
+each step is timed by Keras' batch callbacks: separate processes on this VM
+differ in speed by up to 2x, and a wall-clock total of ``fit`` also counts
+the seconds tf.data can take to delete an autotuned iterator.
 
     python bench/train_speed.py                      # photo_unet, grey Train400 patches
+    python bench/train_speed.py --precisions float32 --repeats 5 --steps 20
     python bench/train_speed.py --architecture colour_unet --dataset cbsd432
     python bench/train_speed.py --psnr-steps 300     # also: PSNR after equal steps
 """
@@ -45,11 +50,32 @@ def _model(architecture: str):
     return model
 
 
-def _steps_per_second(model, ds, steps: int, warmup: int = 10) -> float:
-    model.fit(ds, steps_per_epoch=warmup, epochs=1, verbose=0)
-    start = time.perf_counter()
-    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
-    return steps / (time.perf_counter() - start)
+class _StepClock:
+    """Seconds of each training step, from Keras' batch callbacks: what a step
+    costs, without ``fit``'s set-up and tear-down (an iterator with tf.data's
+    autotuning can take seconds to delete, which a wall-clock total of ``fit``
+    would count as steps)."""
+
+    def __init__(self):
+        import keras
+
+        clock = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                clock.began = time.perf_counter()
+
+            def on_train_batch_end(self, batch, logs=None):
+                clock.seconds.append(time.perf_counter() - clock.began)
+
+        self.seconds: list[float] = []
+        self.callback = Callback()
+
+    def run(self, model, ds, steps: int) -> list[float]:
+        """The seconds of ``steps`` steps of ``fit`` on ``ds``, its first step left out."""
+        self.seconds = []
+        model.fit(ds, steps_per_epoch=steps + 1, epochs=1, verbose=0, callbacks=[self.callback])
+        return self.seconds[1:]
 
 
 def shard_set(dataset: str, store: Path, patches_per_image: int, patch: int = PATCH) -> Path:
@@ -67,10 +93,14 @@ def shard_set(dataset: str, store: Path, patches_per_image: int, patch: int = PA
     return domain.write_shards(out, ShardRequest(manifest, noise, test_limit=4))
 
 
-def run_bare(architecture: str, precision: str, steps: int) -> dict:
+def run_speed(architecture: str, precision: str, steps: int, rounds: int, shards: str) -> dict:
+    """Seconds per step of one model on the bare batches and on the pipeline's
+    input, in turn, ``rounds`` times, in one process: a slow spell of the
+    machine hits both, and both share the process's threads and memory."""
     import numpy as np
     import tensorflow as tf
 
+    from denoiser.learning.training import make_dataset
     from denoiser.nets.models import architecture_recipe
 
     _policy(precision)
@@ -78,24 +108,25 @@ def run_bare(architecture: str, precision: str, steps: int) -> dict:
     rng = np.random.default_rng(0)
     x = rng.random((BATCH, PATCH, PATCH, channels), dtype=np.float32)
     y = x + rng.normal(0, 0.1, x.shape).astype(np.float32)
-    ds = tf.data.Dataset.from_tensors((y, x)).repeat()
-    return {"steps_per_s": _steps_per_second(_model(architecture), ds, steps)}
-
-
-def run_pipeline(architecture: str, precision: str, steps: int, shards: str) -> dict:
-    from denoiser.learning.training import make_dataset
-
-    _policy(precision)
-    ds = make_dataset(shards, "train", BATCH, seed=0).repeat()
-    it = iter(ds)
+    options = tf.data.Options()
+    options.autotune.enabled = False  # as make_dataset's
+    bare = tf.data.Dataset.from_tensors((y, x)).repeat().with_options(options)
+    pipeline = make_dataset(shards, "train", BATCH, seed=0).repeat()
+    model, clock = _model(architecture), _StepClock()
+    seconds = {"bare": [], "pipeline": []}
+    for ds in (bare, pipeline):
+        clock.run(model, ds, 5)  # warm-up: graph tracing, first allocations
+    for _ in range(rounds):
+        seconds["bare"] += clock.run(model, bare, steps)
+        seconds["pipeline"] += clock.run(model, pipeline, steps)
+    it = iter(make_dataset(shards, "train", BATCH, seed=1).repeat())
     next(it)
     start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(steps * 10):
         next(it)
-    input_only = steps / (time.perf_counter() - start)
     return {
-        "steps_per_s": _steps_per_second(_model(architecture), ds, steps),
-        "input_batches_per_s": input_only,
+        **seconds,
+        "input_batches_per_s": steps * 10 / (time.perf_counter() - start),
     }
 
 
@@ -127,10 +158,8 @@ def run_psnr(architecture: str, precision: str, steps: int, shards: str, batch: 
 
 
 def child(args) -> dict:
-    if args.child == "bare":
-        return run_bare(args.architecture, args.precision, args.steps)
-    if args.child == "pipeline":
-        return run_pipeline(args.architecture, args.precision, args.steps, args.shards)
+    if args.child == "speed":
+        return run_speed(args.architecture, args.precision, args.steps, args.repeats, args.shards)
     return run_psnr(args.architecture, args.precision, args.psnr_steps, args.shards, args.batch)
 
 
@@ -138,6 +167,7 @@ def _spawn(args, kind: str, precision: str, shards: str) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--precision", precision]
     cmd += ["--architecture", args.architecture, "--steps", str(args.steps)]
     cmd += ["--psnr-steps", str(args.psnr_steps), "--shards", shards, "--batch", str(args.batch)]
+    cmd += ["--repeats", str(args.repeats)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode:
@@ -157,19 +187,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--architecture", default="photo_unet")
     parser.add_argument("--dataset", default="train400")
-    parser.add_argument("--steps", type=int, default=80, help="timed steps after 10 of warm-up")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of each round")
     parser.add_argument(
         "--repeats",
         type=int,
-        default=1,
-        help="bare and pipeline measured in turn this many times (median and range shown)",
+        default=3,
+        help="rounds of bare then pipeline in one process (median and range of the rounds)",
     )
     parser.add_argument("--psnr-steps", type=int, default=0, help="0: no PSNR comparison")
     parser.add_argument("--precisions", default="float32,bfloat16")
     parser.add_argument("--batch", type=int, default=BATCH, help="PSNR comparison's batch")
     parser.add_argument("--patch", type=int, default=PATCH, help="PSNR comparison's patch side")
     parser.add_argument("--no-speed", action="store_true", help="only the PSNR comparison")
-    parser.add_argument("--child", choices=["bare", "pipeline", "psnr"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["speed", "psnr"], help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--shards", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -187,16 +217,15 @@ def main() -> None:
     )
     print("|---|---|---|---|---|")
     for precision in args.precisions.split(",") if not args.no_speed else ():
-        bare, pipe, feed = [], [], []
-        for _ in range(args.repeats):  # in turn, so that a slow spell of the machine hits both
-            bare.append(_spawn(args, "bare", precision, shards)["steps_per_s"])
-            p = _spawn(args, "pipeline", precision, shards)
-            pipe.append(p["steps_per_s"])
-            feed.append(p["input_batches_per_s"])
+        r = _spawn(args, "speed", precision, shards)
+        rates = {}
+        for kind in ("bare", "pipeline"):  # each round's steps over its seconds
+            per_round = [r[kind][i : i + args.steps] for i in range(0, len(r[kind]), args.steps)]
+            rates[kind] = [len(s) / sum(s) for s in per_round]
         print(
-            f"| {precision} | {_spread(bare)} | {_spread(pipe)} | "
-            f"{statistics.median(pipe) / statistics.median(bare):.2f} | "
-            f"{statistics.median(feed):.1f} |",
+            f"| {precision} | {_spread(rates['bare'])} | {_spread(rates['pipeline'])} | "
+            f"{statistics.median(rates['pipeline']) / statistics.median(rates['bare']):.2f} | "
+            f"{r['input_batches_per_s']:.1f} |",
             flush=True,
         )
     if args.psnr_steps:
