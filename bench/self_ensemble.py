@@ -1,0 +1,92 @@
+"""Test-time self-ensemble: what averaging a model's outputs over the eight
+flips and 90-degree rotations of the input gains over one pass, for the
+built-in photo models, beside (C)BM3D measured on the same noisy images.
+
+The grey model on Set12 and the colour model on CSet9, at sigma 15 / 25 / 50,
+the noisy images from one fixed draw (seed 12, as ``bench/natural.py`` and
+``bench/colour.py``, so their (C)BM3D rows compare), whole images through
+Keras. A measurement for deciding whether the ensemble is worth eight times
+the inference; nothing in the package uses it.
+
+    python bench/self_ensemble.py                  # both built-in models
+    python bench/self_ensemble.py --only grey
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import REPO, awgn_test_set, psnr  # noqa: E402
+from colour import load_model, load_rgb_pngs, whole  # noqa: E402
+from natural import load_grey_pngs  # noqa: E402
+
+DATA = REPO.parent / "shared" / "datasets"
+SIGMAS = (15, 25, 50)
+
+
+def eight_ways(model, y: np.ndarray) -> np.ndarray:
+    """The mean of the model's outputs over the eight flips and rotations of
+    ``y`` (H, W, C), each output turned back first."""
+    outs = []
+    for k in range(4):
+        for flip in (False, True):
+            t = np.rot90(y, k, axes=(0, 1))
+            t = t[:, ::-1] if flip else t
+            out = whole(model, np.ascontiguousarray(t))
+            out = out[:, ::-1] if flip else out
+            outs.append(np.rot90(out, -k, axes=(0, 1)))
+    return np.mean(outs, axis=0)
+
+
+def compare(model, clean: list[np.ndarray], seed: int) -> dict:
+    """Mean PSNR per sigma of one pass and of the eight-way mean, and the
+    eight-way seconds per image."""
+    noisy = awgn_test_set(clean, SIGMAS, seed)
+    rows = {"one pass": {}, "eight-way mean": {}}
+    seconds = []
+    for s, ys in noisy.items():
+        one, eight = [], []
+        for x, y in zip(clean, ys, strict=True):
+            one.append(psnr(x, whole(model, y)))
+            t0 = time.perf_counter()
+            eight.append(psnr(x, eight_ways(model, y)))
+            seconds.append(time.perf_counter() - t0)
+        rows["one pass"][s], rows["eight-way mean"][s] = float(np.mean(one)), float(np.mean(eight))
+    return {"rows": rows, "seconds_per_image": float(np.median(seconds))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("grey", "colour"))
+    parser.add_argument("--seed", type=int, default=12, help="the noise draw")
+    args = parser.parse_args()
+    builtin = REPO / "artifacts" / "builtin_models"
+    index = json.loads((builtin / "index.json").read_text())["models"]
+    sets = {  # domain: (its entry in the built-in index, its test images)
+        "grey": ("photos", lambda: [c[..., None] for c in load_grey_pngs(DATA / "set12")]),
+        "colour": ("colour", lambda: load_rgb_pngs(DATA / "cset9", None)[1]),
+    }
+    for domain, (entry, load) in sets.items():
+        if args.only and domain != args.only:
+            continue
+        version = index[entry]["version"]
+        result = compare(load_model(str(builtin / version)), load(), args.seed)
+        print(f"\n{domain}: built-in {version}, seed {args.seed}")
+        print("| PSNR (dB) | " + " | ".join(f"sigma {s}" for s in SIGMAS) + " |")
+        print("|---|" + "---|" * len(SIGMAS))
+        for name, figures in result["rows"].items():
+            print(f"| {name} | " + " | ".join(f"{figures[s]:.2f}" for s in SIGMAS) + " |")
+        gain = [result["rows"]["eight-way mean"][s] - result["rows"]["one pass"][s] for s in SIGMAS]
+        print("| gain | " + " | ".join(f"{g:+.2f}" for g in gain) + " |")
+        print(f"eight-way: {result['seconds_per_image']:.1f} s an image (Keras)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
