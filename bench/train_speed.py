@@ -39,12 +39,12 @@ def _policy(precision: str) -> None:
     )
 
 
-def _model(architecture: str):
+def _model(architecture: str, seed: int = 0):
     import keras
 
     from denoiser.nets.models import build_model
 
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(seed)
     model = build_model(architecture)
     model.compile(keras.optimizers.Adam(1e-3), loss="mse")
     return model
@@ -130,8 +130,11 @@ def run_speed(architecture: str, precision: str, steps: int, rounds: int, shards
     }
 
 
-def run_psnr(architecture: str, precision: str, steps: int, shards: str, batch: int) -> dict:
-    """PSNR on the shard set's test images at sigma 15/25/50 after ``steps`` steps."""
+def run_psnr(
+    architecture: str, precision: str, steps: int, shards: str, batch: int, seed: int
+) -> dict:
+    """PSNR on the shard set's test images at sigma 15/25/50 after ``steps``
+    steps from ``seed`` (the weights' start and the batches' order and noise)."""
     import numpy as np
 
     from denoiser.data.shards import load_split
@@ -139,8 +142,8 @@ def run_psnr(architecture: str, precision: str, steps: int, shards: str, batch: 
     from denoiser.runtimes.inference import evaluate_planes
 
     _policy(precision)
-    model = _model(architecture)
-    ds = make_dataset(shards, "train", batch, seed=0).repeat()
+    model = _model(architecture, seed)
+    ds = make_dataset(shards, "train", batch, seed=seed).repeat()
     start = time.perf_counter()
     model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
     seconds = time.perf_counter() - start
@@ -160,14 +163,16 @@ def run_psnr(architecture: str, precision: str, steps: int, shards: str, batch: 
 def child(args) -> dict:
     if args.child == "speed":
         return run_speed(args.architecture, args.precision, args.steps, args.repeats, args.shards)
-    return run_psnr(args.architecture, args.precision, args.psnr_steps, args.shards, args.batch)
+    return run_psnr(
+        args.architecture, args.precision, args.psnr_steps, args.shards, args.batch, args.seed
+    )
 
 
-def _spawn(args, kind: str, precision: str, shards: str) -> dict:
+def _spawn(args, kind: str, precision: str, shards: str, seed: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--precision", precision]
     cmd += ["--architecture", args.architecture, "--steps", str(args.steps)]
     cmd += ["--psnr-steps", str(args.psnr_steps), "--shards", shards, "--batch", str(args.batch)]
-    cmd += ["--repeats", str(args.repeats)]
+    cmd += ["--repeats", str(args.repeats), "--seed", str(seed)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode:
@@ -195,6 +200,12 @@ def main() -> None:
         help="rounds of bare then pipeline in one process (median and range of the rounds)",
     )
     parser.add_argument("--psnr-steps", type=int, default=0, help="0: no PSNR comparison")
+    parser.add_argument(
+        "--seeds",
+        default="0",
+        help="PSNR comparison's seeds: two or more show how far runs differ by their seed alone",
+    )
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--precisions", default="float32,bfloat16")
     parser.add_argument("--batch", type=int, default=BATCH, help="PSNR comparison's batch")
     parser.add_argument("--patch", type=int, default=PATCH, help="PSNR comparison's patch side")
@@ -209,13 +220,14 @@ def main() -> None:
     store = Path(tempfile.gettempdir()) / "denoise-bench-speed"
     shards = str(shard_set(args.dataset, store, 16))
     psnr_shards = str(shard_set(args.dataset, store, 16, args.patch))
-    print(
-        f"{args.architecture} on {args.dataset}, batch {BATCH}, {PATCH}x{PATCH}, {os.cpu_count()} CPUs"
-    )
-    print(
-        "| precision | bare steps/s | pipeline steps/s | pipeline / bare | input alone batches/s |"
-    )
-    print("|---|---|---|---|---|")
+    print(f"{args.architecture} on {args.dataset}, {os.cpu_count()} CPUs")
+    if not args.no_speed:
+        print(f"batch {BATCH}, {PATCH}x{PATCH}")
+        print(
+            "| precision | bare steps/s | pipeline steps/s | pipeline / bare "
+            "| input alone batches/s |"
+        )
+        print("|---|---|---|---|---|")
     for precision in args.precisions.split(",") if not args.no_speed else ():
         r = _spawn(args, "speed", precision, shards)
         rates = {}
@@ -231,14 +243,17 @@ def main() -> None:
     if args.psnr_steps:
         print(
             f"\nPSNR after {args.psnr_steps} steps of batch {args.batch}, {args.patch}x{args.patch} "
-            "(same seed), first 4 test images:"
+            "from each seed, first 4 test images:"
         )
-        for precision in args.precisions.split(","):
-            r = _spawn(args, "psnr", precision, psnr_shards)
-            scores = " / ".join(f"{v:.2f}" for v in r["psnr"].values())
-            print(
-                f"- {precision}: {scores} dB (sigma 15 / 25 / 50), {r['seconds']:.0f} s", flush=True
-            )
+        for seed in (int(v) for v in args.seeds.split(",")):
+            for precision in args.precisions.split(","):
+                r = _spawn(args, "psnr", precision, psnr_shards, seed)
+                scores = " / ".join(f"{v:.2f}" for v in r["psnr"].values())
+                print(
+                    f"- seed {seed}, {precision}: {scores} dB (sigma 15 / 25 / 50), "
+                    f"{r['seconds']:.0f} s",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
