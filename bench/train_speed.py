@@ -113,12 +113,12 @@ def run_speed(architecture: str, precision: str, steps: int, rounds: int, shards
     bare = tf.data.Dataset.from_tensors((y, x)).repeat().with_options(options)
     pipeline = make_dataset(shards, "train", BATCH, seed=0).repeat()
     model, clock = _model(architecture), _StepClock()
-    seconds = {"bare": [], "pipeline": []}
+    seconds = {"bare": [], "pipeline": []}  # a list of step seconds per round
     for ds in (bare, pipeline):
         clock.run(model, ds, 5)  # warm-up: graph tracing, first allocations
     for _ in range(rounds):
-        seconds["bare"] += clock.run(model, bare, steps)
-        seconds["pipeline"] += clock.run(model, pipeline, steps)
+        seconds["bare"].append(clock.run(model, bare, steps))
+        seconds["pipeline"].append(clock.run(model, pipeline, steps))
     it = iter(make_dataset(shards, "train", BATCH, seed=1).repeat())
     next(it)
     start = time.perf_counter()
@@ -228,18 +228,16 @@ def main() -> None:
             "| input alone batches/s |"
         )
         print("|---|---|---|---|---|")
-    for precision in args.precisions.split(",") if not args.no_speed else ():
-        r = _spawn(args, "speed", precision, shards)
-        rates = {}
-        for kind in ("bare", "pipeline"):  # each round's steps over its seconds
-            per_round = [r[kind][i : i + args.steps] for i in range(0, len(r[kind]), args.steps)]
-            rates[kind] = [len(s) / sum(s) for s in per_round]
-        print(
-            f"| {precision} | {_spread(rates['bare'])} | {_spread(rates['pipeline'])} | "
-            f"{statistics.median(rates['pipeline']) / statistics.median(rates['bare']):.2f} | "
-            f"{r['input_batches_per_s']:.1f} |",
-            flush=True,
-        )
+        for precision in args.precisions.split(","):
+            r = _spawn(args, "speed", precision, shards)
+            # each round's steps over its seconds
+            rates = {kind: [len(s) / sum(s) for s in r[kind]] for kind in ("bare", "pipeline")}
+            print(
+                f"| {precision} | {_spread(rates['bare'])} | {_spread(rates['pipeline'])} | "
+                f"{statistics.median(rates['pipeline']) / statistics.median(rates['bare']):.2f} | "
+                f"{r['input_batches_per_s']:.1f} |",
+                flush=True,
+            )
     if args.psnr_steps:
         print(
             f"\nPSNR after {args.psnr_steps} steps of batch {args.batch}, {args.patch}x{args.patch} "
