@@ -91,7 +91,11 @@ def test_training_records_and_logs_the_scores_of_the_validation_sample(
     from denoiser.learning.training import make_dataset, train_model
 
     seen, lines = [], []
-    config = TrainConfig(architecture="unet-small", epochs=1, batch_size=16, patience=10)
+    # float32 on every CPU: in mixed bfloat16 ("auto" where the CPU has it) the epoch's
+    # scores come from bfloat16 arithmetic, the saved model's from float32
+    config = TrainConfig(
+        architecture="unet-small", epochs=1, batch_size=16, patience=10, precision="float32"
+    )
     train_model(
         tiny_shards,
         config,
