@@ -16,7 +16,7 @@ from denoiser.core.catalog import check_dataset_name, is_idx_dataset
 
 NoiseKind = Literal["gaussian", "salt_and_pepper", "speckle", "poisson", "awgn"]
 LevelDensity = Literal["rising", "uniform"]
-LossName = Literal["auto", "psnr_ssim", "bce", "mse", "l1"]
+LossName = Literal["auto", "psnr_ssim", "psnr", "bce", "mse", "l1"]
 LrSchedule = Literal["auto", "constant", "cosine"]
 
 

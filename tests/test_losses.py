@@ -43,6 +43,28 @@ def test_psnr_ssim_loss_is_minus_psnr_over_ten_plus_ssim_gap():
     assert float(loss(clean, hazy)) - float(PsnrSsimLoss(ssim_weight=0)(clean, hazy)) > 0.1
 
 
+def test_psnr_loss_weighs_every_image_by_its_ratio_as_the_mean_psnr_does():
+    """Blind training mixes sigma 0 and sigma 55 in one batch: plain MSE lets the
+    heavy-noise patches' large errors drive the gradient, the per-image
+    log10(mse) (``psnr``) halves every image's error alike per 3 dB."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(5)
+    clean = rng.random((2, 16, 16, 1)).astype(np.float32)
+    off = np.stack([np.full((16, 16, 1), 0.01), np.full((16, 16, 1), 0.2)]).astype(np.float32)
+    loss = make_loss("psnr")
+    mse = (off**2).mean(axis=(1, 2, 3))
+    assert float(loss(clean, clean + off)) == pytest.approx(np.log10(mse + 1e-5).mean(), abs=1e-4)
+    assert float(loss(clean, clean)) == pytest.approx(-5.0, abs=1e-4)  # no SSIM term
+    x = tf.Variable(clean + off)
+    for name, low_share in (("mse", lambda r: r < 0.1), ("psnr", lambda r: r > 0.5)):
+        with tf.GradientTape() as tape:
+            value = make_loss(name)(clean, x)
+        grad = np.abs(tape.gradient(value, x).numpy()).sum(axis=(1, 2, 3))
+        # the nearly clean image's share of the gradient: tiny under mse, its due under psnr
+        assert low_share(grad[0] / grad.sum()), (name, grad)
+
+
 def test_loss_gradients_are_finite_at_a_perfect_output():
     import tensorflow as tf
 
