@@ -84,6 +84,23 @@ def test_opponent_unet_starts_as_the_grey_model_run_per_opponent_plane(tmp_path,
     assert np.abs(again.predict(x, verbose=0) - model.predict(x, verbose=0)).max() < 1e-6
 
 
+def test_a_colour_model_trains_on_from_a_colour_model_as_it_is(monkeypatch):
+    """--warm-start <the built-in colour model>: an opponent_unet takes another
+    opponent_unet's weights whole (fine-tuning it, e.g. on one's own colour
+    photographs), not only a grey model's trunk."""
+    from artifacts.builtin import PACKAGE_DIR, builtin_model
+    from denoiser.nets.models import build_model, load_model, warm_start_model
+
+    monkeypatch.setenv("DENOISE_BUILTIN_DIR", str(PACKAGE_DIR))
+    colour_ref = builtin_model("colour")
+    colour = load_model(colour_ref.model_path)
+    model = build_model("opponent_unet")
+    x = np.random.default_rng(4).random((1, 24, 40, 3), dtype=np.float32)
+    assert np.abs(model.predict(x, verbose=0) - colour.predict(x, verbose=0)).max() > 0.01
+    warm_start_model(model, "opponent_unet", colour_ref.model_path)
+    assert np.abs(model.predict(x, verbose=0) - colour.predict(x, verbose=0)).max() < 1e-6
+
+
 def test_a_seed_model_of_another_shape_is_refused_with_one_line(tmp_path):
     from denoiser.nets.models import build_model, warm_start_model
 

@@ -42,14 +42,18 @@ def grows_from(name: str) -> str:
 
 def warm_start_model(model, name: str, seed_path: str | os.PathLike) -> int:
     """Start ``model`` (of architecture ``name``) from the saved model at
-    ``seed_path`` (a ``.keras`` file): as the architecture says when it grows
-    from another domain's model, else from a model of the same layout (training
-    on from it, e.g. on one's own photographs); the number of layers set.
+    ``seed_path`` (a ``.keras`` file): from a model of the same layout as it
+    is (training on from it, e.g. on one's own photographs), else as the
+    architecture says when it grows from another domain's model; the number
+    of layers set.
     ModelError when the seed does not fit."""
     spec = _spec(name)
     seed = load_model(seed_path)
     try:
-        if spec.warm_start is None:
+        same_layout = seed.name == model.name and [tuple(w.shape) for w in seed.weights] == [
+            tuple(w.shape) for w in model.weights
+        ]
+        if spec.warm_start is None or same_layout:
             model.set_weights(seed.get_weights())
             return len(model.layers)
         return spec.warm_start(model, seed)
