@@ -89,3 +89,60 @@ def test_photo_unet_trains_a_step():
     before = [w.copy() for w in m.get_weights()]
     assert np.isfinite(m.train_on_batch(x + 0.1, x))
     assert any(not np.array_equal(a, b) for a, b in zip(before, m.get_weights(), strict=True))
+
+
+def test_photo_unet_wide_grows_from_a_photo_unet_as_its_function_then_learns(tmp_path):
+    """More channels and convolutions at full resolution, started from a
+    trained photo_unet: before any step it computes the seed's output exactly;
+    a training step then moves it (the new weights get gradients)."""
+    import keras
+
+    from denoiser.nets.models import count_params, grows_from, load_model, warm_start_model
+
+    seed = build_photo_unet((None, None, 1))
+    rng = np.random.default_rng(6)
+    # a seed whose biases are not zero, as a trained model's are not
+    seed.set_weights(
+        [w + rng.normal(0, 0.05, w.shape).astype(np.float32) for w in seed.get_weights()]
+    )
+    seed.save(tmp_path / "seed.keras")
+    wide = build_model("photo_unet_wide")
+    assert grows_from("photo_unet_wide") == "photos"
+    assert count_params(seed) < count_params(wide) <= 700_000
+    x = rng.random((2, 32, 40, 1), dtype=np.float32)
+    want = seed.predict(x, verbose=0)
+    assert np.abs(wide.predict(x, verbose=0) - want).max() > 0.01
+    warm_start_model(wide, "photo_unet_wide", tmp_path / "seed.keras")
+    assert np.abs(wide.predict(x, verbose=0) - want).max() < 1e-5
+    wide.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    wide.train_on_batch(x, np.clip(x - 0.05, 0, 1))
+    new = wide.get_layer("enc0_1_conv").get_weights()[0]
+    assert (
+        np.abs(new - np.eye(32)[None, None] * (np.arange(3)[:, None] == 1)[:, :, None, None]).max()
+        > 0
+    )
+    assert np.abs(wide.predict(x, verbose=0) - want).max() > 1e-4
+    # saved and loaded, it is a plain Keras model
+    wide.save(tmp_path / "wide.keras")
+    assert (
+        np.abs(
+            load_model(tmp_path / "wide.keras").predict(x, verbose=0) - wide.predict(x, verbose=0)
+        ).max()
+        < 1e-6
+    )
+
+
+def test_photo_unet_wide_refuses_a_seed_that_does_not_fit(tmp_path):
+    from denoiser.core.errors import ModelError
+    from denoiser.nets.models import warm_start_model
+
+    build_photo_unet((None, None, 1), filters=(64, 64, 128)).save(tmp_path / "wider.keras")
+    with pytest.raises(ModelError, match="cannot start photo_unet_wide from it"):
+        warm_start_model(
+            build_model("photo_unet_wide"), "photo_unet_wide", tmp_path / "wider.keras"
+        )
+    build_model("unet-small").save(tmp_path / "small.keras")
+    with pytest.raises(ModelError, match="cannot start photo_unet_wide from it"):
+        warm_start_model(
+            build_model("photo_unet_wide"), "photo_unet_wide", tmp_path / "small.keras"
+        )
