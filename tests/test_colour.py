@@ -84,6 +84,31 @@ def test_opponent_unet_starts_as_the_grey_model_run_per_opponent_plane(tmp_path,
     assert np.abs(again.predict(x, verbose=0) - model.predict(x, verbose=0)).max() < 1e-6
 
 
+def test_opponent_unet_wide_starts_as_a_photo_unet_wide_run_per_opponent_plane(tmp_path):
+    from denoiser.core.opponent import opponent_to_rgb, rgb_to_opponent
+    from denoiser.nets.models import build_model, count_params, warm_start_model
+
+    rng = np.random.default_rng(7)
+    grey = build_model("photo_unet_wide")
+    grey.set_weights(
+        [w + rng.normal(0, 0.05, w.shape).astype(np.float32) for w in grey.get_weights()]
+    )
+    grey.save(tmp_path / "wide.keras")
+    model = build_model("opponent_unet_wide")
+    assert count_params(model) <= 700_000
+    x = rng.random((1, 32, 48, 3), dtype=np.float32)
+    planes = rgb_to_opponent(x[0])
+    per_plane = [grey.predict(planes[None, ..., c : c + 1], verbose=0)[0, ..., 0] for c in range(3)]
+    expected = opponent_to_rgb(np.stack(per_plane, axis=-1))
+    warm_start_model(model, "opponent_unet_wide", tmp_path / "wide.keras")
+    assert np.abs(model.predict(x, verbose=0)[0] - expected).max() < 1e-4
+    build_model("photo_unet").save(tmp_path / "narrow.keras")  # another trunk: one line
+    with pytest.raises(ModelError, match="cannot start opponent_unet_wide from it"):
+        warm_start_model(
+            build_model("opponent_unet_wide"), "opponent_unet_wide", tmp_path / "narrow.keras"
+        )
+
+
 def test_a_colour_model_trains_on_from_a_colour_model_as_it_is(monkeypatch):
     """--warm-start <the built-in colour model>: an opponent_unet takes another
     opponent_unet's weights whole (fine-tuning it, e.g. on one's own colour

@@ -397,6 +397,17 @@ def grow_photo_unet(model, seed) -> int:
     return len(layers_)
 
 
+WIDE_TRUNK = {"filters": (32, 64, 128), "convs": (2, 2)}
+
+
+def build_opponent_unet_wide(input_shape=(None, None, 3), **options):
+    """``opponent_unet`` on ``photo_unet_wide``'s trunk, grown from a
+    ``photo_unet_wide`` grey model."""
+    return build_opponent_unet(
+        input_shape, **{"name": "opponent_unet_wide", **WIDE_TRUNK, **options}
+    )
+
+
 def build_photo_unet_wide(input_shape=(None, None, 1), **options):
     """``photo_unet`` with more at full resolution, where the finest detail
     (and a low sigma's noise) is: 32 channels and two convolutions a side
@@ -473,6 +484,13 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         PHOTO_RECIPE.model_copy(update={"input_shape": (None, None, 3), "learning_rate": 2e-4}),
         "for colour photographs, grown from a grey photo model: photo_unet's trunk shared by the "
         "three opponent colour planes, each seeing the others as its guide; RGB in and out",
+        grows_from="photos",
+        warm_start=warm_start_from,
+    ),
+    "opponent_unet_wide": ArchitectureSpec(
+        build_opponent_unet_wide,
+        PHOTO_RECIPE.model_copy(update={"input_shape": (None, None, 3), "learning_rate": 2e-4}),
+        "opponent_unet on photo_unet_wide's trunk, grown from a photo_unet_wide grey model",
         grows_from="photos",
         warm_start=warm_start_from,
     ),
