@@ -35,11 +35,12 @@ def test_fully_convolutional_models_keep_the_input_shape(name):
     recipe = architecture_recipe(name)
     assert recipe.fully_convolutional
     model = build_model(name)
-    # photographs' models (awgn recipes) get DnCNN's budget and a linear residual output, clipped outside
+    # photographs' models (awgn recipes) get issue 25's budget (about CDnCNN-B's 668k) and a
+    # linear residual output, clipped outside
     photo = recipe.noise == "awgn"
     expected = {"unet": 411_297, "unet-small": 118_945}
     assert (
-        model.count_params() <= 556_000
+        model.count_params() <= 700_000
         if photo
         else model.count_params() == expected[name] <= 440_865
     )
