@@ -84,7 +84,7 @@ def test_opponent_unet_starts_as_the_grey_model_run_per_opponent_plane(tmp_path,
     assert np.abs(again.predict(x, verbose=0) - model.predict(x, verbose=0)).max() < 1e-6
 
 
-def test_opponent_unet_wide_starts_as_a_photo_unet_wide_run_per_opponent_plane(tmp_path):
+def test_opponent_unet_wide_starts_as_a_grey_model_run_per_opponent_plane(tmp_path):
     from denoiser.core.opponent import opponent_to_rgb, rgb_to_opponent
     from denoiser.nets.models import build_model, count_params, warm_start_model
 
@@ -102,11 +102,23 @@ def test_opponent_unet_wide_starts_as_a_photo_unet_wide_run_per_opponent_plane(t
     expected = opponent_to_rgb(np.stack(per_plane, axis=-1))
     warm_start_model(model, "opponent_unet_wide", tmp_path / "wide.keras")
     assert np.abs(model.predict(x, verbose=0)[0] - expected).max() < 1e-4
-    build_model("photo_unet").save(tmp_path / "narrow.keras")  # another trunk: one line
-    with pytest.raises(ModelError, match="cannot start opponent_unet_wide from it"):
-        warm_start_model(
-            build_model("opponent_unet_wide"), "opponent_unet_wide", tmp_path / "narrow.keras"
-        )
+    # from a narrower grey model it grows, starting as that model per opponent plane
+    narrow = build_model("photo_unet")
+    narrow.set_weights(
+        [w + rng.normal(0, 0.05, w.shape).astype(np.float32) for w in narrow.get_weights()]
+    )
+    narrow.save(tmp_path / "narrow.keras")
+    per_plane = [
+        narrow.predict(planes[None, ..., c : c + 1], verbose=0)[0, ..., 0] for c in range(3)
+    ]
+    warm_start_model(model, "opponent_unet_wide", tmp_path / "narrow.keras")
+    assert (
+        np.abs(model.predict(x, verbose=0)[0] - opponent_to_rgb(np.stack(per_plane, -1))).max()
+        < 1e-4
+    )
+    # a narrow colour model cannot take a wider grey model: one line
+    with pytest.raises(ModelError, match="cannot start opponent_unet from it"):
+        warm_start_model(build_model("opponent_unet"), "opponent_unet", tmp_path / "wide.keras")
 
 
 def test_a_colour_model_trains_on_from_a_colour_model_as_it_is(monkeypatch):

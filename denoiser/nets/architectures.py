@@ -331,24 +331,12 @@ def _photo_trunk_defaults() -> dict:
 
 
 def warm_start_from(model, grey) -> int:
-    """Set ``model``'s trunk (an ``opponent_unet``) from ``grey`` (a
-    ``photo_unet`` of the same trunk options): every layer's weights by name,
-    the grey model's head in the plane's input channel and zeros in the
-    others, so ``model`` starts as ``grey`` run per opponent plane. Returns
-    the number of layers set; ValueError when the trunks do not match."""
-    trunk = model.get_layer("trunk")
-    grey_layers = {layer.name: layer for layer in grey.layers if layer.weights}
-    trunk_layers = [layer for layer in trunk.layers if layer.weights]
-    if sorted(grey_layers) != sorted(layer.name for layer in trunk_layers):
-        raise ValueError(f"{grey.name}'s layers are not {model.name}'s trunk's")
-    for layer in trunk_layers:
-        weights = [np.asarray(w) for w in grey_layers[layer.name].get_weights()]
-        if layer.name == "head":
-            kernel = np.zeros(layer.get_weights()[0].shape, np.float32)
-            kernel[:, :, :1] = weights[0]
-            weights[0] = kernel
-        layer.set_weights(weights)
-    return len(trunk_layers)
+    """Set ``model``'s trunk (an ``opponent_unet``) from ``grey``, a
+    ``photo_unet`` of the same trunk or a smaller one (:func:`grow_photo_unet`):
+    the grey model's head takes the plane's input channel, with zeros from the
+    guide's, so ``model`` starts as ``grey`` run per opponent plane. Returns
+    the number of layers set; ValueError when the trunks do not fit."""
+    return grow_photo_unet(model.get_layer("trunk"), grey)
 
 
 def grow_photo_unet(model, seed) -> int:
