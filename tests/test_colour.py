@@ -24,7 +24,7 @@ def test_each_dataset_has_its_domain_with_its_own_parts():
     assert (colour.name, colour.channels, colour.default_architecture) == (
         "colour",
         3,
-        "opponent_unet",
+        "opponent_unet_wide",
     )
     assert domain_for_dataset("cset9") is colour
     assert domain_for_dataset("train400").channels == 1
@@ -45,7 +45,7 @@ def test_a_colour_request_takes_its_recipe_and_refuses_a_grey_architecture():
     noise, training = apply_recipe_defaults(
         data, NoiseConfig(kind="awgn", level=(0.0, 55.0)), TrainConfig()
     )
-    assert training.architecture == "opponent_unet" and noise.patch_size == 64
+    assert training.architecture == "opponent_unet_wide" and noise.patch_size == 64
     with pytest.raises(ConfigError, match="photo_unet takes 1-channel images"):
         apply_recipe_defaults(data, noise, TrainConfig(architecture="photo_unet"))
 
@@ -60,15 +60,19 @@ def test_colour_unet_is_rgb_in_rgb_out_within_the_parameter_budget():
     assert model.predict(x, verbose=0).shape == (1, 32, 48, 3)
 
 
-def test_opponent_unet_starts_as_the_grey_model_run_per_opponent_plane(tmp_path, monkeypatch):
+def test_the_colour_model_starts_as_the_builtin_grey_model_run_per_opponent_plane(
+    tmp_path, monkeypatch
+):
     from artifacts.builtin import PACKAGE_DIR, builtin_model
     from denoiser.core.opponent import opponent_to_rgb, rgb_to_opponent
+    from denoiser.domains import domain_for_dataset
     from denoiser.nets.models import build_model, count_params, load_model, warm_start_model
 
     monkeypatch.setenv("DENOISE_BUILTIN_DIR", str(PACKAGE_DIR))
     grey_ref = builtin_model("photos")
     grey = load_model(grey_ref.model_path)
-    model = build_model("opponent_unet")
+    architecture = domain_for_dataset("cbsd432").default_architecture  # opponent_unet_wide
+    model = build_model(architecture)
     assert count_params(model) <= 700_000
     rng = np.random.default_rng(1)
     x = np.clip(rng.random((1, 32, 48, 3), dtype=np.float32), 0, 1)
@@ -76,7 +80,7 @@ def test_opponent_unet_starts_as_the_grey_model_run_per_opponent_plane(tmp_path,
     per_plane = [grey.predict(planes[None, ..., c : c + 1], verbose=0)[0, ..., 0] for c in range(3)]
     expected = opponent_to_rgb(np.stack(per_plane, axis=-1))
     assert np.abs(model.predict(x, verbose=0)[0] - expected).max() > 0.01  # not before
-    assert warm_start_model(model, "opponent_unet", grey_ref.model_path) == 14
+    assert warm_start_model(model, architecture, grey_ref.model_path) == 16  # the trunk's layers
     assert np.abs(model.predict(x, verbose=0)[0] - expected).max() < 1e-4
     # saved and loaded (safe mode), it is the same model
     model.save(tmp_path / "m.keras")
@@ -158,18 +162,24 @@ def test_a_model_trains_on_from_a_model_of_its_own_layout_named_by_version(tmp_p
 
     monkeypatch.setenv("DENOISE_BUILTIN_DIR", str(PACKAGE_DIR))
     grey_ref = builtin_model("photos")
+    layout = grey_ref.card.architecture  # photo_unet_wide
     store = Store.at(tmp_path / "store")
-    training = TrainConfig(architecture="photo_unet", warm_start=grey_ref.version)
+    training = TrainConfig(architecture=layout, warm_start=grey_ref.version)
     with store.stage() as stage:
         concrete = with_warm_start(store, stage, training)
     assert concrete.warm_start == str(grey_ref.model_path)
     assert with_warm_start(store, None, TrainConfig(architecture="photo_unet")).warm_start == ""
-    model = build_model("photo_unet", (None, None, 1))
+    model = build_model(layout, (None, None, 1))
     x = np.random.default_rng(2).random((1, 24, 40, 1), dtype=np.float32)
     grey = load_model(grey_ref.model_path)
     assert np.abs(model.predict(x, verbose=0) - grey.predict(x, verbose=0)).max() > 0.01
-    assert warm_start_model(model, "photo_unet", concrete.warm_start) == len(model.layers)
+    assert warm_start_model(model, layout, concrete.warm_start) == len(model.layers)
     assert np.abs(model.predict(x, verbose=0) - grey.predict(x, verbose=0)).max() < 1e-6
+    # another layout is refused in one line that names the one to train
+    with pytest.raises(
+        ModelError, match=r"it is a photo_unet_wide \(--architecture photo_unet_wide\)"
+    ):
+        warm_start_model(build_model("photo_unet"), "photo_unet", concrete.warm_start)
     with pytest.raises(ModelNotFound):
         with store.stage() as stage:
             with_warm_start(store, stage, training.model_copy(update={"warm_start": "nope"}))
@@ -275,7 +285,10 @@ def test_train_cbsd432_quick_end_to_end_gains_in_rgb(
     card = model.card
     assert model.domain == "colour" and model.status == "production"
     assert card.data.channels == 3 and card.image_shape == [32, 32, 3]
-    assert card.architecture == "opponent_unet" and card.precision in ("float32", "mixed_bfloat16")
+    assert card.architecture == "opponent_unet_wide" and card.precision in (
+        "float32",
+        "mixed_bfloat16",
+    )
     # grown from the package's grey model: it starts where that model per opponent plane is
     builtin = builtin_model("photos")
     assert card.grown_from == {

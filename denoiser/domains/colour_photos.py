@@ -1,6 +1,7 @@
 """Colour photographs (CBSD432 / CSet9): RGB patches, awgn drawn
 independently in each channel (blind sigma in [0, 55]), an RGB-in RGB-out
-``opponent_unet`` grown from the grey photo model, PSNR and SSIM on the RGB
+``opponent_unet_wide`` grown from the grey photo model (the built-in one is a
+``photo_unet_wide``; a ``photo_unet`` grows into it too), PSNR and SSIM on the RGB
 image."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ COLOUR_PHOTOS = photo_domain(
     name="colour",
     words="colour photographs",
     channels=3,
-    architecture="opponent_unet",
+    architecture="opponent_unet_wide",
     train_hint="train one with `denoise train --dataset cbsd432`",
     recognises=recognise_colour,
     fallbacks=("photos",),

@@ -58,6 +58,8 @@ def warm_start_model(model, name: str, seed_path: str | os.PathLike) -> int:
             return len(model.layers)
         return spec.warm_start(model, seed)
     except ValueError as exc:
+        if seed.name in ARCHITECTURES and seed.name != model.name:
+            exc = f"it is a {seed.name} (--architecture {seed.name})"
         raise ModelError(f"{seed_path}: cannot start {name} from it ({exc})") from None
 
 
