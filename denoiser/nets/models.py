@@ -58,9 +58,10 @@ def warm_start_model(model, name: str, seed_path: str | os.PathLike) -> int:
             return len(model.layers)
         return spec.warm_start(model, seed)
     except ValueError as exc:
+        why = str(exc)
         if seed.name in ARCHITECTURES and seed.name != model.name:
-            exc = f"it is a {seed.name} (--architecture {seed.name})"
-        raise ModelError(f"{seed_path}: cannot start {name} from it ({exc})") from None
+            why = f"it is a {seed.name} (--architecture {seed.name})"
+        raise ModelError(f"{seed_path}: cannot start {name} from it ({why})") from None
 
 
 def build_model(name: str = DEFAULT_ARCHITECTURE, input_shape: tuple | None = None, **options):
