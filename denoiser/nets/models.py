@@ -59,7 +59,7 @@ def warm_start_model(model, name: str, seed_path: str | os.PathLike) -> int:
         return spec.warm_start(model, seed)
     except ValueError as exc:
         why = str(exc)
-        if seed.name in ARCHITECTURES and seed.name != model.name:
+        if spec.warm_start is None and seed.name in ARCHITECTURES and seed.name != model.name:
             why = f"it is a {seed.name} (--architecture {seed.name})"
         raise ModelError(f"{seed_path}: cannot start {name} from it ({why})") from None
 
