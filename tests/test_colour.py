@@ -135,10 +135,11 @@ def test_a_colour_model_trains_on_from_a_colour_model_as_it_is(monkeypatch):
     monkeypatch.setenv("DENOISE_BUILTIN_DIR", str(PACKAGE_DIR))
     colour_ref = builtin_model("colour")
     colour = load_model(colour_ref.model_path)
-    model = build_model("opponent_unet")
+    layout = colour_ref.card.architecture  # opponent_unet_wide
+    model = build_model(layout)
     x = np.random.default_rng(4).random((1, 24, 40, 3), dtype=np.float32)
     assert np.abs(model.predict(x, verbose=0) - colour.predict(x, verbose=0)).max() > 0.01
-    warm_start_model(model, "opponent_unet", colour_ref.model_path)
+    warm_start_model(model, layout, colour_ref.model_path)
     assert np.abs(model.predict(x, verbose=0) - colour.predict(x, verbose=0)).max() < 1e-6
 
 
