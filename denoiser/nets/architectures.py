@@ -389,8 +389,8 @@ WIDE_TRUNK = {"filters": (32, 64, 128), "convs": (2, 2)}
 
 
 def build_opponent_unet_wide(input_shape=(None, None, 3), **options):
-    """``opponent_unet`` on ``photo_unet_wide``'s trunk, grown from a
-    ``photo_unet_wide`` grey model."""
+    """``opponent_unet`` on ``photo_unet_wide``'s trunk, grown from a grey
+    photo model that fits it (a ``photo_unet_wide`` or a ``photo_unet``)."""
     return build_opponent_unet(
         input_shape, **{"name": "opponent_unet_wide", **WIDE_TRUNK, **options}
     )
@@ -403,7 +403,7 @@ def build_photo_unet_wide(input_shape=(None, None, 1), **options):
     compute a step. Grows from a ``photo_unet`` model (:func:`grow_photo_unet`)."""
     return build_photo_unet(
         input_shape,
-        **{"filters": (32, 64, 128), "convs": (2, 2), "name": "photo_unet_wide", **options},
+        **{**WIDE_TRUNK, "name": "photo_unet_wide", **options},
     )
 
 
@@ -424,6 +424,11 @@ PHOTO_RECIPE = unet_recipe(
     epochs=8,
     noise="awgn",
     sigma_range=(0.0, 55.0),
+)
+
+# the colour models grown from a grey one: RGB, and a gentler start than from scratch
+OPPONENT_RECIPE = PHOTO_RECIPE.model_copy(
+    update={"input_shape": (None, None, 3), "learning_rate": 2e-4}
 )
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
@@ -469,7 +474,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     ),
     "opponent_unet": ArchitectureSpec(
         build_opponent_unet,
-        PHOTO_RECIPE.model_copy(update={"input_shape": (None, None, 3), "learning_rate": 2e-4}),
+        OPPONENT_RECIPE,
         "for colour photographs, grown from a grey photo model: photo_unet's trunk shared by the "
         "three opponent colour planes, each seeing the others as its guide; RGB in and out",
         grows_from="photos",
@@ -477,8 +482,8 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     ),
     "opponent_unet_wide": ArchitectureSpec(
         build_opponent_unet_wide,
-        PHOTO_RECIPE.model_copy(update={"input_shape": (None, None, 3), "learning_rate": 2e-4}),
-        "opponent_unet on photo_unet_wide's trunk, grown from a photo_unet_wide grey model",
+        OPPONENT_RECIPE,
+        "opponent_unet on photo_unet_wide's trunk, grown from a grey photo model that fits it",
         grows_from="photos",
         warm_start=warm_start_from,
     ),
