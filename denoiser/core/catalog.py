@@ -72,16 +72,24 @@ def _idx_spec(name: str, entry: dict) -> DatasetSpec:
     return DatasetSpec(name=name, origin=entry["origin"], files=files, **extra)
 
 
-def _image_spec(name: str, entry: dict) -> ImageDatasetSpec:
-    return ImageDatasetSpec(name=name, sums_file=SUMS_DIR / f"{name}.sha256", **entry)
+def _image_spec(name: str, entry: dict, images: dict[str, dict]) -> ImageDatasetSpec:
+    """An image dataset's entry; one with ``images_of`` takes that entry's
+    files (origin, checksums, mirror folder) and reads them as its own domain."""
+    files_name = entry.pop("images_of", name)
+    if files_name != name:
+        entry = {"origin": images[files_name]["origin"], **entry}
+    return ImageDatasetSpec(
+        name=name, files_name=files_name, sums_file=SUMS_DIR / f"{files_name}.sha256", **entry
+    )
 
 
 def _read_catalog() -> tuple[dict[str, DatasetSpec], dict[str, ImageDatasetSpec]]:
     with CATALOG_FILE.open("rb") as f:
         catalog = tomllib.load(f)
+    images = catalog.get("images", {})
     return (
         {name: _idx_spec(name, entry) for name, entry in catalog.get("idx", {}).items()},
-        {name: _image_spec(name, entry) for name, entry in catalog.get("images", {}).items()},
+        {name: _image_spec(name, dict(entry), images) for name, entry in images.items()},
     )
 
 
@@ -144,6 +152,11 @@ class ImageDatasetSpec:
     test: str | None = None  # the registered dataset to test on
     description: str = ""
     domain: str = "photos"  # the domain (denoiser.domains) a model trained on it learns
+    files_name: str = ""  # whose files these are (the mirror's folder): its own name, or images_of
+
+    def __post_init__(self):
+        if not self.files_name:
+            object.__setattr__(self, "files_name", self.name)
 
     def files(self) -> dict[str, str]:
         return parse_sha256sums(self.sums_file.read_text(encoding="utf-8"))

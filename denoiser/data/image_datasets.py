@@ -286,7 +286,7 @@ class _ImageOrigin:
         if self.location is None:
             spec = self._spec
             self.location, self.sums = locate_source(
-                spec.name, spec.origin, next(iter(self.expected)), self._source
+                spec.files_name, spec.origin, next(iter(self.expected)), self._source
             )
         return self.location, self.sums
 
