@@ -21,8 +21,10 @@ from artifacts.registry import (
     read_production_versions,
 )
 from artifacts.store import Store
+from denoiser.config import DataConfig, TrainConfig
 from denoiser.core.cards import ModelCard
 from denoiser.core.errors import ModelError, ModelNotFound
+from denoiser.domains import domain_for_dataset
 
 logger = logging.getLogger("artifacts.registry")  # its messages read as the registry's
 
@@ -97,3 +99,20 @@ def resolve_model(
         _card(folder) or ModelCard(),
         "production" if in_store and folder.name in productions else "candidate",
     )
+
+
+def with_seed_architecture(
+    store_root: Store | str | os.PathLike | None, data: DataConfig | dict, training: TrainConfig
+) -> TrainConfig:
+    """``training`` with ``architecture: auto`` made its warm start's own
+    architecture when that model is of the dataset's domain: a model trains on
+    in its own layout (the built-in grey model is wider than the grey
+    default). A seed of another domain is grown into the domain's default, and
+    a given architecture is kept. ModelNotFound when the seed is nowhere."""
+    if training.architecture != "auto" or not training.warm_start:
+        return training
+    seed = resolve_model(store_root, training.warm_start)
+    dataset = DataConfig.model_validate(data).dataset
+    if not seed.card.architecture or seed.domain != domain_for_dataset(dataset).name:
+        return training
+    return training.model_copy(update={"architecture": seed.card.architecture})

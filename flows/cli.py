@@ -255,12 +255,15 @@ def _train_configs(args: argparse.Namespace) -> dict:
 
 def _run_train(args: argparse.Namespace) -> int:
     from artifacts.registry import open_store
-    from artifacts.resolution import resolve_model
+    from artifacts.resolution import resolve_model, with_seed_architecture
     from denoiser.request import resolve_request
 
-    # every check before a server starts (the flow makes the same call): a bad option, a
-    # missing bucket, refused credentials or a broken registry is one line, nothing written
-    request = resolve_request(**_train_configs(args), store=args.store)
+    # every check before a server starts (the flow makes the same calls): a bad option, a
+    # missing bucket, refused credentials, a broken registry or no model to start from is
+    # one line, nothing written; a warm start of the dataset's domain gives its architecture
+    configs = _train_configs(args)
+    configs["training"] = with_seed_architecture(args.store, configs["data"], configs["training"])
+    request = resolve_request(**configs, store=args.store)
     open_store(request.store)
     if request.training.warm_start:  # the model to start from is there (its layout: at training)
         resolve_model(request.store, request.training.warm_start)

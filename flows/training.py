@@ -8,6 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from artifacts.registry import open_store
+from artifacts.resolution import with_seed_architecture
 from denoiser.config import DataConfig, EvalConfig, NoiseConfig, TrainConfig
 from denoiser.request import resolve_request
 from flows.ledger import STATE_HOOKS
@@ -34,6 +35,7 @@ def train_pipeline(
     logger = get_run_logger()
     # every check before any work, the command line's own call: the domain's defaults and
     # checks, the recipe made concrete, the store reachable with a registry that reads
+    training = with_seed_architecture(store, data, training)  # a warm start's own layout
     request = resolve_request(data, noise, training, evaluation, store)
     store = open_store(request.store)
     store_root = store.url

@@ -39,6 +39,11 @@ from flows.serve import PREFECT_YAML, build_deployments
         ),
         (["train", "--noise-kind", "awgn", "--noise-level", "0,300"], "from 0 to 255", False),
         (["train", "--warm-start", "no-such-model"], "model 'no-such-model' not found", False),
+        (
+            ["train", "--architecture", "unet", "--warm-start", "no-such-model"],
+            "model 'no-such-model' not found",
+            False,
+        ),
         (["train", "--noise-kind", "pink"], "invalid choice: 'pink'", True),
         (["train", "--noise-level", "a,b"], "not a number", True),
     ],

@@ -186,6 +186,37 @@ def test_a_model_trains_on_from_a_model_of_its_own_layout_named_by_version(tmp_p
             with_warm_start(store, stage, training.model_copy(update={"warm_start": "nope"}))
 
 
+def test_a_warm_start_of_the_datasets_domain_gives_its_architecture(tmp_path, monkeypatch):
+    """--warm-start with no --architecture trains on in the seed's own layout
+    when the seed is of the dataset's domain (the built-in grey model is a
+    photo_unet_wide, not the grey default); a seed of another domain is grown
+    into the domain's default; a given architecture is kept."""
+    from artifacts.builtin import PACKAGE_DIR, builtin_model
+    from artifacts.resolution import with_seed_architecture
+    from denoiser.request import resolve_request
+
+    monkeypatch.setenv("DENOISE_BUILTIN_DIR", str(PACKAGE_DIR))
+    store = str(tmp_path / "store")
+    grey, colour = builtin_model("photos"), builtin_model("colour")
+
+    def architecture(dataset, **training):
+        data = {"dataset": dataset}
+        adopted = with_seed_architecture(store, data, TrainConfig(**training))
+        return resolve_request(data, None, adopted, store=store).training.architecture
+
+    assert grey.card.architecture != "photo_unet"  # else this test shows nothing
+    assert architecture("train400", warm_start=grey.version) == grey.card.architecture
+    assert architecture("train400") == "photo_unet"
+    assert architecture("bsd432", warm_start=grey.version) == grey.card.architecture
+    assert architecture("train400", warm_start=grey.version, architecture="photo_unet_wide") == (
+        "photo_unet_wide"
+    )
+    assert architecture("cbsd432", warm_start=colour.version) == colour.card.architecture
+    assert architecture("cbsd432", warm_start=grey.version) == "opponent_unet_wide"
+    with pytest.raises(ModelNotFound):
+        architecture("train400", warm_start="no-such-model")
+
+
 def test_colour_images_are_told_from_grey_ones_saved_as_rgb():
     from denoiser.domains import image_domain
     from denoiser.imaging.images import decode_image
