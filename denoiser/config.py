@@ -29,7 +29,7 @@ class DataConfig(_Config):
 
     dataset: str = Field(
         "mnist",
-        description="A registered dataset (mnist, fashion-mnist; train400, set12: photographs; "
+        description="A registered dataset (mnist, fashion-mnist; train400, set12, bsd432: photographs; "
         "cbsd432, cset9: colour photographs), or a "
         "folder of your own images: a path, a file:// URL or an http(s):// URL (over HTTP a SHA256SUMS "
         "beside the images must list them).",

@@ -89,7 +89,7 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
         "--dataset",
         default="mnist",
         metavar="NAME_OR_PATH_OR_URL",
-        help="mnist, fashion-mnist, train400 (photographs), cbsd432 (colour photographs), "
+        help="mnist, fashion-mnist, train400, bsd432 (photographs), cbsd432 (colour photographs), "
         "or a folder of your own images: "
         "a path, file:// or http(s):// URL (default: mnist)",
     )

@@ -403,3 +403,27 @@ def test_download_and_patch_tasks_on_a_folder(prefect_harness, photos, tmp_path)
     (fetched, changed), (written, other) = prepare()
     assert (fetched, written) == ("Completed", "Completed") and other != out
     assert [n for n, r in changed["files"].items() if r["status"] != "cached"] == ["added.png"]
+
+
+def test_bsd432_is_cbsd432s_files_read_in_grey_and_tested_on_set12(tmp_path):
+    """A registered entry may take another's files (``images_of``): bsd432
+    fetches CBSD432's files from its mirror folder, checked against its sums,
+    and cuts grey patches (their luma) for a grey photo model."""
+    from denoiser.core.catalog import IMAGE_DATASETS
+    from denoiser.domains import domain_for_dataset
+
+    if not (MIRROR / "cbsd432" / "SHA256SUMS").exists():
+        pytest.fail(f"datasets mirror not found at {MIRROR}")
+    grey, colour = IMAGE_DATASETS["bsd432"], IMAGE_DATASETS["cbsd432"]
+    assert grey.files() == colour.files() and grey.origin == colour.origin
+    assert domain_for_dataset("bsd432").name == "photos" and grey.test == "set12"
+    manifest = fetch_dataset("bsd432", str(MIRROR), tmp_path / "cache")
+    assert len(manifest["files"]) == 432 and manifest["skipped"] == []
+    assert manifest["test"]["dataset"] == "set12" and len(manifest["test"]["files"]) == 12
+    assert {r["source"] for r in manifest["files"].values()} == {str(MIRROR / "cbsd432")}
+    assert {r["sha256"] for r in manifest["files"].values()} == set(colour.files().values())
+    splits, meta = build_image_splits(manifest, 0.1, 32, 2, train_limit=4)
+    picked = splits["train"].images
+    first = np.asarray(picked[0])
+    assert first.ndim == 2 and np.array_equal(first, load_grey(picked.paths[0]))
+    assert np.asarray(Image.open(picked.paths[0])).ndim == 3  # the file itself is RGB
