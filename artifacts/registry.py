@@ -455,6 +455,18 @@ def production_model(
     return _version_ref(store, version, [version])
 
 
+def same_test_set(card: ModelCard, other: ModelCard) -> bool:
+    """Whether two models' PSNRs compare: scored on the same test images at
+    the same sigmas (photo sets: their cards' ``test_sha256``, whatever the
+    models trained on), else (older cards, digit sets, whose test pairs hold
+    their noise) learned from the same shard set."""
+    mine, theirs = card.data.test_sha256, other.data.test_sha256
+    if mine and theirs:
+        sigmas = [c.metrics.sigmas if c.metrics else None for c in (card, other)]
+        return mine == theirs and sigmas[0] == sigmas[1]
+    return card.data.manifest_sha256 == other.data.manifest_sha256
+
+
 def decide_promotion(card: ModelCard, current: ModelRef | None) -> tuple[bool, str]:
     gate = card.quality_gate or QualityGate()
     psnr = card.metrics.psnr_denoised if card.metrics else None
@@ -467,7 +479,7 @@ def decide_promotion(card: ModelCard, current: ModelRef | None) -> tuple[bool, s
         )
     if current is None:
         return True, "passed the quality gate; no production model yet"
-    if card.data.manifest_sha256 != current.card.data.manifest_sha256:
+    if not same_test_set(card, current.card):
         return False, (
             f"evaluated on a different test set than production {current.version}; "
             f"PSNRs are not comparable (promote by hand with `denoise models promote`)"

@@ -66,6 +66,36 @@ def test_promotion_rules(tmp_path):
         promote(tmp_path, "nope")
 
 
+def test_models_tested_on_the_same_images_compare_whatever_they_trained_on(tmp_path):
+    """A photo model trained on bsd432 and one trained on train400 are both
+    scored on Set12 (the same test images, the same sigmas): the better one
+    is promoted, though their shard sets differ; other test images or other
+    sigmas are not compared."""
+
+    def version(name: str, psnr: float, data: str, test: str, sigmas=(15.0, 25.0, 50.0)):
+        folder = make_version(tmp_path, name, psnr, data=data)
+        card = json.loads((folder / "model.json").read_text())
+        card["data"]["test_sha256"] = test
+        card["metrics"]["sigmas"] = list(sigmas)
+        (folder / "model.json").write_text(json.dumps(card))
+        return folder
+
+    assert register_model(tmp_path, version("20260101-000000-unet-0001", 29.0, "a", "set12"))[
+        "promoted"
+    ]
+    better = register_model(tmp_path, version("20260102-000000-unet-0002", 29.5, "b", "set12"))
+    assert better["promoted"] and "beats production" in better["reason"]
+    worse = register_model(tmp_path, version("20260103-000000-unet-0003", 29.1, "c", "set12"))
+    assert not worse["promoted"] and "does not beat production" in worse["reason"]
+    for name, test, sigmas in (
+        ("20260104-000000-unet-0004", "other", (15.0, 25.0, 50.0)),
+        ("20260105-000000-unet-0005", "set12", (15.0, 25.0)),
+    ):
+        other = register_model(tmp_path, version(name, 35.0, "d", test, sigmas))
+        assert not other["promoted"] and "different test set" in other["reason"]
+    assert read_registry(tmp_path)["production"] == "20260102-000000-unet-0002"
+
+
 def test_resolve_model_by_version_folder_and_file(tmp_path):
     folder = make_version(tmp_path, "v1", 20.0)
     assert resolve_model(tmp_path, "v1").model_path == folder / "model.keras"

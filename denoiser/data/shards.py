@@ -657,6 +657,20 @@ def check_shard_set(shards_dir: str | os.PathLike) -> dict:
 # --------------------------------------------------------------------------- readers
 
 
+def test_set_sha256(manifest: dict) -> str | None:
+    """What a patch set's models are scored on, as one sha256: its test
+    images' own sha256s in order (the ``test_limit`` first) and their channels.
+    Models trained on any data and tested on the same images compare; None
+    for a set of pairs, whose test pairs hold their noise (the whole manifest
+    tells those apart)."""
+    if manifest.get("kind") != "patches":
+        return None
+    rows = manifest["splits"]["test"]["rows"]
+    tested = [e["sha256"] for e in manifest["images"] if e["split"] == "test"][:rows]
+    facts = {"images": tested, "channels": manifest.get("channels", 1)}
+    return hashlib.sha256(json.dumps(facts).encode()).hexdigest()
+
+
 def read_manifest(shards_dir: str | os.PathLike) -> dict:
     manifest = _load_manifest(shards_dir)
     if is_url(shards_dir):  # one listing instead of a request per shard
