@@ -503,15 +503,17 @@ def test_a_dataset_of_idx_files_becomes_a_pair_set(tmp_path):
 
 
 def test_a_patch_sets_test_hash_is_its_test_images_alone():
-    from denoiser.data.shards import test_set_sha256
+    from denoiser.data.shards import tested_images_sha256
 
     def manifest(train="a", rows=2, **extra):
         images = [{"sha256": train, "split": "train"}, {"sha256": "v", "split": "validation"}]
         images += [{"sha256": t, "split": "test"} for t in ("t1", "t2", "t3")]
         return {"kind": "patches", "splits": {"test": {"rows": rows}}, "images": images, **extra}
 
-    first = test_set_sha256(manifest())
-    assert first == test_set_sha256(manifest(train="b", patch_size=40))  # trained on other data
-    assert first != test_set_sha256(manifest(rows=3))  # another test_limit
-    assert first != test_set_sha256(manifest(channels=3))  # the same files in colour
-    assert test_set_sha256({"kind": "pairs"}) is None  # its test pairs hold their noise
+    first = tested_images_sha256(manifest())
+    assert first == tested_images_sha256(
+        manifest(train="b", patch_size=40)
+    )  # trained on other data
+    assert first != tested_images_sha256(manifest(rows=3))  # another test_limit
+    assert first != tested_images_sha256(manifest(channels=3))  # the same files in colour
+    assert tested_images_sha256({"kind": "pairs"}) is None  # its test pairs hold their noise

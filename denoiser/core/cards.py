@@ -68,7 +68,7 @@ class CardData(_Open):
 
     shards_dir: str | None = None
     manifest_sha256: str | None = None
-    test_sha256: str | None = None  # a patch set's test images (see shards.test_set_sha256)
+    test_sha256: str | None = None  # a patch set's test images (see shards.tested_images_sha256)
     dataset: str | None = None
     domain: str | None = None
     channels: int | None = None  # of the images the model takes and gives (1 grey, 3 RGB)

@@ -657,7 +657,7 @@ def check_shard_set(shards_dir: str | os.PathLike) -> dict:
 # --------------------------------------------------------------------------- readers
 
 
-def test_set_sha256(manifest: dict) -> str | None:
+def tested_images_sha256(manifest: dict) -> str | None:
     """What a patch set's models are scored on, as one sha256: its test
     images' own sha256s in order (the ``test_limit`` first) and their channels.
     Models trained on any data and tested on the same images compare; None

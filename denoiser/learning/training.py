@@ -39,7 +39,7 @@ from denoiser.data.shards import (
     noise_config,
     read_manifest,
     split_rows,
-    test_set_sha256,
+    tested_images_sha256,
 )
 from denoiser.domains import domain_of_manifest
 from denoiser.learning.checkpoints import (
@@ -627,7 +627,7 @@ def data_facts(shards_dir: str | os.PathLike, manifest: dict) -> CardData:
     return CardData(
         shards_dir=where,
         manifest_sha256=manifest_hash(shards_dir),
-        test_sha256=test_set_sha256(manifest),
+        test_sha256=tested_images_sha256(manifest),
         dataset=manifest.get("dataset"),
         domain=domain_of_manifest(manifest).name,
         channels=domain_of_manifest(manifest).channels,
