@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import awgn_test_set  # noqa: E402
 from colour import DEFAULT_DATA, SIGMAS, load_model, load_rgb_pngs, whole  # noqa: E402
 

@@ -511,9 +511,8 @@ def test_a_patch_sets_test_hash_is_its_test_images_alone():
         return {"kind": "patches", "splits": {"test": {"rows": rows}}, "images": images, **extra}
 
     first = tested_images_sha256(manifest())
-    assert first == tested_images_sha256(
-        manifest(train="b", patch_size=40)
-    )  # trained on other data
-    assert first != tested_images_sha256(manifest(rows=3))  # another test_limit
-    assert first != tested_images_sha256(manifest(channels=3))  # the same files in colour
+    # trained on other data: the same; another test_limit or the files in colour: not
+    assert first == tested_images_sha256(manifest(train="b", patch_size=40))
+    assert first != tested_images_sha256(manifest(rows=3))
+    assert first != tested_images_sha256(manifest(channels=3))
     assert tested_images_sha256({"kind": "pairs"}) is None  # its test pairs hold their noise

@@ -75,6 +75,7 @@ def _idx_spec(name: str, entry: dict) -> DatasetSpec:
 def _image_spec(name: str, entry: dict, images: dict[str, dict]) -> ImageDatasetSpec:
     """An image dataset's entry; one with ``images_of`` takes that entry's
     files (origin, checksums, mirror folder) and reads them as its own domain."""
+    entry = dict(entry)
     files_name = entry.pop("images_of", name)
     if files_name != name:
         entry = {"origin": images[files_name]["origin"], **entry}
@@ -89,7 +90,7 @@ def _read_catalog() -> tuple[dict[str, DatasetSpec], dict[str, ImageDatasetSpec]
     images = catalog.get("images", {})
     return (
         {name: _idx_spec(name, entry) for name, entry in catalog.get("idx", {}).items()},
-        {name: _image_spec(name, dict(entry), images) for name, entry in images.items()},
+        {name: _image_spec(name, entry, images) for name, entry in images.items()},
     )
 
 
@@ -149,14 +150,10 @@ class ImageDatasetSpec:
     name: str
     origin: str
     sums_file: Path  # ``sha256sum`` lines: the canonical checksums, read when fetching
+    files_name: str  # whose files these are (the mirror's folder): its own name, or images_of
     test: str | None = None  # the registered dataset to test on
     description: str = ""
     domain: str = "photos"  # the domain (denoiser.domains) a model trained on it learns
-    files_name: str = ""  # whose files these are (the mirror's folder): its own name, or images_of
-
-    def __post_init__(self):
-        if not self.files_name:
-            object.__setattr__(self, "files_name", self.name)
 
     def files(self) -> dict[str, str]:
         return parse_sha256sums(self.sums_file.read_text(encoding="utf-8"))
