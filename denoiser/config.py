@@ -169,6 +169,15 @@ class TrainConfig(_Config):
         "of the batch, so the model does not learn where the 28x28 frame is and works on whole images "
         "and tiles. None: the architecture's own recipe (unet: 0.2, seed: 0).",
     )
+    colour_gains: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of colour training patches whose R, G and B are each scaled by a "
+        "gain drawn from [0.6, 1] (a colour cast), which gives the colour differences detail "
+        "where the luminance has it: JPEG training photographs (4:2:0) keep none there. "
+        "Grey patches ignore it.",
+    )
     loss: LossName = Field(
         "auto", description="auto: the architecture's own recipe (seed: bce, unet: psnr_ssim)."
     )
@@ -280,6 +289,7 @@ TRAIN_FLAGS: dict[str, dict[str, str]] = {
         "loss": "--loss",
         "lr_schedule": "--lr-schedule",
         "reframe": "--reframe",
+        "colour_gains": "--colour-gains",
         "seed": "--seed",
         "precision": "--precision",
         "warm_start": "--warm-start",

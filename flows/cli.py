@@ -166,6 +166,12 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the architecture's recipe; 0 trains on the frames as they are)",
     )
     p.add_argument(
+        "--colour-gains",
+        type=float,
+        help="share of colour training patches given a random colour cast, so that the colour "
+        "differences carry detail (default: 0)",
+    )
+    p.add_argument(
         "--seed",
         type=int,
         help=f"seed for noise and training (default: {TrainConfig.model_fields['seed'].default})",
@@ -193,6 +199,7 @@ TRAIN_OPTIONS = (
     "loss",
     "lr_schedule",
     "reframe",
+    "colour_gains",
     "seed",
     "precision",
     "warm_start",

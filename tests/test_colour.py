@@ -261,6 +261,38 @@ def test_rgb_patch_shards_and_their_typed_noise_config(tmp_path):
     assert residual.shape == (8, 16, 16, 3)
     # the noise is drawn independently in each channel
     assert abs(np.corrcoef(residual[..., 0].ravel(), residual[..., 1].ravel())[0, 1]) < 0.1
+    # a colour cast scales each training patch's R, G and B by its own gains in [0.6, 1]
+    _, cast = next(iter(make_dataset(out, "train", 8, seed=0, colour_gains=1.0)))
+    gains = np.asarray(cast).reshape(8, -1, 3) / np.asarray(clean).reshape(8, -1, 3).clip(1e-6)
+    lit = np.asarray(clean).reshape(8, -1, 3) > 0.05
+    per_patch = np.array(
+        [[np.median(g[m[:, c], c]) for c in range(3)] for g, m in zip(gains, lit, strict=True)]
+    )
+    assert ((per_patch >= 0.6 - 1e-3) & (per_patch <= 1.0 + 1e-3)).all()
+    assert np.ptp(per_patch, axis=1).min() > 0.01  # the gains differ between channels
+    for g, m, k in zip(gains, lit, per_patch, strict=True):
+        for c in range(3):
+            assert np.allclose(g[m[:, c], c], k[c], atol=1e-3)  # one gain a channel a patch
+    # validation pairs are never cast: the scores compare across runs
+    plain_val = next(iter(make_dataset(out, "validation", 8, training=False)))[1]
+    cast_val = next(iter(make_dataset(out, "validation", 8, training=False, colour_gains=1.0)))[1]
+    assert np.array_equal(np.asarray(plain_val), np.asarray(cast_val))
+
+
+def test_a_colour_cast_takes_its_share_of_patches_and_repeats_from_its_seed():
+    import tensorflow as tf
+
+    from denoiser.learning.training import colour_cast
+
+    ones = tf.ones((400, 2, 2, 3))
+    seed = tf.constant(7, tf.int64)
+    cast = np.asarray(colour_cast(ones, 0.5, seed))
+    touched = ~np.isclose(cast, 1.0).all(axis=(1, 2, 3))
+    assert 150 < touched.sum() < 250  # about half of the patches
+    assert cast.min() >= 0.6 and cast.max() <= 1.0
+    assert np.array_equal(cast, np.asarray(colour_cast(ones, 0.5, seed)))  # from its seed
+    assert not np.array_equal(cast, np.asarray(colour_cast(ones, 0.5, seed + 1)))
+    assert np.array_equal(np.asarray(colour_cast(ones, 0.0, seed)), np.asarray(ones))
 
 
 def test_cpu_precision_is_bfloat16_only_where_the_cpu_has_it():

@@ -218,6 +218,7 @@ def _shuffled_batches(
 # converted at once, batches made ahead of the model; the conversion is cheap beside a step
 PARALLEL_MAPS = 2
 PREFETCH_BATCHES = 4
+CAST_LOW = 0.6  # the lowest gain of a colour cast (colour_cast)
 
 VALIDATION_NOISE_SEED = (
     1234  # the validation patches' noise: the same every epoch, so val_loss compares
@@ -260,6 +261,31 @@ def awgn_batch(clean, sigmas: tuple[float, float], seed, density: str = "uniform
     return clean + noise * tf.reshape(sigma, [-1, 1, 1, 1])
 
 
+def colour_cast(clean, share: float, seed):
+    """A ``share`` of a (batch, H, W, 3) float batch in [0, 1] with R, G and B
+    each scaled by a gain drawn uniformly from [``CAST_LOW``, 1], from a
+    stateless ``seed`` (an int64 scalar tensor, as :func:`awgn_batch` takes).
+
+    What it is for: in a JPEG stored with 4:2:0 chroma (all of CBSD432) the
+    colour differences are at half resolution, so R, G and B share one fine
+    detail and a colour model learns to smooth the colour differences, which
+    photographs stored otherwise have detail in (docs/natural.md, "Colour
+    casts"). Unequal gains turn the shared detail into colour-difference
+    detail where the luminance has its own, as colour edges are. Gains of at
+    most 1 keep the patch in [0, 1]."""
+    import tensorflow as tf
+
+    pair = tf.stack([tf.cast(seed, tf.int64), tf.constant(0xCA57, tf.int64)])
+    pick_seed, gain_seed = tf.unstack(tf.random.experimental.stateless_split(pair, 2))
+    batch = tf.shape(clean)[:1]
+    picked = tf.random.stateless_uniform(batch, seed=pick_seed) < share
+    gains = tf.random.stateless_uniform(
+        tf.concat([batch, [1, 1, 3]], 0), seed=gain_seed, minval=CAST_LOW, maxval=1.0
+    )
+    gains = tf.where(tf.reshape(picked, [-1, 1, 1, 1]), gains, tf.ones_like(gains))
+    return clean * tf.cast(gains, clean.dtype)
+
+
 def make_dataset(
     shards_dir: str | os.PathLike,
     split: str,
@@ -268,13 +294,16 @@ def make_dataset(
     seed: int = 0,
     training: bool = True,
     reframe: float = 0.0,
+    colour_gains: float = 0.0,
 ):
     """(noisy, clean) float32 batches streamed from the shards.
 
     Memory is bounded by the shuffle buffer and a few record batches whatever
     the number of shards; uint8 -> float32 happens inside the graph. A new
     shuffle order every epoch, reproducible from the seed. ``reframe``: the
-    share of training pairs recut from mosaics (:func:`denoiser.data.augment.reframe`).
+    share of training pairs recut from mosaics (:func:`denoiser.data.augment.reframe`);
+    ``colour_gains``: the share of colour training patches given a colour cast
+    (:func:`colour_cast`) before their noise.
 
     A patch set (manifest ``kind: patches``) holds clean patches only: the
     literature's awgn is added inside the graph (:func:`awgn_batch`), one
@@ -296,7 +325,7 @@ def make_dataset(
     signature = (spec, seeds) if fresh_noise else (spec, spec)
     ds = tf.data.Dataset.from_generator(generate, output_signature=signature).rebatch(batch_size)
     ds = ds.map(
-        _float_pairs(manifest, shape, training, reframe, fresh_noise),
+        _float_pairs(manifest, shape, training, reframe, fresh_noise, colour_gains),
         num_parallel_calls=PARALLEL_MAPS,
     )
     ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(rows / batch_size)))
@@ -343,7 +372,14 @@ def _block_source(
     return generate
 
 
-def _float_pairs(manifest: dict, shape: tuple, training: bool, reframe: float, fresh_noise: bool):
+def _float_pairs(
+    manifest: dict,
+    shape: tuple,
+    training: bool,
+    reframe: float,
+    fresh_noise: bool,
+    colour_gains: float = 0.0,
+):
     """The graph function that turns a uint8 batch into a float32 (noisy, clean)
     pair: the stored pair scaled, or for a patch set awgn added to the clean
     patches; in training, ``reframe`` of the pairs recut from mosaics."""
@@ -362,8 +398,12 @@ def _float_pairs(manifest: dict, shape: tuple, training: bool, reframe: float, f
         sigmas = sigma_range({"kind": noise.kind, "level": noise.level})
         density = noise.level_density
 
+        cast = training and colour_gains > 0 and shape[-1] == 3
+
         def noisy_pair(clean, seeds):
             clean = tf.cast(clean, tf.float32) / 255.0
+            if cast:
+                clean = colour_cast(clean, colour_gains, seeds[0])
             return recut(awgn_batch(clean, sigmas, seeds[0], density), clean)
 
         return noisy_pair
@@ -825,6 +865,7 @@ def _fit_inputs(shards_dir, training: TrainConfig, plan: TrainingPlan, device) -
         training.seed,
         True,
         plan.reframe,
+        training.colour_gains,
     )
     val_ds = make_dataset(shards_dir, "validation", global_batch, training=False)
     steps = math.ceil(split_rows(shards_dir, "train") / global_batch)
