@@ -342,12 +342,16 @@ def test_train_cbsd432_quick_end_to_end_gains_in_rgb(
             "32",
             "--min-psnr-gain",
             "0.5",
+            "--colour-gains",
+            "0.5",
         ]
     )
     assert code == 0
     [model] = list_models(store)
     card = model.card
     assert model.domain == "colour" and model.status == "production"
+    # the casts are part of the recipe the card records, and of the command that repeats it
+    assert card.training["colour_gains"] == 0.5 and "--colour-gains 0.5" in card.training_command
     assert card.data.channels == 3 and card.image_shape == [32, 32, 3]
     assert card.architecture == "opponent_unet_wide" and card.precision in (
         "float32",

@@ -911,6 +911,8 @@ def _log_fit_start(log, model, training: TrainConfig, plan: TrainingPlan, device
         round(100 * plan.reframe),
         device.describe(),
     )
+    if training.colour_gains and inputs.train.element_spec[1].shape[-1] == 3:
+        log("%d%% of the training patches get a colour cast", round(100 * training.colour_gains))
     if len(inputs.scored_clean):
         noisy_scores = scores(inputs.scored_clean, np.clip(inputs.scored_noisy, 0.0, 1.0))
         log(
