@@ -382,7 +382,8 @@ def _float_pairs(
 ):
     """The graph function that turns a uint8 batch into a float32 (noisy, clean)
     pair: the stored pair scaled, or for a patch set awgn added to the clean
-    patches; in training, ``reframe`` of the pairs recut from mosaics."""
+    patches (in training, a ``colour_gains`` share of colour patches cast
+    first); in training, ``reframe`` of the pairs recut from mosaics."""
     import tensorflow as tf
 
     def recut(noisy, clean):
