@@ -279,6 +279,31 @@ def test_rgb_patch_shards_and_their_typed_noise_config(tmp_path):
     assert np.array_equal(np.asarray(plain_val), np.asarray(cast_val))
 
 
+def test_grey_patches_are_never_cast(tmp_path):
+    from PIL import Image
+
+    from denoiser.data.datasets import fetch_dataset
+    from denoiser.data.shards import ShardRequest
+    from denoiser.domains import DOMAINS
+    from denoiser.learning.training import make_dataset
+
+    folder = tmp_path / "grey"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        Image.fromarray((rng.random((40, 48)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    dataset = fetch_dataset(str(folder), None, tmp_path / "cache")
+    noise = NoiseConfig(
+        kind="awgn", level=(0.0, 55.0), level_density="uniform", patch_size=16, patches_per_image=4
+    )
+    out = DOMAINS["photos"].write_shards(tmp_path / "set-g", ShardRequest(dataset, noise))
+    plain = next(iter(make_dataset(out, "train", 8, seed=0)))
+    asked = next(iter(make_dataset(out, "train", 8, seed=0, colour_gains=1.0)))
+    assert np.asarray(plain[1]).shape[-1] == 1
+    for a, b in zip(plain, asked, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_a_colour_cast_takes_its_share_of_patches_and_repeats_from_its_seed():
     import tensorflow as tf
 
