@@ -378,7 +378,7 @@ def _float_pairs(
     training: bool,
     reframe: float,
     fresh_noise: bool,
-    colour_gains: float = 0.0,
+    colour_gains: float,
 ):
     """The graph function that turns a uint8 batch into a float32 (noisy, clean)
     pair: the stored pair scaled, or for a patch set awgn added to the clean
