@@ -174,9 +174,22 @@ class TrainConfig(_Config):
         ge=0,
         le=1,
         description="Share of colour training patches whose R, G and B are each scaled by a "
-        "gain drawn from [0.6, 1] (a colour cast), which gives the colour differences detail "
-        "where the luminance has it: JPEG training photographs (4:2:0) keep none there. "
+        "gain drawn from [colour_gains_low, 1] (a colour cast), which gives the colour "
+        "differences detail where the luminance has it: JPEG training photographs (4:2:0) keep "
+        "none there. "
         "Grey patches ignore it.",
+    )
+    colour_gains_low: float = Field(
+        0.6,
+        gt=0,
+        lt=1,
+        description="The lowest gain of a colour cast (colour_gains): each of R, G and B is "
+        "scaled by a gain drawn from [colour_gains_low, 1].",
+    )
+    colour_gains_balanced: bool = Field(
+        False,
+        description="Divide a colour cast's three gains by their mean, so the cast keeps a "
+        "grey's brightness instead of darkening the patch, and clip the patch to [0, 1].",
     )
     loss: LossName = Field(
         "auto", description="auto: the architecture's own recipe (seed: bce, unet: psnr_ssim)."
@@ -290,6 +303,8 @@ TRAIN_FLAGS: dict[str, dict[str, str]] = {
         "lr_schedule": "--lr-schedule",
         "reframe": "--reframe",
         "colour_gains": "--colour-gains",
+        "colour_gains_low": "--colour-gains-low",
+        "colour_gains_balanced": "--colour-gains-balanced",
         "seed": "--seed",
         "precision": "--precision",
         "warm_start": "--warm-start",
@@ -327,5 +342,5 @@ def train_command(parameters: dict) -> str:
             if given is None or given == getattr(defaults, field) or flag in seen:
                 continue
             seen.add(flag)
-            words += [flag, shlex.quote(_flag_value(given))]
+            words += [flag] if given is True else [flag, shlex.quote(_flag_value(given))]
     return " ".join(words)

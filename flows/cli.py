@@ -172,6 +172,19 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         "differences carry detail (default: 0)",
     )
     p.add_argument(
+        "--colour-gains-low",
+        type=float,
+        metavar="LOW",
+        help="a colour cast scales R, G and B by gains from [LOW, 1] "
+        f"(default: {TrainConfig.model_fields['colour_gains_low'].default})",
+    )
+    p.add_argument(
+        "--colour-gains-balanced",
+        action="store_true",
+        default=None,
+        help="divide a colour cast's gains by their mean, keeping the patch's brightness",
+    )
+    p.add_argument(
         "--seed",
         type=int,
         help=f"seed for noise and training (default: {TrainConfig.model_fields['seed'].default})",
@@ -200,6 +213,8 @@ TRAIN_OPTIONS = (
     "lr_schedule",
     "reframe",
     "colour_gains",
+    "colour_gains_low",
+    "colour_gains_balanced",
     "seed",
     "precision",
     "warm_start",

@@ -381,7 +381,14 @@ def test_the_training_command_gives_the_flow_the_same_parameters():
     params = {
         "data": DataConfig(dataset="my photos/set", test_limit=6),
         "noise": NoiseConfig(kind="awgn", level=(0.0, 55.0), patch_size=32, seed=4),
-        "training": TrainConfig(architecture="photo_unet", epochs=2, seed=4, learning_rate=5e-4),
+        "training": TrainConfig(
+            architecture="photo_unet",
+            epochs=2,
+            seed=4,
+            learning_rate=5e-4,
+            colour_gains=0.5,
+            colour_gains_balanced=True,
+        ),
         "evaluation": EvalConfig(sigmas=[15, 25], min_psnr_gain=1.5),
     }
     command = train_command({k: v.model_dump(mode="json") for k, v in params.items()})

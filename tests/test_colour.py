@@ -236,7 +236,7 @@ def test_rgb_patch_shards_and_their_typed_noise_config(tmp_path):
     from denoiser.data.datasets import fetch_dataset
     from denoiser.data.shards import load_split, noise_config, read_manifest
     from denoiser.domains import domain_of_manifest
-    from denoiser.learning.training import make_dataset
+    from denoiser.learning.training import ColourCasts, make_dataset
 
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -262,7 +262,7 @@ def test_rgb_patch_shards_and_their_typed_noise_config(tmp_path):
     # the noise is drawn independently in each channel
     assert abs(np.corrcoef(residual[..., 0].ravel(), residual[..., 1].ravel())[0, 1]) < 0.1
     # a colour cast scales each training patch's R, G and B by its own gains in [0.6, 1]
-    _, cast = next(iter(make_dataset(out, "train", 8, seed=0, colour_gains=1.0)))
+    _, cast = next(iter(make_dataset(out, "train", 8, seed=0, casts=ColourCasts(1.0))))
     gains = np.asarray(cast).reshape(8, -1, 3) / np.asarray(clean).reshape(8, -1, 3).clip(1e-6)
     lit = np.asarray(clean).reshape(8, -1, 3) > 0.05
     per_patch = np.array(
@@ -275,7 +275,9 @@ def test_rgb_patch_shards_and_their_typed_noise_config(tmp_path):
             assert np.allclose(g[m[:, c], c], k[c], atol=1e-3)  # one gain a channel a patch
     # validation pairs are never cast: the scores compare across runs
     plain_val = next(iter(make_dataset(out, "validation", 8, training=False)))[1]
-    cast_val = next(iter(make_dataset(out, "validation", 8, training=False, colour_gains=1.0)))[1]
+    cast_val = next(
+        iter(make_dataset(out, "validation", 8, training=False, casts=ColourCasts(1.0)))
+    )[1]
     assert np.array_equal(np.asarray(plain_val), np.asarray(cast_val))
 
 
@@ -285,7 +287,7 @@ def test_grey_patches_are_never_cast(tmp_path):
     from denoiser.data.datasets import fetch_dataset
     from denoiser.data.shards import ShardRequest
     from denoiser.domains import DOMAINS
-    from denoiser.learning.training import make_dataset
+    from denoiser.learning.training import ColourCasts, make_dataset
 
     folder = tmp_path / "grey"
     folder.mkdir()
@@ -298,7 +300,7 @@ def test_grey_patches_are_never_cast(tmp_path):
     )
     out = DOMAINS["photos"].write_shards(tmp_path / "set-g", ShardRequest(dataset, noise))
     plain = next(iter(make_dataset(out, "train", 8, seed=0)))
-    asked = next(iter(make_dataset(out, "train", 8, seed=0, colour_gains=1.0)))
+    asked = next(iter(make_dataset(out, "train", 8, seed=0, casts=ColourCasts(1.0))))
     assert np.asarray(plain[1]).shape[-1] == 1
     for a, b in zip(plain, asked, strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
@@ -318,6 +320,24 @@ def test_a_colour_cast_takes_its_share_of_patches_and_repeats_from_its_seed():
     assert np.array_equal(cast, np.asarray(colour_cast(ones, 0.5, seed)))  # from its seed
     assert not np.array_equal(cast, np.asarray(colour_cast(ones, 0.5, seed + 1)))
     assert np.array_equal(np.asarray(colour_cast(ones, 0.0, seed)), np.asarray(ones))
+
+
+def test_a_balanced_colour_cast_keeps_a_grey_as_bright_and_the_patch_in_range():
+    import tensorflow as tf
+
+    from denoiser.learning.training import colour_cast
+
+    seed = tf.constant(5, tf.int64)
+    grey = tf.fill((300, 2, 2, 3), 0.5)
+    cast = np.asarray(colour_cast(grey, 1.0, seed, low=0.3, balanced=True))
+    assert np.allclose(cast.mean(axis=-1), 0.5, atol=1e-6)  # the grey keeps its brightness
+    spread = np.ptp(cast[:, 0, 0], axis=-1)
+    assert spread.max() > 0.3  # gains from [0.3, 1] split the channels far apart
+    assert cast.max() > 0.5 * 1.2  # a balanced gain may exceed 1
+    dimmed = np.asarray(colour_cast(grey, 1.0, seed, low=0.3))
+    assert dimmed.mean() < 0.45 and dimmed.max() <= 0.5  # unbalanced gains darken
+    bright = np.asarray(colour_cast(tf.fill((300, 2, 2, 3), 0.95), 1.0, seed, 0.3, True))
+    assert bright.min() >= 0 and bright.max() == 1.0  # clipped where a gain overshoots
 
 
 def test_cpu_precision_is_bfloat16_only_where_the_cpu_has_it():
@@ -369,6 +389,9 @@ def test_train_cbsd432_quick_end_to_end_gains_in_rgb(
             "0.5",
             "--colour-gains",
             "0.5",
+            "--colour-gains-low",
+            "0.4",
+            "--colour-gains-balanced",
         ]
     )
     assert code == 0
@@ -377,6 +400,8 @@ def test_train_cbsd432_quick_end_to_end_gains_in_rgb(
     assert model.domain == "colour" and model.status == "production"
     # the casts are part of the recipe the card records, and of the command that repeats it
     assert card.training["colour_gains"] == 0.5 and "--colour-gains 0.5" in card.training_command
+    assert card.training["colour_gains_balanced"]
+    assert "--colour-gains-low 0.4 --colour-gains-balanced" in card.training_command
     assert card.data.channels == 3 and card.image_shape == [32, 32, 3]
     assert card.architecture == "opponent_unet_wide" and card.precision in (
         "float32",

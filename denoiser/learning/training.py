@@ -218,7 +218,7 @@ def _shuffled_batches(
 # converted at once, batches made ahead of the model; the conversion is cheap beside a step
 PARALLEL_MAPS = 2
 PREFETCH_BATCHES = 4
-CAST_LOW = 0.6  # the lowest gain of a colour cast (colour_cast)
+CAST_LOW = 0.6  # the lowest gain of a colour cast by default (colour_cast)
 
 VALIDATION_NOISE_SEED = (
     1234  # the validation patches' noise: the same every epoch, so val_loss compares
@@ -261,18 +261,34 @@ def awgn_batch(clean, sigmas: tuple[float, float], seed, density: str = "uniform
     return clean + noise * tf.reshape(sigma, [-1, 1, 1, 1])
 
 
-def colour_cast(clean, share: float, seed):
+class ColourCasts(NamedTuple):
+    """Which colour training patches get a cast (:func:`colour_cast`) and how:
+    ``TrainConfig``'s ``colour_gains``, ``colour_gains_low`` and
+    ``colour_gains_balanced``."""
+
+    share: float = 0.0
+    low: float = CAST_LOW
+    balanced: bool = False
+
+
+NO_CASTS = ColourCasts()
+
+
+def colour_cast(clean, share: float, seed, low: float = CAST_LOW, balanced: bool = False):
     """A ``share`` of a (batch, H, W, 3) float batch in [0, 1] with R, G and B
-    each scaled by a gain drawn uniformly from [``CAST_LOW``, 1], from a
+    each scaled by a gain drawn uniformly from [``low``, 1], from a
     stateless ``seed`` (an int64 scalar tensor, as :func:`awgn_batch` takes).
+    ``balanced``: the three gains divided by their mean, so a grey stays as
+    bright as it was, and the patch clipped to [0, 1] (a bright colour
+    saturates, as in a photograph); otherwise gains of at most 1 keep the
+    patch in [0, 1] and darken it.
 
     What it is for: in a JPEG stored with 4:2:0 chroma (all of CBSD432) the
     colour differences are at half resolution, so R, G and B share one fine
     detail and a colour model learns to smooth the colour differences, which
     photographs stored otherwise have detail in (docs/natural.md, "Colour
     casts"). Unequal gains turn the shared detail into colour-difference
-    detail where the luminance has its own, as colour edges are. Gains of at
-    most 1 keep the patch in [0, 1]."""
+    detail where the luminance has its own, as colour edges are."""
     import tensorflow as tf
 
     pair = tf.stack([tf.cast(seed, tf.int64), tf.constant(0xCA57, tf.int64)])
@@ -280,10 +296,13 @@ def colour_cast(clean, share: float, seed):
     batch = tf.shape(clean)[:1]
     picked = tf.random.stateless_uniform(batch, seed=pick_seed) < share
     gains = tf.random.stateless_uniform(
-        tf.concat([batch, [1, 1, 3]], 0), seed=gain_seed, minval=CAST_LOW, maxval=1.0
+        tf.concat([batch, [1, 1, 3]], 0), seed=gain_seed, minval=low, maxval=1.0
     )
+    if balanced:
+        gains = gains / tf.reduce_mean(gains, axis=-1, keepdims=True)
     gains = tf.where(tf.reshape(picked, [-1, 1, 1, 1]), gains, tf.ones_like(gains))
-    return clean * tf.cast(gains, clean.dtype)
+    cast = clean * tf.cast(gains, clean.dtype)
+    return tf.clip_by_value(cast, 0.0, 1.0) if balanced else cast
 
 
 def make_dataset(
@@ -294,7 +313,7 @@ def make_dataset(
     seed: int = 0,
     training: bool = True,
     reframe: float = 0.0,
-    colour_gains: float = 0.0,
+    casts: ColourCasts = NO_CASTS,
 ):
     """(noisy, clean) float32 batches streamed from the shards.
 
@@ -302,7 +321,7 @@ def make_dataset(
     the number of shards; uint8 -> float32 happens inside the graph. A new
     shuffle order every epoch, reproducible from the seed. ``reframe``: the
     share of training pairs recut from mosaics (:func:`denoiser.data.augment.reframe`);
-    ``colour_gains``: the share of colour training patches given a colour cast
+    ``casts``: which colour training patches get a colour cast
     (:func:`colour_cast`) before their noise.
 
     A patch set (manifest ``kind: patches``) holds clean patches only: the
@@ -325,7 +344,7 @@ def make_dataset(
     signature = (spec, seeds) if fresh_noise else (spec, spec)
     ds = tf.data.Dataset.from_generator(generate, output_signature=signature).rebatch(batch_size)
     ds = ds.map(
-        _float_pairs(manifest, shape, training, reframe, fresh_noise, colour_gains),
+        _float_pairs(manifest, shape, training, reframe, fresh_noise, casts),
         num_parallel_calls=PARALLEL_MAPS,
     )
     ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(rows / batch_size)))
@@ -378,11 +397,11 @@ def _float_pairs(
     training: bool,
     reframe: float,
     fresh_noise: bool,
-    colour_gains: float,
+    casts: ColourCasts,
 ):
     """The graph function that turns a uint8 batch into a float32 (noisy, clean)
     pair: the stored pair scaled, or for a patch set awgn added to the clean
-    patches (in training, a ``colour_gains`` share of colour patches cast
+    patches (in training, ``casts``' share of colour patches cast
     first); in training, ``reframe`` of the pairs recut from mosaics."""
     import tensorflow as tf
 
@@ -399,12 +418,12 @@ def _float_pairs(
         sigmas = sigma_range({"kind": noise.kind, "level": noise.level})
         density = noise.level_density
 
-        cast = training and colour_gains > 0 and shape[-1] == 3
+        cast = training and casts.share > 0 and shape[-1] == 3
 
         def noisy_pair(clean, seeds):
             clean = tf.cast(clean, tf.float32) / 255.0
             if cast:
-                clean = colour_cast(clean, colour_gains, seeds[0])
+                clean = colour_cast(clean, casts.share, seeds[0], casts.low, casts.balanced)
             return recut(awgn_batch(clean, sigmas, seeds[0], density), clean)
 
         return noisy_pair
@@ -866,7 +885,9 @@ def _fit_inputs(shards_dir, training: TrainConfig, plan: TrainingPlan, device) -
         training.seed,
         True,
         plan.reframe,
-        training.colour_gains,
+        ColourCasts(
+            training.colour_gains, training.colour_gains_low, training.colour_gains_balanced
+        ),
     )
     val_ds = make_dataset(shards_dir, "validation", global_batch, training=False)
     steps = math.ceil(split_rows(shards_dir, "train") / global_batch)
@@ -913,7 +934,12 @@ def _log_fit_start(log, model, training: TrainConfig, plan: TrainingPlan, device
         device.describe(),
     )
     if training.colour_gains and inputs.train.element_spec[1].shape[-1] == 3:
-        log("%d%% of the training patches get a colour cast", round(100 * training.colour_gains))
+        log(
+            "%d%% of the training patches get a colour cast, gains from [%g, 1]%s",
+            round(100 * training.colour_gains),
+            training.colour_gains_low,
+            ", balanced to a mean of 1" if training.colour_gains_balanced else "",
+        )
     if len(inputs.scored_clean):
         noisy_scores = scores(inputs.scored_clean, np.clip(inputs.scored_noisy, 0.0, 1.0))
         log(
