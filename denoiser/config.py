@@ -176,8 +176,7 @@ class TrainConfig(_Config):
         description="Share of colour training patches whose R, G and B are each scaled by a "
         "gain drawn from [colour_gains_low, 1] (a colour cast), which gives the colour "
         "differences detail where the luminance has it: JPEG training photographs (4:2:0) keep "
-        "none there. "
-        "Grey patches ignore it.",
+        "none there. Grey patches ignore it.",
     )
     colour_gains_low: float = Field(
         0.6,

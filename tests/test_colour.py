@@ -309,34 +309,38 @@ def test_grey_patches_are_never_cast(tmp_path):
 def test_a_colour_cast_takes_its_share_of_patches_and_repeats_from_its_seed():
     import tensorflow as tf
 
-    from denoiser.learning.training import colour_cast
+    from denoiser.learning.training import ColourCasts, colour_cast
 
     ones = tf.ones((400, 2, 2, 3))
     seed = tf.constant(7, tf.int64)
-    cast = np.asarray(colour_cast(ones, 0.5, seed))
+    cast = np.asarray(colour_cast(ones, ColourCasts(0.5), seed))
     touched = ~np.isclose(cast, 1.0).all(axis=(1, 2, 3))
     assert 150 < touched.sum() < 250  # about half of the patches
     assert cast.min() >= 0.6 and cast.max() <= 1.0
-    assert np.array_equal(cast, np.asarray(colour_cast(ones, 0.5, seed)))  # from its seed
-    assert not np.array_equal(cast, np.asarray(colour_cast(ones, 0.5, seed + 1)))
-    assert np.array_equal(np.asarray(colour_cast(ones, 0.0, seed)), np.asarray(ones))
+    assert np.array_equal(
+        cast, np.asarray(colour_cast(ones, ColourCasts(0.5), seed))
+    )  # from its seed
+    assert not np.array_equal(cast, np.asarray(colour_cast(ones, ColourCasts(0.5), seed + 1)))
+    assert np.array_equal(np.asarray(colour_cast(ones, ColourCasts(0.0), seed)), np.asarray(ones))
 
 
 def test_a_balanced_colour_cast_keeps_a_grey_as_bright_and_the_patch_in_range():
     import tensorflow as tf
 
-    from denoiser.learning.training import colour_cast
+    from denoiser.learning.training import ColourCasts, colour_cast
 
     seed = tf.constant(5, tf.int64)
     grey = tf.fill((300, 2, 2, 3), 0.5)
-    cast = np.asarray(colour_cast(grey, 1.0, seed, low=0.3, balanced=True))
+    cast = np.asarray(colour_cast(grey, ColourCasts(1.0, 0.3, True), seed))
     assert np.allclose(cast.mean(axis=-1), 0.5, atol=1e-6)  # the grey keeps its brightness
     spread = np.ptp(cast[:, 0, 0], axis=-1)
     assert spread.max() > 0.3  # gains from [0.3, 1] split the channels far apart
     assert cast.max() > 0.5 * 1.2  # a balanced gain may exceed 1
-    dimmed = np.asarray(colour_cast(grey, 1.0, seed, low=0.3))
+    dimmed = np.asarray(colour_cast(grey, ColourCasts(1.0, 0.3), seed))
     assert dimmed.mean() < 0.45 and dimmed.max() <= 0.5  # unbalanced gains darken
-    bright = np.asarray(colour_cast(tf.fill((300, 2, 2, 3), 0.95), 1.0, seed, 0.3, True))
+    bright = np.asarray(
+        colour_cast(tf.fill((300, 2, 2, 3), 0.95), ColourCasts(1.0, 0.3, True), seed)
+    )
     assert bright.min() >= 0 and bright.max() == 1.0  # clipped where a gain overshoots
 
 

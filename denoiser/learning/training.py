@@ -274,12 +274,12 @@ class ColourCasts(NamedTuple):
 NO_CASTS = ColourCasts()
 
 
-def colour_cast(clean, share: float, seed, low: float = CAST_LOW, balanced: bool = False):
-    """A ``share`` of a (batch, H, W, 3) float batch in [0, 1] with R, G and B
-    each scaled by a gain drawn uniformly from [``low``, 1], from a
+def colour_cast(clean, casts: ColourCasts, seed):
+    """A ``casts.share`` of a (batch, H, W, 3) float batch in [0, 1] with R, G
+    and B each scaled by a gain drawn uniformly from [``casts.low``, 1], from a
     stateless ``seed`` (an int64 scalar tensor, as :func:`awgn_batch` takes).
-    ``balanced``: the three gains divided by their mean, so a grey stays as
-    bright as it was, and the patch clipped to [0, 1] (a bright colour
+    ``casts.balanced``: the three gains divided by their mean, so a grey stays
+    as bright as it was, and the patch clipped to [0, 1] (a bright colour
     saturates, as in a photograph); otherwise gains of at most 1 keep the
     patch in [0, 1] and darken it.
 
@@ -294,15 +294,15 @@ def colour_cast(clean, share: float, seed, low: float = CAST_LOW, balanced: bool
     pair = tf.stack([tf.cast(seed, tf.int64), tf.constant(0xCA57, tf.int64)])
     pick_seed, gain_seed = tf.unstack(tf.random.experimental.stateless_split(pair, 2))
     batch = tf.shape(clean)[:1]
-    picked = tf.random.stateless_uniform(batch, seed=pick_seed) < share
+    picked = tf.random.stateless_uniform(batch, seed=pick_seed) < casts.share
     gains = tf.random.stateless_uniform(
-        tf.concat([batch, [1, 1, 3]], 0), seed=gain_seed, minval=low, maxval=1.0
+        tf.concat([batch, [1, 1, 3]], 0), seed=gain_seed, minval=casts.low, maxval=1.0
     )
-    if balanced:
+    if casts.balanced:
         gains = gains / tf.reduce_mean(gains, axis=-1, keepdims=True)
     gains = tf.where(tf.reshape(picked, [-1, 1, 1, 1]), gains, tf.ones_like(gains))
     cast = clean * tf.cast(gains, clean.dtype)
-    return tf.clip_by_value(cast, 0.0, 1.0) if balanced else cast
+    return tf.clip_by_value(cast, 0.0, 1.0) if casts.balanced else cast
 
 
 def make_dataset(
@@ -423,7 +423,7 @@ def _float_pairs(
         def noisy_pair(clean, seeds):
             clean = tf.cast(clean, tf.float32) / 255.0
             if cast:
-                clean = colour_cast(clean, casts.share, seeds[0], casts.low, casts.balanced)
+                clean = colour_cast(clean, casts, seeds[0])
             return recut(awgn_batch(clean, sigmas, seeds[0], density), clean)
 
         return noisy_pair
