@@ -218,7 +218,6 @@ def _shuffled_batches(
 # converted at once, batches made ahead of the model; the conversion is cheap beside a step
 PARALLEL_MAPS = 2
 PREFETCH_BATCHES = 4
-CAST_LOW = 0.6  # the lowest gain of a colour cast by default (colour_cast)
 
 VALIDATION_NOISE_SEED = (
     1234  # the validation patches' noise: the same every epoch, so val_loss compares
@@ -267,7 +266,7 @@ class ColourCasts(NamedTuple):
     ``colour_gains_balanced``."""
 
     share: float = 0.0
-    low: float = CAST_LOW
+    low: float = TrainConfig.model_fields["colour_gains_low"].default
     balanced: bool = False
 
 
