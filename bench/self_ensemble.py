@@ -80,9 +80,9 @@ def main() -> None:
         print("| PSNR (dB) | " + " | ".join(f"sigma {s}" for s in SIGMAS) + " |")
         print("|---|" + "---|" * len(SIGMAS))
         for name, figures in result["rows"].items():
-            print(f"| {name} | " + " | ".join(f"{figures[s]:.2f}" for s in SIGMAS) + " |")
+            print(f"| {name} | " + " | ".join(f"{figures[s]:.3f}" for s in SIGMAS) + " |")
         gain = [result["rows"]["eight-way mean"][s] - result["rows"]["one pass"][s] for s in SIGMAS]
-        print("| gain | " + " | ".join(f"{g:+.2f}" for g in gain) + " |")
+        print("| gain | " + " | ".join(f"{g:+.3f}" for g in gain) + " |")
         print(f"eight-way: {result['seconds_per_image']:.1f} s an image (Keras)", flush=True)
 
 
