@@ -487,7 +487,11 @@ def run_folder_command(args: argparse.Namespace) -> int:
     )
     for version, routes in by_model.items():
         made = ", ".join(f"{n} {route}" for route, n in routes.items())
-        console.print(f"  model {named(version)}: {made}")
+        averaged = known.get(version, {}).get("self_ensemble")
+        console.print(
+            f"  model {named(version)}: {made}"
+            + ("; the mean of eight orientations" if averaged else "")
+        )
     if summary.get("warning"):
         console.print(f"[yellow]warning:[/] {summary['warning']}", soft_wrap=True)
     console.print(f"output: {summary['output_dir']}")

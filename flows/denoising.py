@@ -40,6 +40,7 @@ def denoise_folder(
     chunk_files: int | None = None,
     runtime: Literal["auto", "keras", "openvino"] = "auto",
     settle: float = 0.0,
+    self_ensemble: bool = False,
 ) -> dict:
     """Denoise every image under ``input_dir`` into ``output_dir`` (same tree).
     ``model``: a version, a model folder or a .keras file for every image;
@@ -54,6 +55,8 @@ def denoise_folder(
     export and OpenVINO is installed, else Keras.
     ``settle``: files modified in the last that many seconds may still be being
     written and are left for a later run (an inbox, ``denoise watch``).
+    ``self_ensemble``: photographs as the mean of the model's outputs for
+    their eight flips and rotations (eight times the inference).
     An inbox's runs (``settle`` > 0) into one output folder take turns (a
     concurrency limit keyed by it); other runs may share an output folder (its
     journal is appended under a lock)."""
@@ -77,6 +80,7 @@ def denoise_folder(
             chunk_files,
             runtime,
             settle,
+            self_ensemble,
         )
 
 
@@ -93,9 +97,10 @@ def _denoise_folder(
     chunk_files: int | None,
     runtime: str,
     settle: float,
+    self_ensemble: bool,
 ) -> dict:
     in_chunks = bool(workers or dask_address)
-    chosen = resolve_denoiser(model, store_root, input_dir, pattern, runtime)
+    chosen = resolve_denoiser(model, store_root, input_dir, pattern, runtime, self_ensemble)
     if not in_chunks:
         return denoise_images(
             input_dir, output_dir, chosen, overwrite, pattern, format, store_root, settle

@@ -65,6 +65,12 @@ def add_folder_arguments(parser: argparse.ArgumentParser) -> None:
         "the time, no TensorFlow); auto (default): OpenVINO on a CPU when the model has "
         "its export and OpenVINO is installed, else Keras",
     )
+    parser.add_argument(
+        "--self-ensemble",
+        action="store_true",
+        help="each image as the mean of the photo model's outputs for its eight flips and "
+        "rotations: about 0.1 dB cleaner, eight times the time (a digits model: one pass)",
+    )
 
 
 def check_dask_options(workers: int | None, address: str | None, chunk_files: int | None) -> None:
@@ -111,4 +117,5 @@ def folder_options(args: argparse.Namespace) -> dict:
         "dask_address": args.dask_address,
         "chunk_files": args.chunk_files,
         "runtime": args.runtime,
+        "self_ensemble": args.self_ensemble,
     }

@@ -24,6 +24,7 @@ from denoiser.folder import (
     ChunkFiles,
     FileResult,
     OutputRecord,
+    SelfEnsemble,
     compact_journal,
     count,
     denoise_chunk_files,
@@ -53,6 +54,7 @@ def resolve_denoiser(
     input_dir: str | None = None,
     pattern: str = "*",
     runtime: str = "auto",
+    self_ensemble: bool = False,
 ) -> dict:
     """The models to use, traceable: for each domain of images (colour or
     grey photographs, digits) the model that denoises them
@@ -61,29 +63,50 @@ def resolve_denoiser(
     (``routes``); ``needed``: the domains ``input_dir``'s images were seen
     to need (their models are loaded first); the top-level facts are those of
     the first of them (the report's model). ``warning``: one line per domain
-    whose model learned other images. ``runtime``: what runs each model,
+    whose model learned other images, and the models that run one pass
+    though a self-ensemble was asked for. ``runtime``: what runs each model,
     Keras or its OpenVINO export (``auto``: OpenVINO on a CPU when the model
-    has its export, else Keras; see :func:`denoiser.runtimes.runtime.choose_runtime`)."""
+    has its export, else Keras; see :func:`denoiser.runtimes.runtime.choose_runtime`).
+    ``self_ensemble``: each model of a domain without an up or a left
+    (photographs) runs on the eight flips and rotations of its input
+    (``self_ensemble`` in its facts)."""
     logger = get_run_logger()
     check_runtime(runtime)  # asked for a runtime that is not one: refused for every model
     domains = survey_folder(input_dir, pattern) if input_dir else None
     refs = models_by_domain(store_root, model)
     first = primary_domain(domains)
-    routes = {d: _model_facts(ref, runtime, d in (domains or ())) for d, ref in refs.items()}
+    routes = {
+        d: _model_facts(ref, runtime, d in (domains or ()), self_ensemble)
+        for d, ref in refs.items()
+    }
     for d in sorted(domains or ()):
         facts = routes[d]
         logger.info(
-            "%s: model %s (%s, %s), run by %s",
+            "%s: model %s (%s, %s), run by %s%s",
             d,
             facts["version"],
             facts["status"],
             facts["domain"],
             facts["runtime"],
+            ", eight orientations averaged" if facts["self_ensemble"] else "",
         )
-    warning = "; ".join(route_warnings(store_root, refs, domains)) or None
+    one_pass = sorted(
+        {routes[d]["version"] for d in domains or () if not routes[d]["self_ensemble"]}
+    )
+    warnings = route_warnings(store_root, refs, domains)
+    if self_ensemble and one_pass:
+        warnings.append(
+            f"--self-ensemble: model {', '.join(one_pass)} learned images with an up "
+            "(digits); it runs one pass"
+        )
+    warning = "; ".join(warnings) or None
     if warning:
         logger.warning(warning)
-    top = routes[first] if first else _model_facts(resolve_model(store_root, model), runtime, True)
+    top = (
+        routes[first]
+        if first
+        else _model_facts(resolve_model(store_root, model), runtime, True, self_ensemble)
+    )
     return {
         **top,
         "images_domain": first,
@@ -94,9 +117,11 @@ def resolve_denoiser(
     }
 
 
-def _model_facts(ref, runtime: str, needed: bool) -> dict:
+def _model_facts(ref, runtime: str, needed: bool, self_ensemble: bool = False) -> dict:
     """A model's summary with the runtime chosen for it (one not seen to be
-    needed falls back to Keras when the runtime asked for does not fit it)."""
+    needed falls back to Keras when the runtime asked for does not fit it)
+    and whether it runs as a self-ensemble (asked for, and its domain's
+    images have no up or left)."""
     try:
         chosen = choose_runtime(
             runtime,
@@ -106,7 +131,8 @@ def _model_facts(ref, runtime: str, needed: bool) -> dict:
         if needed:
             raise
         chosen = "keras"
-    return {**ref.summary(), "runtime": chosen}
+    ensemble = self_ensemble and DOMAINS[ref.domain].orientation_free
+    return {**ref.summary(), "runtime": chosen, "self_ensemble": ensemble}
 
 
 class _Progress:
@@ -197,7 +223,8 @@ def _predictor(model: dict):
     says so (then nothing of TensorFlow is imported). Each file is checked
     against the card's checksum when the card has one."""
     runtime = model.get("runtime", "keras")
-    key = (str(model["model_path"]), model.get("model_sha256"), runtime)
+    ensemble = bool(model.get("self_ensemble"))
+    key = (str(model["model_path"]), model.get("model_sha256"), runtime, ensemble)
     if key not in _LOADED:
         if runtime == "openvino":
             loaded = load_openvino(
@@ -216,7 +243,7 @@ def _predictor(model: dict):
         spec = tile_spec_for_model(loaded, model.get("architecture"))
         name = model.get("version") or str(model["model_path"])
         check_fits(loaded, spec, name, card_channels(model))
-        _LOADED[key] = (BatchPredictor(loaded), spec)
+        _LOADED[key] = (BatchPredictor(SelfEnsemble(loaded) if ensemble else loaded), spec)
     return _LOADED[key]
 
 

@@ -133,10 +133,12 @@ def test_build_in_writes_a_compact_model_its_export_and_a_card_saying_how_it_was
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
 
-def _folder_run(tmp: Path, store: Path, api: str, builtin: Path | None, src: Path, out: Path):
-    """`denoise folder` in its own process, as a user runs it, the built-in
-    folder given by the environment (None: the package's own); prints whether
-    TensorFlow got imported."""
+def _folder_run(
+    tmp: Path, store: Path, api: str, builtin: Path | None, src: Path, out: Path, *options: str
+):
+    """`denoise folder` (with ``options``) in its own process, as a user runs
+    it, the built-in folder given by the environment (None: the package's
+    own); prints whether TensorFlow got imported."""
     env = denoise_env(store, tmp / "prefect-home", api, None, None)
     if builtin is None:
         env.pop(BUILTIN_ENV, None)  # the package's own folder, as installed
@@ -145,7 +147,7 @@ def _folder_run(tmp: Path, store: Path, api: str, builtin: Path | None, src: Pat
     env["DENOISE_CACHE"] = str(tmp / "cache")
     code = (
         "import sys\nfrom flows.cli import main\n"
-        f"rc = main({['folder', str(src), str(out)]!r})\n"
+        f"rc = main({['folder', str(src), str(out), *options]!r})\n"
         "print('tensorflow imported:', 'tensorflow' in sys.modules)\nsys.exit(rc)\n"
     )
     return subprocess.run(

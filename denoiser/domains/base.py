@@ -53,7 +53,10 @@ class Domain:
     images through (itself when the folder pipeline can run its models);
     ``fallbacks`` the domains whose models take its images as they are meant
     (with a channel adaptation), in order of preference, for a store without
-    a model of its own.
+    a model of its own; ``orientation_free``: its images have no up and no
+    left (a flip or a quarter turn of one is as likely an image), so a
+    folder run may denoise them as the mean of the eight orientations
+    (``denoise folder --self-ensemble``).
     """
 
     name: str
@@ -69,6 +72,7 @@ class Domain:
     recognises: Callable[[LoadedImage], bool]
     folder_domain: str = ""
     fallbacks: tuple[str, ...] = ()
+    orientation_free: bool = False
 
     @property
     def noise_in_training(self) -> bool:

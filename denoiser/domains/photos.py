@@ -187,4 +187,5 @@ def photo_domain(
         recognises=recognises,
         folder_domain=name,
         fallbacks=fallbacks,
+        orientation_free=True,
     )

@@ -47,7 +47,7 @@ from denoiser.folder.journal import (
     parse_journal,
 )
 from denoiser.folder.plan import CHUNK_FILES_RANGE, ChunkFiles, auto_chunk_files, plan_folder
-from denoiser.folder.predictor import BatchPredictor
+from denoiser.folder.predictor import BatchPredictor, SelfEnsemble
 from denoiser.folder.results import FileResult, count, display_path, write_report
 from denoiser.folder.scan import NOT_REGULAR, check_folders, list_files
 from denoiser.folder.writer import prepare_output
@@ -61,6 +61,7 @@ __all__ = [
     "ChunkFiles",
     "FileResult",
     "OutputRecord",
+    "SelfEnsemble",
     "auto_chunk_files",
     "check_folders",
     "compact_journal",
