@@ -504,6 +504,8 @@ def _model_rows(model: dict, by_model: dict[str, dict[str, int]]) -> list[dict]:
                 "domain": m.get("domain"),
                 "architecture": m.get("architecture"),
                 "test PSNR": m.get("psnr"),
+                "run by": m.get("runtime", "")
+                + (", mean of eight orientations" if m.get("self_ensemble") else ""),
                 "data manifest sha256": (m.get("data_manifest_sha256") or "")[:16],
                 "outputs": ", ".join(
                     f"{n} {route}" for route, n in by_model.get(version, {}).items()

@@ -111,6 +111,22 @@ def test_the_folder_run_averages_photo_models_and_leaves_digits_one_pass(
         "photos": True,
         "digits": False,
     }
+    # the summary artifact, which the UI shows, says how each model ran
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        shown = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["denoise-summary"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )[0].data
+    table = [line for line in shown.splitlines() if line.startswith("|") and "-v1" in line]
+    rows = {line.split("|")[1].strip(): line for line in table}
+    assert "keras, mean of eight orientations" in rows["colour-v1"]
+    assert "keras, mean of eight orientations" in rows["grey-v1"]
+    assert "keras" in rows["digits-v1"] and "mean of eight" not in rows["digits-v1"]
     for name, kind in (("colour0.png", "colour"), ("grey1.png", "grey")):
         noisy = np.asarray(Image.open(src / name), np.float32) / 255.0
         noisy = noisy if noisy.ndim == 3 else noisy[..., None]
