@@ -13,11 +13,17 @@ on the luminance only (what ``denoise folder`` did with a
 colour image before it routed images per domain: Y denoised, the chroma kept); CBM3D measured
 (``bm3d.bm3d_rgb``, told the true sigma, with its seconds per image;
 ``--no-bm3d`` skips it, it takes 14-29 s an image); the published CBSD68
-rows for reference (another test set: a guide, not a comparison). The last
-stdout line is the whole result as JSON.
+rows for reference (another test set: a guide, not a comparison).
+``--self-ensemble`` adds the colour model as ``denoise folder --self-ensemble``
+runs it: the mean of its outputs for the eight flips and rotations of each
+image; ``--openvino`` adds the model folder's OpenVINO export, one pass and
+(with ``--self-ensemble``) eight, at the precision its card gives, as
+``denoise folder`` runs it on a CPU. The last stdout line is the whole result
+as JSON.
 
     python bench/colour.py --score /work/colour-store/models/<version> --grey photo-60.keras
     python bench/colour.py --quick --score model.keras --no-bm3d   # smoke run
+    python bench/colour.py --score <model folder> --self-ensemble --openvino --no-bm3d
 """
 
 from __future__ import annotations
@@ -64,12 +70,38 @@ def load_model(path: str):
 
 
 def whole(model, x: np.ndarray, multiple: int = 4) -> np.ndarray:
-    """One (H, W, C) image through a fully convolutional model, reflect-padded
+    """One (H, W, C) image through a fully convolutional model (anything with
+    ``predict_on_batch``: Keras, OpenVINO, a self-ensemble), reflect-padded
     (bottom and right) to the size multiple."""
     h, w = x.shape[:2]
     ph, pw = (-h) % multiple, (-w) % multiple
     padded = np.pad(x, ((0, ph), (0, pw), (0, 0)), mode="reflect") if ph or pw else x
-    return np.asarray(model(padded[None], training=False), np.float32)[0, :h, :w]
+    return np.asarray(model.predict_on_batch(padded[None]), np.float32)[0, :h, :w]
+
+
+def eight_orientations(model, x: np.ndarray) -> np.ndarray:
+    """One (H, W, C) image as ``denoise folder --self-ensemble`` denoises it:
+    the mean of the model's outputs for its eight flips and rotations
+    (:class:`denoiser.folder.SelfEnsemble`)."""
+    from denoiser.folder import SelfEnsemble
+
+    return whole(SelfEnsemble(model), x)
+
+
+def load_openvino_export(folder: str):
+    """A model folder's OpenVINO export, checked against its card and compiled
+    at the card's precision, as ``denoise folder`` loads it."""
+    from denoiser.core.cards import ModelCard
+    from denoiser.runtimes.openvino_runtime import DEFAULT_PRECISION, load_openvino
+
+    card = ModelCard.model_validate_json((Path(folder) / "model.json").read_text())
+    return load_openvino(
+        Path(folder) / "model.xml",
+        Path(folder) / "model.bin",
+        card.openvino_xml_sha256,
+        card.openvino_bin_sha256,
+        card.openvino_precision or DEFAULT_PRECISION,
+    )
 
 
 def per_channel(grey, x: np.ndarray) -> np.ndarray:
@@ -134,6 +166,12 @@ def main() -> None:
     parser.add_argument("--no-bm3d", action="store_true", help="skip CBM3D (14-29 s an image)")
     parser.add_argument("--seed", type=int, default=12, help="the noise draw")
     parser.add_argument("--quick", action="store_true", help="first 2 images; CBM3D on 1")
+    parser.add_argument(
+        "--self-ensemble", action="store_true", help="the colour model on eight orientations too"
+    )
+    parser.add_argument(
+        "--openvino", action="store_true", help="the model folder's OpenVINO export too"
+    )
     args = parser.parse_args()
 
     names, clean = load_rgb_pngs(args.data, 2 if args.quick else None)
@@ -147,6 +185,16 @@ def main() -> None:
         label = f"colour model {model.name} (measured)"
         rows[label], sec = score(lambda y: whole(model, y), names, clean, noisy)
         meta[label] = {"params": model.count_params(), "s_per_image": sec}
+        runs = {"Keras": model}
+        if args.openvino:
+            runs["OpenVINO"] = exported = load_openvino_export(args.score)
+            label = f"colour model {model.name}, OpenVINO {exported.precision} (measured)"
+            rows[label], sec = score(lambda y: whole(exported, y), names, clean, noisy)
+            meta[label] = {"params": model.count_params(), "s_per_image": sec}
+        for runtime, run in runs.items() if args.self_ensemble else ():
+            label = f"colour model {model.name}, {runtime}, mean of eight orientations (measured)"
+            rows[label], sec = score(lambda y, m=run: eight_orientations(m, y), names, clean, noisy)
+            meta[label] = {"params": model.count_params(), "s_per_image": sec}
     if args.grey:
         grey = load_model(args.grey)
         for label, method in (

@@ -5,8 +5,8 @@ built-in photo models, beside (C)BM3D measured on the same noisy images.
 The grey model on Set12 and the colour model on CSet9, at sigma 15 / 25 / 50,
 the noisy images from one fixed draw (seed 12, as ``bench/natural.py`` and
 ``bench/colour.py``, so their (C)BM3D rows compare), whole images through
-Keras. A measurement for deciding whether the ensemble is worth eight times
-the inference; nothing in the package uses it.
+Keras. What ``denoise folder --self-ensemble`` gains, the mean here computed
+from the same turns (:mod:`denoiser.folder.predictor`).
 
     python bench/self_ensemble.py                  # both built-in models
     python bench/self_ensemble.py --only grey
@@ -30,16 +30,15 @@ from natural import DEFAULT_DATA, SIGMAS, load_grey_pngs  # noqa: E402
 
 def eight_ways(model, y: np.ndarray) -> list[np.ndarray]:
     """The model's outputs for the eight flips and rotations of ``y`` (H, W, C),
-    each turned back; the first is the one pass on ``y`` as it is."""
-    outs = []
-    for k in range(4):
-        for flip in (False, True):
-            t = np.rot90(y, k, axes=(0, 1))
-            t = t[:, ::-1] if flip else t
-            out = whole(model, np.ascontiguousarray(t))
-            out = out[:, ::-1] if flip else out
-            outs.append(np.rot90(out, -k, axes=(0, 1)))
-    return outs
+    each turned back (:func:`denoiser.folder.predictor.turned`, as
+    ``denoise folder --self-ensemble`` turns them); the first is the one pass
+    on ``y`` as it is."""
+    from denoiser.folder.predictor import TURNS, turned, turned_back
+
+    return [
+        turned_back(whole(model, np.ascontiguousarray(turned(y[None], t)[0]))[None], t)[0]
+        for t in range(TURNS)
+    ]
 
 
 def compare(model, clean: list[np.ndarray], seed: int) -> dict:
