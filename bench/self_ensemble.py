@@ -10,6 +10,7 @@ from the same turns (:mod:`denoiser.folder.predictor`).
 
     python bench/self_ensemble.py                  # both built-in models
     python bench/self_ensemble.py --only grey
+    python bench/self_ensemble.py --openvino       # each model's OpenVINO export, as denoise folder runs it
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import REPO, awgn_test_set, psnr  # noqa: E402
-from colour import load_model, load_rgb_pngs, whole  # noqa: E402
+from colour import load_model, load_openvino_export, load_rgb_pngs, whole  # noqa: E402
 from natural import DEFAULT_DATA, SIGMAS, load_grey_pngs  # noqa: E402
 
 
@@ -63,6 +64,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("grey", "colour"))
     parser.add_argument("--seed", type=int, default=12, help="the noise draw")
+    parser.add_argument(
+        "--openvino",
+        action="store_true",
+        help="the model's OpenVINO export at its card's precision instead of Keras",
+    )
     args = parser.parse_args()
     builtin = REPO / "artifacts" / "builtin_models"
     index = json.loads((builtin / "index.json").read_text())["models"]
@@ -74,15 +80,18 @@ def main() -> None:
         if args.only and domain != args.only:
             continue
         version = index[entry]["version"]
-        result = compare(load_model(str(builtin / version)), load(), args.seed)
-        print(f"\n{domain}: built-in {version}, seed {args.seed}")
+        folder = str(builtin / version)
+        model = load_openvino_export(folder) if args.openvino else load_model(folder)
+        runtime = f"OpenVINO {model.precision}" if args.openvino else "Keras"
+        result = compare(model, load(), args.seed)
+        print(f"\n{domain}: built-in {version}, {runtime}, seed {args.seed}")
         print("| PSNR (dB) | " + " | ".join(f"sigma {s}" for s in SIGMAS) + " |")
         print("|---|" + "---|" * len(SIGMAS))
         for name, figures in result["rows"].items():
             print(f"| {name} | " + " | ".join(f"{figures[s]:.3f}" for s in SIGMAS) + " |")
         gain = [result["rows"]["eight-way mean"][s] - result["rows"]["one pass"][s] for s in SIGMAS]
         print("| gain | " + " | ".join(f"{g:+.3f}" for g in gain) + " |")
-        print(f"eight-way: {result['seconds_per_image']:.1f} s an image (Keras)", flush=True)
+        print(f"eight-way: {result['seconds_per_image']:.1f} s an image ({runtime})", flush=True)
 
 
 if __name__ == "__main__":
