@@ -423,3 +423,20 @@ def test_train_cbsd432_quick_end_to_end_gains_in_rgb(
     assert metrics["overall"]["psnr_gain"] > 3.0 and metrics["quality_gate"]["passed"]
     assert all(r["psnr_gain"] > 4.0 for r in metrics["per_sigma"] if r["sigma"] >= 25)
     assert metrics["overall"]["count"] == 1
+
+
+def test_the_casts_come_from_the_training_config_and_apply_to_colour_patches_only():
+    from denoiser.config import TrainConfig
+    from denoiser.learning.training import NO_CASTS, ColourCasts
+
+    casts = ColourCasts.of(
+        TrainConfig(colour_gains=0.5, colour_gains_low=0.3, colour_gains_balanced=True)
+    )
+    assert casts == ColourCasts(0.5, 0.3, True)
+    assert casts.apply_to(3) and not casts.apply_to(1)
+    assert not NO_CASTS.apply_to(3)  # no share asked: no casts
+    assert ColourCasts.of(TrainConfig()) == NO_CASTS
+    assert casts.describe() == (
+        "50% of the training patches get a colour cast, gains from [0.3, 1], "
+        "balanced to a mean of 1"
+    )

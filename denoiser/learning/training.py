@@ -269,6 +269,20 @@ class ColourCasts(NamedTuple):
     low: float = TrainConfig.model_fields["colour_gains_low"].default
     balanced: bool = False
 
+    @classmethod
+    def of(cls, training: TrainConfig) -> ColourCasts:
+        return cls(training.colour_gains, training.colour_gains_low, training.colour_gains_balanced)
+
+    def apply_to(self, channels: int) -> bool:
+        """Whether patches of ``channels`` channels get casts: colour ones, when a share is asked."""
+        return self.share > 0 and channels == 3
+
+    def describe(self) -> str:
+        return (
+            f"{round(100 * self.share)}% of the training patches get a colour cast, gains from "
+            f"[{self.low:g}, 1]" + (", balanced to a mean of 1" if self.balanced else "")
+        )
+
 
 NO_CASTS = ColourCasts()
 
@@ -417,7 +431,7 @@ def _float_pairs(
         sigmas = sigma_range({"kind": noise.kind, "level": noise.level})
         density = noise.level_density
 
-        cast = training and casts.share > 0 and shape[-1] == 3
+        cast = training and casts.apply_to(shape[-1])
 
         def noisy_pair(clean, seeds):
             clean = tf.cast(clean, tf.float32) / 255.0
@@ -884,9 +898,7 @@ def _fit_inputs(shards_dir, training: TrainConfig, plan: TrainingPlan, device) -
         training.seed,
         True,
         plan.reframe,
-        ColourCasts(
-            training.colour_gains, training.colour_gains_low, training.colour_gains_balanced
-        ),
+        ColourCasts.of(training),
     )
     val_ds = make_dataset(shards_dir, "validation", global_batch, training=False)
     steps = math.ceil(split_rows(shards_dir, "train") / global_batch)
@@ -932,13 +944,9 @@ def _log_fit_start(log, model, training: TrainConfig, plan: TrainingPlan, device
         round(100 * plan.reframe),
         device.describe(),
     )
-    if training.colour_gains and inputs.train.element_spec[1].shape[-1] == 3:
-        log(
-            "%d%% of the training patches get a colour cast, gains from [%g, 1]%s",
-            round(100 * training.colour_gains),
-            training.colour_gains_low,
-            ", balanced to a mean of 1" if training.colour_gains_balanced else "",
-        )
+    casts = ColourCasts.of(training)
+    if casts.apply_to(inputs.train.element_spec[1].shape[-1]):
+        log("%s", casts.describe())
     if len(inputs.scored_clean):
         noisy_scores = scores(inputs.scored_clean, np.clip(inputs.scored_noisy, 0.0, 1.0))
         log(
