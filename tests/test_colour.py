@@ -88,6 +88,40 @@ def test_the_colour_model_starts_as_the_builtin_grey_model_run_per_opponent_plan
     assert np.abs(again.predict(x, verbose=0) - model.predict(x, verbose=0)).max() < 1e-6
 
 
+def test_opponent_unet_wider_grows_from_a_colour_model_as_its_function_then_learns(tmp_path):
+    """48 channels at full resolution, started from a trained (here: perturbed)
+    opponent_unet_wide: before any step it computes the colour model's output
+    exactly, guide weights and all; a training step then moves it."""
+    import keras
+
+    from denoiser.nets.models import build_model, count_params, grows_from, warm_start_model
+
+    rng = np.random.default_rng(8)
+    colour = build_model("opponent_unet_wide")
+    trunk = colour.get_layer("trunk")
+    trunk.set_weights(
+        [w + rng.normal(0, 0.05, w.shape).astype(np.float32) for w in trunk.get_weights()]
+    )
+    colour.save(tmp_path / "colour.keras")
+    wider = build_model("opponent_unet_wider")
+    assert grows_from("opponent_unet_wider") == "photos"
+    assert count_params(colour) < count_params(wider) == 620_030 <= 700_000
+    x = rng.random((2, 32, 40, 3), dtype=np.float32)
+    want = colour.predict(x, verbose=0)
+    assert np.abs(wider.predict(x, verbose=0) - want).max() > 0.01
+    warm_start_model(wider, "opponent_unet_wider", tmp_path / "colour.keras")
+    assert np.abs(wider.predict(x, verbose=0) - want).max() < 1e-4
+    wider.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    wider.train_on_batch(x, np.clip(x - 0.05, 0, 1))
+    assert np.abs(wider.predict(x, verbose=0) - want).max() > 1e-4
+    # the wider colour model cannot go back into the narrower one: one line
+    wider.save(tmp_path / "wider.keras")
+    with pytest.raises(ModelError, match="cannot start opponent_unet_wide from it"):
+        warm_start_model(
+            build_model("opponent_unet_wide"), "opponent_unet_wide", tmp_path / "wider.keras"
+        )
+
+
 def test_opponent_unet_wide_starts_as_a_grey_model_run_per_opponent_plane(tmp_path):
     from denoiser.core.opponent import opponent_to_rgb, rgb_to_opponent
     from denoiser.nets.models import build_model, count_params, warm_start_model
