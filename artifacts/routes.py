@@ -51,6 +51,21 @@ def _own_or_fallback(domain: str, own: dict[str, ModelRef], anything: ModelRef) 
     return next((own[f] for f in DOMAINS[domain].fallbacks if f in own), anything)
 
 
+def one_pass_warnings(routes: dict[str, dict], domains) -> list[str]:
+    """For a run asked to self-ensemble: one line naming the models of the
+    folder's images (their summaries in ``routes``) that run one pass, whose
+    domain's images have an up (digits)."""
+    one_pass = sorted(
+        {routes[d]["version"] for d in domains or () if not routes[d]["self_ensemble"]}
+    )
+    if not one_pass:
+        return []
+    return [
+        f"--self-ensemble: model {', '.join(one_pass)} learned images with an up "
+        "(digits); it runs one pass"
+    ]
+
+
 def route_warnings(store_root, routes: dict, domains) -> list[str]:
     """One line per domain of the folder's images whose model learned
     images it cannot take as they are meant (digits for photographs, or the

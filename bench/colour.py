@@ -94,6 +94,8 @@ def load_openvino_export(folder: str):
     from denoiser.core.cards import ModelCard
     from denoiser.runtimes.openvino_runtime import DEFAULT_PRECISION, load_openvino
 
+    if not (Path(folder) / "model.json").is_file():
+        raise SystemExit(f"--openvino needs a model folder with its card and export, not {folder}")
     card = ModelCard.model_validate_json((Path(folder) / "model.json").read_text())
     return load_openvino(
         Path(folder) / "model.xml",

@@ -5,7 +5,7 @@ built-in photo models, beside (C)BM3D measured on the same noisy images.
 The grey model on Set12 and the colour model on CSet9, at sigma 15 / 25 / 50,
 the noisy images from one fixed draw (seed 12, as ``bench/natural.py`` and
 ``bench/colour.py``, so their (C)BM3D rows compare), whole images through
-Keras. What ``denoise folder --self-ensemble`` gains, the mean here computed
+Keras, or with ``--openvino`` through each model's OpenVINO export. What ``denoise folder --self-ensemble`` gains, the mean here computed
 from the same turns (:mod:`denoiser.folder.predictor`).
 
     python bench/self_ensemble.py                  # both built-in models
@@ -31,13 +31,13 @@ from natural import DEFAULT_DATA, SIGMAS, load_grey_pngs  # noqa: E402
 
 def eight_ways(model, y: np.ndarray) -> list[np.ndarray]:
     """The model's outputs for the eight flips and rotations of ``y`` (H, W, C),
-    each turned back (:func:`denoiser.folder.predictor.turned`, as
+    each turned back (:func:`denoiser.folder.predictor.turn_batch`, as
     ``denoise folder --self-ensemble`` turns them); the first is the one pass
     on ``y`` as it is."""
-    from denoiser.folder.predictor import TURNS, turned, turned_back
+    from denoiser.folder.predictor import TURNS, turn_batch, unturn_batch
 
     return [
-        turned_back(whole(model, np.ascontiguousarray(turned(y[None], t)[0]))[None], t)[0]
+        unturn_batch(whole(model, np.ascontiguousarray(turn_batch(y[None], t)[0]))[None], t)[0]
         for t in range(TURNS)
     ]
 

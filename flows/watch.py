@@ -152,6 +152,8 @@ def run_watch_command(args: argparse.Namespace) -> int:
 
     if not 0 < args.settle <= 3600:
         raise ConfigError(f"--settle must be between 0 and 3600 seconds, not {args.settle}")
+    if args.emit_only:
+        refuse_deployment_options(args)
     src, dst = check_folders(args.input_dir, args.output_dir)
     if not isinstance(src.root, Path):
         raise ConfigError(f"watch: IN must be a local folder, not {args.input_dir}")
@@ -177,6 +179,30 @@ def run_watch_command(args: argparse.Namespace) -> int:
 
     watch_inbox(input_dir, output_dir, args.settle, on_burst)
     return 0
+
+
+#: the folder options the inbox-on-arrival deployment takes from its own parameters
+#: (prefect.yaml), with their defaults: given to ``--emit-only``, they would be dropped
+DEPLOYMENT_DECIDES = {
+    "model": ("--model", None),
+    "overwrite": ("--overwrite", False),
+    "pattern": ("--pattern", "*"),
+    "format": ("--format", "same"),
+    "workers": ("--workers", None),
+    "chunk_files": ("--chunk-files", None),
+    "runtime": ("--runtime", "auto"),
+    "self_ensemble": ("--self-ensemble", False),
+}
+
+
+def refuse_deployment_options(args: argparse.Namespace) -> None:
+    """``--emit-only`` with a folder option the deployment decides: refused in one line."""
+    for name, (flag, default) in DEPLOYMENT_DECIDES.items():
+        if getattr(args, name) != default:
+            raise ConfigError(
+                f"--emit-only: {flag} is the inbox-on-arrival deployment's to decide (its "
+                "parameters in prefect.yaml); give it there, or watch without --emit-only"
+            )
 
 
 def _run_folder(args: argparse.Namespace, input_dir: str, output_dir: str) -> None:

@@ -15,7 +15,12 @@ from prefect.runtime import flow_run
 
 from artifacts.render import markdown_image, markdown_table, table_rows
 from artifacts.resolution import resolve_model
-from artifacts.routes import models_by_domain, primary_domain, route_warnings
+from artifacts.routes import (
+    models_by_domain,
+    one_pass_warnings,
+    primary_domain,
+    route_warnings,
+)
 from artifacts.store import Store, local_copy
 from denoiser.core.errors import ConfigError, DenoiseError, first_line
 from denoiser.domains import DOMAINS, by_domain, survey_folder
@@ -90,15 +95,8 @@ def resolve_denoiser(
             facts["runtime"],
             ", eight orientations averaged" if facts["self_ensemble"] else "",
         )
-    one_pass = sorted(
-        {routes[d]["version"] for d in domains or () if not routes[d]["self_ensemble"]}
-    )
     warnings = route_warnings(store_root, refs, domains)
-    if self_ensemble and one_pass:
-        warnings.append(
-            f"--self-ensemble: model {', '.join(one_pass)} learned images with an up "
-            "(digits); it runs one pass"
-        )
+    warnings += one_pass_warnings(routes, domains) if self_ensemble else []
     warning = "; ".join(warnings) or None
     if warning:
         logger.warning(warning)

@@ -46,7 +46,10 @@ class ModelOnWorkers(WorkerPlugin):
 
     def __init__(self, model: dict):
         self.model = model
-        key = ";".join(f"{m['model_path']}:{m.get('model_sha256')}" for m in needed_models(model))
+        key = ";".join(
+            f"{m['model_path']}:{m.get('model_sha256')}:{m.get('runtime')}:{m.get('self_ensemble')}"
+            for m in needed_models(model)
+        )
         self.name = f"denoise-model-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
     def setup(self, worker) -> None:

@@ -105,7 +105,7 @@ def test_opponent_unet_wider_grows_from_a_colour_model_as_its_function_then_lear
     colour.save(tmp_path / "colour.keras")
     wider = build_model("opponent_unet_wider")
     assert grows_from("opponent_unet_wider") == "photos"
-    assert count_params(colour) < count_params(wider) == 620_030 <= 700_000
+    assert count_params(colour) < count_params(wider) == 620_030  # the issue: at most about 700,000
     x = rng.random((2, 32, 40, 3), dtype=np.float32)
     want = colour.predict(x, verbose=0)
     assert np.abs(wider.predict(x, verbose=0) - want).max() > 0.01

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from denoiser.folder import BatchPredictor, SelfEnsemble
+from denoiser.folder.predictor import TURNS, turn_batch, unturn_batch
 from denoiser.runtimes.inference import denoise_planes, tile_spec_for_model
 from tests.test_routing import build_mixed_folder, identity, make_store
 
@@ -59,15 +60,38 @@ def test_the_eight_orientations_average_a_one_sided_ramp_to_its_mean():
         np.testing.assert_allclose(SelfEnsemble(Ramp()).predict_on_batch(x), x + 0.5, atol=1e-6)
 
 
-def test_a_self_ensemble_keeps_whether_its_model_pads_batches():
+def test_the_eight_orientations_are_all_different_and_each_turns_back():
+    # a tile with no symmetry: the four quarter turns and their mirrors are eight
+    # different arrays (a mirror missing would still average the ramp to 0.5)
+    x = np.arange(2 * 4 * 6 * 3, dtype=np.float32).reshape(2, 4, 6, 3)
+    turns = [turn_batch(x, t) for t in range(TURNS)]
+    assert len({(t.shape, t.tobytes()) for t in turns}) == TURNS
+    for t, y in enumerate(turns):
+        np.testing.assert_array_equal(unturn_batch(y, t), x)
+
+
+def test_a_self_ensemble_keeps_whether_its_model_pads_batches_and_its_channels():
     class Unpadded(Ramp):
         pads_batches = False
+        input_shape = (None, None, None, 3)
+
+        def __init__(self):
+            self.batches = []
+
+        def predict_on_batch(self, x):
+            self.batches.append(len(x))
+            return super().predict_on_batch(x)
 
     assert SelfEnsemble(Ramp()).pads_batches is True
-    assert SelfEnsemble(Unpadded()).pads_batches is False
-    tiles = np.zeros((3, 8, 8, 1), np.float32)
-    out = BatchPredictor(SelfEnsemble(Unpadded()), batch_size=2)(tiles)
+    unpadded = Unpadded()
+    ensemble = SelfEnsemble(unpadded)
+    assert ensemble.pads_batches is False
+    assert ensemble.input_shape == (None, None, None, 3)  # the router reads the channels from it
+    tiles = np.zeros((3, 8, 8, 3), np.float32)
+    out = BatchPredictor(ensemble, batch_size=2)(tiles)
     np.testing.assert_allclose(out, 0.5, atol=1e-6)
+    # eight turns of a batch of two, then eight of the last tile alone: not padded to two
+    assert unpadded.batches == [2] * TURNS + [1] * TURNS
 
 
 def _eight_way_mean(model, image: np.ndarray) -> np.ndarray:

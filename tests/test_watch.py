@@ -127,3 +127,19 @@ def test_a_killed_watcher_restarted_finishes_what_was_left(inbox, prefect_api):
         second.wait(60)
     assert outputs(out) == {p.name for p in src.iterdir()}
     assert "waiting for" not in second.out.read_text()
+
+
+@pytest.mark.parametrize(
+    "option", [["--self-ensemble"], ["--model", "v1"], ["--runtime", "keras"], ["--workers", "2"]]
+)
+def test_emit_only_refuses_the_options_its_deployment_decides(tmp_path, capsys, option):
+    # --emit-only hands each burst to the inbox-on-arrival deployment, which runs the
+    # folder with its own parameters: an option given here would be silently dropped
+    from flows.cli import main
+
+    (tmp_path / "in").mkdir()
+    args = ["watch", str(tmp_path / "in"), str(tmp_path / "out"), "--emit-only", *option]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"--emit-only: {option[0]} is the inbox-on-arrival deployment's" in err

@@ -54,9 +54,11 @@ class Domain:
     ``fallbacks`` the domains whose models take its images as they are meant
     (with a channel adaptation), in order of preference, for a store without
     a model of its own; ``orientation_free``: its images have no up and no
-    left (a flip or a quarter turn of one is as likely an image), so a
-    folder run may denoise them as the mean of the eight orientations
-    (``denoise folder --self-ensemble``).
+    left (a flip or a quarter turn of one is as likely an image), so its
+    models learn them in all eight orientations and a folder run may take,
+    from any of its models, the mean of the outputs for the eight
+    orientations of an image (``denoise folder --self-ensemble``): what
+    decides is the model's domain, not the image's.
     """
 
     name: str

@@ -52,15 +52,15 @@ class BatchPredictor:
 TURNS = 8  # four 90-degree rotations, each also mirrored
 
 
-def turned(x: np.ndarray, t: int) -> np.ndarray:
+def turn_batch(x: np.ndarray, t: int) -> np.ndarray:
     """Batch ``x`` (N, H, W, C) in the ``t``-th of the eight orientations
     (``t`` in 0..7: ``t % 4`` quarter turns, mirrored left to right when ``t >= 4``)."""
     y = np.rot90(x, t % 4, axes=(1, 2))
     return y[:, :, ::-1] if t >= 4 else y
 
 
-def turned_back(y: np.ndarray, t: int) -> np.ndarray:
-    """The inverse of :func:`turned`: a batch in orientation ``t`` made upright."""
+def unturn_batch(y: np.ndarray, t: int) -> np.ndarray:
+    """The inverse of :func:`turn_batch`: a batch in orientation ``t`` made upright."""
     y = y[:, :, ::-1] if t >= 4 else y
     return np.rot90(y, -(t % 4), axes=(1, 2))
 
@@ -68,22 +68,24 @@ def turned_back(y: np.ndarray, t: int) -> np.ndarray:
 class SelfEnsemble:
     """A model whose output is the mean of its outputs for the eight flips and
     90-degree rotations of its input, each turned back (test-time
-    self-ensemble). For images with no up or left, photographs: about a tenth
-    of a decibel more for eight times the inference (docs/natural.md); not for
-    digits, which have an up. Wraps anything with ``predict_on_batch``, as
-    :class:`BatchPredictor` takes it; a tile that is not square goes through
-    the model in both of its shapes."""
+    self-ensemble), for a model that learned its images in all eight
+    orientations (photographs; not digits, which have an up): a little
+    cleaner for eight times the inference (docs/natural.md has the figures).
+    Wraps anything with ``predict_on_batch``, as :class:`BatchPredictor`
+    takes it, and shows its ``input_shape`` (the channels it takes); a tile
+    that is not square goes through the model in both of its shapes."""
 
     def __init__(self, model):
         self.model = model
         self.pads_batches = getattr(model, "pads_batches", True)
+        self.input_shape = getattr(model, "input_shape", None)
 
     def predict_on_batch(self, x) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
         total = np.zeros(x.shape, dtype=np.float32)
         for t in range(TURNS):
-            out = self.model.predict_on_batch(np.ascontiguousarray(turned(x, t)))
-            total += turned_back(np.asarray(out, dtype=np.float32), t)
+            out = self.model.predict_on_batch(np.ascontiguousarray(turn_batch(x, t)))
+            total += unturn_batch(np.asarray(out, dtype=np.float32), t)
         return total / TURNS
 
 
