@@ -95,9 +95,8 @@ def test_photo_unet_wide_grows_from_a_photo_unet_as_its_function_then_learns(tmp
     """More channels and convolutions at full resolution, started from a
     trained photo_unet: before any step it computes the seed's output exactly;
     a training step then moves it (the new weights get gradients)."""
-    import keras
 
-    from denoiser.nets.models import count_params, grows_from, load_model, warm_start_model
+    from denoiser.nets.models import count_params, grows_from, load_model
 
     seed = build_photo_unet((None, None, 1))
     rng = np.random.default_rng(6)
@@ -110,18 +109,12 @@ def test_photo_unet_wide_grows_from_a_photo_unet_as_its_function_then_learns(tmp
     assert grows_from("photo_unet_wide") == "photos"
     assert count_params(seed) < count_params(wide) <= 700_000
     x = rng.random((2, 32, 40, 1), dtype=np.float32)
-    want = seed.predict(x, verbose=0)
-    assert np.abs(wide.predict(x, verbose=0) - want).max() > 0.01
-    warm_start_model(wide, "photo_unet_wide", tmp_path / "seed.keras")
-    assert np.abs(wide.predict(x, verbose=0) - want).max() < 1e-5
-    wide.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
-    wide.train_on_batch(x, np.clip(x - 0.05, 0, 1))
+    assert_grows_as_its_seed(seed, wide, "photo_unet_wide", tmp_path / "seed.keras", x, 1e-5)
     new = wide.get_layer("enc0_1_conv").get_weights()[0]
     assert (
         np.abs(new - np.eye(32)[None, None] * (np.arange(3)[:, None] == 1)[:, :, None, None]).max()
         > 0
     )
-    assert np.abs(wide.predict(x, verbose=0) - want).max() > 1e-4
     # saved and loaded, it is a plain Keras model
     wide.save(tmp_path / "wide.keras")
     assert (
@@ -130,6 +123,23 @@ def test_photo_unet_wide_grows_from_a_photo_unet_as_its_function_then_learns(tmp
         ).max()
         < 1e-6
     )
+
+
+def assert_grows_as_its_seed(seed, grown, architecture, seed_file, x, tolerance) -> None:
+    """``grown`` (an ``architecture``) is another function than ``seed`` until
+    warm-started from ``seed_file``, then ``seed``'s within ``tolerance`` on
+    ``x``, and one training step moves it on from there."""
+    import keras
+
+    from denoiser.nets.models import warm_start_model
+
+    want = seed.predict(x, verbose=0)
+    assert np.abs(grown.predict(x, verbose=0) - want).max() > 0.01
+    warm_start_model(grown, architecture, seed_file)
+    assert np.abs(grown.predict(x, verbose=0) - want).max() < tolerance
+    grown.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    grown.train_on_batch(x, np.clip(x - 0.05, 0, 1))
+    assert np.abs(grown.predict(x, verbose=0) - want).max() > 1e-4
 
 
 def test_photo_unet_wide_refuses_a_seed_that_does_not_fit(tmp_path):

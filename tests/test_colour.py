@@ -12,6 +12,7 @@ import pytest
 
 from denoiser.config import DataConfig, NoiseConfig, TrainConfig
 from denoiser.core.errors import ConfigError, ModelError, ModelNotFound
+from tests.test_architectures_photo import assert_grows_as_its_seed
 
 MIRROR = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -92,8 +93,6 @@ def test_opponent_unet_wider_grows_from_a_colour_model_as_its_function_then_lear
     """48 channels at full resolution, started from a trained (here: perturbed)
     opponent_unet_wide: before any step it computes the colour model's output
     exactly, guide weights and all; a training step then moves it."""
-    import keras
-
     from denoiser.nets.models import build_model, count_params, grows_from, warm_start_model
 
     rng = np.random.default_rng(8)
@@ -107,13 +106,9 @@ def test_opponent_unet_wider_grows_from_a_colour_model_as_its_function_then_lear
     assert grows_from("opponent_unet_wider") == "photos"
     assert count_params(colour) < count_params(wider) == 620_030  # the issue: at most about 700,000
     x = rng.random((2, 32, 40, 3), dtype=np.float32)
-    want = colour.predict(x, verbose=0)
-    assert np.abs(wider.predict(x, verbose=0) - want).max() > 0.01
-    warm_start_model(wider, "opponent_unet_wider", tmp_path / "colour.keras")
-    assert np.abs(wider.predict(x, verbose=0) - want).max() < 1e-4
-    wider.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
-    wider.train_on_batch(x, np.clip(x - 0.05, 0, 1))
-    assert np.abs(wider.predict(x, verbose=0) - want).max() > 1e-4
+    assert_grows_as_its_seed(
+        colour, wider, "opponent_unet_wider", tmp_path / "colour.keras", x, 1e-4
+    )
     # the wider colour model cannot go back into the narrower one: one line
     wider.save(tmp_path / "wider.keras")
     with pytest.raises(ModelError, match="cannot start opponent_unet_wide from it"):
