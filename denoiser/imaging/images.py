@@ -309,6 +309,9 @@ def output_format(source: str | os.PathLike, loaded_format: str | None, fmt: str
 
 
 SMALL_PNG_PIXELS = 128 * 128  # up to this size Pillow's fixed cost per PNG dominates
+#: zlib level of the PNGs written above that size: the default's size within a
+#: few percent in a third of its time (docs/natural.md)
+PNG_LEVEL = 4
 
 
 def encode_image(img, fmt: str) -> bytes:
@@ -320,7 +323,8 @@ def encode_image(img, fmt: str) -> bytes:
     options = {
         "JPEG": {"quality": 95},
         "WEBP": {"quality": 95},
-        "PNG": {"optimize": False},
+        # zlib's default (6) writes a photograph slower than the model denoises it
+        "PNG": {"optimize": False, "compress_level": PNG_LEVEL},
         "TIFF": {"compression": "tiff_deflate"},
     }.get(fmt, {})
     if fmt == "JPEG" and img.mode not in ("L", "RGB", "CMYK"):
