@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from denoiser.core.errors import ConfigError, ModelError
-from denoiser.folder import BatchPredictor
+from denoiser.folder import BatchPredictor, SelfEnsemble
 from denoiser.learning.training import probe_shape
 from denoiser.runtimes.openvino_runtime import (
     BIN_FILE,
@@ -137,6 +137,21 @@ def test_bf16_outputs_are_close_and_batches_run_at_their_own_size(exported):
     out = BatchPredictor(Recording(), batch_size=4)(tiles)
     assert seen == [4, 4, 2]
     assert np.max(np.abs(out - np.asarray(model.predict_on_batch(tiles)))) < 2e-2
+
+
+def test_an_openvino_model_gets_batches_of_one_512x512_image_at_most(exported):
+    """OpenVINO runs a photo model fastest a pixel at batch 1 on the CPU: its
+    batches hold at most 512x512 pixels (Keras' 1 MP), and a self-ensemble
+    of it keeps that."""
+    _, folder, _ = exported
+    ov = load_openvino(folder / XML_FILE, folder / BIN_FILE)
+    for model in (ov, SelfEnsemble(ov)):
+        predictor = BatchPredictor(model)
+        assert predictor.batch_for((512, 512)) == 1
+        assert predictor.batch_for((256, 256)) == 4
+        assert predictor.batch_for((704, 704)) == 1
+        assert predictor.at_most(2).batch_for((128, 128)) == 2
+    assert BatchPredictor(object()).batch_for((512, 512)) == 4  # Keras: 1 MP a batch
 
 
 def test_bf16_losing_too_much_runs_at_f32():

@@ -17,12 +17,14 @@ from denoiser.imaging.tiling import TileSpec
 class BatchPredictor:
     """Runs the model on fixed-size batches (padding the last), so the compiled
     predict function is traced once per tile shape (a model whose
-    ``pads_batches`` is False, such as an OpenVINO one, gets the last batch as it is)."""
+    ``pads_batches`` is False, such as an OpenVINO one, gets the last batch as it is).
+    A batch holds at most ``pixel_budget`` pixels: the model's own
+    ``pixel_budget`` where it has one (OpenVINO's), else 1 MP."""
 
-    def __init__(self, model, batch_size: int = 256, pixel_budget: int = 1 << 20):
+    def __init__(self, model, batch_size: int = 256, pixel_budget: int | None = None):
         self.model = model
         self.batch_size = batch_size
-        self.pixel_budget = pixel_budget
+        self.pixel_budget = pixel_budget or getattr(model, "pixel_budget", None) or 1 << 20
         self.pads = getattr(model, "pads_batches", True)
 
     def at_most(self, batch_size: int) -> BatchPredictor:
@@ -72,12 +74,14 @@ class SelfEnsemble:
     orientations (photographs; not digits, which have an up): a little
     cleaner for eight times the inference (docs/natural.md has the figures).
     Wraps anything with ``predict_on_batch``, as :class:`BatchPredictor`
-    takes it, and shows its ``input_shape`` (the channels it takes); a tile
+    takes it, and shows its ``input_shape`` (the channels it takes) and
+    ``pixel_budget``; a tile
     that is not square goes through the model in both of its shapes."""
 
     def __init__(self, model):
         self.model = model
         self.pads_batches = getattr(model, "pads_batches", True)
+        self.pixel_budget = getattr(model, "pixel_budget", None)
         self.input_shape = getattr(model, "input_shape", None)
 
     def predict_on_batch(self, x) -> np.ndarray:
