@@ -75,8 +75,8 @@ class SelfEnsemble:
     cleaner for eight times the inference (docs/natural.md has the figures).
     Wraps anything with ``predict_on_batch``, as :class:`BatchPredictor`
     takes it, and shows its ``input_shape`` (the channels it takes) and
-    ``pixel_budget``; a tile
-    that is not square goes through the model in both of its shapes."""
+    ``pixel_budget``; a tile that is not square goes through the model in
+    both of its shapes."""
 
     def __init__(self, model):
         self.model = model

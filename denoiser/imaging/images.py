@@ -310,7 +310,7 @@ def output_format(source: str | os.PathLike, loaded_format: str | None, fmt: str
 
 SMALL_PNG_PIXELS = 128 * 128  # up to this size Pillow's fixed cost per PNG dominates
 #: zlib level of the PNGs written above that size: the default's size within a
-#: few percent in a third of its time (docs/natural.md)
+#: few percent in a third of its time (README.md: photographs on AMX)
 PNG_LEVEL = 4
 
 

@@ -179,7 +179,7 @@ class OpenVinoModel:
 
     pads_batches = False
     #: pixels a batch: one 512x512 image. On the CPU a photo model runs
-    #: fastest a pixel at batch 1 (docs/natural.md), and a folder run's other
+    #: fastest a pixel at batch 1 (README.md: photographs on AMX), and a folder run's other
     #: threads share the cores with it
     pixel_budget = 512 * 512
 
