@@ -776,7 +776,7 @@ def _first_idat(png: bytes) -> bytes:
 def test_photo_pngs_are_written_at_a_fast_zlib_level_and_lossless():
     # zlib's default level (6) took 40 ms to write a 512x512 grey photograph, more
     # than the model took to denoise it; level 4 writes it in a third of that, at
-    # the same size within a few percent (docs/natural.md). The zlib header says
+    # the same size within a few percent (README.md: photographs on AMX). The zlib header says
     # which: FLEVEL 1 is levels 2-5, 2 is the default.
     rng = np.random.default_rng(4)
     smooth = np.cumsum(rng.normal(0, 1, (512, 512 * 3)), axis=1).reshape(512, 512, 3)

@@ -323,7 +323,6 @@ def encode_image(img, fmt: str) -> bytes:
     options = {
         "JPEG": {"quality": 95},
         "WEBP": {"quality": 95},
-        # zlib's default (6) writes a photograph slower than the model denoises it
         "PNG": {"optimize": False, "compress_level": PNG_LEVEL},
         "TIFF": {"compression": "tiff_deflate"},
     }.get(fmt, {})

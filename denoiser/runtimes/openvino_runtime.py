@@ -178,9 +178,9 @@ class OpenVinoModel:
     :func:`openvino_cache_dir` unless ``cache`` is False."""
 
     pads_batches = False
-    #: pixels a batch: one 512x512 image. On the CPU a photo model runs
-    #: fastest a pixel at batch 1 (README.md: photographs on AMX), and a folder run's other
-    #: threads share the cores with it
+    #: pixels a batch: one 512x512 image. On the CPU a photo model runs fastest
+    #: a pixel at batch 1 (README.md: photographs on AMX), and a folder run's
+    #: other threads share the cores with it
     pixel_budget = 512 * 512
 
     def __init__(self, xml: bytes, weights: bytes, precision: str = DEFAULT_PRECISION, cache=True):
